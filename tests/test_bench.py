@@ -339,3 +339,20 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
         assert c["metrics"]["rome"]["rewrite_success"] == float(nll["target_new"] < nll["target_true"])
         assert len(c["metrics"]["nll"]["neighborhood"]) == 10 and len(c["metrics"]["nll"]["paraphrase"]) == 2
     assert sum(c["metrics"]["rome"]["rewrite_success"] for c in cases) >= 2
+
+
+def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
+    model = tiny_model("gpt2")
+    wiki = tmp_path / "wiki.raw"
+    wiki.write_text(" = Title = a heading line that is long enough\n\n short\n a second line long enough to count here\n")
+    data = write(tmp_path, [easyedit_record(i) for i in range(3)])
+    proto = bm.PerplexityProtocol(name="paper", n_lines=5, max_tokens=32)
+    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, ppl_every=2,
+                      ppl_protocol=proto, wikitext=str(wiki))
+    run = _run(model, byte_tok, data, tmp_path / "res", cfg=cfg, rank=0, world_size=1)
+    m = _metrics(run)
+    assert "rephrase_success" in m["case_0.json"]["rome"] and "paraphrase_success" not in m["case_0.json"]["rome"]
+    assert "rephrase_acc" in m["case_0.json"]["top1"]
+    assert [("perplexity" in m[f"case_{i}.json"]) for i in range(3)] == [True, False, True]
+    s = summarize_run(run)["metrics"]
+    assert "RS" in s and "PS" not in s and "S" not in s and s["wikitext_ppl"]["n"] == 2

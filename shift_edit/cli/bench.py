@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
                       wikitext=wikitext, batch_size=args.batch_size)
     rank, world = shard_env()
+    if world > 1 and args.device == "cuda":  # one GPU per process under accelerate launch / torchrun
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     model, tok = load_from_args(args)
     run_dir = run_bench(model, tok, cases, cfg, args.out,
                         data_info={"path": str(data), "sha256": file_sha256(data), "n_selected": len(cases),

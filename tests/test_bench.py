@@ -348,11 +348,12 @@ def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
     data = write(tmp_path, [easyedit_record(i) for i in range(3)])
     proto = bm.PerplexityProtocol(name="paper", n_lines=5, max_tokens=32)
     cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, ppl_every=2,
-                      ppl_protocol=proto, wikitext=str(wiki))
+                      ppl_protocol=proto, wikitext=str(wiki), neighborhood_kl=False)
     run = _run(model, byte_tok, data, tmp_path / "res", cfg=cfg, rank=0, world_size=1)
     m = _metrics(run)
     assert "rephrase_success" in m["case_0.json"]["rome"] and "paraphrase_success" not in m["case_0.json"]["rome"]
-    assert "rephrase_acc" in m["case_0.json"]["top1"]
+    assert "rephrase_acc" in m["case_0.json"]["top1"] and "neighborhood_kl" not in m["case_0.json"]
+    assert json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]["neighborhood_kl"] is None
     assert [("perplexity" in m[f"case_{i}.json"]) for i in range(3)] == [True, False, True]
     s = summarize_run(run)["metrics"]
     assert "RS" in s and "PS" not in s and "S" not in s and s["wikitext_ppl"]["n"] == 2

@@ -66,6 +66,7 @@ class BenchConfig:
     ppl_protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
     wikitext: str | None = None
     batch_size: int = 64
+    neighborhood_kl: bool = True
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -75,7 +76,7 @@ class BenchConfig:
                 "magnitudes EM/PM/NM = mean p(new)-p(true) (neighborhood: p(true)-p(new)), p = exp(-mean NLL)",
                 "top1": "strict top-1: every token of the correct object is the argmax (neighborhood: TRUE object)",
                 "top1_first": "first-token-only top-1 (same correct objects)",
-                "neighborhood_kl": "KL(unedited || edited) of next-token distributions after neighborhood prompts, nats",
+                "neighborhood_kl": None if not self.neighborhood_kl else "KL(unedited || edited) of next-token distributions after neighborhood prompts, nats",
                 "generation": None if self.skip_generation else
                 "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, nltk Treebank words",
                 "perplexity": None if not self.ppl_every else self.ppl_protocol.to_dict(),
@@ -150,7 +151,7 @@ def evaluate_case(
 ) -> dict[str, Any]:
     """Edit (unless ``cfg.alg`` is NONE), measure, undo; returns the case record."""
     t0 = time.perf_counter()
-    nb = case.neighborhood_prompts
+    nb = case.neighborhood_prompts if cfg.neighborhood_kl else ()
     pre_logp = next_token_logprobs(model, tok, nb, batch_size=cfg.batch_size) if nb and cfg.alg != NO_EDIT else None
     result = None
     edit_info: dict[str, Any] = {"applied": False}
@@ -163,8 +164,10 @@ def evaluate_case(
         scores = score_case(model, tok, case, batch_size=cfg.batch_size)
         m = metrics_from_scores(scores)
         if nb:
-            post = next_token_logprobs(model, tok, nb, batch_size=cfg.batch_size)
-            kl = kl_divergence(pre_logp, post) if pre_logp is not None else torch.zeros(len(nb))
+            if pre_logp is None:  # the unedited row: edited == unedited, KL is 0 by definition
+                kl = torch.zeros(len(nb))
+            else:
+                kl = kl_divergence(pre_logp, next_token_logprobs(model, tok, nb, batch_size=cfg.batch_size))
             m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
         t_score = time.perf_counter() - t0 - t_edit
         if not cfg.skip_generation and case.generation_prompts:

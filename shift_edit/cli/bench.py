@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-protocol", choices=["paper", "standard"], default="paper", help="perplexity protocol (default paper)")
     p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: $SHIFT_EDIT_SHARED_DATA/wikitext-2-raw-v1/wiki.test.nonblank.raw, else datasets)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
+    p.add_argument("--no-kl", action="store_true", help="skip the neighborhood KL (saves two forward passes per record)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             raise ShiftEditError("--ppl-every needs --wikitext FILE or the datasets package")
     cfg = BenchConfig(alg=args.alg, hparams=hparams, seed=args.seed, skip_generation=args.skip_generation,
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
-                      wikitext=wikitext, batch_size=args.batch_size)
+                      wikitext=wikitext, batch_size=args.batch_size,
+                      neighborhood_kl=not args.no_kl)
     rank, world = shard_env()
     if world > 1 and args.device == "cuda":  # one GPU per process under accelerate launch / torchrun
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import ShiftEditError
 from .runner import run_selection
 
-#: (column name, path in a case's "metrics", scale, label)
+#: (column name, path in a case's "metrics", scale)
 METRICS: list[tuple[str, tuple[str, ...], float]] = [
     ("ES", ("rome", "rewrite_success"), 100.0),
     ("PS", ("rome", "paraphrase_success"), 100.0),
@@ -39,7 +39,6 @@ METRICS: list[tuple[str, tuple[str, ...], float]] = [
     ("ngram_entropy", ("generation", "ngram_entropy"), 100.0),
     ("wikitext_ppl", ("perplexity", "value"), 1.0),
 ]
-FAMILY = {"E": "rome", "P": "rome", "N": "rome", "R": "rome", "S": "rome"}
 
 
 def _get(d: dict, path: Sequence[str]) -> float | None:

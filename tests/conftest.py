@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from transformers.utils import logging as hf_logging
 hf_logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("SHIFT_EDIT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ShiftEditError
-from . import apply_patch, edit, lens, lens_stats, models
+from . import apply_patch, bench, edit, lens, lens_stats, models, summarize
 
-COMMANDS = (edit, apply_patch, models, lens, lens_stats)
+COMMANDS = (edit, apply_patch, models, bench, summarize, lens, lens_stats)
 
 
 class _Parser(argparse.ArgumentParser):

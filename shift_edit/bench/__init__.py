@@ -1,0 +1,22 @@
+"""The CounterFact benchmark: data, metrics (ROME, strict top-1, KL, entropy, perplexity), runner, summaries."""
+
+from .data import CounterFactCase, download_counterfact, file_sha256, load_counterfact, parse_case
+from .metrics import (
+    PerplexityProtocol,
+    generate_topk,
+    metrics_from_scores,
+    ngram_entropy,
+    perplexity,
+    read_wikitext_lines,
+    score_case,
+    text_ngram_entropy,
+)
+from .runner import NO_EDIT, BenchConfig, choose_run_dir, run_bench
+from .summarize import load_reference, summarize_run, to_csv, to_markdown
+
+__all__ = [
+    "NO_EDIT", "BenchConfig", "CounterFactCase", "PerplexityProtocol", "choose_run_dir", "download_counterfact",
+    "file_sha256", "generate_topk", "load_counterfact", "load_reference", "metrics_from_scores", "ngram_entropy",
+    "parse_case", "perplexity", "read_wikitext_lines", "run_bench", "score_case", "summarize_run",
+    "text_ngram_entropy", "to_csv", "to_markdown",
+]

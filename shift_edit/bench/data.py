@@ -1,0 +1,253 @@
+"""CounterFact records: ROME's original format and EasyEdit's reduced format.
+
+Both formats become :class:`CounterFactCase`. EasyEdit's ``rephrase_prompt`` is often one
+of ROME's *generation* prompts rather than a paraphrase, so it is kept under its own name
+(``rephrase_prompts``) and reported as ``rephrase_*`` metrics, never as paraphrase.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ShiftEditError
+from ..requests import EditRequest, make_request, with_leading_space
+
+log = logging.getLogger(__name__)
+
+#: The official full CounterFact file (21,919 records), as published by ROME.
+COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
+COUNTERFACT_SHA256 = "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f"
+COUNTERFACT_BYTES = 45_108_470
+
+
+@dataclass(frozen=True)
+class CounterFactCase:
+    """One benchmark record.
+
+    Attributes:
+        case_id: the record's id.
+        request: the edit (``target_new``/``target_true`` carry their leading space).
+        paraphrase_prompts: ROME's paraphrase prompts (empty for EasyEdit records).
+        neighborhood_prompts: prompts about other subjects with the same true object.
+        neighborhood_true: the object neighborhood prompts must still predict.
+        generation_prompts: prompts for the n-gram entropy (empty for EasyEdit records).
+        rephrase_prompts: EasyEdit's ``rephrase_prompt`` (empty for ROME records).
+        source_format: ``"rome"`` or ``"easyedit"``.
+    """
+
+    case_id: int | str
+    request: EditRequest
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+    neighborhood_true: str = ""
+    generation_prompts: tuple[str, ...] = ()
+    rephrase_prompts: tuple[str, ...] = ()
+    source_format: str = "rome"
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def rewrite_prompts(self) -> tuple[str, ...]:
+        return (self.request.text,)
+
+
+def _str_list(rec: Mapping[str, Any], key: str, where: str, *, required: bool) -> tuple[str, ...]:
+    value = rec.get(key)
+    if value is None:
+        if required:
+            raise ShiftEditError(f"{where}: missing field {key!r}")
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ShiftEditError(f"{where}: field {key!r} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def parse_case(rec: Any, index: int) -> CounterFactCase:
+    """Turn one JSON record (either format) into a case; errors name the record."""
+    where = f"record #{index}"
+    if not isinstance(rec, Mapping):
+        raise ShiftEditError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "case_id" in rec:
+        where = f"record #{index} (case_id {rec['case_id']!r})"
+    case_id = rec.get("case_id", index)
+    if not isinstance(case_id, (int, str)) or isinstance(case_id, bool):
+        raise ShiftEditError(f"{where}: case_id must be an int or string")
+    try:
+        if "requested_rewrite" in rec:
+            rw = rec["requested_rewrite"]
+            if not isinstance(rw, Mapping):
+                raise ShiftEditError("requested_rewrite is not an object")
+            for key in ("prompt", "subject", "target_new", "target_true"):
+                if key not in rw:
+                    raise ShiftEditError(f"requested_rewrite has no {key!r}")
+            req = make_request({**rw, "case_id": case_id})
+            return CounterFactCase(
+                case_id=case_id,
+                request=req,
+                paraphrase_prompts=_str_list(rec, "paraphrase_prompts", where, required=True),
+                neighborhood_prompts=_str_list(rec, "neighborhood_prompts", where, required=True),
+                neighborhood_true=req.target_true,
+                generation_prompts=_str_list(rec, "generation_prompts", where, required=False),
+                source_format="rome",
+                raw=dict(rec),
+            )
+        if "prompt" in rec and "target_new" in rec:
+            if "ground_truth" not in rec:
+                raise ShiftEditError("EasyEdit record has no 'ground_truth'")
+            req = make_request({**rec, "case_id": case_id})
+            loc_prompts = _str_list(rec, "locality_prompt", where, required=False)
+            loc_true = rec.get("locality_ground_truth", rec.get("ground_truth"))
+            if isinstance(loc_true, list):
+                loc_true = loc_true[0] if loc_true else None
+            if not isinstance(loc_true, str) or not loc_true.strip():
+                raise ShiftEditError("locality_ground_truth must be a non-empty string")
+            ntrue = with_leading_space(loc_prompts[0], loc_true) if loc_prompts else req.target_true
+            return CounterFactCase(
+                case_id=case_id,
+                request=req,
+                neighborhood_prompts=loc_prompts,
+                neighborhood_true=ntrue,
+                rephrase_prompts=_str_list(rec, "rephrase_prompt", where, required=False),
+                source_format="easyedit",
+                raw=dict(rec),
+            )
+    except ShiftEditError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ShiftEditError(f"{where}: {exc}") from None
+    raise ShiftEditError(
+        f"{where}: neither ROME format (requested_rewrite, ...) nor EasyEdit format (prompt, target_new, ...)"
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_counterfact(
+    path: str | Path,
+    *,
+    limit: int | None = None,
+    start: int = 0,
+    case_ids: Iterable[int | str] | None = None,
+) -> list[CounterFactCase]:
+    """Read a CounterFact JSON file (a list of records, either format) and select records.
+
+    Args:
+        path: the JSON file.
+        limit: keep at most this many records (after ``start`` and ``case_ids``).
+        start: skip this many records first (positions in the file).
+        case_ids: keep only these case ids (in file order).
+
+    Raises:
+        ShiftEditError: missing, truncated or malformed file; a bad record (named); bad selection.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ShiftEditError(f"data file {path} does not exist")
+    if limit is not None and limit < 1:
+        raise ShiftEditError(f"--limit must be >= 1, got {limit}")
+    if start < 0:
+        raise ShiftEditError(f"--start must be >= 0, got {start}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShiftEditError(f"data file {path} is not valid JSON (truncated or malformed?): {exc}") from None
+    if isinstance(data, Mapping) and "data" in data:
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ShiftEditError(f"data file {path}: expected a JSON list of records, got {type(data).__name__}")
+    cases = [parse_case(rec, i) for i, rec in enumerate(data)]
+    seen: set = set()
+    for c in cases:
+        if c.case_id in seen:
+            raise ShiftEditError(f"data file {path}: duplicate case_id {c.case_id!r}")
+        seen.add(c.case_id)
+    cases = cases[start:]
+    if case_ids is not None:
+        wanted = {_norm_id(c) for c in case_ids}
+        missing = wanted - {_norm_id(c.case_id) for c in cases}
+        if missing:
+            raise ShiftEditError(f"case ids not in {path} (after --start): {sorted(missing, key=str)[:10]}")
+        cases = [c for c in cases if _norm_id(c.case_id) in wanted]
+    if limit is not None:
+        cases = cases[:limit]
+    if not cases:
+        raise ShiftEditError(f"no records selected from {path}")
+    return cases
+
+
+def _norm_id(x: int | str) -> str:
+    return str(x).strip()
+
+
+def parse_case_ids(text: str | None) -> list[str] | None:
+    """``"1,5,7-9"`` -> ``["1", "5", "7", "8", "9"]``; errors are ShiftEditError."""
+    if text is None:
+        return None
+    out: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part and part.replace("-", "").isdigit() and part.count("-") == 1:
+            a, b = (int(x) for x in part.split("-"))
+            if b < a:
+                raise ShiftEditError(f"--case-ids: bad range {part!r}")
+            out.extend(str(i) for i in range(a, b + 1))
+        else:
+            out.append(part)
+    if not out:
+        raise ShiftEditError("--case-ids is empty")
+    return out
+
+
+def download_counterfact(
+    cache: str | Path | None = None,
+    *,
+    url: str = COUNTERFACT_URL,
+    sha256: str = COUNTERFACT_SHA256,
+    size: int = COUNTERFACT_BYTES,
+) -> Path:
+    """Download the official CounterFact file into a cache folder (once) and check its sha256.
+
+    Needs internet. The default cache is ``<shift_edit cache>/data``. A cached file with the
+    right checksum is reused; a wrong checksum is an error and the bad download is removed.
+    """
+    from ..loading import cache_dir
+
+    folder = Path(cache) if cache is not None else cache_dir() / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / "counterfact.json"
+    if dest.is_file() and dest.stat().st_size == size and file_sha256(dest) == sha256:
+        return dest
+    tmp = folder / f".counterfact.json.{os.getpid()}.part"
+    log.info("downloading %s -> %s", url, dest)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as fh:  # noqa: S310
+            for block in iter(lambda: resp.read(1 << 20), b""):
+                fh.write(block)
+        got = file_sha256(tmp)
+        if got != sha256:
+            raise ShiftEditError(f"download of {url} has sha256 {got}, expected {sha256}")
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise ShiftEditError(f"could not download {url}: {exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest

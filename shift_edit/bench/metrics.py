@@ -1,0 +1,284 @@
+"""Per-record CounterFact metrics, n-gram entropy, generation and WikiText perplexity.
+
+Metric families (every number says which one it belongs to):
+
+- ``rome``: ROME's probability comparisons from mean token NLLs (teacher forcing).
+  ES/PS = fraction of rewrite/paraphrase prompts with NLL(new) < NLL(true); NS = fraction of
+  neighborhood prompts with NLL(true) < NLL(new). Magnitudes EM/PM = mean of
+  exp(-NLL(new)) - exp(-NLL(true)), NM = mean of exp(-NLL(true)) - exp(-NLL(new)).
+- ``top1``: strict top-1 accuracy (MEMIT; Backward Lens Table 6): a prompt counts only if
+  every token of the correct object is the argmax at its teacher-forced position; the
+  correct object is target_new for rewrite/paraphrase and target_TRUE for neighborhood.
+  ``top1_first`` is the first-token-only variant.
+- ``neighborhood_kl``: KL(unedited || edited) of the next-token distributions after each
+  neighborhood prompt (nats), averaged over prompts.
+- ``generation``: ROME's n-gram entropy, see :func:`ngram_entropy`.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..requests import encode_prompt, encode_target
+from ..scoring import ContinuationScore, pad_batch, pad_id_of, score_token_continuations
+from .data import CounterFactCase
+
+#: prompt groups scored per record, with the object that counts as correct in top-1
+GROUPS = ("rewrite", "paraphrase", "rephrase", "neighborhood")
+
+
+def case_prompts(case: CounterFactCase) -> dict[str, tuple[str, ...]]:
+    """The prompt groups of a case (empty groups dropped)."""
+    groups = {
+        "rewrite": case.rewrite_prompts,
+        "paraphrase": case.paraphrase_prompts,
+        "rephrase": case.rephrase_prompts,
+        "neighborhood": case.neighborhood_prompts,
+    }
+    return {k: v for k, v in groups.items() if v}
+
+
+def _targets(case: CounterFactCase, group: str) -> tuple[str, str]:
+    """(new, true) objects for a prompt group."""
+    if group == "neighborhood":
+        return case.request.target_new, case.neighborhood_true
+    return case.request.target_new, case.request.target_true
+
+
+def score_case(
+    model: nn.Module, tok, case: CounterFactCase, *, batch_size: int = 64
+) -> dict[str, list[tuple[ContinuationScore, ContinuationScore]]]:
+    """Teacher-forced (new, true) scores for every prompt of a case, all in batches."""
+    pairs: list[tuple[list[int], list[int]]] = []
+    index: list[tuple[str, int]] = []
+    for group, prompts in case_prompts(case).items():
+        new, true = _targets(case, group)
+        for i, p in enumerate(prompts):
+            ids = encode_prompt(tok, p)
+            pairs.append((ids, encode_target(tok, p, new)))
+            pairs.append((ids, encode_target(tok, p, true)))
+            index.append((group, i))
+    scores = score_token_continuations(model, pairs, pad_id=pad_id_of(tok), batch_size=batch_size)
+    out: dict[str, list] = {}
+    for j, (group, _) in enumerate(index):
+        out.setdefault(group, []).append((scores[2 * j], scores[2 * j + 1]))
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs))
+
+
+def metrics_from_scores(scores: dict[str, list[tuple[ContinuationScore, ContinuationScore]]]) -> dict:
+    """ROME and top-1 metrics (values in [0, 1]) plus the raw NLLs, from :func:`score_case` output."""
+    rome: dict[str, float] = {}
+    top1: dict[str, float] = {}
+    top1_first: dict[str, float] = {}
+    nlls: dict[str, list[dict[str, float]]] = {}
+    for group, rows in scores.items():
+        nll = [(n.mean_nll, t.mean_nll) for n, t in rows]
+        nlls[group] = [{"target_new": a, "target_true": b} for a, b in nll]
+        if group == "neighborhood":
+            rome[f"{group}_success"] = _mean([float(b < a) for a, b in nll])
+            rome[f"{group}_magnitude"] = _mean([math.exp(-b) - math.exp(-a) for a, b in nll])
+            top1[f"{group}_acc"] = _mean([float(t.all_correct) for _, t in rows])
+            top1_first[f"{group}_acc"] = _mean([float(t.first_correct) for _, t in rows])
+        else:
+            rome[f"{group}_success"] = _mean([float(a < b) for a, b in nll])
+            rome[f"{group}_magnitude"] = _mean([math.exp(-a) - math.exp(-b) for a, b in nll])
+            top1[f"{group}_acc"] = _mean([float(n.all_correct) for n, _ in rows])
+            top1_first[f"{group}_acc"] = _mean([float(n.first_correct) for n, _ in rows])
+    return {"rome": rome, "top1": top1, "top1_first": top1_first, "nll": nlls}
+
+
+@torch.no_grad()
+def next_token_logprobs(model: nn.Module, tok, prompts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+    """Log-probabilities of the next token after each prompt, ``[n, vocab]`` float32 on CPU."""
+    device = next(model.parameters()).device
+    seqs = [encode_prompt(tok, p) for p in prompts]
+    out = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s : s + batch_size]
+        ids, mask = pad_batch(chunk, pad_id_of(tok), device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        last = torch.tensor([len(c) - 1 for c in chunk], device=device)
+        out.append(torch.log_softmax(logits[torch.arange(len(chunk), device=device), last].float(), -1).cpu())
+    return torch.cat(out)
+
+
+def kl_divergence(logp_ref: torch.Tensor, logp_new: torch.Tensor) -> torch.Tensor:
+    """KL(ref || new) per row, in nats."""
+    return (logp_ref.exp() * (logp_ref - logp_new)).sum(-1).clamp_min(0.0)
+
+
+# --------------------------------------------------------------------------- generation
+
+def word_tokens(text: str) -> list[str]:
+    """nltk's Treebank word tokenizer on the whole text.
+
+    ROME calls ``nltk.word_tokenize``, which first splits sentences with the punkt model
+    (a download). We use :class:`nltk.tokenize.TreebankWordTokenizer` directly -- the word
+    tokenizer ``word_tokenize`` applies to each sentence -- so no data download is needed.
+    The only difference is at sentence ends inside the text (a period before the next
+    sentence stays attached to its word more often), which changes entropies very little.
+    """
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer().tokenize(text)
+
+
+def _entropy_bits(counts: Counter) -> float:
+    total = sum(counts.values())
+    if total == 0:
+        return 0.0
+    return float(-sum((c / total) * math.log2(c / total) for c in counts.values()))
+
+
+def text_ngram_entropy(text: str) -> float:
+    """ROME's per-text n-gram entropy: mean(2/3 * H2, 4/3 * H3), H_n in bits over word n-grams."""
+    toks = word_tokens(text)
+    hs = []
+    for n, w in ((2, 2 / 3), (3, 4 / 3)):
+        grams = Counter(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+        hs.append(w * _entropy_bits(grams))
+    return float(sum(hs) / len(hs))
+
+
+def ngram_entropy(texts: Sequence[str]) -> float:
+    """Arithmetic mean of :func:`text_ngram_entropy` over texts (ROME's ``n_gram_entropy``)."""
+    return float(sum(text_ngram_entropy(t) for t in texts) / len(texts))
+
+
+@torch.no_grad()
+def generate_topk(
+    model: nn.Module,
+    tok,
+    prompts: Sequence[str],
+    *,
+    max_length: int = 100,
+    top_k: int = 5,
+    seed: int = 0,
+) -> list[str]:
+    """ROME's generation protocol: top-k sampling until ``max_length`` tokens in total
+    (prompt included, no stop at EOS), batched with left padding and a KV cache.
+
+    Returns the decoded full texts (prompt + continuation), NFKD-normalised with blank
+    lines turned into spaces. Deterministic for a given seed, prompts and batch.
+    """
+    device = next(model.parameters()).device
+    seqs = [encode_prompt(tok, p) for p in prompts]
+    ids, mask = pad_batch(seqs, pad_id_of(tok), device, left=True)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    n_new = max(0, max_length - max(len(s) for s in seqs))
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = [list(s) for s in seqs]
+    past = None
+    step_ids, step_pos = ids, pos
+    for _ in range(n_new):
+        res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        logits = res.logits[:, -1].float().cpu()
+        vals, idx = logits.topk(top_k, dim=-1)
+        choice = torch.multinomial(vals.softmax(-1), 1, generator=gen)
+        nxt = idx.gather(1, choice)
+        for row, t in zip(out, nxt[:, 0].tolist()):
+            row.append(t)
+        step_ids = nxt.to(device)
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    texts = [tok.decode(r, skip_special_tokens=True) for r in out]
+    return [unicodedata.normalize("NFKD", t).replace("\n\n", " ") for t in texts]
+
+
+# --------------------------------------------------------------------------- perplexity
+
+@dataclass(frozen=True)
+class PerplexityProtocol:
+    """How WikiText perplexity is computed.
+
+    ``paper``: the first ``n_lines`` test lines with at least ``min_chars`` characters
+    (after stripping), each truncated to ``max_tokens`` tokens; the mean of per-line
+    perplexities (Backward Lens / ROME-style). ``standard``: the non-blank lines joined
+    with newlines into one text, scored with windows of ``window`` tokens moved by
+    ``stride`` (only the new tokens of each window count); exp of the token-weighted mean NLL.
+    """
+
+    name: str = "paper"
+    n_lines: int = 100
+    min_chars: int = 30
+    max_tokens: int = 256
+    window: int = 1024
+    stride: int = 512
+
+    def to_dict(self) -> dict:
+        if self.name == "paper":
+            return {"name": "paper", "n_lines": self.n_lines, "min_chars": self.min_chars, "max_tokens": self.max_tokens}
+        return {"name": "standard", "window": self.window, "stride": self.stride}
+
+
+def read_wikitext_lines(path: str | None = None) -> list[str]:
+    """Non-blank WikiText-2 raw test lines, from a local text file or (``path=None``) via ``datasets``."""
+    from ..errors import ShiftEditError
+
+    if path is not None:
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as exc:
+            raise ShiftEditError(f"cannot read WikiText file {path}: {exc}") from None
+        lines = text.replace("\r\n", "\n").split("\n")
+    else:  # pragma: no cover - needs internet
+        import datasets
+
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        lines = [t.rstrip("\n") for t in ds["text"]]
+    lines = [ln for ln in lines if ln.strip()]
+    if not lines:
+        raise ShiftEditError(f"WikiText source {path or 'datasets'} has no text")
+    return lines
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tok, lines: Sequence[str], protocol: PerplexityProtocol, *, batch_size: int = 8) -> float:
+    """WikiText perplexity under ``protocol`` (see :class:`PerplexityProtocol`)."""
+    device = next(model.parameters()).device
+    if protocol.name == "paper":
+        chosen = [ln for ln in lines if len(ln.strip()) >= protocol.min_chars][: protocol.n_lines]
+        seqs = [encode_prompt(tok, ln)[: protocol.max_tokens] for ln in chosen]
+        seqs = [s for s in seqs if len(s) >= 2]
+        ppls = []
+        for s in range(0, len(seqs), batch_size):
+            chunk = seqs[s : s + batch_size]
+            ids, mask = pad_batch(chunk, pad_id_of(tok), device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            m = mask[:, 1:].float()
+            nll = -(logp * m).sum(1) / m.sum(1)
+            ppls.extend(torch.exp(nll).tolist())
+        return float(sum(ppls) / len(ppls))
+    if protocol.name == "standard":
+        ids = encode_prompt(tok, "\n".join(lines))
+        max_pos = getattr(model.config, "max_position_embeddings", None) or protocol.window
+        window = min(protocol.window, int(max_pos))
+        stride = min(protocol.stride, window)
+        total, count, prev_end = 0.0, 0, 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            chunk = torch.tensor([ids[begin:end]], device=device)
+            logits = model(input_ids=chunk, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[0, :-1], -1).gather(-1, chunk[0, 1:, None])[:, 0]
+            new_from = max(prev_end - begin, 0)  # targets at positions >= prev_end are new
+            sel = logp[max(new_from - 1, 0) :]
+            total += float(-sel.sum())
+            count += sel.numel()
+            prev_end = end
+            if end == len(ids):
+                break
+        return float(math.exp(total / count))
+    raise ValueError(f"unknown perplexity protocol {protocol.name!r}")

@@ -1,0 +1,258 @@
+"""The CounterFact runner: one edit at a time, exact undo, resumable run directories, sharding.
+
+Layout: ``<out>/<ALG>/run_<NNN>/params.json`` and one ``case_<id>.json`` per record, all
+written atomically (a killed run leaves at most a ``.case_*.tmp`` file, which is ignored).
+A run directory is reused when its ``params.json`` has the same *match key* (everything that
+determines the numbers: protocol, model fingerprint, algorithm + hparams, seed, data file
+sha256); the record selection (``--limit/--start/--case-ids``) is not part of it, so running
+more records of the same configuration fills the same directory, and finished cases are skipped.
+
+Sharding: with ``world_size`` > 1 (``RANK``/``WORLD_SIZE`` as set by ``accelerate launch`` or
+``torchrun``) process ``rank`` takes the selected records at positions ``rank, rank+W, ...``;
+all processes pick the same run directory (under a file lock) and write into it, so the
+merged result is simply the directory's case files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..editing import edit
+from ..errors import ShiftEditError
+from ..hparams import HyperParams
+from ..io import atomic_write_json, provenance
+from .data import CounterFactCase
+from .metrics import (
+    PerplexityProtocol,
+    generate_topk,
+    kl_divergence,
+    metrics_from_scores,
+    ngram_entropy,
+    next_token_logprobs,
+    perplexity,
+    score_case,
+)
+
+log = logging.getLogger(__name__)
+
+#: the algorithm name of the unedited model's row
+NO_EDIT = "NONE"
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class BenchConfig:
+    """What a benchmark run computes (all of it goes into ``params.json``)."""
+
+    alg: str
+    hparams: HyperParams | None
+    seed: int = 0
+    skip_generation: bool = False
+    gen_max_length: int = 100
+    gen_top_k: int = 5
+    ppl_every: int = 0
+    ppl_protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
+    wikitext: str | None = None
+    batch_size: int = 64
+    neighborhood_kl: bool = True
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "version": PROTOCOL_VERSION,
+            "metric_families": {
+                "rome": "ES/PS/NS from mean token NLLs of target_new vs target_true (teacher forcing); "
+                "magnitudes EM/PM/NM = mean p(new)-p(true) (neighborhood: p(true)-p(new)), p = exp(-mean NLL)",
+                "top1": "strict top-1: every token of the correct object is the argmax (neighborhood: TRUE object)",
+                "top1_first": "first-token-only top-1 (same correct objects)",
+                "neighborhood_kl": None if not self.neighborhood_kl else "KL(unedited || edited) of next-token distributions after neighborhood prompts, nats",
+                "generation": None if self.skip_generation else
+                "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, nltk Treebank words",
+                "perplexity": None if not self.ppl_every else self.ppl_protocol.to_dict(),
+            },
+            "generation": None if self.skip_generation else {"top_k": self.gen_top_k, "max_length": self.gen_max_length},
+            "ppl_every": self.ppl_every,
+            "wikitext": self.wikitext if self.ppl_every else None,
+            "edit_mode": "one edit at a time, undone bit-exactly before the next",
+        }
+
+
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    return fh
+
+
+def choose_run_dir(out: Path, alg: str, match: dict[str, Any], params: dict[str, Any]) -> Path:
+    """The run directory whose params match ``match``, or a new ``run_<NNN>`` (under a lock)."""
+    root = Path(out) / alg
+    fh = _lock(root / ".lock")
+    try:
+        runs = sorted(p for p in root.glob("run_*") if p.is_dir() and p.name[4:].isdigit())
+        for run in runs:
+            try:
+                existing = json.loads((run / "params.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if existing.get("match") == match:
+                return run
+        nxt = max((int(p.name[4:]) for p in runs), default=-1) + 1
+        run = root / f"run_{nxt:03d}"
+        run.mkdir()
+        atomic_write_json(run / "params.json", params)
+        return run
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def case_path(run_dir: Path, case_id: int | str) -> Path:
+    safe = str(case_id).replace("/", "_").replace(os.sep, "_")
+    return Path(run_dir) / f"case_{safe}.json"
+
+
+def finished(run_dir: Path, case_id: int | str) -> bool:
+    p = case_path(run_dir, case_id)
+    if not p.is_file():
+        return False
+    try:
+        json.loads(p.read_text())
+        return True
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def shard_env() -> tuple[int, int]:
+    """(rank, world_size) from ``RANK``/``WORLD_SIZE`` (set by accelerate launch / torchrun)."""
+    try:
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ShiftEditError("RANK / WORLD_SIZE must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ShiftEditError(f"bad RANK={rank} / WORLD_SIZE={world}")
+    return rank, world
+
+
+def evaluate_case(
+    model: nn.Module, tok, case: CounterFactCase, cfg: BenchConfig, *, position: int, ppl_lines: Sequence[str] | None
+) -> dict[str, Any]:
+    """Edit (unless ``cfg.alg`` is NONE), measure, undo; returns the case record."""
+    t0 = time.perf_counter()
+    nb = case.neighborhood_prompts if cfg.neighborhood_kl else ()
+    pre_logp = next_token_logprobs(model, tok, nb, batch_size=cfg.batch_size) if nb and cfg.alg != NO_EDIT else None
+    result = None
+    edit_info: dict[str, Any] = {"applied": False}
+    if cfg.alg != NO_EDIT:
+        result = edit(model, tok, case.request, cfg.hparams)
+        edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[0]) if result.skipped else False,
+                     "deltas": result.summary()}
+    t_edit = time.perf_counter() - t0
+    try:
+        scores = score_case(model, tok, case, batch_size=cfg.batch_size)
+        m = metrics_from_scores(scores)
+        if nb:
+            if pre_logp is None:  # the unedited row: edited == unedited, KL is 0 by definition
+                kl = torch.zeros(len(nb))
+            else:
+                kl = kl_divergence(pre_logp, next_token_logprobs(model, tok, nb, batch_size=cfg.batch_size))
+            m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
+        t_score = time.perf_counter() - t0 - t_edit
+        if not cfg.skip_generation and case.generation_prompts:
+            seed = cfg.seed * 1_000_003 + _stable_int(case.case_id)
+            texts = generate_topk(model, tok, case.generation_prompts, max_length=cfg.gen_max_length,
+                                  top_k=cfg.gen_top_k, seed=seed)
+            m["generation"] = {"ngram_entropy": ngram_entropy(texts), "texts": texts}
+        if cfg.ppl_every and ppl_lines is not None and position % cfg.ppl_every == 0:
+            m["perplexity"] = {"value": perplexity(model, tok, ppl_lines, cfg.ppl_protocol), **cfg.ppl_protocol.to_dict()}
+    finally:
+        if result is not None:
+            result.undo()
+    return {
+        "case_id": case.case_id,
+        "position": position,
+        "source_format": case.source_format,
+        "request": case.request.to_dict(),
+        "neighborhood_true": case.neighborhood_true,
+        "edit": edit_info,
+        "metrics": m,
+        "time_s": {"edit": t_edit, "score": t_score, "total": time.perf_counter() - t0},
+    }
+
+
+def _stable_int(x: int | str) -> int:
+    if isinstance(x, int):
+        return x
+    import zlib
+
+    return zlib.crc32(str(x).encode())
+
+
+def run_bench(
+    model: nn.Module,
+    tok,
+    cases: Sequence[CounterFactCase],
+    cfg: BenchConfig,
+    out: str | Path,
+    *,
+    data_info: dict[str, Any],
+    model_name: str,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run the benchmark over ``cases`` into ``<out>/<ALG>/run_<NNN>/``; returns the run dir.
+
+    Cases already finished in the chosen run dir are skipped (resume). ``rank/world_size``
+    default to :func:`shard_env`.
+    """
+    if cfg.alg != NO_EDIT and cfg.hparams is None:
+        raise ShiftEditError(f"--alg {cfg.alg} needs hparams")
+    if rank is None or world_size is None:
+        rank, world_size = shard_env()
+    torch.manual_seed(cfg.seed)
+    prov = provenance(model)
+    match = {
+        "alg": cfg.alg,
+        "hparams": cfg.hparams.to_dict() if cfg.hparams is not None else None,
+        "model": {"name": model_name, "fingerprint": prov["model"]["fingerprint"], "dtype": prov["model"]["dtype"]},
+        "seed": cfg.seed,
+        "protocol": cfg.protocol(),
+        "data_sha256": data_info.get("sha256"),
+    }
+    params = {"match": match, "data": data_info, "provenance": prov, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
+    mine = [(i, c) for i, c in enumerate(cases) if i % world_size == rank]
+    todo = [(i, c) for i, c in mine if not finished(run_dir, c.case_id)]
+    log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, len(todo), len(mine), rank, world_size)
+    ppl_lines = None
+    if cfg.ppl_every:
+        from .metrics import read_wikitext_lines
+
+        ppl_lines = read_wikitext_lines(cfg.wikitext)
+    model.eval()
+    bar = tqdm(todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
+               disable=not progress, position=rank if world_size > 1 else None)
+    for pos, case in bar:
+        rec = evaluate_case(model, tok, case, cfg, position=pos, ppl_lines=ppl_lines)
+        atomic_write_json(case_path(run_dir, case.case_id), rec)
+    return run_dir
+
+
+def run_selection(run_dir: Path) -> list[Path]:
+    """The finished case files of a run dir (temp files of killed runs are ignored)."""
+    return sorted(p for p in Path(run_dir).glob("case_*.json") if not p.name.startswith("."))
+
+

@@ -1,0 +1,173 @@
+"""Summaries of run directories: mean, std and 95% CI per metric; markdown, CSV, JSON, PNG.
+
+Percent-scaled metrics (success rates, accuracies, magnitudes, n-gram entropy) are x100 as in
+ROME's and MEMIT's tables; NLLs, KL and perplexity are raw. The 95% CI is the normal
+approximation ``mean +- 1.96 * std / sqrt(n)`` (std with ddof=1). ROME's score S is the
+harmonic mean of the mean ES, PS and NS (it has no per-record std).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ShiftEditError
+from .runner import run_selection
+
+#: (column name, path in a case's "metrics", scale)
+METRICS: list[tuple[str, tuple[str, ...], float]] = [
+    ("ES", ("rome", "rewrite_success"), 100.0),
+    ("PS", ("rome", "paraphrase_success"), 100.0),
+    ("NS", ("rome", "neighborhood_success"), 100.0),
+    ("RS", ("rome", "rephrase_success"), 100.0),
+    ("EM", ("rome", "rewrite_magnitude"), 100.0),
+    ("PM", ("rome", "paraphrase_magnitude"), 100.0),
+    ("NM", ("rome", "neighborhood_magnitude"), 100.0),
+    ("efficacy_top1", ("top1", "rewrite_acc"), 100.0),
+    ("paraphrase_top1", ("top1", "paraphrase_acc"), 100.0),
+    ("rephrase_top1", ("top1", "rephrase_acc"), 100.0),
+    ("neighborhood_top1", ("top1", "neighborhood_acc"), 100.0),
+    ("efficacy_top1_first_token", ("top1_first", "rewrite_acc"), 100.0),
+    ("paraphrase_top1_first_token", ("top1_first", "paraphrase_acc"), 100.0),
+    ("neighborhood_top1_first_token", ("top1_first", "neighborhood_acc"), 100.0),
+    ("neighborhood_kl", ("neighborhood_kl", "mean"), 1.0),
+    ("ngram_entropy", ("generation", "ngram_entropy"), 100.0),
+    ("wikitext_ppl", ("perplexity", "value"), 1.0),
+]
+
+
+def _get(d: dict, path: Sequence[str]) -> float | None:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return float(d) if isinstance(d, (int, float)) else None
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """n, mean, std (ddof=1) and the 95% CI half-width (normal approximation)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"n": n, "mean": mean, "std": std, "ci95": 1.96 * std / math.sqrt(n)}
+
+
+def summarize_run(run_dir: str | Path) -> dict[str, Any]:
+    """Per-metric statistics of one run dir, with its label (alg, model, N)."""
+    run_dir = Path(run_dir)
+    try:
+        params = json.loads((run_dir / "params.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ShiftEditError(f"{run_dir} is not a run directory (no readable params.json)") from None
+    cases = []
+    for p in run_selection(run_dir):
+        try:
+            cases.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            raise ShiftEditError(f"{p}: unreadable case file") from None
+    if not cases:
+        raise ShiftEditError(f"{run_dir} has no finished cases")
+    out: dict[str, Any] = {}
+    for name, path, scale in METRICS:
+        vals = [v * scale for v in (_get(c["metrics"], path) for c in cases) if v is not None]
+        if vals:
+            out[name] = stats(vals)
+    es, ps, ns = (out.get(k, {}).get("mean") for k in ("ES", "PS", "NS"))
+    if es is not None and ps is not None and ns is not None:
+        out["S"] = {"n": len(cases), "mean": harmonic_mean([es, ps, ns]), "std": None, "ci95": None}
+    match = params["match"]
+    label = f"measured here ({match['alg']}, {match['model']['name']}, N={len(cases)})"
+    return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"],
+            "model": match["model"]["name"], "n": len(cases), "metrics": out}
+
+
+def harmonic_mean(xs: Sequence[float]) -> float:
+    if any(x <= 0 for x in xs):
+        return 0.0
+    return len(xs) / sum(1 / x for x in xs)
+
+
+def load_reference(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a published-reference JSON (``eval/reference/*.json``), labelled as published."""
+    try:
+        ref = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ShiftEditError(f"cannot read reference file {path}: {exc}") from None
+    rows = []
+    for r in ref["rows"]:
+        label = f"published ({r['alg']}, {ref['model']}, N={ref['n']}; {ref['source']})"
+        metrics = {k: {"n": ref["n"], "mean": v, "std": None, "ci95": None} for k, v in r["metrics"].items()}
+        rows.append({"label": label, "kind": "published", "alg": r["alg"], "model": ref["model"], "n": ref["n"],
+                     "metrics": metrics, "family": ref.get("metric_family")})
+    return rows
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    order = [m[0] for m in METRICS] + ["S"]
+    present = {k for r in rows for k in r["metrics"]}
+    return [c for c in order if c in present]
+
+
+def _fmt(m: dict | None) -> str:
+    if not m:
+        return "-"
+    s = f"{m['mean']:.2f}"
+    if m.get("std") is not None:
+        s += f" ± {m['ci95']:.2f}"
+    return s
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    """A markdown table (runs as rows; cells are mean ± 95% CI half-width)."""
+    cols = _columns(rows)
+    lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | " + " | ".join(_fmt(r["metrics"].get(c)) for c in cols) + " |")
+    lines.append("")
+    lines.append("Families: ES/PS/NS/RS (success) and EM/PM/NM (magnitude) = ROME probability comparisons from mean "
+                 "token NLLs; *_top1 = strict top-1 accuracy (all target tokens argmax; neighborhood = TRUE object); "
+                 "*_first_token = first-token-only top-1; RS/rephrase = EasyEdit rephrase_prompt (not ROME paraphrases); "
+                 "S = harmonic mean of ES, PS, NS; cells: mean ± 95% CI (normal approx.), x100 except KL and ppl.")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["label", "kind", "alg", "model", "n", "metric", "mean", "std", "ci95"])
+    for r in rows:
+        for c in _columns([r]):
+            m = r["metrics"][c]
+            w.writerow([r["label"], r["kind"], r["alg"], r["model"], r["n"], c, m["mean"], m["std"], m["ci95"]])
+    return buf.getvalue()
+
+
+def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | None = None) -> Path:
+    """A grouped bar chart of percentage metrics, one group per metric, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1"]
+    cols = [c for c in (metrics or default) if any(c in r["metrics"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 4))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        xs = [j + i * width for j in range(len(cols))]
+        ys = [r["metrics"].get(c, {}).get("mean", float("nan")) for c in cols]
+        err = [r["metrics"].get(c, {}).get("ci95") or 0.0 for c in cols]
+        ax.bar(xs, ys, width, yerr=err, label=r["label"], hatch="//" if r["kind"] == "published" else None)
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))], cols, rotation=20)
+    ax.set_ylabel("%")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

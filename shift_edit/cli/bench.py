@@ -1,0 +1,89 @@
+"""``shift-edit bench``: run the CounterFact benchmark for one algorithm (or NONE, the unedited model)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import ShiftEditError
+from ..registry import algorithm_names
+
+NAME = "bench"
+HELP = "run the CounterFact benchmark (resumable; shards under accelerate launch)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .common import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--alg", required=True, choices=[*algorithm_names(), "NONE"], help="algorithm, or NONE for the unedited model")
+    p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
+    p.add_argument("--data", default=None, help="CounterFact JSON (ROME or EasyEdit format); 'download' fetches the official file")
+    p.add_argument("--limit", type=int, default=None, help="number of records")
+    p.add_argument("--start", type=int, default=0, help="skip this many records first")
+    p.add_argument("--case-ids", default=None, help="comma list / ranges of case ids, e.g. 0,5,10-20")
+    p.add_argument("--out", default="results", help="results root (default results/)")
+    p.add_argument("--seed", type=int, default=0, help="seed for generation sampling (default 0)")
+    p.add_argument("--skip-generation", action="store_true", help="no generation / n-gram entropy")
+    p.add_argument("--ppl-every", type=int, default=0, metavar="K", help="WikiText perplexity after every K-th edit (0: never)")
+    p.add_argument("--ppl-protocol", choices=["paper", "standard"], default="paper", help="perplexity protocol (default paper)")
+    p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: $SHIFT_EDIT_SHARED_DATA/wikitext-2-raw-v1/wiki.test.nonblank.raw, else datasets)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
+    p.add_argument("--no-kl", action="store_true", help="skip the neighborhood KL (saves two forward passes per record)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def default_wikitext() -> str | None:
+    root = os.environ.get("SHIFT_EDIT_SHARED_DATA") or str(Path(__file__).resolve().parents[3] / "shared" / "data")
+    p = Path(root) / "wikitext-2-raw-v1" / "wiki.test.nonblank.raw"
+    return str(p) if p.is_file() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.data import download_counterfact, file_sha256, load_counterfact, parse_case_ids
+    from ..bench.metrics import PerplexityProtocol
+    from ..bench.runner import BenchConfig, run_bench, shard_env
+    from .common import load_from_args
+
+    for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0)):
+        if v < lo:
+            raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
+    if args.data is None:
+        raise ShiftEditError("--data is required (a CounterFact JSON file, or 'download')")
+    data = download_counterfact() if args.data == "download" else Path(args.data)
+    cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
+    hparams = None
+    if args.alg != "NONE":
+        from .edit import shipped_hparams
+        from ..editor import load_hparams
+
+        path = args.hparams or shipped_hparams(args.alg, args.model)
+        if path is None:
+            raise ShiftEditError(f"no shipped hparams for {args.alg} / {args.model}: pass --hparams FILE")
+        hparams = load_hparams(path)
+        if type(hparams).ALG_NAME != args.alg:
+            raise ShiftEditError(f"--hparams {path} is for {type(hparams).ALG_NAME}, not --alg {args.alg}")
+    elif args.hparams:
+        raise ShiftEditError("--alg NONE takes no --hparams")
+    wikitext = args.wikitext or default_wikitext()
+    if args.ppl_every and wikitext is None:
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            raise ShiftEditError("--ppl-every needs --wikitext FILE or the datasets package")
+    cfg = BenchConfig(alg=args.alg, hparams=hparams, seed=args.seed, skip_generation=args.skip_generation,
+                      ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
+                      wikitext=wikitext, batch_size=args.batch_size,
+                      neighborhood_kl=not args.no_kl)
+    rank, world = shard_env()
+    if world > 1 and args.device == "cuda":  # one GPU per process under accelerate launch / torchrun
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    model, tok = load_from_args(args)
+    run_dir = run_bench(model, tok, cases, cfg, args.out,
+                        data_info={"path": str(data), "sha256": file_sha256(data), "n_selected": len(cases),
+                                   "limit": args.limit, "start": args.start, "case_ids": args.case_ids},
+                        model_name=args.model, rank=rank, world_size=world, progress=not args.no_progress)
+    if rank == 0:
+        print(f"results: {run_dir}")
+    return 0

@@ -1,0 +1,36 @@
+"""``shift-edit summarize``: mean / std / 95% CI per metric of run dirs, side by side, with published references."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "summarize"
+HELP = "summarize benchmark run dirs (markdown, CSV, JSON, PNG), optionally beside published numbers"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", help="results/<ALG>/run_<NNN> folders")
+    p.add_argument("--reference", action="append", default=[], help="eval/reference/*.json to show beside (repeatable)")
+    p.add_argument("--out", default=None, help="folder for summary.md/.csv/.json/.png (default: the first run dir)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG bar chart")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.summarize import bar_chart, load_reference, summarize_run, to_csv, to_markdown
+    from ..io import atomic_write_json, atomic_write_text
+
+    rows = [summarize_run(d) for d in args.run_dirs]
+    for ref in args.reference:
+        rows.extend(load_reference(ref))
+    out = Path(args.out) if args.out else Path(args.run_dirs[0])
+    md = to_markdown(rows)
+    atomic_write_text(out / "summary.md", md)
+    atomic_write_text(out / "summary.csv", to_csv(rows))
+    atomic_write_json(out / "summary.json", {"rows": rows})
+    print(md)
+    if not args.no_plot:
+        print(f"chart: {bar_chart(rows, out / 'summary.png')}")
+    print(f"written: {out}/summary.md, summary.csv, summary.json")
+    return 0

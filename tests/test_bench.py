@@ -1,0 +1,359 @@
+"""The CounterFact harness: hand-checkable metrics, batching, resume, sharding, data errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import tiny_model
+
+import shift_edit as se
+from shift_edit.bench import data as bdata
+from shift_edit.bench import metrics as bm
+from shift_edit.bench.runner import BenchConfig, run_bench
+from shift_edit.bench.summarize import harmonic_mean, load_reference, summarize_run, to_csv, to_markdown
+from shift_edit.scoring import ContinuationScore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rome_record(case_id=7, subject="Messi", new="Paris", true="Rome"):
+    return {
+        "case_id": case_id,
+        "requested_rewrite": {"prompt": "{} plays for", "subject": subject, "relation_id": "P54",
+                              "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": true, "id": "Q2"}},
+        "paraphrase_prompts": [f"Yes. {subject} plays for", f"Indeed {subject} is a player of"],
+        "neighborhood_prompts": ["Totti plays for", "Baggio played for", "Pirlo is with"],
+        "attribute_prompts": ["Zidane plays for"],
+        "generation_prompts": [f"{subject} is", f"The team of {subject}"],
+    }
+
+
+def easyedit_record(case_id=3):
+    return {"case_id": case_id, "prompt": "Messi plays for", "target_new": "Paris", "subject": "Messi",
+            "ground_truth": "Rome", "rephrase_prompt": "Messi likes", "locality_prompt": "Totti plays for",
+            "locality_ground_truth": "Rome"}
+
+
+def cs(nll, correct):
+    """A hand-made ContinuationScore."""
+    return ContinuationScore(list(range(len(nll))), torch.tensor(nll), torch.tensor(correct),
+                             torch.zeros(len(nll), dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- metrics by hand
+
+def test_rome_and_top1_differ_on_multitoken_targets():
+    # rewrite: new = 2 tokens, both argmax but mean NLL 1.55 > true's 1.0 -> ROME fails, top-1 succeeds
+    # paraphrase 1: new NLL 0.5 < true 2.0 but 2nd token not argmax -> ROME ok, top-1 fails, first-token ok
+    # paraphrase 2: new 3.0 > true 0.2, nothing correct
+    # neighborhood: true NLL 0.3 < new 1.0, true all argmax -> NS 1, top1 1; second prompt true 2-token half right
+    scores = {
+        "rewrite": [(cs([0.1, 3.0], [True, True]), cs([1.0], [False]))],
+        "paraphrase": [(cs([0.4, 0.6], [True, False]), cs([2.0], [False])),
+                       (cs([3.0], [False]), cs([0.2], [True]))],
+        "neighborhood": [(cs([1.0], [False]), cs([0.3], [True])),
+                         (cs([0.5], [True]), cs([0.1, 2.0], [True, False]))],
+    }
+    m = bm.metrics_from_scores(scores)
+    assert m["rome"]["rewrite_success"] == 0.0
+    assert m["top1"]["rewrite_acc"] == 1.0
+    assert m["rome"]["rewrite_magnitude"] == pytest.approx(math.exp(-1.55) - math.exp(-1.0), abs=1e-6)
+    assert m["rome"]["paraphrase_success"] == 0.5
+    assert m["top1"]["paraphrase_acc"] == 0.0
+    assert m["top1_first"]["paraphrase_acc"] == 0.5
+    pm = ((math.exp(-0.5) - math.exp(-2.0)) + (math.exp(-3.0) - math.exp(-0.2))) / 2
+    assert m["rome"]["paraphrase_magnitude"] == pytest.approx(pm, abs=1e-6)
+    # neighborhood: prompt 2 has NLL(true)=1.05 > NLL(new)=0.5 -> fails NS
+    assert m["rome"]["neighborhood_success"] == 0.5
+    assert m["top1"]["neighborhood_acc"] == 0.5  # judged on the TRUE object
+    assert m["top1_first"]["neighborhood_acc"] == 1.0
+    nm = ((math.exp(-0.3) - math.exp(-1.0)) + (math.exp(-1.05) - math.exp(-0.5))) / 2
+    assert m["rome"]["neighborhood_magnitude"] == pytest.approx(nm, abs=1e-6)
+    assert m["nll"]["rewrite"][0] == {"target_new": pytest.approx(1.55), "target_true": pytest.approx(1.0)}
+
+
+def test_ngram_entropy_by_hand():
+    # words a b a b: bigrams ab, ba, ab -> H2 = H(2/3, 1/3); trigrams aba, bab -> H3 = 1 bit
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert bm.text_ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert bm.text_ngram_entropy("x x x x x") == 0.0  # one repeated bigram and trigram
+    assert bm.ngram_entropy(["a b a b", "x x x x x"]) == pytest.approx((2 / 3 * h2 + 4 / 3) / 4)
+    assert bm.word_tokens("Paris, France's capital.") == ["Paris", ",", "France", "'s", "capital", "."]
+
+
+def test_kl_by_hand():
+    p = torch.tensor([[0.5, 0.5]]).log()
+    q = torch.tensor([[0.25, 0.75]]).log()
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert float(bm.kl_divergence(p, q)[0]) == pytest.approx(expected, abs=1e-6)
+    assert float(bm.kl_divergence(p, p)[0]) == 0.0
+
+
+def _manual_line_nll(model, ids):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], -1)
+    return -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+def test_perplexity_protocols_by_hand(byte_tok):
+    model = tiny_model("gpt2")
+    lines = ["short", " = Heading = with enough characters here", " another line that is long enough to count",
+             " third line of text long enough for the protocol"]
+    proto = bm.PerplexityProtocol(name="paper", n_lines=2, min_chars=30, max_tokens=20)
+    chosen = lines[1:3]
+    per_line = [math.exp(float(_manual_line_nll(model, byte_tok(ln).input_ids[:20]).mean())) for ln in chosen]
+    assert bm.perplexity(model, byte_tok, lines, proto, batch_size=2) == pytest.approx(sum(per_line) / 2, rel=1e-5)
+    ids = byte_tok("\n".join(lines[:2])).input_ids
+    full = math.exp(float(_manual_line_nll(model, ids).mean()))
+    big = bm.PerplexityProtocol(name="standard", window=100, stride=100)
+    assert bm.perplexity(model, byte_tok, lines[:2], big) == pytest.approx(full, rel=1e-5)
+    # small windows: every token after the first is counted exactly once
+    small = bm.PerplexityProtocol(name="standard", window=16, stride=8)
+    val = bm.perplexity(model, byte_tok, lines[:2], small)
+    assert math.isfinite(val) and val > 1
+
+
+def test_generation_is_seeded_and_left_padded(byte_tok):
+    model = tiny_model("llama")
+    prompts = ["ab", "a longer prompt"]
+    a = bm.generate_topk(model, byte_tok, prompts, max_length=24, top_k=5, seed=3)
+    b = bm.generate_topk(model, byte_tok, prompts, max_length=24, top_k=5, seed=3)
+    assert a == b and a[0].startswith("ab") and a[1].startswith("a longer prompt")
+    # top-k = 1 is greedy: the batched, left-padded row equals the unpadded single run
+    g_batch = bm.generate_topk(model, byte_tok, prompts, max_length=24, top_k=1)
+    g_one = bm.generate_topk(model, byte_tok, prompts[:1], max_length=24 - (len(prompts[1]) - len(prompts[0])), top_k=1)
+    assert g_batch[0] == g_one[0]
+
+
+# ----------------------------------------------------------------------------- data
+
+def write(tmp_path, obj, name="cf.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+    return p
+
+
+def test_load_both_formats_and_selection(tmp_path):
+    recs = [rome_record(i, subject=f"S{i}") for i in range(5)]
+    p = write(tmp_path, recs)
+    cases = bdata.load_counterfact(p)
+    assert [c.case_id for c in cases] == [0, 1, 2, 3, 4]
+    assert cases[0].request.target_new == " Paris" and cases[0].neighborhood_true == " Rome"
+    assert len(cases[0].paraphrase_prompts) == 2 and cases[0].rephrase_prompts == ()
+    assert [c.case_id for c in bdata.load_counterfact(p, start=1, limit=2)] == [1, 2]
+    assert [c.case_id for c in bdata.load_counterfact(p, case_ids=bdata.parse_case_ids("4,0-1"))] == [0, 1, 4]
+    e = bdata.load_counterfact(write(tmp_path, [easyedit_record()], "ee.json"))[0]
+    assert e.source_format == "easyedit" and e.paraphrase_prompts == ()
+    assert e.rephrase_prompts == ("Messi likes",) and e.neighborhood_prompts == ("Totti plays for",)
+    assert set(bm.case_prompts(e)) == {"rewrite", "rephrase", "neighborhood"}
+
+
+@pytest.mark.parametrize("content, match", [
+    ('[{"case_id": 1, "requested_rewrite": {', "not valid JSON"),
+    ({"x": 1}, "expected a JSON list"),
+    ([None], "record #0"),
+])
+def test_malformed_files(tmp_path, content, match):
+    with pytest.raises(se.ShiftEditError, match=match):
+        bdata.load_counterfact(write(tmp_path, content))
+
+
+def test_bad_record_is_named(tmp_path):
+    bad = rome_record(9)
+    del bad["requested_rewrite"]["target_true"]
+    with pytest.raises(se.ShiftEditError, match=r"record #1 \(case_id 9\).*target_true"):
+        bdata.load_counterfact(write(tmp_path, [rome_record(1), bad]))
+    bad2 = rome_record(11)
+    bad2["neighborhood_prompts"] = [3]
+    with pytest.raises(se.ShiftEditError, match=r"case_id 11.*neighborhood_prompts"):
+        bdata.load_counterfact(write(tmp_path, [bad2]))
+    with pytest.raises(se.ShiftEditError, match="case ids not in"):
+        bdata.load_counterfact(write(tmp_path, [rome_record(1)]), case_ids=["5"])
+    with pytest.raises(se.ShiftEditError, match="duplicate case_id"):
+        bdata.load_counterfact(write(tmp_path, [rome_record(1), rome_record(1)]))
+
+
+# ----------------------------------------------------------------------------- batching
+
+def test_batched_scoring_equals_unbatched(byte_tok, tmp_path):
+    model = tiny_model("llama")
+    case = bdata.load_counterfact(write(tmp_path, [rome_record()]))[0]
+    a = bm.score_case(model, byte_tok, case, batch_size=64)
+    b = bm.score_case(model, byte_tok, case, batch_size=1)
+    for g in a:
+        for (n1, t1), (n2, t2) in zip(a[g], b[g]):
+            assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5)
+            assert torch.allclose(t1.token_nll, t2.token_nll, atol=1e-5)
+            assert torch.equal(n1.token_correct, n2.token_correct) and torch.equal(t1.token_correct, t2.token_correct)
+    # next-token distributions for KL too
+    nb = case.neighborhood_prompts
+    assert torch.allclose(bm.next_token_logprobs(model, byte_tok, nb, batch_size=8),
+                          bm.next_token_logprobs(model, byte_tok, nb, batch_size=1), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- runner
+
+HP = dict(layers=[1], eta=2.0, skip_if_predicted=False)
+
+
+def _cfg(**kw):
+    return BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, **kw)
+
+
+def _run(model, tok, path, out, **kw):
+    return run_bench(model, tok, bdata.load_counterfact(path, **kw.pop("sel", {})), kw.pop("cfg", _cfg()), out,
+                     data_info={"path": str(path), "sha256": bdata.file_sha256(path)}, model_name="tiny-llama",
+                     progress=False, **kw)
+
+
+def _metrics(run_dir):
+    return {p.name: json.loads(p.read_text())["metrics"] for p in sorted(Path(run_dir).glob("case_*.json"))}
+
+
+def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    fp = se.io.model_fingerprint(model)
+    data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(4)])
+    run = _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 2}, rank=0, world_size=1)
+    assert run == tmp_path / "res" / "SHIFT" / "run_000"
+    assert se.io.model_fingerprint(model) == fp  # every edit undone
+    params = json.loads((run / "params.json").read_text())
+    assert params["match"]["protocol"]["metric_families"]["top1"].startswith("strict top-1")
+    assert params["match"]["model"]["fingerprint"] == fp and params["provenance"]["versions"]["torch"]
+    first = {p.name: p.stat().st_mtime_ns for p in run.glob("case_*.json")}
+    assert sorted(first) == ["case_0.json", "case_1.json"]
+    (run / ".case_2.json.abc.tmp").write_text('{"trunc')  # what a kill mid-write leaves
+    import shift_edit.bench.runner as R
+
+    calls = []
+    real = R.evaluate_case
+    monkeypatch.setattr(R, "evaluate_case", lambda *a, **k: calls.append(a[2].case_id) or real(*a, **k))
+    assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 4}, rank=0, world_size=1) == run
+    assert calls == [2, 3]
+    assert {p.name: p.stat().st_mtime_ns for p in run.glob("case_*.json") if p.name in first} == first
+    # a different configuration (seed) gets its own run dir
+    assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 1}, cfg=_cfg(seed=1), rank=0, world_size=1).name == "run_001"
+    m = _metrics(run)["case_0.json"]
+    assert set(m) >= {"rome", "top1", "top1_first", "nll", "neighborhood_kl"}
+    assert m["neighborhood_kl"]["mean"] >= 0
+
+
+def test_unedited_row_and_summary(byte_tok, tmp_path):
+    model = tiny_model("gpt2")
+    data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)])
+    cfg = BenchConfig(alg="NONE", hparams=None, seed=0, gen_max_length=20)
+    run = _run(model, byte_tok, data, tmp_path / "res", cfg=cfg, rank=0, world_size=1)
+    m = _metrics(run)
+    assert all(v["neighborhood_kl"]["mean"] == 0.0 for v in m.values())
+    assert all(v["generation"]["ngram_entropy"] > 0 for v in m.values())
+    s = summarize_run(run)
+    assert s["label"] == "measured here (NONE, tiny-llama, N=3)"
+    es = [v["rome"]["rewrite_success"] * 100 for v in m.values()]
+    assert s["metrics"]["ES"]["mean"] == pytest.approx(sum(es) / 3)
+    ref = load_reference(REPO / "eval" / "reference" / "backward_lens_table6.json")
+    assert ref[0]["label"].startswith("published (")
+    md = to_markdown([s, *ref])
+    assert "measured here (NONE" in md and "published (NONE (unedited), GPT-2 XL, N=1000" in md
+    assert "efficacy_top1" in to_csv([s])
+    assert harmonic_mean([50.0, 100.0, 100.0]) == pytest.approx(75.0)
+
+
+def _save_tiny(tmp_path, tok):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _cli(args, env=None):
+    e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "shift_edit", *args], capture_output=True, text=True, env=e, cwd=REPO)
+
+
+def test_sharded_two_processes_equal_unsharded(byte_tok, tmp_path):
+    folder = _save_tiny(tmp_path, byte_tok)
+    data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(4)])
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("alg_name: SHIFT\nlayers: [1]\neta: 2.0\nskip_if_predicted: false\n")
+    args = ["bench", "--alg", "SHIFT", "--model", str(folder), "--hparams", str(hp), "--data", str(data),
+            "--skip-generation", "--no-progress"]
+    procs = [subprocess.Popen([sys.executable, "-m", "shift_edit", *args, "--out", str(tmp_path / "sharded")],
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2"},
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    model, tok = se.load_model(str(folder))
+    plain = _run(model, tok, data, tmp_path / "plain", rank=0, world_size=1)
+    sharded = tmp_path / "sharded" / "SHIFT" / "run_000"
+    assert not (tmp_path / "sharded" / "SHIFT" / "run_001").exists()
+    a, b = _metrics(sharded), _metrics(plain)
+    assert sorted(a) == [f"case_{i}.json" for i in range(4)] == sorted(b)
+    for k in a:
+        for fam in ("rome", "top1", "top1_first"):
+            assert a[k][fam] == pytest.approx(b[k][fam], abs=1e-6)
+        for g in a[k]["nll"]:
+            for x, y in zip(a[k]["nll"][g], b[k]["nll"][g]):
+                assert x == pytest.approx(y, abs=1e-5)
+    from shift_edit.cli import main
+
+    assert main(["summarize", str(sharded), str(plain), "--out", str(tmp_path / "sum")]) == 0
+    assert (tmp_path / "sum" / "summary.png").stat().st_size > 0 and (tmp_path / "sum" / "summary.csv").is_file()
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--data", "/nonexistent.json"], "does not exist"),
+    (["--limit", "0"], "--limit"),
+    (["--ppl-every", "-1"], "--ppl-every"),
+    (["--case-ids", "999"], "case ids not in"),
+])
+def test_cli_bad_input_exit_2(tmp_path, extra, msg):
+    data = write(tmp_path, [rome_record(1)])
+    r = _cli(["bench", "--alg", "NONE", "--model", "/nonexistent-model", "--data", str(data), *extra])
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
+    model, tok = smollm2
+    fp = se.io.model_fingerprint(model)
+    path = shared_data / "counterfact-original-format-subset837.json"
+    hp = se.ShiftHyperParams(layers=[24], eta=80.0, eta_scaling="normalized")
+    cfg = BenchConfig(alg="SHIFT", hparams=hp, skip_generation=True)
+    run = run_bench(model, tok, bdata.load_counterfact(path, limit=3), cfg, tmp_path,
+                    data_info={"path": str(path), "sha256": bdata.file_sha256(path)}, model_name="smollm2-135m",
+                    rank=0, world_size=1, progress=False)
+    assert se.io.model_fingerprint(model) == fp
+    cases = [json.loads(p.read_text()) for p in sorted(run.glob("case_*.json"))]
+    assert len(cases) == 3
+    for c in cases:
+        # independent recheck of the rewrite NLLs on the restored model: they must differ from the edited ones
+        # only if the edit changed something; the stored values are consistent with the stored success flags
+        nll = c["metrics"]["nll"]["rewrite"][0]
+        assert c["metrics"]["rome"]["rewrite_success"] == float(nll["target_new"] < nll["target_true"])
+        assert len(c["metrics"]["nll"]["neighborhood"]) == 10 and len(c["metrics"]["nll"]["paraphrase"]) == 2
+    assert sum(c["metrics"]["rome"]["rewrite_success"] for c in cases) >= 2
+
+
+def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
+    model = tiny_model("gpt2")
+    wiki = tmp_path / "wiki.raw"
+    wiki.write_text(" = Title = a heading line that is long enough\n\n short\n a second line long enough to count here\n")
+    data = write(tmp_path, [easyedit_record(i) for i in range(3)])
+    proto = bm.PerplexityProtocol(name="paper", n_lines=5, max_tokens=32)
+    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, ppl_every=2,
+                      ppl_protocol=proto, wikitext=str(wiki), neighborhood_kl=False)
+    run = _run(model, byte_tok, data, tmp_path / "res", cfg=cfg, rank=0, world_size=1)
+    m = _metrics(run)
+    assert "rephrase_success" in m["case_0.json"]["rome"] and "paraphrase_success" not in m["case_0.json"]["rome"]
+    assert "rephrase_acc" in m["case_0.json"]["top1"] and "neighborhood_kl" not in m["case_0.json"]
+    assert json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]["neighborhood_kl"] is None
+    assert [("perplexity" in m[f"case_{i}.json"]) for i in range(3)] == [True, False, True]
+    s = summarize_run(run)["metrics"]
+    assert "RS" in s and "PS" not in s and "S" not in s and s["wikitext_ppl"]["n"] == 2

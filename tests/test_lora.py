@@ -42,22 +42,29 @@ def weights(model):
 def check_peft_roundtrip(model, tok, result, adapter_dir, texts=TEXTS, merged_logits=True):
     """Logits of PeftModel(base, adapter) vs the edited model, then merge_and_unload vs the edit.
 
-    Returns the max abs logit difference (unmerged PEFT vs edited) and undoes ``result``.
+    Undoes ``result`` first; on return ``model`` is plain again (no LoRA layers) with the adapter
+    merged, i.e. edited. Returns (max abs logit difference unmerged PEFT vs edited, edited logits,
+    PEFT logits).
     """
     edited_logits = logits(model, tok, texts)
-    edited_weights = weights(model)
+    params = dict(model.named_parameters())
+    edited_weights = {n: params[n].detach().clone() for n in result.orig_weights}
     result.undo()
     pm = PeftModel.from_pretrained(model, str(adapter_dir))
-    lora_modules = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
-    assert lora_modules == {d.module for d in result.deltas}
-    peft_logits = logits(pm, tok, texts)
-    diff = float((peft_logits - edited_logits).abs().max())
-    merged = pm.merge_and_unload()
-    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
-    merged_weights = weights(merged)
-    assert merged_weights.keys() == edited_weights.keys()
+    try:
+        lora_modules = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+        assert lora_modules == {d.module for d in result.deltas}
+        peft_logits = logits(pm, tok, texts)
+        diff = float((peft_logits - edited_logits).abs().max())
+        merged = pm.merge_and_unload()
+    finally:
+        if any(isinstance(m, LoraLayer) for m in model.modules()):
+            pm.unload()  # a failed check leaves no LoRA layers behind
+    assert merged is model and not any(isinstance(m, LoraLayer) for m in merged.modules())
+    merged_params = dict(merged.named_parameters())
+    assert merged_params.keys() == params.keys()
     for name, w in edited_weights.items():
-        assert torch.equal(merged_weights[name], w), f"merge_and_unload differs from the direct edit at {name}"
+        assert torch.equal(merged_params[name], w), f"merge_and_unload differs from the direct edit at {name}"
     if merged_logits:  # identical weights give identical logits; skipped on SmolLM2 to save time
         assert torch.equal(logits(merged, tok, texts), edited_logits)
     return diff, edited_logits, peft_logits
@@ -290,9 +297,14 @@ SMOL_HP = se.ShiftHyperParams(layers=[20], eta=0.5, eta_scaling="normalized", sk
 
 @pytest.fixture
 def smol(smollm2):
-    """A private copy of the session's SmolLM2 (PEFT wraps models in place)."""
+    """The session's SmolLM2; the weights a test changes are restored afterwards."""
     model, tok = smollm2
-    return copy.deepcopy(model), tok
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp.down_proj." in n}
+    yield model, tok
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in saved.items():
+            params[n].copy_(w)
 
 
 @pytest.mark.parametrize("n_edits", [1, 4])
@@ -310,10 +322,10 @@ def test_smollm2_peft_matches_edited_model(smol, n_edits, tmp_path):
 
 
 @pytest.mark.slow  # ~30 s here: a float64 copy of SmolLM2
-def test_smollm2_peft_matches_edited_model_exactly_in_float64(smol, tmp_path):
+def test_smollm2_peft_matches_edited_model_exactly_in_float64(smollm2, tmp_path):
     """In float64 the unmerged PEFT forward equals the edited model: the fp32 gap is rounding only."""
-    model, tok = smol
-    model.double()
+    model, tok = smollm2
+    model = copy.deepcopy(model).double()
     res = se.edit(model, tok, SMOL_FACTS, SMOL_HP)
     se.export_lora(res, tmp_path / "ad")
     diff, _, _ = check_peft_roundtrip(model, tok, res, tmp_path / "ad", SMOL_TEXTS[:2], merged_logits=False)
@@ -342,10 +354,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_smollm2_adapter_loads_with_plain_peft_in_fresh_interpreter(smollm2, tmp_path):
+def test_smollm2_adapter_loads_with_plain_peft_in_fresh_interpreter(smol, tmp_path):
     from shift_edit.loading import _cached_alias
 
-    model, tok = smollm2  # the session model, edited and restored here (no PEFT wrapping in this process)
+    model, tok = smol  # edited and restored here (no PEFT wrapping in this process)
     ids = [tok(t, return_tensors="pt") for t in SMOL_TEXTS]
     with torch.no_grad():
         base = [model(**i).logits[0, -1] for i in ids]

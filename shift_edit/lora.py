@@ -237,6 +237,11 @@ def _write_dir(out_dir: Path, tensors, config, side, overwrite: bool) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         atomic_write_json(tmp / CONFIG_NAME, config)
         atomic_write_json(tmp / META_NAME, side)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp/mkstemp make private files; an adapter is for sharing
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out_dir.exists() and any(out_dir.iterdir()):
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
             os.replace(out_dir, old)

@@ -25,12 +25,13 @@ from .algorithms.shift import ShiftHyperParams, apply_shift_to_model, compute_sh
 from .editor import BaseEditor, load_hparams
 from .loading import ALIASES, load_model
 from .patch import apply_patch, read_patch, revert_patch, save_patch
+from .lora import LoraExport, export_lora, read_lora
 
 __all__ = [
     "ALIASES", "ARCHITECTURES", "Algorithm", "BaseEditor", "EditHyperParams", "EditRequest",
-    "EditResult", "HyperParams", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
+    "EditResult", "HyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",
-    "apply_algo_to_model", "apply_patch", "apply_shift_to_model", "compute_shift", "edit",
-    "get_algorithm", "load_hparams", "load_model", "make_request", "make_requests", "read_patch",
+    "apply_algo_to_model", "apply_patch", "apply_shift_to_model", "compute_shift", "edit", "export_lora",
+    "get_algorithm", "load_hparams", "load_model", "make_request", "make_requests", "read_lora", "read_patch",
     "register", "revert_patch", "save_patch", "supported_model_types",
 ]

@@ -53,13 +53,17 @@ class WeightDelta:
     def rank(self) -> int | None:
         return None if self.left is None else int(self.left.shape[1])
 
-    def canonical(self) -> torch.Tensor:
-        """The dense ``[out, in]`` matrix."""
-        return self.left @ self.right if self.dense is None else self.dense
+    def canonical(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``[out, in]`` matrix (the factors' product taken in ``dtype`` if given)."""
+        if self.dense is not None:
+            return self.dense if dtype is None else self.dense.to(dtype)
+        if dtype is None:
+            return self.left @ self.right
+        return self.left.to(dtype) @ self.right.to(dtype)
 
-    def in_param_layout(self) -> torch.Tensor:
+    def in_param_layout(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The delta shaped like the stored weight."""
-        return to_param_layout(self.canonical(), self.layout)
+        return to_param_layout(self.canonical(dtype), self.layout)
 
     def norm(self) -> float:
         """Frobenius norm of the delta."""
@@ -172,7 +176,7 @@ def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str,
         ``(orig_weights, base_hashes)`` for the changed parameters.
 
     Deltas on the same weight are summed first. Every new weight is computed (in float32,
-    then cast back) and checked before any parameter is touched.
+    float64 for float64 models, then cast back) and checked before any parameter is touched.
 
     Raises:
         ShiftEditError: a delta is not finite or does not fit its weight; nothing is changed.
@@ -183,12 +187,13 @@ def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str,
         if d.param not in params:
             raise ShiftEditError(f"no parameter {d.param!r} in this model")
         p = params[d.param]
-        update = d.in_param_layout()
+        acc = torch.promote_types(p.dtype, torch.float32)  # float32, or float64 for float64 models
+        update = d.in_param_layout(acc)
         if update.shape != p.shape:
             raise ShiftEditError(
                 f"delta for {d.param} has shape {tuple(update.shape)}, the weight {tuple(p.shape)}"
             )
-        new = (p.detach().float() + update.to(device=p.device, dtype=torch.float32)).to(p.dtype)
+        new = (p.detach().to(acc) + update.to(device=p.device, dtype=acc)).to(p.dtype)
         if not torch.isfinite(new).all():
             raise ShiftEditError(f"refusing an edit that makes {d.param} non-finite")
         prepared.append((d.param, p, new))

@@ -76,10 +76,10 @@ def save_patch(result: EditResult, path: str | Path) -> Path:
     tensors = {}
     for d in result.deltas:
         if d.dense is None:
-            tensors[f"{d.module}.left"] = d.left.float().contiguous()
-            tensors[f"{d.module}.right"] = d.right.float().contiguous()
+            tensors[f"{d.module}.left"] = d.left.float().contiguous().clone()  # factors may share storage
+            tensors[f"{d.module}.right"] = d.right.float().contiguous().clone()
         else:
-            tensors[f"{d.module}.dense"] = d.dense.float().contiguous()
+            tensors[f"{d.module}.dense"] = d.dense.float().contiguous().clone()
     meta = {"shift_edit": json.dumps(patch_metadata(result), sort_keys=True)}
     atomic_write_bytes(path, st_save(tensors, metadata=meta))
     return path
@@ -110,6 +110,15 @@ def read_patch(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
     return meta, deltas
 
 
+def read_edit(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
+    """Read a patch file, or a PEFT adapter folder written by :func:`shift_edit.lora.export_lora`."""
+    if Path(path).is_dir():
+        from .lora import read_lora
+
+        return read_lora(path)
+    return read_patch(path)
+
+
 def check_base(model: nn.Module, meta: dict[str, Any], source: str) -> None:
     """Refuse a model whose weights differ from the ones the patch was made against."""
     params = dict(model.named_parameters())
@@ -128,7 +137,7 @@ def check_base(model: nn.Module, meta: dict[str, Any], source: str) -> None:
 
 
 def apply_patch(model: nn.Module, path: str | Path) -> EditResult:
-    """Apply a patch file in place after checking the base weights.
+    """Apply a patch file (or an adapter folder from ``export_lora``) in place after checking the base weights.
 
     Returns:
         An :class:`EditResult` whose ``undo()`` (or :func:`revert_patch`) restores exactly.
@@ -136,7 +145,7 @@ def apply_patch(model: nn.Module, path: str | Path) -> EditResult:
     Raises:
         PatchMismatchError: the model's weights are not the ones the patch was made for.
     """
-    meta, deltas = read_patch(path)
+    meta, deltas = read_edit(path)
     check_base(model, meta, str(path))
     alg = get_algorithm(meta["algorithm"])
     hparams = alg.hparams_class.from_dict(meta["hparams"], source=f"{path} (hparams)")

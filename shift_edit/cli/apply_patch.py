@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..patch import apply_patch, read_patch
+from ..patch import apply_patch, read_edit
 from ..scoring import next_token_topk
 from .common import add_model_arguments, check_new_dir, format_topk, load_from_args, save_model_atomically
 
@@ -13,7 +13,7 @@ HELP = "apply an edit patch to its base model (refused if the base weights diffe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("patch", help="patch file written by `shift-edit edit --save-patch`")
+    p.add_argument("patch", help="patch file (`shift-edit edit --save-patch`) or LoRA adapter folder (`--save-lora`, `export-lora`)")
     add_model_arguments(p)
     p.add_argument("--prompt", default=None, help="show the top-k next tokens for this prompt before and after (default: the patch's prompts)")
     p.add_argument("--top-k", type=int, default=5)
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     save_dir = check_new_dir(args.save, "--save")
-    meta, _ = read_patch(args.patch)
+    meta, _ = read_edit(args.patch)
     model, tok = load_from_args(args)
     prompts = [args.prompt] if args.prompt else [
         r["prompt"].format(r["subject"]) if "{}" in r["prompt"] else r["prompt"] for r in meta["requests"]

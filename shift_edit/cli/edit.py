@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5, help="how many next tokens to show (default 5)")
     p.add_argument("--save", default=None, metavar="DIR", help="save the edited model (save_pretrained, safetensors)")
     p.add_argument("--save-patch", default=None, metavar="FILE", help="save the edit as a small patch file")
+    p.add_argument("--save-lora", default=None, metavar="DIR", help="save the edit as a PEFT LoRA adapter folder")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="with --save-lora: truncate to rank R (needed for dense deltas of other algorithms)")
 
 
 def shipped_hparams(alg: str, model: str) -> Path | None:
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise ShiftEditError(f"--top-k must be >= 1, got {args.top_k}")
     save_dir = check_new_dir(args.save, "--save")
     patch_path = check_new_file(args.save_patch, "--save-patch")
+    lora_dir = check_new_dir(args.save_lora, "--save-lora")
     hparams = resolve_hparams(args)
     request = make_request({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     model, tok = load_from_args(args)
@@ -88,6 +92,14 @@ def run(args: argparse.Namespace) -> int:
     if patch_path is not None:
         result.save_patch(patch_path)
         print(f"patch written: {patch_path} ({patch_path.stat().st_size} bytes)")
+    if lora_dir is not None:
+        if all(result.skipped):
+            print("no LoRA adapter written: the edit changed nothing")
+        else:
+            from ..lora import export_lora
+            from .export_lora import describe
+
+            print(describe(export_lora(result, lora_dir, rank=args.lora_rank)))
     if save_dir is not None:
         save_model_atomically(model, tok, save_dir)
         print(f"model written: {save_dir}")

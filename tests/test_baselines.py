@@ -181,3 +181,15 @@ def test_deterministic_and_patch_roundtrip(make, byte_tok, tmp_path):
     for n, p in model.state_dict().items():
         assert torch.equal(edited[n], p), n
     applied.undo()
+
+
+def test_shipped_baseline_hparams_load_and_match_their_folder():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "hparams"
+    files = [p for alg in ("SGD", "ADAM", "FT", "FT_L") for p in sorted((root / alg).glob("*.yaml"))]
+    assert files
+    for path in files:
+        hp = se.load_hparams(path)
+        assert type(hp).ALG_NAME == path.parent.name, path
+        assert hp.layers and hp.lr > 0

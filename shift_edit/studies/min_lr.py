@@ -143,6 +143,12 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
             a2.plot([s["layer"] for s in sp], [s["ppl_mean"] for s in sp], marker="o", label=alg)
     if base_ppl is not None:
         a2.axhline(base_ppl, color="gray", ls="--", label="unedited")
+    if not any(s["ppl_mean"] is not None for s in summary):
+        a2.text(0.5, 0.5, "perplexity not measured in this run", ha="center", va="center", transform=a2.transAxes)
+    for s in summary:  # how many records reached top-1 at all, under each point
+        if s["median_min_lr"] is not None:
+            a1.annotate(f"{s['found']}/{s['n']}", (s["layer"], s["median_min_lr"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3))
     a1.set_yscale("log")
     a1.set_xlabel("layer"); a1.set_ylabel("minimum lr / eta (median, IQR)"); a1.legend()
     a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at the minimum lr"); a2.set_yscale("log")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import torch
 from torch import nn
 
 from ..registry import Computed, register

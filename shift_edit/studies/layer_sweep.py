@@ -118,6 +118,8 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
             ax.plot([s["layer"] for s in ss], [s["ppl_mean"] for s in ss], marker="o", ms=3, label=f"{scaling} {eta:g}")
     if base_ppl is not None:
         ax.axhline(base_ppl, color="gray", ls="--", label="unedited")
+    if not any(s["ppl_mean"] is not None for s in summary):
+        ax.text(0.5, 0.5, "perplexity not measured in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set_yscale("log"); ax.set_xlabel("layer"); ax.set_ylabel("WikiText ppl")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

@@ -100,3 +100,12 @@ def test_perplexity_matches_a_hand_computation(byte_tok, tmp_path):
         expected.append(math.exp(float(-logp.gather(1, ids[0, 1:, None]).mean())))
     got = wikitext_perplexity(model, byte_tok, lines, batch_size=2)
     assert got == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+
+def test_sweep_cli_rejects_bad_options_in_one_line(capsys):
+    from shift_edit.cli import main
+
+    assert main(["sweep", "--model", "x", "--study", "min-lr", "--out", "o", "--algs", "FT"]) == 2
+    assert "not supported by the min-lr study" in capsys.readouterr().err
+    assert main(["sweep", "--model", "x", "--study", "layer-sweep", "--out", "o"]) == 2
+    assert "--eta-raw" in capsys.readouterr().err

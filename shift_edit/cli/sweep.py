@@ -63,7 +63,16 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    case_ids = [int(c) for c in args.case_ids.split(",")] if args.case_ids else None
+    algs = [a.strip() for a in args.algs.split(",")]
+    bad = [a for a in algs if a not in STEP_FIELD]
+    if args.study == "min-lr" and bad:
+        raise ShiftEditError(f"--algs: {bad} not supported by the min-lr study (SHIFT, SGD, ADAM)")
+    if args.study == "layer-sweep" and args.eta_raw is None and args.eta_normalized is None:
+        raise ShiftEditError("layer-sweep needs --eta-raw and/or --eta-normalized")
+    try:
+        case_ids = [int(c) for c in args.case_ids.split(",")] if args.case_ids else None
+    except ValueError:
+        raise ShiftEditError(f"--case-ids {args.case_ids!r}: expected comma-separated integers") from None
     records = load_records(args.data, args.n_records, sample_seed=args.sample_seed, case_ids=case_ids)
     model, tok = load_from_args(args)
     from ..architectures import ModelAdapter
@@ -79,10 +88,6 @@ def run(args: argparse.Namespace) -> int:
             "ppl_lines": args.ppl_lines if ppl_fn else None, "ppl_records": args.ppl_records}
     out = Path(args.out)
     if args.study == "min-lr":
-        algs = [a.strip() for a in args.algs.split(",")]
-        bad = [a for a in algs if a not in STEP_FIELD]
-        if bad:
-            raise ShiftEditError(f"--algs: {bad} not supported by the min-lr study (SHIFT, SGD, ADAM)")
         meta.update(algs=algs, criterion=args.criterion, rel_tol=args.rel_tol, start=args.start, max_lr=args.max_lr,
                     step_fields={a: STEP_FIELD[a] for a in algs},
                     note="SHIFT raw eta; SGD/ADAM lr, single step on FF2, first target token, full gradient")
@@ -94,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
         min_lr.write_outputs(rows, out, model, meta, base_ppl)
     else:
         settings = [(s, e) for s, e in (("raw", args.eta_raw), ("normalized", args.eta_normalized)) if e is not None]
-        if not settings:
-            raise ShiftEditError("layer-sweep needs --eta-raw and/or --eta-normalized")
         meta.update(settings=settings)
         rows = layer_sweep.run_layer_sweep(model, tok, records, layers=layers, settings=settings, out_dir=out,
                                            ppl_fn=ppl_fn, ppl_records=args.ppl_records,

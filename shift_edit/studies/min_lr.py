@@ -98,16 +98,18 @@ def run_min_lr_study(
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (alg, layer): records, found, median / quartiles of the minimum step, mean perplexity."""
+    """Per (alg, layer): records, already top-1 (excluded), found, median / quartiles of the minimum step, mean ppl."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["alg"], r["layer"]), []).append(r)
     out = []
     for (alg, layer), rs in sorted(groups.items()):
-        lrs = sorted(r["min_lr"] for r in rs if r["min_lr"] is not None)
+        # success already at the smallest step tried (no failing step below): top-1 before editing
+        already = [r for r in rs if r["min_lr"] is not None and r["below"] is None]
+        lrs = sorted(r["min_lr"] for r in rs if r["min_lr"] is not None and r["below"] is not None)
         ppls = [r["ppl"] for r in rs if r.get("ppl") is not None]
-        q = statistics.quantiles(lrs, n=4) if len(lrs) >= 2 else [lrs[0]] * 3 if lrs else [None] * 3
-        out.append({"alg": alg, "layer": layer, "n": len(rs), "found": len(lrs),
+        q = statistics.quantiles(lrs, n=4, method="inclusive") if len(lrs) >= 2 else [lrs[0]] * 3 if lrs else [None] * 3
+        out.append({"alg": alg, "layer": layer, "n": len(rs), "already_top1": len(already), "found": len(lrs),
                     "median_min_lr": statistics.median(lrs) if lrs else None, "q25": q[0], "q75": q[2],
                     "ppl_n": len(ppls), "ppl_mean": statistics.fmean(ppls) if ppls else None})
     return out

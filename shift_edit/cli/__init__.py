@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ShiftEditError
-from . import apply_patch, bench, edit, export_lora, lens, lens_stats, models, summarize
+from . import apply_patch, bench, edit, export_lora, lens, lens_stats, models, summarize, sweep
 
-COMMANDS = (edit, apply_patch, export_lora, models, bench, summarize, lens, lens_stats)
+COMMANDS = (edit, apply_patch, export_lora, models, bench, summarize, sweep, lens, lens_stats)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,108 @@
+"""``shift-edit sweep``: the minimum learning-rate study and the SHIFT layer sweep."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+from ..errors import ShiftEditError
+from ..studies import layer_sweep, min_lr
+from ..studies.common import STEP_FIELD
+from ..studies.data import WIKITEXT, load_records, shared_data_dir
+from ..studies.perplexity import PROTOCOL as PPL_PROTOCOL
+from ..studies.perplexity import load_wikitext_lines, wikitext_perplexity
+from .common import add_model_arguments, load_from_args
+
+NAME = "sweep"
+HELP = "minimum lr per layer for SHIFT/SGD/ADAM (and ppl there), or the SHIFT layer sweep; resumable"
+
+
+def _layers(text: str, n_layers: int) -> list[int]:
+    if text == "all":
+        return list(range(n_layers))
+    try:
+        out = []
+        for part in text.split(","):
+            if ":" in part:
+                a, b, *step = (int(x) for x in part.split(":"))
+                out.extend(range(a, b, step[0] if step else 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ShiftEditError(f"--layers {text!r}: expected 'all', '0,5,10' or 'start:stop[:step]'") from None
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--study", required=True, choices=["min-lr", "layer-sweep"])
+    p.add_argument("--out", required=True, help="output folder (re-running with the same options resumes)")
+    p.add_argument("--data", default=None, help="CounterFact JSON (default: <shared data>/" + "counterfact-original-format-subset837.json)")
+    p.add_argument("--n-records", type=int, default=20)
+    p.add_argument("--sample-seed", type=int, default=None, help="seeded random sample instead of the first N records")
+    p.add_argument("--case-ids", default=None, help="comma-separated case ids (overrides --n-records)")
+    p.add_argument("--layers", default="all", help="'all', '0,5,10' or 'start:stop[:step]'")
+    p.add_argument("--algs", default="SHIFT,SGD,ADAM", help="min-lr: algorithms (SHIFT, SGD, ADAM)")
+    p.add_argument("--criterion", choices=["first", "strict"], default="first",
+                   help="min-lr: target's first token top-1 (default) or every token (strict)")
+    p.add_argument("--start", type=float, default=1e-5, help="min-lr: first step tried; the scan goes up by 10x")
+    p.add_argument("--max-lr", type=float, default=1e5, help="min-lr: give up above this step")
+    p.add_argument("--rel-tol", type=float, default=0.02, help="min-lr: bisection stops at hi/lo <= 1+tol")
+    p.add_argument("--eta-raw", type=float, default=None, help="layer-sweep: raw eta (omit to skip)")
+    p.add_argument("--eta-normalized", type=float, default=None, help="layer-sweep: normalized eta (omit to skip)")
+    p.add_argument("--ppl-records", type=int, default=0, help="measure WikiText ppl for the first K records (slow)")
+    p.add_argument("--ppl-lines", type=int, default=100, help="WikiText lines for ppl (paper: 100)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    algs = [a.strip() for a in args.algs.split(",")]
+    bad = [a for a in algs if a not in STEP_FIELD]
+    if args.study == "min-lr" and bad:
+        raise ShiftEditError(f"--algs: {bad} not supported by the min-lr study (SHIFT, SGD, ADAM)")
+    if args.study == "layer-sweep" and args.eta_raw is None and args.eta_normalized is None:
+        raise ShiftEditError("layer-sweep needs --eta-raw and/or --eta-normalized")
+    try:
+        case_ids = [int(c) for c in args.case_ids.split(",")] if args.case_ids else None
+    except ValueError:
+        raise ShiftEditError(f"--case-ids {args.case_ids!r}: expected comma-separated integers") from None
+    records = load_records(args.data, args.n_records, sample_seed=args.sample_seed, case_ids=case_ids)
+    model, tok = load_from_args(args)
+    from ..architectures import ModelAdapter
+
+    layers = _layers(args.layers, ModelAdapter(model).n_layers)
+    ppl_fn, base_ppl = None, None
+    if args.ppl_records > 0:
+        lines = load_wikitext_lines(shared_data_dir() / WIKITEXT, args.ppl_lines)
+        ppl_fn = functools.partial(wikitext_perplexity, tok=tok, lines=lines)
+        base_ppl = ppl_fn(model)
+    meta = {"model": args.model, "n_records": len(records), "case_ids": [r["case_id"] for r in records],
+            "layers": layers, "seed": args.seed, "ppl_protocol": PPL_PROTOCOL if ppl_fn else None,
+            "ppl_lines": args.ppl_lines if ppl_fn else None, "ppl_records": args.ppl_records}
+    out = Path(args.out)
+    if args.study == "min-lr":
+        meta.update(algs=algs, criterion=args.criterion, rel_tol=args.rel_tol, start=args.start, max_lr=args.max_lr,
+                    step_fields={a: STEP_FIELD[a] for a in algs},
+                    note="SHIFT raw eta; SGD/ADAM lr, single step on FF2, first target token, full gradient")
+        rows = min_lr.run_min_lr_study(model, tok, records, algs=algs, layers=layers, out_dir=out,
+                                       criterion=args.criterion, start=args.start, max_lr=args.max_lr,
+                                       rel_tol=args.rel_tol, ppl_fn=ppl_fn,
+                                       ppl_records=args.ppl_records,
+                                       protocol={"model": args.model, "ppl_lines": meta["ppl_lines"]})
+        min_lr.write_outputs(rows, out, model, meta, base_ppl)
+    else:
+        settings = [(s, e) for s, e in (("raw", args.eta_raw), ("normalized", args.eta_normalized)) if e is not None]
+        meta.update(settings=settings)
+        rows = layer_sweep.run_layer_sweep(model, tok, records, layers=layers, settings=settings, out_dir=out,
+                                           ppl_fn=ppl_fn, ppl_records=args.ppl_records,
+                                           protocol={"model": args.model, "ppl_lines": meta["ppl_lines"]})
+        layer_sweep.write_outputs(rows, out, model, meta, base_ppl)
+    print(f"wrote {out}/summary.csv, summary.json, rows.csv and the plot")
+    return 0

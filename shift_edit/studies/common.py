@@ -1,0 +1,72 @@
+"""Helpers the studies share: unit-step deltas, scaled temporary edits, per-record files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..deltas import WeightDelta, apply_deltas
+from ..hparams import HyperParams
+from ..io import atomic_write_json
+from ..registry import get_algorithm
+from ..requests import EditRequest
+
+#: the step-size field of each single-step algorithm the studies scale.
+STEP_FIELD = {"SHIFT": "eta", "SGD": "lr", "ADAM": "lr"}
+
+
+def unit_hparams(alg: str, layer: int, **extra: Any) -> HyperParams:
+    """Hparams of ``alg`` at one layer with step size 1 and no skipping."""
+    cls = get_algorithm(alg).hparams_class
+    return cls(layers=[layer], skip_if_predicted=False, **{STEP_FIELD[alg]: 1.0}, **extra)
+
+
+def unit_deltas(model: nn.Module, tok, request: EditRequest, hparams: HyperParams) -> list[WeightDelta]:
+    """The deltas at step size 1. SHIFT, SGD and ADAM (first step) are linear in the step
+    size, so the delta at ``lr`` is ``lr`` times these (checked in the tests)."""
+    return get_algorithm(type(hparams).ALG_NAME).compute(model, tok, [request], hparams).deltas
+
+
+def scaled(deltas: list[WeightDelta], s: float) -> list[WeightDelta]:
+    """``s`` times each delta."""
+    out = []
+    for d in deltas:
+        if d.dense is not None:
+            out.append(WeightDelta(d.module, d.layout, dense=d.dense * s, layer=d.layer))
+        else:
+            out.append(WeightDelta(d.module, d.layout, left=d.left * s, right=d.right, layer=d.layer))
+    return out
+
+
+@contextlib.contextmanager
+def temporarily_applied(model: nn.Module, deltas: list[WeightDelta]) -> Iterator[None]:
+    """Apply ``deltas`` in place for the ``with`` block, then restore the weights bit-exactly."""
+    orig, _ = apply_deltas(model, deltas)
+    try:
+        yield
+    finally:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in orig.items():
+                params[name].copy_(t)
+
+
+def read_done(path: Path, protocol_key: dict[str, Any]) -> dict[str, Any] | None:
+    """A per-record result written earlier under the same protocol, else ``None``."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return data if data.get("protocol_key") == protocol_key else None
+
+
+def write_record(path: Path, protocol_key: dict[str, Any], payload: dict[str, Any]) -> None:
+    atomic_write_json(path, {"protocol_key": protocol_key, **payload})

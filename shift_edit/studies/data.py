@@ -1,0 +1,42 @@
+"""CounterFact records (ROME format) from the shared data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from ..errors import ShiftEditError
+
+COUNTERFACT = "counterfact-original-format-subset837.json"
+WIKITEXT = "wikitext-2-raw-v1/wiki.test.nonblank.raw"
+
+
+def shared_data_dir() -> Path:
+    """``$SHIFT_EDIT_SHARED_DATA``, else ``<repo>/../shared/data``."""
+    env = os.environ.get("SHIFT_EDIT_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def load_records(
+    path: str | Path | None = None, n: int | None = None, *, sample_seed: int | None = None,
+    case_ids: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """CounterFact records: the first ``n``, a seeded random sample of ``n``, or given case ids."""
+    p = Path(path) if path else shared_data_dir() / COUNTERFACT
+    if not p.is_file():
+        raise ShiftEditError(f"CounterFact file not found: {p} (set SHIFT_EDIT_SHARED_DATA or pass --data)")
+    records = json.loads(p.read_text())
+    if case_ids:
+        by_id = {r["case_id"]: r for r in records}
+        missing = [c for c in case_ids if c not in by_id]
+        if missing:
+            raise ShiftEditError(f"case ids not in {p.name}: {missing}")
+        return [by_id[c] for c in case_ids]
+    if n is None:
+        return records
+    if sample_seed is not None:
+        return random.Random(sample_seed).sample(records, min(n, len(records)))
+    return records[:n]

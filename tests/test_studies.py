@@ -1,0 +1,111 @@
+"""The minimum-lr search, linearity of single-step deltas, resumable study files, perplexity."""
+
+import json
+import math
+
+import pytest
+import torch
+from _tiny import tiny_model
+
+import shift_edit as se
+from shift_edit.studies import layer_sweep, min_lr
+from shift_edit.studies.common import STEP_FIELD, scaled, temporarily_applied, unit_deltas, unit_hparams
+from shift_edit.studies.perplexity import load_wikitext_lines, wikitext_perplexity
+from shift_edit.studies.search import find_min_lr
+
+RECORD = {"case_id": 7, "requested_rewrite": {"prompt": "{} plays for", "subject": "Messi",
+                                              "target_new": {"str": "Paris"}, "target_true": {"str": "Barca"}},
+          "paraphrase_prompts": ["Messi is a player of", "Lionel Messi plays for"],
+          "neighborhood_prompts": ["Xavi plays for", "Iniesta plays for"]}
+
+
+@pytest.mark.parametrize("threshold", [3.7e-6, 0.01234, 1.0, 5.5, 8.9e4])
+@pytest.mark.parametrize("start", [1e-5, 1.0, 1e3])
+def test_bisection_finds_a_known_threshold(threshold, start):
+    calls = []
+    res = find_min_lr(lambda lr: calls.append(lr) or lr >= threshold, start=start, rel_tol=1e-3)
+    assert res.found and res.lr >= threshold and res.lr / threshold <= 1 + 1e-3
+    assert res.below < threshold and res.evals == len(calls)
+
+
+def test_search_reports_not_found_and_always_works():
+    never = find_min_lr(lambda lr: False, start=1.0, max_lr=1e3)
+    assert not never.found and never.below == 1e3 and never.evals == 4
+    always = find_min_lr(lambda lr: True, start=1.0, min_lr=1e-3)
+    assert always.lr == pytest.approx(1e-3) and always.below is None
+
+
+@pytest.mark.parametrize("alg", sorted(STEP_FIELD))
+def test_single_step_deltas_are_linear_in_the_step(alg, byte_tok):
+    model = tiny_model("llama")
+    req = se.make_request(RECORD)
+    one = unit_deltas(model, byte_tok, req, unit_hparams(alg, 1))
+    hp = unit_hparams(alg, 1).replace(**{STEP_FIELD[alg]: 0.37})
+    direct = se.get_algorithm(alg).compute(model, byte_tok, [req], hp).deltas
+    for a, b in zip(scaled(one, 0.37), direct):
+        torch.testing.assert_close(a.canonical(), b.canonical(), rtol=1e-4, atol=1e-8)
+
+
+def test_min_lr_cell_is_the_threshold_and_model_is_restored(byte_tok):
+    model = tiny_model("llama")
+    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    cell = min_lr.min_lr_for(model, byte_tok, RECORD, "SHIFT", 2, rel_tol=1e-3)
+    for n, p in model.state_dict().items():
+        assert torch.equal(base[n], p), n
+    assert cell["min_lr"] is not None
+    req = se.make_request(RECORD)
+    p_ids = se.requests.encode_prompt(byte_tok, req.text)
+    t_ids = se.requests.encode_target(byte_tok, req.text, req.target_new)
+    unit = unit_deltas(model, byte_tok, req, unit_hparams("SHIFT", 2))
+    with temporarily_applied(model, scaled(unit, cell["min_lr"])):
+        assert min_lr.is_top1(model, byte_tok, p_ids, t_ids, "first")
+    with temporarily_applied(model, scaled(unit, cell["below"])):
+        assert not min_lr.is_top1(model, byte_tok, p_ids, t_ids, "first")
+
+
+def test_study_files_resume_and_summaries(byte_tok, tmp_path):
+    model = tiny_model("gpt2")
+    recs = [RECORD, {**RECORD, "case_id": 8}]
+    ppl = lambda m: wikitext_perplexity(m, byte_tok, ["a short line of text for the test"])  # noqa: E731
+    rows = min_lr.run_min_lr_study(model, byte_tok, recs, algs=["SHIFT", "SGD"], layers=[0, 2], out_dir=tmp_path,
+                                   ppl_fn=ppl, ppl_records=1)
+    assert len(rows) == 8 and all("ppl" in r for r in rows if r["case_id"] == 7 and r["min_lr"])
+    first = json.loads((tmp_path / "records" / "7.json").read_text())
+    again = min_lr.run_min_lr_study(model, byte_tok, recs, algs=["SHIFT", "SGD"], layers=[0, 2], out_dir=tmp_path,
+                                    ppl_fn=ppl, ppl_records=1)
+    assert again == rows and json.loads((tmp_path / "records" / "7.json").read_text()) == first
+    doc = min_lr.write_outputs(rows, tmp_path, model, {"criterion": "first"}, None)
+    assert {(s["alg"], s["layer"]) for s in doc["summary"]} == {(a, l) for a in ("SHIFT", "SGD") for l in (0, 2)}
+    assert (tmp_path / "min_lr.png").stat().st_size > 0 and (tmp_path / "summary.csv").read_text().startswith("alg,")
+    sweep_dir = tmp_path / "sweep"
+    srows = layer_sweep.run_layer_sweep(model, byte_tok, recs, layers=[0, 1], settings=[("raw", 5.0), ("normalized", 50.0)],
+                                        out_dir=sweep_dir)
+    assert len(srows) == 2 * (4 + 1)
+    assert all(0 <= r[m] <= 1 for r in srows for m in ("efficacy", "paraphrase", "neighborhood"))
+    sdoc = layer_sweep.write_outputs(srows, sweep_dir, model, {}, None)
+    assert sdoc["metric_family"].startswith("strict top-1") and (sweep_dir / "layer_sweep.png").is_file()
+
+
+def test_perplexity_matches_a_hand_computation(byte_tok, tmp_path):
+    model = tiny_model("llama")
+    lines = ["one line that is long enough to count", "another line, also long enough here"]
+    f = tmp_path / "w.raw"
+    f.write_text(" = Title = \n\n short\n" + "\n".join(lines) + "\n")
+    assert load_wikitext_lines(f, n=5) == lines
+    expected = []
+    for line in lines:
+        ids = torch.tensor([byte_tok(line).input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        expected.append(math.exp(float(-logp.gather(1, ids[0, 1:, None]).mean())))
+    got = wikitext_perplexity(model, byte_tok, lines, batch_size=2)
+    assert got == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+
+def test_sweep_cli_rejects_bad_options_in_one_line(capsys):
+    from shift_edit.cli import main
+
+    assert main(["sweep", "--model", "x", "--study", "min-lr", "--out", "o", "--algs", "FT"]) == 2
+    assert "not supported by the min-lr study" in capsys.readouterr().err
+    assert main(["sweep", "--model", "x", "--study", "layer-sweep", "--out", "o"]) == 2
+    assert "--eta-raw" in capsys.readouterr().err

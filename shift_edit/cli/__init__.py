@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ShiftEditError
-from . import apply_patch, edit, models
+from . import apply_patch, edit, models, stats
 
-COMMANDS = (edit, apply_patch, models)
+COMMANDS = (edit, apply_patch, models, stats)
 
 
 class _Parser(argparse.ArgumentParser):

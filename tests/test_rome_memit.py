@@ -236,6 +236,7 @@ def test_stats_cli(byte_tok, corpus, capsys, tmp_path, monkeypatch):
     assert len(list((shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))) == 2
 
 
+@pytest.mark.slow  # ~1 min alone on 2 CPU cores (10 min when the machine is shared)
 def test_rome_makes_fact_top1_on_smollm2(smollm2, tmp_path, monkeypatch):
     from shift_edit.scoring import score_continuations
     from shift_edit.stats import default_corpus

@@ -1,0 +1,153 @@
+"""MEMIT: mass-editing memory in a transformer (Meng et al., 2023), written from the paper.
+
+For a batch of N requests and edited layers ``l_1 < ... < l_L``:
+
+1. ``z*_i``: for each request, δ_i is optimised at FF2's output of the last edited layer
+   (adding to FF2's output there is adding to the residual stream ``h^L``), with the same
+   loss as ROME's v* but clamped relative to the residual ``||h^L||``;
+   ``z*_i = h^L_i + δ_i`` at the fact token of the bare prompt.
+2. For each edited layer ``l_j`` in order: keys ``K = [k_1 .. k_N]`` (FF2 inputs at the fact
+   token, averaged over the context templates, with the lower layers already edited),
+   the remaining residual ``R = (z* - h^L) / (L - j + 1)`` (``h^L`` recomputed with the
+   lower layers edited), and, in float64,
+   ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (``λ = mom2_update_weight``, ``C = E[k kᵀ]``), stored as the
+   factors ``left = R [out, N]``, ``right = ((λ C + K Kᵀ)⁻¹ K)ᵀ [N, in]``: rank ≤ N.
+
+The weights are changed while computing (each layer's update is needed for the next)
+and restored before returning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..deltas import WeightDelta
+from ..errors import ShiftEditError
+from ..registry import Computed, register
+from ..requests import EditRequest
+from ..scoring import pad_batch, pad_id_of
+from ..stats import layer_stats
+from .common import adapter_for, already_predicted
+from .rome import (
+    LocateEditHyperParams,
+    add_canonical_,
+    context_templates,
+    encode_with_fact_index,
+    optimise_delta,
+    prompt_template,
+)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MEMITHyperParams(LocateEditHyperParams):
+    """Hparams of MEMIT.
+
+    Attributes:
+        mom2_update_weight: λ, the weight of the preserved keys' second moment.
+        mom2_adjustment: use ``λ C`` (on) or ``λ I`` (off) in the solve.
+        context_template_length_params: MEMIT's code uses ``[[10, 5]]`` (5 contexts of 10
+            new tokens) plus the bare prompt.
+    """
+
+    ALG_NAME = "MEMIT"
+
+    mom2_update_weight: float = 15000.0
+    mom2_adjustment: bool = True
+    clamp_norm_factor: float = 0.75
+    context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
+    fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.mom2_update_weight > 0:
+            self._fail("mom2_update_weight", self.mom2_update_weight, "it must be > 0")
+
+
+@torch.no_grad()
+def _keys_and_residual(model, tok, adapter, layer: int, z_layer: int, reqs, templates, fact_token):
+    """Per request: the FF2 input of ``layer`` at the fact token averaged over contexts,
+    and the residual after ``z_layer`` at the fact token of the bare prompt."""
+    device = next(model.parameters()).device
+    name = adapter.ff2_name(layer)
+    seqs, idxs = [], []
+    for req in reqs:
+        ptmpl = prompt_template(req)
+        for ctx in templates:
+            ids, idx = encode_with_fact_index(tok, ctx.replace("{}", ptmpl, 1), req.subject or "", fact_token)
+            seqs.append(ids)
+            idxs.append(idx)
+    ids, mask = pad_batch(seqs, pad_id_of(tok), device)
+    cap: dict[str, torch.Tensor] = {}
+    h = adapter.module(name).register_forward_pre_hook(lambda _m, a: cap.__setitem__("x", a[0].detach()))
+    try:
+        res = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+    finally:
+        h.remove()
+    x = cap["x"].view(len(seqs), ids.shape[1], -1)
+    rows = torch.arange(len(seqs), device=device)
+    pos = torch.tensor(idxs, device=device)
+    k = x[rows, pos].float().view(len(reqs), len(templates), -1).mean(1)
+    hid = res.hidden_states[z_layer + 1][rows, pos].float().view(len(reqs), len(templates), -1)[:, 0]
+    return k, hid
+
+
+def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: MEMITHyperParams) -> Computed:
+    """MEMIT's per-layer factors for a batch of requests, computed against ``model``."""
+    adapter = adapter_for(model, hparams)
+    layers = sorted({adapter.check_layer(layer) for layer in hparams.layers})
+    if layers[-1] >= adapter.n_layers - 1:
+        raise ShiftEditError(
+            f"MEMIT cannot edit the model's last layer ({layers[-1]}): z* is read from the residual after it"
+        )
+    z_layer = layers[-1]
+    skipped = already_predicted(model, tok, requests) if hparams.skip_if_predicted else [False] * len(requests)
+    active = [r for r, s in zip(requests, skipped) if not s]
+    if not active:
+        return Computed([], skipped, [{} for _ in requests])
+    covs = {}
+    if hparams.mom2_adjustment:
+        stats = layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
+                            max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype, adapter=adapter)
+        covs = {layer: s.mom2.double() for layer, s in stats.items()}
+    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+    z_info = []
+    zs = []
+    for req in active:
+        dr = optimise_delta(model, tok, adapter, z_layer, req, templates, hparams, ref="residual")
+        zs.append((dr.ref + dr.delta).cpu())
+        z_info.append({"delta_norm": float(dr.delta.norm()), "ref_norm": float(dr.ref.norm()),
+                       "steps": dr.steps, "loss_first": dr.losses[0], "loss_last": dr.losses[-1]})
+    z = torch.stack(zs).double()  # [N, d_model]
+    modules = {layer: adapter.module(adapter.ff2_name(layer)) for layer in layers}
+    originals = {layer: m.weight.detach().clone() for layer, m in modules.items()}
+    deltas: list[WeightDelta] = []
+    layer_info: dict[int, dict] = {}
+    try:
+        for j, layer in enumerate(layers):
+            k, h = _keys_and_residual(model, tok, adapter, layer, z_layer, active, templates, hparams.fact_token)
+            K = k.double().cpu().T  # [in, N]
+            resid = (z - h.double().cpu()).T / (len(layers) - j)  # [out, N]
+            d_in = K.shape[0]
+            C = covs[layer] if layer in covs else torch.eye(d_in, dtype=torch.float64)
+            adj = torch.linalg.solve(hparams.mom2_update_weight * C + K @ K.T, K)  # [in, N]
+            left, right = resid.float(), adj.T.float()
+            name = adapter.ff2_name(layer)
+            deltas.append(WeightDelta(name, adapter.layout(modules[layer]), left=left, right=right, layer=layer))
+            add_canonical_(modules[layer], resid @ adj.T)
+            layer_info[layer] = {"resid_norm": float(resid.norm()), "update_norm": float((resid @ adj.T).norm())}
+    finally:
+        with torch.no_grad():
+            for layer, m in modules.items():
+                m.weight.copy_(originals[layer])
+    info, it = [], iter(z_info)
+    for s in skipped:
+        info.append({} if s else {**next(it), "layers": layer_info})
+    return Computed(deltas, skipped, info)
+
+
+register("MEMIT", MEMITHyperParams, compute_memit,
+         "mass-editing memory (Meng et al. 2023): batch edits spread over several layers, rank <= N per layer")

@@ -1,0 +1,356 @@
+"""Second-moment statistics of FF2 inputs, computed offline from a text corpus and cached.
+
+ROME and MEMIT need ``C = E[k kᵀ]``, the uncentred second moment of the keys ``k``
+(the inputs of the MLP output matrix FF2) at a layer. :func:`layer_stats` computes it
+for several layers in one streaming pass over a corpus: every text (one line of a
+local file, or one record of a ``datasets`` dataset) is tokenised, truncated to
+``max_length`` tokens, and every non-padding token contributes one key vector, until
+``n_tokens`` keys have been seen. Memory is bounded by one batch plus one
+``[d_in, d_in]`` accumulator per layer.
+
+What a "sample" is here: one **token** vector. ROME's published statistics use
+100,000 Wikipedia *articles* (tens of millions of token vectors); ours count tokens
+explicitly so the cost and the quality are visible.
+
+Results are cached under ``cache_dir()/stats/<model fingerprint>/`` with a JSON
+metadata file recording the corpus identity (name and sha256), the number of tokens
+and texts, the truncation length, the dtype and the sha256 of the tensor file. A
+cache entry whose metadata does not match the request, or whose tensor does not
+match its checksum, is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import ModelAdapter
+from .errors import ShiftEditError
+from .hooks import capture_inputs
+from .io import atomic_write_bytes, atomic_write_json, model_fingerprint
+from .loading import cache_dir
+
+log = logging.getLogger(__name__)
+
+#: The corpus used when none is given and no local WikiText copy is found (needs internet).
+HF_DEFAULT_CORPUS = "hf:wikitext/wikitext-103-raw-v1/train"
+LOCAL_WIKITEXT = Path("wikitext-2-raw-v1") / "wiki.test.nonblank.raw"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class SecondMoment:
+    """``C = E[k kᵀ]`` of FF2 inputs at one layer, with how it was computed.
+
+    Attributes:
+        layer: the layer index.
+        mom2: the ``[d_in, d_in]`` matrix (sum of ``k kᵀ`` divided by ``n_tokens``).
+        meta: corpus identity, token and text counts, truncation length, dtype, model
+            fingerprint, module name.
+    """
+
+    layer: int
+    mom2: torch.Tensor
+    meta: dict[str, Any]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+
+# --- corpora ------------------------------------------------------------------------------
+def shared_data_dir() -> Path:
+    """``$SHIFT_EDIT_SHARED_DATA`` or ``<repo>/../shared/data``."""
+    env = os.environ.get("SHIFT_EDIT_SHARED_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def default_corpus() -> str:
+    """The local WikiText-2 test split if present, else WikiText-103 train via ``datasets``."""
+    local = shared_data_dir() / LOCAL_WIKITEXT
+    return str(local) if local.is_file() else HF_DEFAULT_CORPUS
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Corpus:
+    """A stream of texts plus a stable identity for cache keys."""
+
+    name: str
+    identity: str  # sha256 of a file, or a datasets fingerprint
+    kind: str  # "file" or "datasets"
+    path: Path | None = None
+    dataset: Any = None
+    text_field: str = "text"
+
+    def texts(self) -> Iterator[str]:
+        """Non-blank texts in corpus order."""
+        if self.kind == "file":
+            with open(self.path, encoding="utf-8") as fh:
+                for line in fh:
+                    line = line.strip()
+                    if line:
+                        yield line
+        else:
+            for row in self.dataset:
+                text = str(row[self.text_field]).strip()
+                if text:
+                    yield text
+
+
+def open_corpus(spec: str | None = None) -> Corpus:
+    """Resolve a corpus: a local text file (one text per non-blank line) or
+    ``hf:<dataset>[/<config>][/<split>]`` loaded with ``datasets`` (needs it installed, and
+    internet unless cached). ``None`` means :func:`default_corpus`.
+    """
+    spec = spec or default_corpus()
+    if spec.startswith("hf:"):
+        parts = spec[3:].split("/")
+        if not parts[0]:
+            raise ShiftEditError(f"corpus {spec!r}: expected hf:<dataset>[/<config>][/<split>]")
+        name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
+        try:
+            import datasets
+        except ImportError:
+            raise ShiftEditError("corpus from the hub needs `pip install datasets`") from None
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as exc:  # noqa: BLE001 - many failure types (network, missing config)
+            raise ShiftEditError(f"cannot load corpus {spec!r}: {exc}") from exc
+        return Corpus(spec, str(getattr(ds, "_fingerprint", spec)), "datasets", dataset=ds)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ShiftEditError(
+            f"corpus {spec!r} is neither a text file nor hf:<dataset>[/<config>][/<split>]"
+        )
+    return Corpus(path.name, _file_sha256(path), "file", path=path.resolve())
+
+
+# --- computation --------------------------------------------------------------------------
+def _batches(tok, corpus: Corpus, n_tokens: int, max_length: int, batch_tokens: int) -> Iterator[list[list[int]]]:
+    """Token-id lists (each truncated to ``max_length``) grouped to about ``batch_tokens``
+    tokens; the total is exactly ``n_tokens`` (the last text is cut) unless the corpus ends."""
+    remaining = n_tokens
+    batch: list[list[int]] = []
+    size = 0
+    for text in corpus.texts():
+        ids = list(tok(text, truncation=True, max_length=max_length).input_ids)[:max_length]
+        ids = ids[:remaining]
+        if not ids:
+            continue
+        batch.append(ids)
+        size += len(ids)
+        remaining -= len(ids)
+        if size >= batch_tokens or remaining == 0:
+            yield batch
+            batch, size = [], 0
+        if remaining == 0:
+            return
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def compute_second_moments(
+    model: nn.Module,
+    tok,
+    module_names: Sequence[str],
+    corpus: Corpus,
+    *,
+    n_tokens: int,
+    max_length: int = 256,
+    dtype: str = "float32",
+    batch_tokens: int = 2048,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """``E[k kᵀ]`` of the inputs of ``module_names``, in one streaming pass over ``corpus``.
+
+    Returns:
+        ``({module name: [d_in, d_in] matrix in dtype, on CPU}, {"n_tokens", "n_texts"})``.
+    """
+    from tqdm.auto import tqdm
+
+    acc_dtype = _DTYPES[dtype]
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    sums: dict[str, torch.Tensor] = {}
+    seen = texts = 0
+    order = {n: i for i, n in enumerate(_module_order(model, module_names))}
+    deepest = max(module_names, key=lambda n: order[n])
+    bar = tqdm(total=n_tokens, desc="second moments", unit="tok", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in _batches(tok, corpus, n_tokens, max_length, batch_tokens):
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, s in enumerate(batch):
+                ids[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            with capture_inputs(model, list(module_names), stop_after=deepest) as cap:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            keep = mask.reshape(-1).bool()
+            for name in module_names:
+                x = cap.inputs[name].reshape(-1, cap.inputs[name].shape[-1])[keep].to(acc_dtype)
+                if name not in sums:
+                    sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=acc_dtype, device=device)
+                sums[name].addmm_(x.T, x)
+            n = int(keep.sum())
+            seen += n
+            texts += len(batch)
+            bar.update(n)
+    finally:
+        bar.close()
+    if seen == 0:
+        raise ShiftEditError(f"corpus {corpus.name!r} yielded no tokens")
+    if seen < n_tokens:
+        log.warning("corpus %s has only %d tokens (asked for %d)", corpus.name, seen, n_tokens)
+    return {n: (s / seen).cpu() for n, s in sums.items()}, {"n_tokens": seen, "n_texts": texts}
+
+
+def _module_order(model: nn.Module, names: Sequence[str]) -> list[str]:
+    wanted = set(names)
+    return [n for n, _ in model.named_modules() if n in wanted]
+
+
+# --- cache --------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
+
+
+def _cache_paths(fingerprint: str, corpus: Corpus, layer: int, n_tokens: int, max_length: int, dtype: str) -> tuple[Path, Path]:
+    folder = cache_dir() / "stats" / fingerprint / f"{_slug(corpus.name)}-{corpus.identity[:12]}"
+    stem = f"layer{layer}-tok{n_tokens}-len{max_length}-{dtype}"
+    return folder / f"{stem}.pt", folder / f"{stem}.json"
+
+
+def _expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_tokens: int, max_length: int, dtype: str) -> dict[str, Any]:
+    return {
+        "format_version": _FORMAT_VERSION,
+        "model_fingerprint": fingerprint,
+        "layer": layer,
+        "module": module,
+        "corpus": corpus.name,
+        "corpus_kind": corpus.kind,
+        "corpus_sha": corpus.identity,
+        "requested_tokens": n_tokens,
+        "max_length": max_length,
+        "dtype": dtype,
+    }
+
+
+def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any]) -> SecondMoment | None:
+    """The cached entry if it exists and is valid; ``None`` (with a warning) otherwise."""
+    if not pt.is_file() or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        mismatched = [k for k, v in expected.items() if meta.get(k) != v]
+        if mismatched:
+            log.warning("statistics cache %s does not match (%s); rebuilding", pt, ", ".join(mismatched))
+            return None
+        data = pt.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            log.warning("statistics cache %s fails its checksum; rebuilding", pt)
+            return None
+        mom2 = torch.load(io.BytesIO(data), weights_only=True)["mom2"]
+        d = int(meta["d_in"])
+        if mom2.shape != (d, d) or str(mom2.dtype) != f"torch.{expected['dtype']}" or not torch.isfinite(mom2).all():
+            log.warning("statistics cache %s holds a bad tensor; rebuilding", pt)
+            return None
+    except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
+        log.warning("statistics cache %s is unreadable (%s); rebuilding", pt, exc)
+        return None
+    return SecondMoment(expected["layer"], mom2, meta)
+
+
+def layer_stats(
+    model: nn.Module,
+    tok,
+    layers: Sequence[int],
+    *,
+    corpus: str | None = None,
+    n_tokens: int = 100_000,
+    max_length: int = 256,
+    dtype: str = "float32",
+    adapter: ModelAdapter | None = None,
+    use_cache: bool = True,
+    rebuild: bool = False,
+    batch_tokens: int = 2048,
+    progress: bool = True,
+) -> dict[int, SecondMoment]:
+    """``C = E[k kᵀ]`` of FF2 inputs at each of ``layers``, from the cache or one pass.
+
+    Args:
+        model, tok: the model and tokenizer.
+        layers: layer indices (negative counts from the end).
+        corpus: a text file or ``hf:<dataset>/<config>/<split>``; ``None``: :func:`default_corpus`.
+        n_tokens: how many token vectors (non-padding tokens) to average over.
+        max_length: truncation length of each text, in tokens.
+        dtype: accumulation and storage dtype, ``float32`` or ``float64``.
+        adapter: the model's adapter (default: from the architecture table).
+        use_cache: read and write ``cache_dir()/stats``.
+        rebuild: recompute (and overwrite the cache) even when a valid entry exists.
+
+    Returns:
+        ``{layer: SecondMoment}``; layers missing from the cache are computed together.
+    """
+    if dtype not in _DTYPES:
+        raise ShiftEditError(f"statistics dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+    if n_tokens < 1 or max_length < 1:
+        raise ShiftEditError(f"n_tokens ({n_tokens}) and max_length ({max_length}) must be >= 1")
+    adapter = adapter or ModelAdapter(model)
+    layers = sorted({adapter.check_layer(layer) for layer in layers})
+    src = open_corpus(corpus)
+    fingerprint = model_fingerprint(model)
+    out: dict[int, SecondMoment] = {}
+    todo: dict[int, tuple[Path, Path, dict]] = {}
+    for layer in layers:
+        pt, meta_path = _cache_paths(fingerprint, src, layer, n_tokens, max_length, dtype)
+        expected = _expected_meta(fingerprint, src, layer, adapter.ff2_name(layer), n_tokens, max_length, dtype)
+        hit = _try_load(pt, meta_path, expected) if use_cache and not rebuild else None
+        if hit is not None:
+            log.info("statistics for layer %d from %s", layer, pt)
+            out[layer] = hit
+        else:
+            todo[layer] = (pt, meta_path, expected)
+    if todo:
+        names = {adapter.ff2_name(layer): layer for layer in todo}
+        mats, counts = compute_second_moments(
+            model, tok, list(names), src, n_tokens=n_tokens, max_length=max_length,
+            dtype=dtype, batch_tokens=batch_tokens, progress=progress,
+        )
+        for name, layer in names.items():
+            pt, meta_path, expected = todo[layer]
+            mom2 = mats[name].contiguous()
+            meta = {**expected, **counts, "d_in": int(mom2.shape[0])}
+            if use_cache:
+                buf = io.BytesIO()
+                torch.save({"mom2": mom2}, buf)
+                data = buf.getvalue()
+                meta["sha256"] = hashlib.sha256(data).hexdigest()
+                atomic_write_bytes(pt, data)
+                atomic_write_json(meta_path, meta)
+            out[layer] = SecondMoment(layer, mom2, meta)
+    return out

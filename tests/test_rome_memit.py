@@ -1,0 +1,258 @@
+"""Covariance statistics, ROME and MEMIT on tiny models (plus one SmolLM2 efficacy check)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny import tiny_model
+
+import shift_edit
+from shift_edit.algorithms import memit as memit_mod
+from shift_edit.algorithms import rome as rome_mod
+from shift_edit.algorithms.memit import MEMITHyperParams
+from shift_edit.algorithms.rome import ROMEHyperParams, canonical_weight
+from shift_edit.architectures import ModelAdapter
+from shift_edit.hooks import forward_capture
+from shift_edit.requests import make_request
+from shift_edit.stats import layer_stats
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France.",
+    "Lionel Messi plays football for a club.",
+    "A short line.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+]
+REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": "Rome"}}
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(TEXTS) + "\n")
+    return str(path)
+
+
+class _Counter:
+    def __init__(self, model):
+        self.n = 0
+        model.register_forward_pre_hook(lambda *_: setattr(self, "n", self.n + 1))
+
+
+def _explicit_mom2(model, tok, layer, n_tokens, max_length):
+    name = ModelAdapter(model).ff2_name(layer)
+    keys, left = [], n_tokens
+    for text in TEXTS:
+        ids = tok(text).input_ids[:max_length][:left]
+        left -= len(ids)
+        cap, _ = forward_capture(model, torch.tensor([ids]), None, [name])
+        keys.append(cap.inputs[name][0].double())
+        if left == 0:
+            break
+    k = torch.cat(keys)
+    return k.T @ k / k.shape[0], k.shape[0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_second_moment_equals_explicit(model_type, byte_tok, corpus):
+    model = tiny_model(model_type)
+    stats = layer_stats(model, byte_tok, [0, 2], corpus=corpus, n_tokens=150, max_length=40,
+                        dtype="float64", progress=False, batch_tokens=64)
+    for layer in (0, 2):
+        want, n = _explicit_mom2(model, byte_tok, layer, 150, 40)
+        assert stats[layer].n_tokens == n == 150
+        assert stats[layer].meta["max_length"] == 40 and stats[layer].meta["dtype"] == "float64"
+        assert torch.allclose(stats[layer].mom2, want, rtol=1e-6, atol=1e-8)
+
+
+def test_stats_cache_reused_and_rebuilt(byte_tok, corpus):
+    model = tiny_model("llama")
+    count = _Counter(model)
+    kw = dict(corpus=corpus, n_tokens=100, max_length=32, progress=False)
+    first = layer_stats(model, byte_tok, [1], **kw)[1]
+    built = count.n
+    assert built > 0
+    again = layer_stats(model, byte_tok, [1], **kw)[1]
+    assert count.n == built  # no forward pass: read from the cache
+    assert torch.equal(again.mom2, first.mom2)
+    pt = next(p for p in (shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))
+    meta_path = pt.with_suffix(".json")
+
+    # corrupt tensor file -> checksum mismatch -> rebuilt, never used
+    data = bytearray(pt.read_bytes())
+    data[-20] ^= 0xFF
+    pt.write_bytes(bytes(data))
+    rebuilt = layer_stats(model, byte_tok, [1], **kw)[1]
+    assert count.n > built and torch.equal(rebuilt.mom2, first.mom2)
+
+    # mismatched metadata (e.g. another model fingerprint written into it) -> rebuilt
+    built = count.n
+    meta = json.loads(meta_path.read_text())
+    meta["model_fingerprint"] = "0" * 16
+    meta_path.write_text(json.dumps(meta))
+    layer_stats(model, byte_tok, [1], **kw)
+    assert count.n > built
+
+    # a different sample count is a different cache entry
+    built = count.n
+    other = layer_stats(model, byte_tok, [1], **{**kw, "n_tokens": 60})[1]
+    assert count.n > built and other.n_tokens == 60
+    # a different model (weights) does not reuse the entry
+    model2 = tiny_model("llama", seed=1)
+    c2 = _Counter(model2)
+    layer_stats(model2, byte_tok, [1], **kw)
+    assert c2.n > 0
+
+
+def _capture_optimise(monkeypatch, module):
+    seen = []
+    real = rome_mod.optimise_delta
+
+    def wrapper(*a, **k):
+        out = real(*a, **k)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(module, "optimise_delta", wrapper)
+    return seen
+
+
+def _rome_hp(**kw):
+    base = dict(layers=[1], v_num_grad_steps=4, context_template_length_params=[[3, 2]],
+                mom2_n_tokens=200, mom2_max_length=40, skip_if_predicted=False)
+    return ROMEHyperParams(**{**base, **kw})
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_rome_update_maps_key_to_value(model_type, byte_tok, corpus, monkeypatch):
+    model = tiny_model(model_type)
+    hp = _rome_hp(mom2_corpus=corpus)
+    seen = _capture_optimise(monkeypatch, rome_mod)
+    adapter = ModelAdapter(model)
+    ff2 = adapter.ff2(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    computed = rome_mod.compute_rome(model, byte_tok, [make_request(REQ)], hp)
+    for k, v in model.state_dict().items():  # compute leaves the weights unchanged
+        assert torch.equal(v, before[k]), k
+    (delta,) = computed.deltas
+    assert delta.rank == 1 and delta.left.shape[1] == 1 and delta.right.shape[0] == 1
+    dr = seen[0]
+    assert dr.keys.shape[0] == 3  # bare prompt + 2 generated contexts
+    W = canonical_weight(ff2).double()
+    dW = delta.canonical().double()
+    k_star = dr.keys.mean(0).double()
+    v_star = W @ k_star + dr.delta.double()
+    assert torch.allclose((W + dW) @ k_star, v_star, rtol=1e-4, atol=1e-4 * float(v_star.norm()))
+    # keys orthogonal to C^-1 k* in the C metric are untouched
+    C = layer_stats(model, byte_tok, [1], corpus=corpus, n_tokens=200, max_length=40, progress=False)[1].mom2.double()
+    u = torch.linalg.solve(C, k_star)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        k = torch.randn(k_star.shape[0], generator=g, dtype=torch.float64)
+        k_perp = k - (u @ k) / (u @ u) * u  # k_perpᵀ C⁻¹ k* = 0
+        assert float((dW @ k_perp).norm()) < 1e-5 * float(dW.norm()) * float(k_perp.norm())
+    # the applied edit changes FF2 by exactly this delta, and undo is exact
+    result = shift_edit.edit(model, byte_tok, REQ, hp)
+    assert not result.skipped[0]
+    result.undo()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_rome_without_covariance_uses_the_key(byte_tok, corpus, monkeypatch):
+    model = tiny_model("llama")
+    seen = _capture_optimise(monkeypatch, rome_mod)
+    computed = rome_mod.compute_rome(model, byte_tok, [make_request(REQ)], _rome_hp(mom2_adjustment=False, mom2_corpus=corpus))
+    k_star = seen[0].keys.mean(0)
+    right = computed.deltas[0].right[0]
+    assert torch.allclose(right, k_star / k_star.norm(), atol=1e-6)
+    assert not (shift_edit.loading.cache_dir() / "stats").exists()  # no statistics were needed
+
+
+def test_rome_hparams_validation():
+    with pytest.raises(shift_edit.ShiftEditError, match="exactly one layer"):
+        ROMEHyperParams(layers=[1, 2])
+    with pytest.raises(shift_edit.ShiftEditError, match="clamp_norm_factor"):
+        ROMEHyperParams(layers=[1], clamp_norm_factor=0)
+    with pytest.raises(shift_edit.ShiftEditError, match="mom2_dtype"):
+        ROMEHyperParams(layers=[1], mom2_dtype="float16")
+
+
+def test_memit_one_layer_matches_closed_form(byte_tok, corpus, monkeypatch):
+    model = tiny_model("llama")
+    lam = 50.0
+    hp = MEMITHyperParams(layers=[1], v_num_grad_steps=4, context_template_length_params=[[3, 2]],
+                          mom2_n_tokens=200, mom2_max_length=40, mom2_corpus=corpus,
+                          mom2_update_weight=lam, skip_if_predicted=False)
+    seen = _capture_optimise(monkeypatch, memit_mod)
+    req = make_request(REQ)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    computed = memit_mod.compute_memit(model, byte_tok, [req], hp)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    (delta,) = computed.deltas
+    assert delta.rank == 1
+    dr = seen[0]
+    C = layer_stats(model, byte_tok, [1], corpus=corpus, n_tokens=200, max_length=40, progress=False)[1].mom2.double()
+    k = dr.keys.mean(0).double().cpu()  # keys averaged over the same contexts
+    r = dr.delta.double().cpu()  # one layer: the whole residual z* - h, with h unchanged
+    ck = torch.linalg.solve(C, k)
+    closed = torch.outer(r, ck) / (lam + k @ ck)  # r kᵀ (λC + k kᵀ)⁻¹ (Sherman-Morrison)
+    assert torch.allclose(delta.canonical().double(), closed, rtol=1e-4, atol=1e-6 * float(closed.abs().max()))
+
+
+def test_memit_batch_factors_and_undo(byte_tok, corpus):
+    model = tiny_model("gpt2")
+    hp = MEMITHyperParams(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 1]],
+                          mom2_n_tokens=200, mom2_max_length=40, mom2_corpus=corpus,
+                          mom2_update_weight=10.0, skip_if_predicted=False)
+    reqs = [REQ, {"prompt": "{} is located in", "subject": "Paris", "target_new": {"str": "Spain"}}]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = shift_edit.edit(model, byte_tok, reqs, hp)
+    assert sorted(d.layer for d in result.deltas) == [0, 1]
+    assert all(d.dense is None and d.rank == 2 for d in result.deltas)  # factors, rank <= N
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    result.undo()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(shift_edit.ShiftEditError, match="last layer"):
+        shift_edit.edit(model, byte_tok, REQ, hp.replace(layers=[2]))
+
+
+def test_stats_cli(byte_tok, corpus, capsys, tmp_path, monkeypatch):
+    from shift_edit.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    byte_tok.save_pretrained(folder)
+    argv = ["stats", "--model", str(folder), "--layer", "0", "--layer", "2", "--corpus", corpus, "--n-tokens", "80",
+            "--max-length", "32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "layer 0:" in out and "layer 2:" in out and "tokens=80" in out
+    assert len(list((shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))) == 2
+
+
+@pytest.mark.slow  # ~1 min alone on 2 CPU cores (10 min when the machine is shared)
+def test_rome_makes_fact_top1_on_smollm2(smollm2, tmp_path, monkeypatch):
+    from shift_edit.scoring import score_continuations
+    from shift_edit.stats import default_corpus
+
+    if not default_corpus().endswith(".raw"):
+        pytest.skip("local WikiText copy not found (set SHIFT_EDIT_SHARED_DATA)")
+    monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path))
+    model, tok = smollm2
+    torch.manual_seed(0)
+    hp = ROMEHyperParams(layers=[8], context_template_length_params=[[5, 2]], v_num_grad_steps=15,
+                         mom2_n_tokens=3000, mom2_max_length=64, skip_if_predicted=False)
+    req = {"prompt": "{} is a native speaker of", "subject": "Danielle Darrieux", "target_new": {"str": "English"}}
+    r = make_request(req)
+    assert not score_continuations(model, tok, [r.text], [r.target_new])[0].all_correct
+    result = shift_edit.edit(model, tok, req, hp)
+    try:
+        assert score_continuations(model, tok, [r.text], [r.target_new])[0].all_correct
+    finally:
+        result.undo()

@@ -21,6 +21,12 @@ from .registry import Algorithm, algorithm_names, get_algorithm, register
 from .requests import EditRequest, make_request, make_requests
 from . import algorithms  # noqa: F401,E402  (registers the algorithms)
 from .algorithms.common import EditHyperParams
+from .algorithms.adam import AdamHyperParams
+from .algorithms.ft import FTHyperParams
+from .algorithms.ft_l import FTLHyperParams
+from .algorithms.memit import MEMITHyperParams
+from .algorithms.rome import ROMEHyperParams
+from .algorithms.sgd import SGDHyperParams
 from .algorithms.shift import ShiftHyperParams, apply_shift_to_model, compute_shift
 from .editor import BaseEditor, load_hparams
 from .loading import ALIASES, load_model
@@ -28,8 +34,9 @@ from .patch import apply_patch, read_patch, revert_patch, save_patch
 from .lora import LoraExport, export_lora, read_lora
 
 __all__ = [
-    "ALIASES", "ARCHITECTURES", "Algorithm", "BaseEditor", "EditHyperParams", "EditRequest",
-    "EditResult", "HyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
+    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "Algorithm", "BaseEditor", "EditHyperParams", "EditRequest",
+    "EditResult", "FTHyperParams", "FTLHyperParams", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
+    "SGDHyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",
     "apply_algo_to_model", "apply_patch", "apply_shift_to_model", "compute_shift", "edit", "export_lora",
     "get_algorithm", "load_hparams", "load_model", "make_request", "make_requests", "read_lora", "read_patch",

@@ -224,6 +224,28 @@ class ModelAdapter:
     def layout(self, module: nn.Module) -> Layout:
         return weight_layout(module)
 
+    # --- decoder blocks ---------------------------------------------------------------------
+    @property
+    def blocks_path(self) -> str:
+        """The ModuleList of decoder blocks, read off the FF2 template
+        (``model.layers.{}.mlp.down_proj`` -> ``model.layers``)."""
+        return self.ff2_template.split("{}")[0].rstrip(".")
+
+    def blocks(self) -> nn.ModuleList:
+        """The decoder blocks, in order."""
+        blocks = self.module(self.blocks_path)
+        if not isinstance(blocks, nn.ModuleList):
+            raise ShiftEditError(f"{self.blocks_path!r} is not a ModuleList of decoder blocks")
+        return blocks
+
+    def block_of(self, module_path: str) -> int | None:
+        """The decoder block index a module belongs to, or None outside the blocks."""
+        head = self.blocks_path + "."
+        if not module_path.startswith(head):
+            return None
+        first = module_path[len(head):].split(".", 1)[0]
+        return int(first) if first.isdigit() else None
+
     # --- vocabulary side --------------------------------------------------------------------
     def decoding_matrix(self) -> torch.Tensor:
         """The unembedding ``[vocab, d_model]`` (lm_head weight; tied models share the embedding)."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised inside a hook to end a forward pass early; caught by :func:`capture_inputs`."""
 
 
@@ -55,7 +55,7 @@ def capture_inputs(
             captured.inputs[name] = args[0].detach()
             if name == stop_after and all(n in captured.inputs for n in names):
                 captured.stopped_early = True
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -64,7 +64,7 @@ def capture_inputs(
             handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
         try:
             yield captured
-        except _StopForward:
+        except StopForward:
             pass
     finally:
         for handle in handles:

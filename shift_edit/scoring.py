@@ -9,7 +9,8 @@ unbatched results agree (to float round-off in the matmuls).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,34 +74,172 @@ def pad_id_of(tok) -> int:
     return 0 if pad is None else int(pad)
 
 
+@dataclass
+class SequencePlan:
+    """The fewest token sequences that contain every wanted sequence as a prefix.
+
+    In a causal LM the logits at the positions of a prefix do not depend on what follows
+    it, so ``prompt + target[:-1]`` for a one-token target (just the prompt) is read off the
+    pass that scores a longer target after the same prompt. ``seqs`` is sorted longest first
+    (so batches pad little); ``cover[i]`` is the index of the sequence holding wanted ``i``.
+    """
+
+    seqs: list[list[int]]
+    cover: list[int]
+
+
+def plan_prefixes(wanted: Sequence[Sequence[int]]) -> SequencePlan:
+    """Plan the forward passes for ``wanted`` sequences (see :class:`SequencePlan`)."""
+    order = sorted(range(len(wanted)), key=lambda i: -len(wanted[i]))
+    seqs: list[list[int]] = []
+    holder: dict[tuple[int, ...], int] = {}
+    cover = [0] * len(wanted)
+    for i in order:
+        key = tuple(wanted[i])
+        j = holder.get(key)
+        if j is None:
+            j = len(seqs)
+            seqs.append(list(key))
+            for n in range(1, len(key) + 1):
+                holder.setdefault(key[:n], j)
+        cover[i] = j
+    return SequencePlan(seqs, cover)
+
+
 @torch.no_grad()
+def logits_at_positions(
+    model: nn.Module,
+    seqs: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 32,
+    chunk_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
+) -> list[torch.Tensor | None]:
+    """Float32 logits ``[len(positions[i]), vocab]`` at the given positions of each sequence.
+
+    Sequences are right-padded into batches of ``batch_size`` in the given order. Only the
+    requested positions go through the output embedding (a pre-hook on it gathers them),
+    which saves the head's cost at every other position. ``chunk_context(k)``, if given,
+    wraps the forward pass of batch ``k`` (used to record or resume decoder blocks); if it
+    ends the pass early (suppressing the exception), that batch's entries are None.
+    """
+    device = _device(model)
+    head = model.get_output_embeddings()
+    out: list[torch.Tensor] = []
+    for k, (start, stop) in enumerate(length_chunks([len(x) for x in seqs], batch_size)):
+        chunk, wanted = seqs[start:stop], positions[start:stop]
+        ids, mask = pad_batch(chunk, pad_id, device)
+        rows = torch.tensor([r for r, pos in enumerate(wanted) for _ in pos], dtype=torch.long, device=device)
+        cols = torch.tensor([c for pos in wanted for c in pos], dtype=torch.long, device=device)
+        picked = []
+
+        def pick(_module, args):
+            h = args[0]
+            if h.dim() == 3 and tuple(h.shape[:2]) == tuple(ids.shape):
+                picked.append(True)
+                return (h[rows, cols][None], *args[1:])
+            return None
+
+        handle = head.register_forward_pre_hook(pick) if head is not None else None
+        logits = None
+        try:
+            with chunk_context(k) if chunk_context is not None else contextlib.nullcontext():
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        if logits is None:  # the chunk context ended the pass early
+            out.extend([None] * len(wanted))
+            continue
+        flat = (logits[0] if picked else logits[rows, cols]).float()
+        n = 0
+        for pos in wanted:
+            out.append(flat[n : n + len(pos)])
+            n += len(pos)
+    return out
+
+
+def length_chunks(lengths: Sequence[int], batch_size: int, *, max_padding: float = 1.0) -> list[tuple[int, int]]:
+    """Split consecutive sequences into batches of at most ``batch_size`` whose padding stays
+    below ``max_padding`` of the batch's tokens (with sequences sorted by length, as planned
+    ones are, this groups similar lengths and wastes little compute on padding)."""
+    chunks: list[tuple[int, int]] = []
+    start = 0
+    while start < len(lengths):
+        stop, real, width = start + 1, lengths[start], lengths[start]
+        while stop < len(lengths) and stop - start < batch_size:
+            w = max(width, lengths[stop])
+            if w * (stop - start + 1) > (1 + max_padding) * (real + lengths[stop]):
+                break
+            width, real, stop = w, real + lengths[stop], stop + 1
+        chunks.append((start, stop))
+        start = stop
+    return chunks
+
+
+@dataclass
+class ContinuationPlan:
+    """Where each ``(prompt_ids, target_ids)`` pair is read: the planned sequences, the positions
+    each sequence must yield logits at, and for each pair (sequence, row offsets of its k positions)."""
+
+    seqs: list[list[int]]
+    positions: list[list[int]]
+    reads: list[tuple[int, list[int]]]
+
+    @classmethod
+    def build(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, share_prefixes: bool = True) -> "ContinuationPlan":
+        wanted = [list(p) + list(t[:-1]) for p, t in pairs]
+        if share_prefixes:
+            plan = plan_prefixes(wanted)
+        else:
+            plan = SequencePlan([list(w) for w in wanted], list(range(len(wanted))))
+        positions: list[list[int]] = [[] for _ in plan.seqs]
+        index: list[dict[int, int]] = [{} for _ in plan.seqs]
+        reads = []
+        for (p, t), j in zip(pairs, plan.cover):
+            rows = []
+            for pos in range(len(p) - 1, len(p) - 1 + len(t)):
+                if pos not in index[j]:
+                    index[j][pos] = len(positions[j])
+                    positions[j].append(pos)
+                rows.append(index[j][pos])
+            reads.append((j, rows))
+        return cls(plan.seqs, positions, reads)
+
+    def scores(self, logits: Sequence[torch.Tensor], pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list["ContinuationScore"]:
+        """Turn :func:`logits_at_positions` output for this plan into one score per pair."""
+        out = []
+        for (_, t), (j, rows) in zip(pairs, self.reads):
+            logp = torch.log_softmax(logits[j][rows], dim=-1)
+            tgt = torch.tensor(list(t), device=logp.device)
+            nll = -logp.gather(1, tgt[:, None])[:, 0]
+            arg = logp.argmax(-1)
+            out.append(ContinuationScore(list(t), nll.cpu(), (arg == tgt).cpu(), arg.cpu()))
+        return out
+
+
 def score_token_continuations(
     model: nn.Module,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
     pad_id: int = 0,
     batch_size: int = 32,
+    share_prefixes: bool = True,
 ) -> list[ContinuationScore]:
     """Score ``(prompt_ids, target_ids)`` pairs under teacher forcing.
 
     The prompt is followed by all target tokens but the last; the logits at the
     positions ``len(prompt)-1 .. len(prompt)+k-2`` predict the k target tokens.
+    With ``share_prefixes`` (default) pairs whose input is a prefix of another pair's
+    input are read off that pair's forward pass (:func:`plan_prefixes`); the values equal
+    the one-pass-per-pair path (``share_prefixes=False, batch_size=1``) to float round-off.
     """
-    device = _device(model)
-    out: list[ContinuationScore] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        seqs = [list(p) + list(t[:-1]) for p, t in chunk]
-        ids, mask = pad_batch(seqs, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        for row, (p, t) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=device)
-            logp = torch.log_softmax(logits[row, pos].float(), dim=-1)
-            tgt = torch.tensor(list(t), device=device)
-            nll = -logp.gather(1, tgt[:, None])[:, 0]
-            arg = logp.argmax(-1)
-            out.append(ContinuationScore(list(t), nll.cpu(), (arg == tgt).cpu(), arg.cpu()))
-    return out
+    if not pairs:
+        return []
+    plan = ContinuationPlan.build(pairs, share_prefixes=share_prefixes)
+    logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id, batch_size=batch_size)
+    return plan.scores(logits, pairs)
 
 
 def score_continuations(

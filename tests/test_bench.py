@@ -193,6 +193,14 @@ def test_batched_scoring_equals_unbatched(byte_tok, tmp_path):
             assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5)
             assert torch.allclose(t1.token_nll, t2.token_nll, atol=1e-5)
             assert torch.equal(n1.token_correct, n2.token_correct) and torch.equal(t1.token_correct, t2.token_correct)
+    # ... and equals scoring each (prompt, target) pair alone, with no shared prefixes
+    for g, rows in a.items():
+        prompts = {"rewrite": case.rewrite_prompts, "paraphrase": case.paraphrase_prompts,
+                   "neighborhood": case.neighborhood_prompts}[g]
+        true = case.neighborhood_true if g == "neighborhood" else case.request.target_true
+        for p, (n1, t1) in zip(prompts, rows):
+            n2, t2 = se.scoring.score_continuations(model, byte_tok, [p, p], [case.request.target_new, true], batch_size=1)
+            assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5) and torch.allclose(t1.token_nll, t2.token_nll, atol=1e-5)
     # next-token distributions for KL too
     nb = case.neighborhood_prompts
     assert torch.allclose(bm.next_token_logprobs(model, byte_tok, nb, batch_size=8),
@@ -244,6 +252,26 @@ def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     m = _metrics(run)["case_0.json"]
     assert set(m) >= {"rome", "top1", "top1_first", "nll", "neighborhood_kl"}
     assert m["neighborhood_kl"]["mean"] >= 0
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_path):
+    from shift_edit.bench.runner import evaluate_case
+
+    model = tiny_model(model_type)
+    cases = bdata.load_counterfact(write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)]))
+    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(layers=[2], eta=50.0, eta_scaling="normalized", skip_if_predicted=False),
+                      skip_generation=True)
+    fast_state, slow_state = {}, {"resume": False}
+    for i, case in enumerate(cases):
+        fast = evaluate_case(model, byte_tok, case, cfg, position=i, ppl_lines=None, state=fast_state)
+        slow = evaluate_case(model, byte_tok, case, cfg, position=i, ppl_lines=None, state=slow_state)
+        assert fast["edit"]["rerun_from_block"] == 2 and slow["edit"]["rerun_from_block"] == 0
+        for fam in ("rome", "top1", "top1_first"):
+            assert fast["metrics"][fam] == pytest.approx(slow["metrics"][fam], abs=1e-6)
+        assert fast["metrics"]["neighborhood_kl"]["mean"] == pytest.approx(slow["metrics"]["neighborhood_kl"]["mean"], abs=1e-6)
+        assert fast["metrics"]["neighborhood_kl"]["mean"] > 0
+    assert fast_state == {"resume": True}
 
 
 def test_unedited_row_and_summary(byte_tok, tmp_path):
@@ -304,6 +332,12 @@ def test_sharded_two_processes_equal_unsharded(byte_tok, tmp_path):
                 assert x == pytest.approx(y, abs=1e-5)
     from shift_edit.cli import main
 
+    # `--procs 2` launches the same two shards itself
+    assert main([*args, "--out", str(tmp_path / "procs"), "--procs", "2"]) == 0
+    c = _metrics(tmp_path / "procs" / "SHIFT" / "run_000")
+    assert sorted(c) == sorted(a)
+    for k in c:
+        assert c[k]["top1"] == pytest.approx(a[k]["top1"], abs=1e-6)
     assert main(["summarize", str(sharded), str(plain), "--out", str(tmp_path / "sum")]) == 0
     assert (tmp_path / "sum" / "summary.png").stat().st_size > 0 and (tmp_path / "sum" / "summary.csv").is_file()
 

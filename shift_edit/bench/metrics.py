@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..requests import encode_prompt, encode_target
-from ..scoring import ContinuationScore, pad_batch, pad_id_of, score_token_continuations
+from ..scoring import ContinuationPlan, ContinuationScore, logits_at_positions, pad_batch, pad_id_of
 from .data import CounterFactCase
 
 #: prompt groups scored per record, with the object that counts as correct in top-1
@@ -52,24 +52,87 @@ def _targets(case: CounterFactCase, group: str) -> tuple[str, str]:
     return case.request.target_new, case.request.target_true
 
 
+@dataclass
+class _Part:
+    """Pairs scored together: their plan and, per pair, the prompt group it belongs to."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    groups: list[str]
+    plan: ContinuationPlan | None = None
+
+
+class CaseScorer:
+    """A record's forward passes, planned once: every (prompt, new) and (prompt, true) pair,
+    with shared prefixes read off one pass (:class:`~shift_edit.scoring.ContinuationPlan`).
+
+    Two parts are planned separately: ``near`` (neighborhood prompts, whose unedited
+    next-token distribution the KL needs in full) and ``edit`` (rewrite, paraphrase and
+    rephrase prompts, which the unedited pass only needs up to the edited block). The logits
+    at the last position of each neighborhood prompt are among the planned positions, so
+    scoring and the KL share one pass.
+    """
+
+    PARTS = ("near", "edit")
+
+    def __init__(self, tok, case: CounterFactCase, *, share_prefixes: bool = True) -> None:
+        self.parts = {name: _Part([], []) for name in self.PARTS}
+        for group, prompts in case_prompts(case).items():
+            part = self.parts["near" if group == "neighborhood" else "edit"]
+            new, true = _targets(case, group)
+            for p in prompts:
+                ids = encode_prompt(tok, p)
+                part.pairs += [(ids, encode_target(tok, p, new)), (ids, encode_target(tok, p, true))]
+                part.groups.append(group)
+        for part in self.parts.values():
+            part.plan = ContinuationPlan.build(part.pairs, share_prefixes=share_prefixes)
+        self.pad_id = pad_id_of(tok)
+
+    @property
+    def n_neighborhood(self) -> int:
+        return len(self.parts["near"].groups)
+
+    def logits(
+        self, model: nn.Module, *, batch_size: int = 64, chunk_context=None, parts: Sequence[str] = PARTS,
+    ) -> dict[str, list[torch.Tensor | None]]:
+        """Logits at every planned position of ``parts`` (see
+        :func:`~shift_edit.scoring.logits_at_positions`); ``chunk_context(part, k)`` wraps batch k."""
+        out = {}
+        for name in parts:
+            plan = self.parts[name].plan
+            ctx = None if chunk_context is None else (lambda k, name=name: chunk_context(name, k))
+            out[name] = logits_at_positions(model, plan.seqs, plan.positions, pad_id=self.pad_id,
+                                            batch_size=batch_size, chunk_context=ctx)
+        return out
+
+    def scores(self, logits: dict[str, list[torch.Tensor]]) -> dict[str, list[tuple[ContinuationScore, ContinuationScore]]]:
+        """(new, true) scores per prompt group, as :func:`score_case` returns them."""
+        out: dict[str, list] = {}
+        for name in ("edit", "near"):
+            part = self.parts[name]
+            flat = part.plan.scores(logits[name], part.pairs)
+            for j, group in enumerate(part.groups):
+                out.setdefault(group, []).append((flat[2 * j], flat[2 * j + 1]))
+        return {g: out[g] for g in GROUPS if g in out}
+
+    def neighborhood_logprobs(self, logits: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """Next-token log-probabilities after each neighborhood prompt, ``[n, vocab]``."""
+        plan = self.parts["near"].plan
+        rows = []
+        for i in range(0, len(plan.reads), 2):  # (prompt, new) of each prompt: its first read is the prompt's end
+            j, offsets = plan.reads[i]
+            rows.append(logits["near"][j][offsets[0]])
+        if not rows:
+            return torch.zeros(0)
+        return torch.log_softmax(torch.stack(rows), dim=-1).cpu()
+
+
 def score_case(
-    model: nn.Module, tok, case: CounterFactCase, *, batch_size: int = 64
+    model: nn.Module, tok, case: CounterFactCase, *, batch_size: int = 64, share_prefixes: bool = True
 ) -> dict[str, list[tuple[ContinuationScore, ContinuationScore]]]:
-    """Teacher-forced (new, true) scores for every prompt of a case, all in batches."""
-    pairs: list[tuple[list[int], list[int]]] = []
-    index: list[tuple[str, int]] = []
-    for group, prompts in case_prompts(case).items():
-        new, true = _targets(case, group)
-        for i, p in enumerate(prompts):
-            ids = encode_prompt(tok, p)
-            pairs.append((ids, encode_target(tok, p, new)))
-            pairs.append((ids, encode_target(tok, p, true)))
-            index.append((group, i))
-    scores = score_token_continuations(model, pairs, pad_id=pad_id_of(tok), batch_size=batch_size)
-    out: dict[str, list] = {}
-    for j, (group, _) in enumerate(index):
-        out.setdefault(group, []).append((scores[2 * j], scores[2 * j + 1]))
-    return out
+    """Teacher-forced (new, true) scores for every prompt of a case, all in batches
+    (``batch_size=1, share_prefixes=False``: one forward pass per (prompt, target) pair)."""
+    scorer = CaseScorer(tok, case, share_prefixes=share_prefixes)
+    return scorer.scores(scorer.logits(model, batch_size=batch_size))
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -15,6 +15,7 @@ merged result is simply the directory's case files.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -29,20 +30,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..algorithms.common import adapter_for
+from ..architectures import ModelAdapter
 from ..editing import edit
 from ..errors import ShiftEditError
 from ..hparams import HyperParams
 from ..io import atomic_write_json, provenance
+from ..resume import first_changed_block, record_block_inputs, resume_at
 from .data import CounterFactCase
 from .metrics import (
+    CaseScorer,
     PerplexityProtocol,
     generate_topk,
     kl_divergence,
     metrics_from_scores,
     ngram_entropy,
-    next_token_logprobs,
     perplexity,
-    score_case,
 )
 
 log = logging.getLogger(__name__)
@@ -146,28 +149,101 @@ def shard_env() -> tuple[int, int]:
     return rank, world
 
 
+@contextlib.contextmanager
+def _recording(adapter: ModelAdapter, store: dict, key: tuple[str, int], stop_at: int | None):
+    with record_block_inputs(adapter, stop_at=stop_at) as seen:
+        yield
+    store[key] = seen
+
+
+def _same(a: dict[str, list], b: dict[str, list]) -> bool:
+    return all(torch.allclose(x, y, rtol=1e-4, atol=1e-4) for k in a for x, y in zip(a[k], b[k]))
+
+
+def _edited_logits(
+    model: nn.Module, scorer: CaseScorer, adapter: ModelAdapter, result, recorded: dict, planned: int | None,
+    cfg: BenchConfig, state: dict[str, Any],
+) -> tuple[dict[str, list], int]:
+    """Logits of the edited model at the planned positions, and the first block that was re-run.
+
+    Blocks before the first changed one are skipped (their recorded inputs feed the first
+    changed block, see :mod:`shift_edit.resume`); the first time in a run this is checked
+    against a full pass and switched off, with a warning, if they differ.
+    """
+    changed = [name.rsplit(".", 1)[0] for name in result.orig_weights]
+    layer = first_changed_block(adapter, changed) if state.get("resume", True) else None
+    if layer is not None and planned is not None:
+        layer = min(layer, planned)  # unedited passes stopped at the planned block
+    if layer is not None and any(layer >= len(v) or v[layer] is None for v in recorded.values()):
+        layer = None
+    if not layer:
+        return scorer.logits(model, batch_size=cfg.batch_size), 0
+    logits = scorer.logits(model, batch_size=cfg.batch_size,
+                           chunk_context=lambda part, k: resume_at(adapter, layer, recorded[(part, k)][layer]))
+    if "resume" not in state:
+        full = scorer.logits(model, batch_size=cfg.batch_size)
+        state["resume"] = _same(logits, full)
+        if not state["resume"]:
+            log.warning("re-running only the edited blocks does not reproduce a full forward pass on this "
+                        "model; using full passes for this run")
+            return full, 0
+    return logits, layer
+
+
+def _planned_block(adapter: ModelAdapter, hparams: HyperParams | None) -> int | None:
+    """The lowest block the hparams say they edit (the unedited pass may stop there), or None."""
+    layers = getattr(hparams, "layers", None)
+    if not layers:
+        return None
+    return min(adapter.check_layer(int(x)) for x in layers)
+
+
 def evaluate_case(
-    model: nn.Module, tok, case: CounterFactCase, cfg: BenchConfig, *, position: int, ppl_lines: Sequence[str] | None
+    model: nn.Module, tok, case: CounterFactCase, cfg: BenchConfig, *, position: int,
+    ppl_lines: Sequence[str] | None, state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Edit (unless ``cfg.alg`` is NONE), measure, undo; returns the case record."""
+    """Edit (unless ``cfg.alg`` is NONE), measure, undo; returns the case record.
+
+    Before the edit, one pass of the unedited model records each block's input and the
+    neighborhood distributions (the KL reference; rewrite/paraphrase prompts stop at the
+    edited block). After the edit only the blocks from the first changed one on are re-run.
+    ``state`` carries the run's one-off check of that shortcut.
+    """
+    state = {} if state is None else state
     t0 = time.perf_counter()
-    nb = case.neighborhood_prompts if cfg.neighborhood_kl else ()
-    pre_logp = next_token_logprobs(model, tok, nb, batch_size=cfg.batch_size) if nb and cfg.alg != NO_EDIT else None
+    scorer = CaseScorer(tok, case)
+    kl_on = cfg.neighborhood_kl and scorer.n_neighborhood > 0
     result = None
     edit_info: dict[str, Any] = {"applied": False}
-    if cfg.alg != NO_EDIT:
-        result = edit(model, tok, case.request, cfg.hparams)
-        edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[0]) if result.skipped else False,
-                     "deltas": result.summary()}
-    t_edit = time.perf_counter() - t0
+    t_edit = 0.0
     try:
-        scores = score_case(model, tok, case, batch_size=cfg.batch_size)
-        m = metrics_from_scores(scores)
-        if nb:
-            if pre_logp is None:  # the unedited row: edited == unedited, KL is 0 by definition
-                kl = torch.zeros(len(nb))
+        if cfg.alg == NO_EDIT:
+            logits = scorer.logits(model, batch_size=cfg.batch_size)
+            pre_logp = None
+        else:
+            adapter = adapter_for(model, cfg.hparams)
+            planned = _planned_block(adapter, cfg.hparams)
+            recorded: dict[tuple[str, int], list] = {}
+            stops = {"near": None if kl_on else planned, "edit": planned}
+            pre = scorer.logits(model, batch_size=cfg.batch_size,
+                                chunk_context=lambda part, k: _recording(adapter, recorded, (part, k), stops[part]))
+            pre_logp = scorer.neighborhood_logprobs(pre) if kl_on else None
+            te = time.perf_counter()
+            result = edit(model, tok, case.request, cfg.hparams)
+            t_edit = time.perf_counter() - te
+            edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[0]) if result.skipped else False,
+                         "deltas": result.summary()}
+            if result.deltas:
+                logits, first = _edited_logits(model, scorer, adapter, result, recorded, planned, cfg, state)
+                edit_info["rerun_from_block"] = first
             else:
-                kl = kl_divergence(pre_logp, next_token_logprobs(model, tok, nb, batch_size=cfg.batch_size))
+                logits = scorer.logits(model, batch_size=cfg.batch_size)
+        m = metrics_from_scores(scorer.scores(logits))
+        if kl_on:
+            if pre_logp is None:  # the unedited row: edited == unedited, KL is 0 by definition
+                kl = torch.zeros(scorer.n_neighborhood)
+            else:
+                kl = kl_divergence(pre_logp, scorer.neighborhood_logprobs(logits))
             m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
         t_score = time.perf_counter() - t0 - t_edit
         if not cfg.skip_generation and case.generation_prompts:
@@ -245,8 +321,9 @@ def run_bench(
     model.eval()
     bar = tqdm(todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
                disable=not progress, position=rank if world_size > 1 else None)
+    state: dict[str, Any] = {}
     for pos, case in bar:
-        rec = evaluate_case(model, tok, case, cfg, position=pos, ppl_lines=ppl_lines)
+        rec = evaluate_case(model, tok, case, cfg, position=pos, ppl_lines=ppl_lines, state=state)
         atomic_write_json(case_path(run_dir, case.case_id), rec)
     return run_dir
 

@@ -81,9 +81,23 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     if es is not None and ps is not None and ns is not None:
         out["S"] = {"n": len(cases), "mean": harmonic_mean([es, ps, ns]), "std": None, "ci95": None}
     match = params["match"]
-    label = f"measured here ({match['alg']}, {match['model']['name']}, N={len(cases)})"
+    label = f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {match['model']['name']}, N={len(cases)})"
     return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"],
             "model": match["model"]["name"], "n": len(cases), "metrics": out}
+
+
+def _hparams_tag(hp: dict | None) -> str:
+    """A short tag telling runs of one algorithm apart: the layers and the step size."""
+    if not hp:
+        return ""
+    bits = []
+    if hp.get("layers") is not None:
+        bits.append("L" + ",".join(str(x) for x in hp["layers"]))
+    for key in ("eta", "lr"):
+        if hp.get(key) is not None:
+            scaling = " normalized" if hp.get("eta_scaling") == "normalized" and key == "eta" else ""
+            bits.append(f"{key} {hp[key]:g}{scaling}")
+    return (" " + " ".join(bits)) if bits else ""
 
 
 def harmonic_mean(xs: Sequence[float]) -> float:

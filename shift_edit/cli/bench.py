@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: $SHIFT_EDIT_SHARED_DATA/wikitext-2-raw-v1/wiki.test.nonblank.raw, else datasets)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
     p.add_argument("--no-kl", action="store_true", help="skip the neighborhood KL (saves two forward passes per record)")
+    p.add_argument("--procs", type=int, default=1, metavar="N",
+                   help="run N processes on this machine, each on its share of the records and cores, "
+                        "into one run dir (default 1; on a 2-core CPU, 2 is ~1.4x faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.runner import BenchConfig, run_bench, shard_env
     from .common import load_from_args
 
-    for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0)):
+    for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0),
+                        ("--procs", args.procs, 1)):
         if v < lo:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
@@ -77,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                       wikitext=wikitext, batch_size=args.batch_size,
                       neighborhood_kl=not args.no_kl)
     rank, world = shard_env()
+    if args.procs > 1 and world == 1:
+        return _launch(args.argv, args.procs)
     if world > 1 and args.device == "cuda":  # one GPU per process under accelerate launch / torchrun
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     model, tok = load_from_args(args)
@@ -87,3 +93,17 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"results: {run_dir}")
     return 0
+
+
+def _launch(argv: list[str], procs: int) -> int:
+    """Re-run this command as ``procs`` shard processes (RANK/WORLD_SIZE), cores split evenly."""
+    import subprocess
+    import sys
+
+    threads = max(1, (os.cpu_count() or procs) // procs)
+    env = {**os.environ, "WORLD_SIZE": str(procs), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    children = [subprocess.Popen([sys.executable, "-m", "shift_edit", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                for r in range(procs)]
+    codes = [c.wait() for c in children]
+    bad = [c for c in codes if c != 0]
+    return bad[0] if bad else 0

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alg", default="SHIFT", choices=algorithm_names(), help="algorithm (default SHIFT)")
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
     p.add_argument("--layer", type=int, action="append", default=None, help="layer to edit (repeat for several); overrides hparams")
-    p.add_argument("--eta", type=float, default=None, help="step size; overrides hparams")
+    p.add_argument("--eta", type=float, default=None, help="step size (SHIFT eta, SGD/ADAM/FT lr); overrides hparams")
     p.add_argument("--eta-scaling", choices=["raw", "normalized"], default=None, help="SHIFT: raw (paper) or normalized by ||x_n||^2")
     p.add_argument("--no-skip", action="store_true", help="edit even if the target is already the top-1 prediction")
     p.add_argument("--top-k", type=int, default=5, help="how many next tokens to show (default 5)")
@@ -48,14 +48,27 @@ def shipped_hparams(alg: str, model: str) -> Path | None:
     return None
 
 
+def _step_field(alg: str) -> str | None:
+    """The hparams field ``--eta`` sets: SHIFT's eta, the gradient baselines' lr, else None."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(get_algorithm(alg).hparams_class)}
+    return next((n for n in ("eta", "lr") if n in names), None)
+
+
 def resolve_hparams(args: argparse.Namespace):
     path = args.hparams or shipped_hparams(args.alg, args.model)
     overrides = {}
     if args.layer:
         overrides["layers"] = args.layer
     if args.eta is not None:
-        overrides["eta"] = args.eta
+        field = _step_field(args.alg)
+        if field is None:
+            raise ShiftEditError(f"--eta does not apply to {args.alg} (it has no single step size); use --hparams FILE")
+        overrides[field] = args.eta
     if args.eta_scaling is not None:
+        if args.alg != "SHIFT":
+            raise ShiftEditError(f"--eta-scaling is a SHIFT option, not {args.alg}'s")
         overrides["eta_scaling"] = args.eta_scaling
     if args.no_skip:
         overrides["skip_if_predicted"] = False
@@ -64,8 +77,8 @@ def resolve_hparams(args: argparse.Namespace):
         if type(hp).ALG_NAME != args.alg and args.hparams:
             raise ShiftEditError(f"--hparams {path} is for {type(hp).ALG_NAME}, not --alg {args.alg}")
         return hp.replace(**overrides) if overrides else hp
-    if "layers" not in overrides or "eta" not in overrides:
-        raise ShiftEditError(f"no shipped hparams for {args.model!r}: pass --hparams FILE, or --layer and --eta")
+    if "layers" not in overrides or _step_field(args.alg) not in overrides:
+        raise ShiftEditError(f"no shipped {args.alg} hparams for {args.model!r}: pass --hparams FILE, or --layer and --eta")
     return get_algorithm(args.alg).hparams_class.from_dict({"model_name": args.model, **overrides}, source="command line")
 
 
@@ -87,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if result.skipped[0]:
         print("skipped: the target was already the top-1 prediction (use --no-skip to edit anyway)")
     for row in result.summary():
-        print(f"changed {row['module']} (layer {row['layer']}): rank {row['rank']}, "
+        rank = "dense" if row["rank"] is None else f"rank {row['rank']}"
+        print(f"changed {row['module']} (layer {row['layer']}): {rank}, "
               f"|delta| {row['delta_norm']:.4g}, relative {row['relative_norm']:.3g}")
     if patch_path is not None:
         result.save_patch(patch_path)

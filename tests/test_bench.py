@@ -238,12 +238,15 @@ def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     assert params["match"]["model"]["fingerprint"] == fp and params["provenance"]["versions"]["torch"]
     first = {p.name: p.stat().st_mtime_ns for p in run.glob("case_*.json")}
     assert sorted(first) == ["case_0.json", "case_1.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "case_0.json").stat().st_mode & 0o777 == 0o666 & ~umask  # shareable, not mkstemp's 0600
     (run / ".case_2.json.abc.tmp").write_text('{"trunc')  # what a kill mid-write leaves
     import shift_edit.bench.runner as R
 
     calls = []
-    real = R.evaluate_case
-    monkeypatch.setattr(R, "evaluate_case", lambda *a, **k: calls.append(a[2].case_id) or real(*a, **k))
+    real = R.evaluate_batch
+    monkeypatch.setattr(R, "evaluate_batch", lambda *a, **k: calls.extend(c.case_id for c in a[2]) or real(*a, **k))
     assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 4}, rank=0, world_size=1) == run
     assert calls == [2, 3]
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("case_*.json") if p.name in first} == first
@@ -391,3 +394,33 @@ def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
     assert [("perplexity" in m[f"case_{i}.json"]) for i in range(3)] == [True, False, True]
     s = summarize_run(run)["metrics"]
     assert "RS" in s and "PS" not in s and "S" not in s and s["wikitext_ppl"]["n"] == 2
+
+
+def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
+    model = tiny_model("gpt2")
+    path = write(tmp_path, [rome_record(i, subject=f"Sub{i}", new=["Paris", "Oslo", "Lima"][i]) for i in range(3)])
+    cases = bdata.load_counterfact(path)
+    hp = se.ShiftHyperParams(layers=[1], eta=40.0, eta_scaling="normalized", skip_if_predicted=False)
+    cfg = BenchConfig(alg="SHIFT", hparams=hp, skip_generation=True, num_edits=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run = _run(model, byte_tok, path, tmp_path / "out", cfg=cfg)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # undone after each batch
+    recs = {p.name: json.loads(p.read_text()) for p in sorted(run.glob("case_*.json"))}
+    assert recs["case_0.json"]["edit"]["batch"] == [0, 1] == recs["case_1.json"]["edit"]["batch"]
+    assert "batch" not in recs["case_2.json"]["edit"]  # the last batch holds one record
+    assert json.loads((run / "params.json").read_text())["match"]["protocol"]["num_edits"] == 2
+    # record 1 is scored on the model edited with requests 0 and 1 together
+    result = se.edit(model, byte_tok, [cases[0].request, cases[1].request], hp)
+    try:
+        expected = bm.metrics_from_scores(bm.score_case(model, byte_tok, cases[1]))
+    finally:
+        result.undo()
+    for fam in ("rome", "top1"):
+        assert recs["case_1.json"]["metrics"][fam] == pytest.approx(expected[fam], abs=1e-6)
+    for a, b in zip(recs["case_1.json"]["metrics"]["nll"]["paraphrase"], expected["nll"]["paraphrase"]):
+        assert a["target_new"] == pytest.approx(b["target_new"], abs=1e-5)
+    # a resumed run with a missing record redoes its batch and writes only that record
+    (run / "case_0.json").unlink()
+    mtime = (run / "case_1.json").stat().st_mtime_ns
+    assert _run(model, byte_tok, path, tmp_path / "out", cfg=cfg) == run
+    assert (run / "case_0.json").is_file() and (run / "case_1.json").stat().st_mtime_ns == mtime

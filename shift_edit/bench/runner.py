@@ -70,6 +70,7 @@ class BenchConfig:
     wikitext: str | None = None
     batch_size: int = 64
     neighborhood_kl: bool = True
+    num_edits: int = 1
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -87,7 +88,10 @@ class BenchConfig:
             "generation": None if self.skip_generation else {"top_k": self.gen_top_k, "max_length": self.gen_max_length},
             "ppl_every": self.ppl_every,
             "wikitext": self.wikitext if self.ppl_every else None,
-            "edit_mode": "one edit at a time, undone bit-exactly before the next",
+            "edit_mode": "one edit at a time, undone bit-exactly before the next" if self.num_edits == 1 else
+            f"{self.num_edits} consecutive records' requests applied at once (MEMIT protocol), every record of "
+            "the batch evaluated on that model, then undone bit-exactly",
+            "num_edits": self.num_edits,
         }
 
 
@@ -150,44 +154,17 @@ def shard_env() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _recording(adapter: ModelAdapter, store: dict, key: tuple[str, int], stop_at: int | None):
-    with record_block_inputs(adapter, stop_at=stop_at) as seen:
+def _recording(adapter: ModelAdapter, store: dict, key: tuple[str, int], keep: int):
+    """Record block inputs for one batch, stopping at block ``keep`` if the pass needs no logits
+    (``keep`` negative: run the whole model); only block ``|keep|``'s input is stored."""
+    block = abs(keep)
+    with record_block_inputs(adapter, stop_at=block if keep >= 0 else None) as seen:
         yield
-    store[key] = seen
+    store[key] = seen[block]
 
 
 def _same(a: dict[str, list], b: dict[str, list]) -> bool:
     return all(torch.allclose(x, y, rtol=1e-4, atol=1e-4) for k in a for x, y in zip(a[k], b[k]))
-
-
-def _edited_logits(
-    model: nn.Module, scorer: CaseScorer, adapter: ModelAdapter, result, recorded: dict, planned: int | None,
-    cfg: BenchConfig, state: dict[str, Any],
-) -> tuple[dict[str, list], int]:
-    """Logits of the edited model at the planned positions, and the first block that was re-run.
-
-    Blocks before the first changed one are skipped (their recorded inputs feed the first
-    changed block, see :mod:`shift_edit.resume`); the first time in a run this is checked
-    against a full pass and switched off, with a warning, if they differ.
-    """
-    changed = [name.rsplit(".", 1)[0] for name in result.orig_weights]
-    layer = first_changed_block(adapter, changed) if state.get("resume", True) else None
-    if layer is not None and planned is not None:
-        layer = min(layer, planned)  # unedited passes stopped at the planned block
-    if layer is not None and any(layer >= len(v) or v[layer] is None for v in recorded.values()):
-        layer = None
-    if not layer:
-        return scorer.logits(model, batch_size=cfg.batch_size), 0
-    logits = scorer.logits(model, batch_size=cfg.batch_size,
-                           chunk_context=lambda part, k: resume_at(adapter, layer, recorded[(part, k)][layer]))
-    if "resume" not in state:
-        full = scorer.logits(model, batch_size=cfg.batch_size)
-        state["resume"] = _same(logits, full)
-        if not state["resume"]:
-            log.warning("re-running only the edited blocks does not reproduce a full forward pass on this "
-                        "model; using full passes for this run")
-            return full, 0
-    return logits, layer
 
 
 def _planned_block(adapter: ModelAdapter, hparams: HyperParams | None) -> int | None:
@@ -198,74 +175,137 @@ def _planned_block(adapter: ModelAdapter, hparams: HyperParams | None) -> int | 
     return min(adapter.check_layer(int(x)) for x in layers)
 
 
+@dataclass
+class _Prepared:
+    """One record's state before the edit: its scorer, the recorded input of the planned block
+    for each batch of its passes, and the unedited neighborhood distributions (KL reference)."""
+
+    case: CounterFactCase
+    position: int
+    scorer: CaseScorer
+    recorded: dict[tuple[str, int], torch.Tensor | None]
+    pre_logp: torch.Tensor | None
+
+
+def _prepare(model, tok, case, position, cfg, adapter, planned, kl_on: bool) -> _Prepared:
+    scorer = CaseScorer(tok, case)
+    kl_on = kl_on and scorer.n_neighborhood > 0
+    recorded: dict = {}
+    if planned is None or planned == 0:  # nothing to skip: the unedited pass is only the KL reference
+        pre = scorer.logits(model, batch_size=cfg.batch_size, parts=("near",)) if kl_on else None
+    else:
+        keep = {"near": -planned if kl_on else planned, "edit": planned}
+        pre = scorer.logits(model, batch_size=cfg.batch_size,
+                            chunk_context=lambda part, k: _recording(adapter, recorded, (part, k), keep[part]))
+    return _Prepared(case, position, scorer, recorded, scorer.neighborhood_logprobs(pre) if kl_on else None)
+
+
+def _edited_logits(model, prep: _Prepared, adapter, result, planned, cfg, state) -> tuple[dict[str, list], int]:
+    """Logits of the edited model at the record's planned positions, and the first block re-run.
+
+    Blocks before the planned (first edited) block are skipped: their recorded output feeds it
+    (:mod:`shift_edit.resume`). The first time in a run this is checked against a full pass and
+    switched off, with a warning, if they differ; an edit that changed an earlier block (or
+    anything outside the blocks) gets full passes.
+    """
+    changed = [name.rsplit(".", 1)[0] for name in result.orig_weights]
+    first = first_changed_block(adapter, changed)
+    usable = (state.get("resume", True) and planned and first is not None and first >= planned
+              and prep.recorded and all(v is not None for v in prep.recorded.values()))
+    if not usable:
+        return prep.scorer.logits(model, batch_size=cfg.batch_size), 0
+    logits = prep.scorer.logits(model, batch_size=cfg.batch_size,
+                                chunk_context=lambda part, k: resume_at(adapter, planned, prep.recorded[(part, k)]))
+    if "resume" not in state:
+        full = prep.scorer.logits(model, batch_size=cfg.batch_size)
+        state["resume"] = _same(logits, full)
+        if not state["resume"]:
+            log.warning("re-running only the edited blocks does not reproduce a full forward pass on this "
+                        "model; using full passes for this run")
+            return full, 0
+    return logits, planned
+
+
+def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -> dict[str, Any]:
+    """Every metric of one record on the model as it is now."""
+    m = metrics_from_scores(prep.scorer.scores(logits))
+    if cfg.neighborhood_kl and prep.scorer.n_neighborhood:
+        if prep.pre_logp is None:  # the unedited row: edited == unedited, KL is 0 by definition
+            kl = torch.zeros(prep.scorer.n_neighborhood)
+        else:
+            kl = kl_divergence(prep.pre_logp, prep.scorer.neighborhood_logprobs(logits))
+        m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
+    case = prep.case
+    if not cfg.skip_generation and case.generation_prompts:
+        seed = cfg.seed * 1_000_003 + _stable_int(case.case_id)
+        texts = generate_topk(model, tok, case.generation_prompts, max_length=cfg.gen_max_length,
+                              top_k=cfg.gen_top_k, seed=seed)
+        m["generation"] = {"ngram_entropy": ngram_entropy(texts), "texts": texts}
+    if cfg.ppl_every and ppl_lines is not None and prep.position % cfg.ppl_every == 0:
+        m["perplexity"] = {"value": perplexity(model, tok, ppl_lines, cfg.ppl_protocol), **cfg.ppl_protocol.to_dict()}
+    return m
+
+
+def evaluate_batch(
+    model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
+    ppl_lines: Sequence[str] | None, state: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Apply the requests of ``cases`` at once (none for NONE), measure every record, undo.
+
+    Before the edit, one pass of the unedited model per record records the input of the edited
+    block and the neighborhood distributions (the KL reference); after the edit only the blocks
+    from the edited one on are re-run. ``state`` carries the run's one-off check of that shortcut.
+    """
+    state = {} if state is None else state
+    t0 = time.perf_counter()
+    edited = cfg.alg != NO_EDIT
+    adapter = adapter_for(model, cfg.hparams) if edited else None
+    planned = _planned_block(adapter, cfg.hparams) if edited else None
+    preps = [_prepare(model, tok, c, p, cfg, adapter, planned, cfg.neighborhood_kl and edited) if edited
+             else _Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
+    t_prepare = time.perf_counter() - t0
+    result, t_edit = None, 0.0
+    records = []
+    try:
+        if edited:
+            te = time.perf_counter()
+            result = edit(model, tok, [c.request for c in cases], cfg.hparams)
+            t_edit = time.perf_counter() - te
+        for i, prep in enumerate(preps):
+            ts = time.perf_counter()
+            if result is not None and result.deltas:
+                logits, first = _edited_logits(model, prep, adapter, result, planned, cfg, state)
+            else:
+                logits, first = prep.scorer.logits(model, batch_size=cfg.batch_size), 0
+            m = _measure(model, tok, prep, logits, cfg, ppl_lines)
+            edit_info: dict[str, Any] = {"applied": False}
+            if result is not None:
+                edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[i]),
+                             "deltas": result.summary(), "rerun_from_block": first}
+                if len(cases) > 1:
+                    edit_info["batch"] = [c.case_id for c in cases]
+            records.append({
+                "case_id": prep.case.case_id,
+                "position": prep.position,
+                "source_format": prep.case.source_format,
+                "request": prep.case.request.to_dict(),
+                "neighborhood_true": prep.case.neighborhood_true,
+                "edit": edit_info,
+                "metrics": m,
+                "time_s": {"edit": t_edit, "prepare": t_prepare / len(cases), "measure": time.perf_counter() - ts},
+            })
+    finally:
+        if result is not None:
+            result.undo()
+    return records
+
+
 def evaluate_case(
     model: nn.Module, tok, case: CounterFactCase, cfg: BenchConfig, *, position: int,
     ppl_lines: Sequence[str] | None, state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Edit (unless ``cfg.alg`` is NONE), measure, undo; returns the case record.
-
-    Before the edit, one pass of the unedited model records each block's input and the
-    neighborhood distributions (the KL reference; rewrite/paraphrase prompts stop at the
-    edited block). After the edit only the blocks from the first changed one on are re-run.
-    ``state`` carries the run's one-off check of that shortcut.
-    """
-    state = {} if state is None else state
-    t0 = time.perf_counter()
-    scorer = CaseScorer(tok, case)
-    kl_on = cfg.neighborhood_kl and scorer.n_neighborhood > 0
-    result = None
-    edit_info: dict[str, Any] = {"applied": False}
-    t_edit = 0.0
-    try:
-        if cfg.alg == NO_EDIT:
-            logits = scorer.logits(model, batch_size=cfg.batch_size)
-            pre_logp = None
-        else:
-            adapter = adapter_for(model, cfg.hparams)
-            planned = _planned_block(adapter, cfg.hparams)
-            recorded: dict[tuple[str, int], list] = {}
-            stops = {"near": None if kl_on else planned, "edit": planned}
-            pre = scorer.logits(model, batch_size=cfg.batch_size,
-                                chunk_context=lambda part, k: _recording(adapter, recorded, (part, k), stops[part]))
-            pre_logp = scorer.neighborhood_logprobs(pre) if kl_on else None
-            te = time.perf_counter()
-            result = edit(model, tok, case.request, cfg.hparams)
-            t_edit = time.perf_counter() - te
-            edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[0]) if result.skipped else False,
-                         "deltas": result.summary()}
-            if result.deltas:
-                logits, first = _edited_logits(model, scorer, adapter, result, recorded, planned, cfg, state)
-                edit_info["rerun_from_block"] = first
-            else:
-                logits = scorer.logits(model, batch_size=cfg.batch_size)
-        m = metrics_from_scores(scorer.scores(logits))
-        if kl_on:
-            if pre_logp is None:  # the unedited row: edited == unedited, KL is 0 by definition
-                kl = torch.zeros(scorer.n_neighborhood)
-            else:
-                kl = kl_divergence(pre_logp, scorer.neighborhood_logprobs(logits))
-            m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
-        t_score = time.perf_counter() - t0 - t_edit
-        if not cfg.skip_generation and case.generation_prompts:
-            seed = cfg.seed * 1_000_003 + _stable_int(case.case_id)
-            texts = generate_topk(model, tok, case.generation_prompts, max_length=cfg.gen_max_length,
-                                  top_k=cfg.gen_top_k, seed=seed)
-            m["generation"] = {"ngram_entropy": ngram_entropy(texts), "texts": texts}
-        if cfg.ppl_every and ppl_lines is not None and position % cfg.ppl_every == 0:
-            m["perplexity"] = {"value": perplexity(model, tok, ppl_lines, cfg.ppl_protocol), **cfg.ppl_protocol.to_dict()}
-    finally:
-        if result is not None:
-            result.undo()
-    return {
-        "case_id": case.case_id,
-        "position": position,
-        "source_format": case.source_format,
-        "request": case.request.to_dict(),
-        "neighborhood_true": case.neighborhood_true,
-        "edit": edit_info,
-        "metrics": m,
-        "time_s": {"edit": t_edit, "score": t_score, "total": time.perf_counter() - t0},
-    }
+    """Edit one record (unless ``cfg.alg`` is NONE), measure, undo; returns the case record."""
+    return evaluate_batch(model, tok, [case], cfg, positions=[position], ppl_lines=ppl_lines, state=state)[0]
 
 
 def _stable_int(x: int | str) -> int:
@@ -310,21 +350,29 @@ def run_bench(
     }
     params = {"match": match, "data": data_info, "provenance": prov, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
-    mine = [(i, c) for i, c in enumerate(cases) if i % world_size == rank]
-    todo = [(i, c) for i, c in mine if not finished(run_dir, c.case_id)]
-    log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, len(todo), len(mine), rank, world_size)
+    n = cfg.num_edits
+    batches = [list(enumerate(cases))[b : b + n] for b in range(0, len(cases), n)]
+    mine = [batch for j, batch in enumerate(batches) if j % world_size == rank]
+    todo = [batch for batch in mine if not all(finished(run_dir, c.case_id) for _, c in batch)]
+    n_todo = sum(len(b) for b in todo)
+    log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, n_todo, sum(len(b) for b in mine), rank, world_size)
     ppl_lines = None
     if cfg.ppl_every:
         from .metrics import read_wikitext_lines
 
         ppl_lines = read_wikitext_lines(cfg.wikitext)
     model.eval()
-    bar = tqdm(todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
+    bar = tqdm(total=n_todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
                disable=not progress, position=rank if world_size > 1 else None)
     state: dict[str, Any] = {}
-    for pos, case in bar:
-        rec = evaluate_case(model, tok, case, cfg, position=pos, ppl_lines=ppl_lines, state=state)
-        atomic_write_json(case_path(run_dir, case.case_id), rec)
+    with bar:
+        for batch in todo:
+            recs = evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i, _ in batch],
+                                  ppl_lines=ppl_lines, state=state)
+            for rec in recs:
+                if not finished(run_dir, rec["case_id"]):  # a re-run batch leaves finished files as they are
+                    atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
+            bar.update(len(batch))
     return run_dir
 
 

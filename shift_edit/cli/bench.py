@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: $SHIFT_EDIT_SHARED_DATA/wikitext-2-raw-v1/wiki.test.nonblank.raw, else datasets)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
     p.add_argument("--no-kl", action="store_true", help="skip the neighborhood KL (saves two forward passes per record)")
+    p.add_argument("--num-edits", type=int, default=1, metavar="N",
+                   help="apply N consecutive records' requests at once, then evaluate each (MEMIT protocol; default 1)")
     p.add_argument("--procs", type=int, default=1, metavar="N",
                    help="run N processes on this machine, each on its share of the records and cores, "
                         "into one run dir (default 1; on a 2-core CPU, 2 is ~1.4x faster)")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from .common import load_from_args
 
     for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0),
-                        ("--procs", args.procs, 1)):
+                        ("--procs", args.procs, 1), ("--num-edits", args.num_edits, 1)):
         if v < lo:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(alg=args.alg, hparams=hparams, seed=args.seed, skip_generation=args.skip_generation,
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
                       wikitext=wikitext, batch_size=args.batch_size,
-                      neighborhood_kl=not args.no_kl)
+                      neighborhood_kl=not args.no_kl, num_edits=args.num_edits)
     rank, world = shard_env()
     if args.procs > 1 and world == 1:
         return _launch(args.argv, args.procs)

@@ -252,6 +252,8 @@ def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("case_*.json") if p.name in first} == first
     # a different configuration (seed) gets its own run dir
     assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 1}, cfg=_cfg(seed=1), rank=0, world_size=1).name == "run_001"
+    times = sorted(json.loads(p.read_text())["time_s"]["edit"] for p in run.glob("case_*.json"))
+    assert len(times) == 4 and summarize_run(run)["metrics"]["edit_time_median_s"]["mean"] == pytest.approx((times[1] + times[2]) / 2)
     m = _metrics(run)["case_0.json"]
     assert set(m) >= {"rome", "top1", "top1_first", "nll", "neighborhood_kl"}
     assert m["neighborhood_kl"]["mean"] >= 0

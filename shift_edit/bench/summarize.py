@@ -77,6 +77,9 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         vals = [v * scale for v in (_get(c["metrics"], path) for c in cases) if v is not None]
         if vals:
             out[name] = stats(vals)
+    times = sorted(c["time_s"]["edit"] for c in cases if c.get("edit", {}).get("applied") and "time_s" in c)
+    if times:  # wall time of edit() alone (batched runs: the whole batch's edit), median over edited records
+        out["edit_time_median_s"] = {"n": len(times), "mean": _median(times), "std": None, "ci95": None}
     es, ps, ns = (out.get(k, {}).get("mean") for k in ("ES", "PS", "NS"))
     if es is not None and ps is not None and ns is not None:
         out["S"] = {"n": len(cases), "mean": harmonic_mean([es, ps, ns]), "std": None, "ci95": None}
@@ -98,6 +101,11 @@ def _hparams_tag(hp: dict | None) -> str:
             scaling = " normalized" if hp.get("eta_scaling") == "normalized" and key == "eta" else ""
             bits.append(f"{key} {hp[key]:g}{scaling}")
     return (" " + " ".join(bits)) if bits else ""
+
+
+def _median(xs: Sequence[float]) -> float:
+    n = len(xs)
+    return float(xs[n // 2]) if n % 2 else float((xs[n // 2 - 1] + xs[n // 2]) / 2)
 
 
 def harmonic_mean(xs: Sequence[float]) -> float:
@@ -122,7 +130,7 @@ def load_reference(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:
-    order = [m[0] for m in METRICS] + ["S"]
+    order = [m[0] for m in METRICS] + ["S", "edit_time_median_s"]
     present = {k for r in rows for k in r["metrics"]}
     return [c for c in order if c in present]
 
@@ -146,7 +154,8 @@ def to_markdown(rows: Sequence[dict]) -> str:
     lines.append("Families: ES/PS/NS/RS (success) and EM/PM/NM (magnitude) = ROME probability comparisons from mean "
                  "token NLLs; *_top1 = strict top-1 accuracy (all target tokens argmax; neighborhood = TRUE object); "
                  "*_first_token = first-token-only top-1; RS/rephrase = EasyEdit rephrase_prompt (not ROME paraphrases); "
-                 "S = harmonic mean of ES, PS, NS; cells: mean ± 95% CI (normal approx.), x100 except KL and ppl.")
+                 "S = harmonic mean of ES, PS, NS; edit_time_median_s = median wall time of edit() over edited records; "
+                 "cells: mean ± 95% CI (normal approx.), x100 except KL, ppl and time.")
     return "\n".join(lines) + "\n"
 
 

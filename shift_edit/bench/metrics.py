@@ -308,7 +308,7 @@ def read_wikitext_lines(path: str | None = None) -> list[str]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tok, lines: Sequence[str], protocol: PerplexityProtocol, *, batch_size: int = 8) -> float:
+def perplexity(model: nn.Module, tok, lines: Sequence[str], protocol: PerplexityProtocol, *, batch_size: int = 4) -> float:
     """WikiText perplexity under ``protocol`` (see :class:`PerplexityProtocol`)."""
     device = next(model.parameters()).device
     if protocol.name == "paper":
@@ -319,8 +319,10 @@ def perplexity(model: nn.Module, tok, lines: Sequence[str], protocol: Perplexity
         for s in range(0, len(seqs), batch_size):
             chunk = seqs[s : s + batch_size]
             ids, mask = pad_batch(chunk, pad_id_of(tok), device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            # log p(next) = logit - logsumexp: no second [batch, len, vocab] tensor
+            logp = logits.gather(-1, ids[:, 1:, None])[..., 0] - torch.logsumexp(logits, -1)
+            del logits
             m = mask[:, 1:].float()
             nll = -(logp * m).sum(1) / m.sum(1)
             ppls.extend(torch.exp(nll).tolist())

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from .architectures import ARCHITECTURES, ModelAdapter, supported_model_types
 from .deltas import EditResult, WeightDelta
-from .editing import apply_algo_to_model, edit
+from .editing import apply_algo_to_model, edit, restore_weights
 from .errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
 from .hparams import HyperParams
 from .registry import Algorithm, algorithm_names, get_algorithm, register
@@ -40,5 +40,5 @@ __all__ = [
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",
     "apply_algo_to_model", "apply_patch", "apply_shift_to_model", "compute_shift", "edit", "export_lora",
     "get_algorithm", "load_hparams", "load_model", "make_request", "make_requests", "read_lora", "read_patch",
-    "register", "revert_patch", "save_patch", "supported_model_types",
+    "register", "restore_weights", "revert_patch", "save_patch", "supported_model_types",
 ]

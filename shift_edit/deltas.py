@@ -133,7 +133,9 @@ class EditResult:
         self.undone = True
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per changed matrix: layer, module, rank, delta norm, relative norm."""
+        """One row per changed matrix: layer, module, rank, delta norm, relative norm, and the
+        requests that were skipped (already predicted; they contribute nothing). An edit whose
+        requests were all skipped changed no matrix: see :attr:`skipped`."""
         params = dict(self.model.named_parameters())
         rows = []
         for d in self.deltas:
@@ -147,6 +149,7 @@ class EditResult:
                     "delta_norm": norm,
                     "relative_norm": norm / base if base else float("inf"),
                     "dtype": str(params[d.param].dtype).replace("torch.", ""),
+                    "skipped_requests": [i for i, sk in enumerate(self.skipped) if sk],
                 }
             )
         return rows

@@ -6,9 +6,11 @@ import copy as _copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .deltas import EditResult, apply_deltas
+from .errors import ShiftEditError
 from .hparams import HyperParams
 from .registry import algorithm_for_hparams
 from .requests import EditRequest, make_requests
@@ -74,3 +76,15 @@ def apply_algo_to_model(
         model = _copy.deepcopy(model)
     result = edit(model, tok, requests, hparams)
     return model, (dict(result.orig_weights) if return_orig_weights else {})
+
+
+def restore_weights(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``orig_weights`` (ROME's ``{param name: original tensor}``) back into ``model``, in
+    place: the Parameter objects stay the same, so tied weights and optimisers keep working."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(orig_weights) - set(params))
+    if missing:
+        raise ShiftEditError(f"orig_weights names parameters this model does not have: {missing[:3]}")
+    with torch.no_grad():
+        for name, orig in orig_weights.items():
+            params[name].copy_(orig)

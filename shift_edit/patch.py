@@ -100,13 +100,20 @@ def read_patch(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
         raise ShiftEditError(f"{path} is not a readable safetensors patch ({exc})") from exc
     if raw is None:
         raise ShiftEditError(f"{path} is a safetensors file but not a shift_edit patch (no metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ShiftEditError(f"{path}: unsupported patch format {meta.get('format')} v{meta.get('format_version')}")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ShiftEditError(f"{path}: the patch metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ShiftEditError(f"{path}: unsupported patch format {got}")
     deltas = []
-    for module, m in meta["modules"].items():
-        parts = {k: tensors.get(f"{module}.{k}") for k in _KINDS}
-        deltas.append(WeightDelta(module, m["layout"], parts["left"], parts["right"], parts["dense"], m["layer"]))
+    try:
+        for module, m in meta["modules"].items():
+            parts = {k: tensors.get(f"{module}.{k}") for k in _KINDS}
+            deltas.append(WeightDelta(module, m["layout"], parts["left"], parts["right"], parts["dense"], m["layer"]))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ShiftEditError(f"{path}: the patch metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
     return meta, deltas
 
 

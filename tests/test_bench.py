@@ -86,6 +86,12 @@ def test_ngram_entropy_by_hand():
     assert bm.text_ngram_entropy("x x x x x") == 0.0  # one repeated bigram and trigram
     assert bm.ngram_entropy(["a b a b", "x x x x x"]) == pytest.approx((2 / 3 * h2 + 4 / 3) / 4)
     assert bm.word_tokens("Paris, France's capital.") == ["Paris", ",", "France", "'s", "capital", "."]
+    # word_tokenize's word tokenizer (not Treebank's): curly quotes and ellipses are split off
+    assert bm.word_tokens("\u201chello\u201d\u2026 it\u2019s") == ["\u201c", "hello", "\u201d", "\u2026", "it", "\u2019", "s"]
+    from nltk.tokenize import word_tokenize
+
+    text = "The city of Paris is large. It has \u201cmany\u201d museums, e.g. the Louvre..."
+    assert bm.word_tokens(text) == word_tokenize(text, preserve_line=True)
 
 
 def test_kl_by_hand():
@@ -177,6 +183,56 @@ def test_bad_record_is_named(tmp_path):
         bdata.load_counterfact(write(tmp_path, [bad2]))
     with pytest.raises(se.ShiftEditError, match="case ids not in"):
         bdata.load_counterfact(write(tmp_path, [rome_record(1)]), case_ids=["5"])
+
+
+def test_truncated_file_names_the_broken_record(tmp_path):
+    text = json.dumps([rome_record(1), rome_record(2), rome_record(3)], indent=2)
+    cut = text[: text.index('"case_id": 3') + 40]  # a download cut off inside the third record
+    with pytest.raises(se.ShiftEditError, match=r"record #2 \(the one after case_id 2\) is truncated"):
+        bdata.load_counterfact(write(tmp_path, cut))
+    cut = text[: text.rindex("}") + 1]  # every record complete, the closing bracket missing
+    with pytest.raises(se.ShiftEditError, match=r"after record #2 \(case_id 3\) the list is cut off"):
+        bdata.load_counterfact(write(tmp_path, cut, "b.json"))
+
+
+def test_download_checks_sha256_and_caches(tmp_path):
+    import hashlib
+
+    src = write(tmp_path, [rome_record(1)], "official.json")
+    digest, size = hashlib.sha256(src.read_bytes()).hexdigest(), src.stat().st_size
+    cache = tmp_path / "cache"
+    got = bdata.download_counterfact(cache, url=src.as_uri(), sha256=digest, size=size)
+    assert got.read_bytes() == src.read_bytes() and bdata.load_counterfact(got)[0].case_id == 1
+    src.write_text("changed")  # a cached file with the right checksum is reused, not fetched again
+    assert bdata.download_counterfact(cache, url=src.as_uri(), sha256=digest, size=size) == got
+    with pytest.raises(se.ShiftEditError, match="has sha256"):
+        bdata.download_counterfact(tmp_path / "c2", url=src.as_uri(), sha256=digest, size=size)
+    assert list((tmp_path / "c2").iterdir()) == []  # the bad download is removed
+
+
+def test_hub_dataset_is_loaded_once_into_a_local_file(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return [rome_record(5), rome_record(6)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path))
+    p = bdata.resolve_data("hf:")
+    assert calls == [("azhx/counterfact", "train")]
+    assert [c.case_id for c in bdata.load_counterfact(p)] == [5, 6]
+    assert bdata.resolve_data("hf:") == p and len(calls) == 1  # cached
+    bdata.resolve_data("hf:someone/cf:test")
+    assert calls[-1] == ("someone/cf", "test")
+
+    def failing(name, split):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    with pytest.raises(se.ShiftEditError, match="could not load hub dataset 'x/y'.*no network"):
+        bdata.resolve_data("hf:x/y")
     with pytest.raises(se.ShiftEditError, match="duplicate case_id"):
         bdata.load_counterfact(write(tmp_path, [rome_record(1), rome_record(1)]))
 
@@ -297,6 +353,24 @@ def test_unedited_row_and_summary(byte_tok, tmp_path):
     assert "measured here (NONE" in md and "published (NONE (unedited), GPT-2 XL, N=1000" in md
     assert "efficacy_top1" in to_csv([s])
     assert harmonic_mean([50.0, 100.0, 100.0]) == pytest.approx(75.0)
+    # the summary row carries the run's protocol: metric families, model fingerprint, seed, versions
+    assert s["protocol"]["protocol"]["metric_families"]["top1"].startswith("strict top-1")
+    assert s["protocol"]["model"]["fingerprint"] and s["provenance"]["versions"]["torch"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "eval" / "reference").glob("*.json")))
+def test_published_references_are_labelled_and_consistent(name):
+    """Every published table loads as 'published (...)' rows with its metric family, and where a
+    row has ROME's S it is the harmonic mean of its ES, PS and NS (a transcription check)."""
+    path = REPO / "eval" / "reference" / name
+    raw = json.loads(path.read_text())
+    assert raw["metric_family"] and raw["source"] and raw["n"] > 0
+    rows = load_reference(path)
+    assert rows and all(r["label"].startswith("published (") and r["kind"] == "published" for r in rows)
+    for r in rows:
+        m = {k: v["mean"] for k, v in r["metrics"].items()}
+        if {"S", "ES", "PS", "NS"} <= m.keys():
+            assert harmonic_mean([m["ES"], m["PS"], m["NS"]]) == pytest.approx(m["S"], abs=0.1), r["alg"]
 
 
 def _save_tiny(tmp_path, tok):

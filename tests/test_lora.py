@@ -283,6 +283,25 @@ def test_cli_save_lora_and_export_lora(tmp_path, capsys):
     assert "not an empty folder" in capsys.readouterr().err
 
 
+def test_cli_refused_lora_export_writes_nothing(tmp_path, capsys):
+    """A dense SGD delta cannot be an exact adapter: exit 2, and the patch and model asked for
+    in the same command are not written either (all outputs or none)."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    outs = {"--save-patch": tmp_path / "o" / "e.safetensors", "--save-lora": tmp_path / "o" / "a",
+            "--save": tmp_path / "o" / "full"}
+    argv = ["edit", "--alg", "SGD", "--model", str(tmp_path / "base"), "--prompt", "Messi plays for",
+            "--target", "Paris", "--layer", "1", "--eta", "1.0", "--no-skip"]
+    assert cli_main([*argv, *(x for kv in outs.items() for x in (kv[0], str(kv[1])))]) == 2
+    assert "dense" in capsys.readouterr().err
+    assert not any(p.exists() for p in outs.values())
+    assert [p.name for p in (tmp_path / "o").iterdir()] == []  # no temporary left behind
+    assert cli_main([*argv, "--save-patch", str(outs["--save-patch"]), "--save-lora", str(outs["--save-lora"]),
+                     "--lora-rank", "2", "--save", str(outs["--save"])]) == 0
+    assert all(p.exists() for p in outs.values())
+
+
 # --- SmolLM2 -----------------------------------------------------------------------------------------
 
 SMOL_FACTS = [

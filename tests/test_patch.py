@@ -78,6 +78,12 @@ def test_bad_patch_files(tmp_path):
         se.apply_patch(tiny_model("gpt2"), plain)
     with pytest.raises(se.ShiftEditError, match="not applied to this model"):
         se.revert_patch(tiny_model("gpt2"), plain)
+    for name, raw in (("badjson", "{not json"), ("nomodules", '{"format": "shift_edit.patch", "format_version": 1}'),
+                      ("list", "[1, 2]")):
+        bad = tmp_path / f"{name}.safetensors"
+        save_file({"x": torch.zeros(2)}, str(bad), metadata={"shift_edit": raw})
+        with pytest.raises(se.ShiftEditError, match=str(bad)):
+            se.read_patch(bad)
 
 
 def test_undone_edit_cannot_be_saved(byte_tok, tmp_path):

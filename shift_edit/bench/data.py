@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 COUNTERFACT_SHA256 = "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f"
 COUNTERFACT_BYTES = 45_108_470
+#: ``--data hf:NAME[:SPLIT]`` loads a hub dataset of CounterFact records (either format) via
+#: ``datasets``; ``hf:`` alone means this one (ROME's format, all 21,919 records).
+HUB_PREFIX = "hf:"
+DEFAULT_HUB_DATASET = "azhx/counterfact"
 
 
 @dataclass(frozen=True)
@@ -164,9 +169,14 @@ def load_counterfact(
     if start < 0:
         raise ShiftEditError(f"--start must be >= 0, got {start}")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShiftEditError(f"data file {path} is not valid JSON (truncated or malformed?): {exc}") from None
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ShiftEditError(f"data file {path} is not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        where = _bad_record(text)
+        raise ShiftEditError(f"data file {path} is not valid JSON (truncated or malformed): "
+                             f"{where + '; ' if where else ''}{exc}") from None
     if isinstance(data, Mapping) and "data" in data:
         data = data["data"]
     if not isinstance(data, list):
@@ -189,6 +199,35 @@ def load_counterfact(
     if not cases:
         raise ShiftEditError(f"no records selected from {path}")
     return cases
+
+
+_WS = re.compile(r"\s*")
+
+
+def _bad_record(text: str) -> str:
+    """In a JSON list of records that does not parse, which record breaks it (``""`` if the
+    damage is outside the list's elements)."""
+    dec = json.JSONDecoder()
+    pos = _WS.match(text, 0).end()
+    if not text.startswith("[", pos):
+        return ""
+    pos, index, last_id = pos + 1, 0, None
+    while True:
+        pos = _WS.match(text, pos).end()
+        if text.startswith("]", pos):
+            return ""
+        try:
+            rec, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            after = f" (the one after case_id {last_id!r})" if last_id is not None else ""
+            return f"record #{index}{after} is truncated or malformed"
+        last_id = rec.get("case_id") if isinstance(rec, dict) else None
+        index += 1
+        pos = _WS.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos += 1
+        elif not text.startswith("]", pos):
+            return f"after record #{index - 1} (case_id {last_id!r}) the list is cut off or malformed"
 
 
 def _norm_id(x: int | str) -> str:
@@ -251,3 +290,45 @@ def download_counterfact(
         if tmp.exists():
             tmp.unlink()
     return dest
+
+
+def fetch_hub_counterfact(spec: str, cache: str | Path | None = None) -> Path:
+    """``hf:NAME[:SPLIT]`` -> a local JSON file of the dataset's records (cached).
+
+    Loads the dataset with ``datasets.load_dataset`` (its own download cache applies) and
+    writes its rows once, atomically, as ``<shift_edit cache>/data/hf/<NAME>-<SPLIT>.json``,
+    which is then read like any local CounterFact file (sha256 recorded in ``params.json``).
+    """
+    from ..io import atomic_write_json
+    from ..loading import cache_dir
+
+    name, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
+    name, split = name or DEFAULT_HUB_DATASET, split or "train"
+    folder = Path(cache) if cache is not None else cache_dir() / "data" / "hf"
+    dest = folder / f"{name.replace('/', '__')}-{split}.json"
+    if dest.is_file():
+        return dest
+    try:
+        import datasets
+    except ImportError:
+        raise ShiftEditError(f"--data {spec} needs the datasets package: pip install datasets") from None
+    log.info("loading hub dataset %s (split %s) -> %s", name, split, dest)
+    try:
+        rows = [dict(r) for r in datasets.load_dataset(name, split=split)]
+    except Exception as exc:  # datasets raises many types (network, missing split, schema)
+        raise ShiftEditError(f"could not load hub dataset {name!r} split {split!r}: {type(exc).__name__}: {exc}") from None
+    if not rows:
+        raise ShiftEditError(f"hub dataset {name!r} split {split!r} has no records")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(dest, rows)
+    return dest
+
+
+def resolve_data(spec: str) -> Path:
+    """A ``--data`` value -> a local file: ``download`` (the official file, checksummed),
+    ``hf:NAME[:SPLIT]`` (a hub dataset via ``datasets``) or a path."""
+    if spec == "download":
+        return download_counterfact()
+    if spec.startswith(HUB_PREFIX):
+        return fetch_hub_counterfact(spec)
+    return Path(spec)

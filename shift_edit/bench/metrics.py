@@ -184,17 +184,18 @@ def kl_divergence(logp_ref: torch.Tensor, logp_new: torch.Tensor) -> torch.Tenso
 # --------------------------------------------------------------------------- generation
 
 def word_tokens(text: str) -> list[str]:
-    """nltk's Treebank word tokenizer on the whole text.
+    """nltk's word tokenizer (:class:`nltk.tokenize.NLTKWordTokenizer`) on the whole text.
 
     ROME calls ``nltk.word_tokenize``, which first splits sentences with the punkt model
-    (a download). We use :class:`nltk.tokenize.TreebankWordTokenizer` directly -- the word
-    tokenizer ``word_tokenize`` applies to each sentence -- so no data download is needed.
-    The only difference is at sentence ends inside the text (a period before the next
-    sentence stays attached to its word more often), which changes entropies very little.
+    (a data download) and then runs ``NLTKWordTokenizer`` on each sentence. We run that
+    same word tokenizer on the whole text (``word_tokenize(text, preserve_line=True)``), so
+    no download is needed. The only difference is a period that ends a sentence inside the
+    text: punkt splits it off as its own token, the word tokenizer alone only does so at
+    the end of the text.
     """
-    from nltk.tokenize import TreebankWordTokenizer
+    from nltk.tokenize import NLTKWordTokenizer
 
-    return TreebankWordTokenizer().tokenize(text)
+    return NLTKWordTokenizer().tokenize(text)
 
 
 def _entropy_bits(counts: Counter) -> float:

@@ -82,7 +82,7 @@ class BenchConfig:
                 "top1_first": "first-token-only top-1 (same correct objects)",
                 "neighborhood_kl": None if not self.neighborhood_kl else "KL(unedited || edited) of next-token distributions after neighborhood prompts, nats",
                 "generation": None if self.skip_generation else
-                "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, nltk Treebank words",
+                "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, words from nltk's NLTKWordTokenizer (word_tokenize without punkt)",
                 "perplexity": None if not self.ppl_every else self.ppl_protocol.to_dict(),
             },
             "generation": None if self.skip_generation else {"top_k": self.gen_top_k, "max_length": self.gen_max_length},

@@ -86,7 +86,9 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     match = params["match"]
     label = f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {match['model']['name']}, N={len(cases)})"
     return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"],
-            "model": match["model"]["name"], "n": len(cases), "metrics": out}
+            "model": match["model"]["name"], "n": len(cases), "metrics": out,
+            # what the numbers mean: protocol (metric families), model + fingerprint, hparams, seed, data, versions
+            "protocol": match, "data": params.get("data"), "provenance": params.get("provenance")}
 
 
 def _hparams_tag(hp: dict | None) -> str:

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--alg", required=True, choices=[*algorithm_names(), "NONE"], help="algorithm, or NONE for the unedited model")
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
-    p.add_argument("--data", default=None, help="CounterFact JSON (ROME or EasyEdit format); 'download' fetches the official file")
+    p.add_argument("--data", default=None, help="CounterFact JSON (ROME or EasyEdit format); 'download' fetches the official file (sha256-checked); "
+                   "'hf:NAME[:SPLIT]' a hub dataset via datasets ('hf:' = azhx/counterfact)")
     p.add_argument("--limit", type=int, default=None, help="number of records")
     p.add_argument("--start", type=int, default=0, help="skip this many records first")
     p.add_argument("--case-ids", default=None, help="comma list / ranges of case ids, e.g. 0,5,10-20")
@@ -46,7 +47,7 @@ def default_wikitext() -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.data import download_counterfact, file_sha256, load_counterfact, parse_case_ids
+    from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_data
     from ..bench.metrics import PerplexityProtocol
     from ..bench.runner import BenchConfig, run_bench, shard_env
     from .common import load_from_args
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
         raise ShiftEditError("--data is required (a CounterFact JSON file, or 'download')")
-    data = download_counterfact() if args.data == "download" else Path(args.data)
+    data = resolve_data(args.data)
     cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
     hparams = None
     if args.alg != "NONE":

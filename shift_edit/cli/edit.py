@@ -38,9 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --save-lora: truncate to rank R (needed for dense deltas of other algorithms)")
 
 
+#: hub names whose shipped hparams file has another stem (the file names follow the aliases)
+HPARAMS_STEMS = {"smollm2-135m-instruct": "smollm2-135m"}
+
+
 def shipped_hparams(alg: str, model: str) -> Path | None:
     """The shipped hparams file for a model name (alias, hub id or folder), if any."""
     stem = Path(model.rstrip("/")).name.lower().removesuffix(".gguf").removesuffix("-hf")
+    stem = HPARAMS_STEMS.get(stem, stem)
     for root in (Path.cwd() / "hparams", REPO_HPARAMS):
         p = root / alg / f"{stem}.yaml"
         if p.is_file():
@@ -103,18 +108,53 @@ def run(args: argparse.Namespace) -> int:
         rank = "dense" if row["rank"] is None else f"rank {row['rank']}"
         print(f"changed {row['module']} (layer {row['layer']}): {rank}, "
               f"|delta| {row['delta_norm']:.4g}, relative {row['relative_norm']:.3g}")
-    if patch_path is not None:
-        result.save_patch(patch_path)
-        print(f"patch written: {patch_path} ({patch_path.stat().st_size} bytes)")
-    if lora_dir is not None:
-        if all(result.skipped):
-            print("no LoRA adapter written: the edit changed nothing")
-        else:
-            from ..lora import export_lora
-            from .export_lora import describe
-
-            print(describe(export_lora(result, lora_dir, rank=args.lora_rank)))
-    if save_dir is not None:
-        save_model_atomically(model, tok, save_dir)
-        print(f"model written: {save_dir}")
+    _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir)
     return 0
+
+
+def _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir) -> None:
+    """Write the requested outputs all or nothing: each goes to a hidden sibling first, and
+    they are moved into place only when every one was written (a refused LoRA export of a
+    dense delta, say, leaves no patch file behind)."""
+    import os
+    import shutil
+    import tempfile
+
+    staged: list[tuple[Path, Path]] = []
+    lines: list[str] = []
+    try:
+        if patch_path is not None:
+            patch_path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=patch_path.parent, prefix=f".{patch_path.name}.", suffix=".tmp")
+            os.close(fd)
+            result.save_patch(tmp)
+            staged.append((Path(tmp), patch_path))
+            lines.append(f"patch written: {patch_path} ({Path(tmp).stat().st_size} bytes)")
+        if lora_dir is not None:
+            if all(result.skipped):
+                lines.append("no LoRA adapter written: the edit changed nothing")
+            else:
+                from ..lora import export_lora
+                from .export_lora import describe
+
+                lora_dir.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=lora_dir.parent, prefix=f".{lora_dir.name}.", suffix=".tmp"))
+                staged.append((tmp, lora_dir))
+                lines.append(describe(export_lora(result, tmp, rank=args.lora_rank, overwrite=True)).replace(str(tmp), str(lora_dir)))
+        if save_dir is not None:
+            save_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.", suffix=".tmp"))
+            staged.append((tmp, save_dir))
+            tmp.rmdir()
+            save_model_atomically(model, tok, tmp)
+            lines.append(f"model written: {save_dir}")
+        for tmp, final in staged:
+            if final.is_dir():
+                final.rmdir()  # checked empty before the edit
+            os.replace(tmp, final)
+        staged.clear()
+    finally:
+        for tmp, _final in staged:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    for line in lines:
+        print(line)

@@ -226,6 +226,7 @@ def score_token_continuations(
     pad_id: int = 0,
     batch_size: int = 32,
     share_prefixes: bool = True,
+    chunk_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> list[ContinuationScore]:
     """Score ``(prompt_ids, target_ids)`` pairs under teacher forcing.
 
@@ -234,11 +235,13 @@ def score_token_continuations(
     With ``share_prefixes`` (default) pairs whose input is a prefix of another pair's
     input are read off that pair's forward pass (:func:`plan_prefixes`); the values equal
     the one-pass-per-pair path (``share_prefixes=False, batch_size=1``) to float round-off.
+    ``chunk_context`` wraps each forward pass (see :func:`logits_at_positions`).
     """
     if not pairs:
         return []
     plan = ContinuationPlan.build(pairs, share_prefixes=share_prefixes)
-    logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id, batch_size=batch_size)
+    logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id, batch_size=batch_size,
+                                 chunk_context=chunk_context)
     return plan.scores(logits, pairs)
 
 
@@ -249,10 +252,12 @@ def score_continuations(
     targets: Sequence[str],
     *,
     batch_size: int = 32,
+    chunk_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> list[ContinuationScore]:
     """Score text ``(prompt, target)`` pairs; targets should carry their leading space."""
     pairs = [(encode_prompt(tok, p), encode_target(tok, p, t)) for p, t in zip(prompts, targets)]
-    return score_token_continuations(model, pairs, pad_id=pad_id_of(tok), batch_size=batch_size)
+    return score_token_continuations(model, pairs, pad_id=pad_id_of(tok), batch_size=batch_size,
+                                     chunk_context=chunk_context)
 
 
 @torch.no_grad()

@@ -353,6 +353,12 @@ def test_unedited_row_and_summary(byte_tok, tmp_path):
     assert "measured here (NONE" in md and "published (NONE (unedited), GPT-2 XL, N=1000" in md
     assert "efficacy_top1" in to_csv([s])
     assert harmonic_mean([50.0, 100.0, 100.0]) == pytest.approx(75.0)
+    # record selection: the first N in run order, or given case ids (what --limit / --common use)
+    assert summarize_run(run, limit=2)["case_ids"] == [0, 1]
+    two = summarize_run(run, case_ids={"0", "2"})
+    assert two["n"] == 2 and two["metrics"]["ES"]["mean"] == pytest.approx((es[0] + es[2]) / 2)
+    with pytest.raises(se.ShiftEditError, match="no finished cases in the selection"):
+        summarize_run(run, case_ids={"99"})
     # the summary row carries the run's protocol: metric families, model fingerprint, seed, versions
     assert s["protocol"]["protocol"]["metric_families"]["top1"].startswith("strict top-1")
     assert s["protocol"]["model"]["fingerprint"] and s["provenance"]["versions"]["torch"]
@@ -419,6 +425,60 @@ def test_sharded_two_processes_equal_unsharded(byte_tok, tmp_path):
         assert c[k]["top1"] == pytest.approx(a[k]["top1"], abs=1e-6)
     assert main(["summarize", str(sharded), str(plain), "--out", str(tmp_path / "sum")]) == 0
     assert (tmp_path / "sum" / "summary.png").stat().st_size > 0 and (tmp_path / "sum" / "summary.csv").is_file()
+
+
+def test_torchrun_shards_into_one_run_dir(byte_tok, tmp_path):
+    """``torchrun`` (what ``accelerate launch --multi_gpu`` runs underneath) sets RANK/WORLD_SIZE:
+    two processes share one run dir and give the unsharded case files."""
+    folder = _save_tiny(tmp_path, byte_tok)
+    data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(4)])
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("alg_name: SHIFT\nlayers: [1]\neta: 2.0\nskip_if_predicted: false\n")
+    args = ["bench", "--alg", "SHIFT", "--model", str(folder), "--hparams", str(hp), "--data", str(data),
+            "--skip-generation", "--no-progress", "--out", str(tmp_path / "tr")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "shift_edit", "-v", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(rank 0/2)" in r.stderr and "(rank 1/2)" in r.stderr
+    model, tok = se.load_model(str(folder))
+    plain = _metrics(_run(model, tok, data, tmp_path / "plain", rank=0, world_size=1))
+    sharded = _metrics(tmp_path / "tr" / "SHIFT" / "run_000")
+    assert sorted(sharded) == sorted(plain) == [f"case_{i}.json" for i in range(4)]
+    for k in plain:
+        assert sharded[k]["top1"] == plain[k]["top1"] and sharded[k]["rome"] == pytest.approx(plain[k]["rome"], abs=1e-6)
+
+
+def test_killed_run_resumes_to_the_same_case_files(byte_tok, tmp_path):
+    """SIGKILL a real run after its first case file, re-run the same command: the run dir is
+    reused, finished cases are kept, no partial file is read, and the result equals a run
+    that was never interrupted."""
+    import signal
+    import time
+
+    folder = _save_tiny(tmp_path, byte_tok)
+    data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(24)])
+    args = ["bench", "--alg", "NONE", "--model", str(folder), "--data", str(data), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "killed" / "NONE" / "run_000"
+    proc = subprocess.Popen([sys.executable, "-m", "shift_edit", *args, "--out", str(tmp_path / "killed")],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run_dir.glob("case_*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.read_bytes() for p in run_dir.glob("case_*.json")}
+    assert 0 < len(done_before) < 24, "the kill landed mid-run"
+    assert _cli([*args, "--out", str(tmp_path / "killed")], env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    after = {p.name: p.read_bytes() for p in run_dir.glob("case_*.json")}
+    assert len(after) == 24 and all(after[k] == v for k, v in done_before.items())  # kept as they were
+    assert not (tmp_path / "killed" / "NONE" / "run_001").exists()
+    assert _cli([*args, "--out", str(tmp_path / "whole")]).returncode == 0
+    whole = _metrics(tmp_path / "whole" / "NONE" / "run_000")
+    resumed = _metrics(run_dir)
+    assert whole.keys() == resumed.keys()
+    assert resumed == whole  # every metric, generations included (seeded per record)
 
 
 @pytest.mark.parametrize("extra, msg", [

@@ -46,17 +46,19 @@ def test_single_step_deltas_are_linear_in_the_step(alg, byte_tok):
         torch.testing.assert_close(a.canonical(), b.canonical(), rtol=1e-4, atol=1e-8)
 
 
-def test_min_lr_cell_is_the_threshold_and_model_is_restored(byte_tok):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch, alg", [("llama", "SHIFT"), ("gpt2", "SHIFT"), ("llama", "SGD")])
+def test_min_lr_cell_is_the_threshold_and_model_is_restored(byte_tok, arch, alg):
+    """The search re-runs only the blocks from the edited one; checked here with full passes."""
+    model = tiny_model(arch)
     base = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    cell = min_lr.min_lr_for(model, byte_tok, RECORD, "SHIFT", 2, rel_tol=1e-3)
+    cell = min_lr.min_lr_for(model, byte_tok, RECORD, alg, 2, rel_tol=1e-3)
     for n, p in model.state_dict().items():
         assert torch.equal(base[n], p), n
     assert cell["min_lr"] is not None
     req = se.make_request(RECORD)
     p_ids = se.requests.encode_prompt(byte_tok, req.text)
     t_ids = se.requests.encode_target(byte_tok, req.text, req.target_new)
-    unit = unit_deltas(model, byte_tok, req, unit_hparams("SHIFT", 2))
+    unit = unit_deltas(model, byte_tok, req, unit_hparams(alg, 2))
     with temporarily_applied(model, scaled(unit, cell["min_lr"])):
         assert min_lr.is_top1(model, byte_tok, p_ids, t_ids, "first")
     with temporarily_applied(model, scaled(unit, cell["below"])):
@@ -109,3 +111,26 @@ def test_sweep_cli_rejects_bad_options_in_one_line(capsys):
     assert "not supported by the min-lr study" in capsys.readouterr().err
     assert main(["sweep", "--model", "x", "--study", "layer-sweep", "--out", "o"]) == 2
     assert "--eta-raw" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layer_sweep_cells_equal_full_passes(byte_tok, tmp_path, arch):
+    """The sweep re-runs only the blocks from the edited layer; every cell must equal the
+    metrics of a plain full forward pass of the edited model."""
+    from shift_edit.algorithms.shift import ShiftHyperParams
+
+    model = tiny_model(arch)
+    recs = [RECORD, {**RECORD, "case_id": 8, "requested_rewrite": {**RECORD["requested_rewrite"], "subject": "Xavi"}}]
+    rows = layer_sweep.run_layer_sweep(model, byte_tok, recs, layers=[0, 1, 2], settings=[("normalized", 40.0)],
+                                       out_dir=tmp_path)
+    cells = [r for r in rows if r["layer"] >= 0]
+    assert len(cells) == 6
+    for r in cells:
+        rec = next(x for x in recs if x["case_id"] == r["case_id"])
+        res = se.edit(model, byte_tok, rec, ShiftHyperParams(layers=[r["layer"]], eta=40.0, eta_scaling="normalized",
+                                                             skip_if_predicted=False))
+        try:
+            full = layer_sweep.top1_metrics(model, byte_tok, rec)
+        finally:
+            res.undo()
+        assert {k: r[k] for k in full} == full, r

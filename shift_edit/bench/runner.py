@@ -8,7 +8,8 @@ sha256); the record selection (``--limit/--start/--case-ids``) is not part of it
 more records of the same configuration fills the same directory, and finished cases are skipped.
 
 Sharding: with ``world_size`` > 1 (``RANK``/``WORLD_SIZE`` as set by ``accelerate launch`` or
-``torchrun``) process ``rank`` takes the selected records at positions ``rank, rank+W, ...``;
+``torchrun``) process ``rank`` takes the ``rank``-th of W contiguous shares of the selected
+records (so the every-K-th perplexity measurements are spread over the processes too);
 all processes pick the same run directory (under a file lock) and write into it, so the
 merged result is simply the directory's case files.
 """
@@ -352,7 +353,8 @@ def run_bench(
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
     n = cfg.num_edits
     batches = [list(enumerate(cases))[b : b + n] for b in range(0, len(cases), n)]
-    mine = [batch for j, batch in enumerate(batches) if j % world_size == rank]
+    # contiguous shares: records every K-th position (perplexity) spread over the shards too
+    mine = batches[rank * len(batches) // world_size : (rank + 1) * len(batches) // world_size]
     todo = [batch for batch in mine if not all(finished(run_dir, c.case_id) for _, c in batch)]
     n_todo = sum(len(b) for b in todo)
     log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, n_todo, sum(len(b) for b in mine), rank, world_size)

@@ -57,21 +57,36 @@ def stats(values: Sequence[float]) -> dict[str, float]:
     return {"n": n, "mean": mean, "std": std, "ci95": 1.96 * std / math.sqrt(n)}
 
 
-def summarize_run(run_dir: str | Path) -> dict[str, Any]:
-    """Per-metric statistics of one run dir, with its label (alg, model, N)."""
+def read_cases(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The finished case records of a run dir, in their run order (``position``)."""
+    cases = []
+    for p in run_selection(Path(run_dir)):
+        try:
+            cases.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            raise ShiftEditError(f"{p}: unreadable case file") from None
+    return sorted(cases, key=lambda c: (c.get("position", 0), str(c["case_id"])))
+
+
+def summarize_run(run_dir: str | Path, *, case_ids: set[str] | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Per-metric statistics of one run dir, with its label (alg, model, N).
+
+    Args:
+        case_ids: only these records (``str(case_id)``), e.g. the ones every compared run has.
+        limit: only the first ``limit`` records in run order (after ``case_ids``).
+    """
     run_dir = Path(run_dir)
     try:
         params = json.loads((run_dir / "params.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise ShiftEditError(f"{run_dir} is not a run directory (no readable params.json)") from None
-    cases = []
-    for p in run_selection(run_dir):
-        try:
-            cases.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            raise ShiftEditError(f"{p}: unreadable case file") from None
+    cases = read_cases(run_dir)
+    if case_ids is not None:
+        cases = [c for c in cases if str(c["case_id"]) in case_ids]
+    if limit is not None:
+        cases = cases[:limit]
     if not cases:
-        raise ShiftEditError(f"{run_dir} has no finished cases")
+        raise ShiftEditError(f"{run_dir} has no finished cases" + (" in the selection" if case_ids or limit else ""))
     out: dict[str, Any] = {}
     for name, path, scale in METRICS:
         vals = [v * scale for v in (_get(c["metrics"], path) for c in cases) if v is not None]
@@ -87,6 +102,7 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     label = f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {match['model']['name']}, N={len(cases)})"
     return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"],
             "model": match["model"]["name"], "n": len(cases), "metrics": out,
+            "case_ids": [c["case_id"] for c in cases],
             # what the numbers mean: protocol (metric families), model + fingerprint, hparams, seed, data, versions
             "protocol": match, "data": params.get("data"), "provenance": params.get("provenance")}
 

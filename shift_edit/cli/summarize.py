@@ -15,13 +15,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", action="append", default=[], help="eval/reference/*.json to show beside (repeatable)")
     p.add_argument("--out", default=None, help="folder for summary.md/.csv/.json/.png (default: the first run dir)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG bar chart")
+    p.add_argument("--common", action="store_true",
+                   help="only the records every given run has finished (the same records in each row)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the first N records of each run (run order), after --common")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.summarize import bar_chart, load_reference, summarize_run, to_csv, to_markdown
     from ..io import atomic_write_json, atomic_write_text
 
-    rows = [summarize_run(d) for d in args.run_dirs]
+    from ..bench.summarize import read_cases
+    from ..errors import ShiftEditError
+
+    if args.limit is not None and args.limit < 1:
+        raise ShiftEditError(f"--limit must be >= 1, got {args.limit}")
+    ids = None
+    if args.common:
+        sets = [{str(c["case_id"]) for c in read_cases(d)} for d in args.run_dirs]
+        ids = set.intersection(*sets)
+        if not ids:
+            raise ShiftEditError("--common: the runs have no finished record in common")
+    rows = [summarize_run(d, case_ids=ids, limit=args.limit) for d in args.run_dirs]
     for ref in args.reference:
         rows.extend(load_reference(ref))
     out = Path(args.out) if args.out else Path(args.run_dirs[0])

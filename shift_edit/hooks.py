@@ -78,19 +78,27 @@ def forward_capture(
     names: Sequence[str],
     *,
     stop_after: str | None = None,
-) -> tuple[Captured, torch.Tensor | None]:
+    head_positions: Sequence[Sequence[int]] | None = None,
+) -> tuple[Captured, torch.Tensor | list[torch.Tensor] | None]:
     """Run one forward pass under ``no_grad`` and capture the inputs of ``names``.
 
     Captured inputs are always ``[batch, seq, d_in]``, also for models that flatten
     tokens inside the MLP.
 
     Returns:
-        The captured inputs and the logits ``[batch, seq, vocab]``, or ``None`` for the
-        logits when the pass was stopped early at ``stop_after``.
+        The captured inputs and the logits ``[batch, seq, vocab]`` -- or, with
+        ``head_positions``, one ``[len(head_positions[row]), vocab]`` tensor per row (the
+        head runs only there) -- or ``None`` when the pass was stopped early at ``stop_after``.
     """
+    from .scoring import head_only_at
+
     logits = None
-    with torch.no_grad(), capture_inputs(model, names, stop_after=stop_after) as captured:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    head = head_only_at(model, tuple(input_ids.shape), head_positions) if head_positions is not None else None
+    with torch.no_grad(), head if head is not None else contextlib.nullcontext() as gather:
+        with capture_inputs(model, names, stop_after=stop_after) as captured:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if logits is not None and head is not None:
+            logits = gather(logits)
     batch, seq = input_ids.shape
     for name, x in captured.inputs.items():
         if x.ndim == 2:  # OPT flattens [batch, seq, d] to [batch * seq, d] inside its MLP

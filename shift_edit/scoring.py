@@ -125,39 +125,57 @@ def logits_at_positions(
     ends the pass early (suppressing the exception), that batch's entries are None.
     """
     device = _device(model)
-    head = model.get_output_embeddings()
     out: list[torch.Tensor] = []
     for k, (start, stop) in enumerate(length_chunks([len(x) for x in seqs], batch_size)):
         chunk, wanted = seqs[start:stop], positions[start:stop]
         ids, mask = pad_batch(chunk, pad_id, device)
-        rows = torch.tensor([r for r, pos in enumerate(wanted) for _ in pos], dtype=torch.long, device=device)
-        cols = torch.tensor([c for pos in wanted for c in pos], dtype=torch.long, device=device)
-        picked = []
-
-        def pick(_module, args):
-            h = args[0]
-            if h.dim() == 3 and tuple(h.shape[:2]) == tuple(ids.shape):
-                picked.append(True)
-                return (h[rows, cols][None], *args[1:])
-            return None
-
-        handle = head.register_forward_pre_hook(pick) if head is not None else None
         logits = None
-        try:
+        with head_only_at(model, tuple(ids.shape), wanted) as gather:
             with chunk_context(k) if chunk_context is not None else contextlib.nullcontext():
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        finally:
-            if handle is not None:
-                handle.remove()
         if logits is None:  # the chunk context ended the pass early
             out.extend([None] * len(wanted))
             continue
+        out.extend(gather(logits))
+    return out
+
+
+@contextlib.contextmanager
+def head_only_at(model: nn.Module, shape: tuple[int, int], positions: Sequence[Sequence[int]]):
+    """Run the output embedding only at ``positions[row]`` of a ``[batch, seq]`` forward pass.
+
+    A pre-hook on the output embedding gathers the wanted hidden states (saving the head's
+    cost everywhere else). Yields ``gather(logits)`` -> one float32 ``[len(positions[row]),
+    vocab]`` tensor per row; if the hook did not apply (an unusual head input), it reads the
+    same rows off the full logits.
+    """
+    head = model.get_output_embeddings()
+    device = _device(model)
+    rows = torch.tensor([r for r, pos in enumerate(positions) for _ in pos], dtype=torch.long, device=device)
+    cols = torch.tensor([c for pos in positions for c in pos], dtype=torch.long, device=device)
+    picked = []
+
+    def pick(_module, args):
+        h = args[0]
+        if h.dim() == 3 and tuple(h.shape[:2]) == tuple(shape):
+            picked.append(True)
+            return (h[rows, cols][None], *args[1:])
+        return None
+
+    def gather(logits: torch.Tensor) -> list[torch.Tensor]:
         flat = (logits[0] if picked else logits[rows, cols]).float()
-        n = 0
-        for pos in wanted:
+        out, n = [], 0
+        for pos in positions:
             out.append(flat[n : n + len(pos)])
             n += len(pos)
-    return out
+        return out
+
+    handle = head.register_forward_pre_hook(pick) if head is not None else None
+    try:
+        yield gather
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def length_chunks(lengths: Sequence[int], batch_size: int, *, max_padding: float = 1.0) -> list[tuple[int, int]]:

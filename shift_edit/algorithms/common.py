@@ -68,9 +68,3 @@ def already_predicted(
         model, tokenize_requests(tok, requests), pad_id=pad_id_of(tok), batch_size=batch_size
     )
     return [s.all_correct for s in scores]
-
-
-def predicted_from_logits(logits_row: torch.Tensor, prompt_len: int, target_ids: Sequence[int]) -> bool:
-    """The same rule as :func:`already_predicted`, on the logits of one teacher-forced row."""
-    pos = torch.arange(prompt_len - 1, prompt_len - 1 + len(target_ids), device=logits_row.device)
-    return bool((logits_row[pos].argmax(-1).cpu() == torch.tensor(list(target_ids))).all())

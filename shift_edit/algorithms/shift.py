@@ -21,7 +21,7 @@ from ..hooks import forward_capture
 from ..registry import Computed, register
 from ..requests import EditRequest
 from ..scoring import pad_batch, pad_id_of
-from .common import EditHyperParams, adapter_for, predicted_from_logits, tokenize_requests
+from .common import EditHyperParams, adapter_for, tokenize_requests
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -89,9 +89,11 @@ def compute_shift(model: nn.Module, tok, requests: list[EditRequest], hparams: S
         chunk = pairs[start : start + hparams.batch_size]
         seqs = [p + t[:-1] if teacher else p for p, t in chunk]
         ids, mask = pad_batch(seqs, pad_id_of(tok), device)
-        captured, logits = forward_capture(model, ids, mask, names, stop_after=stop_after)
+        # the skip check reads the logits at the target positions only: the head runs there alone
+        at = [list(range(len(p) - 1, len(p) - 1 + len(t))) for p, t in chunk] if need_logits else None
+        captured, logits = forward_capture(model, ids, mask, names, stop_after=stop_after, head_positions=at)
         for row, (p, t) in enumerate(chunk):
-            if need_logits and predicted_from_logits(logits[row], len(p), t):
+            if need_logits and bool((logits[row].argmax(-1).cpu() == torch.tensor(t)).all()):
                 skipped.append(True)
                 info.append({"target_ids": t})
                 continue

@@ -309,8 +309,13 @@ def read_wikitext_lines(path: str | None = None) -> list[str]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tok, lines: Sequence[str], protocol: PerplexityProtocol, *, batch_size: int = 4) -> float:
-    """WikiText perplexity under ``protocol`` (see :class:`PerplexityProtocol`)."""
+def perplexity(model: nn.Module, tok, lines: Sequence[str], protocol: PerplexityProtocol, *, batch_size: int = 1) -> float:
+    """WikiText perplexity under ``protocol`` (see :class:`PerplexityProtocol`).
+
+    ``batch_size`` lines per forward pass (paper protocol): the logits of a batch are
+    ``batch_size x 256 x vocab`` floats (50 MB a line for SmolLM2's 49k vocabulary), so the
+    default of one line keeps the benchmark's peak memory near the model's size.
+    """
     device = next(model.parameters()).device
     if protocol.name == "paper":
         chosen = [ln for ln in lines if len(ln.strip()) >= protocol.min_chars][: protocol.n_lines]

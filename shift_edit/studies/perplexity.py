@@ -33,7 +33,7 @@ def load_wikitext_lines(path: str | Path, n: int = 100, min_chars: int = 30) -> 
 
 
 def wikitext_perplexity(
-    model: nn.Module, tok, lines: Sequence[str], *, max_tokens: int = 256, batch_size: int = 4
+    model: nn.Module, tok, lines: Sequence[str], *, max_tokens: int = 256, batch_size: int = 1
 ) -> float:
     """Mean over ``lines`` of each line's perplexity (exp of its mean next-token NLL): the
     benchmark's ``paper`` protocol (:func:`shift_edit.bench.metrics.perplexity`) on these lines."""

@@ -14,8 +14,8 @@ For one request at FF2 of layer ``l`` (the MLP output matrix, canonical ``W: [ou
    ``mom2_adjustment`` is on (the default here, as in the paper; EasyEdit's shipped
    configs turn it off), else ``u = k*``.
 4. ``v*``: a vector ``δ`` added to FF2's output at the subject position of every context
-   is optimised with Adam for the target's NLL, plus ``kl_factor`` x KL(original ||
-   edited) of the next-token distribution at the subject of ``"{subject} is a"``, plus
+   is optimised with Adam for the target's NLL, plus ``kl_factor`` x KL(edited ||
+   original) of the next-token distribution at the subject of ``"{subject} is a"``, plus
    ``v_weight_decay * ||δ|| / ||m||²`` (``m`` is FF2's original output there); after
    each step ``||δ||`` is clamped to ``clamp_norm_factor * ||m||``. ``v* = W k* + δ``.
 5. ``ΔW = Λ uᵀ`` with ``Λ = (v* - W k*) / (uᵀ k*)``, so ``(W + ΔW) k* = v*`` and keys
@@ -300,7 +300,8 @@ def optimise_delta(
             tok_lp = logp[torch.arange(n_rw, device=device)[:, None], tpos, tgt[None].expand(n_rw, -1)]
             nll = -tok_lp.mean(1).mean()
             kl_cur = torch.log_softmax(logits[n_rw, kl_idx].float(), -1)
-            kl = hp.kl_factor * F.kl_div(kl_cur, kl_init, log_target=True, reduction="sum")
+            # KL(edited || original), as in the paper's eq. (4) (F.kl_div(input, target) = KL(target || input))
+            kl = hp.kl_factor * F.kl_div(kl_init, kl_cur, log_target=True, reduction="sum")
             wd = hp.v_weight_decay * delta.norm() / refv.norm() ** 2
             loss = nll + kl + wd
             losses.append(loss.item())

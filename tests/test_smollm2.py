@@ -116,3 +116,27 @@ def test_readme_python_example_runs_as_written(smollm2, tmp_path, monkeypatch):
     assert scope["edited_model"] is model
     for n, p in model.named_parameters():
         assert torch.equal(p, state[n]), n
+
+
+def test_base_editor_sequential_and_keep_original_weight(smollm2):
+    """sequential_edit applies the edits one after another (the second delta is computed on the
+    model with the first applied); keep_original_weight measures each edit alone and returns
+    the unedited model with an empty weights_copy."""
+    model, tok = smollm2
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    editor = se.BaseEditor.from_hparams("hparams/SHIFT/smollm2-135m.yaml", model=model, tok=tok)
+    prompts = ["The Eiffel Tower is located in the city of", "Hamlet was written by"]
+    targets = ["Rome", "Goethe"]
+    metrics, edited, weights = editor.edit(prompts=prompts, target_new=targets, sequential_edit=True)
+    assert edited is model and len(editor.history) == 2 and len(weights) == 1
+    name = next(iter(weights))
+    assert torch.equal(weights[name], state[name])  # the earliest original of the shared matrix
+    assert all(m["post"]["rewrite_acc"] == [1.0] for m in metrics)
+    editor.undo_all()
+    for n, p in model.named_parameters():
+        assert torch.equal(state[n], p), n
+    metrics, edited, weights = editor.edit(prompts=prompts, target_new=targets, keep_original_weight=True)
+    assert weights == {} and not editor.history
+    assert all(m["post"]["rewrite_acc"] == [1.0] for m in metrics)
+    for n, p in model.named_parameters():
+        assert torch.equal(state[n], p), n

@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--generation", action="store_true")
     ap.add_argument("--data", default=None)
     ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--gen-records", type=int, default=4, help="records per decoding batch (the bench's --gen-records)")
     args = ap.parse_args()
     if args.procs > 1:
         return _time_cli(args)
@@ -43,7 +44,8 @@ def main() -> int:
     size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cases = load_counterfact(data, limit=args.records)
-    cfg = BenchConfig(alg="SHIFT", hparams=se.load_hparams(args.hparams), skip_generation=not args.generation)
+    cfg = BenchConfig(alg="SHIFT", hparams=se.load_hparams(args.hparams), skip_generation=not args.generation,
+                      gen_records=args.gen_records)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         run_bench(model, tok, cases, cfg, out, data_info={"path": str(data), "sha256": file_sha256(data)},
@@ -52,7 +54,8 @@ def main() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     per = dt / len(cases)
     target = 3600 if args.generation else 900
-    print(f"SHIFT on smollm2-135m, {len(cases)} records, generation={'on' if args.generation else 'off'}, "
+    print(f"SHIFT on smollm2-135m, {len(cases)} records, generation={'on' if args.generation else 'off'} "
+          f"({args.gen_records} records per decoding batch), "
           f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
     print(f"{per:.2f} s/record -> 1000 records: {per * 1000 / 60:.1f} min (target {target // 60} min): "
           f"ratio to target {per * 1000 / target:.2f}")

@@ -139,6 +139,29 @@ def test_generation_is_seeded_and_left_padded(byte_tok):
     assert g_batch[0] == g_one[0]
 
 
+def test_grouped_generation_equals_each_record_on_its_edited_model(byte_tok):
+    """Several records in one decoding batch, each with its own edit added to its rows, give
+    each record the texts of its own edited model (greedy), and a record's sampled texts do not
+    depend on the records beside it."""
+    from shift_edit.studies.common import temporarily_applied
+
+    model = tiny_model("llama")
+    hp = se.ShiftHyperParams(layers=[1], eta=40.0, skip_if_predicted=False)
+    reqs = [{"prompt": "ab plays", "target_new": "Paris"}, {"prompt": "a longer prompt", "target_new": "Rome"}]
+    deltas = [se.get_algorithm("SHIFT").compute(model, byte_tok, [se.make_request(r)], hp).deltas for r in reqs]
+    groups = [bm.GenerationGroup(["ab", "xyz q"], 1), bm.GenerationGroup(["ab plays"], 2, deltas[0]),
+              bm.GenerationGroup(["abc", "de"], 3, deltas[1])]
+    greedy = bm.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=1)
+    for g, texts in zip(groups, greedy):
+        with temporarily_applied(model, g.deltas):
+            alone = bm.generate_topk_groups(model, byte_tok, [bm.GenerationGroup(g.prompts, g.seed)], max_length=24, top_k=1)[0]
+        assert texts == alone
+    assert greedy[1] != bm.generate_topk(model, byte_tok, ["ab plays"], max_length=24, top_k=1)  # the edit shows
+    sampled = bm.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=5)
+    again = bm.generate_topk_groups(model, byte_tok, groups[::-1], max_length=24, top_k=5)[::-1]
+    assert sampled == again  # each group draws from its own seeded generator
+
+
 # ----------------------------------------------------------------------------- data
 
 def write(tmp_path, obj, name="cf.json"):

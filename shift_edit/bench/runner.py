@@ -42,7 +42,8 @@ from .data import CounterFactCase
 from .metrics import (
     CaseScorer,
     PerplexityProtocol,
-    generate_topk,
+    GenerationGroup,
+    generate_topk_groups,
     kl_divergence,
     metrics_from_scores,
     ngram_entropy,
@@ -66,6 +67,7 @@ class BenchConfig:
     skip_generation: bool = False
     gen_max_length: int = 100
     gen_top_k: int = 5
+    gen_records: int = 4
     ppl_every: int = 0
     ppl_protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
     wikitext: str | None = None
@@ -86,7 +88,12 @@ class BenchConfig:
                 "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, words from nltk's NLTKWordTokenizer (word_tokenize without punkt)",
                 "perplexity": None if not self.ppl_every else self.ppl_protocol.to_dict(),
             },
-            "generation": None if self.skip_generation else {"top_k": self.gen_top_k, "max_length": self.gen_max_length},
+            "generation": None if self.skip_generation else {
+                "top_k": self.gen_top_k, "max_length": self.gen_max_length,
+                "records_per_decoding_batch": self.gen_records,
+                "how": "each record's edit is added to its own rows' module outputs (y += x ΔWᵀ) by hooks, "
+                       "so several records share one decoding batch; each record samples from its own seed",
+            },
             "ppl_every": self.ppl_every,
             "wikitext": self.wikitext if self.ppl_every else None,
             "edit_mode": "one edit at a time, undone bit-exactly before the next" if self.num_edits == 1 else
@@ -237,11 +244,6 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
             kl = kl_divergence(prep.pre_logp, prep.scorer.neighborhood_logprobs(logits))
         m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
     case = prep.case
-    if not cfg.skip_generation and case.generation_prompts:
-        seed = cfg.seed * 1_000_003 + _stable_int(case.case_id)
-        texts = generate_topk(model, tok, case.generation_prompts, max_length=cfg.gen_max_length,
-                              top_k=cfg.gen_top_k, seed=seed)
-        m["generation"] = {"ngram_entropy": ngram_entropy(texts), "texts": texts}
     if cfg.ppl_every and ppl_lines is not None and prep.position % cfg.ppl_every == 0:
         m["perplexity"] = {"value": perplexity(model, tok, ppl_lines, cfg.ppl_protocol), **cfg.ppl_protocol.to_dict()}
     return m
@@ -250,14 +252,20 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
 def evaluate_batch(
     model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
     ppl_lines: Sequence[str] | None, state: dict[str, Any] | None = None,
+    deferred: list[tuple[dict, GenerationGroup]] | None = None,
 ) -> list[dict[str, Any]]:
     """Apply the requests of ``cases`` at once (none for NONE), measure every record, undo.
+
+    Generation runs after the undo with the edit added to the generating rows by hooks; with
+    ``deferred`` (a list) it is not run but queued there, for :func:`fill_generations` to batch
+    several records' generations into one decoding batch.
 
     Before the edit, one pass of the unedited model per record records the input of the edited
     block and the neighborhood distributions (the KL reference); after the edit only the blocks
     from the edited one on are re-run. ``state`` carries the run's one-off check of that shortcut.
     """
     state = {} if state is None else state
+    defer_generation = deferred is not None
     t0 = time.perf_counter()
     edited = cfg.alg != NO_EDIT
     adapter = adapter_for(model, cfg.hparams) if edited else None
@@ -266,7 +274,8 @@ def evaluate_batch(
              else _Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
     t_prepare = time.perf_counter() - t0
     result, t_edit = None, 0.0
-    records = []
+    records: list[dict[str, Any]] = []
+    gen_requests: list[tuple[int, GenerationGroup]] = []
     try:
         if edited:
             te = time.perf_counter()
@@ -285,6 +294,10 @@ def evaluate_batch(
                              "deltas": result.summary(), "rerun_from_block": first}
                 if len(cases) > 1:
                     edit_info["batch"] = [c.case_id for c in cases]
+            if not cfg.skip_generation and prep.case.generation_prompts:
+                gen_requests.append((len(records), GenerationGroup(
+                    list(prep.case.generation_prompts), cfg.seed * 1_000_003 + _stable_int(prep.case.case_id),
+                    list(result.deltas) if result is not None else [])))
             records.append({
                 "case_id": prep.case.case_id,
                 "position": prep.position,
@@ -298,7 +311,24 @@ def evaluate_batch(
     finally:
         if result is not None:
             result.undo()
+    if gen_requests and not defer_generation:
+        fill_generations(model, tok, [(records[i], g) for i, g in gen_requests], cfg)
+    elif defer_generation:
+        deferred.extend((records[i], g) for i, g in gen_requests)
     return records
+
+
+def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, GenerationGroup]], cfg: BenchConfig) -> None:
+    """Generate for several records in one decoding batch (their edits added per row) and store
+    the n-gram entropy and texts in each record's metrics."""
+    if not pending:
+        return
+    t0 = time.perf_counter()
+    texts = generate_topk_groups(model, tok, [g for _, g in pending], max_length=cfg.gen_max_length, top_k=cfg.gen_top_k)
+    dt = (time.perf_counter() - t0) / len(pending)
+    for (rec, _), t in zip(pending, texts):
+        rec["metrics"]["generation"] = {"ngram_entropy": ngram_entropy(t), "texts": t}
+        rec["time_s"]["generation"] = dt
 
 
 def evaluate_case(
@@ -353,11 +383,16 @@ def run_bench(
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
     n = cfg.num_edits
     batches = [list(enumerate(cases))[b : b + n] for b in range(0, len(cases), n)]
+    # groups of batches whose generations share one decoding batch; a group is always the same
+    # records (fixed by position), so resumed and sharded runs generate exactly what a whole run does
+    per_group = 1 if cfg.skip_generation else max(1, cfg.gen_records // n)
+    groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
     # contiguous shares: records every K-th position (perplexity) spread over the shards too
-    mine = batches[rank * len(batches) // world_size : (rank + 1) * len(batches) // world_size]
-    todo = [batch for batch in mine if not all(finished(run_dir, c.case_id) for _, c in batch)]
-    n_todo = sum(len(b) for b in todo)
-    log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, n_todo, sum(len(b) for b in mine), rank, world_size)
+    mine = groups[rank * len(groups) // world_size : (rank + 1) * len(groups) // world_size]
+    todo = [grp for grp in mine if not all(finished(run_dir, c.case_id) for batch in grp for _, c in batch)]
+    n_todo = sum(len(b) for grp in todo for b in grp)
+    n_mine = sum(len(b) for grp in mine for b in grp)
+    log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, n_todo, n_mine, rank, world_size)
     ppl_lines = None
     if cfg.ppl_every:
         from .metrics import read_wikitext_lines
@@ -368,13 +403,16 @@ def run_bench(
                disable=not progress, position=rank if world_size > 1 else None)
     state: dict[str, Any] = {}
     with bar:
-        for batch in todo:
-            recs = evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i, _ in batch],
-                                  ppl_lines=ppl_lines, state=state)
+        for grp in todo:
+            deferred: list[tuple[dict, GenerationGroup]] = []
+            recs = [rec for batch in grp
+                    for rec in evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i, _ in batch],
+                                              ppl_lines=ppl_lines, state=state, deferred=deferred)]
+            fill_generations(model, tok, deferred, cfg)
             for rec in recs:
-                if not finished(run_dir, rec["case_id"]):  # a re-run batch leaves finished files as they are
+                if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are
                     atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
-            bar.update(len(batch))
+            bar.update(len(recs))
     return run_dir
 
 

@@ -578,6 +578,19 @@ def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
         assert recs["case_1.json"]["metrics"][fam] == pytest.approx(expected[fam], abs=1e-6)
     for a, b in zip(recs["case_1.json"]["metrics"]["nll"]["paraphrase"], expected["nll"]["paraphrase"]):
         assert a["target_new"] == pytest.approx(b["target_new"], abs=1e-5)
+    # with generation: a batch's records generate on the batch's edit, at most gen_records per decoding batch
+    gcfg = BenchConfig(alg="SHIFT", hparams=hp, num_edits=2, gen_records=1, gen_max_length=30, neighborhood_kl=False)
+    grun = _run(model, byte_tok, path, tmp_path / "gen", cfg=gcfg)
+    gen = {p.name: json.loads(p.read_text())["metrics"]["generation"] for p in sorted(grun.glob("case_*.json"))}
+    assert len(gen) == 3 and all(g["texts"] and g["ngram_entropy"] >= 0 for g in gen.values())
+    rec1 = bdata.load_counterfact(path)[1]
+    result = se.edit(model, byte_tok, [cases[0].request, cases[1].request], hp)
+    try:
+        seed = gcfg.seed * 1_000_003 + 1
+        alone = bm.generate_topk(model, byte_tok, rec1.generation_prompts, max_length=30, seed=seed)
+    finally:
+        result.undo()
+    assert gen["case_1.json"]["texts"] == alone
     # a resumed run with a missing record redoes its batch and writes only that record
     (run / "case_0.json").unlink()
     mtime = (run / "case_1.json").stat().st_mtime_ns

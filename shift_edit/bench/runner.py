@@ -321,14 +321,15 @@ def evaluate_batch(
 def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, GenerationGroup]], cfg: BenchConfig) -> None:
     """Generate for several records in one decoding batch (their edits added per row) and store
     the n-gram entropy and texts in each record's metrics."""
-    if not pending:
-        return
-    t0 = time.perf_counter()
-    texts = generate_topk_groups(model, tok, [g for _, g in pending], max_length=cfg.gen_max_length, top_k=cfg.gen_top_k)
-    dt = (time.perf_counter() - t0) / len(pending)
-    for (rec, _), t in zip(pending, texts):
-        rec["metrics"]["generation"] = {"ngram_entropy": ngram_entropy(t), "texts": t}
-        rec["time_s"]["generation"] = dt
+    k = max(1, cfg.gen_records)
+    for start in range(0, len(pending), k):  # at most gen_records records per decoding batch (KV-cache memory)
+        chunk = pending[start : start + k]
+        t0 = time.perf_counter()
+        texts = generate_topk_groups(model, tok, [g for _, g in chunk], max_length=cfg.gen_max_length, top_k=cfg.gen_top_k)
+        dt = (time.perf_counter() - t0) / len(chunk)
+        for (rec, _), t in zip(chunk, texts):
+            rec["metrics"]["generation"] = {"ngram_entropy": ngram_entropy(t), "texts": t}
+            rec["time_s"]["generation"] = dt
 
 
 def evaluate_case(

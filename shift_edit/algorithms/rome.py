@@ -43,7 +43,8 @@ from ..deltas import WeightDelta
 from ..errors import ShiftEditError
 from ..registry import Computed, register
 from ..requests import EditRequest, encode_target
-from ..scoring import pad_batch, pad_id_of
+from ..resume import record_block_inputs, resume_at
+from ..scoring import head_only_at, pad_batch, pad_id_of
 from ..stats import layer_stats
 from .common import EditHyperParams, adapter_for, already_predicted
 
@@ -275,8 +276,9 @@ def optimise_delta(
         with torch.no_grad():
             h2 = module.register_forward_hook(capture)
             try:
-                res = model(input_ids=ids, attention_mask=mask, use_cache=False,
-                            output_hidden_states=(ref == "residual"))
+                with record_block_inputs(adapter) as seen:
+                    res = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                output_hidden_states=(ref == "residual"))
             finally:
                 h2.remove()
             kl_init = torch.log_softmax(res.logits[n_rw, kl_idx].float(), -1)
@@ -292,14 +294,18 @@ def optimise_delta(
         max_norm = hp.clamp_norm_factor * refv.norm()
         losses: list[float] = []
         steps = 0
+        # Each step re-runs only blocks `layer`.. (the earlier ones do not see δ: their output is
+        # the recorded input of block `layer`) and the output head only where the loss reads it.
+        at = [row.tolist() for row in tpos] + [[kl_idx]]
         for _ in range(hp.v_num_grad_steps):
             opt.zero_grad()
             hook.delta = delta
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            logp = torch.log_softmax(logits[:n_rw].float(), -1)
-            tok_lp = logp[torch.arange(n_rw, device=device)[:, None], tpos, tgt[None].expand(n_rw, -1)]
+            with resume_at(adapter, layer, seen[layer]), head_only_at(model, tuple(ids.shape), at) as gather:
+                picked = gather(model(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+            logp = torch.log_softmax(torch.stack(picked[:n_rw]), -1)  # [n_rw, len(target), vocab]
+            tok_lp = logp.gather(-1, tgt[None, :, None].expand(n_rw, -1, 1))[..., 0]
             nll = -tok_lp.mean(1).mean()
-            kl_cur = torch.log_softmax(logits[n_rw, kl_idx].float(), -1)
+            kl_cur = torch.log_softmax(picked[n_rw][0], -1)
             # KL(edited || original), as in the paper's eq. (4) (F.kl_div(input, target) = KL(target || input))
             kl = hp.kl_factor * F.kl_div(kl_init, kl_cur, log_target=True, reduction="sum")
             wd = hp.v_weight_decay * delta.norm() / refv.norm() ** 2

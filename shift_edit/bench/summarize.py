@@ -197,7 +197,7 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
 
     default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1"]
     cols = [c for c in (metrics or default) if any(c in r["metrics"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 4 + 0.18 * ((len(rows) + 1) // 2)))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(cols))]
@@ -206,7 +206,7 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
         ax.bar(xs, ys, width, yerr=err, label=r["label"], hatch="//" if r["kind"] == "published" else None)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))], cols, rotation=20)
     ax.set_ylabel("%")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.26), ncol=2, frameon=False)  # below: no bar hidden
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

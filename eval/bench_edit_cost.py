@@ -83,7 +83,6 @@ def main() -> None:
     print(f"peak RSS {rss_peak:.0f} MB after load {rss_loaded:.0f} MB = {rss_peak / model_mb:.2f}x the model size; "
           f"editing added {rss_peak - rss_loaded:.0f} MB")
     if args.out:
-        import json
         import os
 
         from shift_edit.io import atomic_write_json, provenance

@@ -243,7 +243,6 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
         else:
             kl = kl_divergence(prep.pre_logp, prep.scorer.neighborhood_logprobs(logits))
         m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
-    case = prep.case
     if cfg.ppl_every and ppl_lines is not None and prep.position % cfg.ppl_every == 0:
         m["perplexity"] = {"value": perplexity(model, tok, ppl_lines, cfg.ppl_protocol), **cfg.ppl_protocol.to_dict()}
     return m
@@ -265,7 +264,6 @@ def evaluate_batch(
     from the edited one on are re-run. ``state`` carries the run's one-off check of that shortcut.
     """
     state = {} if state is None else state
-    defer_generation = deferred is not None
     t0 = time.perf_counter()
     edited = cfg.alg != NO_EDIT
     adapter = adapter_for(model, cfg.hparams) if edited else None
@@ -311,10 +309,11 @@ def evaluate_batch(
     finally:
         if result is not None:
             result.undo()
-    if gen_requests and not defer_generation:
-        fill_generations(model, tok, [(records[i], g) for i, g in gen_requests], cfg)
-    elif defer_generation:
-        deferred.extend((records[i], g) for i, g in gen_requests)
+    pending = [(records[i], g) for i, g in gen_requests]
+    if deferred is None:
+        fill_generations(model, tok, pending, cfg)
+    else:
+        deferred.extend(pending)
     return records
 
 

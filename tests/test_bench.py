@@ -139,6 +139,18 @@ def test_generation_is_seeded_and_left_padded(byte_tok):
     assert g_batch[0] == g_one[0]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_generation_equals_hf_generate(byte_tok, arch):
+    """Our KV-cached decoding loop (top-k = 1) gives what transformers' own generate gives."""
+    model = tiny_model(arch)
+    ids = byte_tok("hello wor", return_tensors="pt").input_ids
+    n = 30 - ids.shape[1]
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                         min_new_tokens=n, pad_token_id=0)
+    assert bm.generate_topk(model, byte_tok, ["hello wor"], max_length=30, top_k=1)[0] == \
+        byte_tok.decode(ref[0], skip_special_tokens=True)
+
+
 def test_grouped_generation_equals_each_record_on_its_edited_model(byte_tok):
     """Several records in one decoding batch, each with its own edit added to its rows, give
     each record the texts of its own edited model (greedy), and a record's sampled texts do not

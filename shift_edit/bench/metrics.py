@@ -18,6 +18,7 @@ Metric families (every number says which one it belongs to):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import unicodedata
 from collections import Counter
@@ -320,15 +321,17 @@ def generate_topk_groups(
     out = [list(s) for s in seqs]
     past = None
     step_ids, step_pos = ids, pos
+    # the KV cache's name: `cache` in current transformers, `past_key_values` before (and deprecated since)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with _row_deltas(model, groups, rows, len(seqs)):
         for _ in range(n_new):
             # the head runs at the last position only (the prompt step would otherwise make
             # [rows, prompt length, vocab] logits)
             with head_only_at(model, tuple(step_ids.shape), [[step_ids.shape[1] - 1]] * len(seqs)) as gather:
-                res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                            use_cache=True)
+                res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                            **{cache_kw: past})
                 logits = torch.cat(gather(res.logits)).cpu()
-            past = res.past_key_values
+            past = res[cache_kw] if cache_kw in res.keys() else None
             vals, idx = logits.topk(top_k, dim=-1)
             probs = vals.softmax(-1)
             choice = torch.cat([torch.multinomial(probs[sl], 1, generator=g) for sl, g in zip(rows, gens)])

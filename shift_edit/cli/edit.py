@@ -145,8 +145,7 @@ def _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir) -> 
             save_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.", suffix=".tmp"))
             staged.append((tmp, save_dir))
-            tmp.rmdir()
-            save_model_atomically(model, tok, tmp)
+            save_model_atomically(model, tok, tmp)  # fills the empty staging folder
             lines.append(f"model written: {save_dir}")
         for tmp, final in staged:
             if final.is_dir():

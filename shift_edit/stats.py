@@ -27,8 +27,9 @@ import json
 import logging
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,24 @@ class SecondMoment:
     layer: int
     mom2: torch.Tensor
     meta: dict[str, Any]
+    _factor: tuple[bool, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``C⁻¹ rhs`` in float64 (``rhs``: ``[d_in]`` or ``[d_in, n]``), from a Cholesky factor
+        computed once per object (a general solve if ``C`` is not positive definite)."""
+        rhs64 = rhs.double().cpu()
+        vec = rhs64.ndim == 1
+        cols = rhs64[:, None] if vec else rhs64
+        if self._factor is None:
+            factor, info = torch.linalg.cholesky_ex(self.mom2.double())
+            self._factor = (True, factor) if int(info) == 0 else (False, self.mom2.double())
+        is_cholesky, mat = self._factor
+        out = torch.cholesky_solve(cols, mat) if is_cholesky else torch.linalg.solve(mat, cols)
+        return out[:, 0] if vec else out
 
 
 # --- corpora ------------------------------------------------------------------------------
@@ -285,6 +300,30 @@ def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any]) -> SecondMome
     return SecondMoment(expected["layer"], mom2, meta)
 
 
+#: validated cache entries already read in this process, keyed by the files' path, size and
+#: mtime (a changed file is read and checked again); bounded, least recently used dropped
+_MEMO: OrderedDict[tuple, SecondMoment] = OrderedDict()
+_MEMO_SIZE = 16
+
+
+def _memo_key(pt: Path, meta_path: Path) -> tuple | None:
+    try:
+        a, b = pt.stat(), meta_path.stat()
+    except OSError:
+        return None
+    return (str(pt), a.st_size, a.st_mtime_ns, b.st_size, b.st_mtime_ns)
+
+
+def _memo_put(pt: Path, meta_path: Path, entry: SecondMoment) -> None:
+    key = _memo_key(pt, meta_path)
+    if key is None:
+        return
+    _MEMO[key] = entry
+    _MEMO.move_to_end(key)
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+
+
 def layer_stats(
     model: nn.Module,
     tok,
@@ -329,7 +368,16 @@ def layer_stats(
     for layer in layers:
         pt, meta_path = _cache_paths(fingerprint, src, layer, n_tokens, max_length, dtype)
         expected = _expected_meta(fingerprint, src, layer, adapter.ff2_name(layer), n_tokens, max_length, dtype)
-        hit = _try_load(pt, meta_path, expected) if use_cache and not rebuild else None
+        hit = None
+        if use_cache and not rebuild:
+            key = _memo_key(pt, meta_path)
+            hit = _MEMO.get(key) if key is not None else None
+            if hit is not None and any(hit.meta.get(k) != v for k, v in expected.items()):
+                hit = None
+            if hit is None:
+                hit = _try_load(pt, meta_path, expected)
+                if hit is not None:
+                    _memo_put(pt, meta_path, hit)
         if hit is not None:
             log.info("statistics for layer %d from %s", layer, pt)
             out[layer] = hit
@@ -353,4 +401,6 @@ def layer_stats(
                 atomic_write_bytes(pt, data)
                 atomic_write_json(meta_path, meta)
             out[layer] = SecondMoment(layer, mom2, meta)
+            if use_cache:
+                _memo_put(pt, meta_path, out[layer])
     return out

@@ -317,6 +317,23 @@ def _metrics(run_dir):
     return {p.name: json.loads(p.read_text())["metrics"] for p in sorted(Path(run_dir).glob("case_*.json"))}
 
 
+def test_gen_every_generates_for_every_kth_record_only(byte_tok, tmp_path):
+    model = tiny_model("llama")
+    path = write(tmp_path, [rome_record(i, subject=f"S{i}") for i in range(5)])
+    kw = dict(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), gen_max_length=20, neighborhood_kl=False, gen_records=2)
+    every = _metrics(_run(model, byte_tok, path, tmp_path / "all", cfg=BenchConfig(**kw)))
+    some_dir = _run(model, byte_tok, path, tmp_path / "some", cfg=BenchConfig(**kw, gen_every=2))
+    some = _metrics(some_dir)
+    with_gen = sorted(k for k, m in some.items() if "generation" in m)
+    assert with_gen == ["case_0.json", "case_2.json", "case_4.json"]
+    for k in with_gen:  # the same texts as generating for every record (per-record seeds and edits)
+        assert some[k]["generation"] == every[k]["generation"]
+    assert json.loads((some_dir / "params.json").read_text())["match"]["protocol"]["generation"]["every_kth_record"] == 2
+    assert summarize_run(some_dir)["metrics"]["ngram_entropy"]["n"] == 3
+    rec = json.loads((some_dir / "case_1.json").read_text())
+    assert isinstance(rec["edit"]["info"], dict)  # the algorithm's per-request details travel with the record
+
+
 def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     model = tiny_model("llama")
     fp = se.io.model_fingerprint(model)

@@ -107,6 +107,27 @@ def test_stats_cache_reused_and_rebuilt(byte_tok, corpus):
     assert c2.n > 0
 
 
+def test_stats_read_once_per_process_and_solve(byte_tok, corpus, monkeypatch):
+    from shift_edit import stats as stats_mod
+
+    model = tiny_model("llama")
+    kw = dict(corpus=corpus, n_tokens=100, max_length=32, progress=False)
+    built = layer_stats(model, byte_tok, [1], **kw)[1]
+    reads = []
+    real = stats_mod._try_load
+    monkeypatch.setattr(stats_mod, "_try_load", lambda *a: reads.append(a) or real(*a))
+    again = layer_stats(model, byte_tok, [1], **kw)[1]
+    assert again is built and not reads  # validated entry reused without reading the file again
+    pt = next(p for p in (shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))
+    pt.write_bytes(pt.read_bytes())  # touched file (new mtime): read and checked again
+    layer_stats(model, byte_tok, [1], **kw)
+    assert len(reads) == 1
+    rhs = torch.randn(built.mom2.shape[0], 3, dtype=torch.float64)
+    want = torch.linalg.solve(built.mom2.double(), rhs)
+    assert torch.allclose(built.solve(rhs), want, rtol=1e-6, atol=1e-8)
+    assert torch.allclose(built.solve(rhs[:, 0]), want[:, 0], rtol=1e-6, atol=1e-8)
+
+
 def _capture_optimise(monkeypatch, module):
     seen = []
     real = rome_mod.optimise_delta
@@ -160,6 +181,37 @@ def test_rome_update_maps_key_to_value(model_type, byte_tok, corpus, monkeypatch
     result.undo()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_rome_through_update_hook_is_the_rank_one_edit(model_type, byte_tok, corpus, monkeypatch):
+    """optimise_through_update trains δ with the hook that adds δ·uᵀx/uᵀk* everywhere: that
+    hook gives the same outputs as the returned weight update, which still maps k* to v*."""
+    model = tiny_model(model_type)
+    seen = _capture_optimise(monkeypatch, rome_mod)
+    hp = _rome_hp(mom2_corpus=corpus, optimise_through_update=True)
+    (delta,) = rome_mod.compute_rome(model, byte_tok, [make_request(REQ)], hp).deltas
+    dr = seen[0]
+    k_star = dr.keys.mean(0)
+    u = delta.right[0]
+    ff2 = ModelAdapter(model).ff2(1)
+    ids = torch.tensor([byte_tok("Messi plays for a club").input_ids])
+    hook = rome_mod._AddThrough(u, 1.0 / float(u @ k_star))
+    hook.delta = dr.delta
+    handle = ff2.register_forward_hook(hook)
+    try:
+        hooked = model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    from shift_edit.studies.common import temporarily_applied
+
+    with temporarily_applied(model, [delta]):
+        edited = model(input_ids=ids).logits
+    assert torch.allclose(hooked, edited, atol=1e-4, rtol=1e-4)
+    W = canonical_weight(ff2).double()
+    v_star = W @ k_star.double() + dr.delta.double()
+    assert torch.allclose((W + delta.canonical().double()) @ k_star.double(), v_star, atol=1e-4 * float(v_star.norm()))
+    assert dr.steps >= 1 and not torch.equal(hooked, model(input_ids=ids).logits)
 
 
 def test_rome_without_covariance_uses_the_key(byte_tok, corpus, monkeypatch):
@@ -234,6 +286,16 @@ def test_stats_cli(byte_tok, corpus, capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "layer 0:" in out and "layer 2:" in out and "tokens=80" in out
     assert len(list((shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))) == 2
+    # --hparams: the statistics an hparams file reads, then reused by the edit (no second pass)
+    hp_file = tmp_path / "memit.yaml"
+    hp_file.write_text(f"alg_name: MEMIT\nlayers: [0, 1]\nmom2_corpus: {corpus}\nmom2_n_tokens: 90\n"
+                       "mom2_max_length: 30\nv_num_grad_steps: 2\ncontext_template_length_params: [[3, 1]]\n")
+    assert main(["stats", "--model", str(folder), "--hparams", str(hp_file)]) == 0
+    out = capsys.readouterr().out
+    assert "layer 0:" in out and "layer 1:" in out and "tokens=90" in out and "layer 2:" not in out
+    assert len(list((shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))) == 4
+    assert main(["stats", "--model", str(folder)]) == 2  # nothing to compute: one clear message
+    assert "--layer" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~1 min alone on 2 CPU cores (10 min when the machine is shared)
@@ -256,3 +318,28 @@ def test_rome_makes_fact_top1_on_smollm2(smollm2, tmp_path, monkeypatch):
         assert score_continuations(model, tok, [r.text], [r.target_new])[0].all_correct
     finally:
         result.undo()
+
+
+def test_memit_zstar_cache_gives_the_same_batch_with_each_zstar_optimised_once(byte_tok, corpus, monkeypatch):
+    model = tiny_model("llama")
+    hp = MEMITHyperParams(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 2]],
+                          mom2_n_tokens=200, mom2_max_length=40, mom2_corpus=corpus, skip_if_predicted=False,
+                          mom2_update_weight=50.0)
+    reqs = [make_request(REQ), make_request({"prompt": "{} lives in", "subject": "Totti", "target_new": {"str": "Oslo"}})]
+    plain = memit_mod.compute_memit(model, byte_tok, reqs, hp)
+    seen = _capture_optimise(monkeypatch, memit_mod)
+    cached_hp = hp.replace(zstar_cache=True)
+    memit_mod.compute_memit(model, byte_tok, reqs[:1], cached_hp)  # fills the cache for the first request
+    assert len(seen) == 1
+    batch = memit_mod.compute_memit(model, byte_tok, reqs, cached_hp)
+    assert len(seen) == 2  # only the second request's z* was optimised
+    assert batch.info[0]["zstar_from_cache"] and "zstar_from_cache" not in batch.info[1]
+    for a, b in zip(plain.deltas, batch.deltas):
+        assert torch.allclose(a.canonical(), b.canonical(), atol=1e-6)
+    # another z* hparam is another entry; a corrupt entry is recomputed
+    memit_mod.compute_memit(model, byte_tok, reqs[:1], cached_hp.replace(v_lr=0.1))
+    assert len(seen) == 3
+    for p in (shift_edit.loading.cache_dir() / "zstar").rglob("*.pt"):
+        p.write_bytes(b"broken")
+    memit_mod.compute_memit(model, byte_tok, reqs[:1], cached_hp)
+    assert len(seen) == 4

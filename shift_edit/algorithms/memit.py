@@ -20,6 +20,11 @@ and restored before returning.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,6 +32,8 @@ from torch import nn
 
 from ..deltas import WeightDelta
 from ..errors import ShiftEditError
+from ..io import atomic_write_bytes, model_fingerprint
+from ..loading import cache_dir
 from ..registry import Computed, register
 from ..requests import EditRequest
 from ..scoring import pad_batch, pad_id_of
@@ -41,6 +48,8 @@ from .rome import (
     prompt_template,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(kw_only=True)
 class MEMITHyperParams(LocateEditHyperParams):
@@ -51,6 +60,11 @@ class MEMITHyperParams(LocateEditHyperParams):
         mom2_adjustment: use ``λ C`` (on) or ``λ I`` (off) in the solve.
         context_template_length_params: MEMIT's code uses ``[[10, 5]]`` (5 contexts of 10
             new tokens) plus the bare prompt.
+        zstar_cache: keep each request's ``z*`` on disk (``cache_dir()/zstar``), keyed by the
+            model fingerprint, the request and every hparam ``z*`` depends on, and reuse it.
+            ``z*`` of a request does not depend on the other requests of a batch, so runs at
+            several ``--num-edits`` (or repeated runs) optimise each ``z*`` once. Results are
+            identical either way.
     """
 
     ALG_NAME = "MEMIT"
@@ -60,6 +74,7 @@ class MEMITHyperParams(LocateEditHyperParams):
     clamp_norm_factor: float = 0.75
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
     fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
+    zstar_cache: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -116,11 +131,23 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
     z_info = []
     zs = []
+    fingerprint = model_fingerprint(model) if hparams.zstar_cache else None
+    device = next(model.parameters()).device
     for req in active:
-        dr = optimise_delta(model, tok, adapter, z_layer, req, templates, hparams, ref="residual")
-        zs.append((dr.ref + dr.delta).cpu())
-        z_info.append({"delta_norm": float(dr.delta.norm()), "ref_norm": float(dr.ref.norm()),
-                       "steps": dr.steps, "loss_first": dr.losses[0], "loss_last": dr.losses[-1]})
+        path = _zstar_path(fingerprint, device.type, z_layer, req, hparams) if fingerprint else None
+        hit = _zstar_load(path) if path else None
+        if hit is None:
+            dr = optimise_delta(model, tok, adapter, z_layer, req, templates, hparams, ref="residual")
+            hit = ((dr.ref + dr.delta).cpu(), {"delta_norm": float(dr.delta.norm()), "ref_norm": float(dr.ref.norm()),
+                                               "steps": dr.steps, "loss_first": dr.losses[0], "loss_last": dr.losses[-1]})
+            if path:
+                buf = io.BytesIO()
+                torch.save({"z": hit[0], "info": hit[1]}, buf)
+                atomic_write_bytes(path, buf.getvalue())
+        else:
+            hit[1]["zstar_from_cache"] = True
+        zs.append(hit[0])
+        z_info.append(hit[1])
     z = torch.stack(zs).double()  # [N, d_model]
     modules = {layer: adapter.module(adapter.ff2_name(layer)) for layer in layers}
     originals = {layer: m.weight.detach().clone() for layer, m in modules.items()}
@@ -147,6 +174,33 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
     for s in skipped:
         info.append({} if s else {**next(it), "layers": layer_info})
     return Computed(deltas, skipped, info)
+
+
+#: hparams z* depends on (the layers only through the last one, z_layer)
+_ZSTAR_FIELDS = ("fact_token", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
+                 "loss_stop", "context_template_length_params", "context_seed", "ff1_templates", "ff2_template", "final_norm")
+
+
+def _zstar_path(fingerprint: str, device: str, z_layer: int, req: EditRequest, hparams: MEMITHyperParams) -> Path:
+    hp = hparams.to_dict()
+    key = {"z_layer": z_layer, "device": device, "request": {k: v for k, v in req.to_dict().items() if k != "case_id"},
+           "hparams": {k: hp.get(k) for k in _ZSTAR_FIELDS}, "torch": torch.__version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "zstar" / fingerprint / f"{digest}.pt"
+
+
+def _zstar_load(path: Path) -> tuple[torch.Tensor, dict] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+        z, info = data["z"], dict(data["info"])
+        if not torch.isfinite(z).all():
+            raise ValueError("non-finite values")
+        return z, info
+    except Exception as exc:  # noqa: BLE001 - an unreadable entry is recomputed
+        log.warning("z* cache %s is unreadable (%s); recomputing", path, exc)
+        return None
 
 
 register("MEMIT", MEMITHyperParams, compute_memit,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -45,7 +45,7 @@ from ..registry import Computed, register
 from ..requests import EditRequest, encode_target
 from ..resume import record_block_inputs, resume_at
 from ..scoring import head_only_at, pad_batch, pad_id_of
-from ..stats import layer_stats
+from ..stats import SecondMoment, layer_stats
 from .common import EditHyperParams, adapter_for, already_predicted
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,19 @@ class ROMEHyperParams(LocateEditHyperParams):
 
     Attributes:
         mom2_adjustment: ``u = C⁻¹ k*`` (on, as in the paper) or ``u = k*`` (off).
+        optimise_through_update: off (the paper): δ is added to FF2's output at the fact
+            token of every context. On: ``u`` is fixed first and δ is optimised with the
+            rank-one update itself applied (FF2's output at any key ``k`` changes by
+            ``δ · uᵀk / uᵀk*``), so every context, the bare prompt included, is trained on the
+            change it will really get. Worth it when the bare prompt's key is far from the
+            context average (SmolLM2 adds no BOS: a subject at the start of the prompt sits at
+            position 0, whose keys are outliers).
     """
 
     ALG_NAME = "ROME"
 
     mom2_adjustment: bool = True
+    optimise_through_update: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -211,6 +219,21 @@ class _AddAt:
         return out.view(output.shape) if flat else out
 
 
+class _AddThrough:
+    """A forward hook that adds the rank-one update ``delta · (uᵀx) * scale`` at every position
+    (``x`` the module's input): the effect of ``W += scale · delta uᵀ`` on the output."""
+
+    def __init__(self, u: torch.Tensor, scale: float):
+        self.u, self.scale = u, scale
+        self.delta: torch.Tensor | None = None
+
+    def __call__(self, _module, args, output):
+        if self.delta is None:
+            return output
+        coef = (args[0].float() @ self.u.to(args[0].device, torch.float32)) * self.scale
+        return output + (coef[..., None] * self.delta.to(output.device)).to(output.dtype)
+
+
 @dataclasses.dataclass
 class DeltaResult:
     """The optimised δ of one request."""
@@ -233,11 +256,14 @@ def optimise_delta(
     hp: LocateEditHyperParams,
     *,
     ref: Literal["ff2_output", "residual"],
+    through_u: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DeltaResult:
     """Optimise δ added to FF2's output at ``layer`` at the fact token (ROME's v*, MEMIT's z*).
 
     ``ref`` is the vector whose norm scales the clamp and the weight decay: FF2's output
-    (ROME) or the residual stream after ``layer`` (MEMIT).
+    (ROME) or the residual stream after ``layer`` (MEMIT). With ``through_u`` (``k* -> u``),
+    δ is instead applied as the rank-one update ``δ uᵀ / uᵀk*`` at every position
+    (ROME's ``optimise_through_update``).
     """
     device = next(model.parameters()).device
     name = adapter.ff2_name(layer)
@@ -289,6 +315,13 @@ def optimise_delta(
                 refv = x_out[0, idxs[0]].float()
             else:
                 refv = res.hidden_states[layer + 1][0, idxs[0]].float()
+        if through_u is not None:
+            handle.remove()
+            k_star = keys.mean(0)
+            u = through_u(k_star).float().to(device)
+            u = u / u.norm()
+            hook = _AddThrough(u, 1.0 / float(u @ k_star))
+            handle = module.register_forward_hook(hook)
         delta = torch.zeros(refv.shape[0], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norm = hp.clamp_norm_factor * refv.norm()
@@ -348,6 +381,25 @@ def add_canonical_(module: nn.Module, update: torch.Tensor) -> None:
 
 
 # --- ROME -----------------------------------------------------------------------------------
+def rank_one_factors(delta: torch.Tensor, k_star: torch.Tensor, stats: SecondMoment | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME's ``ΔW = Λ uᵀ`` as float32 factors ``(left [out, 1], right [1, in])``.
+
+    ``u = C⁻¹ k*`` (``stats`` given) or ``k*`` (None), normalised; ``Λ = δ / (uᵀ k*)``, so that
+    ``ΔW k* = δ`` and keys with ``uᵀ k = 0`` are unchanged.
+    """
+    k64 = k_star.double().cpu()
+    u = update_direction(k64, stats)
+    lam = delta.double().cpu() / (u @ k64)
+    return lam[:, None].float(), u[None, :].float()
+
+
+def update_direction(k_star: torch.Tensor, stats: SecondMoment | None) -> torch.Tensor:
+    """ROME's unit ``u`` in float64: ``C⁻¹ k*`` (or ``k*`` without statistics), normalised."""
+    k64 = k_star.double().cpu()
+    u = stats.solve(k64) if stats is not None else k64
+    return u / u.norm()
+
+
 def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: ROMEHyperParams) -> Computed:
     """Rank-one deltas of ROME, computed against ``model`` (weights restored on return)."""
     adapter = adapter_for(model, hparams)
@@ -358,11 +410,10 @@ def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: RO
     skipped = already_predicted(model, tok, requests) if hparams.skip_if_predicted else [False] * len(requests)
     if all(skipped):
         return Computed([], skipped, [{} for _ in requests])
-    cov = None
+    stats = None
     if hparams.mom2_adjustment:
         stats = layer_stats(model, tok, [layer], corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
-                            max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype, adapter=adapter)
-        cov = stats[layer].mom2.double()
+                            max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype, adapter=adapter)[layer]
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
     orig = module.weight.detach().clone()
     deltas: list[WeightDelta] = []
@@ -372,13 +423,10 @@ def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: RO
             if skip:
                 info.append({})
                 continue
-            dr = optimise_delta(model, tok, adapter, layer, req, templates, hparams, ref="ff2_output")
-            k_star = dr.keys.mean(0).double().cpu()
-            u = torch.linalg.solve(cov, k_star) if cov is not None else k_star
-            u = u / u.norm()
-            lam = dr.delta.double().cpu() / (u @ k_star)
-            left = lam[:, None].float()
-            right = u[None, :].float()
+            through = (lambda k: update_direction(k, stats)) if hparams.optimise_through_update else None
+            dr = optimise_delta(model, tok, adapter, layer, req, templates, hparams, ref="ff2_output",
+                                through_u=through)
+            left, right = rank_one_factors(dr.delta, dr.keys.mean(0), stats)
             deltas.append(WeightDelta(name, layout, left=left, right=right, layer=layer))
             add_canonical_(module, left @ right)
             info.append({

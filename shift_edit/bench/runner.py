@@ -68,6 +68,7 @@ class BenchConfig:
     gen_max_length: int = 100
     gen_top_k: int = 5
     gen_records: int = 4
+    gen_every: int = 1
     ppl_every: int = 0
     ppl_protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
     wikitext: str | None = None
@@ -91,6 +92,7 @@ class BenchConfig:
             "generation": None if self.skip_generation else {
                 "top_k": self.gen_top_k, "max_length": self.gen_max_length,
                 "records_per_decoding_batch": self.gen_records,
+                "every_kth_record": self.gen_every,
                 "how": "each record's edit is added to its own rows' module outputs (y += x ΔWᵀ) by hooks, "
                        "so several records share one decoding batch; each record samples from its own seed",
             },
@@ -289,10 +291,12 @@ def evaluate_batch(
             edit_info: dict[str, Any] = {"applied": False}
             if result is not None:
                 edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[i]),
-                             "deltas": result.summary(), "rerun_from_block": first}
+                             "deltas": result.summary(), "rerun_from_block": first,
+                             # per-request details of the algorithm (ROME/MEMIT: optimisation steps, losses)
+                             "info": result.info[i] if i < len(result.info) else {}}
                 if len(cases) > 1:
                     edit_info["batch"] = [c.case_id for c in cases]
-            if not cfg.skip_generation and prep.case.generation_prompts:
+            if generates(cfg, prep.position) and prep.case.generation_prompts:
                 gen_requests.append((len(records), GenerationGroup(
                     list(prep.case.generation_prompts), cfg.seed * 1_000_003 + _stable_int(prep.case.case_id),
                     list(result.deltas) if result is not None else [])))
@@ -315,6 +319,11 @@ def evaluate_batch(
     else:
         deferred.extend(pending)
     return records
+
+
+def generates(cfg: BenchConfig, position: int) -> bool:
+    """Whether the record at run position ``position`` gets generations (every ``gen_every``-th)."""
+    return not cfg.skip_generation and position % max(1, cfg.gen_every) == 0
 
 
 def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, GenerationGroup]], cfg: BenchConfig) -> None:
@@ -385,7 +394,8 @@ def run_bench(
     batches = [list(enumerate(cases))[b : b + n] for b in range(0, len(cases), n)]
     # groups of batches whose generations share one decoding batch; a group is always the same
     # records (fixed by position), so resumed and sharded runs generate exactly what a whole run does
-    per_group = 1 if cfg.skip_generation else max(1, cfg.gen_records // n)
+    # (with --gen-every K, a group spans K times as many records, about gen_records of them generating)
+    per_group = 1 if cfg.skip_generation else max(1, cfg.gen_records * max(1, cfg.gen_every) // n)
     groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
     # contiguous shares: records every K-th position (perplexity) spread over the shards too
     mine = groups[rank * len(groups) // world_size : (rank + 1) * len(groups) // world_size]

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-records", type=int, default=4, metavar="K",
                    help="records whose generations share one decoding batch, each with its own edit added to its "
                         "rows (default 4; 1 = one record at a time)")
+    p.add_argument("--gen-every", type=int, default=1, metavar="K",
+                   help="generate (n-gram entropy) for every K-th record only (default 1: all; the summary's "
+                        "ngram_entropy n says how many)")
     p.add_argument("--ppl-every", type=int, default=0, metavar="K", help="WikiText perplexity after every K-th edit (0: never)")
     p.add_argument("--ppl-protocol", choices=["paper", "standard"], default="paper", help="perplexity protocol (default paper)")
     p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: $SHIFT_EDIT_SHARED_DATA/wikitext-2-raw-v1/wiki.test.nonblank.raw, else datasets)")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0),
                         ("--procs", args.procs, 1), ("--num-edits", args.num_edits, 1),
-                        ("--gen-records", args.gen_records, 1)):
+                        ("--gen-records", args.gen_records, 1), ("--gen-every", args.gen_every, 1)):
         if v < lo:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(alg=args.alg, hparams=hparams, seed=args.seed, skip_generation=args.skip_generation,
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
                       wikitext=wikitext, batch_size=args.batch_size,
-                      neighborhood_kl=not args.no_kl, num_edits=args.num_edits, gen_records=args.gen_records)
+                      neighborhood_kl=not args.no_kl, num_edits=args.num_edits, gen_records=args.gen_records,
+                      gen_every=args.gen_every)
     rank, world = shard_env()
     if args.procs > 1 and world == 1:
         return _launch(args.argv, args.procs)

@@ -625,3 +625,13 @@ def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
     mtime = (run / "case_1.json").stat().st_mtime_ns
     assert _run(model, byte_tok, path, tmp_path / "out", cfg=cfg) == run
     assert (run / "case_0.json").is_file() and (run / "case_1.json").stat().st_mtime_ns == mtime
+
+
+def test_run_labels_tell_locate_and_edit_settings_apart():
+    from shift_edit.bench.summarize import _hparams_tag
+
+    assert _hparams_tag({"layers": [26], "eta": 60.0, "eta_scaling": "normalized"}) == " L26 eta 60 normalized"
+    memit = {"layers": [2, 3], "mom2_update_weight": 1500.0, "mom2_n_tokens": 200000, "mom2_adjustment": True}
+    assert _hparams_tag(memit) == " L2,3 λ 1500 C 200k tok"
+    rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}
+    assert _hparams_tag(rome) == " L5 through-update"

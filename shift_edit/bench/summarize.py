@@ -118,6 +118,12 @@ def _hparams_tag(hp: dict | None) -> str:
         if hp.get(key) is not None:
             scaling = " normalized" if hp.get("eta_scaling") == "normalized" and key == "eta" else ""
             bits.append(f"{key} {hp[key]:g}{scaling}")
+    if hp.get("mom2_update_weight") is not None:  # MEMIT's λ
+        bits.append(f"λ {hp['mom2_update_weight']:g}")
+    if hp.get("mom2_n_tokens") is not None and hp.get("mom2_adjustment", True):
+        bits.append(f"C {hp['mom2_n_tokens'] / 1000:g}k tok")
+    if hp.get("optimise_through_update"):
+        bits.append("through-update")
     return (" " + " ".join(bits)) if bits else ""
 
 

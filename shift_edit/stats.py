@@ -39,7 +39,7 @@ from torch import nn
 from .architectures import ModelAdapter
 from .errors import ShiftEditError
 from .hooks import capture_inputs
-from .io import atomic_write_bytes, atomic_write_json, model_fingerprint
+from .io import atomic_write_bytes, atomic_write_json, file_sha256, model_fingerprint, torch_bytes
 from .loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,6 @@ def default_corpus() -> str:
     return str(local) if local.is_file() else HF_DEFAULT_CORPUS
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Corpus:
     """A stream of texts plus a stable identity for cache keys."""
@@ -159,7 +151,7 @@ def open_corpus(spec: str | None = None) -> Corpus:
         raise ShiftEditError(
             f"corpus {spec!r} is neither a text file nor hf:<dataset>[/<config>][/<split>]"
         )
-    return Corpus(path.name, _file_sha256(path), "file", path=path.resolve())
+    return Corpus(path.name, file_sha256(path), "file", path=path.resolve())
 
 
 # --- computation --------------------------------------------------------------------------
@@ -394,9 +386,7 @@ def layer_stats(
             mom2 = mats[name].contiguous()
             meta = {**expected, **counts, "d_in": int(mom2.shape[0])}
             if use_cache:
-                buf = io.BytesIO()
-                torch.save({"mom2": mom2}, buf)
-                data = buf.getvalue()
+                data = torch_bytes({"mom2": mom2})
                 meta["sha256"] = hashlib.sha256(data).hexdigest()
                 atomic_write_bytes(pt, data)
                 atomic_write_json(meta_path, meta)

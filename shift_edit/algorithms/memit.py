@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..deltas import WeightDelta
 from ..errors import ShiftEditError
-from ..io import atomic_write_bytes, model_fingerprint
+from ..io import atomic_write_bytes, model_fingerprint, torch_bytes
 from ..loading import cache_dir
 from ..registry import Computed, register
 from ..requests import EditRequest
@@ -141,9 +140,7 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
             hit = ((dr.ref + dr.delta).cpu(), {"delta_norm": float(dr.delta.norm()), "ref_norm": float(dr.ref.norm()),
                                                "steps": dr.steps, "loss_first": dr.losses[0], "loss_last": dr.losses[-1]})
             if path:
-                buf = io.BytesIO()
-                torch.save({"z": hit[0], "info": hit[1]}, buf)
-                atomic_write_bytes(path, buf.getvalue())
+                atomic_write_bytes(path, torch_bytes({"z": hit[0], "info": hit[1]}))
         else:
             hit[1]["zstar_from_cache"] = True
         zs.append(hit[0])

@@ -319,7 +319,6 @@ def optimise_delta(
             handle.remove()
             k_star = keys.mean(0)
             u = through_u(k_star).float().to(device)
-            u = u / u.norm()
             hook = _AddThrough(u, 1.0 / float(u @ k_star))
             handle = module.register_forward_hook(hook)
         delta = torch.zeros(refv.shape[0], device=device, requires_grad=True)

@@ -7,7 +7,6 @@ of ROME's *generation* prompts rather than a paraphrase, so it is kept under its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShiftEditError
+from ..io import file_sha256  # noqa: F401 - re-exported: callers import it from here
 from ..requests import EditRequest, make_request, with_leading_space
 
 log = logging.getLogger(__name__)
@@ -132,15 +132,6 @@ def parse_case(rec: Any, index: int) -> CounterFactCase:
     raise ShiftEditError(
         f"{where}: neither ROME format (requested_rewrite, ...) nor EasyEdit format (prompt, target_new, ...)"
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_counterfact(

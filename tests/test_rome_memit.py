@@ -214,6 +214,30 @@ def test_rome_through_update_hook_is_the_rank_one_edit(model_type, byte_tok, cor
     assert dr.steps >= 1 and not torch.equal(hooked, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_rome_lambda_from_prompt_key_gives_the_prompt_exactly_delta(model_type, byte_tok, corpus, monkeypatch):
+    """lambda_key: prompt (ROME's reference code) keeps u = C⁻¹k* from the context mean but
+    scales Λ by the bare prompt's key, so that prompt's FF2 output moves by exactly δ; the
+    default (the paper's equation) moves the mean key by δ. Both share u."""
+    model = tiny_model(model_type)
+    seen = _capture_optimise(monkeypatch, rome_mod)
+    req = [make_request(REQ)]
+    (d_mean,) = rome_mod.compute_rome(model, byte_tok, req, _rome_hp(mom2_corpus=corpus)).deltas
+    (d_prompt,) = rome_mod.compute_rome(model, byte_tok, req, _rome_hp(mom2_corpus=corpus, lambda_key="prompt")).deltas
+    dr = seen[1]
+    assert torch.equal(seen[0].delta, dr.delta)  # same δ (deterministic, no through-update)
+    assert torch.allclose(d_mean.right, d_prompt.right, atol=1e-6)
+    k_prompt = dr.bare_key.double()
+    assert torch.equal(dr.bare_key, dr.keys[0])
+    got = d_prompt.canonical().double() @ k_prompt
+    assert torch.allclose(got, dr.delta.double(), atol=1e-4 * float(dr.delta.norm()))
+    ratio = float(d_prompt.right[0].double() @ dr.keys.mean(0).double()) / float(d_prompt.right[0].double() @ k_prompt)
+    assert torch.allclose(d_prompt.canonical().double() @ dr.keys.mean(0).double(), ratio * dr.delta.double(),
+                          atol=1e-4 * float(dr.delta.norm()))
+    with pytest.raises(shift_edit.ShiftEditError, match="lambda_key"):
+        ROMEHyperParams.from_dict({"layers": [1], "lambda_key": "first"})
+
+
 def test_rome_without_covariance_uses_the_key(byte_tok, corpus, monkeypatch):
     model = tiny_model("llama")
     seen = _capture_optimise(monkeypatch, rome_mod)

@@ -19,7 +19,9 @@ For one request at FF2 of layer ``l`` (the MLP output matrix, canonical ``W: [ou
    ``v_weight_decay * ||δ|| / ||m||²`` (``m`` is FF2's original output there); after
    each step ``||δ||`` is clamped to ``clamp_norm_factor * ||m||``. ``v* = W k* + δ``.
 5. ``ΔW = Λ uᵀ`` with ``Λ = (v* - W k*) / (uᵀ k*)``, so ``(W + ΔW) k* = v*`` and keys
-   ``k`` with ``uᵀ k = 0`` are not changed.
+   ``k`` with ``uᵀ k = 0`` are not changed. With ``lambda_key: prompt`` the denominator is
+   ``uᵀ k`` of the request's own (bare) prompt, as in ROME's reference code: that prompt's
+   FF2 output then moves by exactly δ.
 
 Several requests are edited one after another (each computed against the model with
 the earlier ones applied, as ROME's reference code does); the weights are restored
@@ -121,12 +123,17 @@ class ROMEHyperParams(LocateEditHyperParams):
             change it will really get. Worth it when the bare prompt's key is far from the
             context average (SmolLM2 adds no BOS: a subject at the start of the prompt sits at
             position 0, whose keys are outliers).
+        lambda_key: the key ``k`` in ``Λ = δ / (uᵀk)``: ``mean`` (the paper's equation, ``k*``
+            the context mean: ``(W + ΔW) k* = W k* + δ``) or ``prompt`` (ROME's reference code:
+            the key of the request's own prompt, which then gets exactly δ; every other
+            context gets ``δ · uᵀk / uᵀk_prompt``). ``u`` comes from the context mean in both.
     """
 
     ALG_NAME = "ROME"
 
     mom2_adjustment: bool = True
     optimise_through_update: bool = False
+    lambda_key: Literal["mean", "prompt"] = "mean"
 
     def validate(self) -> None:
         super().validate()
@@ -257,13 +264,14 @@ def optimise_delta(
     *,
     ref: Literal["ff2_output", "residual"],
     through_u: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    lambda_key: Literal["mean", "prompt"] = "mean",
 ) -> DeltaResult:
     """Optimise δ added to FF2's output at ``layer`` at the fact token (ROME's v*, MEMIT's z*).
 
     ``ref`` is the vector whose norm scales the clamp and the weight decay: FF2's output
     (ROME) or the residual stream after ``layer`` (MEMIT). With ``through_u`` (``k* -> u``),
-    δ is instead applied as the rank-one update ``δ uᵀ / uᵀk*`` at every position
-    (ROME's ``optimise_through_update``).
+    δ is instead applied as the rank-one update ``δ uᵀ / uᵀk`` at every position
+    (ROME's ``optimise_through_update``; ``k`` per ``lambda_key``).
     """
     device = next(model.parameters()).device
     name = adapter.ff2_name(layer)
@@ -319,7 +327,8 @@ def optimise_delta(
             handle.remove()
             k_star = keys.mean(0)
             u = through_u(k_star).float().to(device)
-            hook = _AddThrough(u, 1.0 / float(u @ k_star))
+            k_lam = keys[0] if lambda_key == "prompt" else k_star
+            hook = _AddThrough(u, 1.0 / float(u @ k_lam))
             handle = module.register_forward_hook(hook)
         delta = torch.zeros(refv.shape[0], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -380,15 +389,19 @@ def add_canonical_(module: nn.Module, update: torch.Tensor) -> None:
 
 
 # --- ROME -----------------------------------------------------------------------------------
-def rank_one_factors(delta: torch.Tensor, k_star: torch.Tensor, stats: SecondMoment | None) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_one_factors(
+    delta: torch.Tensor, k_star: torch.Tensor, stats: SecondMoment | None, k_lambda: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME's ``ΔW = Λ uᵀ`` as float32 factors ``(left [out, 1], right [1, in])``.
 
-    ``u = C⁻¹ k*`` (``stats`` given) or ``k*`` (None), normalised; ``Λ = δ / (uᵀ k*)``, so that
-    ``ΔW k* = δ`` and keys with ``uᵀ k = 0`` are unchanged.
+    ``u = C⁻¹ k*`` (``stats`` given) or ``k*`` (None), normalised; ``Λ = δ / (uᵀ k)`` with
+    ``k = k_lambda`` (default ``k*``), so that ``ΔW k = δ`` and keys with ``uᵀ k = 0`` are
+    unchanged.
     """
     k64 = k_star.double().cpu()
     u = update_direction(k64, stats)
-    lam = delta.double().cpu() / (u @ k64)
+    k_lam = k64 if k_lambda is None else k_lambda.double().cpu()
+    lam = delta.double().cpu() / (u @ k_lam)
     return lam[:, None].float(), u[None, :].float()
 
 
@@ -424,8 +437,9 @@ def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: RO
                 continue
             through = (lambda k: update_direction(k, stats)) if hparams.optimise_through_update else None
             dr = optimise_delta(model, tok, adapter, layer, req, templates, hparams, ref="ff2_output",
-                                through_u=through)
-            left, right = rank_one_factors(dr.delta, dr.keys.mean(0), stats)
+                                through_u=through, lambda_key=hparams.lambda_key)
+            k_lam = dr.bare_key if hparams.lambda_key == "prompt" else None
+            left, right = rank_one_factors(dr.delta, dr.keys.mean(0), stats, k_lam)
             deltas.append(WeightDelta(name, layout, left=left, right=right, layer=layer))
             add_canonical_(module, left @ right)
             info.append({
@@ -436,6 +450,9 @@ def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: RO
                 "loss_first": dr.losses[0],
                 "loss_last": dr.losses[-1],
                 "n_contexts": len(templates),
+                # share of δ the bare prompt gets with Λ from the context mean: uᵀk_prompt / uᵀk*
+                "prompt_key_share": float((right[0].double() @ dr.bare_key.double().cpu())
+                                          / (right[0].double() @ dr.keys.mean(0).double().cpu())),
             })
     finally:
         with torch.no_grad():

@@ -10,6 +10,7 @@ references survive) after saving the original tensors, which
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ class EditResult:
     requests: list[EditRequest]
     deltas: list[WeightDelta]
     orig_weights: dict[str, torch.Tensor]
-    base_hashes: dict[str, str]
+    base_hashes: Mapping[str, str]
     skipped: list[bool]
     info: list[dict[str, Any]] = field(default_factory=list)
     undone: bool = False
@@ -172,7 +173,33 @@ class EditResult:
         return save_patch(self, path)
 
 
-def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+class LazyHashes(Mapping[str, str]):
+    """``{parameter name: sha256}`` of the original weights, each hashed on first read.
+
+    Editing keeps the original tensors anyway (for undo); only a patch or adapter needs
+    their hashes, so an edit that is never saved does not pay for hashing them.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors = tensors
+        self._done: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self._done:
+            self._done[name] = tensor_hash(self._tensors[name])
+        return self._done[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"LazyHashes({dict(self)!r})"
+
+
+def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str, torch.Tensor], Mapping[str, str]]:
     """Add ``deltas`` to the model's weights in place.
 
     Returns:
@@ -201,7 +228,7 @@ def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str,
             raise ShiftEditError(f"refusing an edit that makes {d.param} non-finite")
         prepared.append((d.param, p, new))
     orig = {name: p.detach().cpu().clone() for name, p, _ in prepared}
-    hashes = {name: tensor_hash(t) for name, t in orig.items()}
+    hashes = LazyHashes(orig)
     with torch.no_grad():
         for _name, p, new in prepared:
             p.copy_(new)

@@ -87,7 +87,7 @@ def tensor_hash(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (device independent)."""
     t = t.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # buffer protocol: no copy
     return h.hexdigest()
 
 

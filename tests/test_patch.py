@@ -92,3 +92,21 @@ def test_undone_edit_cannot_be_saved(byte_tok, tmp_path):
     with pytest.raises(se.ShiftEditError, match="undone"):
         result.save_patch(tmp_path / "p.safetensors")
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_base_hashes_are_computed_on_first_read_and_match_the_original_weight(byte_tok, monkeypatch):
+    from shift_edit import deltas as deltas_mod
+    from shift_edit.io import tensor_hash
+
+    model = tiny_model("llama")
+    name = "model.layers.1.mlp.down_proj.weight"
+    want = tensor_hash(model.get_parameter(name))
+    calls = []
+    real = deltas_mod.tensor_hash
+    monkeypatch.setattr(deltas_mod, "tensor_hash", lambda t: calls.append(1) or real(t))
+    result = se.edit(model, byte_tok, REQS[0], se.ShiftHyperParams(layers=[1], eta=0.5, skip_if_predicted=False))
+    assert calls == []  # editing alone hashes nothing
+    assert list(result.base_hashes) == [name] and len(result.base_hashes) == 1
+    assert result.base_hashes[name] == want and dict(result.base_hashes) == {name: want}
+    assert result.base_hashes[name] == want and len(calls) == 1  # hashed once, then remembered
+    assert tensor_hash(model.get_parameter(name)) != want  # the weight itself did change

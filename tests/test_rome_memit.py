@@ -150,7 +150,7 @@ def _rome_hp(**kw):
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_rome_update_maps_key_to_value(model_type, byte_tok, corpus, monkeypatch):
     model = tiny_model(model_type)
-    hp = _rome_hp(mom2_corpus=corpus)
+    hp = _rome_hp(mom2_corpus=corpus, lambda_key="mean")
     seen = _capture_optimise(monkeypatch, rome_mod)
     adapter = ModelAdapter(model)
     ff2 = adapter.ff2(1)
@@ -189,7 +189,7 @@ def test_rome_through_update_hook_is_the_rank_one_edit(model_type, byte_tok, cor
     hook gives the same outputs as the returned weight update, which still maps k* to v*."""
     model = tiny_model(model_type)
     seen = _capture_optimise(monkeypatch, rome_mod)
-    hp = _rome_hp(mom2_corpus=corpus, optimise_through_update=True)
+    hp = _rome_hp(mom2_corpus=corpus, optimise_through_update=True, lambda_key="mean")
     (delta,) = rome_mod.compute_rome(model, byte_tok, [make_request(REQ)], hp).deltas
     dr = seen[0]
     k_star = dr.keys.mean(0)
@@ -217,13 +217,14 @@ def test_rome_through_update_hook_is_the_rank_one_edit(model_type, byte_tok, cor
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_rome_lambda_from_prompt_key_gives_the_prompt_exactly_delta(model_type, byte_tok, corpus, monkeypatch):
     """lambda_key: prompt (ROME's reference code) keeps u = C⁻¹k* from the context mean but
-    scales Λ by the bare prompt's key, so that prompt's FF2 output moves by exactly δ; the
-    default (the paper's equation) moves the mean key by δ. Both share u."""
+    scales Λ by the bare prompt's key, so that prompt's FF2 output moves by exactly δ; with
+    lambda_key: mean (the paper's equation) the mean key moves by δ. Both share u."""
     model = tiny_model(model_type)
     seen = _capture_optimise(monkeypatch, rome_mod)
     req = [make_request(REQ)]
-    (d_mean,) = rome_mod.compute_rome(model, byte_tok, req, _rome_hp(mom2_corpus=corpus)).deltas
-    (d_prompt,) = rome_mod.compute_rome(model, byte_tok, req, _rome_hp(mom2_corpus=corpus, lambda_key="prompt")).deltas
+    (d_mean,) = rome_mod.compute_rome(model, byte_tok, req, _rome_hp(mom2_corpus=corpus, lambda_key="mean")).deltas
+    (d_prompt,) = rome_mod.compute_rome(model, byte_tok, req, _rome_hp(mom2_corpus=corpus)).deltas
+    assert _rome_hp().lambda_key == "prompt"  # the default, as in ROME's reference code
     dr = seen[1]
     assert torch.equal(seen[0].delta, dr.delta)  # same δ (deterministic, no through-update)
     assert torch.allclose(d_mean.right, d_prompt.right, atol=1e-6)

@@ -19,9 +19,9 @@ For one request at FF2 of layer ``l`` (the MLP output matrix, canonical ``W: [ou
    ``v_weight_decay * ||δ|| / ||m||²`` (``m`` is FF2's original output there); after
    each step ``||δ||`` is clamped to ``clamp_norm_factor * ||m||``. ``v* = W k* + δ``.
 5. ``ΔW = Λ uᵀ`` with ``Λ = (v* - W k*) / (uᵀ k*)``, so ``(W + ΔW) k* = v*`` and keys
-   ``k`` with ``uᵀ k = 0`` are not changed. With ``lambda_key: prompt`` the denominator is
-   ``uᵀ k`` of the request's own (bare) prompt, as in ROME's reference code: that prompt's
-   FF2 output then moves by exactly δ.
+   ``k`` with ``uᵀ k = 0`` are not changed. By default (``lambda_key: prompt``, as in ROME's
+   reference code) the denominator is ``uᵀ k`` of the request's own (bare) prompt, whose FF2
+   output then moves by exactly δ; ``lambda_key: mean`` uses the context-mean ``k*``.
 
 Several requests are edited one after another (each computed against the model with
 the earlier ones applied, as ROME's reference code does); the weights are restored
@@ -123,17 +123,18 @@ class ROMEHyperParams(LocateEditHyperParams):
             change it will really get. Worth it when the bare prompt's key is far from the
             context average (SmolLM2 adds no BOS: a subject at the start of the prompt sits at
             position 0, whose keys are outliers).
-        lambda_key: the key ``k`` in ``Λ = δ / (uᵀk)``: ``mean`` (the paper's equation, ``k*``
-            the context mean: ``(W + ΔW) k* = W k* + δ``) or ``prompt`` (ROME's reference code:
-            the key of the request's own prompt, which then gets exactly δ; every other
-            context gets ``δ · uᵀk / uᵀk_prompt``). ``u`` comes from the context mean in both.
+        lambda_key: the key ``k`` in ``Λ = δ / (uᵀk)``: ``prompt`` (default, as ROME's reference
+            code does: the key of the request's own prompt, which then gets exactly δ; every
+            other context gets ``δ · uᵀk / uᵀk_prompt``) or ``mean`` (the paper's equation
+            read with ``k*`` = the context mean: ``(W + ΔW) k* = W k* + δ``, the prompt itself
+            gets ``δ · uᵀk_prompt / uᵀk*``). ``u`` comes from the context mean in both.
     """
 
     ALG_NAME = "ROME"
 
     mom2_adjustment: bool = True
     optimise_through_update: bool = False
-    lambda_key: Literal["mean", "prompt"] = "mean"
+    lambda_key: Literal["mean", "prompt"] = "prompt"
 
     def validate(self) -> None:
         super().validate()

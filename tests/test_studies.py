@@ -111,6 +111,8 @@ def test_sweep_cli_rejects_bad_options_in_one_line(capsys):
     assert "not supported by the min-lr study" in capsys.readouterr().err
     assert main(["sweep", "--model", "x", "--study", "layer-sweep", "--out", "o"]) == 2
     assert "--eta-raw" in capsys.readouterr().err
+    assert main(["sweep", "--model", "x", "--study", "min-lr", "--out", "o", "--ppl-max-tokens", "0"]) == 2
+    assert "--ppl-max-tokens" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -134,3 +136,35 @@ def test_layer_sweep_cells_equal_full_passes(byte_tok, tmp_path, arch):
         finally:
             res.undo()
         assert {k: r[k] for k in full} == full, r
+
+
+def test_min_lr_study_adds_perplexity_to_searched_records_without_searching_again(byte_tok, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    recs = [RECORD, {**RECORD, "case_id": 8}]
+    kw = dict(algs=["SHIFT", "SGD"], layers=[0, 2], out_dir=tmp_path)
+    plain = min_lr.run_min_lr_study(model, byte_tok, recs, **kw)
+    assert not any("ppl" in r for r in plain)
+    searched = []
+    real = min_lr.min_lr_for
+    monkeypatch.setattr(min_lr, "min_lr_for", lambda *a, **k: searched.append(1) or real(*a, **k))
+    ppl = lambda m: wikitext_perplexity(m, byte_tok, ["a short line of text for the test"], max_tokens=8)  # noqa: E731
+    tag = {"lines": 1, "max_tokens": 8}
+    rows = min_lr.run_min_lr_study(model, byte_tok, recs, ppl_fn=ppl, ppl_records=1, ppl_protocol=tag, **kw)
+    assert searched == []  # the minimum steps were reused
+    assert [r["min_lr"] for r in rows] == [r["min_lr"] for r in plain]
+    for r in rows:
+        assert ("ppl" in r) == (r["case_id"] == 7 and r["min_lr"] is not None)
+    # the stored perplexity is the model edited at that step (checked for one cell), and the model is restored
+    cell = next(r for r in rows if "ppl" in r)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert min_lr.ppl_at(model, byte_tok, RECORD, cell["alg"], cell["layer"], cell["min_lr"], ppl) == pytest.approx(cell["ppl"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert ppl(model) != pytest.approx(cell["ppl"])
+    # same ppl protocol again: nothing recomputed; another protocol: perplexity measured again
+    calls = []
+    counting = lambda m: calls.append(1) or ppl(m)  # noqa: E731
+    again = min_lr.run_min_lr_study(model, byte_tok, recs, ppl_fn=counting, ppl_records=1, ppl_protocol=tag, **kw)
+    assert again == rows and calls == []
+    min_lr.run_min_lr_study(model, byte_tok, recs, ppl_fn=counting, ppl_records=1,
+                            ppl_protocol={"lines": 1, "max_tokens": 4}, **kw)
+    assert len(calls) == sum(1 for r in rows if r["case_id"] == 7 and r["min_lr"] is not None) and searched == []

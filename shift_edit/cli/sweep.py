@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta-normalized", type=float, default=None, help="layer-sweep: normalized eta (omit to skip)")
     p.add_argument("--ppl-records", type=int, default=0, help="measure WikiText ppl for the first K records (slow)")
     p.add_argument("--ppl-lines", type=int, default=100, help="WikiText lines for ppl (paper: 100)")
+    p.add_argument("--ppl-max-tokens", type=int, default=256, help="truncate each ppl line to this many tokens (paper: 256)")
+    p.add_argument("--ppl-batch-size", type=int, default=1, help="ppl lines per forward pass (same result, faster)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
 
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [a for a in algs if a not in STEP_FIELD]
     if args.study == "min-lr" and bad:
         raise ShiftEditError(f"--algs: {bad} not supported by the min-lr study (SHIFT, SGD, ADAM)")
+    if args.ppl_max_tokens < 1 or args.ppl_batch_size < 1 or args.ppl_lines < 1:
+        raise ShiftEditError("--ppl-lines, --ppl-max-tokens and --ppl-batch-size must be >= 1")
     if args.study == "layer-sweep" and args.eta_raw is None and args.eta_normalized is None:
         raise ShiftEditError("layer-sweep needs --eta-raw and/or --eta-normalized")
     try:
@@ -81,11 +85,14 @@ def run(args: argparse.Namespace) -> int:
     ppl_fn, base_ppl = None, None
     if args.ppl_records > 0:
         lines = load_wikitext_lines(shared_data_dir() / WIKITEXT, args.ppl_lines)
-        ppl_fn = functools.partial(wikitext_perplexity, tok=tok, lines=lines)
+        ppl_fn = functools.partial(wikitext_perplexity, tok=tok, lines=lines, max_tokens=args.ppl_max_tokens,
+                                   batch_size=args.ppl_batch_size)
         base_ppl = ppl_fn(model)
     meta = {"model": args.model, "n_records": len(records), "case_ids": [r["case_id"] for r in records],
             "layers": layers, "seed": args.seed, "ppl_protocol": PPL_PROTOCOL if ppl_fn else None,
-            "ppl_lines": args.ppl_lines if ppl_fn else None, "ppl_records": args.ppl_records}
+            "ppl_lines": args.ppl_lines if ppl_fn else None,
+            "ppl_max_tokens": args.ppl_max_tokens if ppl_fn else None, "ppl_records": args.ppl_records}
+    ppl_protocol = {"lines": args.ppl_lines, "max_tokens": args.ppl_max_tokens} if ppl_fn else None
     out = Path(args.out)
     if args.study == "min-lr":
         meta.update(algs=algs, criterion=args.criterion, rel_tol=args.rel_tol, start=args.start, max_lr=args.max_lr,
@@ -94,15 +101,15 @@ def run(args: argparse.Namespace) -> int:
         rows = min_lr.run_min_lr_study(model, tok, records, algs=algs, layers=layers, out_dir=out,
                                        criterion=args.criterion, start=args.start, max_lr=args.max_lr,
                                        rel_tol=args.rel_tol, ppl_fn=ppl_fn,
-                                       ppl_records=args.ppl_records,
-                                       protocol={"model": args.model, "ppl_lines": meta["ppl_lines"]})
+                                       ppl_records=args.ppl_records, protocol={"model": args.model},
+                                       ppl_protocol=ppl_protocol)
         min_lr.write_outputs(rows, out, model, meta, base_ppl)
     else:
         settings = [(s, e) for s, e in (("raw", args.eta_raw), ("normalized", args.eta_normalized)) if e is not None]
         meta.update(settings=settings)
         rows = layer_sweep.run_layer_sweep(model, tok, records, layers=layers, settings=settings, out_dir=out,
                                            ppl_fn=ppl_fn, ppl_records=args.ppl_records,
-                                           protocol={"model": args.model, "ppl_lines": meta["ppl_lines"]})
+                                           protocol={"model": args.model, "ppl": ppl_protocol})
         layer_sweep.write_outputs(rows, out, model, meta, base_ppl)
     print(f"wrote {out}/summary.csv, summary.json, rows.csv and the plot")
     return 0

@@ -78,35 +78,55 @@ def min_lr_for(
     return out
 
 
+def ppl_at(model: nn.Module, tok, record: dict[str, Any], alg: str, layer: int, lr: float,
+           ppl_fn: Callable[[nn.Module], float]) -> float:
+    """Perplexity of the model edited by one (record, algorithm, layer) step of size ``lr``
+    (the deltas are linear in the step: the step-1 delta, scaled), the model restored after."""
+    unit = unit_deltas(model, tok, make_request(record), unit_hparams(alg, layer))
+    with temporarily_applied(model, scaled(unit, lr)):
+        return ppl_fn(model)
+
+
 def run_min_lr_study(
     model: nn.Module, tok, records: Sequence[dict[str, Any]], *, algs: Sequence[str], layers: Sequence[int],
     out_dir: str | Path, criterion: Criterion = "first", start: float = 1e-5, max_lr: float = 1e5,
     rel_tol: float = 0.02, ppl_fn: Callable[[nn.Module], float] | None = None, ppl_records: int = 0,
-    protocol: dict[str, Any] | None = None,
+    protocol: dict[str, Any] | None = None, ppl_protocol: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the study; returns one row per (record, alg, layer).
 
     Per-record files go to ``out_dir/records/<case_id>.json``; perplexity (if ``ppl_fn``)
     is measured for the first ``ppl_records`` records only (it is the slow part).
+    ``protocol`` identifies the search (a record searched under another one is redone);
+    ``ppl_protocol`` the perplexity measurement: a record searched earlier without it (or
+    with another) keeps its minimum steps and only gets the perplexity there measured.
     """
     out = Path(out_dir)
     torch.manual_seed(0)
     key = {"study": "min_lr", "algs": list(algs), "layers": list(layers), "criterion": criterion,
            "rel_tol": rel_tol, "start": start, "max_lr": max_lr, **(protocol or {})}
+    ppl_tag = dict(ppl_protocol or {"measured": True})
     rows: list[dict[str, Any]] = []
     cells = [(a, layer) for a in algs for layer in layers]
     for i, rec in enumerate(tqdm(records, desc="min-lr records", unit="rec")):
         path = out / "records" / f"{rec['case_id']}.json"
         done = read_done(path, key)
         with_ppl = ppl_fn is not None and i < ppl_records
-        if done is None or (with_ppl and not done.get("with_ppl")):
+        if done is None:
             cell_rows = [
                 min_lr_for(model, tok, rec, a, layer, criterion=criterion, start=start, max_lr=max_lr,
                            rel_tol=rel_tol, ppl_fn=ppl_fn if with_ppl else None)
                 for a, layer in tqdm(cells, desc=f"case {rec['case_id']}", leave=False)
             ]
-            done = {"case_id": rec["case_id"], "with_ppl": with_ppl, "cells": cell_rows}
+            done = {"case_id": rec["case_id"], "ppl_protocol": ppl_tag if with_ppl else None, "cells": cell_rows}
             write_record(path, key, done)
+        elif with_ppl and done.get("ppl_protocol") != ppl_tag:
+            for c in tqdm(done["cells"], desc=f"ppl, case {rec['case_id']}", leave=False):
+                c.pop("ppl", None)
+                if c["min_lr"] is not None:  # found (as in min_lr_for)
+                    c["ppl"] = ppl_at(model, tok, rec, c["alg"], c["layer"], c["min_lr"], ppl_fn)
+            done["ppl_protocol"] = ppl_tag
+            write_record(path, key, {k: v for k, v in done.items() if k != "protocol_key"})
         rows.extend({"case_id": rec["case_id"], **c} for c in done["cells"])
     return rows
 

@@ -127,10 +127,9 @@ class EditResult:
         """Restore every weight this edit changed, bit for bit, in place."""
         if self.undone:
             return
-        params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, orig in self.orig_weights.items():
-                params[name].copy_(orig)
+                self.model.get_parameter(name).copy_(orig)
         self.undone = True
 
     def summary(self) -> list[dict[str, Any]]:
@@ -211,12 +210,12 @@ def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str,
     Raises:
         ShiftEditError: a delta is not finite or does not fit its weight; nothing is changed.
     """
-    params = dict(model.named_parameters())
     prepared = []
     for d in WeightDelta.merge(deltas):
-        if d.param not in params:
-            raise ShiftEditError(f"no parameter {d.param!r} in this model")
-        p = params[d.param]
+        try:
+            p = model.get_parameter(d.param)  # a direct lookup: no walk over every parameter
+        except AttributeError:
+            raise ShiftEditError(f"no parameter {d.param!r} in this model") from None
         acc = torch.promote_types(p.dtype, torch.float32)  # float32, or float64 for float64 models
         update = d.in_param_layout(acc)
         if update.shape != p.shape:

@@ -110,3 +110,15 @@ def test_base_hashes_are_computed_on_first_read_and_match_the_original_weight(by
     assert result.base_hashes[name] == want and dict(result.base_hashes) == {name: want}
     assert result.base_hashes[name] == want and len(calls) == 1  # hashed once, then remembered
     assert tensor_hash(model.get_parameter(name)) != want  # the weight itself did change
+
+
+def test_a_delta_for_a_missing_weight_is_refused_and_nothing_changes():
+    from shift_edit.deltas import WeightDelta, apply_deltas
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = WeightDelta("model.layers.0.mlp.down_proj", "out_in", left=torch.ones(32, 1), right=torch.ones(1, 48))
+    bad = WeightDelta("model.layers.9.mlp.down_proj", "out_in", left=torch.ones(32, 1), right=torch.ones(1, 48))
+    with pytest.raises(se.ShiftEditError, match="no parameter 'model.layers.9.mlp.down_proj.weight'"):
+        apply_deltas(model, [good, bad])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -635,3 +635,4 @@ def test_run_labels_tell_locate_and_edit_settings_apart():
     assert _hparams_tag(memit) == " L2,3 λ 1500 C 200k tok"
     rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}
     assert _hparams_tag(rome) == " L5 through-update"
+    assert _hparams_tag({"layers": [5], "mom2_n_tokens": 200000, "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"

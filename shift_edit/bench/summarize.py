@@ -124,6 +124,8 @@ def _hparams_tag(hp: dict | None) -> str:
         bits.append(f"C {hp['mom2_n_tokens'] / 1000:g}k tok")
     if hp.get("optimise_through_update"):
         bits.append("through-update")
+    if hp.get("lambda_key"):  # ROME: which key scales Λ (runs before the option existed used the mean)
+        bits.append(f"Λ-key {hp['lambda_key']}")
     return (" " + " ".join(bits)) if bits else ""
 
 

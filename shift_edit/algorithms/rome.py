@@ -248,10 +248,19 @@ class DeltaResult:
 
     delta: torch.Tensor  # [d_model] float32
     ref: torch.Tensor  # the original vector at the subject position (FF2 output or residual)
-    keys: torch.Tensor  # [n_contexts, d_in] FF2 inputs at the fact token, per context
-    bare_key: torch.Tensor  # [d_in] FF2 input at the fact token of the bare prompt
+    keys: torch.Tensor  # [n_contexts, d_in] FF2 inputs at the fact token, per context (row 0: the bare prompt)
     steps: int
     losses: list[float]
+
+    @property
+    def bare_key(self) -> torch.Tensor:
+        """[d_in] FF2 input at the fact token of the bare prompt (context ``"{}"``)."""
+        return self.keys[0]
+
+
+def lambda_key_vector(keys: torch.Tensor, lambda_key: Literal["mean", "prompt"]) -> torch.Tensor:
+    """The key ``k`` in ``Λ = δ / uᵀk``: the bare prompt's (``keys[0]``) or the context mean."""
+    return keys[0] if lambda_key == "prompt" else keys.mean(0)
 
 
 def optimise_delta(
@@ -328,8 +337,7 @@ def optimise_delta(
             handle.remove()
             k_star = keys.mean(0)
             u = through_u(k_star).float().to(device)
-            k_lam = keys[0] if lambda_key == "prompt" else k_star
-            hook = _AddThrough(u, 1.0 / float(u @ k_lam))
+            hook = _AddThrough(u, 1.0 / float(u @ lambda_key_vector(keys, lambda_key)))
             handle = module.register_forward_hook(hook)
         delta = torch.zeros(refv.shape[0], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -366,7 +374,7 @@ def optimise_delta(
         handle.remove()
         for p in params:
             p.requires_grad_(True)
-    return DeltaResult(delta.detach().float(), refv, keys, keys[0], steps, losses)
+    return DeltaResult(delta.detach().float(), refv, keys, steps, losses)
 
 
 def canonical_weight(module: nn.Module) -> torch.Tensor:
@@ -439,8 +447,8 @@ def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: RO
             through = (lambda k: update_direction(k, stats)) if hparams.optimise_through_update else None
             dr = optimise_delta(model, tok, adapter, layer, req, templates, hparams, ref="ff2_output",
                                 through_u=through, lambda_key=hparams.lambda_key)
-            k_lam = dr.bare_key if hparams.lambda_key == "prompt" else None
-            left, right = rank_one_factors(dr.delta, dr.keys.mean(0), stats, k_lam)
+            left, right = rank_one_factors(dr.delta, dr.keys.mean(0), stats,
+                                           lambda_key_vector(dr.keys, hparams.lambda_key))
             deltas.append(WeightDelta(name, layout, left=left, right=right, layer=layer))
             add_canonical_(module, left @ right)
             info.append({

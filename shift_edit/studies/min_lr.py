@@ -73,18 +73,20 @@ def min_lr_for(
     out = {"alg": alg, "layer": layer, "min_lr": res.lr, "below": res.below, "evals": res.evals,
            "unit_delta_norm": sum(d.norm() ** 2 for d in unit) ** 0.5}
     if ppl_fn is not None and res.found:
-        with temporarily_applied(model, scaled(unit, res.lr)):
-            out["ppl"] = ppl_fn(model)
+        out["ppl"] = _ppl_edited(model, unit, res.lr, ppl_fn)
     return out
+
+
+def _ppl_edited(model: nn.Module, unit, lr: float, ppl_fn: Callable[[nn.Module], float]) -> float:
+    with temporarily_applied(model, scaled(unit, lr)):
+        return ppl_fn(model)
 
 
 def ppl_at(model: nn.Module, tok, record: dict[str, Any], alg: str, layer: int, lr: float,
            ppl_fn: Callable[[nn.Module], float]) -> float:
     """Perplexity of the model edited by one (record, algorithm, layer) step of size ``lr``
     (the deltas are linear in the step: the step-1 delta, scaled), the model restored after."""
-    unit = unit_deltas(model, tok, make_request(record), unit_hparams(alg, layer))
-    with temporarily_applied(model, scaled(unit, lr)):
-        return ppl_fn(model)
+    return _ppl_edited(model, unit_deltas(model, tok, make_request(record), unit_hparams(alg, layer)), lr, ppl_fn)
 
 
 def run_min_lr_study(

@@ -10,7 +10,7 @@ from _tiny import tiny_model
 import shift_edit as se
 from shift_edit.studies import layer_sweep, min_lr
 from shift_edit.studies.common import STEP_FIELD, scaled, temporarily_applied, unit_deltas, unit_hparams
-from shift_edit.studies.perplexity import load_wikitext_lines, wikitext_perplexity
+from shift_edit.studies.perplexity import load_wikitext_lines, protocol_text, wikitext_perplexity
 from shift_edit.studies.search import find_min_lr
 
 RECORD = {"case_id": 7, "requested_rewrite": {"prompt": "{} plays for", "subject": "Messi",
@@ -102,6 +102,10 @@ def test_perplexity_matches_a_hand_computation(byte_tok, tmp_path):
         expected.append(math.exp(float(-logp.gather(1, ids[0, 1:, None]).mean())))
     got = wikitext_perplexity(model, byte_tok, lines, batch_size=2)
     assert got == pytest.approx(sum(expected) / 2, rel=1e-4)
+    # a cheap probe stays labelled as what it is in the result files
+    short = wikitext_perplexity(model, byte_tok, lines, max_tokens=8)
+    assert short != pytest.approx(got)
+    assert "first 10 lines" in protocol_text(10, 64) and "truncated to 64 tokens" in protocol_text(10, 64)
 
 
 def test_sweep_cli_rejects_bad_options_in_one_line(capsys):

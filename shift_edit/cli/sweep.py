@@ -12,8 +12,7 @@ from ..errors import ShiftEditError
 from ..studies import layer_sweep, min_lr
 from ..studies.common import STEP_FIELD
 from ..studies.data import WIKITEXT, load_records, shared_data_dir
-from ..studies.perplexity import PROTOCOL as PPL_PROTOCOL
-from ..studies.perplexity import load_wikitext_lines, wikitext_perplexity
+from ..studies.perplexity import load_wikitext_lines, protocol_text, wikitext_perplexity
 from .common import add_model_arguments, load_from_args
 
 NAME = "sweep"
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                    batch_size=args.ppl_batch_size)
         base_ppl = ppl_fn(model)
     meta = {"model": args.model, "n_records": len(records), "case_ids": [r["case_id"] for r in records],
-            "layers": layers, "seed": args.seed, "ppl_protocol": PPL_PROTOCOL if ppl_fn else None,
+            "layers": layers, "seed": args.seed, "ppl_protocol": protocol_text(args.ppl_lines, args.ppl_max_tokens) if ppl_fn else None,
             "ppl_lines": args.ppl_lines if ppl_fn else None,
             "ppl_max_tokens": args.ppl_max_tokens if ppl_fn else None, "ppl_records": args.ppl_records}
     ppl_protocol = {"lines": args.ppl_lines, "max_tokens": args.ppl_max_tokens} if ppl_fn else None

@@ -106,7 +106,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ppls = [r["ppl"] for r in rs if r.get("ppl") is not None]
         out.append({"eta_scaling": scaling, "eta": eta, "layer": layer, "n": len(rs),
                     **{m: statistics.fmean(r[m] for r in rs) for m in ("efficacy", "paraphrase", "neighborhood")},
-                    "ppl_n": len(ppls), "ppl_mean": statistics.fmean(ppls) if ppls else None})
+                    "ppl_n": len(ppls), "ppl_mean": statistics.fmean(ppls) if ppls else None,
+                    "ppl_median": statistics.median(ppls) if ppls else None})
     return out
 
 
@@ -129,14 +130,14 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         ax.set_xlabel("layer"); ax.set_ylim(-0.02, 1.02); ax.legend(fontsize=7)
     ax = axes[0][-1]
     for scaling, eta in settings:
-        ss = [s for s in summary if (s["eta_scaling"], s["eta"]) == (scaling, eta) and s["ppl_mean"] is not None]
-        if ss:
-            ax.plot([s["layer"] for s in ss], [s["ppl_mean"] for s in ss], marker="o", ms=3, label=f"{scaling} {eta:g}")
+        ss = [s for s in summary if (s["eta_scaling"], s["eta"]) == (scaling, eta) and s["ppl_median"] is not None]
+        if ss:  # medians: one broken edit (inf) would dominate a mean
+            ax.plot([s["layer"] for s in ss], [s["ppl_median"] for s in ss], marker="o", ms=3, label=f"{scaling} {eta:g}")
     if base_ppl is not None:
         ax.axhline(base_ppl, color="gray", ls="--", label="unedited")
-    if not any(s["ppl_mean"] is not None for s in summary):
+    if not any(s["ppl_median"] is not None for s in summary):
         ax.text(0.5, 0.5, "perplexity not measured in this run", ha="center", va="center", transform=ax.transAxes)
-    ax.set_yscale("log"); ax.set_xlabel("layer"); ax.set_ylabel("WikiText ppl")
+    ax.set_yscale("log"); ax.set_xlabel("layer"); ax.set_ylabel("WikiText ppl (median over records)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -147,7 +147,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         q = statistics.quantiles(lrs, n=4, method="inclusive") if len(lrs) >= 2 else [lrs[0]] * 3 if lrs else [None] * 3
         out.append({"alg": alg, "layer": layer, "n": len(rs), "already_top1": len(already), "found": len(lrs),
                     "median_min_lr": statistics.median(lrs) if lrs else None, "q25": q[0], "q75": q[2],
-                    "ppl_n": len(ppls), "ppl_mean": statistics.fmean(ppls) if ppls else None})
+                    "ppl_n": len(ppls), "ppl_mean": statistics.fmean(ppls) if ppls else None,
+                    "ppl_median": statistics.median(ppls) if ppls else None})
     return out
 
 
@@ -176,12 +177,12 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         xs = [s["layer"] for s in ss]
         a1.plot(xs, [s["median_min_lr"] for s in ss], marker="o", label=alg)
         a1.fill_between(xs, [s["q25"] for s in ss], [s["q75"] for s in ss], alpha=0.2)
-        sp = [s for s in ss if s["ppl_mean"] is not None]
-        if sp:
-            a2.plot([s["layer"] for s in sp], [s["ppl_mean"] for s in sp], marker="o", label=alg)
+        sp = [s for s in ss if s["ppl_median"] is not None]
+        if sp:  # medians: one broken edit would dominate a mean
+            a2.plot([s["layer"] for s in sp], [s["ppl_median"] for s in sp], marker="o", label=alg)
     if base_ppl is not None:
         a2.axhline(base_ppl, color="gray", ls="--", label="unedited")
-    if not any(s["ppl_mean"] is not None for s in summary):
+    if not any(s["ppl_median"] is not None for s in summary):
         a2.text(0.5, 0.5, "perplexity not measured in this run", ha="center", va="center", transform=a2.transAxes)
     for s in summary:  # how many records reached top-1 at all, under each point
         if s["median_min_lr"] is not None:
@@ -189,7 +190,7 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
                         textcoords="offset points", xytext=(3, 3))
     a1.set_yscale("log")
     a1.set_xlabel("layer"); a1.set_ylabel("minimum lr / eta (median, IQR)"); a1.legend()
-    a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at the minimum lr"); a2.set_yscale("log")
+    a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at the minimum lr (median)"); a2.set_yscale("log")
     if a2.get_legend_handles_labels()[0]:
         a2.legend()
     fig.suptitle(title, fontsize=9)

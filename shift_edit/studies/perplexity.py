@@ -13,7 +13,11 @@ from torch import nn
 
 from ..errors import ShiftEditError
 
-PROTOCOL = "wikitext-2-raw-v1 test, first N non-blank lines >= 30 chars, <= 256 tokens each, mean of per-line ppl"
+
+def protocol_text(n_lines: int, max_tokens: int) -> str:
+    """The perplexity protocol in words, for result files."""
+    return (f"wikitext-2-raw-v1 test, first {n_lines} lines of >= 30 chars, each truncated to {max_tokens} tokens, "
+            "mean of per-line ppl")
 
 
 def load_wikitext_lines(path: str | Path, n: int = 100, min_chars: int = 30) -> list[str]:

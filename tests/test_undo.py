@@ -1,5 +1,6 @@
 """Undo is bit-exact, in place, and keeps tied weights tied."""
 
+import pytest
 import torch
 from _tiny import tiny_model
 
@@ -51,5 +52,25 @@ def test_non_finite_delta_is_refused_and_nothing_changes(byte_tok):
         assert "non-finite" in str(exc)
     else:
         raise AssertionError("an overflowing edit must be refused")
+    for n, p in model.state_dict().items():
+        assert torch.equal(base[n], p)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_non_finite_entry_anywhere_is_refused(bad, dtype):
+    """The finiteness check sees a single NaN or ±inf entry, in any dtype, and changes nothing."""
+    from shift_edit.architectures import ModelAdapter
+    from shift_edit.deltas import WeightDelta, apply_deltas
+
+    model = tiny_model("llama").to(dtype)
+    adapter = ModelAdapter(model)
+    name = adapter.ff2_name(1)
+    weight = model.get_parameter(f"{name}.weight")
+    dense = torch.zeros(weight.shape)  # nn.Linear: [out, in], the canonical orientation
+    dense[-1, 3] = bad
+    base = snapshot(model)
+    with pytest.raises(se.ShiftEditError, match="non-finite"):
+        apply_deltas(model, [WeightDelta(name, adapter.layout(adapter.module(name)), dense=dense)])
     for n, p in model.state_dict().items():
         assert torch.equal(base[n], p)

@@ -123,6 +123,10 @@ def main() -> None:
             extra = f"   steps median {statistics.median(steps[s]):g} (range {min(steps[s])}-{max(steps[s])})"
         print(f"{s:9s} median {med[s] * 1e3:9.1f} ms/edit   ratio to SHIFT {med[s] / med['SHIFT']:7.1f}x"
               f"   ({hps[s][1]}){extra}")
+    per_step = {s: statistics.median(t / max(k, 1) for t, k in zip(times[s], steps[s])) for s in steps}
+    for s, t in per_step.items():
+        print(f"{s:9s} per optimiser step (edit time / steps, median): {t * 1e3:.1f} ms = "
+              f"{t / med['SHIFT']:.2f} SHIFT edits")
     for s in specs:
         if s.startswith("FT"):
             ratio = med[s] / med["SHIFT"]
@@ -137,7 +141,7 @@ def main() -> None:
             "hparams": {s: {"source": hps[s][1], **hps[s][0].to_dict()} for s in specs},
             "seconds": times, "median_ms": {s: m * 1e3 for s, m in med.items()},
             "ratio_to_shift": {s: med[s] / med["SHIFT"] for s in specs},
-            "ft_steps": steps, "target_ratio": TARGET,
+            "ft_steps": steps, "ft_ms_per_step": {s: t * 1e3 for s, t in per_step.items()}, "target_ratio": TARGET,
             "provenance": provenance(model),
         })
 

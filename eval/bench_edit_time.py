@@ -21,6 +21,7 @@ Usage::
 
     SHIFT_EDIT_SHARED_DATA=../shared/data PYTHONPATH=. python eval/bench_edit_time.py --n 10 --threads 2
     ... --model gpt2-xl-shape --n 4 --algs SHIFT,SGD,FT,FT:early
+    ... --case-ids 104,212,715 (records of your choice)
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(DEFAULT_ALGS))
     ap.add_argument("--n", type=int, default=10, help="timed records (edits per algorithm), after one warm-up")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--case-ids", default=None,
+                    help="comma list of CounterFact case ids to time instead of the first --n (the first is also the warm-up)")
     ap.add_argument("--algs", default=None, help="comma list of ALG or ALG:variant (default: per model)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
     args = ap.parse_args()
@@ -100,7 +103,12 @@ def main() -> None:
     if specs[0] != "SHIFT":
         raise SystemExit("--algs must start with SHIFT (ratios are to SHIFT)")
     hps = {s: hparams_for(s, stem, random_weights) for s in specs}
-    records = load_records(n=args.n + 1)
+    if args.case_ids:
+        chosen = load_records(case_ids=[int(c) for c in args.case_ids.split(",")])
+        records, label = chosen[:1] + chosen, f"case ids {args.case_ids} (the first also as warm-up)"
+    else:
+        records, label = load_records(n=args.n + 1), f"records 1..{args.n} of the subset, record 0 as warm-up"
+    n_timed = len(records) - 1
     times: dict[str, list[float]] = {s: [] for s in specs}
     steps: dict[str, list[int]] = {s: [] for s in specs if s.startswith("FT")}
     for i, rec in enumerate(records):
@@ -115,8 +123,8 @@ def main() -> None:
             if s in steps:
                 steps[s].append(res.info[0]["steps"])
     med = {s: statistics.median(v) for s, v in times.items()}
-    print(f"{args.model}, CPU, {args.threads} thread(s), {args.n} CounterFact edits per algorithm "
-          f"(records 1..{args.n} of the subset, record 0 as warm-up), skip_if_predicted off")
+    print(f"{args.model}, CPU, {args.threads} thread(s), {n_timed} CounterFact edits per algorithm "
+          f"({label}), skip_if_predicted off")
     for s in specs:
         extra = ""
         if s in steps:
@@ -136,7 +144,7 @@ def main() -> None:
         atomic_write_json(Path(args.out), {
             "what": "median wall time of shift_edit.edit per single-record edit (compute + apply; undo untimed), "
                     "algorithms interleaved record by record, skip_if_predicted off",
-            "model": args.model, "random_weights": random_weights, "threads": args.threads, "records": f"counterfact subset, 1..{args.n}",
+            "model": args.model, "random_weights": random_weights, "threads": args.threads, "records": label, "case_ids": [r["case_id"] for r in records[1:]],
             "load_average_1min": os.getloadavg()[0],
             "hparams": {s: {"source": hps[s][1], **hps[s][0].to_dict()} for s in specs},
             "seconds": times, "median_ms": {s: m * 1e3 for s, m in med.items()},

@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
         ppl_fn = functools.partial(wikitext_perplexity, tok=tok, lines=lines, max_tokens=args.ppl_max_tokens,
                                    batch_size=args.ppl_batch_size)
         base_ppl = ppl_fn(model)
+    ppl_text = protocol_text(args.ppl_lines, args.ppl_max_tokens) if ppl_fn else None
     meta = {"model": args.model, "n_records": len(records), "case_ids": [r["case_id"] for r in records],
-            "layers": layers, "seed": args.seed, "ppl_protocol": protocol_text(args.ppl_lines, args.ppl_max_tokens) if ppl_fn else None,
+            "layers": layers, "seed": args.seed, "ppl_protocol": ppl_text,
             "ppl_lines": args.ppl_lines if ppl_fn else None,
             "ppl_max_tokens": args.ppl_max_tokens if ppl_fn else None, "ppl_records": args.ppl_records}
     ppl_protocol = {"lines": args.ppl_lines, "max_tokens": args.ppl_max_tokens} if ppl_fn else None

@@ -129,15 +129,23 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         ax.set_title(f"SHIFT {scaling} eta={eta:g}", fontsize=9)
         ax.set_xlabel("layer"); ax.set_ylim(-0.02, 1.02); ax.legend(fontsize=7)
     ax = axes[0][-1]
+    cap = 100 * base_ppl if base_ppl else float("inf")  # ppl above 100x unedited: off scale
     for scaling, eta in settings:
         ss = [s for s in summary if (s["eta_scaling"], s["eta"]) == (scaling, eta) and s["ppl_median"] is not None]
         if ss:  # medians: one broken edit (inf) would dominate a mean
-            ax.plot([s["layer"] for s in ss], [s["ppl_median"] for s in ss], marker="o", ms=3, label=f"{scaling} {eta:g}")
+            xs, ys = [s["layer"] for s in ss], [s["ppl_median"] for s in ss]
+            (line,) = ax.plot(xs, [min(y, cap) for y in ys], marker="o", ms=3, label=f"{scaling} {eta:g}")
+            off = [(x, y) for x, y in zip(xs, ys) if y > cap]
+            if off:  # a broken model (ppl up to inf) would flatten every other point: drawn at the cap
+                ax.plot([x for x, _ in off], [cap] * len(off), ls="none", marker="^", ms=7, color=line.get_color())
+                for x, y in off:
+                    ax.annotate("inf" if y == float("inf") else f"{y:.0e}", (x, cap), fontsize=6,
+                                textcoords="offset points", xytext=(-8, -10), color=line.get_color())
     if base_ppl is not None:
         ax.axhline(base_ppl, color="gray", ls="--", label="unedited")
     if not any(s["ppl_median"] is not None for s in summary):
         ax.text(0.5, 0.5, "perplexity not measured in this run", ha="center", va="center", transform=ax.transAxes)
-    ax.set_yscale("log"); ax.set_xlabel("layer"); ax.set_ylabel("WikiText ppl (median over records)")
+    ax.set_yscale("log"); ax.set_xlabel("layer"); ax.set_ylabel("WikiText ppl, median (▲: off scale)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -144,7 +144,8 @@ def main() -> None:
         atomic_write_json(Path(args.out), {
             "what": "median wall time of shift_edit.edit per single-record edit (compute + apply; undo untimed), "
                     "algorithms interleaved record by record, skip_if_predicted off",
-            "model": args.model, "random_weights": random_weights, "threads": args.threads, "records": label, "case_ids": [r["case_id"] for r in records[1:]],
+            "model": args.model, "random_weights": random_weights, "threads": args.threads,
+            "records": label, "case_ids": [r["case_id"] for r in records[1:]],
             "load_average_1min": os.getloadavg()[0],
             "hparams": {s: {"source": hps[s][1], **hps[s][0].to_dict()} for s in specs},
             "seconds": times, "median_ms": {s: m * 1e3 for s, m in med.items()},

@@ -172,3 +172,22 @@ def test_min_lr_study_adds_perplexity_to_searched_records_without_searching_agai
     min_lr.run_min_lr_study(model, byte_tok, recs, ppl_fn=counting, ppl_records=1,
                             ppl_protocol={"lines": 1, "max_tokens": 4}, **kw)
     assert len(calls) == sum(1 for r in rows if r["case_id"] == 7 and r["min_lr"] is not None) and searched == []
+
+
+def test_ppl_summary_and_off_scale_points_drawn_at_the_cap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shift_edit.studies.common import plot_ppl, ppl_stats
+
+    assert ppl_stats([]) == {"ppl_n": 0, "ppl_mean": None, "ppl_median": None}
+    assert ppl_stats([74.0, 80.0, float("inf")]) == {"ppl_n": 3, "ppl_mean": float("inf"), "ppl_median": 80.0}
+    fig, ax = plt.subplots()
+    plot_ppl(ax, [0, 1, 2], [80.0, float("inf"), 1e30], "normalized 60", base_ppl=74.0)
+    line, marks = ax.get_lines()
+    assert list(line.get_ydata()) == [80.0, 7400.0, 7400.0]  # a broken model's value sits at 100x unedited
+    assert list(marks.get_xdata()) == [1, 2] and marks.get_marker() == "^"
+    assert [t.get_text() for t in ax.texts] == ["inf", "1e+30"]
+    plt.close(fig)

@@ -1,10 +1,12 @@
-"""Helpers the studies share: unit-step deltas, scaled temporary edits, per-record files."""
+"""Helpers the studies share: unit-step deltas, scaled temporary edits, per-record files, perplexity summaries."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import math
+import statistics
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,22 @@ def read_done(path: Path, protocol_key: dict[str, Any]) -> dict[str, Any] | None
 
 def write_record(path: Path, protocol_key: dict[str, Any], payload: dict[str, Any]) -> None:
     atomic_write_json(path, {"protocol_key": protocol_key, **payload})
+
+
+def ppl_stats(ppls: Sequence[float]) -> dict[str, Any]:
+    """``ppl_n``, ``ppl_mean`` and ``ppl_median`` of one summary cell (``None`` when nothing was measured)."""
+    return {"ppl_n": len(ppls), "ppl_mean": statistics.fmean(ppls) if ppls else None,
+            "ppl_median": statistics.median(ppls) if ppls else None}
+
+
+def plot_ppl(ax, xs: Sequence[int], ys: Sequence[float], label: str, base_ppl: float | None) -> None:
+    """Median perplexity against the layer on a log axis. Values above 100x ``base_ppl`` (a broken model's,
+    up to inf, would flatten every other point) are drawn at that cap as a labelled ▲."""
+    cap = 100 * base_ppl if base_ppl else math.inf
+    (line,) = ax.plot(xs, [min(y, cap) for y in ys], marker="o", ms=3, label=label)
+    off = [(x, y) for x, y in zip(xs, ys) if y > cap]
+    if off:
+        ax.plot([x for x, _ in off], [cap] * len(off), ls="none", marker="^", ms=7, color=line.get_color())
+        for x, y in off:
+            ax.annotate("inf" if math.isinf(y) else f"{y:.0e}", (x, cap), fontsize=6,
+                        textcoords="offset points", xytext=(-8, -10), color=line.get_color())

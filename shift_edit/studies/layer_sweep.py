@@ -27,7 +27,7 @@ from ..io import atomic_write_json, atomic_write_text, provenance
 from ..requests import make_request
 from ..resume import record_block_inputs, resume_at
 from ..scoring import score_continuations
-from .common import read_done, write_record
+from .common import plot_ppl, ppl_stats, read_done, write_record
 from .min_lr import to_csv
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ppls = [r["ppl"] for r in rs if r.get("ppl") is not None]
         out.append({"eta_scaling": scaling, "eta": eta, "layer": layer, "n": len(rs),
                     **{m: statistics.fmean(r[m] for r in rs) for m in ("efficacy", "paraphrase", "neighborhood")},
-                    "ppl_n": len(ppls), "ppl_mean": statistics.fmean(ppls) if ppls else None,
-                    "ppl_median": statistics.median(ppls) if ppls else None})
+                    **ppl_stats(ppls)})
     return out
 
 
@@ -129,18 +128,10 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         ax.set_title(f"SHIFT {scaling} eta={eta:g}", fontsize=9)
         ax.set_xlabel("layer"); ax.set_ylim(-0.02, 1.02); ax.legend(fontsize=7)
     ax = axes[0][-1]
-    cap = 100 * base_ppl if base_ppl else float("inf")  # ppl above 100x unedited: off scale
     for scaling, eta in settings:
         ss = [s for s in summary if (s["eta_scaling"], s["eta"]) == (scaling, eta) and s["ppl_median"] is not None]
         if ss:  # medians: one broken edit (inf) would dominate a mean
-            xs, ys = [s["layer"] for s in ss], [s["ppl_median"] for s in ss]
-            (line,) = ax.plot(xs, [min(y, cap) for y in ys], marker="o", ms=3, label=f"{scaling} {eta:g}")
-            off = [(x, y) for x, y in zip(xs, ys) if y > cap]
-            if off:  # a broken model (ppl up to inf) would flatten every other point: drawn at the cap
-                ax.plot([x for x, _ in off], [cap] * len(off), ls="none", marker="^", ms=7, color=line.get_color())
-                for x, y in off:
-                    ax.annotate("inf" if y == float("inf") else f"{y:.0e}", (x, cap), fontsize=6,
-                                textcoords="offset points", xytext=(-8, -10), color=line.get_color())
+            plot_ppl(ax, [s["layer"] for s in ss], [s["ppl_median"] for s in ss], f"{scaling} {eta:g}", base_ppl)
     if base_ppl is not None:
         ax.axhline(base_ppl, color="gray", ls="--", label="unedited")
     if not any(s["ppl_median"] is not None for s in summary):

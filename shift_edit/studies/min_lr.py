@@ -31,7 +31,9 @@ from ..io import atomic_write_json, atomic_write_text, provenance
 from ..requests import encode_prompt, encode_target, make_request
 from ..resume import first_changed_block, record_block_inputs, resume_at
 from ..scoring import pad_id_of, score_token_continuations
-from .common import read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record
+from .common import (
+    plot_ppl, ppl_stats, read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record,
+)
 from .search import find_min_lr
 
 log = logging.getLogger(__name__)
@@ -147,8 +149,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         q = statistics.quantiles(lrs, n=4, method="inclusive") if len(lrs) >= 2 else [lrs[0]] * 3 if lrs else [None] * 3
         out.append({"alg": alg, "layer": layer, "n": len(rs), "already_top1": len(already), "found": len(lrs),
                     "median_min_lr": statistics.median(lrs) if lrs else None, "q25": q[0], "q75": q[2],
-                    "ppl_n": len(ppls), "ppl_mean": statistics.fmean(ppls) if ppls else None,
-                    "ppl_median": statistics.median(ppls) if ppls else None})
+                    **ppl_stats(ppls)})
     return out
 
 
@@ -179,7 +180,7 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         a1.fill_between(xs, [s["q25"] for s in ss], [s["q75"] for s in ss], alpha=0.2)
         sp = [s for s in ss if s["ppl_median"] is not None]
         if sp:  # medians: one broken edit would dominate a mean
-            a2.plot([s["layer"] for s in sp], [s["ppl_median"] for s in sp], marker="o", label=alg)
+            plot_ppl(a2, [s["layer"] for s in sp], [s["ppl_median"] for s in sp], alg, base_ppl)
     if base_ppl is not None:
         a2.axhline(base_ppl, color="gray", ls="--", label="unedited")
     if not any(s["ppl_median"] is not None for s in summary):
@@ -190,7 +191,7 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
                         textcoords="offset points", xytext=(3, 3))
     a1.set_yscale("log")
     a1.set_xlabel("layer"); a1.set_ylabel("minimum lr / eta (median, IQR)"); a1.legend()
-    a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at the minimum lr (median)"); a2.set_yscale("log")
+    a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at min lr, median"); a2.set_yscale("log")
     if a2.get_legend_handles_labels()[0]:
         a2.legend()
     fig.suptitle(title, fontsize=9)

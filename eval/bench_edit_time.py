@@ -41,9 +41,10 @@ from shift_edit.studies.data import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 50.0
-DEFAULT_ALGS = {
-    "smollm2-135m": "SHIFT,SGD,ADAM,FT,FT:early,FT_L",
-    "gpt2-xl-shape": "SHIFT,SGD,ADAM,FT,FT:early",
+# --model -> (default --algs, hparams file stem, whether the weights are random)
+MODELS = {
+    "smollm2-135m": ("SHIFT,SGD,ADAM,FT,FT:early,FT_L", "smollm2-135m", False),
+    "gpt2-xl-shape": ("SHIFT,SGD,ADAM,FT,FT:early", "gpt2-xl", True),
 }
 # GPT-2 XL ships no SGD/ADAM hparams (not tuned without the model); these time the same step at MLP 35
 INLINE = {
@@ -53,20 +54,17 @@ INLINE = {
 
 
 def load(model_name: str):
-    """(model, tokenizer, hparams file stem, whether the weights are random) of ``--model``."""
-    if model_name == "smollm2-135m":
-        model, tok = se.load_model("smollm2-135m")
-        return model, tok, "smollm2-135m", False
-    if model_name == "gpt2-xl-shape":
+    """(model, tokenizer) of ``--model`` (one of :data:`MODELS`)."""
+    model, tok = se.load_model("smollm2-135m")
+    if model_name == "gpt2-xl-shape":  # SmolLM2's tokenizer, GPT-2 XL's architecture
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        del model
         torch.manual_seed(0)
         config = GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257)
         model = GPT2LMHeadModel(config).eval()
         model._shift_edit_name = "gpt2-xl-shape (GPT-2 XL config, random weights)"
-        _, tok = se.load_model("smollm2-135m")
-        return model, tok, "gpt2-xl", True
-    raise SystemExit(f"--model must be one of {sorted(DEFAULT_ALGS)}, got {model_name!r}")
+    return model, tok
 
 
 def hparams_for(spec: str, stem: str, random_weights: bool):
@@ -80,7 +78,7 @@ def hparams_for(spec: str, stem: str, random_weights: bool):
         hp = INLINE[(stem, spec)]()
         source = f"inline (timing only): layers={hp.layers} lr={hp.lr}"
     else:
-        raise SystemExit(f"no hparams for {spec}: {path.relative_to(REPO)} is missing")
+        raise ValueError(f"no hparams for {spec}: {path.relative_to(REPO)} is missing")
     hp = hp.replace(skip_if_predicted=False)
     if random_weights and hasattr(hp, "early_stop_nll"):
         hp, source = hp.replace(early_stop_nll=0.0), source + ", early stop off"
@@ -89,7 +87,7 @@ def hparams_for(spec: str, stem: str, random_weights: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m", choices=sorted(DEFAULT_ALGS))
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
     ap.add_argument("--n", type=int, default=10, help="timed records (edits per algorithm), after one warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--case-ids", default=None,
@@ -97,17 +95,24 @@ def main() -> None:
     ap.add_argument("--algs", default=None, help="comma list of ALG or ALG:variant (default: per model)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok, stem, random_weights = load(args.model)
-    specs = (args.algs or DEFAULT_ALGS[args.model]).split(",")
+    default_algs, stem, random_weights = MODELS[args.model]
+    specs = (args.algs or default_algs).split(",")
     if specs[0] != "SHIFT":
-        raise SystemExit("--algs must start with SHIFT (ratios are to SHIFT)")
-    hps = {s: hparams_for(s, stem, random_weights) for s in specs}
-    if args.case_ids:
-        chosen = load_records(case_ids=[int(c) for c in args.case_ids.split(",")])
-        records, label = chosen[:1] + chosen, f"case ids {args.case_ids} (the first also as warm-up)"
-    else:
-        records, label = load_records(n=args.n + 1), f"records 1..{args.n} of the subset, record 0 as warm-up"
+        ap.error("--algs must start with SHIFT (ratios are to SHIFT)")
+    # every input is checked before the model (1.56B parameters for gpt2-xl-shape) is built
+    try:
+        hps = {s: hparams_for(s, stem, random_weights) for s in specs}
+        if args.case_ids:
+            if not all(c.strip().isdigit() for c in args.case_ids.split(",")):
+                raise ValueError(f"--case-ids must be comma-separated integers, got {args.case_ids!r}")
+            chosen = load_records(case_ids=[int(c) for c in args.case_ids.split(",")])
+            records, label = chosen[:1] + chosen, f"case ids {args.case_ids} (the first also as warm-up)"
+        else:
+            records, label = load_records(n=args.n + 1), f"records 1..{args.n} of the subset, record 0 as warm-up"
+    except (ValueError, se.ShiftEditError) as exc:
+        ap.error(str(exc))
+    torch.set_num_threads(args.threads)
+    model, tok = load(args.model)
     n_timed = len(records) - 1
     times: dict[str, list[float]] = {s: [] for s in specs}
     steps: dict[str, list[int]] = {s: [] for s in specs if s.startswith("FT")}

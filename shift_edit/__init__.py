@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from .architectures import ARCHITECTURES, ModelAdapter, supported_model_types
 from .deltas import EditResult, WeightDelta
 from .editing import apply_algo_to_model, edit, restore_weights
+from .memory import EditMemory
 from .errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
 from .hparams import HyperParams
 from .registry import Algorithm, algorithm_names, get_algorithm, register
@@ -34,7 +35,7 @@ from .patch import apply_patch, read_patch, revert_patch, save_patch
 from .lora import LoraExport, export_lora, read_lora
 
 __all__ = [
-    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "Algorithm", "BaseEditor", "EditHyperParams", "EditRequest",
+    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "Algorithm", "BaseEditor", "EditHyperParams", "EditMemory", "EditRequest",
     "EditResult", "FTHyperParams", "FTLHyperParams", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
     "SGDHyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",

@@ -12,6 +12,7 @@ from torch import nn
 from .deltas import EditResult, apply_deltas
 from .errors import ShiftEditError
 from .hparams import HyperParams
+from .memory import EditMemory
 from .registry import algorithm_for_hparams
 from .requests import EditRequest, make_requests
 
@@ -23,6 +24,8 @@ def edit(
     tok,
     requests: RequestLike | Iterable[RequestLike],
     hparams: HyperParams,
+    *,
+    memory: EditMemory | None = None,
 ) -> EditResult:
     """Edit ``model`` in place with the algorithm ``hparams`` belong to.
 
@@ -35,6 +38,9 @@ def edit(
         tok: its tokenizer.
         requests: one request or a list (ROME, CounterFact or EasyEdit format).
         hparams: hparams of a registered algorithm, e.g. :class:`ShiftHyperParams`.
+        memory: for sequential (lifelong) editing: the keys of earlier edits, given to
+            algorithms that use them (AlphaEdit, SHIFT_PLUS) and extended with this edit's
+            keys once it is applied. Other algorithms ignore it.
 
     Returns:
         An :class:`EditResult`; ``result.undo()`` restores the weights bit-exactly.
@@ -44,8 +50,13 @@ def edit(
     """
     alg = algorithm_for_hparams(hparams)
     reqs = make_requests(requests)
-    computed = alg.compute(model, tok, reqs, hparams)
+    if alg.uses_memory:
+        computed = alg.compute(model, tok, reqs, hparams, memory=memory)
+    else:
+        computed = alg.compute(model, tok, reqs, hparams)
     orig, hashes = apply_deltas(model, computed.deltas) if computed.deltas else ({}, {})
+    if memory is not None and computed.memory_keys:
+        memory.add(computed.memory_keys)
     return EditResult(
         model=model,
         algorithm=alg.name,

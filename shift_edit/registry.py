@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+import torch
 
 from .deltas import WeightDelta
 from .errors import ShiftEditError
@@ -28,14 +28,20 @@ class Computed:
         deltas: the weight changes, computed against the model as given.
         skipped: per request, whether it was skipped (target already predicted).
         info: per request, algorithm details worth reporting.
+        memory_keys: for algorithms registered with ``uses_memory``: parameter name ->
+            ``[n, d_in]`` keys of this edit, appended to the :class:`EditMemory` once the
+            deltas are applied.
     """
 
     deltas: list[WeightDelta]
     skipped: list[bool]
     info: list[dict[str, Any]] = field(default_factory=list)
+    memory_keys: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-ComputeFn = Callable[[nn.Module, Any, list[EditRequest], HyperParams], Computed]
+ComputeFn = Callable[..., Computed]
+"""``compute(model, tok, requests, hparams)``, plus a keyword ``memory: EditMemory | None`` for
+algorithms registered with ``uses_memory=True``."""
 
 
 @dataclass(frozen=True)
@@ -46,18 +52,31 @@ class Algorithm:
     hparams_class: type[HyperParams]
     compute: ComputeFn
     description: str
+    uses_memory: bool = False
 
 
 _REGISTRY: dict[str, Algorithm] = {}
 
 
-def register(name: str, hparams_class: type[HyperParams], compute: ComputeFn, description: str) -> Algorithm:
-    """Register an algorithm under ``name``; a duplicate name is an error."""
+def register(
+    name: str,
+    hparams_class: type[HyperParams],
+    compute: ComputeFn,
+    description: str,
+    *,
+    uses_memory: bool = False,
+) -> Algorithm:
+    """Register an algorithm under ``name``; a duplicate name is an error.
+
+    ``uses_memory``: ``compute`` takes a keyword ``memory`` (an :class:`~shift_edit.memory.EditMemory`
+    or ``None``) holding the keys of earlier edits, and returns this edit's keys in
+    ``Computed.memory_keys``.
+    """
     if name in _REGISTRY:
         raise ValueError(f"algorithm {name!r} is already registered")
     if hparams_class.ALG_NAME != name:
         raise ValueError(f"{hparams_class.__name__}.ALG_NAME is {hparams_class.ALG_NAME!r}, not {name!r}")
-    alg = Algorithm(name, hparams_class, compute, description)
+    alg = Algorithm(name, hparams_class, compute, description, uses_memory)
     _REGISTRY[name] = alg
     return alg
 

@@ -1,0 +1,61 @@
+"""What a lifelong (sequential) run remembers between edits: the keys of earlier edits.
+
+Algorithms that protect earlier edits (AlphaEdit's null-space update, SHIFT_PLUS) need the
+keys — the inputs of each edited matrix at the edited positions — of every edit already made.
+:func:`shift_edit.edit` hands an :class:`EditMemory` to algorithms registered with
+``uses_memory=True`` and, only after the deltas were applied, appends the keys the algorithm
+returned in :attr:`Computed.memory_keys`. A refused or failed edit leaves the memory as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .errors import ShiftEditError
+from .io import atomic_write_bytes
+
+
+class EditMemory:
+    """Keys of the edits made so far, per edited parameter.
+
+    ``keys(param)`` is a float32 CPU tensor ``[n_keys, d_in]`` (rows in edit order) or ``None``.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, torch.Tensor] = {}
+
+    def keys(self, param: str) -> torch.Tensor | None:
+        """The remembered keys for ``param`` (``"<module>.weight"``), or ``None``."""
+        return self._keys.get(param)
+
+    def add(self, new: Mapping[str, torch.Tensor]) -> None:
+        """Append rows ``[n, d_in]`` per parameter name."""
+        for param, k in new.items():
+            k = k.detach().float().cpu()
+            if k.dim() == 1:
+                k = k[None]
+            old = self._keys.get(param)
+            if old is not None and old.shape[1] != k.shape[1]:
+                raise ShiftEditError(f"memory keys for {param} have width {old.shape[1]}, new ones {k.shape[1]}")
+            self._keys[param] = k.contiguous() if old is None else torch.cat([old, k]).contiguous()
+
+    def params(self) -> list[str]:
+        return sorted(self._keys)
+
+    def __len__(self) -> int:
+        """Number of remembered keys, over all parameters."""
+        return sum(int(k.shape[0]) for k in self._keys.values())
+
+    def save(self, path: str | Path) -> None:
+        """Write the memory as safetensors (for resuming a sequential run)."""
+        atomic_write_bytes(Path(path), save({p: k.contiguous() for p, k in self._keys.items()}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> EditMemory:
+        mem = cls()
+        mem._keys = {p: k.float() for p, k in load_file(str(path)).items()}
+        return mem

@@ -33,6 +33,19 @@ from .editor import BaseEditor, load_hparams
 from .loading import ALIASES, load_model
 from .patch import apply_patch, read_patch, revert_patch, save_patch
 from .lora import LoraExport, export_lora, read_lora
+from .apply_names import apply_functions as _apply_functions, lookup as _lookup_apply
+
+# ROME/MEMIT/EasyEdit names, one per registered algorithm: apply_rome_to_model, apply_memit_to_model, ...
+globals().update(_apply_functions())
+from .datasets import CounterFactDataset, KnowEditDataset, ZsreDataset
+
+
+def __getattr__(name: str):
+    """``apply_<alg>_to_model`` of an algorithm registered after import (PEP 562)."""
+    fn = _lookup_apply(name)
+    if fn is None:
+        raise AttributeError(f"module 'shift_edit' has no attribute {name!r}")
+    return fn
 
 __all__ = [
     "ALIASES", "ARCHITECTURES", "AdamHyperParams", "Algorithm", "BaseEditor", "EditHyperParams", "EditMemory", "EditRequest",
@@ -42,4 +55,6 @@ __all__ = [
     "apply_algo_to_model", "apply_patch", "apply_shift_to_model", "compute_shift", "edit", "export_lora",
     "get_algorithm", "load_hparams", "load_model", "make_request", "make_requests", "read_lora", "read_patch",
     "register", "restore_weights", "revert_patch", "save_patch", "supported_model_types",
+    "CounterFactDataset", "KnowEditDataset", "ZsreDataset",
 ]
+__all__ += sorted(_apply_functions())

@@ -1,51 +1,75 @@
 """EasyEdit's facade: ``BaseEditor.from_hparams(hparams).edit(prompts, target_new, ...)``.
 
-Metrics here are EasyEdit's family (token accuracy of the new target, locality as
-agreement of the argmax tokens before and after), not ROME's probability
-comparisons nor MEMIT's strict top-1 accuracy; the result says so.
-Unlike EasyEdit, the returned model is the edited one, never a restored one.
+Follows zjunlp/EasyEdit at commit ``14cea8245f06715684592ab55184939b99d70784`` (July 2026),
+``easyeditor/editors/editor.py``: the same signatures, request dicts, modes and ``metrics``
+keys, for every algorithm in the registry.
+
+- ``sequential_edit=False`` (default): each request is edited alone, measured, and the weights
+  are restored (bit-exactly) before the next; the returned model is the restored one (it is
+  the editor's model, as in EasyEdit).
+- ``sequential_edit=True``: each request is edited on top of the earlier ones and measured
+  right after its own edit; the model stays edited (``undo_all()`` reverts).
+- One choice differs: ``weights_copy`` holds the original (pre-call) value of every parameter
+  any request of the call changed, so ``restore_weights(model, weights_copy)`` always gives the
+  unedited model back (EasyEdit returns the last request's copy only, which after several
+  sequential edits restores just part of them).
+
+Metrics are EasyEdit's family (token accuracy, locality as argmax agreement; see
+:mod:`shift_edit.easyedit`), labelled in ``metric_meta`` as EasyEdit labels them; our own
+families (strict top-1, ROME's comparison) sit beside them under ``shift_edit``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import easyedit as ee
 from .deltas import EditResult
 from .editing import edit
 from .errors import ShiftEditError
 from .hparams import HyperParams
-from .requests import encode_prompt, encode_target, make_request
-from .scoring import pad_id_of, score_token_continuations
+from .memory import EditMemory
+from .registry import algorithm_for_hparams
+from .requests import make_request
+
+log = logging.getLogger(__name__)
 
 METRIC_FAMILY = "easyedit_token_accuracy"
 
+#: keyword arguments EasyEdit's ``edit``/``edit_requests`` take; with no effect here: ``train_ds``
+#: (IKE's), ``keep_original_weight`` (EasyEdit ignores it too since 2025), ``requests`` is used.
+KNOWN_KWARGS = frozenset({"subject", "test_generation", "keep_original_weight", "eval_metric", "requests",
+                          "pre_edit", "pre_file", "train_ds", "loc_prompts"})
+_EXACT_MATCH = (None, "exact match", "token_em")
+_PASSED_ON = frozenset({"eval_metric", "pre_edit", "pre_file", "train_ds", "keep_original_weight"})
 
-def _as_list(value: Any, n: int, name: str) -> list:
-    if value is None:
-        return [None] * n
-    if isinstance(value, str):
-        value = [value]
-    value = list(value)
-    if len(value) != n:
-        raise ShiftEditError(f"{name} has {len(value)} entries for {n} prompts")
-    return value
+
+def _warn_unknown(kwargs: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(set(kwargs) - KNOWN_KWARGS)
+    if unknown:
+        log.warning("BaseEditor.%s: ignored keyword arguments %s (not used here)", where, ", ".join(unknown))
 
 
 class BaseEditor:
     """Edit a model with any registered algorithm, EasyEdit style.
 
     Args:
-        hparams: the algorithm's hparams.
+        hparams: the algorithm's hparams (ours, or read from EasyEdit/ROME files).
         model / tok: an already loaded model and tokenizer; if omitted, ``hparams.model_name``
             is loaded with :func:`shift_edit.load_model`.
     """
 
     def __init__(self, hparams: HyperParams, model: nn.Module | None = None, tok=None) -> None:
+        if hparams is None:
+            raise ShiftEditError("hparams is None")
         if model is None:
             from .loading import load_model
 
@@ -56,128 +80,225 @@ class BaseEditor:
         if tok is None:
             raise ShiftEditError("a model was given without its tokenizer (tok=)")
         self.hparams = hparams
+        self.alg_name = algorithm_for_hparams(hparams).name
+        self.model_name = getattr(hparams, "model_name", "")
         self.model = model
         self.tok = tok
         self.history: list[EditResult] = []
+        self.memory = EditMemory()
 
     @classmethod
     def from_hparams(cls, hparams: HyperParams | str | Path, model: nn.Module | None = None, tok=None) -> BaseEditor:
-        """Build from hparams or an hparams YAML path (the algorithm is read from ``alg_name``)."""
+        """Build from hparams or an hparams file path (YAML, ours or EasyEdit's; ROME's JSON)."""
         if not isinstance(hparams, HyperParams):
             hparams = load_hparams(hparams)
         return cls(hparams, model, tok)
 
-    def _accuracy(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
-        pairs = [(encode_prompt(self.tok, p), encode_target(self.tok, p, t)) for p, t in zip(prompts, targets)]
-        scores = score_token_continuations(self.model, pairs, pad_id=pad_id_of(self.tok))
-        return [float(s.token_correct.float().mean()) for s in scores]
-
-    def _argmax_tokens(self, prompts: Sequence[str], targets: Sequence[str]) -> list[torch.Tensor]:
-        pairs = [(encode_prompt(self.tok, p), encode_target(self.tok, p, t)) for p, t in zip(prompts, targets)]
-        return [s.argmax_ids for s in score_token_continuations(self.model, pairs, pad_id=pad_id_of(self.tok))]
-
+    # ------------------------------------------------------------------ EasyEdit's entry points
     def edit(
         self,
-        prompts: str | Sequence[str],
-        target_new: str | Sequence[str],
-        subject: str | Sequence[str] | None = None,
-        ground_truth: str | Sequence[str] | None = None,
-        rephrase_prompts: str | Sequence[str] | None = None,
-        locality_inputs: dict[str, dict[str, Sequence[str]]] | None = None,
+        prompts: str | list[str],
+        target_new: str | list[str],
+        ground_truth: str | list[str] | None = None,
+        target_neg: str | list[str] | None = None,
+        rephrase_prompts: str | list[str] | None = None,
+        locality_inputs: dict | None = None,
+        portability_inputs: dict | None = None,
         sequential_edit: bool = False,
-        keep_original_weight: bool = False,
+        verbose: bool = True,
+        **kwargs: Any,
     ) -> tuple[list[dict[str, Any]], nn.Module, dict[str, torch.Tensor]]:
-        """Edit each fact and measure it (EasyEdit token accuracy family).
+        """Edit each fact and measure it before and after (EasyEdit token accuracy family).
 
         Args:
-            prompts / target_new / subject / ground_truth: one value or one per edit.
-            rephrase_prompts: one rephrasing per edit (scored with target_new).
-            locality_inputs: ``{name: {"prompt": [...], "ground_truth": [...]}}``, one per edit.
-            sequential_edit: apply all edits one after another and measure at the end
-                (default: all requests are applied as one batch, deltas from the unedited model).
-            keep_original_weight: restore the model after measuring each edit (then the
-                returned model is the unedited one, and ``weights_copy`` is empty).
+            prompts / target_new / ground_truth / target_neg / rephrase_prompts: one value or one
+                per edit (as EasyEdit).
+            locality_inputs / portability_inputs: ``{name: {"prompt": [...], "ground_truth": [...]}}``,
+                one entry per edit (an entry may itself be a list of prompts; ``None`` skips it).
+            sequential_edit: keep each edit and make the next on top of it (see the module doc).
+            verbose: log each edit's metrics.
+            **kwargs: ``subject``, ``test_generation``, ``eval_metric``, ``requests``, ``pre_edit``,
+                ``pre_file``, ``loc_prompts``, ``keep_original_weight``/``train_ds`` (no effect);
+                any other name is a warning.
 
         Returns:
-            ``(metrics, edited_model, weights_copy)``: one metrics dict per edit, the edited
-            model, and parameter name -> original tensor for manual restoring.
+            ``(metrics, edited_model, weights_copy)`` as EasyEdit returns them.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        n = len(prompts)
-        targets = _as_list(target_new, n, "target_new")
-        subjects = _as_list(subject, n, "subject")
-        truths = _as_list(ground_truth, n, "ground_truth")
-        rephrases = _as_list(rephrase_prompts, n, "rephrase_prompts")
-        requests = [
-            make_request({"prompt": p, "target_new": t, "subject": s, "ground_truth": g})
-            for p, t, s, g in zip(prompts, targets, subjects, truths)
-        ]
-        loc = {
-            name: (_as_list(v["prompt"], n, f"locality {name} prompt"), _as_list(v["ground_truth"], n, f"locality {name} ground_truth"))
-            for name, v in (locality_inputs or {}).items()
-        }
-        loc_pre = {name: self._argmax_tokens(ps, gs) for name, (ps, gs) in loc.items()}
-        pre = self._accuracy([r.text for r in requests], [r.target_new for r in requests])
-
-        if keep_original_weight:
-            results, post_metrics = [], []
-            for i, r in enumerate(requests):
-                results.append(edit(self.model, self.tok, r, self.hparams))
-                one_loc = {k: (ps[i : i + 1], gs[i : i + 1]) for k, (ps, gs) in loc.items()}
-                one_pre = {k: v[i : i + 1] for k, v in loc_pre.items()}
-                post_metrics += self._post([r], rephrases[i : i + 1], one_loc, one_pre)
-                results[-1].undo()
-            weights: dict[str, torch.Tensor] = {}
+        _warn_unknown(kwargs, "edit")
+        test_generation = kwargs.pop("test_generation", False)
+        prompts, target_new = self._normalise(prompts, target_new)
+        truths = self._ground_truths(ground_truth, prompts)
+        if kwargs.get("requests") is not None:
+            requests = kwargs.pop("requests")
         else:
-            if sequential_edit:
-                results = [edit(self.model, self.tok, r, self.hparams) for r in requests]
-            else:
-                results = [edit(self.model, self.tok, requests, self.hparams)]
-            weights = {}
-            for res in reversed(results):  # the earliest original of each weight wins
-                weights.update(res.orig_weights)
-            post_metrics = self._post(requests, rephrases, loc, loc_pre)
-        self.history.extend(r for r in results if not r.undone)
-        skipped = [s for res in results for s in res.skipped]
+            requests = ee.prepare_requests(prompts, target_new, truths, target_neg, rephrase_prompts,
+                                           locality_inputs, portability_inputs, **kwargs)
+        passed = {k: v for k, v in kwargs.items() if k in _PASSED_ON}
+        return self.edit_requests(requests, sequential_edit, verbose, test_generation=test_generation, **passed)
 
-        metrics = [
-            {
-                "case_id": i,
-                "metric_family": METRIC_FAMILY,
-                "requested_rewrite": r.to_dict(),
-                "skipped": skipped[i],
-                "pre": {"rewrite_acc": [pre[i]]},
-                "post": post_metrics[i],
-            }
-            for i, r in enumerate(requests)
-        ]
-        return metrics, self.model, weights
+    def batch_edit(
+        self,
+        prompts: list[str],
+        target_new: list[str],
+        ground_truth: list[str] | None = None,
+        target_neg: list[str] | None = None,
+        rephrase_prompts: list[str] | None = None,
+        locality_inputs: dict | None = None,
+        portability_inputs: dict | None = None,
+        sequential_edit: bool = False,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> tuple[list[dict[str, Any]], nn.Module, dict[str, torch.Tensor]]:
+        """EasyEdit's ``batch_edit``: requests in chunks of ``hparams.batch_size`` (all at once for
+        hparams without one), each chunk applied as one batch, every request measured before and
+        after; the chunk is undone unless ``sequential_edit``. ``case_id`` counts within a chunk
+        and ``time`` is the chunk's edit time, as in EasyEdit."""
+        _warn_unknown(kwargs, "batch_edit")
+        test_generation = kwargs.pop("test_generation", False)
+        if isinstance(prompts, str) or len(prompts) != len(target_new):
+            raise ShiftEditError("batch_edit takes lists of prompts and target_new of the same length")
+        truths = self._ground_truths(ground_truth, prompts)
+        requests = ee.prepare_requests(prompts, target_new, truths, target_neg, rephrase_prompts,
+                                       locality_inputs, portability_inputs, **kwargs)
+        size = getattr(self.hparams, "batch_size", None) or len(requests)
+        all_metrics: list[dict[str, Any]] = []
+        weights: dict[str, torch.Tensor] = {}
+        for start in range(0, len(requests), size):
+            chunk = requests[start : start + size]
+            metrics = [{"case_id": i, "requested_rewrite": r, "pre": self._quality(r, test_generation)}
+                       for i, r in enumerate(chunk)]
+            ours_pre = [ee.our_families(self.model, self.tok, r) for r in chunk]
+            t0 = time.perf_counter()
+            result = edit(self.model, self.tok, [self._request(r, start + i) for i, r in enumerate(chunk)],
+                          self.hparams, memory=self.memory if sequential_edit else None)
+            exec_time = time.perf_counter() - t0
+            for name, orig in result.orig_weights.items():
+                weights.setdefault(name, orig)
+            for i, (m, r) in enumerate(zip(metrics, chunk)):
+                m["time"] = exec_time
+                m["post"] = self._quality(r, test_generation)
+                m["shift_edit"] = self._ours(ours_pre[i], r, result, i)
+            self._keep_or_undo(result, sequential_edit)
+            for m, r in zip(metrics, chunk):
+                ee.finalize_locality(m, r)
+                if verbose:
+                    log.info("%s editing: %s -> %s\n%s", m["case_id"], r["prompt"], r["target_new"], m)
+            all_metrics.extend(metrics)
+        return all_metrics, self.model, weights
 
-    def _post(self, requests, rephrases, loc, loc_pre) -> list[dict[str, Any]]:
-        post = [{"rewrite_acc": [a]} for a in self._accuracy([r.text for r in requests], [r.target_new for r in requests])]
-        idx = [i for i, p in enumerate(rephrases) if p is not None]
-        if idx:
-            acc = self._accuracy([rephrases[i] for i in idx], [requests[i].target_new for i in idx])
-            for i, a in zip(idx, acc):
-                post[i]["rephrase_acc"] = [a]
-        for name, (ps, gs) in loc.items():
-            after = self._argmax_tokens(ps, gs)
-            for i, (a, b) in enumerate(zip(loc_pre[name], after)):
-                post[i].setdefault("locality", {})[f"{name}_acc"] = [float((a == b).float().mean())]
-        return post
+    def edit_requests(
+        self,
+        requests: Sequence[Mapping[str, Any]],
+        sequential_edit: bool = False,
+        verbose: bool = True,
+        test_generation: bool = False,
+        **kwargs: Any,
+    ) -> tuple[list[dict[str, Any]], nn.Module, dict[str, torch.Tensor]]:
+        """EasyEdit's ``edit_requests``: EasyEdit request dicts (``prompt``, ``target_new``,
+        ``ground_truth``, ``subject``, ``rephrase_prompt``, ``locality``, ``portability``) edited
+        one at a time (see :meth:`edit`)."""
+        _warn_unknown(kwargs, "edit_requests")
+        if kwargs.get("eval_metric") not in _EXACT_MATCH:
+            raise ShiftEditError(f"eval_metric={kwargs['eval_metric']!r} is not computed here; "
+                                 "only EasyEdit's token accuracy ('exact match' / 'token_em')")
+        requests = [dict(r) for r in requests]
+        for r in requests:
+            r.setdefault("locality", {})
+            r.setdefault("portability", {})
+        if not requests:
+            raise ShiftEditError("no requests given")
+        if kwargs.get("pre_edit") is not None:
+            all_metrics = [dict(m) for m in kwargs["pre_edit"]]
+            if len(all_metrics) != len(requests):
+                raise ShiftEditError(f"pre_edit has {len(all_metrics)} entries for {len(requests)} requests")
+        else:
+            all_metrics = [{"pre": self._quality(r, test_generation)} for r in requests]
+            if kwargs.get("pre_file") is not None:
+                from .io import atomic_write_text
+
+                atomic_write_text(Path(kwargs["pre_file"]), json.dumps(all_metrics, indent=4))
+        weights: dict[str, torch.Tensor] = {}
+        for i, r in enumerate(requests):
+            ours_pre = ee.our_families(self.model, self.tok, r)
+            t0 = time.perf_counter()
+            result = edit(self.model, self.tok, [self._request(r, i)], self.hparams,
+                          memory=self.memory if sequential_edit else None)
+            exec_time = time.perf_counter() - t0
+            for name, orig in result.orig_weights.items():
+                weights.setdefault(name, orig)
+            all_metrics[i].update({"case_id": i, "requested_rewrite": r, "time": exec_time,
+                                   "post": self._quality(r, test_generation)})
+            all_metrics[i]["shift_edit"] = self._ours(ours_pre, r, result, 0)
+            ee.finalize_locality(all_metrics[i], r)
+            if verbose:
+                log.info("%d editing: %s -> %s\n%s", i, r["prompt"], r["target_new"], all_metrics[i])
+            self._keep_or_undo(result, sequential_edit)
+        log.info("Metrics Summary (EasyEdit token accuracy): %s", ee.summary_metrics(all_metrics))
+        return all_metrics, self.model, weights
 
     def undo_all(self) -> None:
-        """Undo every edit made through this editor, newest first."""
+        """Undo every edit kept by sequential editing through this editor, newest first."""
         while self.history:
             self.history.pop().undo()
+        self.memory = EditMemory()
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _normalise(prompts: Any, target_new: Any) -> tuple[list[str], list[str]]:
+        if isinstance(prompts, str):
+            prompts, target_new = [prompts], [target_new]
+        prompts, target_new = list(prompts), list(target_new)
+        if len(prompts) != len(target_new):
+            raise ShiftEditError(f"{len(prompts)} prompts but {len(target_new)} target_new")
+        return prompts, target_new
+
+    @staticmethod
+    def _ground_truths(ground_truth: Any, prompts: Sequence[str]) -> list[Any]:
+        if ground_truth is None:
+            return [None] * len(prompts)
+        truths = [ground_truth] if isinstance(ground_truth, str) else list(ground_truth)
+        if len(truths) != len(prompts):
+            raise ShiftEditError(f"ground_truth has {len(truths)} entries for {len(prompts)} prompts")
+        return truths
+
+    def _quality(self, request: Mapping[str, Any], test_generation: bool) -> dict[str, Any]:
+        return ee.compute_edit_quality(self.model, self.tok, request, test_generation=test_generation)
+
+    @staticmethod
+    def _request(r: Mapping[str, Any], case_id: int):
+        truth = r.get("ground_truth")
+        if isinstance(truth, list):
+            truth = truth[0] if truth else None
+        return make_request({"prompt": r["prompt"], "target_new": r["target_new"], "subject": r.get("subject"),
+                             "ground_truth": truth, "case_id": case_id})
+
+    def _ours(self, pre: dict[str, Any], request: Mapping[str, Any], result: EditResult, i: int) -> dict[str, Any]:
+        return {"families": ee.OUR_FAMILIES, "algorithm": self.alg_name,
+                "skipped": bool(result.skipped[i]) if i < len(result.skipped) else False,
+                "pre": pre, "post": ee.our_families(self.model, self.tok, request)}
+
+    def _keep_or_undo(self, result: EditResult, sequential_edit: bool) -> None:
+        if sequential_edit:
+            self.history.append(result)
+        else:
+            result.undo()
 
 
 def load_hparams(path: str | Path) -> HyperParams:
-    """Load any algorithm's hparams YAML; the class is chosen by its ``alg_name``."""
+    """Load any algorithm's hparams file; the class is chosen by its ``alg_name``. Reads our
+    YAML, EasyEdit's YAML and (with ``alg_name`` in it) ROME/MEMIT-style JSON."""
     from .hparams import read_yaml
     from .registry import get_algorithm
 
-    data, source = read_yaml(path)
+    p = Path(path)
+    if p.suffix == ".json":
+        try:
+            data, source = json.loads(p.read_text()), str(p)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ShiftEditError(f"cannot read hparams {path}: {exc}") from None
+    else:
+        data, source = read_yaml(path)
     if not isinstance(data, dict) or "alg_name" not in data:
-        raise ShiftEditError(f"{source}: no alg_name; say which algorithm these hparams are for")
-    return get_algorithm(data["alg_name"]).hparams_class.from_dict(data, source=source)
+        raise ShiftEditError(f"{source}: no alg_name; say which algorithm these hparams are for "
+                             "(or load them with the class, e.g. ROMEHyperParams.from_json)")
+    return get_algorithm(data["alg_name"]).hparams_class._from_any(data, source)

@@ -68,6 +68,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
+        if isinstance(value, str):  # "5e-1": YAML 1.1 reads it as a string; EasyEdit converts such strings too
+            try:
+                value = float(value)
+            except ValueError:
+                return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if tp is str:
@@ -140,8 +145,35 @@ class HyperParams:
 
     @classmethod
     def from_hparams(cls: type[H], path: str | Path) -> H:
-        """Load a YAML file, EasyEdit style: ``"hparams/SHIFT/smollm2-135m"`` or with ``.yaml``."""
+        """Load a YAML file, EasyEdit style: ``"hparams/SHIFT/smollm2-135m"`` or with ``.yaml``.
+
+        EasyEdit's own YAML files (``hparams/ROME/gpt2-xl.yaml`` of zjunlp/EasyEdit) are read
+        through the mapping of :mod:`shift_edit.foreign_hparams`."""
         data, source = read_yaml(path)
+        return cls._from_any(data, source)
+
+    @classmethod
+    def from_json(cls: type[H], path: str | Path) -> H:
+        """Load a JSON file: ROME's/MEMIT's ``hparams/<ALG>/<model>.json`` (mapped through
+        :mod:`shift_edit.foreign_hparams`) or our own fields written as JSON."""
+        import json
+
+        p = Path(path)
+        if not p.is_file():
+            raise ShiftEditError(f"hparams file not found: {path}")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ShiftEditError(f"{p}: not valid JSON ({exc})") from None
+        return cls._from_any(data, str(p))
+
+    @classmethod
+    def _from_any(cls: type[H], data: Any, source: str) -> H:
+        from .foreign_hparams import is_foreign, translate
+
+        if isinstance(data, dict) and is_foreign(data):
+            target, fields = translate(cls, data, source=source)
+            return target.from_dict(fields, source=source)
         return cls.from_dict(data, source=source)
 
     def to_dict(self) -> dict[str, Any]:

@@ -147,9 +147,11 @@ def metrics_from_scores(scores: dict[str, list[tuple[ContinuationScore, Continua
     top1: dict[str, float] = {}
     top1_first: dict[str, float] = {}
     nlls: dict[str, list[dict[str, float]]] = {}
+    correct: dict[str, list[bool]] = {}  # per prompt, strict top-1 (MEMIT's *_prompts_correct; export)
     for group, rows in scores.items():
         nll = [(n.mean_nll, t.mean_nll) for n, t in rows]
         nlls[group] = [{"target_new": a, "target_true": b} for a, b in nll]
+        correct[group] = [t.all_correct if group == "neighborhood" else n.all_correct for n, t in rows]
         if group == "neighborhood":
             rome[f"{group}_success"] = _mean([float(b < a) for a, b in nll])
             rome[f"{group}_magnitude"] = _mean([math.exp(-b) - math.exp(-a) for a, b in nll])
@@ -160,7 +162,7 @@ def metrics_from_scores(scores: dict[str, list[tuple[ContinuationScore, Continua
             rome[f"{group}_magnitude"] = _mean([math.exp(-a) - math.exp(-b) for a, b in nll])
             top1[f"{group}_acc"] = _mean([float(n.all_correct) for n, _ in rows])
             top1_first[f"{group}_acc"] = _mean([float(n.first_correct) for n, _ in rows])
-    return {"rome": rome, "top1": top1, "top1_first": top1_first, "nll": nlls}
+    return {"rome": rome, "top1": top1, "top1_first": top1_first, "nll": nlls, "top1_correct": correct}
 
 
 @torch.no_grad()

@@ -38,6 +38,12 @@ METRICS: list[tuple[str, tuple[str, ...], float]] = [
     ("neighborhood_kl", ("neighborhood_kl", "mean"), 1.0),
     ("ngram_entropy", ("generation", "ngram_entropy"), 100.0),
     ("wikitext_ppl", ("perplexity", "value"), 1.0),
+    # EasyEdit token accuracy, only in rows read from EasyEdit result files (bench/foreign.py)
+    ("ee_rewrite_acc", ("easyedit", "rewrite_acc"), 100.0),
+    ("ee_rephrase_acc", ("easyedit", "rephrase_acc"), 100.0),
+    ("ee_locality", ("easyedit", "locality"), 100.0),
+    ("ee_portability", ("easyedit", "portability"), 100.0),
+    ("ee_fluency", ("easyedit", "fluency"), 100.0),
 ]
 
 
@@ -180,7 +186,8 @@ def to_markdown(rows: Sequence[dict]) -> str:
     lines.append("Families: ES/PS/NS/RS (success) and EM/PM/NM (magnitude) = ROME probability comparisons from mean "
                  "token NLLs; *_top1 = strict top-1 accuracy (all target tokens argmax; neighborhood = TRUE object); "
                  "*_first_token = first-token-only top-1; RS/rephrase = EasyEdit rephrase_prompt (not ROME paraphrases); "
-                 "S = harmonic mean of ES, PS, NS; edit_time_median_s = median wall time of edit() over edited records; "
+                 "S = harmonic mean of ES, PS, NS; ee_* = EasyEdit token accuracy (post-edit, from EasyEdit result files; "
+                 "fluency = n-gram entropy); edit_time_median_s = median wall time of edit() over edited records; "
                  "cells: mean ± 95% CI (normal approx.), x100 except KL, ppl and time.")
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,8 @@ HELP = "summarize benchmark run dirs (markdown, CSV, JSON, PNG), optionally besi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="+", help="results/<ALG>/run_<NNN> folders")
+    p.add_argument("run_dirs", nargs="+", help="results/<ALG>/run_<NNN> folders; also ROME/MEMIT run folders "
+                   "(case_*.json) and EasyEdit result JSON files")
     p.add_argument("--reference", action="append", default=[], help="eval/reference/*.json to show beside (repeatable)")
     p.add_argument("--out", default=None, help="folder for summary.md/.csv/.json/.png (default: the first run dir)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG bar chart")
@@ -21,24 +22,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.summarize import bar_chart, load_reference, summarize_run, to_csv, to_markdown
+    from ..bench.summarize import bar_chart, load_reference, to_csv, to_markdown
     from ..io import atomic_write_json, atomic_write_text
 
-    from ..bench.summarize import read_cases
+    from ..bench.foreign import case_ids_any, summarize_any
     from ..errors import ShiftEditError
 
     if args.limit is not None and args.limit < 1:
         raise ShiftEditError(f"--limit must be >= 1, got {args.limit}")
     ids = None
     if args.common:
-        sets = [{str(c["case_id"]) for c in read_cases(d)} for d in args.run_dirs]
+        sets = [case_ids_any(d) for d in args.run_dirs]
         ids = set.intersection(*sets)
         if not ids:
             raise ShiftEditError("--common: the runs have no finished record in common")
-    rows = [summarize_run(d, case_ids=ids, limit=args.limit) for d in args.run_dirs]
+    rows = [summarize_any(d, case_ids=ids, limit=args.limit) for d in args.run_dirs]
     for ref in args.reference:
         rows.extend(load_reference(ref))
-    out = Path(args.out) if args.out else Path(args.run_dirs[0])
+    first = Path(args.run_dirs[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
     md = to_markdown(rows)
     atomic_write_text(out / "summary.md", md)
     atomic_write_text(out / "summary.csv", to_csv(rows))

@@ -154,18 +154,29 @@ def compute_edit_quality(model: nn.Module, tok, record: Mapping[str, Any], *, te
                          seed: int = 0) -> dict[str, Any]:
     """EasyEdit's ``compute_edit_quality`` for a decoder-only model: ``rewrite_acc``,
     ``rephrase_acc`` (with a ``rephrase_prompt``), ``locality`` (``<key>_output``),
-    ``portability`` (``<key>_acc``), ``fluency`` (with ``test_generation``) and ``metric_meta``."""
-    ret: dict[str, Any] = {"rewrite_acc": token_accuracy(model, tok, record["prompt"], record["target_new"])}
-    ret["metric_meta"] = {"rewrite": lm_meta("rewrite")}
-    ret["locality"] = {}
-    ret["portability"] = {}
+    ``portability`` (``<key>_acc``), ``fluency`` (with ``test_generation``) and ``metric_meta``.
+    Every prompt of the record is scored in one batch."""
+    parts: list[tuple[str, str, list[str], list[str]]] = [("rewrite", "", *_as_lists(record["prompt"], record["target_new"]))]
     if record.get("rephrase_prompt") is not None:
-        ret["rephrase_acc"] = token_accuracy(model, tok, record["rephrase_prompt"], record["target_new"])
-        ret["metric_meta"]["rephrase"] = lm_meta("rephrase")
+        parts.append(("rephrase", "", *_as_lists(record["rephrase_prompt"], record["target_new"])))
     for key, entry in (record.get("locality") or {}).items():
-        ret["locality"][f"{key}_output"] = argmax_outputs(model, tok, entry["prompt"], entry["ground_truth"])
+        parts.append(("locality", key, *_as_lists(entry["prompt"], entry["ground_truth"])))
     for key, entry in (record.get("portability") or {}).items():
-        ret["portability"][f"{key}_acc"] = token_accuracy(model, tok, entry["prompt"], entry["ground_truth"])
+        parts.append(("portability", key, *_as_lists(entry["prompt"], entry["ground_truth"])))
+    scores = _score(model, tok, [p for part in parts for p in part[2]], [t for part in parts for t in part[3]])
+    ret: dict[str, Any] = {"metric_meta": {"rewrite": lm_meta("rewrite")}, "locality": {}, "portability": {}}
+    at = 0
+    for section, key, prompts, _ in parts:
+        mine, at = scores[at : at + len(prompts)], at + len(prompts)
+        acc = [float(s.token_correct.float().mean()) for s in mine if s is not None]
+        if section in ("rewrite", "rephrase"):
+            ret[f"{section}_acc"] = acc
+        elif section == "locality":
+            ret["locality"][f"{key}_output"] = [s.argmax_ids.tolist() if s is not None else [] for s in mine]
+        else:
+            ret["portability"][f"{key}_acc"] = acc
+    if "rephrase_acc" in ret:
+        ret["metric_meta"]["rephrase"] = lm_meta("rephrase")
     if test_generation:
         prompts = record["prompt"] if isinstance(record["prompt"], list) else [record["prompt"]]
         ret["fluency"] = fluency(model, tok, prompts, seed=seed)
@@ -230,23 +241,28 @@ def our_families(model: nn.Module, tok, request: Mapping[str, Any]) -> dict[str,
     """Strict top-1 and ROME's comparison for the rewrite (and rephrase) prompt, our conventions."""
     from .requests import encode_prompt, encode_target, with_leading_space
 
-    out: dict[str, Any] = {}
     prompts = {"rewrite": request["prompt"]}
     if request.get("rephrase_prompt") is not None:
         prompts["rephrase"] = request["rephrase_prompt"]
-    for name, text in prompts.items():
+    truth = request.get("ground_truth")
+    truth = truth[0] if isinstance(truth, list) and truth else truth
+    pairs = []
+    for text in prompts.values():
         text = text if isinstance(text, str) else text[0]
-        new = with_leading_space(text, request["target_new"])
-        pairs = [(encode_prompt(tok, text), encode_target(tok, text, new))]
-        truth = request.get("ground_truth")
+        ids = encode_prompt(tok, text)
+        pairs.append((ids, encode_target(tok, text, with_leading_space(text, request["target_new"]))))
         if truth:
-            pairs.append((pairs[0][0], encode_target(tok, text, with_leading_space(text, truth))))
-        scores = score_token_continuations(model, pairs, pad_id=pad_id_of(tok))
-        row = {f"{name}_top1": float(scores[0].all_correct), f"{name}_nll_new": scores[0].mean_nll}
+            pairs.append((ids, encode_target(tok, text, with_leading_space(text, truth))))
+    scores = iter(score_token_continuations(model, pairs, pad_id=pad_id_of(tok)))
+    out: dict[str, Any] = {}
+    for name in prompts:
+        new = next(scores)
+        out[f"{name}_top1"] = float(new.all_correct)
+        out[f"{name}_nll_new"] = new.mean_nll
         if truth:
-            row[f"{name}_nll_true"] = scores[1].mean_nll
-            row[f"{name}_success"] = float(scores[0].mean_nll < scores[1].mean_nll)
-        out.update(row)
+            true = next(scores)
+            out[f"{name}_nll_true"] = true.mean_nll
+            out[f"{name}_success"] = float(new.mean_nll < true.mean_nll)
     return out
 
 

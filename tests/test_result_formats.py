@@ -44,7 +44,7 @@ def run_dir(byte_tok, tmp_path_factory):
 
 def hmean(xs):
     """scipy.stats.hmean (ROME imports it; scipy is not a dependency here)."""
-    return len(xs) / sum(1 / x for x in xs)
+    return 0.0 if any(x == 0 for x in xs) else len(xs) / sum(1 / x for x in xs)
 
 
 def rome_summarize(run_dir: Path, pattern: str = "case_*.json") -> dict:

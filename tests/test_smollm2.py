@@ -74,29 +74,6 @@ def test_patch_is_small_and_full_save_reloads_identically(smollm2, tmp_path):
         assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_base_editor_easyedit_contract(smollm2):
-    model, tok = smollm2
-    state = {n: p.detach().clone() for n, p in model.named_parameters()}
-    editor = se.BaseEditor.from_hparams("hparams/SHIFT/smollm2-135m.yaml", model=model, tok=tok)
-    metrics, edited, weights = editor.edit(
-        prompts=["The Eiffel Tower is located in the city of"],
-        target_new=["Rome"],
-        ground_truth=["Paris"],
-        rephrase_prompts=["Where is the Eiffel Tower? It is in the city of"],
-        locality_inputs={"neighborhood": {"prompt": ["The Colosseum is located in the city of"], "ground_truth": ["Rome"]}},
-    )
-    assert edited is model, "the returned model is the edited one"
-    assert next_token_topk(edited, tok, "The Eiffel Tower is located in the city of", 1)[0][0] == " Rome"
-    m = metrics[0]
-    assert m["metric_family"] == "easyedit_token_accuracy"
-    assert m["pre"]["rewrite_acc"] == [0.0] and m["post"]["rewrite_acc"] == [1.0]
-    assert "rephrase_acc" in m["post"] and "neighborhood_acc" in m["post"]["locality"]
-    assert len(weights) == 1 and all(k.endswith("mlp.down_proj.weight") for k in weights)
-    editor.undo_all()
-    for n, p in model.named_parameters():
-        assert torch.equal(state[n], p), n
-
-
 def test_readme_python_example_runs_as_written(smollm2, tmp_path, monkeypatch):
     """The README's Python API block, executed verbatim (patch file in a temp folder): every
     step works and the model ends bit-exactly unedited."""
@@ -116,27 +93,3 @@ def test_readme_python_example_runs_as_written(smollm2, tmp_path, monkeypatch):
     assert scope["edited_model"] is model
     for n, p in model.named_parameters():
         assert torch.equal(p, state[n]), n
-
-
-def test_base_editor_sequential_and_keep_original_weight(smollm2):
-    """sequential_edit applies the edits one after another (the second delta is computed on the
-    model with the first applied); keep_original_weight measures each edit alone and returns
-    the unedited model with an empty weights_copy."""
-    model, tok = smollm2
-    state = {n: p.detach().clone() for n, p in model.named_parameters()}
-    editor = se.BaseEditor.from_hparams("hparams/SHIFT/smollm2-135m.yaml", model=model, tok=tok)
-    prompts = ["The Eiffel Tower is located in the city of", "Hamlet was written by"]
-    targets = ["Rome", "Goethe"]
-    metrics, edited, weights = editor.edit(prompts=prompts, target_new=targets, sequential_edit=True)
-    assert edited is model and len(editor.history) == 2 and len(weights) == 1
-    name = next(iter(weights))
-    assert torch.equal(weights[name], state[name])  # the earliest original of the shared matrix
-    assert all(m["post"]["rewrite_acc"] == [1.0] for m in metrics)
-    editor.undo_all()
-    for n, p in model.named_parameters():
-        assert torch.equal(state[n], p), n
-    metrics, edited, weights = editor.edit(prompts=prompts, target_new=targets, keep_original_weight=True)
-    assert weights == {} and not editor.history
-    assert all(m["post"]["rewrite_acc"] == [1.0] for m in metrics)
-    for n, p in model.named_parameters():
-        assert torch.equal(state[n], p), n

@@ -247,6 +247,8 @@ class BaseEditor:
     def _normalise(prompts: Any, target_new: Any) -> tuple[list[str], list[str]]:
         if isinstance(prompts, str):
             prompts, target_new = [prompts], [target_new]
+        if isinstance(target_new, str):
+            target_new = [target_new]
         prompts, target_new = list(prompts), list(target_new)
         if len(prompts) != len(target_new):
             raise ShiftEditError(f"{len(prompts)} prompts but {len(target_new)} target_new")

@@ -106,6 +106,11 @@ class HyperParams:
             object.__setattr__(self, f.name, conv)
         self.validate()
 
+    @property
+    def alg_name(self) -> str:
+        """The registry name (EasyEdit scripts read ``hparams.alg_name``)."""
+        return self.ALG_NAME
+
     def validate(self) -> None:
         """Range and consistency checks; raise :class:`ShiftEditError` naming the field."""
 

@@ -156,6 +156,8 @@ def test_ground_truth_is_the_third_positional_argument_and_kwargs_are_warned(byt
     assert len(warned) == 1 and "bogus_option" in warned[0] and "train_ds" not in warned[0]
     with pytest.raises(se.ShiftEditError, match="eval_metric"):
         editor.edit(PROMPTS[0], TARGETS[0], eval_metric="ppl", verbose=False)
+    with pytest.raises(se.ShiftEditError, match="2 prompts but 1 target_new"):
+        editor.edit(PROMPTS, "Rome", verbose=False)  # a string is one target, not its characters
     with pytest.raises(se.ShiftEditError, match="one per edit"):
         editor.edit(PROMPTS, TARGETS, rephrase_prompts=["only one"], verbose=False)
 
@@ -256,6 +258,17 @@ def test_knowedit_eval_reads_our_metrics(shift_metrics):
                 / sum(k.endswith("_acc") for k in p["locality"]) for p in post]
     assert math.isclose(loc, sum(want_loc) / 2)
     assert 0 <= port <= 100 and fluency > 0
+
+
+def test_pre_file_and_pre_edit_reuse_the_unedited_measurements(byte_tok, corpus, tmp_path):
+    editor = se.BaseEditor(tiny_hparams("SHIFT", corpus), model=tiny_model("llama"), tok=byte_tok)
+    first, _, _ = editor.edit(PROMPTS, TARGETS, pre_file=str(tmp_path / "pre.json"), verbose=False)
+    pre = json.loads((tmp_path / "pre.json").read_text())
+    assert [m["pre"] for m in pre] == [m["pre"] for m in json.loads(json.dumps(first))]
+    again, _, _ = editor.edit(PROMPTS, TARGETS, pre_edit=pre, verbose=False)
+    assert [m["post"]["rewrite_acc"] for m in again] == [m["post"]["rewrite_acc"] for m in first]
+    with pytest.raises(se.ShiftEditError, match="pre_edit has 1 entries"):
+        editor.edit(PROMPTS, TARGETS, pre_edit=pre[:1], verbose=False)
 
 
 # --------------------------------------------------------------------------- batch_edit, datasets

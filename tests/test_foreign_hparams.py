@@ -118,7 +118,7 @@ def test_rome_json_loads_with_each_field_mapped(tmp_path, caplog):
     p = write(tmp_path, "hparams/ROME/gpt2-xl.json", json.dumps(ROME_JSON, indent=4))
     with caplog.at_level(logging.WARNING):
         hp = se.ROMEHyperParams.from_json(p)
-    assert isinstance(hp, se.ROMEHyperParams)
+    assert isinstance(hp, se.ROMEHyperParams) and hp.alg_name == "ROME"  # EasyEdit scripts read hparams.alg_name
     assert hp.layers == [17] and hp.v_lr == 0.5 and hp.clamp_norm_factor == 4.0 and hp.kl_factor == 0.0625
     assert hp.ff2_template == "transformer.h.{}.mlp.c_proj" and hp.mom2_adjustment and hp.mom2_corpus is None
     assert hp.context_template_length_params == [[5, 10], [10, 10]] and hp.skip_if_predicted is False

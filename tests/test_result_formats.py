@@ -112,6 +112,9 @@ def test_shift_edit_summarize_reads_rome_folders_and_gives_the_same_numbers(run_
     assert main(["summarize", str(tmp_path / "ROME" / "run_000"), str(run_dir), "--no-plot", "--common",
                  "--out", str(tmp_path / "sum")]) == 0
     assert "ROME/MEMIT-format folder" in (tmp_path / "sum" / "summary.md").read_text()
+    # ROME's --dir_name style: the folder of runs
+    assert main(["summarize", str(tmp_path / "ROME"), "--no-plot", "--out", str(tmp_path / "sum2")]) == 0
+    assert "ROME/run_000" in (tmp_path / "sum2" / "summary.md").read_text()
 
 
 def test_easyedit_export_and_result_files(run_dir, tmp_path, byte_tok):

@@ -160,6 +160,20 @@ def summarize_easyedit_file(p: str | Path, *, case_ids: set[str] | None = None, 
             "protocol": {"metric_families": EASYEDIT_FAMILY, "comparable_groups": groups}}
 
 
+def expand_paths(paths: list[str]) -> list[str]:
+    """A folder of runs (ROME's ``results/<ALG>/`` with ``run_<NNN>`` folders, as ROME's summarize
+    takes ``--dir_name``) stands for its runs; anything else is kept as given."""
+    out: list[str] = []
+    for p in paths:
+        d = Path(p)
+        runs = sorted(r for r in d.glob("run_*") if r.is_dir()) if d.is_dir() else []
+        if runs and not (d / "params.json").is_file() and not _case_files(d):
+            out.extend(str(r) for r in runs)
+        else:
+            out.append(p)
+    return out
+
+
 def case_ids_any(path: str | Path) -> set[str]:
     """The finished record ids of any readable result (for ``--common``)."""
     from .summarize import read_cases

@@ -10,8 +10,8 @@ HELP = "summarize benchmark run dirs (markdown, CSV, JSON, PNG), optionally besi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="+", help="results/<ALG>/run_<NNN> folders; also ROME/MEMIT run folders "
-                   "(case_*.json) and EasyEdit result JSON files")
+    p.add_argument("run_dirs", nargs="+", help="results/<ALG>/run_<NNN> folders (a folder of run_* folders stands for them); "
+                   "also ROME/MEMIT run folders (case_*.json) and EasyEdit result JSON files")
     p.add_argument("--reference", action="append", default=[], help="eval/reference/*.json to show beside (repeatable)")
     p.add_argument("--out", default=None, help="folder for summary.md/.csv/.json/.png (default: the first run dir)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG bar chart")
@@ -25,11 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.summarize import bar_chart, load_reference, to_csv, to_markdown
     from ..io import atomic_write_json, atomic_write_text
 
-    from ..bench.foreign import case_ids_any, summarize_any
+    from ..bench.foreign import case_ids_any, expand_paths, summarize_any
     from ..errors import ShiftEditError
 
     if args.limit is not None and args.limit < 1:
         raise ShiftEditError(f"--limit must be >= 1, got {args.limit}")
+    args.run_dirs = expand_paths(args.run_dirs)
     ids = None
     if args.common:
         sets = [case_ids_any(d) for d in args.run_dirs]

@@ -23,7 +23,8 @@ from .errors import ShiftEditError
 
 log = logging.getLogger(__name__)
 
-#: Algorithms whose files exist in ROME/MEMIT/EasyEdit and are read through the table.
+#: Algorithms whose ROME/MEMIT/EasyEdit files are tested here; any registered algorithm's file is read
+#: through the same table (a field it has no mapping for is an error naming it).
 FOREIGN_ALGORITHMS = ("ROME", "MEMIT", "FT", "FT_L")
 
 
@@ -101,6 +102,9 @@ FIELD_MAP: dict[str, FieldRule] = {
                                         convert=lambda v: "all" if v == "target_new" else "first"),
 }
 
+#: fields whose false value asks for what happens here anyway: no warning then
+_QUIET_WHEN_FALSE = {"fp16", "model_parallel"}
+
 #: our fields the foreign files do not have, set to the behaviour of ROME's/EasyEdit's code
 FOREIGN_DEFAULTS: dict[str, Any] = {"skip_if_predicted": False}
 
@@ -140,9 +144,6 @@ def translate(cls: type, data: dict[str, Any], *, source: str) -> tuple[type, di
     alg = data.get("alg_name") or cls.ALG_NAME
     if alg == "FT" and isinstance(data.get("norm_constraint"), float) and not isinstance(data.get("norm_constraint"), bool):
         alg = "FT_L"
-    if alg not in FOREIGN_ALGORITHMS:
-        raise ShiftEditError(f"{source}: {alg} hparams in ROME/MEMIT/EasyEdit format are not read here "
-                             f"(readable: {', '.join(FOREIGN_ALGORITHMS)}); write them in our YAML format")
     target = get_algorithm(alg).hparams_class
     if cls.ALG_NAME and not issubclass(target, cls):
         raise ShiftEditError(f"{source}: these are {alg} hparams, not {cls.ALG_NAME}'s")
@@ -174,6 +175,8 @@ def translate(cls: type, data: dict[str, Any], *, source: str) -> tuple[type, di
             continue
         out[rule.to] = rule.convert(value) if rule.convert is not None else value
     for key in ignored:
+        if key in _QUIET_WHEN_FALSE and not data[key]:
+            continue
         log.warning("%s: %s=%r %s", source, key, data[key], FIELD_MAP[key].how)
     if "mom2_n_samples" in data and "mom2_n_tokens" in ours and data.get("mom2_adjustment", True):
         out.setdefault("mom2_n_tokens", 100_000)

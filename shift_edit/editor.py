@@ -174,11 +174,13 @@ class BaseEditor:
             exec_time = time.perf_counter() - t0
             for name, orig in result.orig_weights.items():
                 weights.setdefault(name, orig)
-            for i, (m, r) in enumerate(zip(metrics, chunk)):
-                m["time"] = exec_time
-                m["post"] = self._quality(r, test_generation)
-                m["shift_edit"] = self._ours(ours_pre[i], r, result, i)
-            self._keep_or_undo(result, sequential_edit)
+            try:
+                for i, (m, r) in enumerate(zip(metrics, chunk)):
+                    m["time"] = exec_time
+                    m["post"] = self._quality(r, test_generation)
+                    m["shift_edit"] = self._ours(ours_pre[i], r, result, i)
+            finally:  # a failed measurement never leaves a non-sequential edit applied
+                self._keep_or_undo(result, sequential_edit)
             for m, r in zip(metrics, chunk):
                 ee.finalize_locality(m, r)
                 if verbose:
@@ -226,13 +228,15 @@ class BaseEditor:
             exec_time = time.perf_counter() - t0
             for name, orig in result.orig_weights.items():
                 weights.setdefault(name, orig)
-            all_metrics[i].update({"case_id": i, "requested_rewrite": r, "time": exec_time,
-                                   "post": self._quality(r, test_generation)})
-            all_metrics[i]["shift_edit"] = self._ours(ours_pre, r, result, 0)
+            try:
+                all_metrics[i].update({"case_id": i, "requested_rewrite": r, "time": exec_time,
+                                       "post": self._quality(r, test_generation)})
+                all_metrics[i]["shift_edit"] = self._ours(ours_pre, r, result, 0)
+            finally:  # a failed measurement never leaves a non-sequential edit applied
+                self._keep_or_undo(result, sequential_edit)
             ee.finalize_locality(all_metrics[i], r)
             if verbose:
                 log.info("%d editing: %s -> %s\n%s", i, r["prompt"], r["target_new"], all_metrics[i])
-            self._keep_or_undo(result, sequential_edit)
         log.info("Metrics Summary (EasyEdit token accuracy): %s", ee.summary_metrics(all_metrics))
         return all_metrics, self.model, weights
 

@@ -260,6 +260,24 @@ def test_knowedit_eval_reads_our_metrics(shift_metrics):
     assert 0 <= port <= 100 and fluency > 0
 
 
+def test_a_failed_measurement_leaves_no_edit_applied(byte_tok, corpus, monkeypatch):
+    model = tiny_model("llama")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    editor = se.BaseEditor(tiny_hparams("SHIFT", corpus), model=model, tok=byte_tok)
+    real, calls = ee.compute_edit_quality, []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # pre, pre, then the first post measurement
+            raise RuntimeError("measurement failed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ee, "compute_edit_quality", failing)
+    with pytest.raises(RuntimeError):
+        editor.edit(PROMPTS, TARGETS, verbose=False)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
 def test_pre_file_and_pre_edit_reuse_the_unedited_measurements(byte_tok, corpus, tmp_path):
     editor = se.BaseEditor(tiny_hparams("SHIFT", corpus), model=tiny_model("llama"), tok=byte_tok)
     first, _, _ = editor.edit(PROMPTS, TARGETS, pre_file=str(tmp_path / "pre.json"), verbose=False)

@@ -291,7 +291,7 @@ def evaluate_batch(
             edit_info: dict[str, Any] = {"applied": False}
             if result is not None:
                 edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[i]),
-                             "deltas": result.summary(), "rerun_from_block": first,
+                             "deltas": list(result.summary(outcome=False)), "rerun_from_block": first,
                              # per-request details of the algorithm (ROME/MEMIT: optimisation steps, losses)
                              "info": result.info[i] if i < len(result.info) else {}}
                 if len(cases) > 1:

@@ -69,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
     cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
     hparams = None
     if args.alg != "NONE":
-        from .edit import shipped_hparams
         from ..editor import load_hparams
+        from ..loading import check_model_name
+        from ..resources import shipped_hparams
+
+        check_model_name(args.model)  # a misspelt alias is one line now, not "no shipped hparams"
 
         path = args.hparams or shipped_hparams(args.alg, args.model)
         if path is None:
@@ -97,6 +100,14 @@ def run(args: argparse.Namespace) -> int:
     if world > 1 and args.device == "cuda":  # one GPU per process under accelerate launch / torchrun
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     model, tok = load_from_args(args)
+    if hparams is not None:
+        from ..resources import hparams_model_mismatch
+
+        note = hparams_model_mismatch(hparams, model)
+        if note and rank == 0:
+            import sys
+
+            print(f"warning: {note}; results may not match the tuned protocol", file=sys.stderr)
     run_dir = run_bench(model, tok, cases, cfg, args.out,
                         data_info={"path": str(data), "sha256": file_sha256(data), "n_selected": len(cases),
                                    "limit": args.limit, "start": args.start, "case_ids": args.case_ids},

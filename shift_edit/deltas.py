@@ -207,11 +207,13 @@ class EditSummary(list):
     outcome: list[dict[str, Any]] | None = None
 
     def __str__(self) -> str:
+        from .outcome import fmt_prob
+
         lines = []
         for o in self.outcome or []:
             yn = {True: "yes", False: "no"}
             lines.append(f"target {o['target']!r}: strict top-1 {yn[o['top1_before']]} -> {yn[o['top1_after']]}, "
-                         f"P(target) {o['prob_before']:.3f} -> {o['prob_after']:.3f}")
+                         f"P(target) {fmt_prob(o['prob_before'])} -> {fmt_prob(o['prob_after'])}")
         for r in self:
             rank = "dense" if r["rank"] is None else f"rank {r['rank']}"
             lines.append(f"{r['module']} (layer {r['layer']}): {rank}, |delta| {r['delta_norm']:.4g}, "

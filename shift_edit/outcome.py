@@ -59,7 +59,12 @@ class EditOutcome:
         yn = {True: "yes", False: "no"}
         return (f"target {self.target!r} strict top-1 (all {self.n_tokens} token{'s' if self.n_tokens > 1 else ''}): "
                 f"{yn[self.top1_before]} -> {yn[self.top1_after]}, "
-                f"P(target) {self.prob_before:.3f} -> {self.prob_after:.3f}")
+                f"P(target) {fmt_prob(self.prob_before)} -> {fmt_prob(self.prob_after)}")
+
+
+def fmt_prob(p: float) -> str:
+    """``0.430``; small values keep their digits: ``2.1e-05``."""
+    return f"{p:.3f}" if p >= 1e-3 or p == 0 else f"{p:.1e}"
 
 
 def measure(model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[tuple[bool, float]]:

@@ -87,17 +87,21 @@ class SecondMoment:
 
 # --- corpora ------------------------------------------------------------------------------
 def shared_data_dir() -> Path:
-    """``$SHIFT_EDIT_SHARED_DATA`` or ``<repo>/../shared/data``."""
-    env = os.environ.get("SHIFT_EDIT_SHARED_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    """The first data folder searched (``$SHIFT_EDIT_DATA``, else the user cache); see :mod:`shift_edit.data`."""
+    from .data import search_dirs
+
+    return search_dirs()[0]
 
 
 def default_corpus() -> str:
-    """The local WikiText-2 test split if present, else WikiText-103 train via ``datasets``."""
-    local = shared_data_dir() / LOCAL_WIKITEXT
-    return str(local) if local.is_file() else HF_DEFAULT_CORPUS
+    """The local WikiText-2 test split if found (:mod:`shift_edit.data`), else WikiText-103 train via ``datasets``."""
+    from .data import find_data
+
+    local = find_data("wikitext")
+    if local is None:
+        log.warning("no local WikiText (run `shift-edit data fetch wikitext` or set SHIFT_EDIT_DATA); "
+                    "statistics will read %s through datasets", HF_DEFAULT_CORPUS)
+    return str(local) if local is not None else HF_DEFAULT_CORPUS
 
 
 @dataclass

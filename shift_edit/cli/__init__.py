@@ -15,9 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ShiftEditError
-from . import apply_patch, bench, edit, export_lora, lens, lens_stats, models, stats, summarize, sweep
+from . import apply_patch, bench, data, edit, export_lora, lens, lens_stats, models, stats, summarize, sweep
 
-COMMANDS = (edit, apply_patch, export_lora, models, bench, summarize, sweep, stats, lens, lens_stats)
+COMMANDS = (edit, apply_patch, export_lora, models, bench, summarize, sweep, stats, lens, lens_stats, data)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -103,7 +103,8 @@ def _cached_alias(alias: str) -> Path:
     folder = cache_dir() / "models" / f"{alias}-{stamp}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
-    log.info("converting %s to safetensors in %s (once, ~20 s)", gguf.name, folder)
+    log.warning("first use of %s: converting %s to safetensors in %s (once, about 20 s on 2 CPU cores)",
+                alias, gguf.name, folder)
     model, tok = _load_gguf(gguf)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{alias}-"))

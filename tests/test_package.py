@@ -231,3 +231,50 @@ def test_cli_warns_on_hparams_for_another_model(smollm2, tmp_path, capsys):
     main(["edit", *PICASSO, "--hparams", str(path)])
     err = capsys.readouterr().err
     assert "warning: these SHIFT hparams were written for gpt2-medium, not smollm2-135m" in err
+
+
+# --- bench messages ------------------------------------------------------------------------------
+def _bench_two_runs(tmp_path, byte_tok):
+    from test_bench import rome_record, write
+
+    from shift_edit.bench import data as bdata
+    from shift_edit.bench.runner import BenchConfig, run_bench
+
+    model = tiny_model("llama")
+    data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)])
+    cfg = BenchConfig(alg="NONE", hparams=None, skip_generation=True)
+
+    def run(limit, out):
+        return run_bench(model, byte_tok, bdata.load_counterfact(data, limit=limit), cfg, out,
+                         data_info={"path": str(data), "sha256": bdata.file_sha256(data)}, model_name="tiny-llama",
+                         progress=True)
+    return run
+
+
+def test_resumed_bench_says_how_many_cases_were_done(byte_tok, tmp_path, capsys):
+    run = _bench_two_runs(tmp_path, byte_tok)
+    first = run(2, tmp_path / "res")
+    capsys.readouterr()
+    assert run(2, tmp_path / "res") == first
+    assert "2 of 2 cases already done, 0 to do" in capsys.readouterr().err
+    run(3, tmp_path / "res")
+    assert "2 of 3 cases already done, 1 to do" in capsys.readouterr().err
+
+
+def test_summarize_warns_on_different_n_and_clips_ci_bars(byte_tok, tmp_path, capsys, monkeypatch):
+    run = _bench_two_runs(tmp_path, byte_tok)
+    a, b = run(1, tmp_path / "a"), run(3, tmp_path / "b")
+    import matplotlib.axes
+
+    bars = []
+    real = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *args, **kw: bars.append((h, kw.get("yerr"))) or real(self, x, h, *args, **kw))
+    capsys.readouterr()
+    assert main(["summarize", str(a), str(b), "--out", str(tmp_path / "s")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the runs have different numbers of records" in err and "--common" in err
+    assert bars
+    for heights, (low, high) in bars:
+        for h, lo, hi in zip(heights, low, high):
+            if h == h:
+                assert h - lo >= 0 and h + hi <= 100

@@ -21,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -403,6 +404,9 @@ def run_bench(
     n_todo = sum(len(b) for grp in todo for b in grp)
     n_mine = sum(len(b) for grp in mine for b in grp)
     log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, n_todo, n_mine, rank, world_size)
+    if n_todo < n_mine:  # a resumed run: say so instead of an empty progress bar
+        msg = f"{run_dir}: {n_mine - n_todo} of {n_mine} cases already done, {n_todo} to do"
+        tqdm.write(msg, file=sys.stderr) if progress else log.info(msg)
     ppl_lines = None
     if cfg.ppl_every:
         from .metrics import read_wikitext_lines

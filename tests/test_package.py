@@ -278,3 +278,36 @@ def test_summarize_warns_on_different_n_and_clips_ci_bars(byte_tok, tmp_path, ca
         for h, lo, hi in zip(heights, low, high):
             if h == h:
                 assert h - lo >= 0 and h + hi <= 100
+
+
+# --- adapters -----------------------------------------------------------------------------------
+def test_alias_adapter_names_a_loadable_base_and_says_what_it_is(smollm2, tmp_path):
+    import json
+
+    pytest.importorskip("peft")
+    from peft import AutoPeftModelForCausalLM
+
+    model, tok = smollm2
+    hp = se.load_hparams(shipped_hparams("SHIFT", "smollm2-135m"))
+    res = se.edit(model, tok, {"prompt": "The Eiffel Tower is located in the city of", "target_new": "Rome"}, hp)
+    ids = tok("The Eiffel Tower is located in the city of", return_tensors="pt")
+    try:
+        with torch.no_grad():
+            edited = model(**ids).logits[0, -1]
+        se.export_lora(res, tmp_path / "ad")
+    finally:
+        res.undo()
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    side = json.loads((tmp_path / "ad" / "shift_edit.json").read_text())
+    assert (Path(cfg["base_model_name_or_path"]) / "config.json").is_file()
+    assert side["base"]["kind"] == "alias" and side["base"]["gguf_file"].endswith(".gguf")
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad"))
+    with torch.no_grad():
+        got = peft_model(**ids).logits[0, -1]
+    assert float((got - edited).abs().max()) < 1e-3
+
+
+def test_hub_adapter_keeps_the_hub_id():
+    from shift_edit.lora import resolvable_base
+
+    assert resolvable_base("gpt2-xl") == {"kind": "hub", "base_model_name_or_path": "gpt2-xl"}

@@ -311,3 +311,58 @@ def test_hub_adapter_keeps_the_hub_id():
     from shift_edit.lora import resolvable_base
 
     assert resolvable_base("gpt2-xl") == {"kind": "hub", "base_model_name_or_path": "gpt2-xl"}
+
+
+# --- lens pictures -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, byte_tok):
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    tiny_model("gpt2").save_pretrained(path)
+    byte_tok.save_pretrained(path)
+    return path
+
+
+def test_lens_writes_every_picture_without_glyph_warnings(tiny_dir, tmp_path, capsys, recwarn):
+    import logging
+
+    out = tmp_path / "lens"
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("matplotlib").addHandler(handler)
+    try:
+        rc = main(["lens", "--model", str(tiny_dir), "--prompt", "{} 中文 plays for", "--subject", "Messi",
+                   "--target", "Paris", "--out", str(out), "--top-k", "2"])
+    finally:
+        logging.getLogger("matplotlib").removeHandler(handler)
+    assert rc == 0, capsys.readouterr()
+    for name in ("ranks.png", "target_ranks.png", "neurons.png", "ff1_plain.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    glyph = [str(w.message) for w in recwarn if "Glyph" in str(w.message)] + \
+        [r.getMessage() for r in records if "Glyph" in r.getMessage()]
+    assert glyph == []
+
+
+def test_safe_text_escapes_what_the_font_cannot_draw():
+    from shift_edit.lens.pictures import safe_text
+
+    assert safe_text(" Paris") == " Paris"
+    assert safe_text("\ufffd\ufffd") == "<?><?>"
+    assert safe_text("\n") == "\\n"
+    assert safe_text("中") == "\\u4e2d"
+
+
+def test_heatmap_marks_the_subject(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from shift_edit.lens.views import LensGrid, plot_grid
+
+    seen = {}
+    real = matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
+                        lambda self, ticks, labels=None, **kw: seen.setdefault("labels", labels) and real(self, ticks, labels, **kw))
+    cell = {"token": "x", "delta_norm": 1.0, "x_norm": 1.0, "outer_norm": 1.0}
+    grid = LensGrid(kind="ff2", normalized=False, order="bottom", layers=[0, 1], tokens=["Mess", "i", " plays"],
+                    cells=[[cell] * 3, [cell] * 3])
+    plot_grid(grid, tmp_path / "g.png", subject_positions=[0, 1], target=" Paris")
+    assert seen["labels"] == ["[Mess]", "[i]", " plays"]

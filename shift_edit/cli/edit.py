@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir)
     if not outcome.top1_after:
         field = _step_field(args.alg)
-        fix = "--until-top1" + (f" or a larger --eta (now {getattr(hparams, field):.4g})" if field else "")
+        fix = (f"--until-top1 or a larger --eta (now {getattr(hparams, field):.4g})" if field
+               else "other hparams (--hparams FILE, e.g. another --layer)")
         print(f"warning: the edit did not make {request.target_new!r} the top-1 (P {outcome.prob_after:.3f}); "
               f"try {fix}; exit code {EXIT_NOT_TOP1}", file=sys.stderr)
         return EXIT_NOT_TOP1

@@ -35,6 +35,11 @@ def test_every_repo_hparams_file_is_shipped_through_the_package():
             assert type(se.load_hparams(p)).ALG_NAME == alg
 
 
+def test_models_lists_shipped_hparams(capsys):
+    assert main(["models"]) == 0
+    assert "shipped hparams: gpt-j-6b, gpt2-medium, gpt2-xl, llama-2-7b, smollm2-135m" in capsys.readouterr().out
+
+
 def test_hparams_lookup_by_hub_id_and_from_any_folder(tmp_path, monkeypatch):
     assert model_stem("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m"
     assert model_stem("meta-llama/Llama-2-7b-hf") == "llama-2-7b"

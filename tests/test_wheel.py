@@ -54,15 +54,30 @@ def test_wheel_ships_every_hparams_file(installed):
     assert (target / "shift_edit" / "_hparams" / "SHIFT" / "smollm2-135m.yaml").is_file()
 
 
-def test_installed_wheel_edits_and_benches_from_an_empty_folder(installed, smollm2, shared_data):
+def _records(n: int) -> list[dict]:
+    """Authored CounterFact-format records (ROME's schema), so the test needs no shared data."""
+    facts = [("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
+             ("Toko Yasuda", "{} plays the", "piano", "guitar"),
+             ("Apple A5", "{} is created by", "Google", "Apple")]
+    return [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P0",
+                                                 "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": old, "id": "Q2"}},
+             "paraphrase_prompts": [f"In short, {p.format(s)}"], "neighborhood_prompts": [p.format("someone else")],
+             "attribute_prompts": [], "generation_prompts": [f"{s} is"]}
+            for i, (s, p, new, old) in enumerate(facts[:n])]
+
+
+def test_installed_wheel_edits_and_benches_from_an_empty_folder(installed, smollm2, tmp_path):
     _wheel, target, empty, env = installed
+    data_dir = tmp_path / "data"  # found through $SHIFT_EDIT_DATA by its data set name, as a user's folder would be
+    data_dir.mkdir()
+    (data_dir / "counterfact-original-format-subset837.json").write_text(json.dumps(_records(3)))
     probe = _run([sys.executable, "-c", "import shift_edit, shift_edit.resources as r; "
                   "print(shift_edit.__file__); print(r.shipped_hparams('SHIFT', 'smollm2-135m'))"], cwd=empty, env=env)
     module, hparams = probe.stdout.split()
     assert Path(module).is_relative_to(target) and Path(hparams).is_relative_to(target), probe.stdout
     cli = [sys.executable, str(target / "bin" / "shift-edit")] if (target / "bin" / "shift-edit").is_file() else \
         [sys.executable, "-m", "shift_edit"]
-    env = {**env, "SHIFT_EDIT_DATA": str(shared_data), "OMP_NUM_THREADS": "2"}
+    env = {**env, "SHIFT_EDIT_DATA": str(data_dir), "OMP_NUM_THREADS": "2"}
     out = _run([*cli, "edit", "--model", "smollm2-135m", "--prompt", "The Eiffel Tower is located in the city of",
                 "--target", "Rome", "--save-patch", "edit.safetensors"], cwd=empty, env=env)
     assert "after:  ' Rome'" in out.stdout and "no -> yes" in out.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..editing import edit
 from ..editor import load_hparams
 from ..errors import ShiftEditError
-from ..outcome import search_step, step_field
+from ..outcome import fmt_prob, search_step, step_field
 from ..registry import algorithm_names, get_algorithm
 from ..requests import make_request
 from ..resources import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         field = _step_field(args.alg)
         fix = (f"--until-top1 or a larger --eta (now {getattr(hparams, field):.4g})" if field
                else "other hparams (--hparams FILE, e.g. another --layer)")
-        print(f"warning: the edit did not make {request.target_new!r} the top-1 (P {outcome.prob_after:.3f}); "
+        print(f"warning: the edit did not make {request.target_new!r} the top-1 (P {fmt_prob(outcome.prob_after)}); "
               f"try {fix}; exit code {EXIT_NOT_TOP1}", file=sys.stderr)
         return EXIT_NOT_TOP1
     return 0

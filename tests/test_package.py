@@ -261,7 +261,8 @@ def test_resumed_bench_says_how_many_cases_were_done(byte_tok, tmp_path, capsys)
     first = run(2, tmp_path / "res")
     capsys.readouterr()
     assert run(2, tmp_path / "res") == first
-    assert "2 of 2 cases already done, 0 to do" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 of 2 cases already done, 0 to do" in err and "0case" not in err, "no empty progress bar"
     run(3, tmp_path / "res")
     assert "2 of 3 cases already done, 1 to do" in capsys.readouterr().err
 
@@ -391,3 +392,9 @@ def test_first_time_statistics_announce_themselves_with_an_estimate(byte_tok, tm
     with caplog.at_level(logging.WARNING, logger="shift_edit.stats"):
         layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128, progress=False)
     assert "computing" not in caplog.text, "a cached result is not announced"
+
+
+def test_cli_hparams_that_cannot_fit_are_one_line_naming_their_model(smollm2, capsys):
+    assert main(["edit", *PICASSO, "--hparams", str(shipped_hparams("SHIFT", "gpt2-xl"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "layer 35 is out of range" in err and "written for gpt2-xl" in err

@@ -414,7 +414,7 @@ def run_bench(
         ppl_lines = read_wikitext_lines(cfg.wikitext)
     model.eval()
     bar = tqdm(total=n_todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
-               disable=not progress, position=rank if world_size > 1 else None)
+               disable=not progress or n_todo == 0, position=rank if world_size > 1 else None)
     state: dict[str, Any] = {}
     with bar:
         for grp in todo:

@@ -94,16 +94,16 @@ def run(args: argparse.Namespace) -> int:
         raise ShiftEditError(f"--until-top1 needs an algorithm with a step size; {args.alg} has none")
     request = make_request({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     model, tok = load_from_args(args)
-    note = hparams_model_mismatch(hparams, model)
-    if note:
-        print(f"warning: {note}; the edit may not work as tuned (pass --hparams for this model)", file=sys.stderr)
     before = next_token_topk(model, tok, request.text, args.top_k)
     if args.until_top1:
         search = search_step(model, tok, request, hparams)
         print(search.line())
         if search.found:
             hparams = hparams.replace(**{search.field: search.step})
-    result = edit(model, tok, request, hparams)
+    result = edit(model, tok, request, hparams)  # an error it raises names the model the hparams were written for
+    note = hparams_model_mismatch(hparams, model)
+    if note:  # after the edit: when the hparams cannot fit at all, the error above is the one line
+        print(f"warning: {note}; the edit may not work as tuned (pass --hparams for this model)", file=sys.stderr)
     after = next_token_topk(model, tok, request.text, args.top_k)
     print(f"prompt: {request.text!r}   target: {request.target_new!r}")
     print(f"before: {format_topk(before)}")

@@ -88,10 +88,10 @@ def plot_target_ranks(curves: dict[str, list[dict]], path: str | Path, *, target
     for variant, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["layer"])
         ax.plot([r["layer"] for r in rows], [r["target_rank"] for r in rows], marker="o", ms=3,
-                label=f"target {safe_text(target)!s} ({variant} lens)")
+                label=f"target {safe_text(target)!r} ({variant} lens)")
         if original:
             ax.plot([r["layer"] for r in rows], [r["original_rank"] for r in rows], ls=":", lw=1,
-                    label=f"model's answer {safe_text(original)} ({variant}, among most probable)")
+                    label=f"model's answer {safe_text(original)!r} ({variant}, among most probable)")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("rank (1 = best)")
@@ -108,11 +108,13 @@ def plot_neurons(neurons: dict, path: str | Path, *, target: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(rows) + 1.4))
     ys = list(range(len(rows)))[::-1]
     ax.barh(ys, [100 * r["share"] for r in rows], color="#1f77b4")
-    labels = [f"#{r['neuron']}  " + " ".join(safe_text(t) for t in r["bottom_tokens"][:3]) for r in rows]
+    labels = [f"#{r['neuron']}: " + " | ".join(safe_text(t).strip() or repr(t) for t in r["bottom_tokens"][:3]) for r in rows]
     ax.set_yticks(ys, labels, fontsize=6.5)
     ax.set_xlabel("share of the squared gradient norm (%)")
     twin = ax.twiny()
     twin.plot([100 * r["cumulative_share"] for r in rows], ys, color="#d62728", marker=".", lw=1)
+    twin.set_xlim(0, 100)
+    ax.set_xlim(0, 100)
     twin.set_xlabel("cumulative share (%)", color="#d62728", fontsize=8)
     ax.set_title(safe_text(f"layer {neurons['layer']} FF2 gradient neurons (target {target})"), fontsize=9, pad=24)
     return _save(fig, path)

@@ -11,10 +11,8 @@ Prints one run's timings and the ratio (target: batched >= 4x faster than per-pr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 

@@ -1,9 +1,8 @@
-"""CounterFact records (ROME format) from the shared data folder."""
+"""CounterFact records (ROME format) for the studies, found through :mod:`shift_edit.data`."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any

@@ -6,6 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROMPT ?= The Eiffel Tower is located in the city of
 TARGET ?=  Rome
+# Data sets are found through $SHIFT_EDIT_DATA (see `shift-edit data list`); in this project they lie beside the checkout.
+SHIFT_EDIT_DATA ?= $(abspath $(CURDIR)/../shared/data)
+export SHIFT_EDIT_DATA
 
 .PHONY: install demo test bench-cost clean
 

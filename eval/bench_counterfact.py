@@ -37,8 +37,9 @@ def main() -> int:
     import shift_edit as se
     from shift_edit.bench import BenchConfig, file_sha256, load_counterfact, run_bench
 
-    shared = Path(os.environ.get("SHIFT_EDIT_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    data = Path(args.data or shared / "counterfact-original-format-subset837.json")
+    from shift_edit.data import require_data
+
+    data = require_data("counterfact-subset", args.data)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model, tok = se.load_model("smollm2-135m")
     size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -68,8 +69,9 @@ def main() -> int:
 def _time_cli(args: argparse.Namespace) -> int:
     import subprocess
 
-    shared = Path(os.environ.get("SHIFT_EDIT_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    data = Path(args.data or shared / "counterfact-original-format-subset837.json")
+    from shift_edit.data import require_data
+
+    data = require_data("counterfact-subset", args.data)
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "shift_edit", "bench", "--alg", "SHIFT", "--model", "smollm2-135m",
                "--hparams", args.hparams, "--data", str(data), "--limit", str(args.records), "--out", out,

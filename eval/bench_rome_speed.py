@@ -21,7 +21,8 @@ import torch
 import shift_edit
 from shift_edit.io import atomic_write_json, provenance
 from shift_edit.requests import make_request
-from shift_edit.stats import layer_stats, shared_data_dir
+from shift_edit.data import require_data
+from shift_edit.stats import layer_stats
 
 
 def _time_edits(model, tok, reqs, hp) -> list[float]:
@@ -50,7 +51,7 @@ def main() -> None:
     model, tok = shift_edit.load_model(args.model)
     shift_hp = shift_edit.load_hparams(args.shift_hparams).replace(skip_if_predicted=False)
     rome_hp = shift_edit.load_hparams(args.rome_hparams).replace(skip_if_predicted=False)
-    records = json.load(open(shared_data_dir() / "counterfact-original-format-subset837.json"))
+    records = json.load(open(require_data("counterfact-subset")))
     reqs = [make_request(r) for r in records[: max(args.n_shift, args.n_rome) + 1]]
 
     t0 = time.perf_counter()

@@ -11,10 +11,8 @@ Prints one run's timings and the ratio (target: batched >= 4x faster than per-pr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,8 +28,9 @@ def main() -> int:
     import shift_edit as se
     from shift_edit.bench import load_counterfact, metrics_from_scores, score_case
 
-    shared = Path(os.environ.get("SHIFT_EDIT_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    data = args.data or shared / "counterfact-original-format-subset837.json"
+    from shift_edit.data import require_data
+
+    data = require_data("counterfact-subset", args.data)
     model, tok = se.load_model(args.model)
     cases = load_counterfact(data, limit=args.records)
     score_case(model, tok, cases[0], batch_size=64)  # warm-up

@@ -30,7 +30,8 @@ from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
 from shift_edit.bench.summarize import harmonic_mean, stats
 from shift_edit.deltas import WeightDelta
 from shift_edit.io import atomic_write_json, atomic_write_text, provenance
-from shift_edit.stats import layer_stats, shared_data_dir
+from shift_edit.data import require_data
+from shift_edit.stats import layer_stats
 from shift_edit.studies.common import temporarily_applied
 
 COLUMNS = [("ES", "rome", "rewrite_success"), ("PS", "rome", "paraphrase_success"),
@@ -51,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    data = Path(args.data) if args.data else shared_data_dir() / "counterfact-original-format-subset837.json"
+    data = Path(args.data) if args.data else require_data("counterfact-subset")
     cases = load_counterfact(data, start=args.start, limit=args.n)
     model, tok = shift_edit.load_model(args.model)
     hp = shift_edit.load_hparams(args.hparams).replace(skip_if_predicted=False)

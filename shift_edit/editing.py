@@ -50,10 +50,18 @@ def edit(
     """
     alg = algorithm_for_hparams(hparams)
     reqs = make_requests(requests)
-    if alg.uses_memory:
-        computed = alg.compute(model, tok, reqs, hparams, memory=memory)
-    else:
-        computed = alg.compute(model, tok, reqs, hparams)
+    try:
+        if alg.uses_memory:
+            computed = alg.compute(model, tok, reqs, hparams, memory=memory)
+        else:
+            computed = alg.compute(model, tok, reqs, hparams)
+    except ShiftEditError as exc:
+        from .resources import hparams_model_mismatch
+
+        note = hparams_model_mismatch(hparams, model)
+        if note and note not in str(exc):  # e.g. "layer 35 is out of range" with gpt2-xl hparams on SmolLM2
+            raise ShiftEditError(f"{exc} ({note}: pass hparams for this model)") from exc
+        raise
     orig, hashes = apply_deltas(model, computed.deltas) if computed.deltas else ({}, {})
     if memory is not None and computed.memory_keys:
         memory.add(computed.memory_keys)
@@ -67,6 +75,7 @@ def edit(
         base_hashes=hashes,
         skipped=computed.skipped,
         info=computed.info,
+        tok=tok,
     )
 
 

@@ -92,6 +92,9 @@ class HyperParams:
     """
 
     ALG_NAME: ClassVar[str] = ""
+    #: the field holding the edit's step size (scaled by ``--eta`` and searched by ``--until-top1``),
+    #: or None when the algorithm has no single step size
+    STEP_FIELD: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
@@ -209,6 +212,13 @@ def read_yaml(path: str | Path) -> tuple[Any, str]:
     p = Path(path)
     if not p.exists() and p.suffix not in (".yaml", ".yml"):
         p = p.with_name(p.name + ".yaml")
+    if not p.is_file() and len(p.parts) >= 3 and p.parts[-3] == "hparams":
+        # "hparams/SHIFT/smollm2-135m" names a shipped file: found inside the package from any folder
+        from .resources import hparams_root
+
+        shipped = hparams_root().joinpath(p.parts[-2], p.name)
+        if shipped.is_file():
+            p = Path(str(shipped))
     if not p.is_file():
         raise ShiftEditError(f"hparams file not found: {path}")
     try:

@@ -115,6 +115,8 @@ def model_fingerprint(model: nn.Module) -> str:
 def git_info() -> dict[str, Any]:
     """The commit and dirty flag of the source checkout the package runs from, if any."""
     root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():  # an installed copy, not a checkout: no git state to record
+        return {"commit": None, "dirty": None}
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5

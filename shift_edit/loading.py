@@ -103,7 +103,8 @@ def _cached_alias(alias: str) -> Path:
     folder = cache_dir() / "models" / f"{alias}-{stamp}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
-    log.info("converting %s to safetensors in %s (once, ~20 s)", gguf.name, folder)
+    log.warning("first use of %s: converting %s to safetensors in %s (once, about 20 s on 2 CPU cores)",
+                alias, gguf.name, folder)
     model, tok = _load_gguf(gguf)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{alias}-"))
@@ -118,10 +119,80 @@ def _cached_alias(alias: str) -> Path:
     return folder
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set: never ask the hub."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def check_model_name(name: str, *, probe_hub: bool = False, timeout: float = 10.0) -> None:
+    """Fail at once, in one line, on a model name that cannot load, before anything slow.
+
+    An alias, a ``.gguf`` path or an existing folder pass. A name close to an alias
+    (``smolm2-135m``) is an error naming the alias (difflib). Otherwise it must be a hub id:
+    with ``HF_HUB_OFFLINE`` set it must be in the local hub cache; with ``probe_hub`` one
+    request (no retries) must find it, and a failed request ends it there.
+
+    Raises:
+        ShiftEditError: the name cannot be loaded; the message says what it could be.
+    """
+    import difflib
+
+    if name in ALIASES or name.endswith(".gguf") or Path(name).expanduser().exists():
+        return
+    kinds = f"an alias ({', '.join(ALIASES)}), a .gguf file, a local folder or a hub id"
+    close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1, cutoff=0.7)
+    if close and "/" not in name:
+        raise ShiftEditError(f"unknown model {name!r}: did you mean {close[0]!r}? (a model is {kinds})")
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ShiftEditError(f"cannot load model {name!r}: no such folder or file")
+    cached = _in_hub_cache(name)
+    if hub_offline():
+        if not cached:
+            raise ShiftEditError(f"unknown model {name!r}: not {kinds} in the local cache (HF_HUB_OFFLINE is set, "
+                                 f"so the hub was not asked)")
+        return
+    if probe_hub and not cached:
+        _probe_hub(name, kinds, timeout)
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # invalid repo id syntax and the like: not cached
+        return False
+
+
+def _probe_hub(name: str, kinds: str, timeout: float) -> None:
+    """One request for ``<name>/config.json`` on the hub: 404 or no connection end it at once."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    req = urllib.request.Request(f"{endpoint}/{name}/resolve/main/config.json", method="HEAD")
+    try:
+        urllib.request.urlopen(req, timeout=timeout).close()  # noqa: S310
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # gated or private: exists, from_pretrained handles the token
+            return
+        raise ShiftEditError(f"unknown model {name!r}: not {kinds} (the hub answered {exc.code})") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ShiftEditError(f"cannot load model {name!r}: not {kinds} found locally, and the hub is unreachable "
+                             f"({reason}); set HF_HUB_OFFLINE=1 to use the local cache only") from None
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    *,
+    probe_hub: bool = True,
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer.
 
@@ -130,6 +201,9 @@ def load_model(
             or a hub id (``gpt2-xl``, ``meta-llama/Llama-2-7b-hf``: plain ``from_pretrained``).
         dtype: ``float32`` / ``float16`` / ``bfloat16`` (default: the checkpoint's, fp32 for GGUF).
         device: where to put the model (``cpu``, ``cuda``, ``cuda:1``...).
+        probe_hub: for a hub id not in the local cache, ask the hub once first, so a
+            misspelt name or an unreachable hub is one error at once instead of retries
+            (see :func:`check_model_name`; ``HF_HUB_OFFLINE`` skips the hub entirely).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode, the tokenizer with a pad token.
@@ -137,6 +211,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    check_model_name(name_or_path, probe_hub=probe_hub)
     if name_or_path in ALIASES:
         source = str(_cached_alias(name_or_path))
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or torch.float32)

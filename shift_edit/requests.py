@@ -52,8 +52,12 @@ class EditRequest:
 
 
 def with_leading_space(prompt_text: str, target: str) -> str:
-    """Give ``target`` the leading space a continuation of ``prompt_text`` needs."""
-    if target[:1].isspace() or prompt_text[-1:].isspace() or not prompt_text:
+    """Normalise a target: strip surrounding whitespace, then put exactly one space in front
+    (none after an empty prompt or a prompt ending in whitespace). ``'Paris'``, ``' Paris'``
+    and ``'  Paris '`` all become ``' Paris'``, so a stray extra space never edits towards
+    the token ``' '``."""
+    target = target.strip()
+    if prompt_text[-1:].isspace() or not prompt_text:
         return target
     return " " + target
 

@@ -85,19 +85,27 @@ class SecondMoment:
         return out[:, 0] if vec else out
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 # --- corpora ------------------------------------------------------------------------------
 def shared_data_dir() -> Path:
-    """``$SHIFT_EDIT_SHARED_DATA`` or ``<repo>/../shared/data``."""
-    env = os.environ.get("SHIFT_EDIT_SHARED_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    """The first data folder searched (``$SHIFT_EDIT_DATA``, else the user cache); see :mod:`shift_edit.data`."""
+    from .data import search_dirs
+
+    return search_dirs()[0]
 
 
 def default_corpus() -> str:
-    """The local WikiText-2 test split if present, else WikiText-103 train via ``datasets``."""
-    local = shared_data_dir() / LOCAL_WIKITEXT
-    return str(local) if local.is_file() else HF_DEFAULT_CORPUS
+    """The local WikiText-2 test split if found (:mod:`shift_edit.data`), else WikiText-103 train via ``datasets``."""
+    from .data import find_data
+
+    local = find_data("wikitext")
+    if local is None:
+        log.warning("no local WikiText (run `shift-edit data fetch wikitext` or set SHIFT_EDIT_DATA); "
+                    "statistics will read %s through datasets", HF_DEFAULT_CORPUS)
+    return str(local) if local is not None else HF_DEFAULT_CORPUS
 
 
 @dataclass
@@ -206,6 +214,9 @@ def compute_second_moments(
     order = {n: i for i, n in enumerate(_module_order(model, module_names))}
     deepest = max(module_names, key=lambda n: order[n])
     bar = tqdm(total=n_tokens, desc="second moments", unit="tok", disable=not progress, dynamic_ncols=True)
+    import time
+
+    t0 = time.perf_counter()
     try:
         for batch in _batches(tok, corpus, n_tokens, max_length, batch_tokens):
             width = max(len(s) for s in batch)
@@ -227,6 +238,10 @@ def compute_second_moments(
             seen += n
             texts += len(batch)
             bar.update(n)
+            if texts == len(batch) and seen < n_tokens:  # after the first batch: say how long the rest takes
+                rate = seen / max(time.perf_counter() - t0, 1e-6)
+                log.warning("second-moment statistics: about %s for %d tokens (%.0f tokens/s on this machine)",
+                            _duration((n_tokens - seen) / rate), n_tokens, rate)
     finally:
         bar.close()
     if seen == 0:
@@ -377,6 +392,8 @@ def layer_stats(
             todo[layer] = (pt, meta_path, expected)
     if todo:
         names = {adapter.ff2_name(layer): layer for layer in todo}
+        log.warning("computing second-moment statistics of layer(s) %s over %d tokens of %s: once, then cached "
+                    "under %s", sorted(todo), n_tokens, src.name, next(iter(todo.values()))[0].parent)
         mats, counts = compute_second_moments(
             model, tok, list(names), src, n_tokens=n_tokens, max_length=max_length,
             dtype=dtype, batch_tokens=batch_tokens, progress=progress,

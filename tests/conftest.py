@@ -13,8 +13,12 @@ from transformers.utils import logging as hf_logging
 hf_logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
-SHARED_DATA = Path(os.environ.get("SHIFT_EDIT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 REPO = Path(__file__).resolve().parents[1]
+# The library finds data only through $SHIFT_EDIT_DATA or the user cache (shift_edit.data); the test
+# suite points it at the shared folder beside the checkout, as the Makefile does.
+SHARED_DATA = Path(os.environ.get("SHIFT_EDIT_DATA") or os.environ.get("SHIFT_EDIT_SHARED_DATA")
+                   or REPO.parent / "shared" / "data")
+os.environ.setdefault("SHIFT_EDIT_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,8 @@ class GradientHyperParams(EditHyperParams):
         batch_size: requests per forward pass.
     """
 
+    STEP_FIELD = "lr"
+
     lr: float
     matrices: Matrices = "ff2"
     target_tokens: Literal["first", "all"] = "first"

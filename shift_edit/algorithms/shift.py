@@ -44,6 +44,7 @@ class ShiftHyperParams(EditHyperParams):
     """
 
     ALG_NAME = "SHIFT"
+    STEP_FIELD = "eta"
 
     eta: float
     eta_scaling: Literal["raw", "normalized"] = "raw"

@@ -322,4 +322,8 @@ def resolve_data(spec: str) -> Path:
         return download_counterfact()
     if spec.startswith(HUB_PREFIX):
         return fetch_hub_counterfact(spec)
+    from ..data import DATA_FILES, require_data
+
+    if spec in DATA_FILES and not Path(spec).exists():
+        return require_data(spec)
     return Path(spec)

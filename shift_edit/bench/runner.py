@@ -21,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -291,7 +292,7 @@ def evaluate_batch(
             edit_info: dict[str, Any] = {"applied": False}
             if result is not None:
                 edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[i]),
-                             "deltas": result.summary(), "rerun_from_block": first,
+                             "deltas": list(result.summary(outcome=False)), "rerun_from_block": first,
                              # per-request details of the algorithm (ROME/MEMIT: optimisation steps, losses)
                              "info": result.info[i] if i < len(result.info) else {}}
                 if len(cases) > 1:
@@ -403,6 +404,9 @@ def run_bench(
     n_todo = sum(len(b) for grp in todo for b in grp)
     n_mine = sum(len(b) for grp in mine for b in grp)
     log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, n_todo, n_mine, rank, world_size)
+    if n_todo < n_mine:  # a resumed run: say so instead of an empty progress bar
+        msg = f"{run_dir}: {n_mine - n_todo} of {n_mine} cases already done, {n_todo} to do"
+        tqdm.write(msg, file=sys.stderr) if progress else log.info(msg)
     ppl_lines = None
     if cfg.ppl_every:
         from .metrics import read_wikitext_lines
@@ -410,7 +414,7 @@ def run_bench(
         ppl_lines = read_wikitext_lines(cfg.wikitext)
     model.eval()
     bar = tqdm(total=n_todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
-               disable=not progress, position=rank if world_size > 1 else None)
+               disable=not progress or n_todo == 0, position=rank if world_size > 1 else None)
     state: dict[str, Any] = {}
     with bar:
         for grp in todo:

@@ -217,7 +217,10 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(cols))]
         ys = [r["metrics"].get(c, {}).get("mean", float("nan")) for c in cols]
-        err = [r["metrics"].get(c, {}).get("ci95") or 0.0 for c in cols]
+        ci = [r["metrics"].get(c, {}).get("ci95") or 0.0 for c in cols]
+        # percentages: the bars of the 95% CI stop at 0 and 100
+        err = [[min(e, y) if y == y else 0.0 for e, y in zip(ci, ys)],
+               [min(e, 100.0 - y) if y == y else 0.0 for e, y in zip(ci, ys)]]
         ax.bar(xs, ys, width, yerr=err, label=r["label"], hatch="//" if r["kind"] == "published" else None)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))], cols, rotation=20)
     ax.set_ylabel("%")

@@ -3,7 +3,8 @@
 Each subcommand is a module with ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; :data:`COMMANDS` is the only list of them. Bad input
 (:class:`~shift_edit.errors.ShiftEditError` or an argument error) prints one line on
-stderr and exits with code 2.
+stderr and exits with code 2. ``edit`` exits with 3 when the edit was made but the target
+is not the strict top-1 (its ``EPILOG`` says so in ``--help``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ShiftEditError
-from . import apply_patch, bench, edit, export, export_lora, lens, lens_stats, models, stats, summarize, sweep
+from . import apply_patch, bench, data, edit, export, export_lora, lens, lens_stats, models, stats, summarize, sweep
 
-COMMANDS = (edit, apply_patch, export_lora, models, bench, summarize, export, sweep, stats, lens, lens_stats)
+COMMANDS = (edit, apply_patch, export_lora, models, bench, summarize, export, sweep, stats, lens, lens_stats, data)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.NAME, help=cmd.HELP, description=cmd.HELP)
+        p = sub.add_parser(cmd.NAME, help=cmd.HELP, description=cmd.HELP, epilog=getattr(cmd, "EPILOG", None))
         cmd.add_arguments(p)
         p.set_defaults(func=cmd.run)
     return parser

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from ..errors import ShiftEditError
 from ..registry import algorithm_names
@@ -19,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--alg", required=True, choices=[*algorithm_names(), "NONE"], help="algorithm, or NONE for the unedited model")
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
-    p.add_argument("--data", default=None, help="CounterFact JSON (ROME or EasyEdit format); 'download' fetches the official file (sha256-checked); "
+    p.add_argument("--data", default=None, help="CounterFact JSON (ROME or EasyEdit format), or a data set name (counterfact, counterfact-subset: "
+                   "found in $SHIFT_EDIT_DATA or the user cache, see `shift-edit data`); 'download' fetches the official file (sha256-checked); "
                    "'hf:NAME[:SPLIT]' a hub dataset via datasets ('hf:' = azhx/counterfact)")
     p.add_argument("--limit", type=int, default=None, help="number of records")
     p.add_argument("--start", type=int, default=0, help="skip this many records first")
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "ngram_entropy n says how many)")
     p.add_argument("--ppl-every", type=int, default=0, metavar="K", help="WikiText perplexity after every K-th edit (0: never)")
     p.add_argument("--ppl-protocol", choices=["paper", "standard"], default="paper", help="perplexity protocol (default paper)")
-    p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: $SHIFT_EDIT_SHARED_DATA/wikitext-2-raw-v1/wiki.test.nonblank.raw, else datasets)")
+    p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: wikitext from $SHIFT_EDIT_DATA or the user cache, see `shift-edit data`, else datasets)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
     p.add_argument("--no-kl", action="store_true", help="skip the neighborhood KL (saves two forward passes per record)")
     p.add_argument("--num-edits", type=int, default=1, metavar="N",
@@ -47,9 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_wikitext() -> str | None:
-    root = os.environ.get("SHIFT_EDIT_SHARED_DATA") or str(Path(__file__).resolve().parents[3] / "shared" / "data")
-    p = Path(root) / "wikitext-2-raw-v1" / "wiki.test.nonblank.raw"
-    return str(p) if p.is_file() else None
+    """The local WikiText-2 test file by :mod:`shift_edit.data`'s order, or None."""
+    from ..data import find_data
+
+    p = find_data("wikitext")
+    return str(p) if p is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
     cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
     hparams = None
     if args.alg != "NONE":
-        from .edit import shipped_hparams
         from ..editor import load_hparams
+        from ..loading import check_model_name
+        from ..resources import shipped_hparams
+
+        check_model_name(args.model)  # a misspelt alias is one line now, not "no shipped hparams"
 
         path = args.hparams or shipped_hparams(args.alg, args.model)
         if path is None:
@@ -97,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
     if world > 1 and args.device == "cuda":  # one GPU per process under accelerate launch / torchrun
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     model, tok = load_from_args(args)
+    if hparams is not None:
+        from ..resources import hparams_model_mismatch
+
+        note = hparams_model_mismatch(hparams, model)
+        if note and rank == 0:
+            import sys
+
+            print(f"warning: {note}; results may not match the tuned protocol", file=sys.stderr)
     run_dir = run_bench(model, tok, cases, cfg, args.out,
                         data_info={"path": str(data), "sha256": file_sha256(data), "n_selected": len(cases),
                                    "limit": args.limit, "start": args.start, "case_ids": args.case_ids},

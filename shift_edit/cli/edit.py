@@ -3,33 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..editing import edit
 from ..editor import load_hparams
 from ..errors import ShiftEditError
+from ..outcome import fmt_prob, search_step, step_field
 from ..registry import algorithm_names, get_algorithm
 from ..requests import make_request
+from ..resources import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
 from ..scoring import next_token_topk
 from .common import add_model_arguments, check_new_dir, check_new_file, format_topk, load_from_args, save_model_atomically
 
 NAME = "edit"
 HELP = "edit one fact and print the top-k next tokens before and after"
-
-REPO_HPARAMS = Path(__file__).resolve().parents[2] / "hparams"
+#: exit code of an edit that ran but did not make the target the strict top-1 (outputs are still written)
+EXIT_NOT_TOP1 = 3
+EPILOG = (f"exit codes: 0 the target is now the strict top-1 (every target token the argmax); "
+          f"{EXIT_NOT_TOP1} the edit was made and saved but the target is not the top-1 (try --until-top1 "
+          f"or a larger --eta); 2 bad input, nothing written.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the prompt, or a template with {} for --subject")
     p.add_argument("--subject", default=None, help="the subject (required if --prompt has {})")
-    p.add_argument("--target", required=True, help="the new object, e.g. ' Rome' (a leading space is added if missing)")
+    p.add_argument("--target", required=True, help="the new object, e.g. Rome: surrounding spaces are stripped and one "
+                   "leading space is added (no space after a prompt ending in a space or newline)")
     p.add_argument("--alg", default="SHIFT", choices=algorithm_names(), help="algorithm (default SHIFT)")
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
     p.add_argument("--layer", type=int, action="append", default=None, help="layer to edit (repeat for several); overrides hparams")
     p.add_argument("--eta", type=float, default=None, help="step size (SHIFT eta, SGD/ADAM/FT lr); overrides hparams")
     p.add_argument("--eta-scaling", choices=["raw", "normalized"], default=None, help="SHIFT: raw (paper) or normalized by ||x_n||^2")
     p.add_argument("--no-skip", action="store_true", help="edit even if the target is already the top-1 prediction")
+    p.add_argument("--until-top1", action="store_true",
+                   help="search the step size (eta, lr: the algorithm's step field) by doubling then bisecting, one "
+                        "edit + one forward pass per try, until the target is the strict top-1; prints what it chose")
     p.add_argument("--top-k", type=int, default=5, help="how many next tokens to show (default 5)")
     p.add_argument("--save", default=None, metavar="DIR", help="save the edited model (save_pretrained, safetensors)")
     p.add_argument("--save-patch", default=None, metavar="FILE", help="save the edit as a small patch file")
@@ -38,30 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --save-lora: truncate to rank R (needed for dense deltas of other algorithms)")
 
 
-#: hub names whose shipped hparams file has another stem (the file names follow the aliases)
-HPARAMS_STEMS = {"smollm2-135m-instruct": "smollm2-135m"}
-
-
-def shipped_hparams(alg: str, model: str) -> Path | None:
-    """The shipped hparams file for a model name (alias, hub id or folder), if any."""
-    stem = Path(model.rstrip("/")).name.lower().removesuffix(".gguf").removesuffix("-hf")
-    stem = HPARAMS_STEMS.get(stem, stem)
-    for root in (Path.cwd() / "hparams", REPO_HPARAMS):
-        p = root / alg / f"{stem}.yaml"
-        if p.is_file():
-            return p
-    return None
-
-
 def _step_field(alg: str) -> str | None:
-    """The hparams field ``--eta`` sets: SHIFT's eta, the gradient baselines' lr, else None."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(get_algorithm(alg).hparams_class)}
-    return next((n for n in ("eta", "lr") if n in names), None)
+    """The hparams field ``--eta`` sets: the hparams class's ``STEP_FIELD`` (SHIFT's eta, the
+    gradient baselines' lr), else None."""
+    return step_field(get_algorithm(alg).hparams_class)
 
 
 def resolve_hparams(args: argparse.Namespace):
+    from ..loading import check_model_name
+
+    check_model_name(args.model)  # a misspelt alias is one line now, not "no shipped hparams"
     path = args.hparams or shipped_hparams(args.alg, args.model)
     overrides = {}
     if args.layer:
@@ -94,21 +90,41 @@ def run(args: argparse.Namespace) -> int:
     patch_path = check_new_file(args.save_patch, "--save-patch")
     lora_dir = check_new_dir(args.save_lora, "--save-lora")
     hparams = resolve_hparams(args)
+    if args.until_top1 and _step_field(args.alg) is None:
+        raise ShiftEditError(f"--until-top1 needs an algorithm with a step size; {args.alg} has none")
     request = make_request({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     model, tok = load_from_args(args)
     before = next_token_topk(model, tok, request.text, args.top_k)
-    result = edit(model, tok, request, hparams)
+    if args.until_top1:
+        search = search_step(model, tok, request, hparams)
+        print(search.line())
+        if search.found:
+            hparams = hparams.replace(**{search.field: search.step})
+    result = edit(model, tok, request, hparams)  # an error it raises names the model the hparams were written for
+    note = hparams_model_mismatch(hparams, model)
+    if note:  # after the edit: when the hparams cannot fit at all, the error above is the one line
+        print(f"warning: {note}; the edit may not work as tuned (pass --hparams for this model)", file=sys.stderr)
     after = next_token_topk(model, tok, request.text, args.top_k)
     print(f"prompt: {request.text!r}   target: {request.target_new!r}")
     print(f"before: {format_topk(before)}")
     print(f"after:  {format_topk(after)}")
     if result.skipped[0]:
         print("skipped: the target was already the top-1 prediction (use --no-skip to edit anyway)")
-    for row in result.summary():
+    summary = result.summary()
+    for row in summary:
         rank = "dense" if row["rank"] is None else f"rank {row['rank']}"
         print(f"changed {row['module']} (layer {row['layer']}): {rank}, "
               f"|delta| {row['delta_norm']:.4g}, relative {row['relative_norm']:.3g}")
+    outcome = result.outcome()[0]
+    print(outcome.line())
     _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir)
+    if not outcome.top1_after:
+        field = _step_field(args.alg)
+        fix = (f"--until-top1 or a larger --eta (now {getattr(hparams, field):.4g})" if field
+               else "other hparams (--hparams FILE, e.g. another --layer)")
+        print(f"warning: the edit did not make {request.target_new!r} the top-1 (P {fmt_prob(outcome.prob_after)}); "
+              f"try {fix}; exit code {EXIT_NOT_TOP1}", file=sys.stderr)
+        return EXIT_NOT_TOP1
     return 0
 
 

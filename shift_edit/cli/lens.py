@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         for kind in ("ff1", "ff2"):
             grid = lens_grid(cap, lens, tok, kind, normalized=normalized, k=args.top_k)
             stem = f"{kind}_{variant}"
-            plot_grid(grid, out / f"{stem}.png", color_by=args.color)
+            plot_grid(grid, out / f"{stem}.png", color_by=args.color, target=request.target_new,
+                      subject_positions=[i for i, s in enumerate(segments) if s in ("subject", "last_subject")])
             atomic_write_json(out / f"{stem}.json", grid.to_dict())
             atomic_write_text(out / f"{stem}.csv", grid.to_csv())
     tr = {v: target_ranks(cap, lens, normalized=(v == "normalized")) for v in ("plain", "normalized")}
@@ -84,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "neurons.csv", _rows_csv(neurons["neurons"]))
     atomic_write_text(out / "neuron_groups.csv", _rows_csv(neurons["groups"]))
     atomic_write_text(out / "ranks.csv", _rows_csv(ranks))
+    from ..lens.logit_lens import decode_token as _dt
+    from ..lens.pictures import plot_neurons, plot_ranks, plot_target_ranks
+
+    plot_ranks(ranks, out / "ranks.png")
+    plot_target_ranks(tr, out / "target_ranks.png", target=_dt(tok, cap.target_id), original=_dt(tok, cap.original_id))
+    plot_neurons(neurons, out / "neurons.png", target=request.target_new)
     atomic_write_text(out / "target_ranks.csv", _rows_csv(
         [{"variant": v, **row} for v, rows in tr.items() for row in rows]))
     summary = {

@@ -25,7 +25,12 @@ def run(args: argparse.Namespace) -> int:
     for model_type, spec in sorted(ARCHITECTURES.items()):
         print(f"  {model_type:<12} {spec.ff2:<40} {spec.family}")
     print("  other types: pass ff2_template / ff1_templates / final_norm in the hparams")
-    print("\nAlgorithms:")
+    from ..resources import shipped_hparams_index
+
+    shipped = shipped_hparams_index()
+    print("\nAlgorithms (shipped hparams: --model names that need no --hparams):")
     for name in algorithm_names():
         print(f"  {name:<8} {get_algorithm(name).description}")
+        if shipped.get(name):
+            print(f"  {'':<8} shipped hparams: {', '.join(shipped[name])}")
     return 0

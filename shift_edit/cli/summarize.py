@@ -38,6 +38,13 @@ def run(args: argparse.Namespace) -> int:
         if not ids:
             raise ShiftEditError("--common: the runs have no finished record in common")
     rows = [summarize_any(d, case_ids=ids, limit=args.limit) for d in args.run_dirs]
+    sizes = sorted({r["n"] for r in rows})
+    if len(sizes) > 1:
+        import sys
+
+        counts = ", ".join(f"{r['run_dir']}: {r['n']}" for r in rows)
+        print(f"warning: the runs have different numbers of records ({counts}); "
+              "means over different records are not comparable: use --common or --limit N", file=sys.stderr)
     for ref in args.reference:
         rows.extend(load_reference(ref))
     first = Path(args.run_dirs[0])

@@ -11,7 +11,8 @@ import torch
 from ..errors import ShiftEditError
 from ..studies import layer_sweep, min_lr
 from ..studies.common import STEP_FIELD
-from ..studies.data import WIKITEXT, load_records, shared_data_dir
+from ..data import require_data
+from ..studies.data import load_records
 from ..studies.perplexity import load_wikitext_lines, protocol_text, wikitext_perplexity
 from .common import add_model_arguments, load_from_args
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     layers = _layers(args.layers, ModelAdapter(model).n_layers)
     ppl_fn, base_ppl = None, None
     if args.ppl_records > 0:
-        lines = load_wikitext_lines(shared_data_dir() / WIKITEXT, args.ppl_lines)
+        lines = load_wikitext_lines(require_data("wikitext"), args.ppl_lines)
         ppl_fn = functools.partial(wikitext_perplexity, tok=tok, lines=lines, max_tokens=args.ppl_max_tokens,
                                    batch_size=args.ppl_batch_size)
         base_ppl = ppl_fn(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -100,9 +101,11 @@ def target_ranks(capture: GradientCapture, lens: LogitLens, *, normalized: bool 
     return rows
 
 
-def plot_grid(grid: LensGrid, path, *, color_by: ColorBy = "delta", title: str | None = None, dpi: int = 90) -> None:
+def plot_grid(grid: LensGrid, path, *, color_by: ColorBy = "delta", title: str | None = None, dpi: int = 90,
+              subject_positions: Sequence[int] = (), target: str | None = None) -> None:
     """Draw a grid like the paper's heatmaps (rows layers, columns prompt tokens, cell text the
-    projected token, colour the chosen norm on a log scale) and save it as PNG."""
+    projected token, colour the chosen norm on a log scale) and save it as PNG. Columns at
+    ``subject_positions`` are marked (orange, bracketed); ``target`` goes into the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,11 +128,20 @@ def plot_grid(grid: LensGrid, path, *, color_by: ColorBy = "delta", title: str |
             dark = values[li, pi] > 0 and torch.tensor(float(shown[li, pi])).log() > log_mid
             ax.text(pi, li, _short(c["token"]), ha="center", va="center", fontsize=6.5,
                     color="white" if dark else "black")
-    ax.set_xticks(range(n_tok), [_short(t) for t in grid.tokens], rotation=45, ha="right", fontsize=8)
+    subj = set(subject_positions)
+    ax.set_xticks(range(n_tok), [f"[{_short(t)}]" if i in subj else _short(t) for i, t in enumerate(grid.tokens)],
+                  rotation=45, ha="right", fontsize=8)
+    from .pictures import SUBJECT_COLOR
+
+    for i, label in enumerate(ax.get_xticklabels()):
+        if i in subj:
+            label.set_color(SUBJECT_COLOR)
+            label.set_fontweight("bold")
     ax.set_yticks(range(n_layers), [str(layer) for layer in grid.layers], fontsize=6.5)
     ax.set_ylabel("layer")
     what = "x_i (top-1)" if grid.kind == "ff1" else "δ_i (least probable)"
-    ax.set_title(title or f"{grid.kind.upper()}: Logit Lens of {what}{', normalised' if grid.normalized else ''}", fontsize=9)
+    tgt = f" (target {_short(target, 16)}, subject in [ ])" if target is not None else ""
+    ax.set_title(title or f"{grid.kind.upper()}: Logit Lens of {what}{', normalised' if grid.normalized else ''}{tgt}", fontsize=9)
     cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     cbar.set_label({"delta": "||δ_i||", "x": "||x_i||", "outer": "||x_i||·||δ_i||"}[color_by], fontsize=8)
     fig.tight_layout()
@@ -142,5 +154,7 @@ def plot_grid(grid: LensGrid, path, *, color_by: ColorBy = "delta", title: str |
 
 
 def _short(text: str, width: int = 10) -> str:
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    from .pictures import safe_text
+
+    text = safe_text(text)
     return text if len(text) <= width else text[: width - 1] + "…"

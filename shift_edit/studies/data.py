@@ -1,9 +1,8 @@
-"""CounterFact records (ROME format) from the shared data folder."""
+"""CounterFact records (ROME format) for the studies, found through :mod:`shift_edit.data`."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,17 @@ WIKITEXT = "wikitext-2-raw-v1/wiki.test.nonblank.raw"
 
 
 def shared_data_dir() -> Path:
-    """``$SHIFT_EDIT_SHARED_DATA``, else ``<repo>/../shared/data``."""
-    env = os.environ.get("SHIFT_EDIT_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """The first data folder searched (``$SHIFT_EDIT_DATA``, else the user cache); see :mod:`shift_edit.data`."""
+    from ..data import search_dirs
+
+    return search_dirs()[0]
+
+
+def default_counterfact() -> Path:
+    """The 837-record subset if found, else the full CounterFact (:mod:`shift_edit.data` order)."""
+    from ..data import find_data, require_data
+
+    return find_data("counterfact-subset") or require_data("counterfact")
 
 
 def load_records(
@@ -25,9 +32,9 @@ def load_records(
     case_ids: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """CounterFact records: the first ``n``, a seeded random sample of ``n``, or given case ids."""
-    p = Path(path) if path else shared_data_dir() / COUNTERFACT
+    p = Path(path) if path else default_counterfact()
     if not p.is_file():
-        raise ShiftEditError(f"CounterFact file not found: {p} (set SHIFT_EDIT_SHARED_DATA or pass --data)")
+        raise ShiftEditError(f"CounterFact file not found: {p} (set SHIFT_EDIT_DATA or pass --data)")
     records = json.loads(p.read_text())
     if case_ids:
         by_id = {r["case_id"]: r for r in records}

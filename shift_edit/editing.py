@@ -11,7 +11,7 @@ from torch import nn
 
 from .deltas import EditResult, apply_deltas
 from .errors import ShiftEditError
-from .guard import DEFAULT_MAX_RELATIVE_NORM, outputs_finite, refuse_non_finite
+from .guard import DEFAULT_MAX_RELATIVE_NORM, check_context, outputs_finite, refuse_non_finite
 from .hparams import HyperParams
 from .memory import EditMemory
 from .registry import algorithm_for_hparams
@@ -55,6 +55,7 @@ def edit(
     """
     alg = algorithm_for_hparams(hparams)
     reqs = make_requests(requests)
+    check_context(model, tok, reqs)
     if alg.uses_memory:
         computed = alg.compute(model, tok, reqs, hparams, memory=memory)
     else:

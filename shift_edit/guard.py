@@ -71,3 +71,33 @@ def refuse_non_finite(texts: Sequence[str]) -> EditRefusedError:
         f"refusing the edit: it makes the model's outputs non-finite (NaN/inf) on the edit prompt {shown}; "
         "the model is unchanged; lower the step size, or pass --force (force=True) if you mean it"
     )
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model takes (``max_position_embeddings`` / ``n_positions``), if known."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_context(model: nn.Module, tok, requests: Sequence) -> None:
+    """Refuse a request whose prompt and target do not fit in the model's context.
+
+    Raises:
+        ShiftEditError: naming the request's prompt, its token count and the context length.
+    """
+    limit = context_length(model)
+    if limit is None:
+        return
+    from .requests import encode_prompt
+
+    for r in requests:
+        n = len(encode_prompt(tok, r.text + r.target_new))
+        if n > limit:
+            raise ShiftEditError(
+                f"the prompt {r.text[:40]!r}... with its target is {n} tokens, longer than the model's context "
+                f"of {limit} tokens; shorten it"
+            )

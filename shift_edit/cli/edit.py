@@ -11,7 +11,16 @@ from ..errors import ShiftEditError
 from ..registry import algorithm_names, get_algorithm
 from ..requests import make_request
 from ..scoring import next_token_topk
-from .common import add_model_arguments, check_new_dir, check_new_file, format_topk, load_from_args, save_model_atomically
+from .common import (
+    add_model_arguments,
+    check_model_args,
+    check_new_dir,
+    check_new_file,
+    check_top_k,
+    format_topk,
+    load_from_args,
+    save_model_atomically,
+)
 
 NAME = "edit"
 HELP = "edit one fact and print the top-k next tokens before and after"
@@ -36,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-lora", default=None, metavar="DIR", help="save the edit as a PEFT LoRA adapter folder")
     p.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="with --save-lora: truncate to rank R (needed for dense deltas of other algorithms)")
+    p.add_argument("--force", action="store_true",
+                   help="skip the edit guard (the bound max_relative_norm on ||dW||/||W|| and the check that the "
+                        "edit prompt's outputs stay finite)")
 
 
 #: hub names whose shipped hparams file has another stem (the file names follow the aliases)
@@ -93,11 +105,17 @@ def run(args: argparse.Namespace) -> int:
     save_dir = check_new_dir(args.save, "--save")
     patch_path = check_new_file(args.save_patch, "--save-patch")
     lora_dir = check_new_dir(args.save_lora, "--save-lora")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise ShiftEditError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.lora_rank is not None and lora_dir is None:
+        raise ShiftEditError("--lora-rank needs --save-lora DIR")
+    check_model_args(args)
     hparams = resolve_hparams(args)
     request = make_request({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     model, tok = load_from_args(args)
+    check_top_k(args.top_k, model)
     before = next_token_topk(model, tok, request.text, args.top_k)
-    result = edit(model, tok, request, hparams)
+    result = edit(model, tok, request, hparams, force=args.force)
     after = next_token_topk(model, tok, request.text, args.top_k)
     print(f"prompt: {request.text!r}   target: {request.target_new!r}")
     print(f"before: {format_topk(before)}")

@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ShiftEditError(f"--limit must be >= 1, got {args.limit}")
+    if args.out:
+        from .common import check_out_root
+
+        check_out_root(args.out, "--out")
     ids = None
     if args.common:
         sets = [{str(c["case_id"]) for c in read_cases(d)} for d in args.run_dirs]

@@ -254,8 +254,14 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
-def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str, torch.Tensor], Mapping[str, str]]:
+def apply_deltas(
+    model: nn.Module, deltas: list[WeightDelta], *, max_relative_norm: float | None = None
+) -> tuple[dict[str, torch.Tensor], Mapping[str, str]]:
     """Add ``deltas`` to the model's weights in place.
+
+    Args:
+        max_relative_norm: refuse a summed delta whose ``||ΔW||_F / ||W||_F`` exceeds this
+            (see :mod:`shift_edit.guard`); ``None``: no bound.
 
     Returns:
         ``(orig_weights, base_hashes)`` for the changed parameters.
@@ -264,8 +270,11 @@ def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str,
     float64 for float64 models, then cast back) and checked before any parameter is touched.
 
     Raises:
-        ShiftEditError: a delta is not finite or does not fit its weight; nothing is changed.
+        ShiftEditError: a delta is not finite, too large (``EditRefusedError``) or does not
+            fit its weight; nothing is changed.
     """
+    from .guard import check_relative_norm
+
     prepared = []
     for d in WeightDelta.merge(deltas):
         try:
@@ -278,6 +287,9 @@ def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> tuple[dict[str,
             raise ShiftEditError(
                 f"delta for {d.param} has shape {tuple(update.shape)}, the weight {tuple(p.shape)}"
             )
+        if not _all_finite(update):
+            raise ShiftEditError(f"refusing an edit that makes {d.param} non-finite")
+        check_relative_norm(d.param, update, p, max_relative_norm)
         new = (p.detach().to(acc) + update.to(device=p.device, dtype=acc)).to(p.dtype)
         if not _all_finite(new):
             raise ShiftEditError(f"refusing an edit that makes {d.param} non-finite")

@@ -11,6 +11,7 @@ from torch import nn
 
 from .deltas import EditResult, apply_deltas
 from .errors import ShiftEditError
+from .guard import DEFAULT_MAX_RELATIVE_NORM, check_context, outputs_finite, refuse_non_finite
 from .hparams import HyperParams
 from .memory import EditMemory
 from .registry import algorithm_for_hparams
@@ -26,6 +27,7 @@ def edit(
     hparams: HyperParams,
     *,
     memory: EditMemory | None = None,
+    force: bool = False,
 ) -> EditResult:
     """Edit ``model`` in place with the algorithm ``hparams`` belong to.
 
@@ -41,15 +43,19 @@ def edit(
         memory: for sequential (lifelong) editing: the keys of earlier edits, given to
             algorithms that use them (AlphaEdit, SHIFT_PLUS) and extended with this edit's
             keys once it is applied. Other algorithms ignore it.
+        force: skip the edit guard (:mod:`shift_edit.guard`): no bound on the relative
+            norm of the deltas, no check that the edit prompts' outputs stay finite.
 
     Returns:
         An :class:`EditResult`; ``result.undo()`` restores the weights bit-exactly.
 
     Raises:
         ShiftEditError: bad requests, hparams or model; the model is left unchanged.
+        EditRefusedError: the guard refused the edit (a ShiftEditError); the model is unchanged.
     """
     alg = algorithm_for_hparams(hparams)
     reqs = make_requests(requests)
+    check_context(model, tok, reqs)
     try:
         if alg.uses_memory:
             computed = alg.compute(model, tok, reqs, hparams, memory=memory)
@@ -62,7 +68,10 @@ def edit(
         if note and note not in str(exc):  # e.g. "layer 35 is out of range" with gpt2-xl hparams on SmolLM2
             raise ShiftEditError(f"{exc} ({note}: pass hparams for this model)") from exc
         raise
-    orig, hashes = apply_deltas(model, computed.deltas) if computed.deltas else ({}, {})
+    bound = None if force else getattr(hparams, "max_relative_norm", DEFAULT_MAX_RELATIVE_NORM)
+    orig, hashes = apply_deltas(model, computed.deltas, max_relative_norm=bound) if computed.deltas else ({}, {})
+    if computed.deltas and not force:
+        check_outputs(model, tok, [r.text for r in reqs], orig)
     if memory is not None and computed.memory_keys:
         memory.add(computed.memory_keys)
     return EditResult(
@@ -77,6 +86,17 @@ def edit(
         info=computed.info,
         tok=tok,
     )
+
+
+def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch.Tensor]) -> None:
+    """The guard's second check: one forward pass over ``texts``; non-finite logits restore
+    ``orig`` bit-exactly and raise :class:`~shift_edit.guard.EditRefusedError`."""
+    if outputs_finite(model, tok, texts):
+        return
+    with torch.no_grad():
+        for name, w in orig.items():
+            model.get_parameter(name).copy_(w)
+    raise refuse_non_finite(texts)
 
 
 def apply_algo_to_model(
@@ -105,6 +125,13 @@ def restore_weights(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> 
     missing = sorted(set(orig_weights) - set(params))
     if missing:
         raise ShiftEditError(f"orig_weights names parameters this model does not have: {missing[:3]}")
+    for name, orig in orig_weights.items():  # check all before copying any
+        if not isinstance(orig, torch.Tensor) or tuple(orig.shape) != tuple(params[name].shape):
+            got = tuple(orig.shape) if isinstance(orig, torch.Tensor) else type(orig).__name__
+            raise ShiftEditError(
+                f"orig_weights[{name!r}] has shape {got}, the model's parameter {tuple(params[name].shape)}: "
+                "these are not this model's original weights"
+            )
     with torch.no_grad():
         for name, orig in orig_weights.items():
             params[name].copy_(orig)

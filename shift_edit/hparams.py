@@ -224,4 +224,14 @@ def read_yaml(path: str | Path) -> tuple[Any, str]:
     try:
         return yaml.safe_load(p.read_text()), str(p)
     except yaml.YAMLError as exc:
-        raise ShiftEditError(f"{p}: not valid YAML ({exc})") from exc
+        raise ShiftEditError(f"{p}: not valid YAML ({_yaml_reason(exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShiftEditError(f"{p}: cannot read the hparams file ({exc})") from None
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """One line: what the parser found and where (line and column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{what}{where}".split())

@@ -91,7 +91,22 @@ def tensor_hash(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def content_sha256(tensors: dict[str, torch.Tensor], texts: list[str]) -> str:
+    """sha256 over ``texts`` (metadata) and every tensor's name, dtype, shape and bytes, in name
+    order: the checksum patches and adapters carry of their own content."""
+    h = hashlib.sha256(b"shift_edit.content.v1\0")
+    for text in texts:
+        data = text.encode("utf-8")
+        h.update(f"{len(data)}|".encode())
+        h.update(data)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, overrides: dict[str, torch.Tensor] | None = None) -> str:
     """A fast identity for a model's weights: sha256 over every parameter's name, shape,
     dtype, its first and last 1024 values and the float64 sums of its 2**20-value chunks.
 
@@ -99,10 +114,14 @@ def model_fingerprint(model: nn.Module) -> str:
     realistic difference in weights changes it. Summing chunk by chunk keeps the float64
     copy one chunk large (a whole-tensor sum copies the largest matrix: +226 MB on
     SmolLM2's embedding). Fingerprints made before 2026-12-01 summed whole tensors.
+    ``overrides`` (state-dict name -> tensor) stand in for those entries: the fingerprint of
+    the model as it was before an edit, from the edit's original weights.
     """
     h = hashlib.sha256()
+    overrides = overrides or {}
     with torch.no_grad():
         for name, p in model.state_dict().items():
+            p = overrides.get(name, p)
             flat = p.detach().reshape(-1)
             h.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
             for part in (flat[:1024], flat[-1024:]):

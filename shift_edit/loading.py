@@ -187,6 +187,30 @@ def _probe_hub(name: str, kinds: str, timeout: float) -> None:
                              f"({reason}); set HF_HUB_OFFLINE=1 to use the local cache only") from None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """Parse ``device`` and check that this machine has it (before any model is loaded).
+
+    Raises:
+        ShiftEditError: an unknown device string, or a device this machine does not have.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ShiftEditError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ShiftEditError(f"device {device!r}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ShiftEditError(f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ShiftEditError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ShiftEditError(f"device {device!r}: unsupported device type; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype | None = None,
@@ -211,6 +235,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    check_device(device)
     check_model_name(name_or_path, probe_hub=probe_hub)
     if name_or_path in ALIASES:
         source = str(_cached_alias(name_or_path))

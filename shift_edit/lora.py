@@ -15,8 +15,11 @@ adapter folder:
   ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``
   (the names ``PeftModel.save_pretrained`` uses);
 - ``shift_edit.json``: our metadata, ignored by PEFT: requests, algorithm, hparams, the
-  sha256 of every base weight, per module its layout, layer, rank and (for truncated
-  exports) the relative reconstruction error.
+  sha256 of every base weight and the whole base model's fingerprint, per module its
+  layout, layer, rank and (for truncated exports) the relative reconstruction error.
+- the checksum of the adapter's content (both JSON files and every tensor,
+  :func:`shift_edit.io.content_sha256`) in the safetensors header metadata
+  ``"shift_edit_sha256"``, verified by :func:`read_lora` before anything is applied.
 
 Dense deltas (fine-tuning style baselines) are not low-rank: they are exported only when a
 ``rank`` is given, as a truncated SVD, and the relative Frobenius error is recorded and
@@ -37,12 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .deltas import EditResult, WeightDelta
 from .errors import ShiftEditError
-from .io import atomic_write_json
+from .io import atomic_write_json, content_sha256
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "shift_edit.json"
 LORA_FORMAT = "shift_edit.lora"
-LORA_FORMAT_VERSION = 1
+LORA_FORMAT_VERSION = 2  # 2: content checksum in the safetensors metadata
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -270,7 +272,10 @@ def _write_dir(out_dir: Path, tensors, config, side, overwrite: bool) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     old = None
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        from .patch import CHECKSUM_KEY
+
+        checksum = content_sha256(tensors, [_canonical(config), _canonical(side)])
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", CHECKSUM_KEY: checksum})
         atomic_write_json(tmp / CONFIG_NAME, config)
         atomic_write_json(tmp / META_NAME, side)
         umask = os.umask(0)
@@ -286,6 +291,11 @@ def _write_dir(out_dir: Path, tensors, config, side, overwrite: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _canonical(obj: Any) -> str:
+    """The JSON text a checksum covers: sorted keys, no whitespace (independent of file formatting)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def is_lora_dir(path: str | Path) -> bool:
@@ -310,14 +320,24 @@ def read_lora(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
             f"{path} is a PEFT adapter without {META_NAME}: it was not exported by shift_edit, so there "
             "are no base-weight hashes to check; load it with peft.PeftModel.from_pretrained instead"
         )
+    from safetensors import safe_open
+
+    from .patch import CHECKSUM_KEY, deltas_from_tensors, verify_checksum
+
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
         meta = json.loads((path / META_NAME).read_text())
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as fh:
+            header = fh.metadata() or {}
         tensors = load_file(str(path / WEIGHTS_NAME))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise ShiftEditError(f"{path}: unreadable adapter ({exc})") from exc
-    if meta.get("format") != LORA_FORMAT or meta.get("format_version", 0) > LORA_FORMAT_VERSION:
-        raise ShiftEditError(f"{path}/{META_NAME}: unsupported format {meta.get('format')} v{meta.get('format_version')}")
+    except Exception as exc:  # OSError, JSON, and the several safetensors error types  # noqa: BLE001
+        raise ShiftEditError(f"{path}: unreadable adapter ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or not isinstance(config, dict):
+        raise ShiftEditError(f"{path}: {META_NAME} and {CONFIG_NAME} must hold JSON objects")
+    version = meta.get("format_version", 0)
+    if meta.get("format") != LORA_FORMAT or not isinstance(version, int) or not 1 <= version <= LORA_FORMAT_VERSION:
+        raise ShiftEditError(f"{path}/{META_NAME}: unsupported format {meta.get('format')} v{version}")
+    verify_checksum(str(path), header.get(CHECKSUM_KEY), tensors, [_canonical(config), _canonical(meta)], version >= 2)
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
         raise ShiftEditError(f"{path}: only plain LoRA adapters (no DoRA, no rsLoRA) can be applied as edits")
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -326,16 +346,19 @@ def read_lora(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
         if m is None:
             raise ShiftEditError(f"{path}: unexpected tensor {key!r} in {WEIGHTS_NAME}")
         factors.setdefault(m["module"], {})[m["ab"]] = t
-    deltas = []
-    for module, info in meta["modules"].items():
-        ab = factors.get(module, {})
-        if set(ab) != {"A", "B"}:
-            raise ShiftEditError(f"{path}: {WEIGHTS_NAME} lacks lora_A/lora_B for {module}")
-        alpha, r = _alpha_rank(config, module)
-        scale = alpha / r
-        left = ab["B"].float() * scale if scale != 1 else ab["B"].float()
-        deltas.append(WeightDelta(module, info["layout"], left=left, right=ab["A"].float(), layer=info.get("layer")))
-    return meta, deltas
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        for module in meta["modules"]:
+            ab = factors.get(module, {})
+            if set(ab) != {"A", "B"}:
+                raise ShiftEditError(f"{path}: {WEIGHTS_NAME} lacks lora_A/lora_B for {module}")
+            alpha, r = _alpha_rank(config, module)
+            scale = alpha / r
+            left = ab["B"].float() * scale if scale != 1 else ab["B"].float()
+            parts[module] = {"left": left, "right": ab["A"].float()}
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, re.error) as exc:
+        raise ShiftEditError(f"{path}: the adapter config is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+    return meta, deltas_from_tensors(meta, tensors, str(path), "adapter", factors=parts)
 
 
 def _alpha_rank(config: dict[str, Any], module: str) -> tuple[float, int]:

@@ -85,7 +85,7 @@ def get_algorithm(name: str) -> Algorithm:
     """The algorithm registered as ``name``; an unknown name lists the known ones."""
     try:
         return _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name, e.g. a list from a YAML file
         raise ShiftEditError(
             f"unknown algorithm {name!r}; registered: {', '.join(algorithm_names())}"
         ) from None

@@ -11,6 +11,7 @@ Accepted inputs (all become :class:`EditRequest`):
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,27 @@ def _object_str(value: Any, field: str) -> str | None:
     return value
 
 
+def check_template(prompt: str) -> None:
+    """A prompt with ``{}`` must be a template with exactly one ``{}`` and nothing else to fill
+    (literal braces are written ``{{`` and ``}}``); a prompt without ``{}`` is taken literally.
+
+    Raises:
+        ShiftEditError: two ``{}``, a named or numbered placeholder, or unbalanced braces.
+    """
+    if "{}" not in prompt:
+        return
+    try:
+        fields = [(name, spec, conv) for _lit, name, spec, conv in string.Formatter().parse(prompt) if name is not None]
+    except ValueError as exc:
+        raise ShiftEditError(f"prompt {prompt!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        shown = ", ".join("{" + n + (f"!{c}" if c else "") + (f":{sp}" if sp else "") + "}" for n, sp, c in fields)
+        raise ShiftEditError(
+            f"prompt {prompt!r} must have exactly one '{{}}' for the subject and no other placeholder; "
+            f"it has {len(fields)}: {shown} (write literal braces as {{{{ and }}}})"
+        )
+
+
 def make_request(obj: Mapping[str, Any] | EditRequest) -> EditRequest:
     """Normalise one request in any accepted format; errors name what is wrong."""
     if isinstance(obj, EditRequest):
@@ -95,6 +117,7 @@ def make_request(obj: Mapping[str, Any] | EditRequest) -> EditRequest:
         if subject is not None and not isinstance(subject, str):
             raise ShiftEditError(f"request subject must be a string, got {subject!r}")
         req = EditRequest(prompt, target_new, subject, target_true, case_id)
+    check_template(req.prompt)
     if "{}" in req.prompt and not req.subject:
         raise ShiftEditError(f"prompt {req.prompt!r} has '{{}}' but no subject was given")
     if req.subject and "{}" not in req.prompt and req.subject not in req.prompt:

@@ -373,7 +373,7 @@ def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_pa
 
     model = tiny_model(model_type)
     cases = bdata.load_counterfact(write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)]))
-    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(layers=[2], eta=50.0, eta_scaling="normalized", skip_if_predicted=False),
+    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(layers=[2], eta=50.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None),
                       skip_generation=True)
     fast_state, slow_state = {}, {"resume": False}
     for i, case in enumerate(cases):
@@ -588,7 +588,7 @@ def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
     model = tiny_model("gpt2")
     path = write(tmp_path, [rome_record(i, subject=f"Sub{i}", new=["Paris", "Oslo", "Lima"][i]) for i in range(3)])
     cases = bdata.load_counterfact(path)
-    hp = se.ShiftHyperParams(layers=[1], eta=40.0, eta_scaling="normalized", skip_if_predicted=False)
+    hp = se.ShiftHyperParams(layers=[1], eta=40.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None)
     cfg = BenchConfig(alg="SHIFT", hparams=hp, skip_generation=True, num_edits=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run = _run(model, byte_tok, path, tmp_path / "out", cfg=cfg)

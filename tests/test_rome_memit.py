@@ -150,7 +150,7 @@ def _rome_hp(**kw):
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_rome_update_maps_key_to_value(model_type, byte_tok, corpus, monkeypatch):
     model = tiny_model(model_type)
-    hp = _rome_hp(mom2_corpus=corpus, lambda_key="mean")
+    hp = _rome_hp(mom2_corpus=corpus, lambda_key="mean", max_relative_norm=None)
     seen = _capture_optimise(monkeypatch, rome_mod)
     adapter = ModelAdapter(model)
     ff2 = adapter.ff2(1)

@@ -134,7 +134,7 @@ def test_layer_sweep_cells_equal_full_passes(byte_tok, tmp_path, arch):
     for r in cells:
         rec = next(x for x in recs if x["case_id"] == r["case_id"])
         res = se.edit(model, byte_tok, rec, ShiftHyperParams(layers=[r["layer"]], eta=40.0, eta_scaling="normalized",
-                                                             skip_if_predicted=False))
+                                                             skip_if_predicted=False), force=True)
         try:
             full = layer_sweep.top1_metrics(model, byte_tok, rec)
         finally:

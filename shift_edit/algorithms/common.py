@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from torch import nn
 
 from ..architectures import ModelAdapter
+from ..guard import DEFAULT_MAX_RELATIVE_NORM
 from ..hparams import HyperParams
 from ..requests import EditRequest, encode_prompt, encode_target
 from ..scoring import pad_id_of, score_token_continuations
@@ -24,6 +26,9 @@ class EditHyperParams(HyperParams):
             top-1 prediction (every target token the argmax under teacher forcing).
         ff2_template / ff1_templates / final_norm: explicit module paths, for models
             whose type is not in the architecture table (``{}`` is the layer index).
+        max_relative_norm: the edit guard's bound on ``||ΔW||_F / ||W||_F`` of each changed
+            matrix (:mod:`shift_edit.guard`); ``null`` for no bound. The default is far above
+            what the shipped hparams produce (eval/robustness/README.md).
     """
 
     layers: list[int]
@@ -32,9 +37,13 @@ class EditHyperParams(HyperParams):
     ff2_template: str | None = None
     ff1_templates: list[str] | None = None
     final_norm: str | None = None
+    max_relative_norm: float | None = DEFAULT_MAX_RELATIVE_NORM
 
     def validate(self) -> None:
         super().validate()
+        bound = self.max_relative_norm
+        if bound is not None and (not math.isfinite(bound) or bound <= 0):
+            self._fail("max_relative_norm", bound, "it must be a finite number > 0, or null for no bound")
         if not self.layers:
             self._fail("layers", self.layers, "give at least one layer index")
         if len(set(self.layers)) != len(self.layers):

@@ -383,7 +383,7 @@ def read_wikitext_lines(path: str | None = None) -> list[str]:
     if path is not None:
         try:
             text = open(path, encoding="utf-8").read()
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise ShiftEditError(f"cannot read WikiText file {path}: {exc}") from None
         lines = text.replace("\r\n", "\n").split("\n")
     else:  # pragma: no cover - needs internet

@@ -39,6 +39,7 @@ from ..errors import ShiftEditError
 from ..hparams import HyperParams
 from ..io import atomic_write_json, provenance
 from ..resume import first_changed_block, record_block_inputs, resume_at
+from .claims import claimed
 from .data import CounterFactCase
 from .metrics import (
     CaseScorer,
@@ -390,6 +391,14 @@ def run_bench(
         "data_sha256": data_info.get("sha256"),
     }
     params = {"match": match, "data": data_info, "provenance": prov, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # every input checked before a run folder exists: no empty run dir left by a late error
+    if cfg.hparams is not None:
+        adapter_for(model, cfg.hparams)  # layers in range, module templates resolve
+    ppl_lines = None
+    if cfg.ppl_every:
+        from .metrics import read_wikitext_lines
+
+        ppl_lines = read_wikitext_lines(cfg.wikitext)
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
     n = cfg.num_edits
     batches = [list(enumerate(cases))[b : b + n] for b in range(0, len(cases), n)]
@@ -407,26 +416,26 @@ def run_bench(
     if n_todo < n_mine:  # a resumed run: say so instead of an empty progress bar
         msg = f"{run_dir}: {n_mine - n_todo} of {n_mine} cases already done, {n_todo} to do"
         tqdm.write(msg, file=sys.stderr) if progress else log.info(msg)
-    ppl_lines = None
-    if cfg.ppl_every:
-        from .metrics import read_wikitext_lines
-
-        ppl_lines = read_wikitext_lines(cfg.wikitext)
     model.eval()
     bar = tqdm(total=n_todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
                disable=not progress or n_todo == 0, position=rank if world_size > 1 else None)
     state: dict[str, Any] = {}
     with bar:
         for grp in todo:
-            deferred: list[tuple[dict, GenerationGroup]] = []
-            recs = [rec for batch in grp
-                    for rec in evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i, _ in batch],
-                                              ppl_lines=ppl_lines, state=state, deferred=deferred)]
-            fill_generations(model, tok, deferred, cfg)
-            for rec in recs:
-                if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are
-                    atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
-            bar.update(len(recs))
+            ids = [c.case_id for batch in grp for _, c in batch]
+            with claimed(run_dir, ids) as mine:  # another worker on the same run dir may have it
+                if not mine or all(finished(run_dir, cid) for cid in ids):
+                    bar.update(len(ids))
+                    continue
+                deferred: list[tuple[dict, GenerationGroup]] = []
+                recs = [rec for batch in grp
+                        for rec in evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i, _ in batch],
+                                                  ppl_lines=ppl_lines, state=state, deferred=deferred)]
+                fill_generations(model, tok, deferred, cfg)
+                for rec in recs:
+                    if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are
+                        atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
+                bar.update(len(recs))
     return run_dir
 
 

@@ -3,8 +3,10 @@
 Each subcommand is a module with ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; :data:`COMMANDS` is the only list of them. Bad input
 (:class:`~shift_edit.errors.ShiftEditError` or an argument error) prints one line on
-stderr and exits with code 2. ``edit`` exits with 3 when the edit was made but the target
-is not the strict top-1 (its ``EPILOG`` says so in ``--help``).
+stderr and exits with code 2; so do OS errors (a disk full, a permission denied). Any other
+exception is a bug: one line and exit code 1. ``--debug`` shows the traceback instead. ``edit``
+exits with 3 when the edit was made but the target is not the strict top-1 (its ``EPILOG`` says so
+in ``--help``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shift-edit", description="Edit facts in language models with the forward pass shift.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.NAME, help=cmd.HELP, description=cmd.HELP, epilog=getattr(cmd, "EPILOG", None))
         cmd.add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error instead of one line")
         p.set_defaults(func=cmd.run)
     return parser
 
@@ -49,12 +54,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         return int(args.func(args) or 0)
-    except ShiftEditError as exc:
-        print(f"shift-edit: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("shift-edit: interrupted", file=sys.stderr)
         return 130
+    except (ShiftEditError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"shift-edit: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: still one line unless --debug  # noqa: BLE001
+        if args.debug:
+            raise
+        print(f"shift-edit: internal error (a bug, please report it; --debug shows the traceback): "
+              f"{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..patch import apply_patch, read_edit
+from ..errors import ShiftEditError
+from ..patch import BASE_CHECKS, apply_patch, read_edit
+from ..requests import make_request
 from ..scoring import next_token_topk
-from .common import add_model_arguments, check_new_dir, format_topk, load_from_args, save_model_atomically
+from .common import add_model_arguments, check_model_args, check_new_dir, check_top_k, format_topk, load_from_args, save_model_atomically
 
 NAME = "apply-patch"
 HELP = "apply an edit patch to its base model (refused if the base weights differ)"
@@ -18,17 +20,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="show the top-k next tokens for this prompt before and after (default: the patch's prompts)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--save", default=None, metavar="DIR", help="save the patched model (save_pretrained)")
+    p.add_argument("--base-check", choices=BASE_CHECKS, default="model",
+                   help="model (default): the whole base model must be the one the patch was made for; "
+                        "matrices: only the matrices the patch changes must match (to stack patches of different layers)")
+    p.add_argument("--force", action="store_true",
+                   help="skip the edit guard (relative-norm bound, finite outputs); the checksum and base checks stay")
 
 
 def run(args: argparse.Namespace) -> int:
     save_dir = check_new_dir(args.save, "--save")
-    meta, _ = read_edit(args.patch)
+    check_model_args(args)
+    meta, _ = read_edit(args.patch)  # checksum verified here, before the model is loaded
+    try:
+        prompts = [args.prompt] if args.prompt else [make_request(r).text for r in meta["requests"]]
+    except (KeyError, TypeError) as exc:
+        raise ShiftEditError(f"{args.patch}: the patch's requests are malformed ({exc})") from None
     model, tok = load_from_args(args)
-    prompts = [args.prompt] if args.prompt else [
-        r["prompt"].format(r["subject"]) if "{}" in r["prompt"] else r["prompt"] for r in meta["requests"]
-    ]
+    check_top_k(args.top_k, model)
     before = [next_token_topk(model, tok, p, args.top_k) for p in prompts]
-    result = apply_patch(model, args.patch)
+    result = apply_patch(model, args.patch, tok=tok, base_check=args.base_check, force=args.force)
     for p, b in zip(prompts, before):
         print(f"prompt: {p!r}")
         print(f"before: {format_topk(b)}")

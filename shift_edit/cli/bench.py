@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
         raise ShiftEditError("--data is required (a CounterFact JSON file, or 'download')")
+    from .common import check_model_args, check_out_root
+
+    check_out_root(args.out, "--out")
+    check_model_args(args)
     data = resolve_data(args.data)
     cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
     hparams = None
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("datasets") is None:
             raise ShiftEditError("--ppl-every needs --wikitext FILE or the datasets package")
+    if args.wikitext is not None and not Path(args.wikitext).is_file():
+        raise ShiftEditError(f"--wikitext {args.wikitext}: file not found")
     cfg = BenchConfig(alg=args.alg, hparams=hparams, seed=args.seed, skip_generation=args.skip_generation,
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
                       wikitext=wikitext, batch_size=args.batch_size,

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ShiftEditError
-from ..loading import ALIASES, load_model
+from ..loading import ALIASES, check_device, load_model
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,27 +18,93 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """Check --dtype and --device before anything is loaded."""
+    from ..loading import resolve_dtype
+
+    resolve_dtype(args.dtype)
+    check_device(args.device)
+
+
 def load_from_args(args: argparse.Namespace):
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    import pickle
+
+    check_model_args(args)
+    try:
+        return load_model(args.model, dtype=args.dtype, device=args.device)
+    except pickle.UnpicklingError as exc:
+        raise ShiftEditError(
+            f"refusing to load {args.model!r}: its pickle checkpoint (pytorch_model.bin) holds more than "
+            f"weights and was not unpickled, for safety ({str(exc).splitlines()[0][:80]}); use a safetensors "
+            "checkpoint"
+        ) from None
+
+
+def check_writable_parent(p: Path, flag: str) -> None:
+    """``p`` can be created: its first existing ancestor is a writable folder (not a file)."""
+    parent = p.absolute().parent
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link
+            raise ShiftEditError(f"{flag} {p}: {parent} is a broken symbolic link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ShiftEditError(f"{flag} {p}: {parent} is a file, not a folder")
+    _probe_write(parent, p, flag)
+
+
+def _probe_write(folder: Path, p: Path, flag: str) -> None:
+    """Create and remove a temporary file in ``folder``: the only reliable writability test
+    (``os.access`` says yes to root on read-only file systems)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".shift_edit_probe."):
+            pass
+    except OSError as exc:
+        raise ShiftEditError(f"{flag} {p}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def check_new_dir(path: str | None, flag: str) -> Path | None:
-    """A folder we may create or fill: not an existing file, not a non-empty folder."""
+    """A folder we may create or fill: not an existing file, not a non-empty folder, creatable."""
     if path is None:
         return None
     p = Path(path)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise ShiftEditError(f"{flag} {path}: exists and is not an empty folder")
+    if p.is_dir():
+        _probe_write(p, p, flag)
+    check_writable_parent(p, flag)
     return p
 
 
 def check_new_file(path: str | None, flag: str) -> Path | None:
+    """A file path we may write: not a folder, its folder creatable and writable."""
     if path is None:
         return None
     p = Path(path)
     if p.is_dir():
         raise ShiftEditError(f"{flag} {path}: is a folder, expected a file path")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ShiftEditError(f"{flag} {path}: exists and is not writable")
+    check_writable_parent(p, flag)
     return p
+
+
+def check_out_root(path: str, flag: str) -> Path:
+    """A results root that may exist (runs are resumed in it): a folder or creatable, writable."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise ShiftEditError(f"{flag} {path}: is a file, not a folder")
+        _probe_write(p, p, flag)
+        return p
+    check_writable_parent(p, flag)
+    return p
+
+
+def check_top_k(top_k: int, model) -> None:
+    """--top-k within 1..vocabulary size (checked after the load, before any edit)."""
+    vocab = getattr(model.config, "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
+    if not 1 <= top_k <= vocab:
+        raise ShiftEditError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
 
 
 def save_model_atomically(model, tok, folder: Path) -> None:

@@ -14,7 +14,16 @@ from ..registry import algorithm_names, get_algorithm
 from ..requests import make_request
 from ..resources import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
 from ..scoring import next_token_topk
-from .common import add_model_arguments, check_new_dir, check_new_file, format_topk, load_from_args, save_model_atomically
+from .common import (
+    add_model_arguments,
+    check_model_args,
+    check_new_dir,
+    check_new_file,
+    check_top_k,
+    format_topk,
+    load_from_args,
+    save_model_atomically,
+)
 
 NAME = "edit"
 HELP = "edit one fact and print the top-k next tokens before and after"
@@ -46,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-lora", default=None, metavar="DIR", help="save the edit as a PEFT LoRA adapter folder")
     p.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="with --save-lora: truncate to rank R (needed for dense deltas of other algorithms)")
+    p.add_argument("--force", action="store_true",
+                   help="skip the edit guard (the bound max_relative_norm on ||dW||/||W|| and the check that the "
+                        "edit prompt's outputs stay finite)")
 
 
 def _step_field(alg: str) -> str | None:
@@ -89,18 +101,24 @@ def run(args: argparse.Namespace) -> int:
     save_dir = check_new_dir(args.save, "--save")
     patch_path = check_new_file(args.save_patch, "--save-patch")
     lora_dir = check_new_dir(args.save_lora, "--save-lora")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise ShiftEditError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.lora_rank is not None and lora_dir is None:
+        raise ShiftEditError("--lora-rank needs --save-lora DIR")
+    check_model_args(args)
     hparams = resolve_hparams(args)
     if args.until_top1 and _step_field(args.alg) is None:
         raise ShiftEditError(f"--until-top1 needs an algorithm with a step size; {args.alg} has none")
     request = make_request({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     model, tok = load_from_args(args)
+    check_top_k(args.top_k, model)
     before = next_token_topk(model, tok, request.text, args.top_k)
     if args.until_top1:
         search = search_step(model, tok, request, hparams)
         print(search.line())
         if search.found:
             hparams = hparams.replace(**{search.field: search.step})
-    result = edit(model, tok, request, hparams)  # an error it raises names the model the hparams were written for
+    result = edit(model, tok, request, hparams, force=args.force)  # an error it raises names the model the hparams were written for
     note = hparams_model_mismatch(hparams, model)
     if note:  # after the edit: when the hparams cannot fit at all, the error above is the one line
         print(f"warning: {note}; the edit may not work as tuned (pass --hparams for this model)", file=sys.stderr)

@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ShiftEditError(f"--limit must be >= 1, got {args.limit}")
+    if args.out:
+        from .common import check_out_root
+
+        check_out_root(args.out, "--out")
     args.run_dirs = expand_paths(args.run_dirs)
     ids = None
     if args.common:

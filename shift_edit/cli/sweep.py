@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         case_ids = [int(c) for c in args.case_ids.split(",")] if args.case_ids else None
     except ValueError:
         raise ShiftEditError(f"--case-ids {args.case_ids!r}: expected comma-separated integers") from None
+    from .common import check_out_root
+
+    check_out_root(args.out, "--out")
     records = load_records(args.data, args.n_records, sample_seed=args.sample_seed, case_ids=case_ids)
     model, tok = load_from_args(args)
     from ..architectures import ModelAdapter

@@ -79,7 +79,7 @@ def run_layer_sweep(
             for scaling, eta in settings:
                 for layer in tqdm(layers, desc=f"case {rec['case_id']} {scaling}", leave=False):
                     hp = ShiftHyperParams(layers=[layer], eta=eta, eta_scaling=scaling, skip_if_predicted=False)
-                    res = edit(model, tok, rec, hp)
+                    res = edit(model, tok, rec, hp, force=True)  # the sweep measures what breaks the model
                     try:
                         resume = functools.partial(lambda k, at: resume_at(adapter, at, inputs[k][at]), at=layer)
                         cell = {"eta_scaling": scaling, "eta": eta, "layer": layer,

@@ -156,7 +156,7 @@ def load_reference(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:
-    order = [m[0] for m in METRICS] + ["S", "edit_time_median_s"]
+    order = [m[0] for m in METRICS] + ["S", "edit_time_median_s", "edits_per_s"]
     present = {k for r in rows for k in r["metrics"]}
     return [c for c in order if c in present]
 

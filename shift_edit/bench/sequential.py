@@ -51,7 +51,9 @@ from ..memory import EditMemory
 from ..registry import get_algorithm
 from ..stats import layer_stats, pinned_statistics
 from .data import CounterFactCase
-from .metrics import CaseScorer, PerplexityProtocol, metrics_from_scores, perplexity, read_wikitext_lines
+from ..requests import encode_prompt, encode_target
+from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
+from .metrics import PerplexityProtocol, _targets, case_prompts, metrics_from_scores, perplexity, read_wikitext_lines
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ class SequentialConfig:
     seed: int = 0
     shuffle_seed: int | None = None
     ppl: bool = True
-    ppl_protocol: PerplexityProtocol = field(default_factory=lambda: PerplexityProtocol(n_lines=50))
+    ppl_protocol: PerplexityProtocol = field(default_factory=lambda: PerplexityProtocol(n_lines=20))
     wikitext: str | None = None
     batch_size: int = 64
     save_every: int = 50
@@ -261,8 +263,41 @@ def _norms(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, di
     return out
 
 
-def _score(model, scorers: Sequence[CaseScorer], batch_size: int) -> list[dict[str, float]]:
-    return [_record_values(metrics_from_scores(s.scores(s.logits(model, batch_size=batch_size)))) for s in scorers]
+@dataclass
+class _Pairs:
+    """A record's (prompt, object) token pairs — (new, true) per prompt — and each prompt's group."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    groups: list[str]
+
+
+def _tokenise(tok, case: CounterFactCase) -> _Pairs:
+    pairs, groups = [], []
+    for group, prompts in case_prompts(case).items():
+        new, true = _targets(case, group)
+        for p in prompts:
+            ids = encode_prompt(tok, p)
+            pairs += [(ids, encode_target(tok, p, new)), (ids, encode_target(tok, p, true))]
+            groups.append(group)
+    return _Pairs(pairs, groups)
+
+
+def _score(model, tok, items: Sequence[_Pairs], batch_size: int, records_per_plan: int = 64) -> list[dict[str, float]]:
+    """Per-record metric values; the prompts of ``records_per_plan`` records share forward batches
+    (the same numbers as scoring each record alone, :class:`~shift_edit.bench.metrics.CaseScorer`)."""
+    out = []
+    for start in range(0, len(items), records_per_plan):
+        chunk = items[start : start + records_per_plan]
+        pairs = [p for it in chunk for p in it.pairs]
+        plan = ContinuationPlan.build(pairs)
+        logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id_of(tok), batch_size=batch_size)
+        flat = iter(plan.scores(logits, pairs))
+        for it in chunk:
+            scores: dict[str, list] = {}
+            for group in it.groups:
+                scores.setdefault(group, []).append((next(flat), next(flat)))
+            out.append(_record_values(metrics_from_scores(scores)))
+    return out
 
 
 @torch.no_grad()
@@ -323,7 +358,7 @@ def run_sequential(
             log.info("%s: resuming after %d edits", run_dir, st.n_edits)
         if cfg.ppl and st.unedited_ppl is None:
             st.unedited_ppl = perplexity(model, tok, ppl_lines, cfg.ppl_protocol)
-        scorers = [CaseScorer(tok, c) for c in order]  # tokenised once
+        scorers = [_tokenise(tok, c) for c in order]  # tokenised once
         batches = [order[b : b + cfg.batch_edits] for b in range(0, len(order), cfg.batch_edits)]
         pending = [n for n in cfg.checkpoints() if n > st.n_edits or not (ckpt_dir / f"ckpt_{n}.json").is_file()]
         since_save, done_here = 0, 0
@@ -393,13 +428,13 @@ def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: Sequenti
     """Score every record edited so far on the current model, and the new ones on the unedited weights."""
     n = st.n_edits
     t0 = time.perf_counter()
-    edited = _score(model, scorers[:n], cfg.batch_size)
+    edited = _score(model, tok, scorers[:n], cfg.batch_size)
     t_eval = time.perf_counter() - t0
     ppl = perplexity(model, tok, ppl_lines, cfg.ppl_protocol) if cfg.ppl else None
     if len(st.unedited) < n:
         current = _swap(model, originals)
         try:
-            st.unedited.extend(_score(model, scorers[len(st.unedited) : n], cfg.batch_size))
+            st.unedited.extend(_score(model, tok, scorers[len(st.unedited) : n], cfg.batch_size))
         finally:
             _swap(model, current)
     edit_times = [b["edit_s"] for b in st.batches]

@@ -60,8 +60,8 @@ def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoints, in numbers of edits (e.g. 10,100,500,1000); T is always one")
     g.add_argument("--shuffle-seed", type=int, default=None, metavar="S",
                    help="shuffle the selected records with seed S before taking the first T (default: data order)")
-    g.add_argument("--ppl-lines", type=int, default=50, metavar="N",
-                   help="WikiText lines of the perplexity at each checkpoint (paper protocol; 0: no perplexity; default 50)")
+    g.add_argument("--ppl-lines", type=int, default=20, metavar="N",
+                   help="WikiText lines of the perplexity at each checkpoint (paper protocol; 0: no perplexity; default 20)")
     g.add_argument("--save-every", type=int, default=50, metavar="N",
                    help="save the resumable state at least every N edits (and at every checkpoint; default 50)")
 

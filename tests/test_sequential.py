@@ -95,6 +95,18 @@ def test_checkpoints_score_against_the_unedited_model_and_true_objects(byte_tok,
     # the unedited pass swaps the original values back in: the model ends as edited, params unchanged objects
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
     assert ck4["unedited_wikitext_ppl"] > 1 and ck4["wikitext_ppl"] > 1
+    # summarize: the run's row is labelled with T and B, beside its unedited rows and published sequential rows
+    from shift_edit.cli import main
+
+    assert main(["summarize", str(run_dir), "--out", str(tmp_path / "sum"),
+                 "--reference", str(REPO / "eval/reference/alphaedit_table1_sequential.json")]) == 0
+    rows = json.loads((tmp_path / "sum" / "summary.json").read_text())["rows"]
+    labels = [r["label"] for r in rows]
+    assert "sequential T=4, B=3" in labels[0] and labels[1].startswith("unedited (tiny-llama, the same 4 records)")
+    assert any(lb.startswith("published (AlphaEdit, GPT2-XL, T=2000, B=100") for lb in labels)
+    curves = (tmp_path / "sum" / "curves.csv").read_text().splitlines()
+    assert len(curves) == 3 and curves[0].startswith("run,alg,B,n_edits")
+    assert all((tmp_path / "sum" / f).is_file() for f in ("retention.png", "neighborhood.png", "perplexity.png"))
     name = "model.layers.1.mlp.down_proj.weight"
     assert ck4["norms"][name]["delta_fro"] == pytest.approx(
         float((model.get_parameter(name) - base.get_parameter(name)).detach().norm()), rel=1e-5)

@@ -321,12 +321,11 @@ def run_sequential(
     data_info: dict[str, Any],
     model_name: str,
     progress: bool = True,
-    stop_after_batches: int | None = None,
 ) -> Path:
     """Edit ``cfg.total`` records sequentially into ``<out>/<ALG>/seq_<NNN>/``; returns the run dir.
 
     A run dir with the same configuration continues from its saved state (or is left as it is when
-    finished). ``stop_after_batches`` (tests) returns after that many batches of this call.
+    finished).
 
     Raises:
         ShiftEditError: bad configuration, T larger than the selection, or a saved state of other weights.
@@ -361,7 +360,7 @@ def run_sequential(
         scorers = [_tokenise(tok, c) for c in order]  # tokenised once
         batches = [order[b : b + cfg.batch_edits] for b in range(0, len(order), cfg.batch_edits)]
         pending = [n for n in cfg.checkpoints() if n > st.n_edits or not (ckpt_dir / f"ckpt_{n}.json").is_file()]
-        since_save, done_here = 0, 0
+        since_save = 0
         bar = tqdm(total=cfg.total, initial=st.n_edits, desc=f"{cfg.alg} sequential", unit="edit", disable=not progress)
         with bar:
             while st.n_batches < len(batches) or pending:
@@ -381,14 +380,11 @@ def run_sequential(
                     st.n_batches += 1
                     st.n_edits += len(batch)
                     since_save += len(batch)
-                    done_here += 1
                     bar.update(len(batch))
                     due = bool(pending and pending[0] <= st.n_edits)
                     if not due and (since_save >= cfg.save_every or st.n_batches == len(batches)):
                         _save_state(state_dir, st, model, memory, base_fp)
                         since_save = 0
-                    if stop_after_batches is not None and done_here >= stop_after_batches and not due:
-                        return run_dir
                     continue
                 n = pending.pop(0)
                 ck = _checkpoint(model, tok, order, scorers, st, originals, cfg, ppl_lines, memory)

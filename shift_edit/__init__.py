@@ -23,6 +23,7 @@ from .requests import EditRequest, make_request, make_requests
 from . import algorithms  # noqa: F401,E402  (registers the algorithms)
 from .algorithms.common import EditHyperParams
 from .algorithms.adam import AdamHyperParams
+from .algorithms.alphaedit import AlphaEditHyperParams
 from .algorithms.ft import FTHyperParams
 from .algorithms.ft_l import FTLHyperParams
 from .algorithms.memit import MEMITHyperParams
@@ -48,7 +49,7 @@ def __getattr__(name: str):
     return fn
 
 __all__ = [
-    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "Algorithm", "BaseEditor", "EditHyperParams", "EditMemory", "EditRequest",
+    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "AlphaEditHyperParams", "Algorithm", "BaseEditor", "EditHyperParams", "EditMemory", "EditRequest",
     "EditResult", "FTHyperParams", "FTLHyperParams", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
     "SGDHyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",

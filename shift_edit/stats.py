@@ -21,12 +21,14 @@ match its checksum, is rebuilt, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -312,6 +314,30 @@ def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any]) -> SecondMome
 _MEMO: OrderedDict[tuple, SecondMoment] = OrderedDict()
 _MEMO_SIZE = 16
 
+#: models whose statistics are pinned to an earlier state of their weights (see :func:`pinned_statistics`)
+_PINNED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def pinned_statistics(model: nn.Module, fingerprint: str | None = None) -> Iterator[str]:
+    """While active, :func:`layer_stats` of ``model`` reads (or builds) the statistics of the model
+    as it is now (or of the weights with ``fingerprint``), however its weights change meanwhile.
+
+    Sequential (lifelong) editing uses it: ``C`` stands for the knowledge to preserve, i.e. the
+    unedited model's keys (as ROME/MEMIT/AlphaEdit compute it once), and recomputing it for every
+    edited state would cost a corpus pass per edit. Yields the pinned fingerprint.
+    """
+    fp = fingerprint or model_fingerprint(model)
+    before = _PINNED.get(model)
+    _PINNED[model] = fp
+    try:
+        yield fp
+    finally:
+        if before is None:
+            _PINNED.pop(model, None)
+        else:
+            _PINNED[model] = before
+
 
 def _memo_key(pt: Path, meta_path: Path) -> tuple | None:
     try:
@@ -369,7 +395,7 @@ def layer_stats(
     adapter = adapter or ModelAdapter(model)
     layers = sorted({adapter.check_layer(layer) for layer in layers})
     src = open_corpus(corpus)
-    fingerprint = model_fingerprint(model)
+    fingerprint = _PINNED.get(model) or model_fingerprint(model)
     out: dict[int, SecondMoment] = {}
     todo: dict[int, tuple[Path, Path, dict]] = {}
     for layer in layers:
@@ -390,6 +416,10 @@ def layer_stats(
             out[layer] = hit
         else:
             todo[layer] = (pt, meta_path, expected)
+    if todo and model in _PINNED and model_fingerprint(model) != fingerprint:
+        raise ShiftEditError(
+            f"statistics of layers {sorted(todo)} are pinned to the weights {fingerprint} but not cached, and "
+            "the model has changed since: compute them before editing (shift-edit stats, or layer_stats first)")
     if todo:
         names = {adapter.ff2_name(layer): layer for layer in todo}
         log.warning("computing second-moment statistics of layer(s) %s over %d tokens of %s: once, then cached "

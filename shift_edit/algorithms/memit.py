@@ -128,24 +128,7 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
                             max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype, adapter=adapter)
         covs = {layer: s.mom2.double() for layer, s in stats.items()}
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
-    z_info = []
-    zs = []
-    fingerprint = model_fingerprint(model) if hparams.zstar_cache else None
-    device = next(model.parameters()).device
-    for req in active:
-        path = _zstar_path(fingerprint, device.type, z_layer, req, hparams) if fingerprint else None
-        hit = _zstar_load(path) if path else None
-        if hit is None:
-            dr = optimise_delta(model, tok, adapter, z_layer, req, templates, hparams, ref="residual")
-            hit = ((dr.ref + dr.delta).cpu(), {"delta_norm": float(dr.delta.norm()), "ref_norm": float(dr.ref.norm()),
-                                               "steps": dr.steps, "loss_first": dr.losses[0], "loss_last": dr.losses[-1]})
-            if path:
-                atomic_write_bytes(path, torch_bytes({"z": hit[0], "info": hit[1]}))
-        else:
-            hit[1]["zstar_from_cache"] = True
-        zs.append(hit[0])
-        z_info.append(hit[1])
-    z = torch.stack(zs).double()  # [N, d_model]
+    z, z_info = target_zs(model, tok, adapter, z_layer, active, templates, hparams)
     modules = {layer: adapter.module(adapter.ff2_name(layer)) for layer in layers}
     originals = {layer: m.weight.detach().clone() for layer, m in modules.items()}
     deltas: list[WeightDelta] = []
@@ -171,6 +154,31 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
     for s in skipped:
         info.append({} if s else {**next(it), "layers": layer_info})
     return Computed(deltas, skipped, info)
+
+
+def target_zs(model: nn.Module, tok, adapter, z_layer: int, requests: list[EditRequest], templates: list[str],
+              hparams: MEMITHyperParams) -> tuple[torch.Tensor, list[dict]]:
+    """MEMIT's ``z*`` of each request (``[N, d_model]`` float64, CPU) at the residual after
+    ``z_layer``, with per-request optimisation details; from the on-disk cache when
+    ``hparams.zstar_cache`` is on (MEMIT and AlphaEdit share it: same hparams, same ``z*``)."""
+    z_info = []
+    zs = []
+    fingerprint = model_fingerprint(model) if getattr(hparams, "zstar_cache", False) else None
+    device = next(model.parameters()).device
+    for req in requests:
+        path = _zstar_path(fingerprint, device.type, z_layer, req, hparams) if fingerprint else None
+        hit = _zstar_load(path) if path else None
+        if hit is None:
+            dr = optimise_delta(model, tok, adapter, z_layer, req, templates, hparams, ref="residual")
+            hit = ((dr.ref + dr.delta).cpu(), {"delta_norm": float(dr.delta.norm()), "ref_norm": float(dr.ref.norm()),
+                                               "steps": dr.steps, "loss_first": dr.losses[0], "loss_last": dr.losses[-1]})
+            if path:
+                atomic_write_bytes(path, torch_bytes({"z": hit[0], "info": hit[1]}))
+        else:
+            hit[1]["zstar_from_cache"] = True
+        zs.append(hit[0])
+        z_info.append(hit[1])
+    return torch.stack(zs).double(), z_info
 
 
 #: hparams z* depends on (the layers only through the last one, z_layer)

@@ -12,10 +12,11 @@ from .metrics import (
     text_ngram_entropy,
 )
 from .runner import NO_EDIT, BenchConfig, choose_run_dir, run_bench
+from .sequential import SequentialConfig, run_sequential
 from .summarize import load_reference, summarize_run, to_csv, to_markdown
 
 __all__ = [
-    "NO_EDIT", "BenchConfig", "CounterFactCase", "PerplexityProtocol", "choose_run_dir", "download_counterfact",
+    "NO_EDIT", "BenchConfig", "SequentialConfig", "run_sequential", "CounterFactCase", "PerplexityProtocol", "choose_run_dir", "download_counterfact",
     "file_sha256", "generate_topk", "load_counterfact", "load_reference", "metrics_from_scores", "ngram_entropy",
     "parse_case", "perplexity", "read_wikitext_lines", "run_bench", "score_case", "summarize_run",
     "text_ngram_entropy", "to_csv", "to_markdown",

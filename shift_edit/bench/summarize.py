@@ -153,16 +153,19 @@ def load_reference(path: str | Path) -> list[dict[str, Any]]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ShiftEditError(f"cannot read reference file {path}: {exc}") from None
     rows = []
+    seq = ref.get("sequential")  # lifelong-editing tables: rows labelled with T and B
     for r in ref["rows"]:
-        label = f"published ({r['alg']}, {ref['model']}, N={ref['n']}; {ref['source']})"
+        model = r.get("model", ref["model"])
+        size = f"T={seq['T']}, B={seq['B']}" if seq else f"N={ref['n']}"
+        label = f"published ({r['alg']}, {model}, {size}; {ref['source']})"
         metrics = {k: {"n": ref["n"], "mean": v, "std": None, "ci95": None} for k, v in r["metrics"].items()}
-        rows.append({"label": label, "kind": "published", "alg": r["alg"], "model": ref["model"], "n": ref["n"],
+        rows.append({"label": label, "kind": "published", "alg": r["alg"], "model": model, "n": ref["n"],
                      "metrics": metrics, "family": ref.get("metric_family")})
     return rows
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:
-    order = [m[0] for m in METRICS] + ["S", "edit_time_median_s"]
+    order = [m[0] for m in METRICS] + ["S", "edit_time_median_s", "edits_per_s"]
     present = {k for r in rows for k in r["metrics"]}
     return [c for c in order if c in present]
 

@@ -44,6 +44,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run N processes on this machine, each on its share of the records and cores, "
                         "into one run dir (default 1; on a 2-core CPU, 2 is ~1.4x faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sequential_arguments(p)
+
+
+def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
+    """Lifelong editing: ``--sequential T --batch-edits B --eval-at ...`` (shift_edit.bench.sequential)."""
+    g = p.add_argument_group("sequential (lifelong) editing")
+    g.add_argument("--sequential", type=int, default=None, metavar="T",
+                   help="edit T records one batch after another, never undoing (each batch computed on the model the "
+                        "earlier ones left); all edits made so far are scored at each --eval-at checkpoint and at T")
+    g.add_argument("--batch-edits", type=int, default=1, metavar="B",
+                   help="requests per edit call in --sequential mode (default 1); B need not divide T (the last batch "
+                        "is smaller); a checkpoint is measured after the batch that reaches it")
+    g.add_argument("--eval-at", default=None, metavar="N,N,...",
+                   help="checkpoints, in numbers of edits (e.g. 10,100,500,1000); T is always one")
+    g.add_argument("--shuffle-seed", type=int, default=None, metavar="S",
+                   help="shuffle the selected records with seed S before taking the first T (default: data order)")
+    g.add_argument("--ppl-lines", type=int, default=20, metavar="N",
+                   help="WikiText lines of the perplexity at each checkpoint (paper protocol; 0: no perplexity; default 20)")
+    g.add_argument("--save-every", type=int, default=50, metavar="N",
+                   help="save the resumable state at least every N edits (and at every checkpoint; default 50)")
+
+
+def _parse_eval_at(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ShiftEditError(f"--eval-at takes comma-separated integers, got {text!r}") from None
+
+
+def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext) -> int:
+    """``bench --sequential``: checks everything before the model is loaded, then runs."""
+    from ..bench.data import file_sha256
+    from ..bench.metrics import PerplexityProtocol
+    from ..bench.sequential import SequentialConfig, order_cases, run_sequential
+    from .common import load_from_args
+
+    if args.alg == "NONE":
+        raise ShiftEditError("--sequential needs an editing --alg (the unedited reference is measured in the run)")
+    if args.num_edits != 1:
+        raise ShiftEditError("--sequential uses --batch-edits B, not --num-edits")
+    if args.procs != 1:
+        raise ShiftEditError("--sequential runs in one process (--procs 1)")
+    if args.ppl_lines < 0:
+        raise ShiftEditError(f"--ppl-lines must be >= 0, got {args.ppl_lines}")
+    if args.ppl_lines and wikitext is None:
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            raise ShiftEditError("perplexity needs --wikitext FILE or the datasets package (or --ppl-lines 0)")
+    cfg = SequentialConfig(alg=args.alg, hparams=hparams, total=args.sequential, batch_edits=args.batch_edits,
+                           eval_at=_parse_eval_at(args.eval_at), seed=args.seed, shuffle_seed=args.shuffle_seed,
+                           ppl=args.ppl_lines > 0,
+                           ppl_protocol=PerplexityProtocol(name="paper", n_lines=max(1, args.ppl_lines)),
+                           wikitext=wikitext, batch_size=args.batch_size, save_every=args.save_every)
+    order_cases(cases, cfg.total, cfg.shuffle_seed)  # T larger than the selection: one line, before loading
+    model, tok = load_from_args(args)
+    run_dir = run_sequential(model, tok, cases, cfg, args.out,
+                             data_info={"path": str(data), "sha256": file_sha256(data), "n_selected": len(cases),
+                                        "limit": args.limit, "start": args.start, "case_ids": args.case_ids},
+                             model_name=args.model, progress=not args.no_progress)
+    print(f"results: {run_dir}")
+    return 0
 
 
 def default_wikitext() -> str | None:
@@ -90,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.hparams:
         raise ShiftEditError("--alg NONE takes no --hparams")
     wikitext = args.wikitext or default_wikitext()
+    if args.sequential is not None:
+        return run_sequential_args(args, cases, data, hparams, wikitext)
+    if args.batch_edits != 1 or args.eval_at or args.shuffle_seed is not None:
+        raise ShiftEditError("--batch-edits, --eval-at and --shuffle-seed need --sequential T")
     if args.ppl_every and wikitext is None:
         import importlib.util
 

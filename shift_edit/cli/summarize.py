@@ -11,7 +11,8 @@ HELP = "summarize benchmark run dirs (markdown, CSV, JSON, PNG), optionally besi
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", help="results/<ALG>/run_<NNN> folders (a folder of run_* folders stands for them); "
-                   "also ROME/MEMIT run folders (case_*.json) and EasyEdit result JSON files")
+                   "seq_<NNN> sequential runs (their last checkpoint, labelled with T and B, plus retention / "
+                   "neighborhood / perplexity curves); ROME/MEMIT run folders (case_*.json) and EasyEdit result JSON files")
     p.add_argument("--reference", action="append", default=[], help="eval/reference/*.json to show beside (repeatable)")
     p.add_argument("--out", default=None, help="folder for summary.md/.csv/.json/.png (default: the first run dir)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG bar chart")
@@ -36,12 +37,16 @@ def run(args: argparse.Namespace) -> int:
         check_out_root(args.out, "--out")
     args.run_dirs = expand_paths(args.run_dirs)
     ids = None
+    from ..bench.seq_summary import curves, curves_csv, is_sequential, plot_curves, summarize_sequential
+
+    seq_dirs = [d for d in args.run_dirs if is_sequential(d)]
+    one_dirs = [d for d in args.run_dirs if not is_sequential(d)]
     if args.common:
-        sets = [case_ids_any(d) for d in args.run_dirs]
+        sets = [case_ids_any(d) for d in one_dirs]
         ids = set.intersection(*sets)
         if not ids:
             raise ShiftEditError("--common: the runs have no finished record in common")
-    rows = [summarize_any(d, case_ids=ids, limit=args.limit) for d in args.run_dirs]
+    rows = [summarize_any(d, case_ids=ids, limit=args.limit) for d in one_dirs]
     sizes = sorted({r["n"] for r in rows})
     if len(sizes) > 1:
         import sys
@@ -49,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{r['run_dir']}: {r['n']}" for r in rows)
         print(f"warning: the runs have different numbers of records ({counts}); "
               "means over different records are not comparable: use --common or --limit N", file=sys.stderr)
+    for d in seq_dirs:  # sequential runs: the last checkpoint (label with T and B) and the unedited same records
+        rows.extend(summarize_sequential(d))
     for ref in args.reference:
         rows.extend(load_reference(ref))
     first = Path(args.run_dirs[0])
@@ -60,5 +67,11 @@ def run(args: argparse.Namespace) -> int:
     print(md)
     if not args.no_plot:
         print(f"chart: {bar_chart(rows, out / 'summary.png')}")
-    print(f"written: {out}/summary.md, summary.csv, summary.json")
+    if seq_dirs:
+        crows = curves(seq_dirs)
+        atomic_write_text(out / "curves.csv", curves_csv(crows))
+        atomic_write_json(out / "curves.json", {"rows": crows})
+        if not args.no_plot:
+            print("curves: " + ", ".join(str(p) for p in plot_curves(crows, out)))
+    print(f"written: {out}/summary.md, summary.csv, summary.json" + (", curves.csv, curves.json" if seq_dirs else ""))
     return 0

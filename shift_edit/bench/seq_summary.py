@@ -1,0 +1,149 @@
+"""Summaries and curves of sequential (lifelong) runs: table rows labelled with T and B, retention,
+neighborhood and perplexity curves against the number of edits (PNG + CSV + JSON)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ShiftEditError
+
+#: curve columns: (column, where in a checkpoint, metric name)
+CURVE_METRICS = ("efficacy_top1", "ES", "paraphrase_top1", "PS", "rephrase_top1", "RS", "neighborhood_top1", "NS")
+
+
+def is_sequential(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a sequential run (its params name a ``sequential`` protocol)."""
+    try:
+        params = json.loads((Path(run_dir) / "params.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return "sequential" in params.get("match", {}).get("protocol", {})
+
+
+def _load(run_dir: Path) -> tuple[dict, dict]:
+    try:
+        params = json.loads((run_dir / "params.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ShiftEditError(f"{run_dir}: no readable summary.json (has a checkpoint been measured yet?)") from None
+    if not summary.get("checkpoints"):
+        raise ShiftEditError(f"{run_dir}: no checkpoint measured yet")
+    return params, summary
+
+
+def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Two table rows of a sequential run at its last measured checkpoint: the edited model, and the
+    unedited model on the same records. Labels carry T (edits made) and B."""
+    from .summarize import _hparams_tag
+
+    run_dir = Path(run_dir)
+    params, summary = _load(run_dir)
+    match = params["match"]
+    last = max(summary["checkpoints"], key=lambda c: c["n_edits"])
+    n, b, t_plan = last["n_edits"], summary["B"], summary["T"]
+    model = match["model"]["name"]
+    plan = "" if n == t_plan else f" of {t_plan} planned"
+    metrics = dict(last["metrics"])
+    if last.get("wikitext_ppl") is not None:
+        metrics["wikitext_ppl"] = {"n": 1, "mean": last["wikitext_ppl"], "std": None, "ci95": None}
+    if last["speed"].get("edits_per_s"):
+        metrics["edits_per_s"] = {"n": n, "mean": last["speed"]["edits_per_s"], "std": None, "ci95": None}
+    base = dict(last["unedited_metrics"])
+    if last.get("unedited_wikitext_ppl") is not None:
+        base["wikitext_ppl"] = {"n": 1, "mean": last["unedited_wikitext_ppl"], "std": None, "ci95": None}
+    common = {"model": model, "n": n, "run_dir": str(run_dir), "protocol": match, "data": params.get("data"),
+              "provenance": params.get("provenance"), "sequential": {"T": n, "B": b, "T_planned": t_plan}}
+    return [
+        {"label": f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {model}, sequential T={n}{plan}, B={b})",
+         "kind": "measured", "alg": match["alg"], "metrics": metrics, **common},
+        {"label": f"unedited ({model}, the same {n} records)", "kind": "measured", "alg": "NONE", "metrics": base, **common},
+    ]
+
+
+def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One row per (run, checkpoint): n_edits, the metrics' means (edited and unedited), perplexity,
+    speed, memory and the largest relative change of an edited matrix."""
+    rows = []
+    for d in run_dirs:
+        params, summary = _load(Path(d))
+        alg = params["match"]["alg"]
+        for c in sorted(summary["checkpoints"], key=lambda c: c["n_edits"]):
+            row: dict[str, Any] = {"run": f"{alg} B={summary['B']}", "alg": alg, "B": summary["B"], "n_edits": c["n_edits"]}
+            for m in CURVE_METRICS:
+                if m in c["metrics"]:
+                    row[m] = c["metrics"][m]["mean"]
+                    row[f"unedited_{m}"] = c["unedited_metrics"].get(m, {}).get("mean")
+            row["wikitext_ppl"] = c.get("wikitext_ppl")
+            row["unedited_wikitext_ppl"] = c.get("unedited_wikitext_ppl")
+            row["edits_per_s"] = c["speed"].get("edits_per_s")
+            row["edit_s_total"] = c["speed"].get("edit_s_total")
+            row["eval_s_per_record"] = c["speed"].get("eval_s_per_record")
+            row["peak_rss_mb"] = c["memory"].get("peak_rss_mb")
+            norms = c.get("norms") or {}
+            row["max_rel_delta_fro"] = max((v["delta_fro"] / v["base_fro"] for v in norms.values()), default=None)
+            row["max_delta_spectral"] = max((v["delta_spectral"] for v in norms.values()), default=None)
+            rows.append(row)
+    return rows
+
+
+def curves_csv(rows: Sequence[dict]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
+    """retention.png (edits that still hold vs edits made, log x), neighborhood.png and perplexity.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["run"], []).append(r)
+    paths = []
+    panels = [("retention.png", [("efficacy_top1", "strict top-1 efficacy"), ("ES", "ROME ES")],
+               "share of all edits made so far that hold (%)"),
+              ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
+               "neighborhood (%), dashed: unedited on the same records"),
+              ("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited")]
+    for name, metrics, ylabel in panels:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
+        for ax, (m, title) in zip(axes[0], metrics):
+            for i, (run, rs) in enumerate(sorted(runs.items())):
+                pts = [(r["n_edits"], r.get(m)) for r in rs if r.get(m) is not None]
+                if not pts:
+                    continue
+                color = f"C{i}"
+                ax.plot(*zip(*pts), marker="o", color=color, label=run)
+                base = [(r["n_edits"], r.get(f"unedited_{m}")) for r in rs if r.get(f"unedited_{m}") is not None]
+                if base and name != "retention.png":
+                    ax.plot(*zip(*base), linestyle="--", color=color, alpha=0.6)
+            ax.set_xscale("log")
+            ax.set_xlabel("edits made (log)")
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel(ylabel, fontsize=8)
+            if m == "wikitext_ppl":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / name
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths

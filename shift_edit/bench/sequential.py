@@ -1,0 +1,463 @@
+"""Sequential (lifelong) editing: T records' edits applied in order, B at a time, never undone.
+
+Each batch of B requests is computed on the model as the earlier batches left it (any registered
+algorithm; those registered with ``uses_memory`` get the run's :class:`~shift_edit.memory.EditMemory`).
+At every checkpoint (``eval_at``, and T) all records edited so far are scored on the current model in
+both metric families (ROME probability comparisons, strict top-1); the neighborhood is always scored
+against the record's TRUE object, never against the edited model. The same records are also scored
+on the unedited model — the edited matrices' original values are swapped in place for that pass and
+back, each record once — so every checkpoint has its unedited reference on the same records. WikiText
+perplexity is measured at each checkpoint and once on the unedited model.
+
+A checkpoint falls after the batch that reaches it: with B = 100 a checkpoint at 10 is measured
+after 100 edits (``n_edits`` in each checkpoint says how many were made). T need not be a multiple
+of B: the last batch is smaller.
+
+Run directory ``<out>/<ALG>/seq_<NNN>/`` (chosen by the same match-key rule as one-edit runs):
+``params.json``; ``checkpoints/ckpt_<n>.json`` (per-record values and means at n edits);
+``summary.json`` (all checkpoints' means, the unedited reference, speed, memory and the norms of
+the edited matrices); ``state/`` (the current values of the edited parameters, the memory and the
+position), written atomically every ``save_every`` edits and at every checkpoint. A run killed at
+any point continues from its last state and gives the same numbers as an uninterrupted run
+(statistics are pinned to the unedited model, each batch is seeded by its index, and ROME/MEMIT's
+context texts are sampled from the unedited model before any saved weights are loaded).
+
+Per edit, the cost is the algorithm's edit plus the checkpoints' scoring; nothing per edit grows
+with T (no model copy; records are tokenised once; only the edited matrices are saved).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..editing import edit
+from ..errors import ShiftEditError
+from ..hparams import HyperParams
+from ..io import atomic_write_bytes, atomic_write_json, model_fingerprint, provenance
+from ..memory import EditMemory
+from ..registry import get_algorithm
+from ..stats import layer_stats, pinned_statistics
+from .data import CounterFactCase
+from ..requests import encode_prompt, encode_target
+from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
+from .metrics import PerplexityProtocol, _targets, case_prompts, metrics_from_scores, perplexity, read_wikitext_lines
+
+log = logging.getLogger(__name__)
+
+SEQ_PROTOCOL_VERSION = 1
+
+#: per-record values kept at each checkpoint: (name, path in metrics_from_scores' output)
+RECORD_METRICS: list[tuple[str, tuple[str, str]]] = [
+    ("ES", ("rome", "rewrite_success")),
+    ("PS", ("rome", "paraphrase_success")),
+    ("NS", ("rome", "neighborhood_success")),
+    ("RS", ("rome", "rephrase_success")),
+    ("EM", ("rome", "rewrite_magnitude")),
+    ("PM", ("rome", "paraphrase_magnitude")),
+    ("NM", ("rome", "neighborhood_magnitude")),
+    ("efficacy_top1", ("top1", "rewrite_acc")),
+    ("paraphrase_top1", ("top1", "paraphrase_acc")),
+    ("rephrase_top1", ("top1", "rephrase_acc")),
+    ("neighborhood_top1", ("top1", "neighborhood_acc")),
+    ("efficacy_top1_first_token", ("top1_first", "rewrite_acc")),
+    ("neighborhood_top1_first_token", ("top1_first", "neighborhood_acc")),
+]
+
+
+@dataclass
+class SequentialConfig:
+    """What a sequential run computes (all of it goes into ``params.json``).
+
+    Attributes:
+        alg / hparams: the algorithm and its hparams.
+        total: T, the number of records edited.
+        batch_edits: B, requests per edit call (the last batch may be smaller).
+        eval_at: checkpoints (numbers of edits); T is always one.
+        seed: seeds each batch's edit (``seed * 1_000_003 + batch index``).
+        shuffle_seed: ``None``: records in data order; else shuffled with this seed first.
+        ppl_protocol / wikitext: perplexity at each checkpoint (``ppl=False``: none).
+        batch_size: prompts per forward pass when scoring.
+        save_every: save the resumable state at least every this many edits (and at checkpoints).
+    """
+
+    alg: str
+    hparams: HyperParams
+    total: int
+    batch_edits: int = 1
+    eval_at: list[int] = field(default_factory=list)
+    seed: int = 0
+    shuffle_seed: int | None = None
+    ppl: bool = True
+    ppl_protocol: PerplexityProtocol = field(default_factory=lambda: PerplexityProtocol(n_lines=20))
+    wikitext: str | None = None
+    batch_size: int = 64
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.total < 1:
+            raise ShiftEditError(f"--sequential must be >= 1 (the number of records to edit), got {self.total}")
+        if self.batch_edits < 1:
+            raise ShiftEditError(f"--batch-edits must be >= 1, got {self.batch_edits}")
+        bad = [n for n in self.eval_at if not 1 <= int(n) <= self.total]
+        if bad:
+            raise ShiftEditError(f"--eval-at values must be between 1 and T={self.total}, got {bad}")
+        if self.save_every < 1:
+            raise ShiftEditError(f"--save-every must be >= 1, got {self.save_every}")
+
+    def checkpoints(self) -> list[int]:
+        return sorted({int(n) for n in self.eval_at} | {self.total})
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "version": SEQ_PROTOCOL_VERSION,
+            "sequential": {"T": self.total, "B": self.batch_edits, "eval_at": self.checkpoints(),
+                           "shuffle_seed": self.shuffle_seed, "seed": self.seed,
+                           "how": "batches of B records' requests applied in order, each computed on the model the "
+                                  "earlier batches left, never undone; at each checkpoint every record edited so far is "
+                                  "scored on the current model and on the unedited weights"},
+            "metric_families": {
+                "rome": "ES/PS/NS from mean token NLLs of target_new vs target_true (teacher forcing); "
+                        "neighborhood: P(true) > P(new) on neighborhood prompts (TRUE object, not the edited model)",
+                "top1": "strict top-1: every token of the correct object is the argmax (neighborhood: TRUE object)",
+                "top1_first": "first-token-only top-1",
+                "perplexity": self.ppl_protocol.to_dict() if self.ppl else None,
+                "not_computed": "neighborhood KL (the unedited distributions of all T records would be kept: "
+                                "49k floats per prompt); n-gram entropy and ROME's consistency (needs the reference "
+                                "texts and IDF table CounterFact's attribute_snippets come with, not in our data)",
+            },
+            "wikitext": self.wikitext if self.ppl else None,
+        }
+
+
+def order_cases(cases: Sequence[CounterFactCase], total: int, shuffle_seed: int | None) -> list[CounterFactCase]:
+    """The first ``total`` records in data order, or after a seeded shuffle."""
+    if total > len(cases):
+        raise ShiftEditError(f"--sequential {total} needs {total} records, the selection has {len(cases)}")
+    pool = list(cases)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(pool)
+    return pool[:total]
+
+
+def _record_values(m: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for name, (fam, key) in RECORD_METRICS:
+        v = m.get(fam, {}).get(key)
+        if v is not None:
+            out[name] = float(v)
+    return out
+
+
+def _means(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    from .summarize import stats
+
+    out = {}
+    for name, _ in RECORD_METRICS:
+        vals = [r[name] * 100.0 for r in rows if name in r]
+        if vals:
+            out[name] = stats(vals)
+    return out
+
+
+def _prime(model: nn.Module, tok, hparams: HyperParams) -> None:
+    """Everything an algorithm derives from the unedited model once: the second-moment statistics
+    (pinned for the run) and ROME/MEMIT's context texts, sampled before any edit or saved state."""
+    layers = getattr(hparams, "layers", None)
+    if layers and getattr(hparams, "mom2_n_tokens", None) and getattr(hparams, "mom2_adjustment", True):
+        layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
+                    max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype)
+    if hasattr(hparams, "context_template_length_params"):
+        from ..algorithms.rome import context_templates
+
+        context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+
+
+def _rss_mb() -> dict[str, float]:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        cur = pages * resource.getpagesize() / 2**20
+    except (OSError, ValueError, IndexError):
+        cur = None
+    return {"rss_mb": cur, "peak_rss_mb": peak}
+
+
+class _State:
+    """What a run remembers between edits: edits done, the edited parameters' current values,
+    the memory, the records' unedited values, per-batch timings."""
+
+    def __init__(self) -> None:
+        self.n_batches = 0
+        self.n_edits = 0
+        self.touched: list[str] = []
+        self.batches: list[dict[str, Any]] = []
+        self.unedited: list[dict[str, float]] = []
+        self.unedited_ppl: float | None = None
+        self.checkpoints: list[dict[str, Any]] = []
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _State:
+        s = cls()
+        for k, v in d.items():
+            setattr(s, k, v)
+        return s
+
+
+def _save_state(state_dir: Path, st: _State, model: nn.Module, memory: EditMemory, base_fp: str) -> None:
+    """Parameters and memory under names tagged with the batch count, then ``state.json`` (the
+    commit point) naming them, then the older files are removed."""
+    tag = f"{st.n_batches:06d}"
+    params = {name: model.get_parameter(name).detach().cpu().contiguous() for name in st.touched}
+    atomic_write_bytes(state_dir / f"weights_{tag}.safetensors", save(params) if params else save({}))
+    memory.save(state_dir / f"memory_{tag}.safetensors")
+    atomic_write_json(state_dir / "state.json", {"base_fingerprint": base_fp, "tag": tag, "state": st.to_json()})
+    for old in state_dir.glob("*.safetensors"):
+        if not old.stem.endswith(tag):
+            old.unlink(missing_ok=True)
+
+
+def _load_state(state_dir: Path, model: nn.Module, base_fp: str
+                ) -> tuple[_State, EditMemory, dict[str, torch.Tensor]] | None:
+    """The saved state, loaded into ``model`` in place; also returns the touched parameters' unedited values."""
+    p = state_dir / "state.json"
+    if not p.is_file():
+        return None
+    saved = json.loads(p.read_text())
+    if saved["base_fingerprint"] != base_fp:
+        raise ShiftEditError(f"{state_dir}: saved state belongs to other weights ({saved['base_fingerprint']}, "
+                             f"this model {base_fp})")
+    tag = saved["tag"]
+    weights = load_file(str(state_dir / f"weights_{tag}.safetensors"))
+    originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
+    with torch.no_grad():
+        for name, value in weights.items():
+            model.get_parameter(name).copy_(value)
+    memory = EditMemory.load(state_dir / f"memory_{tag}.safetensors")
+    return _State.from_json(saved["state"]), memory, originals
+
+
+def _norms(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    out = {}
+    with torch.no_grad():
+        for name, w0 in originals.items():
+            w = model.get_parameter(name).detach().float().cpu()
+            d = w - w0.float()
+            out[name] = {"delta_fro": float(d.norm()), "weight_fro": float(w.norm()), "base_fro": float(w0.float().norm()),
+                         "delta_spectral": float(torch.linalg.matrix_norm(d, ord=2)) if d.ndim == 2 else float(d.norm())}
+    return out
+
+
+@dataclass
+class _Pairs:
+    """A record's (prompt, object) token pairs — (new, true) per prompt — and each prompt's group."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    groups: list[str]
+
+
+def _tokenise(tok, case: CounterFactCase) -> _Pairs:
+    pairs, groups = [], []
+    for group, prompts in case_prompts(case).items():
+        new, true = _targets(case, group)
+        for p in prompts:
+            ids = encode_prompt(tok, p)
+            pairs += [(ids, encode_target(tok, p, new)), (ids, encode_target(tok, p, true))]
+            groups.append(group)
+    return _Pairs(pairs, groups)
+
+
+def _score(model, tok, items: Sequence[_Pairs], batch_size: int, records_per_plan: int = 64) -> list[dict[str, float]]:
+    """Per-record metric values; the prompts of ``records_per_plan`` records share forward batches
+    (the same numbers as scoring each record alone, :class:`~shift_edit.bench.metrics.CaseScorer`)."""
+    out = []
+    for start in range(0, len(items), records_per_plan):
+        chunk = items[start : start + records_per_plan]
+        pairs = [p for it in chunk for p in it.pairs]
+        plan = ContinuationPlan.build(pairs)
+        logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id_of(tok), batch_size=batch_size)
+        flat = iter(plan.scores(logits, pairs))
+        for it in chunk:
+            scores: dict[str, list] = {}
+            for group in it.groups:
+                scores.setdefault(group, []).append((next(flat), next(flat)))
+            out.append(_record_values(metrics_from_scores(scores)))
+    return out
+
+
+@torch.no_grad()
+def _swap(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy ``values`` into the named parameters in place; returns what was there."""
+    before = {}
+    for name, v in values.items():
+        p = model.get_parameter(name)
+        before[name] = p.detach().clone()
+        p.copy_(v.to(p.device, p.dtype))
+    return before
+
+
+def run_sequential(
+    model: nn.Module,
+    tok,
+    cases: Sequence[CounterFactCase],
+    cfg: SequentialConfig,
+    out: str | Path,
+    *,
+    data_info: dict[str, Any],
+    model_name: str,
+    progress: bool = True,
+) -> Path:
+    """Edit ``cfg.total`` records sequentially into ``<out>/<ALG>/seq_<NNN>/``; returns the run dir.
+
+    A run dir with the same configuration continues from its saved state (or is left as it is when
+    finished).
+
+    Raises:
+        ShiftEditError: bad configuration, T larger than the selection, or a saved state of other weights.
+    """
+    alg = get_algorithm(cfg.alg)
+    order = order_cases(cases, cfg.total, cfg.shuffle_seed)
+    model.eval()
+    base_fp = model_fingerprint(model)
+    prov = provenance(model)
+    match = {
+        "alg": cfg.alg, "hparams": cfg.hparams.to_dict(),
+        "model": {"name": model_name, "fingerprint": base_fp, "dtype": prov["model"]["dtype"]},
+        "seed": cfg.seed, "protocol": cfg.protocol(), "data_sha256": data_info.get("sha256"),
+        "order": [c.case_id for c in order],
+    }
+    params = {"match": match, "data": data_info, "provenance": prov,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    run_dir = _choose_seq_dir(Path(out), cfg.alg, match, params)
+    state_dir, ckpt_dir = run_dir / "state", run_dir / "checkpoints"
+    if (run_dir / "summary.json").is_file() and json.loads((run_dir / "summary.json").read_text()).get("finished"):
+        log.info("%s is finished", run_dir)
+        return run_dir
+    ppl_lines = read_wikitext_lines(cfg.wikitext) if cfg.ppl else None
+    with pinned_statistics(model, base_fp):
+        _prime(model, tok, cfg.hparams)
+        loaded = _load_state(state_dir, model, base_fp)
+        st, memory, originals = loaded if loaded is not None else (_State(), EditMemory(), {})
+        if loaded is not None:
+            log.info("%s: resuming after %d edits", run_dir, st.n_edits)
+        if cfg.ppl and st.unedited_ppl is None:
+            st.unedited_ppl = perplexity(model, tok, ppl_lines, cfg.ppl_protocol)
+        scorers = [_tokenise(tok, c) for c in order]  # tokenised once
+        batches = [order[b : b + cfg.batch_edits] for b in range(0, len(order), cfg.batch_edits)]
+        pending = [n for n in cfg.checkpoints() if n > st.n_edits or not (ckpt_dir / f"ckpt_{n}.json").is_file()]
+        since_save = 0
+        bar = tqdm(total=cfg.total, initial=st.n_edits, desc=f"{cfg.alg} sequential", unit="edit", disable=not progress)
+        with bar:
+            while st.n_batches < len(batches) or pending:
+                if st.n_batches < len(batches) and not (pending and pending[0] <= st.n_edits):
+                    batch = batches[st.n_batches]
+                    torch.manual_seed(cfg.seed * 1_000_003 + st.n_batches)
+                    t0 = time.perf_counter()
+                    result = edit(model, tok, [c.request for c in batch], cfg.hparams,
+                                  memory=memory if alg.uses_memory else None)
+                    dt = time.perf_counter() - t0
+                    for name, orig in result.orig_weights.items():
+                        if name not in originals:
+                            originals[name] = orig.clone()
+                            st.touched.append(name)
+                    del result  # its copies of the original weights are not needed (never undone)
+                    st.batches.append({"batch": st.n_batches, "n": len(batch), "edit_s": dt})
+                    st.n_batches += 1
+                    st.n_edits += len(batch)
+                    since_save += len(batch)
+                    bar.update(len(batch))
+                    due = bool(pending and pending[0] <= st.n_edits)
+                    if not due and (since_save >= cfg.save_every or st.n_batches == len(batches)):
+                        _save_state(state_dir, st, model, memory, base_fp)
+                        since_save = 0
+                    continue
+                n = pending.pop(0)
+                ck = _checkpoint(model, tok, order, scorers, st, originals, cfg, ppl_lines, memory)
+                ck["checkpoint"] = n
+                atomic_write_json(ckpt_dir / f"ckpt_{n}.json", ck)
+                st.checkpoints = [c for c in st.checkpoints if c["checkpoint"] != n] + [
+                    {k: v for k, v in ck.items() if k != "records"}]
+                _save_state(state_dir, st, model, memory, base_fp)
+                since_save = 0
+                _write_summary(run_dir, st, cfg, finished=not pending and st.n_batches == len(batches))
+    return run_dir
+
+
+def _choose_seq_dir(out: Path, alg: str, match: dict[str, Any], params: dict[str, Any]) -> Path:
+    """The ``<out>/<ALG>/seq_<NNN>`` whose params match (as one-edit runs choose theirs), or a new one."""
+    import fcntl
+
+    root = Path(out) / alg
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        runs = sorted(p for p in root.glob("seq_*") if p.is_dir() and p.name[4:].isdigit())
+        for run in runs:
+            try:
+                if json.loads((run / "params.json").read_text()).get("match") == match:
+                    return run
+            except (OSError, json.JSONDecodeError):
+                continue
+        nxt = max((int(p.name[4:]) for p in runs), default=-1) + 1
+        run = root / f"seq_{nxt:03d}"
+        run.mkdir()
+        atomic_write_json(run / "params.json", params)
+        return run
+
+
+def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: SequentialConfig, ppl_lines, memory) -> dict:
+    """Score every record edited so far on the current model, and the new ones on the unedited weights."""
+    n = st.n_edits
+    t0 = time.perf_counter()
+    edited = _score(model, tok, scorers[:n], cfg.batch_size)
+    t_eval = time.perf_counter() - t0
+    ppl = perplexity(model, tok, ppl_lines, cfg.ppl_protocol) if cfg.ppl else None
+    if len(st.unedited) < n:
+        current = _swap(model, originals)
+        try:
+            st.unedited.extend(_score(model, tok, scorers[len(st.unedited) : n], cfg.batch_size))
+        finally:
+            _swap(model, current)
+    edit_times = [b["edit_s"] for b in st.batches]
+    return {
+        "n_edits": n,
+        "n_batches": st.n_batches,
+        "metrics": _means(edited),
+        "unedited_metrics": _means(st.unedited[:n]),
+        "wikitext_ppl": ppl,
+        "unedited_wikitext_ppl": st.unedited_ppl,
+        "norms": _norms(model, originals),
+        "memory_keys": len(memory),
+        "speed": {
+            "edit_s_total": sum(edit_times),
+            "edits_per_s": n / sum(edit_times) if sum(edit_times) else None,
+            "edit_s_last_batch": edit_times[-1] if edit_times else None,
+            "eval_s": t_eval,
+            "eval_s_per_record": t_eval / max(1, n),
+        },
+        "memory": _rss_mb(),
+        "records": [{"case_id": c.case_id, "edited_at": i, **v} for i, (c, v) in enumerate(zip(order, edited))],
+    }
+
+
+def _write_summary(run_dir: Path, st: _State, cfg: SequentialConfig, *, finished: bool) -> None:
+    atomic_write_json(run_dir / "summary.json", {
+        "alg": cfg.alg, "T": cfg.total, "B": cfg.batch_edits, "finished": finished,
+        "n_edits": st.n_edits, "checkpoints": sorted(st.checkpoints, key=lambda c: c["n_edits"]),
+        "batches": st.batches,
+    })

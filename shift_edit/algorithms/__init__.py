@@ -3,3 +3,4 @@
 from . import shift  # noqa: F401  (registers SHIFT)
 from . import adam, ft, ft_l, sgd  # noqa: F401  (register SGD, ADAM, FT, FT_L)
 from . import memit, rome  # noqa: F401  (register ROME and MEMIT)
+from . import shift_plus  # noqa: F401  (registers SHIFT_PLUS)

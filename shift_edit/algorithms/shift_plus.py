@@ -238,8 +238,11 @@ def _build(tok, req: EditRequest, hp: ShiftPlusHyperParams, target: list[int]) -
     text = req.text
     variants = [text] + [p + text for p in CONTEXT_PREFIXES[: hp.n_prefixes]]
     contrast: list[str] = []
-    if hp.n_contrast and "{}" in req.prompt and req.subject:
-        contrast = [req.prompt.format(s) for s in CONTRAST_SUBJECTS if s != req.subject][: hp.n_contrast]
+    template = req.prompt if "{}" in req.prompt else None
+    if template is None and req.subject and req.subject in text:  # a filled prompt (EasyEdit format)
+        template = text.replace("{", "{{").replace("}", "}}").replace(req.subject, "{}", 1)
+    if hp.n_contrast and template is not None and req.subject:
+        contrast = [template.format(s) for s in CONTRAST_SUBJECTS if s != req.subject][: hp.n_contrast]
     n_tok = len(target) if hp.target_tokens == "all" else 1
     seqs, positions = [], []
     for t in variants + contrast:

@@ -50,9 +50,10 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in rows:
+    for i, r in enumerate(rows):  # labels staggered below the points: the rows share an efficacy
         ax.scatter(r["NS"], r["efficacy_top1"], color="tab:blue")
-        ax.annotate(r["name"], (r["NS"], r["efficacy_top1"]), fontsize=7)
+        ax.annotate(r["name"], (r["NS"], r["efficacy_top1"]), xytext=(0, -12 - 9 * i), textcoords="offset points",
+                    fontsize=6, arrowprops={"arrowstyle": "-", "lw": 0.3})
     curves: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("curve"):

@@ -27,19 +27,11 @@ from shift_edit.algorithms.shift_plus import ShiftPlusHyperParams
 from shift_edit.bench.data import load_counterfact
 from shift_edit.bench.metrics import PerplexityProtocol, perplexity, read_wikitext_lines
 from shift_edit.bench.runner import BenchConfig, evaluate_batch
-from shift_edit.io import atomic_write_json  # noqa: F401  (kept for symmetry with other eval scripts)
 from shift_edit.requests import encode_prompt
 from shift_edit.scoring import pad_batch, pad_id_of
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 HPARAMS = Path(__file__).resolve().parents[2] / "hparams" / "SHIFT_PLUS" / "smollm2-135m.yaml"
-
-
-def count_calls(model: torch.nn.Module) -> list[int]:
-    """A counter of top-level model calls (forward pre-hook); returns the mutable counter."""
-    calls = [0]
-    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
 
 
 def forward_time(model, tok, prompts: list[str]) -> float:

@@ -1,0 +1,90 @@
+"""Ablation table (markdown) and frontier plot (efficacy vs NS) from the SHIFT_PLUS sweep files.
+
+    python eval/shift_plus/report.py eval/reports/shift_plus/sweep20.jsonl ... \\
+        --table eval/reports/shift_plus/ablation.md --plot eval/reports/shift_plus/frontier.png
+
+Reference points (ROME, SHIFT, unedited) are the 300-record numbers measured in this repository
+(README, "ROME and MEMIT beside the shift"): a different record count from the sweep rows, drawn
+hollow and labelled so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+#: measured here, SmolLM2-135M, first 300 records (README table): strict top-1 efficacy, ROME NS
+REFERENCE_300 = {"ROME, layer 5 (N=300)": (99.0, 70.2), "SHIFT, layer 26, push 60 (N=300)": (68.0, 36.1),
+                 "MEMIT, layers 2-6 (N=300)": (90.0, 73.3), "unedited (N=300)": (0.7, 74.5)}
+
+COLUMNS = [("efficacy_top1", "eff"), ("paraphrase_top1", "para"), ("neighborhood_top1", "nbr"),
+           ("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("S", "S"), ("neighborhood_kl", "KL"),
+           ("ppl_ratio_median", "ppl x"), ("forward_passes_mean", "passes"), ("edit_time_ratio", "time / fwd")]
+
+
+def read(paths: list[str]) -> list[dict]:
+    rows = []
+    for p in paths:
+        rows += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = "| variant | N | " + " | ".join(c for _, c in COLUMNS) + " |"
+    out = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        cells = []
+        for k, _ in COLUMNS:
+            v = r.get(k)
+            cells.append("" if v is None else (f"{v:.3f}" if k in ("ppl_ratio_median", "neighborhood_kl") else f"{v:.1f}"))
+        out.append(f"| {r['name']} `{json.dumps(r['override'])}` | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, r in enumerate(rows):  # labels staggered below the points: the rows share an efficacy
+        ax.scatter(r["NS"], r["efficacy_top1"], color="tab:blue")
+        ax.annotate(r["name"], (r["NS"], r["efficacy_top1"]), xytext=(0, -12 - 9 * i), textcoords="offset points",
+                    fontsize=6, arrowprops={"arrowstyle": "-", "lw": 0.3})
+    curves: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("curve"):
+            curves.setdefault(r["curve"], []).append(r)
+    for name, pts in curves.items():
+        pts = sorted(pts, key=lambda r: r["NS"])
+        ax.plot([p["NS"] for p in pts], [p["efficacy_top1"] for p in pts], "-", label=name)
+    for name, (eff, ns) in REFERENCE_300.items():
+        ax.scatter(ns, eff, facecolors="none", edgecolors="tab:red")
+        ax.annotate(name, (ns, eff), fontsize=7, color="tab:red")
+    ax.set_xlabel("neighborhood success NS (ROME family), %")
+    ax.set_ylabel("efficacy, strict top-1 (MEMIT family), %")
+    ax.set_title("SmolLM2-135M: efficacy vs locality (blue: SHIFT_PLUS sweep rows; red: 300-record references)")
+    ax.title.set_fontsize(8)
+    if curves:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--table", required=True)
+    ap.add_argument("--plot", required=True)
+    args = ap.parse_args(argv)
+    rows = read(args.files)
+    Path(args.table).write_text(table(rows) + "\n")
+    plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

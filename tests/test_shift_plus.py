@@ -1,0 +1,144 @@
+"""SHIFT_PLUS on tiny offline models: forward-pass count, the closed form's guarantees, undo,
+patches and LoRA export, lifelong memory."""
+
+import pytest
+import torch
+from _tiny import tiny_model
+
+import shift_edit as se
+from shift_edit.algorithms.shift_plus import ShiftPlusHyperParams, unit_update
+from shift_edit.errors import ShiftEditError
+from shift_edit.memory import EditMemory
+from shift_edit.registry import get_algorithm
+
+FACT = {"prompt": "{} lives in", "subject": "Bob", "target_new": " Rome"}
+FACT2 = {"prompt": "{} works at", "subject": "Ann", "target_new": " IBM"}
+
+
+def hp(**kw) -> ShiftPlusHyperParams:
+    # whiten off: tiny models have no statistics; margin -inf-like: the search always succeeds
+    base = dict(layers=[1], whiten=False, n_contrast=4, n_prefixes=2, skip_if_predicted=False,
+                margin=-1e9, max_push=10.0)
+    return ShiftPlusHyperParams(**{**base, **kw})
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def test_registered_with_memory():
+    alg = get_algorithm("SHIFT_PLUS")
+    assert alg.uses_memory and alg.hparams_class is ShiftPlusHyperParams
+
+
+@pytest.mark.parametrize("kw", [{"layers": [1, 2]}, {"overshoot": 0.0}, {"n_contrast": 99}, {"search_passes": 0}])
+def test_bad_hparams_are_refused(kw):
+    with pytest.raises(ShiftEditError):
+        hp(**kw)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_forward_passes_per_edit_counted_with_a_hook(model_type, passes, byte_tok):
+    model = tiny_model(model_type)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        h = hp(search_passes=passes)
+        res = se.edit(model, byte_tok, FACT, h)
+    finally:
+        handle.remove()
+    assert len(calls) == h.forward_passes == 1 + passes == res.info[0]["forward_passes"]
+    assert h.forward_passes <= 16
+
+
+def test_skipped_request_costs_one_pass(byte_tok):
+    model = tiny_model("llama")
+    h = hp(margin=0.01, max_push=1e4, search_points=16, n_contrast=0, n_prefixes=0, skip_if_predicted=True)
+    first = se.edit(model, byte_tok, FACT, h)
+    assert first.info[0]["reached_margin"]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        again = se.edit(model, byte_tok, FACT, h)  # now predicted: skipped after the first pass
+    finally:
+        handle.remove()
+    assert again.skipped == [True] and not again.deltas and len(calls) == 1
+    first.undo()
+
+
+def test_unit_update_hits_edit_keys_and_is_orthogonal_to_preserved_keys():
+    g = torch.Generator().manual_seed(0)
+    d, d_out = 24, 10
+    k_e, k_c, k_m = (torch.randn(n, d, generator=g, dtype=torch.float64) for n in (3, 5, 4))
+    values = torch.randn(3, d_out, generator=g, dtype=torch.float64)
+    c = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+    c = c @ c.T / (2 * d)
+    w = 1e9
+    b_inv = torch.linalg.inv(c + w * k_m.T @ k_m)
+    left, right = unit_update(b_inv, k_e, values, k_c, w, ridge=0.0)
+    delta = left @ right
+    assert torch.allclose(delta @ k_e.T, values.T, atol=1e-6)
+    scale = (delta @ k_e.T).norm()
+    assert (delta @ k_c.T).norm() / scale < 1e-5  # contrastive keys: what it claims to be orthogonal to
+    assert (delta @ k_m.T).norm() / scale < 1e-5  # earlier edits' keys
+    # without preserved keys the key is C⁻¹k-shaped (ROME's whitened key): zero on the C-orthogonal complement
+    left0, right0 = unit_update(torch.linalg.inv(c), k_e[:1], values[:1], None, 0.0, ridge=0.0)
+    u = torch.linalg.solve(c, k_e[0])
+    assert torch.allclose(right0[0], u / (k_e[0] @ u), atol=1e-8)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_sequential_edit_leaves_earlier_keys_unchanged(model_type, byte_tok):
+    model = tiny_model(model_type)
+    mem = EditMemory()
+    h = hp(memory_weight=1e9)
+    first = se.edit(model, byte_tok, FACT, h, memory=mem)
+    param = first.deltas[0].param
+    n_tok = len(first.info[0]["target_ids"])
+    assert mem.keys(param).shape[0] == n_tok == first.deltas[0].rank  # rank = target tokens
+    second = se.edit(model, byte_tok, FACT2, h, memory=mem)
+    delta = second.deltas[0].canonical().double()
+    old = mem.keys(param)[:n_tok].double()
+    new = mem.keys(param)[n_tok:].double()
+    assert (delta @ old.T).norm() / (delta @ new.T).norm() < 1e-4
+    second.undo()
+    first.undo()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_undo_is_bit_exact_and_patch_and_lora_roundtrip(model_type, byte_tok, tmp_path):
+    model = tiny_model(model_type)
+    base = weights(model)
+    res = se.edit(model, byte_tok, [FACT, FACT2], hp())
+    edited = weights(model)
+    assert any(not torch.equal(edited[n], base[n]) for n in base)
+    ranks = [len(i["target_ids"]) for i in res.info]
+    assert [d.rank for d in res.deltas] == [sum(ranks)]
+    path = res.save_patch(tmp_path / "edit.safetensors")
+    exp = se.export_lora(res, tmp_path / "lora")
+    assert list(exp.ranks.values()) == [sum(ranks)] and exp.exact  # a rank-r edit is a rank-r adapter
+    res.undo()
+    for n, w in weights(model).items():
+        assert torch.equal(w, base[n])
+    for source in (path, tmp_path / "lora"):
+        fresh = tiny_model(model_type)
+        applied = se.apply_patch(fresh, source)
+        for n, w in weights(fresh).items():
+            assert torch.allclose(w, edited[n], atol=1e-6)
+        applied.undo()
+        for n, w in weights(fresh).items():
+            assert torch.equal(w, base[n])
+
+
+def test_edit_reaches_the_margin_it_aims_at(byte_tok):
+    """With a reachable margin the edited model predicts every target token (strict top-1)."""
+    model = tiny_model("llama")
+    h = hp(margin=0.01, max_push=1e4, search_points=16, n_contrast=0, n_prefixes=0)
+    res = se.edit(model, byte_tok, FACT, h)
+    assert res.info[0]["reached_margin"]
+    from shift_edit.algorithms.common import already_predicted
+    from shift_edit.requests import make_requests
+
+    assert already_predicted(model, byte_tok, make_requests([FACT])) == [True]
+    res.undo()

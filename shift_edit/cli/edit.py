@@ -105,11 +105,11 @@ def run(args: argparse.Namespace) -> int:
         raise ShiftEditError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.lora_rank is not None and lora_dir is None:
         raise ShiftEditError("--lora-rank needs --save-lora DIR")
+    request = make_request({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     check_model_args(args)
     hparams = resolve_hparams(args)
     if args.until_top1 and _step_field(args.alg) is None:
         raise ShiftEditError(f"--until-top1 needs an algorithm with a step size; {args.alg} has none")
-    request = make_request({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     model, tok = load_from_args(args)
     check_top_k(args.top_k, model)
     before = next_token_topk(model, tok, request.text, args.top_k)

@@ -21,8 +21,9 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital o
          "Lionel Messi plays football for a club.", "Water boils at one hundred degrees."]
 #: values for required fields, and settings that keep every algorithm cheap on a tiny model
 REQUIRED = {"layers": [1], "eta": 5.0, "lr": 0.05, "norm_constraint": 0.05}
+# max_relative_norm None: tiny random weights are small, so these steps exceed the edit guard's default bound
 CHEAP = {"skip_if_predicted": False, "v_num_grad_steps": 3, "context_template_length_params": [[3, 2]],
-         "mom2_n_tokens": 100, "mom2_max_length": 40, "steps": 3, "zstar_cache": False}
+         "mom2_n_tokens": 100, "mom2_max_length": 40, "steps": 3, "zstar_cache": False, "max_relative_norm": None}
 
 
 @pytest.fixture

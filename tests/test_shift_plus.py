@@ -16,9 +16,10 @@ FACT2 = {"prompt": "{} works at", "subject": "Ann", "target_new": " IBM"}
 
 
 def hp(**kw) -> ShiftPlusHyperParams:
-    # whiten off: tiny models have no statistics; margin -inf-like: the search always succeeds
+    # whiten off: tiny models have no statistics; margin -inf-like: the search always succeeds;
+    # max_relative_norm None: tiny random weights are small, so pushes exceed the edit guard's default bound
     base = dict(layers=[1], whiten=False, n_contrast=4, n_prefixes=2, skip_if_predicted=False,
-                margin=-1e9, max_push=10.0)
+                margin=-1e9, max_push=10.0, max_relative_norm=None)
     return ShiftPlusHyperParams(**{**base, **kw})
 
 
@@ -43,13 +44,17 @@ def test_forward_passes_per_edit_counted_with_a_hook(model_type, passes, byte_to
     model = tiny_model(model_type)
     calls = []
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    h = hp(search_passes=passes)
     try:
-        h = hp(search_passes=passes)
-        res = se.edit(model, byte_tok, FACT, h)
+        res = se.edit(model, byte_tok, FACT, h, force=True)  # the algorithm alone
+        alone = len(calls)
+        res.undo()
+        se.edit(model, byte_tok, FACT, h)  # plus the edit guard's one finite-output pass over the prompt
     finally:
         handle.remove()
-    assert len(calls) == h.forward_passes == 1 + passes == res.info[0]["forward_passes"]
-    assert h.forward_passes <= 16
+    assert alone == h.forward_passes == 1 + passes == res.info[0]["forward_passes"]
+    assert len(calls) - alone == h.forward_passes + 1
+    assert h.forward_passes + 1 <= 16
 
 
 def test_skipped_request_costs_one_pass(byte_tok):

@@ -381,3 +381,25 @@ def test_apply_name_of_an_algorithm_registered_later(monkeypatch):
         se.apply_later_alg_to_model(None, None, [], se.ShiftHyperParams(layers=[1], eta=1.0))
     with pytest.raises(AttributeError):
         se.apply_nothing_registered_to_model  # noqa: B018
+
+
+@pytest.mark.parametrize("alg", algorithm_names())
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_algorithm_edits_undoes_and_patches_exactly(alg, arch, byte_tok, corpus, tmp_path):
+    """Registry-wide invariants on two tiny architectures: the edit changes the model, undo is bit-exact,
+    and the saved patch applied to a fresh copy of the base gives the edited weights."""
+    model = tiny_model(arch)
+    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    hp = tiny_hparams(alg, corpus)
+    torch.manual_seed(0)
+    res = se.edit(model, byte_tok, {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}, hp,
+                  force=True)
+    edited = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    assert res.deltas and any(not torch.equal(base[n], edited[n]) for n in base), alg
+    path = res.save_patch(tmp_path / "p.safetensors")
+    res.undo()
+    assert all(torch.equal(base[n], p) for n, p in model.state_dict().items()), alg
+    fresh = tiny_model(arch)
+    se.apply_patch(fresh, path, force=True)
+    for n, p in fresh.state_dict().items():
+        torch.testing.assert_close(p, edited[n], rtol=0, atol=1e-6, msg=f"{alg} {n}")

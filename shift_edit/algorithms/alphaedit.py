@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from typing import Literal
 
 import torch
 from torch import nn
@@ -38,14 +37,14 @@ from ..registry import Computed, register
 from ..requests import EditRequest
 from ..stats import SecondMoment, layer_stats
 from .common import adapter_for, already_predicted
-from .memit import _keys_and_residual, target_zs
-from .rome import LocateEditHyperParams, add_canonical_, context_templates
+from .memit import ZStarHyperParams, _keys_and_residual, target_zs
+from .rome import add_canonical_, context_templates
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
-class AlphaEditHyperParams(LocateEditHyperParams):
+class AlphaEditHyperParams(ZStarHyperParams):
     """Hparams of AlphaEdit (the z* fields are MEMIT's).
 
     Attributes:
@@ -60,10 +59,6 @@ class AlphaEditHyperParams(LocateEditHyperParams):
 
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
-    clamp_norm_factor: float = 0.75
-    context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
-    fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
-    zstar_cache: bool = False
 
     def validate(self) -> None:
         super().validate()

@@ -51,7 +51,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
-class MEMITHyperParams(LocateEditHyperParams):
+class ZStarHyperParams(LocateEditHyperParams):
+    """The ``z*`` settings MEMIT and AlphaEdit share (MEMIT's defaults); see
+    :class:`MEMITHyperParams` for their meaning."""
+
+    clamp_norm_factor: float = 0.75
+    context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
+    fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
+    zstar_cache: bool = False
+
+
+@dataclasses.dataclass(kw_only=True)
+class MEMITHyperParams(ZStarHyperParams):
     """Hparams of MEMIT.
 
     Attributes:
@@ -70,10 +81,6 @@ class MEMITHyperParams(LocateEditHyperParams):
 
     mom2_update_weight: float = 15000.0
     mom2_adjustment: bool = True
-    clamp_norm_factor: float = 0.75
-    context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
-    fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
-    zstar_cache: bool = False
 
     def validate(self) -> None:
         super().validate()

@@ -184,3 +184,21 @@ def test_resume_after_sigkill_gives_the_same_numbers(tmp_path):
     (whole,) = list((tmp_path / "whole").glob("FT/seq_*"))
     assert json.loads((run_dir / "summary.json").read_text())["finished"]
     assert _final(run_dir) == _final(whole)
+
+
+def test_a_refused_batch_is_recorded_and_the_run_goes_on(byte_tok, tmp_path):
+    """The edit guard's refusal does not end a sequential run: the batch is not applied, its records
+    are scored (they do not hold) and marked, and the later batches are edited."""
+    path = write(tmp_path, _records(3))
+    model = tiny_model("llama")
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    refusing = se.FTHyperParams(**{**FT, "max_relative_norm": 1e-12})
+    run_dir = _run(model, byte_tok, path, tmp_path / "out", total=3, hparams=refusing, ppl=False)
+    ck = json.loads((run_dir / "checkpoints" / "ckpt_3.json").read_text())
+    assert ck["refused_edits"] == 3 and all(r["refused"] for r in ck["records"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and all("max_relative_norm" in b["refused"] for b in summary["batches"])
+    assert all(torch.equal(w0[n], p) for n, p in model.named_parameters())
+    accepted = _run(tiny_model("llama"), byte_tok, path, tmp_path / "out2", total=3, ppl=False)
+    ck_ok = json.loads((accepted / "checkpoints" / "ckpt_3.json").read_text())
+    assert "refused_edits" not in ck_ok and not any("refused" in r for r in ck_ok["records"])

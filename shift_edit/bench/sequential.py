@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..editing import edit
 from ..errors import ShiftEditError
+from ..guard import EditRefusedError
 from ..hparams import HyperParams
 from ..io import atomic_write_bytes, atomic_write_json, model_fingerprint, provenance
 from ..memory import EditMemory
@@ -368,15 +369,21 @@ def run_sequential(
                     batch = batches[st.n_batches]
                     torch.manual_seed(cfg.seed * 1_000_003 + st.n_batches)
                     t0 = time.perf_counter()
-                    result = edit(model, tok, [c.request for c in batch], cfg.hparams,
-                                  memory=memory if alg.uses_memory else None)
+                    refused = None
+                    try:
+                        result = edit(model, tok, [c.request for c in batch], cfg.hparams,
+                                      memory=memory if alg.uses_memory else None)
+                    except EditRefusedError as err:  # the guard: the batch is not applied, its records count
+                        refused, result = str(err), None
+                        log.warning("batch %d refused by the edit guard (not applied): %s", st.n_batches, err)
                     dt = time.perf_counter() - t0
-                    for name, orig in result.orig_weights.items():
+                    for name, orig in (result.orig_weights.items() if result is not None else ()):
                         if name not in originals:
                             originals[name] = orig.clone()
                             st.touched.append(name)
                     del result  # its copies of the original weights are not needed (never undone)
-                    st.batches.append({"batch": st.n_batches, "n": len(batch), "edit_s": dt})
+                    st.batches.append({"batch": st.n_batches, "n": len(batch), "edit_s": dt,
+                                       **({"refused": refused} if refused is not None else {})})
                     st.n_batches += 1
                     st.n_edits += len(batch)
                     since_save += len(batch)
@@ -434,6 +441,8 @@ def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: Sequenti
         finally:
             _swap(model, current)
     edit_times = [b["edit_s"] for b in st.batches]
+    refused_at = {i for b in st.batches if "refused" in b
+                  for i in range(b["batch"] * cfg.batch_edits, b["batch"] * cfg.batch_edits + b["n"])}
     return {
         "n_edits": n,
         "n_batches": st.n_batches,
@@ -451,7 +460,9 @@ def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: Sequenti
             "eval_s_per_record": t_eval / max(1, n),
         },
         "memory": _rss_mb(),
-        "records": [{"case_id": c.case_id, "edited_at": i, **v} for i, (c, v) in enumerate(zip(order, edited))],
+        "records": [{"case_id": c.case_id, "edited_at": i, **v, **({"refused": True} if i in refused_at else {})}
+                    for i, (c, v) in enumerate(zip(order, edited))],
+        **({"refused_edits": len(refused_at)} if refused_at else {}),  # requests the edit guard refused: never applied
     }
 
 

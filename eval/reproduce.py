@@ -1,0 +1,179 @@
+"""Re-run a few records of the committed reports and compare them, value for value, with the committed files.
+
+Issue 19 asks that a refactor change no result: this script is the evidence. Each case re-runs the first records
+of a committed report with its own command (one thread, as the reports were measured), then compares the
+per-record values it produced with the committed ones exactly (floats as written, no tolerance). Fields that
+describe the run rather than the result (wall time, memory, dates, versions, git commit) are ignored.
+
+    python eval/reproduce.py                 # all cases, into a temporary folder
+    python eval/reproduce.py --out DIR --case seq-shift --case summarize
+
+Exit code 0 when every compared value is equal, 1 otherwise. Needs ../shared/data (or $SHIFT_EDIT_DATA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "eval" / "reports"
+VOLATILE = {"speed", "memory", "created", "provenance", "time", "seconds", "wall_s", "elapsed_s", "updated"}
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("SHIFT_EDIT_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _cli(*args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", SHIFT_EDIT_DATA=str(_data_dir()))
+    cmd = [sys.executable, "-m", "shift_edit", *args]
+    print("$", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def _diff(a: Any, b: Any, where: str = "") -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                yield f"{where}/{k}: only in {'committed' if k in a else 'rerun'}"
+            else:
+                yield from _diff(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _diff(x, y, f"{where}[{i}]")
+    elif a != b and not (a != a and b != b):  # NaN equals NaN here
+        yield f"{where}: committed {a!r} != rerun {b!r}"
+
+
+def _compare(label: str, committed: Any, rerun: Any) -> int:
+    problems = list(_diff(_strip(committed), _strip(rerun)))
+    n = _count(_strip(committed))
+    for p in problems[:10]:
+        print(f"  DIFF {label}{p}")
+    print(f"  {'same' if not problems else f'{len(problems)} differences'}: {label} ({n} values compared)")
+    return len(problems)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_count(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_count(v) for v in value)
+    return 1
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _sequential(name: str, alg: str, n: int, batch: int) -> Callable[[Path], int]:
+    """The committed run's checkpoint after ``n`` edits, re-run from scratch."""
+
+    def case(out: Path) -> int:
+        committed_run = REPORTS / "sequential" / "runs" / name
+        hp = json.loads((committed_run / "params.json").read_text())["match"]["hparams"]
+        hp_file = out / f"{name}.json"
+        hp_file.write_text(json.dumps(hp))
+        _cli("bench", "--model", "smollm2-135m", "--alg", alg, "--hparams", str(hp_file),
+             "--data", str(_data_dir() / "counterfact-easyedit-edit.json"), "--sequential", str(n),
+             "--batch-edits", str(batch), "--eval-at", str(n), "--ppl-lines", "3", "--no-progress",
+             "--out", str(out / name))
+        rerun = json.loads(next((out / name).glob(f"{alg}/seq_*/checkpoints/ckpt_{n}.json")).read_text())
+        committed = json.loads((committed_run / "checkpoints" / f"ckpt_{n}.json").read_text())
+        return _compare(f"sequential/runs/{name}/checkpoints/ckpt_{n}.json", committed, rerun)
+
+    return case
+
+
+def _summarize(out: Path) -> int:
+    """``shift-edit summarize`` over the committed sequential runs gives the committed summary files."""
+    runs = REPORTS / "sequential" / "runs"
+    order = ("SHIFT", "FT", "MEMIT", "AlphaEdit", "AlphaEdit-T50-B10", "SHIFT_PLUS")  # the report's row order
+    _cli("summarize", *[str((runs / name).relative_to(ROOT)) for name in order], "--out", str(out / "summary"),
+         "--reference", str(ROOT / "eval" / "reference" / "alphaedit_table1_sequential.json"))
+    bad = 0
+    for fname in ("summary.json", "curves.json"):
+        bad += _compare(f"sequential/{fname}", json.loads((REPORTS / "sequential" / fname).read_text()),
+                        json.loads((out / "summary" / fname).read_text()))
+    for fname in ("summary.csv", "curves.csv", "summary.md"):
+        same = (REPORTS / "sequential" / fname).read_bytes() == (out / "summary" / fname).read_bytes()
+        print(f"  {'same' if same else 'DIFFERENT'}: sequential/{fname} (bytes)")
+        bad += not same
+    return bad
+
+
+def _layer_sweep(out: Path) -> int:
+    """The first record of the SHIFT layer sweep, three layers, both eta scalings."""
+    _cli("sweep", "--model", "smollm2-135m", "--study", "layer-sweep", "--n-records", "1", "--layers", "0,13,26",
+         "--eta-raw", "0.1", "--eta-normalized", "60", "--threads", "1", "--out", str(out / "layer_sweep"))
+    committed = _rows(REPORTS / "baselines" / "layer_sweep" / "rows.csv")
+    rerun = _rows(out / "layer_sweep" / "rows.csv")
+    key = ("case_id", "layer", "eta_scaling")
+    index = {tuple(r[k] for k in key): r for r in committed}
+    fields = ("efficacy", "eta", "neighborhood", "paraphrase")  # ppl was measured for other line settings
+    return _compare("baselines/layer_sweep/rows.csv", [{f: index[tuple(r[k] for k in key)][f] for f in fields}
+                                                       for r in rerun], [{f: r[f] for f in fields} for r in rerun])
+
+
+def _min_lr(out: Path) -> int:
+    """The first record of the minimum-lr study, two layers, SHIFT/SGD/ADAM."""
+    _cli("sweep", "--model", "smollm2-135m", "--study", "min-lr", "--n-records", "1", "--layers", "0,29",
+         "--rel-tol", "0.05", "--threads", "1", "--out", str(out / "min_lr"))
+    committed = _rows(REPORTS / "baselines" / "min_lr" / "rows.csv")
+    rerun = _rows(out / "min_lr" / "rows.csv")
+    index = {(r["case_id"], r["alg"], r["layer"]): r for r in committed}
+    fields = ("below", "evals", "min_lr", "unit_delta_norm")
+    return _compare("baselines/min_lr/rows.csv",
+                    [{f: index[(r["case_id"], r["alg"], r["layer"])][f] for f in fields} for r in rerun],
+                    [{f: r[f] for f in fields} for r in rerun])
+
+
+CASES: dict[str, Callable[[Path], int]] = {
+    "summarize": _summarize,
+    "seq-shift": _sequential("SHIFT", "SHIFT", 10, 1),
+    "seq-shift-plus": _sequential("SHIFT_PLUS", "SHIFT_PLUS", 10, 1),
+    "seq-alphaedit": _sequential("AlphaEdit-T50-B10", "AlphaEdit", 10, 10),
+    "seq-ft": _sequential("FT", "FT", 5, 1),
+    "layer-sweep": _layer_sweep,
+    "min-lr": _min_lr,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="run only these (repeatable)")
+    args = parser.parse_args()
+    if not _data_dir().is_dir():
+        print(f"no data at {_data_dir()}: set SHIFT_EDIT_DATA", file=sys.stderr)
+        return 2
+    out = args.out or Path(tempfile.mkdtemp(prefix="shift_edit_reproduce_"))
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for name in args.case or list(CASES):
+        print(f"== {name}", flush=True)
+        failures += CASES[name](out)
+    print(f"== {'all values equal' if not failures else f'{failures} differences'} (work folder {out})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,7 +25,7 @@ import torch
 import shift_edit as se
 from shift_edit.algorithms.shift_plus import ShiftPlusHyperParams
 from shift_edit.bench.data import load_counterfact
-from shift_edit.bench.perplexity import PerplexityProtocol, perplexity, read_wikitext_lines
+from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from shift_edit.bench.runner import BenchConfig, RunState, evaluate_batch
 from shift_edit.requests import encode_prompt
 from shift_edit.scoring import pad_batch, pad_id_of

@@ -3,7 +3,7 @@
 from .data import CounterFactCase, download_counterfact, file_sha256, load_counterfact, parse_case
 from .generation import generate_topk, ngram_entropy, text_ngram_entropy
 from .metrics import metrics_from_scores, score_case
-from .perplexity import PerplexityProtocol, perplexity, read_wikitext_lines
+from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from .runner import NO_EDIT, BenchConfig, choose_run_dir, run_bench
 from .sequential import SequentialConfig, run_sequential
 from .summarize import load_reference, summarize_run, to_csv, to_markdown

@@ -1,6 +1,6 @@
 """Per-record CounterFact metrics (ROME's probability comparisons, strict top-1) and the neighborhood KL.
 
-Generation and n-gram entropy live in :mod:`.generation`, WikiText perplexity in :mod:`.perplexity`.
+Generation and n-gram entropy live in :mod:`.generation`, WikiText perplexity in :mod:`.wikitext`.
 
 Metric families (every number says which one it belongs to):
 

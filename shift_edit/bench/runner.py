@@ -42,7 +42,7 @@ from .claims import claimed
 from .data import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
-from .perplexity import PerplexityProtocol, perplexity
+from .wikitext import PerplexityProtocol, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ def run_bench(
         adapter_for(model, cfg.hparams)  # layers in range, module templates resolve
     ppl_lines = None
     if cfg.ppl_every:
-        from .perplexity import read_wikitext_lines
+        from .wikitext import read_wikitext_lines
 
         ppl_lines = read_wikitext_lines(cfg.wikitext)
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)

@@ -54,7 +54,7 @@ from .data import CounterFactCase
 from ..requests import encode_prompt, encode_target
 from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
 from .metrics import _targets, case_prompts, metrics_from_scores
-from .perplexity import PerplexityProtocol, perplexity, read_wikitext_lines
+from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """WikiText perplexity, the paper's protocol: first 100 test lines of >= 30 characters,
 each truncated to 256 tokens, perplexity per line, mean over lines.
 
-The computation is the benchmark harness's (:func:`shift_edit.bench.perplexity.perplexity`).
+The computation is the benchmark harness's (:func:`shift_edit.bench.wikitext.perplexity`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..bench.perplexity import long_lines, read_wikitext_lines
+from ..bench.wikitext import long_lines, read_wikitext_lines
 from ..errors import ShiftEditError
 
 
@@ -23,7 +23,7 @@ def protocol_text(n_lines: int, max_tokens: int) -> str:
 
 def load_wikitext_lines(path: str | Path, n: int = 100, min_chars: int = 30) -> list[str]:
     """The first ``n`` non-blank lines of at least ``min_chars`` characters of a WikiText file,
-    stripped (read by the package's one reader, :func:`shift_edit.bench.perplexity.read_wikitext_lines`)."""
+    stripped (read by the package's one reader, :func:`shift_edit.bench.wikitext.read_wikitext_lines`)."""
     p = Path(path)
     if not p.is_file():
         raise ShiftEditError(f"WikiText file not found: {p}")
@@ -34,8 +34,8 @@ def wikitext_perplexity(
     model: nn.Module, tok, lines: Sequence[str], *, max_tokens: int = 256, batch_size: int = 1
 ) -> float:
     """Mean over ``lines`` of each line's perplexity (exp of its mean next-token NLL): the
-    benchmark's ``paper`` protocol (:func:`shift_edit.bench.perplexity.perplexity`) on these lines."""
-    from ..bench.perplexity import PerplexityProtocol, perplexity
+    benchmark's ``paper`` protocol (:func:`shift_edit.bench.wikitext.perplexity`) on these lines."""
+    from ..bench.wikitext import PerplexityProtocol, perplexity
 
     protocol = PerplexityProtocol(name="paper", n_lines=len(lines), min_chars=0, max_tokens=max_tokens)
     return perplexity(model, tok, lines, protocol, batch_size=batch_size)

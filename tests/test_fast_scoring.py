@@ -57,6 +57,7 @@ def test_resume_at_edited_block_equals_full_pass(model_type, byte_tok):
     hp = se.ShiftHyperParams(layers=[1], eta=5.0, skip_if_predicted=False)
     result = se.edit(model, byte_tok, {"prompt": "Messi plays for", "target_new": " Paris"}, hp)
     try:
+        assert all(d.layer == adapter.block_of(d.module) for d in result.deltas)  # the layer the deltas carry
         resume = recorder.resume_after(result.deltas)
         assert isinstance(resume, Resume) and resume.block == 1 and len(resume.hidden) == 2
         full = logits_at_positions(model, seqs, positions, batch_size=2)

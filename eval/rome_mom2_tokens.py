@@ -31,7 +31,7 @@ from shift_edit.bench.summarize import harmonic_mean, stats
 from shift_edit.deltas import WeightDelta
 from shift_edit.io import atomic_write_json, atomic_write_text, provenance
 from shift_edit.data import require_data
-from shift_edit.stats import layer_stats
+from shift_edit.covariance import layer_stats
 from shift_edit.studies.common import temporarily_applied
 
 COLUMNS = [("ES", "rome", "rewrite_success"), ("PS", "rome", "paraphrase_success"),

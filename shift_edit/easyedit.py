@@ -144,7 +144,7 @@ def locality_meta(key: str) -> dict[str, str]:
 
 def fluency(model: nn.Module, tok, prompts: Sequence[str], *, seed: int = 0) -> dict[str, float]:
     """EasyEdit's ``test_generation_quality``: n-gram entropy of a top-k (5) sample of 100 tokens."""
-    from .bench.metrics import generate_topk, ngram_entropy
+    from .bench.generation import generate_topk, ngram_entropy
 
     return {"ngram_entropy": ngram_entropy(generate_topk(model, tok, list(prompts), max_length=100, top_k=5, seed=seed))}
 

@@ -10,13 +10,17 @@ unbatched results agree (to float round-off in the matmuls).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .requests import encode_prompt, encode_target
+
+if TYPE_CHECKING:
+    from .resume import BlockRecorder, Resume
 
 
 @dataclass
@@ -114,16 +118,20 @@ def logits_at_positions(
     *,
     pad_id: int = 0,
     batch_size: int = 32,
-    chunk_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
+    record: BlockRecorder | None = None,
+    resume: Resume | None = None,
 ) -> list[torch.Tensor | None]:
     """Float32 logits ``[len(positions[i]), vocab]`` at the given positions of each sequence.
 
     Sequences are right-padded into batches of ``batch_size`` in the given order. Only the
     requested positions go through the output embedding (a pre-hook on it gathers them),
-    which saves the head's cost at every other position. ``chunk_context(k)``, if given,
-    wraps the forward pass of batch ``k`` (used to record or resume decoder blocks); if it
-    ends the pass early (suppressing the exception), that batch's entries are None.
+    which saves the head's cost at every other position. ``record`` keeps decoder blocks'
+    inputs of each batch (:class:`~shift_edit.resume.BlockRecorder`; if it ends the passes
+    early, the entries are None); ``resume`` re-runs only the blocks it names, from what was
+    recorded for the same sequences and batch size (:class:`~shift_edit.resume.Resume`).
     """
+    if record is not None and resume is not None:
+        raise ValueError("record and resume are two different passes: give one of them")
     device = _device(model)
     out: list[torch.Tensor] = []
     for k, (start, stop) in enumerate(length_chunks([len(x) for x in seqs], batch_size)):
@@ -131,13 +139,19 @@ def logits_at_positions(
         ids, mask = pad_batch(chunk, pad_id, device)
         logits = None
         with head_only_at(model, tuple(ids.shape), wanted) as gather:
-            with chunk_context(k) if chunk_context is not None else contextlib.nullcontext():
+            with _pass_context(record, resume, k):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        if logits is None:  # the chunk context ended the pass early
+        if logits is None:  # the recorder ended the pass early
             out.extend([None] * len(wanted))
             continue
         out.extend(gather(logits))
     return out
+
+
+def _pass_context(record: BlockRecorder | None, resume: Resume | None, k: int) -> contextlib.AbstractContextManager:
+    if record is not None:
+        return record.batch()
+    return resume.batch(k) if resume is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -244,7 +258,8 @@ def score_token_continuations(
     pad_id: int = 0,
     batch_size: int = 32,
     share_prefixes: bool = True,
-    chunk_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
+    record: BlockRecorder | None = None,
+    resume: Resume | None = None,
 ) -> list[ContinuationScore]:
     """Score ``(prompt_ids, target_ids)`` pairs under teacher forcing.
 
@@ -253,13 +268,14 @@ def score_token_continuations(
     With ``share_prefixes`` (default) pairs whose input is a prefix of another pair's
     input are read off that pair's forward pass (:func:`plan_prefixes`); the values equal
     the one-pass-per-pair path (``share_prefixes=False, batch_size=1``) to float round-off.
-    ``chunk_context`` wraps each forward pass (see :func:`logits_at_positions`).
+    ``record`` (one that does not stop the passes) / ``resume``: keep blocks' inputs, re-run
+    only some blocks (see :func:`logits_at_positions`).
     """
     if not pairs:
         return []
     plan = ContinuationPlan.build(pairs, share_prefixes=share_prefixes)
     logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id, batch_size=batch_size,
-                                 chunk_context=chunk_context)
+                                 record=record, resume=resume)
     return plan.scores(logits, pairs)
 
 
@@ -270,12 +286,14 @@ def score_continuations(
     targets: Sequence[str],
     *,
     batch_size: int = 32,
-    chunk_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
+    record: BlockRecorder | None = None,
+    resume: Resume | None = None,
 ) -> list[ContinuationScore]:
-    """Score text ``(prompt, target)`` pairs; targets should carry their leading space."""
+    """Score text ``(prompt, target)`` pairs; targets should carry their leading space
+    (``record`` / ``resume``: see :func:`score_token_continuations`)."""
     pairs = [(encode_prompt(tok, p), encode_target(tok, p, t)) for p, t in zip(prompts, targets)]
     return score_token_continuations(model, pairs, pad_id=pad_id_of(tok), batch_size=batch_size,
-                                     chunk_context=chunk_context)
+                                     record=record, resume=resume)
 
 
 @torch.no_grad()

@@ -15,7 +15,9 @@ from _tiny import tiny_model
 
 import shift_edit as se
 from shift_edit.bench import data as bdata
+from shift_edit.bench import generation as bg
 from shift_edit.bench import metrics as bm
+from shift_edit.bench import wikitext as bp
 from shift_edit.bench.runner import BenchConfig, run_bench
 from shift_edit.bench.summarize import harmonic_mean, load_reference, summarize_run, to_csv, to_markdown
 from shift_edit.scoring import ContinuationScore
@@ -82,16 +84,16 @@ def test_rome_and_top1_differ_on_multitoken_targets():
 def test_ngram_entropy_by_hand():
     # words a b a b: bigrams ab, ba, ab -> H2 = H(2/3, 1/3); trigrams aba, bab -> H3 = 1 bit
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
-    assert bm.text_ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
-    assert bm.text_ngram_entropy("x x x x x") == 0.0  # one repeated bigram and trigram
-    assert bm.ngram_entropy(["a b a b", "x x x x x"]) == pytest.approx((2 / 3 * h2 + 4 / 3) / 4)
-    assert bm.word_tokens("Paris, France's capital.") == ["Paris", ",", "France", "'s", "capital", "."]
+    assert bg.text_ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert bg.text_ngram_entropy("x x x x x") == 0.0  # one repeated bigram and trigram
+    assert bg.ngram_entropy(["a b a b", "x x x x x"]) == pytest.approx((2 / 3 * h2 + 4 / 3) / 4)
+    assert bg.word_tokens("Paris, France's capital.") == ["Paris", ",", "France", "'s", "capital", "."]
     # word_tokenize's word tokenizer (not Treebank's): curly quotes and ellipses are split off
-    assert bm.word_tokens("\u201chello\u201d\u2026 it\u2019s") == ["\u201c", "hello", "\u201d", "\u2026", "it", "\u2019", "s"]
+    assert bg.word_tokens("\u201chello\u201d\u2026 it\u2019s") == ["\u201c", "hello", "\u201d", "\u2026", "it", "\u2019", "s"]
     from nltk.tokenize import word_tokenize
 
     text = "The city of Paris is large. It has \u201cmany\u201d museums, e.g. the Louvre..."
-    assert bm.word_tokens(text) == word_tokenize(text, preserve_line=True)
+    assert bg.word_tokens(text) == word_tokenize(text, preserve_line=True)
 
 
 def test_kl_by_hand():
@@ -113,29 +115,29 @@ def test_perplexity_protocols_by_hand(byte_tok):
     model = tiny_model("gpt2")
     lines = ["short", " = Heading = with enough characters here", " another line that is long enough to count",
              " third line of text long enough for the protocol"]
-    proto = bm.PerplexityProtocol(name="paper", n_lines=2, min_chars=30, max_tokens=20)
+    proto = bp.PerplexityProtocol(name="paper", n_lines=2, min_chars=30, max_tokens=20)
     chosen = lines[1:3]
     per_line = [math.exp(float(_manual_line_nll(model, byte_tok(ln).input_ids[:20]).mean())) for ln in chosen]
-    assert bm.perplexity(model, byte_tok, lines, proto, batch_size=2) == pytest.approx(sum(per_line) / 2, rel=1e-5)
+    assert bp.perplexity(model, byte_tok, lines, proto, batch_size=2) == pytest.approx(sum(per_line) / 2, rel=1e-5)
     ids = byte_tok("\n".join(lines[:2])).input_ids
     full = math.exp(float(_manual_line_nll(model, ids).mean()))
-    big = bm.PerplexityProtocol(name="standard", window=100, stride=100)
-    assert bm.perplexity(model, byte_tok, lines[:2], big) == pytest.approx(full, rel=1e-5)
+    big = bp.PerplexityProtocol(name="standard", window=100, stride=100)
+    assert bp.perplexity(model, byte_tok, lines[:2], big) == pytest.approx(full, rel=1e-5)
     # small windows: every token after the first is counted exactly once
-    small = bm.PerplexityProtocol(name="standard", window=16, stride=8)
-    val = bm.perplexity(model, byte_tok, lines[:2], small)
+    small = bp.PerplexityProtocol(name="standard", window=16, stride=8)
+    val = bp.perplexity(model, byte_tok, lines[:2], small)
     assert math.isfinite(val) and val > 1
 
 
 def test_generation_is_seeded_and_left_padded(byte_tok):
     model = tiny_model("llama")
     prompts = ["ab", "a longer prompt"]
-    a = bm.generate_topk(model, byte_tok, prompts, max_length=24, top_k=5, seed=3)
-    b = bm.generate_topk(model, byte_tok, prompts, max_length=24, top_k=5, seed=3)
+    a = bg.generate_topk(model, byte_tok, prompts, max_length=24, top_k=5, seed=3)
+    b = bg.generate_topk(model, byte_tok, prompts, max_length=24, top_k=5, seed=3)
     assert a == b and a[0].startswith("ab") and a[1].startswith("a longer prompt")
     # top-k = 1 is greedy: the batched, left-padded row equals the unpadded single run
-    g_batch = bm.generate_topk(model, byte_tok, prompts, max_length=24, top_k=1)
-    g_one = bm.generate_topk(model, byte_tok, prompts[:1], max_length=24 - (len(prompts[1]) - len(prompts[0])), top_k=1)
+    g_batch = bg.generate_topk(model, byte_tok, prompts, max_length=24, top_k=1)
+    g_one = bg.generate_topk(model, byte_tok, prompts[:1], max_length=24 - (len(prompts[1]) - len(prompts[0])), top_k=1)
     assert g_batch[0] == g_one[0]
 
 
@@ -147,7 +149,7 @@ def test_greedy_generation_equals_hf_generate(byte_tok, arch):
     n = 30 - ids.shape[1]
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                          min_new_tokens=n, pad_token_id=0)
-    assert bm.generate_topk(model, byte_tok, ["hello wor"], max_length=30, top_k=1)[0] == \
+    assert bg.generate_topk(model, byte_tok, ["hello wor"], max_length=30, top_k=1)[0] == \
         byte_tok.decode(ref[0], skip_special_tokens=True)
 
 
@@ -161,16 +163,16 @@ def test_grouped_generation_equals_each_record_on_its_edited_model(byte_tok):
     hp = se.ShiftHyperParams(layers=[1], eta=40.0, skip_if_predicted=False)
     reqs = [{"prompt": "ab plays", "target_new": "Paris"}, {"prompt": "a longer prompt", "target_new": "Rome"}]
     deltas = [se.get_algorithm("SHIFT").compute(model, byte_tok, [se.make_request(r)], hp).deltas for r in reqs]
-    groups = [bm.GenerationGroup(["ab", "xyz q"], 1), bm.GenerationGroup(["ab plays"], 2, deltas[0]),
-              bm.GenerationGroup(["abc", "de"], 3, deltas[1])]
-    greedy = bm.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=1)
+    groups = [bg.GenerationGroup(["ab", "xyz q"], 1), bg.GenerationGroup(["ab plays"], 2, deltas[0]),
+              bg.GenerationGroup(["abc", "de"], 3, deltas[1])]
+    greedy = bg.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=1)
     for g, texts in zip(groups, greedy):
         with temporarily_applied(model, g.deltas):
-            alone = bm.generate_topk_groups(model, byte_tok, [bm.GenerationGroup(g.prompts, g.seed)], max_length=24, top_k=1)[0]
+            alone = bg.generate_topk_groups(model, byte_tok, [bg.GenerationGroup(g.prompts, g.seed)], max_length=24, top_k=1)[0]
         assert texts == alone
-    assert greedy[1] != bm.generate_topk(model, byte_tok, ["ab plays"], max_length=24, top_k=1)  # the edit shows
-    sampled = bm.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=5)
-    again = bm.generate_topk_groups(model, byte_tok, groups[::-1], max_length=24, top_k=5)[::-1]
+    assert greedy[1] != bg.generate_topk(model, byte_tok, ["ab plays"], max_length=24, top_k=1)  # the edit shows
+    sampled = bg.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=5)
+    again = bg.generate_topk_groups(model, byte_tok, groups[::-1], max_length=24, top_k=5)[::-1]
     assert sampled == again  # each group draws from its own seeded generator
 
 
@@ -369,13 +371,13 @@ def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_path):
-    from shift_edit.bench.runner import evaluate_case
+    from shift_edit.bench.runner import RunState, evaluate_case
 
     model = tiny_model(model_type)
     cases = bdata.load_counterfact(write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)]))
     cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(layers=[2], eta=50.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None),
                       skip_generation=True)
-    fast_state, slow_state = {}, {"resume": False}
+    fast_state, slow_state = RunState(), RunState(resume_exact=False)
     for i, case in enumerate(cases):
         fast = evaluate_case(model, byte_tok, case, cfg, position=i, ppl_lines=None, state=fast_state)
         slow = evaluate_case(model, byte_tok, case, cfg, position=i, ppl_lines=None, state=slow_state)
@@ -384,7 +386,7 @@ def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_pa
             assert fast["metrics"][fam] == pytest.approx(slow["metrics"][fam], abs=1e-6)
         assert fast["metrics"]["neighborhood_kl"]["mean"] == pytest.approx(slow["metrics"]["neighborhood_kl"]["mean"], abs=1e-6)
         assert fast["metrics"]["neighborhood_kl"]["mean"] > 0
-    assert fast_state == {"resume": True}
+    assert fast_state.resume_exact is True
 
 
 def test_unedited_row_and_summary(byte_tok, tmp_path):
@@ -571,7 +573,7 @@ def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
     wiki = tmp_path / "wiki.raw"
     wiki.write_text(" = Title = a heading line that is long enough\n\n short\n a second line long enough to count here\n")
     data = write(tmp_path, [easyedit_record(i) for i in range(3)])
-    proto = bm.PerplexityProtocol(name="paper", n_lines=5, max_tokens=32)
+    proto = bp.PerplexityProtocol(name="paper", n_lines=5, max_tokens=32)
     cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, ppl_every=2,
                       ppl_protocol=proto, wikitext=str(wiki), neighborhood_kl=False)
     run = _run(model, byte_tok, data, tmp_path / "res", cfg=cfg, rank=0, world_size=1)
@@ -616,7 +618,7 @@ def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
     result = se.edit(model, byte_tok, [cases[0].request, cases[1].request], hp)
     try:
         seed = gcfg.seed * 1_000_003 + 1
-        alone = bm.generate_topk(model, byte_tok, rec1.generation_prompts, max_length=30, seed=seed)
+        alone = bg.generate_topk(model, byte_tok, rec1.generation_prompts, max_length=30, seed=seed)
     finally:
         result.undo()
     assert gen["case_1.json"]["texts"] == alone

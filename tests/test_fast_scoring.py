@@ -7,7 +7,7 @@ import torch
 from _tiny import TINY_CONFIGS, tiny_model
 
 import shift_edit as se
-from shift_edit.resume import first_changed_block, record_block_inputs, resume_at
+from shift_edit.resume import BlockRecorder, Resume, first_edited_block, record_block_inputs
 from shift_edit.scoring import ContinuationPlan, length_chunks, logits_at_positions, plan_prefixes, score_token_continuations
 
 
@@ -51,28 +51,17 @@ def test_resume_at_edited_block_equals_full_pass(model_type, byte_tok):
     adapter = se.ModelAdapter(model)
     seqs = [byte_tok.encode(s) for s in ("The capital of France is", "Messi plays for", "a b")]
     positions = [[len(s) - 2, len(s) - 1] for s in seqs]
-    recorded = {}
-
-    def rec(k):
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            with record_block_inputs(adapter) as seen:
-                yield
-            recorded[k] = seen
-
-        return ctx()
-
-    before = logits_at_positions(model, seqs, positions, batch_size=2, chunk_context=rec)
+    recorder = BlockRecorder(adapter)  # every block's input, one entry per batch
+    before = logits_at_positions(model, seqs, positions, batch_size=2, record=recorder)
+    assert len(recorder) == 2
     hp = se.ShiftHyperParams(layers=[1], eta=5.0, skip_if_predicted=False)
     result = se.edit(model, byte_tok, {"prompt": "Messi plays for", "target_new": " Paris"}, hp)
     try:
-        layer = first_changed_block(adapter, [n.rsplit(".", 1)[0] for n in result.orig_weights])
-        assert layer == 1
+        assert all(d.layer == adapter.block_of(d.module) for d in result.deltas)  # the layer the deltas carry
+        resume = recorder.resume_after(result.deltas)
+        assert isinstance(resume, Resume) and resume.block == 1 and len(resume.hidden) == 2
         full = logits_at_positions(model, seqs, positions, batch_size=2)
-        fast = logits_at_positions(model, seqs, positions, batch_size=2,
-                                   chunk_context=lambda k: resume_at(adapter, layer, recorded[k][layer]))
+        fast = logits_at_positions(model, seqs, positions, batch_size=2, resume=resume)
         assert len(adapter.blocks()) == adapter.n_layers  # the block list is restored
     finally:
         result.undo()
@@ -91,8 +80,27 @@ def test_record_stops_at_block(byte_tok):
     assert seen[0] is not None and seen[1] is not None and seen[2] is None
 
 
-def test_first_changed_block_outside_blocks_is_none():
+def _delta(adapter, module, layer):
+    return se.WeightDelta(module, adapter.layout(adapter.module(module)), dense=torch.zeros(1, 1), layer=layer)
+
+
+def test_first_edited_block_outside_blocks_is_none():
     adapter = se.ModelAdapter(tiny_model("gpt2"))
-    assert first_changed_block(adapter, ["transformer.h.2.mlp.c_proj", "transformer.h.1.mlp.c_fc"]) == 1
-    assert first_changed_block(adapter, ["transformer.h.2.mlp.c_proj", "lm_head"]) is None
-    assert first_changed_block(adapter, []) is None
+    two, one = _delta(adapter, "transformer.h.2.mlp.c_proj", 2), _delta(adapter, "transformer.h.1.mlp.c_fc", 1)
+    assert first_edited_block(adapter, [two, one]) == 1
+    assert first_edited_block(adapter, [two, _delta(adapter, "lm_head", None)]) is None
+    assert first_edited_block(adapter, []) is None
+
+
+def test_recorder_resumes_only_from_a_kept_block_not_after_the_edit(byte_tok):
+    model = tiny_model("llama")
+    adapter = se.ModelAdapter(model)
+    recorder = BlockRecorder(adapter, 1, stop=True)
+    out = logits_at_positions(model, [byte_tok.encode("hello there")], [[3]], record=recorder)
+    assert out == [None]  # a stopping recorder ends the pass: no logits
+    ff2 = adapter.ff2_name
+    assert recorder.resume_after([_delta(adapter, ff2(2), 2)]).block == 1  # blocks 1.. re-run
+    assert recorder.resume_after([_delta(adapter, ff2(0), 0)]) is None  # edited before what was kept
+    assert recorder.resume_at(2) is None
+    with pytest.raises(ValueError, match="give one of them"):
+        logits_at_positions(model, [[1, 2]], [[1]], record=recorder, resume=recorder.resume_at(1))

@@ -377,19 +377,19 @@ def test_heatmap_marks_the_subject(tmp_path, monkeypatch):
 def test_first_time_statistics_announce_themselves_with_an_estimate(byte_tok, tmp_path, monkeypatch, caplog):
     import logging
 
-    from shift_edit.stats import layer_stats
+    from shift_edit.covariance import layer_stats
 
     monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"line {i} of a small corpus for statistics" for i in range(40)))
     model = tiny_model("gpt2")
-    with caplog.at_level(logging.WARNING, logger="shift_edit.stats"):
+    with caplog.at_level(logging.WARNING, logger="shift_edit.covariance"):
         layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128, progress=False)
     text = caplog.text
     assert "computing second-moment statistics of layer(s) [1] over 600 tokens" in text and "once, then cached" in text
     assert "tokens/s on this machine" in text and "about" in text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="shift_edit.stats"):
+    with caplog.at_level(logging.WARNING, logger="shift_edit.covariance"):
         layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128, progress=False)
     assert "computing" not in caplog.text, "a cached result is not announced"
 

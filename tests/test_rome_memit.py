@@ -16,7 +16,7 @@ from shift_edit.algorithms.rome import ROMEHyperParams, canonical_weight
 from shift_edit.architectures import ModelAdapter
 from shift_edit.hooks import forward_capture
 from shift_edit.requests import make_request
-from shift_edit.stats import layer_stats
+from shift_edit.covariance import layer_stats
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -108,14 +108,14 @@ def test_stats_cache_reused_and_rebuilt(byte_tok, corpus):
 
 
 def test_stats_read_once_per_process_and_solve(byte_tok, corpus, monkeypatch):
-    from shift_edit import stats as stats_mod
+    from shift_edit import covariance
 
     model = tiny_model("llama")
     kw = dict(corpus=corpus, n_tokens=100, max_length=32, progress=False)
     built = layer_stats(model, byte_tok, [1], **kw)[1]
     reads = []
-    real = stats_mod._try_load
-    monkeypatch.setattr(stats_mod, "_try_load", lambda *a: reads.append(a) or real(*a))
+    real = covariance._try_load
+    monkeypatch.setattr(covariance, "_try_load", lambda *a: reads.append(a) or real(*a))
     again = layer_stats(model, byte_tok, [1], **kw)[1]
     assert again is built and not reads  # validated entry reused without reading the file again
     pt = next(p for p in (shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))
@@ -326,7 +326,7 @@ def test_stats_cli(byte_tok, corpus, capsys, tmp_path, monkeypatch):
 @pytest.mark.slow  # ~1 min alone on 2 CPU cores (10 min when the machine is shared)
 def test_rome_makes_fact_top1_on_smollm2(smollm2, tmp_path, monkeypatch):
     from shift_edit.scoring import score_continuations
-    from shift_edit.stats import default_corpus
+    from shift_edit.covariance import default_corpus
 
     if not default_corpus().endswith(".raw"):
         pytest.skip("local WikiText copy not found (set SHIFT_EDIT_SHARED_DATA)")

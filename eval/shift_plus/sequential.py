@@ -23,8 +23,8 @@ import torch
 
 import shift_edit as se
 from shift_edit.bench.data import load_counterfact
-from shift_edit.bench.metrics import PerplexityProtocol, metrics_from_scores, perplexity, read_wikitext_lines
-from shift_edit.bench.metrics import CaseScorer
+from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
+from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from shift_edit.io import atomic_write_json
 from shift_edit.memory import EditMemory
 from shift_edit.scoring import pad_id_of, score_token_continuations

@@ -25,8 +25,8 @@ import torch
 import shift_edit as se
 from shift_edit.algorithms.shift_plus import ShiftPlusHyperParams
 from shift_edit.bench.data import load_counterfact
-from shift_edit.bench.metrics import PerplexityProtocol, perplexity, read_wikitext_lines
-from shift_edit.bench.runner import BenchConfig, evaluate_batch
+from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
+from shift_edit.bench.runner import BenchConfig, RunState, evaluate_batch
 from shift_edit.requests import encode_prompt
 from shift_edit.scoring import pad_batch, pad_id_of
 
@@ -49,7 +49,7 @@ def forward_time(model, tok, prompts: list[str]) -> float:
 def run_variant(model, tok, cases, hp, ppl_lines, proto, ppl_every: int, base_ppl: float) -> dict:
     cfg = BenchConfig(alg=hp.ALG_NAME, hparams=hp, skip_generation=True, neighborhood_kl=True)
     rows, ppls, passes, times = [], [], [], []
-    state: dict = {}
+    state = RunState()
     for i, case in enumerate(cases):
         rec = evaluate_batch(model, tok, [case], cfg, positions=[i], ppl_lines=None, state=state)[0]
         rows.append(rec)

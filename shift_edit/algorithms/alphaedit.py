@@ -3,7 +3,7 @@
 AlphaEdit is MEMIT with the update projected onto the null space of the preserved keys:
 
 1. ``P``: with ``K0 K0ᵀ ∝ C = E[k kᵀ]`` (the FF2-input second moment ROME and MEMIT already use,
-   :mod:`shift_edit.stats`, of the unedited model), ``P = Û Ûᵀ`` where ``Û`` are the eigenvectors
+   :mod:`shift_edit.covariance`, of the unedited model), ``P = Û Ûᵀ`` where ``Û`` are the eigenvectors
    of ``C`` whose eigenvalues are below ``nullspace_threshold`` (the paper: 2e-2). Any ``Δ P``
    leaves every preserved key's output unchanged: ``Δ P K0 ≈ 0``.
 2. ``z*`` of each request exactly as MEMIT (:func:`~shift_edit.algorithms.memit.target_zs`), and the
@@ -35,7 +35,7 @@ from ..errors import ShiftEditError
 from ..memory import EditMemory
 from ..registry import Computed, register
 from ..requests import EditRequest
-from ..stats import SecondMoment, layer_stats
+from ..covariance import SecondMoment, layer_stats
 from .common import adapter_for, already_predicted
 from .memit import ZStarHyperParams, _keys_and_residual, target_zs
 from .rome import add_canonical_, context_templates

@@ -36,7 +36,7 @@ from ..loading import cache_dir
 from ..registry import Computed, register
 from ..requests import EditRequest
 from ..scoring import pad_batch, pad_id_of
-from ..stats import layer_stats
+from ..covariance import layer_stats
 from .common import adapter_for, already_predicted
 from .rome import (
     LocateEditHyperParams,

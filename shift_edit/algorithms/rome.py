@@ -10,7 +10,7 @@ For one request at FF2 of layer ``l`` (the MLP output matrix, canonical ``W: [ou
    prompt ``"{}"``: 21 contexts.
 2. Key ``k*``: the FF2 input at the subject's last token (``fact_token``), averaged over
    the contexts.
-3. ``u = C⁻¹ k*`` with ``C = E[k kᵀ]`` from :mod:`shift_edit.stats` when
+3. ``u = C⁻¹ k*`` with ``C = E[k kᵀ]`` from :mod:`shift_edit.covariance` when
    ``mom2_adjustment`` is on (the default here, as in the paper; EasyEdit's shipped
    configs turn it off), else ``u = k*``.
 4. ``v*``: a vector ``δ`` added to FF2's output at the subject position of every context
@@ -45,9 +45,9 @@ from ..deltas import WeightDelta
 from ..errors import ShiftEditError
 from ..registry import Computed, register
 from ..requests import EditRequest, encode_target
-from ..resume import record_block_inputs, resume_at
+from ..resume import BlockRecorder
 from ..scoring import head_only_at, pad_batch, pad_id_of
-from ..stats import SecondMoment, layer_stats
+from ..covariance import SecondMoment, layer_stats
 from .common import EditHyperParams, adapter_for, already_predicted
 
 log = logging.getLogger(__name__)
@@ -320,9 +320,11 @@ def optimise_delta(
         with torch.no_grad():
             h2 = module.register_forward_hook(capture)
             try:
-                with record_block_inputs(adapter) as seen:
+                recorder = BlockRecorder(adapter, layer)
+                with recorder.batch():
                     res = model(input_ids=ids, attention_mask=mask, use_cache=False,
                                 output_hidden_states=(ref == "residual"))
+                resume = recorder.resume_at(layer)
             finally:
                 h2.remove()
             kl_init = torch.log_softmax(res.logits[n_rw, kl_idx].float(), -1)
@@ -350,7 +352,7 @@ def optimise_delta(
         for _ in range(hp.v_num_grad_steps):
             opt.zero_grad()
             hook.delta = delta
-            with resume_at(adapter, layer, seen[layer]), head_only_at(model, tuple(ids.shape), at) as gather:
+            with resume.batch(), head_only_at(model, tuple(ids.shape), at) as gather:
                 picked = gather(model(input_ids=ids, attention_mask=mask, use_cache=False).logits)
             logp = torch.log_softmax(torch.stack(picked[:n_rw]), -1)  # [n_rw, len(target), vocab]
             tok_lp = logp.gather(-1, tgt[None, :, None].expand(n_rw, -1, 1))[..., 0]

@@ -14,7 +14,7 @@ For one request with target tokens ``t_0..t_{m-1}`` (teacher forcing):
    decoding row ``D[t_j]`` (``decoding``), centred (``centered``), minus the true object's row
    (``contrast``, first token only), or pulled back through the final norm (``norm``).
 3. **Closed form.** With ``A = C + w_c Σ k_c k_cᵀ + w_m Σ k_mem k_memᵀ`` (``C = E[k kᵀ]`` of
-   generic text from :mod:`shift_edit.stats`, ``k_c`` the contrastive keys, ``k_mem`` keys of
+   generic text from :mod:`shift_edit.covariance`, ``k_c`` the contrastive keys, ``k_mem`` keys of
    earlier edits from the :class:`~shift_edit.memory.EditMemory`) and ``K_e`` the edit keys
    (one column per target position and prompt variant), the unit update
    ``ΔW₁ = V (K_eᵀ A⁻¹ K_e)⁻¹ (A⁻¹ K_e)ᵀ`` writes ``v_j`` at the edit keys exactly while
@@ -50,7 +50,7 @@ from ..registry import Computed, register
 from ..requests import EditRequest, encode_prompt, encode_target
 from ..resume import record_block_inputs, resume_at
 from ..scoring import pad_batch, pad_id_of
-from ..stats import layer_stats
+from ..covariance import layer_stats
 from .common import EditHyperParams, adapter_for
 
 #: subjects that fill the request's template for the contrastive keys (authored for this module)

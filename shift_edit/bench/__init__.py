@@ -1,16 +1,9 @@
-"""The CounterFact benchmark: data, metrics (ROME, strict top-1, KL, entropy, perplexity), runner, summaries."""
+"""The CounterFact benchmark: data, metrics (ROME, strict top-1, KL), generation (n-gram entropy), perplexity, runner, summaries."""
 
 from .data import CounterFactCase, download_counterfact, file_sha256, load_counterfact, parse_case
-from .metrics import (
-    PerplexityProtocol,
-    generate_topk,
-    metrics_from_scores,
-    ngram_entropy,
-    perplexity,
-    read_wikitext_lines,
-    score_case,
-    text_ngram_entropy,
-)
+from .generation import generate_topk, ngram_entropy, text_ngram_entropy
+from .metrics import metrics_from_scores, score_case
+from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from .runner import NO_EDIT, BenchConfig, choose_run_dir, run_bench
 from .sequential import SequentialConfig, run_sequential
 from .summarize import load_reference, summarize_run, to_csv, to_markdown

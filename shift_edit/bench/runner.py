@@ -16,7 +16,6 @@ merged result is simply the directory's case files.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -38,19 +37,12 @@ from ..editing import edit
 from ..errors import ShiftEditError
 from ..hparams import HyperParams
 from ..io import atomic_write_json, provenance
-from ..resume import first_changed_block, record_block_inputs, resume_at
+from ..resume import BlockRecorder, Resume
 from .claims import claimed
 from .data import CounterFactCase
-from .metrics import (
-    CaseScorer,
-    PerplexityProtocol,
-    GenerationGroup,
-    generate_topk_groups,
-    kl_divergence,
-    metrics_from_scores,
-    ngram_entropy,
-    perplexity,
-)
+from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
+from .metrics import CaseScorer, kl_divergence, metrics_from_scores
+from .wikitext import PerplexityProtocol, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +157,12 @@ def shard_env() -> tuple[int, int]:
     return rank, world
 
 
-@contextlib.contextmanager
-def _recording(adapter: ModelAdapter, store: dict, key: tuple[str, int], keep: int):
-    """Record block inputs for one batch, stopping at block ``keep`` if the pass needs no logits
-    (``keep`` negative: run the whole model); only block ``|keep|``'s input is stored."""
-    block = abs(keep)
-    with record_block_inputs(adapter, stop_at=block if keep >= 0 else None) as seen:
-        yield
-    store[key] = seen[block]
+@dataclass
+class RunState:
+    """What a run learns once and keeps: whether re-running only the edited blocks reproduces a
+    full forward pass on this model (``None`` until the first edit that can use it checks it)."""
+
+    resume_exact: bool | None = None
 
 
 def _same(a: dict[str, list], b: dict[str, list]) -> bool:
@@ -189,30 +179,39 @@ def _planned_block(adapter: ModelAdapter, hparams: HyperParams | None) -> int | 
 
 @dataclass
 class _Prepared:
-    """One record's state before the edit: its scorer, the recorded input of the planned block
-    for each batch of its passes, and the unedited neighborhood distributions (KL reference)."""
+    """One record's state before the edit: its scorer, the recorders of its passes (the input of
+    the planned block in each batch; none when nothing can be skipped), and the unedited
+    neighborhood distributions (KL reference)."""
 
     case: CounterFactCase
     position: int
     scorer: CaseScorer
-    recorded: dict[tuple[str, int], torch.Tensor | None]
+    recorders: dict[str, BlockRecorder]
     pre_logp: torch.Tensor | None
+
+    def resume_after(self, deltas) -> dict[str, Resume] | None:
+        """Per part, the blocks the model edited by ``deltas`` must re-run; None: full passes
+        (nothing recorded, or the edit changed a block before the recorded one)."""
+        if not any(len(r) for r in self.recorders.values()):
+            return None
+        resume = {part: r.resume_after(deltas) for part, r in self.recorders.items()}
+        return None if any(r is None for r in resume.values()) else resume
 
 
 def _prepare(model, tok, case, position, cfg, adapter, planned, kl_on: bool) -> _Prepared:
     scorer = CaseScorer(tok, case)
     kl_on = kl_on and scorer.n_neighborhood > 0
-    recorded: dict = {}
+    recorders: dict[str, BlockRecorder] = {}
     if planned is None or planned == 0:  # nothing to skip: the unedited pass is only the KL reference
         pre = scorer.logits(model, batch_size=cfg.batch_size, parts=("near",)) if kl_on else None
-    else:
-        keep = {"near": -planned if kl_on else planned, "edit": planned}
-        pre = scorer.logits(model, batch_size=cfg.batch_size,
-                            chunk_context=lambda part, k: _recording(adapter, recorded, (part, k), keep[part]))
-    return _Prepared(case, position, scorer, recorded, scorer.neighborhood_logprobs(pre) if kl_on else None)
+    else:  # the passes stop at the planned block, but the KL reference needs the neighborhood logits
+        recorders = {"near": BlockRecorder(adapter, planned, stop=not kl_on),
+                     "edit": BlockRecorder(adapter, planned, stop=True)}
+        pre = scorer.logits(model, batch_size=cfg.batch_size, record=recorders)
+    return _Prepared(case, position, scorer, recorders, scorer.neighborhood_logprobs(pre) if kl_on else None)
 
 
-def _edited_logits(model, prep: _Prepared, adapter, result, planned, cfg, state) -> tuple[dict[str, list], int]:
+def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tuple[dict[str, list], int]:
     """Logits of the edited model at the record's planned positions, and the first block re-run.
 
     Blocks before the planned (first edited) block are skipped: their recorded output feeds it
@@ -220,22 +219,18 @@ def _edited_logits(model, prep: _Prepared, adapter, result, planned, cfg, state)
     switched off, with a warning, if they differ; an edit that changed an earlier block (or
     anything outside the blocks) gets full passes.
     """
-    changed = [name.rsplit(".", 1)[0] for name in result.orig_weights]
-    first = first_changed_block(adapter, changed)
-    usable = (state.get("resume", True) and planned and first is not None and first >= planned
-              and prep.recorded and all(v is not None for v in prep.recorded.values()))
-    if not usable:
+    resume = prep.resume_after(result.deltas) if state.resume_exact is not False else None
+    if resume is None:
         return prep.scorer.logits(model, batch_size=cfg.batch_size), 0
-    logits = prep.scorer.logits(model, batch_size=cfg.batch_size,
-                                chunk_context=lambda part, k: resume_at(adapter, planned, prep.recorded[(part, k)]))
-    if "resume" not in state:
+    logits = prep.scorer.logits(model, batch_size=cfg.batch_size, resume=resume)
+    if state.resume_exact is None:
         full = prep.scorer.logits(model, batch_size=cfg.batch_size)
-        state["resume"] = _same(logits, full)
-        if not state["resume"]:
+        state.resume_exact = _same(logits, full)
+        if not state.resume_exact:
             log.warning("re-running only the edited blocks does not reproduce a full forward pass on this "
                         "model; using full passes for this run")
             return full, 0
-    return logits, planned
+    return logits, next(iter(resume.values())).block
 
 
 def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -> dict[str, Any]:
@@ -254,7 +249,7 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
 
 def evaluate_batch(
     model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
-    ppl_lines: Sequence[str] | None, state: dict[str, Any] | None = None,
+    ppl_lines: Sequence[str] | None, state: RunState | None = None,
     deferred: list[tuple[dict, GenerationGroup]] | None = None,
 ) -> list[dict[str, Any]]:
     """Apply the requests of ``cases`` at once (none for NONE), measure every record, undo.
@@ -267,7 +262,7 @@ def evaluate_batch(
     block and the neighborhood distributions (the KL reference); after the edit only the blocks
     from the edited one on are re-run. ``state`` carries the run's one-off check of that shortcut.
     """
-    state = {} if state is None else state
+    state = RunState() if state is None else state
     t0 = time.perf_counter()
     edited = cfg.alg != NO_EDIT
     adapter = adapter_for(model, cfg.hparams) if edited else None
@@ -286,7 +281,7 @@ def evaluate_batch(
         for i, prep in enumerate(preps):
             ts = time.perf_counter()
             if result is not None and result.deltas:
-                logits, first = _edited_logits(model, prep, adapter, result, planned, cfg, state)
+                logits, first = _edited_logits(model, prep, result, cfg, state)
             else:
                 logits, first = prep.scorer.logits(model, batch_size=cfg.batch_size), 0
             m = _measure(model, tok, prep, logits, cfg, ppl_lines)
@@ -344,7 +339,7 @@ def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, Genera
 
 def evaluate_case(
     model: nn.Module, tok, case: CounterFactCase, cfg: BenchConfig, *, position: int,
-    ppl_lines: Sequence[str] | None, state: dict[str, Any] | None = None,
+    ppl_lines: Sequence[str] | None, state: RunState | None = None,
 ) -> dict[str, Any]:
     """Edit one record (unless ``cfg.alg`` is NONE), measure, undo; returns the case record."""
     return evaluate_batch(model, tok, [case], cfg, positions=[position], ppl_lines=ppl_lines, state=state)[0]
@@ -396,7 +391,7 @@ def run_bench(
         adapter_for(model, cfg.hparams)  # layers in range, module templates resolve
     ppl_lines = None
     if cfg.ppl_every:
-        from .metrics import read_wikitext_lines
+        from .wikitext import read_wikitext_lines
 
         ppl_lines = read_wikitext_lines(cfg.wikitext)
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
@@ -419,7 +414,7 @@ def run_bench(
     model.eval()
     bar = tqdm(total=n_todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
                disable=not progress or n_todo == 0, position=rank if world_size > 1 else None)
-    state: dict[str, Any] = {}
+    state = RunState()
     with bar:
         for grp in todo:
             ids = [c.case_id for batch in grp for _, c in batch]

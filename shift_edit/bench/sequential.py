@@ -50,11 +50,12 @@ from ..hparams import HyperParams
 from ..io import atomic_write_bytes, atomic_write_json, model_fingerprint, provenance
 from ..memory import EditMemory
 from ..registry import get_algorithm
-from ..stats import layer_stats, pinned_statistics
+from ..covariance import layer_stats, pinned_statistics
 from .data import CounterFactCase
 from ..requests import encode_prompt, encode_target
 from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
-from .metrics import PerplexityProtocol, _targets, case_prompts, metrics_from_scores, perplexity, read_wikitext_lines
+from .metrics import _targets, case_prompts, metrics_from_scores
+from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 
 log = logging.getLogger(__name__)
 

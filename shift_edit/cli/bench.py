@@ -79,7 +79,7 @@ def _parse_eval_at(text: str | None) -> list[int]:
 def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext) -> int:
     """``bench --sequential``: checks everything before the model is loaded, then runs."""
     from ..bench.data import file_sha256
-    from ..bench.metrics import PerplexityProtocol
+    from ..bench.wikitext import PerplexityProtocol
     from ..bench.sequential import SequentialConfig, order_cases, run_sequential
     from .common import load_from_args
 
@@ -121,7 +121,7 @@ def default_wikitext() -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_data
-    from ..bench.metrics import PerplexityProtocol
+    from ..bench.wikitext import PerplexityProtocol
     from ..bench.runner import BenchConfig, run_bench, shard_env
     from .common import load_from_args
 

@@ -6,7 +6,7 @@ import argparse
 
 from ..architectures import ModelAdapter
 from ..errors import ShiftEditError
-from ..stats import layer_stats
+from ..covariance import layer_stats
 from .common import add_model_arguments, load_from_args
 
 NAME = "stats"

@@ -9,8 +9,6 @@ for the first records, WikiText perplexity. Run for ``raw`` and ``normalized`` e
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import statistics
 from collections.abc import Callable, Sequence
@@ -25,7 +23,7 @@ from ..architectures import ModelAdapter
 from ..editing import edit
 from ..io import atomic_write_json, atomic_write_text, provenance
 from ..requests import make_request
-from ..resume import record_block_inputs, resume_at
+from ..resume import BlockRecorder, Resume
 from ..scoring import score_continuations
 from .common import plot_ppl, ppl_stats, read_done, write_record
 from .min_lr import to_csv
@@ -33,15 +31,17 @@ from .min_lr import to_csv
 log = logging.getLogger(__name__)
 
 
-def top1_metrics(model: nn.Module, tok, record: dict[str, Any], chunk_context=None) -> dict[str, float]:
+def top1_metrics(
+    model: nn.Module, tok, record: dict[str, Any], *, recorder: BlockRecorder | None = None, resume: Resume | None = None,
+) -> dict[str, float]:
     """Strict top-1 efficacy, paraphrase and neighborhood of one CounterFact record
-    (``chunk_context``: see :func:`~shift_edit.scoring.logits_at_positions`)."""
+    (``recorder`` / ``resume``: see :func:`~shift_edit.scoring.score_token_continuations`)."""
     req = make_request(record)
     para = list(record.get("paraphrase_prompts", []))
     neigh = list(record.get("neighborhood_prompts", []))
     prompts = [req.text] + para + neigh
     targets = [req.target_new] * (1 + len(para)) + [req.target_true] * len(neigh)
-    scores = score_continuations(model, tok, prompts, targets, chunk_context=chunk_context)
+    scores = score_continuations(model, tok, prompts, targets, record=recorder, resume=resume)
     ok = [s.all_correct for s in scores]
     return {
         "efficacy": float(ok[0]),
@@ -67,23 +67,15 @@ def run_layer_sweep(
         if done is None or (with_ppl and not done.get("with_ppl")):
             cells = []
             # one unedited pass records every block's input; an edit of layer L re-runs blocks L.. only
-            adapter, inputs = ModelAdapter(model), {}
-
-            @contextlib.contextmanager
-            def record(k):
-                with record_block_inputs(adapter) as seen:
-                    yield
-                inputs[k] = seen
-
-            unedited = top1_metrics(model, tok, rec, chunk_context=record)
+            recorder = BlockRecorder(ModelAdapter(model))
+            unedited = top1_metrics(model, tok, rec, recorder=recorder)
             for scaling, eta in settings:
                 for layer in tqdm(layers, desc=f"case {rec['case_id']} {scaling}", leave=False):
                     hp = ShiftHyperParams(layers=[layer], eta=eta, eta_scaling=scaling, skip_if_predicted=False)
                     res = edit(model, tok, rec, hp, force=True)  # the sweep measures what breaks the model
                     try:
-                        resume = functools.partial(lambda k, at: resume_at(adapter, at, inputs[k][at]), at=layer)
                         cell = {"eta_scaling": scaling, "eta": eta, "layer": layer,
-                                **top1_metrics(model, tok, rec, chunk_context=resume)}
+                                **top1_metrics(model, tok, rec, resume=recorder.resume_after(res.deltas))}
                         if with_ppl:
                             cell["ppl"] = ppl_fn(model)
                     finally:

@@ -12,9 +12,7 @@ Each record's results go to their own JSON file (atomic), so a run resumes.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import functools
 import io
 import logging
 import statistics
@@ -29,7 +27,7 @@ from tqdm.auto import tqdm
 from ..algorithms.common import adapter_for
 from ..io import atomic_write_json, atomic_write_text, provenance
 from ..requests import encode_prompt, encode_target, make_request
-from ..resume import first_changed_block, record_block_inputs, resume_at
+from ..resume import BlockRecorder, Resume, first_edited_block
 from ..scoring import pad_id_of, score_token_continuations
 from .common import (
     plot_ppl, ppl_stats, read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record,
@@ -41,9 +39,13 @@ log = logging.getLogger(__name__)
 Criterion = Literal["first", "strict"]
 
 
-def is_top1(model: nn.Module, tok, prompt_ids: list[int], target_ids: list[int], criterion: Criterion) -> bool:
-    """Is the target the top-1 prediction: its first token (``"first"``) or every token (``"strict"``)."""
-    (score,) = score_token_continuations(model, [(prompt_ids, target_ids)], pad_id=pad_id_of(tok))
+def is_top1(
+    model: nn.Module, tok, prompt_ids: list[int], target_ids: list[int], criterion: Criterion, *,
+    resume: Resume | None = None,
+) -> bool:
+    """Is the target the top-1 prediction: its first token (``"first"``) or every token (``"strict"``)
+    (``resume``: re-run only some blocks, :mod:`shift_edit.resume`)."""
+    (score,) = score_token_continuations(model, [(prompt_ids, target_ids)], pad_id=pad_id_of(tok), resume=resume)
     return score.first_correct if criterion == "first" else score.all_correct
 
 
@@ -60,16 +62,17 @@ def min_lr_for(
     # The edit changes block `first` and later only: record the unedited input of that block
     # once, and let each trial re-run only the blocks from there (shift_edit.resume).
     adapter = adapter_for(model, hp)
-    first = first_changed_block(adapter, [d.module for d in unit])
-    resume = contextlib.nullcontext
+    first = first_edited_block(adapter, unit)
+    resume = None
     if first:
-        with record_block_inputs(adapter, stop_at=first) as seen:
+        recorder = BlockRecorder(adapter, first, stop=True)
+        with recorder.batch():
             is_top1(model, tok, p_ids, t_ids, criterion)
-        resume = functools.partial(resume_at, adapter, first, seen[first])
+        resume = recorder.resume_after(unit)
 
     def success(lr: float) -> bool:
-        with temporarily_applied(model, scaled(unit, lr)), resume():
-            return is_top1(model, tok, p_ids, t_ids, criterion)
+        with temporarily_applied(model, scaled(unit, lr)):
+            return is_top1(model, tok, p_ids, t_ids, criterion, resume=resume)
 
     res = find_min_lr(success, start=start, max_lr=max_lr, rel_tol=rel_tol)
     out = {"alg": alg, "layer": layer, "min_lr": res.lr, "below": res.below, "evals": res.evals,

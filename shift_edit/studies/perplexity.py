@@ -1,7 +1,7 @@
 """WikiText perplexity, the paper's protocol: first 100 test lines of >= 30 characters,
 each truncated to 256 tokens, perplexity per line, mean over lines.
 
-The computation is the benchmark harness's (:func:`shift_edit.bench.metrics.perplexity`).
+The computation is the benchmark harness's (:func:`shift_edit.bench.wikitext.perplexity`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..bench.wikitext import long_lines, read_wikitext_lines
 from ..errors import ShiftEditError
 
 
@@ -21,27 +22,20 @@ def protocol_text(n_lines: int, max_tokens: int) -> str:
 
 
 def load_wikitext_lines(path: str | Path, n: int = 100, min_chars: int = 30) -> list[str]:
-    """The first ``n`` lines of at least ``min_chars`` characters (stripped) of a WikiText file."""
+    """The first ``n`` non-blank lines of at least ``min_chars`` characters of a WikiText file,
+    stripped (read by the package's one reader, :func:`shift_edit.bench.wikitext.read_wikitext_lines`)."""
     p = Path(path)
     if not p.is_file():
         raise ShiftEditError(f"WikiText file not found: {p}")
-    out = []
-    with p.open(encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if len(line) >= min_chars:
-                out.append(line)
-                if len(out) == n:
-                    break
-    return out
+    return long_lines(read_wikitext_lines(p), n, min_chars, strip=True)
 
 
 def wikitext_perplexity(
     model: nn.Module, tok, lines: Sequence[str], *, max_tokens: int = 256, batch_size: int = 1
 ) -> float:
     """Mean over ``lines`` of each line's perplexity (exp of its mean next-token NLL): the
-    benchmark's ``paper`` protocol (:func:`shift_edit.bench.metrics.perplexity`) on these lines."""
-    from ..bench.metrics import PerplexityProtocol, perplexity
+    benchmark's ``paper`` protocol (:func:`shift_edit.bench.wikitext.perplexity`) on these lines."""
+    from ..bench.wikitext import PerplexityProtocol, perplexity
 
     protocol = PerplexityProtocol(name="paper", n_lines=len(lines), min_chars=0, max_tokens=max_tokens)
     return perplexity(model, tok, lines, protocol, batch_size=batch_size)

@@ -37,7 +37,7 @@ from .editing import edit
 from .errors import ShiftEditError
 from .hparams import HyperParams
 from .memory import EditMemory
-from .registry import algorithm_for_hparams
+from .registry import algorithm_for_hparams, load_hparams  # noqa: F401 - load_hparams re-exported
 from .requests import make_request
 
 log = logging.getLogger(__name__)
@@ -288,23 +288,3 @@ class BaseEditor:
             self.history.append(result)
         else:
             result.undo()
-
-
-def load_hparams(path: str | Path) -> HyperParams:
-    """Load any algorithm's hparams file; the class is chosen by its ``alg_name``. Reads our
-    YAML, EasyEdit's YAML and (with ``alg_name`` in it) ROME/MEMIT-style JSON."""
-    from .hparams import read_yaml
-    from .registry import get_algorithm
-
-    p = Path(path)
-    if p.suffix == ".json":
-        try:
-            data, source = json.loads(p.read_text()), str(p)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ShiftEditError(f"cannot read hparams {path}: {exc}") from None
-    else:
-        data, source = read_yaml(path)
-    if not isinstance(data, dict) or "alg_name" not in data:
-        raise ShiftEditError(f"{source}: no alg_name; say which algorithm these hparams are for "
-                             "(or load them with the class, e.g. ROMEHyperParams.from_json)")
-    return get_algorithm(data["alg_name"]).hparams_class._from_any(data, source)

@@ -3,8 +3,9 @@
 The repository keeps them at its root (``hparams/``); the package reaches them as
 ``shift_edit/_hparams`` (a link in the source tree, real files in a wheel or sdist), always
 through :mod:`importlib.resources`, so a checkout, an editable install and an installed
-wheel find the same files and the library never looks outside itself. Every caller (the CLI,
-:class:`~shift_edit.editor.BaseEditor`, the benchmarks) uses :func:`shipped_hparams`.
+wheel find the same files and the library never looks outside itself. ``shift-edit edit`` and
+``shift-edit bench`` reach :func:`shipped_hparams` through the registry
+(:meth:`~shift_edit.registry.Algorithm.shipped_hparams`).
 """
 
 from __future__ import annotations

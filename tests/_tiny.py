@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -57,3 +58,42 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]())
     model.config._name_or_path = f"tiny-{model_type}"
     return model.eval()
+
+
+#: the tiny statistics corpus (ROME/MEMIT/AlphaEdit/SHIFT_PLUS covariances); conftest's ``corpus`` writes it
+CORPUS_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France.",
+    "Lionel Messi plays football for a club.",
+    "A short line.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+]
+
+
+def write_corpus(path) -> str:
+    """Write :data:`CORPUS_TEXTS` as a blank-line separated text file; returns its path as a string."""
+    path.write_text("\n\n".join(CORPUS_TEXTS) + "\n")
+    return str(path)
+
+
+#: values for required fields, and settings that keep every algorithm cheap on a 3-layer tiny model
+REQUIRED = {"layers": [1], "eta": 5.0, "lr": 0.05, "norm_constraint": 0.05}
+# max_relative_norm None: tiny random weights are small, so these steps exceed the edit guard's default bound
+CHEAP = {"skip_if_predicted": False, "v_num_grad_steps": 3, "context_template_length_params": [[3, 2]],
+         "mom2_n_tokens": 100, "mom2_max_length": 40, "steps": 3, "zstar_cache": False, "max_relative_norm": None}
+
+
+def tiny_hparams(alg: str, corpus: str, **kw):
+    """Hparams of any registered algorithm for a 3-layer tiny model: required fields from
+    REQUIRED, else from the algorithm's shipped SmolLM2 hparams; cheap settings where they exist."""
+    from shift_edit.registry import get_algorithm, load_hparams
+
+    spec = get_algorithm(alg)
+    fields = {f.name: f for f in dataclasses.fields(spec.hparams_class)}
+    values = {k: v for k, v in {**REQUIRED, **CHEAP, "mom2_corpus": corpus, **kw}.items() if k in fields}
+    missing = [n for n, f in fields.items() if n not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        shipped = load_hparams(spec.shipped_hparams("smollm2-135m"))
+        values.update({n: getattr(shipped, n) for n in missing})
+    return spec.hparams_class(**values)

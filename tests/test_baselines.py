@@ -1,4 +1,5 @@
-"""SGD, ADAM, FT and FT_L against hand computations on tiny models; undo and skip behave alike."""
+"""SGD, ADAM, FT and FT_L against hand computations on tiny models (undo, patches, skipping and
+determinism of every algorithm: tests/test_algorithm_matrix.py)."""
 
 import pytest
 import torch
@@ -111,85 +112,17 @@ def test_ft_lowers_the_target_nll_and_stops_early(byte_tok):
     res.undo()
 
 
-ALL = [
-    lambda: SGDHyperParams(layers=[1], lr=0.5, max_relative_norm=None),
-    lambda: AdamHyperParams(layers=[1], lr=1e-3, matrices="both"),
-    lambda: FTHyperParams(layers=[0, 2], lr=1e-2, steps=3, matrices="ff1", max_relative_norm=None),
-    lambda: FTLHyperParams(layers=[1], lr=1e-2, steps=3, norm_constraint=1e-3),
-]
+def test_shipped_hparams_of_step_algorithms_have_layers_and_a_positive_step():
+    """Every shipped file of an algorithm with a step size (the registry's step field) names
+    its layers and a positive step."""
+    from shift_edit.resources import shipped_hparams_index
 
-
-@pytest.mark.parametrize("make", ALL, ids=["SGD", "ADAM", "FT", "FT_L"])
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
-def test_compute_leaves_model_untouched_and_undo_is_exact(make, model_type, byte_tok):
-    model = tiny_model(model_type)
-    for p in model.parameters():  # a mix of flags and existing grads that must survive
-        p.grad = None
-    emb = model.get_input_embeddings().weight
-    emb.requires_grad_(False)
-    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    ids = {n: id(p) for n, p in model.named_parameters()}
-    hp = make().replace(skip_if_predicted=False)
-    c = se.get_algorithm(type(hp).ALG_NAME).compute(model, byte_tok, se.make_requests(REQ), hp)
-    assert c.deltas and all(d.norm() > 0 for d in c.deltas)
-    for n, p in model.state_dict().items():
-        assert torch.equal(base[n], p), n
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert all(p.grad is None for p in model.parameters())
-    res = se.edit(model, byte_tok, REQ, hp)
-    assert any(not torch.equal(base[n], p) for n, p in model.state_dict().items())
-    res.undo()
-    for n, p in model.state_dict().items():
-        assert torch.equal(base[n], p), n
-    assert {n: id(p) for n, p in model.named_parameters()} == ids
-
-
-@pytest.mark.parametrize("make", ALL, ids=["SGD", "ADAM", "FT", "FT_L"])
-def test_skip_rule_is_shared(make, byte_tok):
-    model = tiny_model("llama")
-    # the tiny random llama predicts "]" after this prompt (ends with a space: no space added)
-    reqs = [{"prompt": "The capital is ", "target_new": "]"}, REQ]
-    expected = se.algorithms.common.already_predicted(model, byte_tok, se.make_requests(reqs))
-    assert expected == [True, False]
-    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    res = se.edit(model, byte_tok, reqs, make())
-    assert res.skipped == expected and res.deltas
-    res.undo()
-    only = se.edit(model, byte_tok, reqs[:1], make())
-    assert only.skipped == [True] and only.deltas == []
-    for n, p in model.state_dict().items():
-        assert torch.equal(base[n], p), n
-    forced = se.edit(model, byte_tok, reqs[:1], make().replace(skip_if_predicted=False))
-    assert forced.skipped == [False] and forced.deltas
-    forced.undo()
-
-
-@pytest.mark.parametrize("make", ALL, ids=["SGD", "ADAM", "FT", "FT_L"])
-def test_deterministic_and_patch_roundtrip(make, byte_tok, tmp_path):
-    model = tiny_model("gpt2")
-    hp = make().replace(skip_if_predicted=False)
-    a = se.get_algorithm(type(hp).ALG_NAME).compute(model, byte_tok, se.make_requests(REQ), hp)
-    b = se.get_algorithm(type(hp).ALG_NAME).compute(model, byte_tok, se.make_requests(REQ), hp)
-    for x, y in zip(a.deltas, b.deltas):
-        assert torch.equal(x.dense, y.dense)
-    res = se.edit(model, byte_tok, REQ, hp)
-    edited = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    path = res.save_patch(tmp_path / "p.safetensors")
-    res.undo()
-    applied = se.apply_patch(model, path)
-    for n, p in model.state_dict().items():
-        assert torch.equal(edited[n], p), n
-    applied.undo()
-
-
-def test_shipped_baseline_hparams_load_and_match_their_folder():
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "hparams"
-    files = [p for alg in ("SGD", "ADAM", "FT", "FT_L") for p in sorted((root / alg).glob("*.yaml"))]
-    assert files
-    for path in files:
-        hp = se.load_hparams(path)
-        assert type(hp).ALG_NAME == path.parent.name, path
-        assert hp.layers and hp.lr > 0
+    checked = 0
+    for alg in se.algorithm_names():
+        spec = se.get_algorithm(alg)
+        for stem in shipped_hparams_index().get(alg, []) if spec.step_field else []:
+            hp = se.load_hparams(spec.shipped_hparams(stem))
+            assert type(hp).ALG_NAME == alg, stem
+            assert hp.layers and getattr(hp, spec.step_field) > 0, (alg, stem)
+            checked += 1
+    assert checked

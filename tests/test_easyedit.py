@@ -15,40 +15,7 @@ import torch
 import shift_edit as se
 from shift_edit import easyedit as ee
 from shift_edit.registry import algorithm_names, get_algorithm
-from _tiny import tiny_model
-
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
-         "Lionel Messi plays football for a club.", "Water boils at one hundred degrees."]
-#: values for required fields, and settings that keep every algorithm cheap on a tiny model
-REQUIRED = {"layers": [1], "eta": 5.0, "lr": 0.05, "norm_constraint": 0.05}
-# max_relative_norm None: tiny random weights are small, so these steps exceed the edit guard's default bound
-CHEAP = {"skip_if_predicted": False, "v_num_grad_steps": 3, "context_template_length_params": [[3, 2]],
-         "mom2_n_tokens": 100, "mom2_max_length": 40, "steps": 3, "zstar_cache": False, "max_relative_norm": None}
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(TEXTS) + "\n")
-    return str(path)
-
-
-def tiny_hparams(alg: str, corpus: str, **kw):
-    """Hparams of any registered algorithm for a 3-layer tiny model: required fields from
-    REQUIRED, else from the algorithm's shipped SmolLM2 hparams; cheap settings where they exist."""
-    from shift_edit.cli.edit import shipped_hparams
-
-    cls = get_algorithm(alg).hparams_class
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in {**REQUIRED, **CHEAP, "mom2_corpus": corpus, **kw}.items() if k in fields}
-    missing = [n for n, f in fields.items() if n not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        shipped = se.load_hparams(shipped_hparams(alg, "smollm2-135m"))
-        values.update({n: getattr(shipped, n) for n in missing})
-    return cls(**values)
-
+from _tiny import tiny_hparams, tiny_model
 
 PROMPTS = ["Paris is the capital of", "Messi plays for"]
 TARGETS = ["Rome", "Boston"]
@@ -381,25 +348,3 @@ def test_apply_name_of_an_algorithm_registered_later(monkeypatch):
         se.apply_later_alg_to_model(None, None, [], se.ShiftHyperParams(layers=[1], eta=1.0))
     with pytest.raises(AttributeError):
         se.apply_nothing_registered_to_model  # noqa: B018
-
-
-@pytest.mark.parametrize("alg", algorithm_names())
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_every_algorithm_edits_undoes_and_patches_exactly(alg, arch, byte_tok, corpus, tmp_path):
-    """Registry-wide invariants on two tiny architectures: the edit changes the model, undo is bit-exact,
-    and the saved patch applied to a fresh copy of the base gives the edited weights."""
-    model = tiny_model(arch)
-    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    hp = tiny_hparams(alg, corpus)
-    torch.manual_seed(0)
-    res = se.edit(model, byte_tok, {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}, hp,
-                  force=True)
-    edited = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    assert res.deltas and any(not torch.equal(base[n], edited[n]) for n in base), alg
-    path = res.save_patch(tmp_path / "p.safetensors")
-    res.undo()
-    assert all(torch.equal(base[n], p) for n, p in model.state_dict().items()), alg
-    fresh = tiny_model(arch)
-    se.apply_patch(fresh, path, force=True)
-    for n, p in fresh.state_dict().items():
-        torch.testing.assert_close(p, edited[n], rtol=0, atol=1e-6, msg=f"{alg} {n}")

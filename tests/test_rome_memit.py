@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _tiny import tiny_model
+from _tiny import CORPUS_TEXTS as TEXTS, tiny_model  # conftest's corpus fixture writes these
 
 import shift_edit
 from shift_edit.algorithms import memit as memit_mod
@@ -18,22 +18,7 @@ from shift_edit.hooks import forward_capture
 from shift_edit.requests import make_request
 from shift_edit.covariance import layer_stats
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France.",
-    "Lionel Messi plays football for a club.",
-    "A short line.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-]
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": "Rome"}}
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(TEXTS) + "\n")
-    return str(path)
 
 
 class _Counter:

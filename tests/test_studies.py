@@ -102,7 +102,8 @@ def test_perplexity_matches_a_hand_computation(byte_tok, tmp_path):
         expected.append(math.exp(float(-logp.gather(1, ids[0, 1:, None]).mean())))
     got = wikitext_perplexity(model, byte_tok, lines, batch_size=2)
     assert got == pytest.approx(sum(expected) / 2, rel=1e-4)
-    # a cheap probe stays labelled as what it is in the result files
+    # a truncated probe measures something else, and its protocol text (the label `shift-edit sweep`
+    # writes as ppl_protocol) names the line count and the truncation
     short = wikitext_perplexity(model, byte_tok, lines, max_tokens=8)
     assert short != pytest.approx(got)
     assert "first 10 lines" in protocol_text(10, 64) and "truncated to 64 tokens" in protocol_text(10, 64)

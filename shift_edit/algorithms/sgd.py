@@ -59,4 +59,5 @@ def compute_sgd(model: nn.Module, tok, requests: list[EditRequest], hparams: SGD
     return Computed(deltas, skipped, info)
 
 
-register("SGD", SGDHyperParams, compute_sgd, "one plain gradient step of the target NLL on the chosen MLP matrices")
+register("SGD", SGDHyperParams, compute_sgd, "one plain gradient step of the target NLL on the chosen MLP matrices",
+         linear_step=True)

@@ -128,7 +128,8 @@ def compute_shift(model: nn.Module, tok, requests: list[EditRequest], hparams: S
     return Computed(WeightDelta.merge(deltas), skipped, info)
 
 
-register("SHIFT", ShiftHyperParams, compute_shift, "forward pass shift (Backward Lens): one forward pass, rank one per request")
+register("SHIFT", ShiftHyperParams, compute_shift, "forward pass shift (Backward Lens): one forward pass, rank one per request",
+         linear_step=True, cli_options=("eta_scaling",))
 
 
 def apply_shift_to_model(

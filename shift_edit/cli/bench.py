@@ -140,18 +140,14 @@ def run(args: argparse.Namespace) -> int:
     cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
     hparams = None
     if args.alg != "NONE":
-        from ..editor import load_hparams
         from ..loading import check_model_name
-        from ..resources import shipped_hparams
+        from .alg_hparams import find_hparams
 
         check_model_name(args.model)  # a misspelt alias is one line now, not "no shipped hparams"
 
-        path = args.hparams or shipped_hparams(args.alg, args.model)
-        if path is None:
+        hparams = find_hparams(args.alg, args.model, args.hparams)
+        if hparams is None:
             raise ShiftEditError(f"no shipped hparams for {args.alg} / {args.model}: pass --hparams FILE")
-        hparams = load_hparams(path)
-        if type(hparams).ALG_NAME != args.alg:
-            raise ShiftEditError(f"--hparams {path} is for {type(hparams).ALG_NAME}, not --alg {args.alg}")
     elif args.hparams:
         raise ShiftEditError("--alg NONE takes no --hparams")
     wikitext = args.wikitext or default_wikitext()

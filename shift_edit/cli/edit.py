@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from ..editing import edit
-from ..editor import load_hparams
 from ..errors import ShiftEditError
-from ..outcome import fmt_prob, search_step, step_field
-from ..registry import algorithm_names, get_algorithm
+from ..outcome import fmt_prob, search_step
+from ..registry import algorithm_names, get_algorithm, option_owners
 from ..requests import make_request
 from ..resources import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
 from ..scoring import next_token_topk
+from .alg_hparams import find_hparams
 from .common import (
     add_model_arguments,
     check_model_args,
@@ -29,6 +29,9 @@ NAME = "edit"
 HELP = "edit one fact and print the top-k next tokens before and after"
 #: exit code of an edit that ran but did not make the target the strict top-1 (outputs are still written)
 EXIT_NOT_TOP1 = 3
+#: this command's algorithm-specific options: hparams field -> flag. Which algorithms take each is
+#: registered with the algorithm (``register(..., cli_options=(field, ...))``).
+ALG_OPTIONS = {"eta_scaling": "--eta-scaling"}
 EPILOG = (f"exit codes: 0 the target is now the strict top-1 (every target token the argmax); "
           f"{EXIT_NOT_TOP1} the edit was made and saved but the target is not the top-1 (try --until-top1 "
           f"or a larger --eta); 2 bad input, nothing written.")
@@ -61,16 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _step_field(alg: str) -> str | None:
-    """The hparams field ``--eta`` sets: the hparams class's ``STEP_FIELD`` (SHIFT's eta, the
-    gradient baselines' lr), else None."""
-    return step_field(get_algorithm(alg).hparams_class)
+    """The hparams field ``--eta`` sets (the registry's step field: SHIFT's eta, the gradient
+    baselines' lr), else None."""
+    return get_algorithm(alg).step_field
 
 
-def resolve_hparams(args: argparse.Namespace):
-    from ..loading import check_model_name
-
-    check_model_name(args.model)  # a misspelt alias is one line now, not "no shipped hparams"
-    path = args.hparams or shipped_hparams(args.alg, args.model)
+def _overrides(args: argparse.Namespace) -> dict:
+    """The hparams fields the command line sets; an option the algorithm does not take is an error."""
     overrides = {}
     if args.layer:
         overrides["layers"] = args.layer
@@ -79,16 +79,24 @@ def resolve_hparams(args: argparse.Namespace):
         if field is None:
             raise ShiftEditError(f"--eta does not apply to {args.alg} (it has no single step size); use --hparams FILE")
         overrides[field] = args.eta
-    if args.eta_scaling is not None:
-        if args.alg != "SHIFT":
-            raise ShiftEditError(f"--eta-scaling is a SHIFT option, not {args.alg}'s")
-        overrides["eta_scaling"] = args.eta_scaling
+    for field, flag in ALG_OPTIONS.items():
+        if getattr(args, field) is None:
+            continue
+        if field not in get_algorithm(args.alg).cli_options:
+            raise ShiftEditError(f"{flag} is a {'/'.join(option_owners(field))} option, not {args.alg}'s")
+        overrides[field] = getattr(args, field)
     if args.no_skip:
         overrides["skip_if_predicted"] = False
-    if path is not None:
-        hp = load_hparams(path)
-        if type(hp).ALG_NAME != args.alg and args.hparams:
-            raise ShiftEditError(f"--hparams {path} is for {type(hp).ALG_NAME}, not --alg {args.alg}")
+    return overrides
+
+
+def resolve_hparams(args: argparse.Namespace):
+    from ..loading import check_model_name
+
+    check_model_name(args.model)  # a misspelt alias is one line now, not "no shipped hparams"
+    overrides = _overrides(args)
+    hp = find_hparams(args.alg, args.model, args.hparams)
+    if hp is not None:
         return hp.replace(**overrides) if overrides else hp
     if "layers" not in overrides or _step_field(args.alg) not in overrides:
         raise ShiftEditError(f"no shipped {args.alg} hparams for {args.model!r}: pass --hparams FILE, or --layer and --eta")

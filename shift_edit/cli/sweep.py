@@ -10,13 +10,15 @@ import torch
 
 from ..errors import ShiftEditError
 from ..studies import layer_sweep, min_lr
-from ..studies.common import STEP_FIELD
+from ..registry import linear_step_fields
 from ..data import require_data
 from ..studies.data import load_records
 from ..studies.perplexity import load_wikitext_lines, protocol_text, wikitext_perplexity
 from .common import add_model_arguments, load_from_args
 
 NAME = "sweep"
+#: the default ``--algs`` of the min-lr study (any algorithm registered with ``linear_step`` is accepted)
+DEFAULT_ALGS = "SHIFT,SGD,ADAM"
 HELP = "minimum lr per layer for SHIFT/SGD/ADAM (and ppl there), or the SHIFT layer sweep; resumable"
 
 
@@ -45,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-seed", type=int, default=None, help="seeded random sample instead of the first N records")
     p.add_argument("--case-ids", default=None, help="comma-separated case ids (overrides --n-records)")
     p.add_argument("--layers", default="all", help="'all', '0,5,10' or 'start:stop[:step]'")
-    p.add_argument("--algs", default="SHIFT,SGD,ADAM", help="min-lr: algorithms (SHIFT, SGD, ADAM)")
+    p.add_argument("--algs", default=DEFAULT_ALGS, help="min-lr: algorithms (SHIFT, SGD, ADAM)")
     p.add_argument("--criterion", choices=["first", "strict"], default="first",
                    help="min-lr: target's first token top-1 (default) or every token (strict)")
     p.add_argument("--start", type=float, default=1e-5, help="min-lr: first step tried; the scan goes up by 10x")
@@ -66,9 +68,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     algs = [a.strip() for a in args.algs.split(",")]
-    bad = [a for a in algs if a not in STEP_FIELD]
+    step_fields = linear_step_fields()
+    bad = [a for a in algs if a not in step_fields]
     if args.study == "min-lr" and bad:
-        raise ShiftEditError(f"--algs: {bad} not supported by the min-lr study (SHIFT, SGD, ADAM)")
+        default = [a for a in DEFAULT_ALGS.split(",") if a in step_fields]
+        supported = default + [a for a in step_fields if a not in default]
+        raise ShiftEditError(f"--algs: {bad} not supported by the min-lr study ({', '.join(supported)})")
     if args.ppl_max_tokens < 1 or args.ppl_batch_size < 1 or args.ppl_lines < 1:
         raise ShiftEditError("--ppl-lines, --ppl-max-tokens and --ppl-batch-size must be >= 1")
     if args.study == "layer-sweep" and args.eta_raw is None and args.eta_normalized is None:
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.study == "min-lr":
         meta.update(algs=algs, criterion=args.criterion, rel_tol=args.rel_tol, start=args.start, max_lr=args.max_lr,
-                    step_fields={a: STEP_FIELD[a] for a in algs},
+                    step_fields={a: step_fields[a] for a in algs},
                     note="SHIFT raw eta; SGD/ADAM lr, single step on FF2, first target token, full gradient")
         rows = min_lr.run_min_lr_study(model, tok, records, algs=algs, layers=layers, out_dir=out,
                                        criterion=args.criterion, start=args.start, max_lr=args.max_lr,

@@ -16,22 +16,28 @@ from torch import nn
 from ..deltas import WeightDelta, apply_deltas
 from ..hparams import HyperParams
 from ..io import atomic_write_json
-from ..registry import get_algorithm
+from ..registry import get_algorithm, linear_step_fields
 from ..requests import EditRequest
 
-#: the step-size field of each single-step algorithm the studies scale.
-STEP_FIELD = {"SHIFT": "eta", "SGD": "lr", "ADAM": "lr"}
+
+def __getattr__(name: str) -> Any:
+    """``STEP_FIELD``: ``{alg: step field}`` of the algorithms the studies can scale (registered with
+    ``linear_step=True``), read from the registry when asked for (PEP 562)."""
+    if name == "STEP_FIELD":
+        return linear_step_fields()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def unit_hparams(alg: str, layer: int, **extra: Any) -> HyperParams:
     """Hparams of ``alg`` at one layer with step size 1 and no skipping."""
     cls = get_algorithm(alg).hparams_class
-    return cls(layers=[layer], skip_if_predicted=False, **{STEP_FIELD[alg]: 1.0}, **extra)
+    return cls(layers=[layer], skip_if_predicted=False, **{linear_step_fields()[alg]: 1.0}, **extra)
 
 
 def unit_deltas(model: nn.Module, tok, request: EditRequest, hparams: HyperParams) -> list[WeightDelta]:
-    """The deltas at step size 1. SHIFT, SGD and ADAM (first step) are linear in the step
-    size, so the delta at ``lr`` is ``lr`` times these (checked in the tests)."""
+    """The deltas at step size 1. The algorithms registered with ``linear_step`` (SHIFT, SGD and
+    ADAM's first step) are linear in the step size, so the delta at ``lr`` is ``lr`` times these
+    (checked in the tests)."""
     return get_algorithm(type(hparams).ALG_NAME).compute(model, tok, [request], hparams).deltas
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import easyedit as ee
-from .deltas import EditResult
+from .result import EditResult
 from .editing import edit
 from .errors import ShiftEditError
 from .hparams import HyperParams

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ShiftEditError
+from .io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +105,9 @@ def _cached_alias(alias: str) -> Path:
     log.warning("first use of %s: converting %s to safetensors in %s (once, about 20 s on 2 CPU cores)",
                 alias, gguf.name, folder)
     model, tok = _load_gguf(gguf)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{alias}-"))
-    try:
+    with atomic_dir(folder, replace=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

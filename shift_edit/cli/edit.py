@@ -9,7 +9,8 @@ from pathlib import Path
 from ..editing import edit
 from ..editor import load_hparams
 from ..errors import ShiftEditError
-from ..outcome import fmt_prob, search_step, step_field
+from ..outcome import fmt_prob, step_field
+from ..step_search import search_step
 from ..registry import algorithm_names, get_algorithm
 from ..requests import make_request
 from ..resources import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported

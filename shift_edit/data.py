@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import ShiftEditError
 from .io import file_sha256
+from .loading import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ def env_data_dir() -> Path | None:
 
 def user_data_dir() -> Path:
     """The user cache folder for data: ``<shift_edit cache>/data``."""
-    from .loading import cache_dir
-
     return cache_dir() / "data"
 
 

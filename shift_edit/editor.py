@@ -32,13 +32,15 @@ import torch
 from torch import nn
 
 from . import easyedit as ee
-from .result import EditResult
 from .editing import edit
 from .errors import ShiftEditError
-from .hparams import HyperParams
+from .hparams import HyperParams, read_yaml
+from .io import atomic_write_text
+from .loading import load_model
 from .memory import EditMemory
-from .registry import algorithm_for_hparams
+from .registry import algorithm_for_hparams, get_algorithm
 from .requests import make_request
+from .result import EditResult
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ class BaseEditor:
         if hparams is None:
             raise ShiftEditError("hparams is None")
         if model is None:
-            from .loading import load_model
-
             name = getattr(hparams, "model_name", "")
             if not name:
                 raise ShiftEditError("hparams.model_name is empty: pass model= and tok= or set model_name")
@@ -216,8 +216,6 @@ class BaseEditor:
         else:
             all_metrics = [{"pre": self._quality(r, test_generation)} for r in requests]
             if kwargs.get("pre_file") is not None:
-                from .io import atomic_write_text
-
                 atomic_write_text(Path(kwargs["pre_file"]), json.dumps(all_metrics, indent=4))
         weights: dict[str, torch.Tensor] = {}
         for i, r in enumerate(requests):
@@ -293,9 +291,6 @@ class BaseEditor:
 def load_hparams(path: str | Path) -> HyperParams:
     """Load any algorithm's hparams file; the class is chosen by its ``alg_name``. Reads our
     YAML, EasyEdit's YAML and (with ``alg_name`` in it) ROME/MEMIT-style JSON."""
-    from .hparams import read_yaml
-    from .registry import get_algorithm
-
     p = Path(path)
     if p.suffix == ".json":
         try:

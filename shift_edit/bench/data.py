@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import DATA_FILES, require_data
 from ..errors import ShiftEditError
-from ..io import file_sha256  # noqa: F401 - re-exported: callers import it from here
+from ..io import atomic_write_json, file_sha256
+from ..loading import cache_dir
 from ..requests import EditRequest, make_request, with_leading_space
 
 log = logging.getLogger(__name__)
@@ -258,8 +260,6 @@ def download_counterfact(
     Needs internet. The default cache is ``<shift_edit cache>/data``. A cached file with the
     right checksum is reused; a wrong checksum is an error and the bad download is removed.
     """
-    from ..loading import cache_dir
-
     folder = Path(cache) if cache is not None else cache_dir() / "data"
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / "counterfact.json"
@@ -290,9 +290,6 @@ def fetch_hub_counterfact(spec: str, cache: str | Path | None = None) -> Path:
     writes its rows once, atomically, as ``<shift_edit cache>/data/hf/<NAME>-<SPLIT>.json``,
     which is then read like any local CounterFact file (sha256 recorded in ``params.json``).
     """
-    from ..io import atomic_write_json
-    from ..loading import cache_dir
-
     name, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
     name, split = name or DEFAULT_HUB_DATASET, split or "train"
     folder = Path(cache) if cache is not None else cache_dir() / "data" / "hf"
@@ -322,8 +319,6 @@ def resolve_data(spec: str) -> Path:
         return download_counterfact()
     if spec.startswith(HUB_PREFIX):
         return fetch_hub_counterfact(spec)
-    from ..data import DATA_FILES, require_data
-
     if spec in DATA_FILES and not Path(spec).exists():
         return require_data(spec)
     return Path(spec)

@@ -132,6 +132,16 @@ def find_data(name: str, explicit: str | Path | None = None) -> Path | None:
     return None
 
 
+def find_file(relpath: str | Path) -> Path | None:
+    """The file ``relpath`` in the first data folder (:func:`search_dirs`) holding it, or None: for
+    files of a data folder that are not a named data set (``counterfact-easyedit-edit.json``)."""
+    for root in search_dirs():
+        p = root / relpath
+        if p.is_file():
+            return p
+    return None
+
+
 def require_data(name: str, explicit: str | Path | None = None) -> Path:
     """Like :func:`find_data`, but a missing file is an error saying how to get it."""
     p = find_data(name, explicit)

@@ -162,3 +162,32 @@ def test_modules_take_the_version_from_the_version_module():
     importers = sorted({m for m, targets in edges.items() if "shift_edit" in targets}
                        | {m for m, _, t in local if t == "shift_edit" and not _pending(m, t)})
     assert importers == [], "import __version__ from shift_edit._version, not the package"
+
+
+def test_a_missing_optional_dependency_is_one_line_naming_its_extra(monkeypatch, capsys):
+    from shift_edit import cli
+    from shift_edit.cli import models
+
+    def needs_matplotlib(args):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(models, "run", needs_matplotlib)
+    assert cli.main(["models"]) == 2
+    assert "pip install 'shift_edit[plot]'" in capsys.readouterr().err
+
+    def needs_something_else(args):
+        raise ModuleNotFoundError("No module named 'nope'", name="nope")
+
+    monkeypatch.setattr(models, "run", needs_something_else)
+    assert cli.main(["models"]) == 1  # not an extra: an internal error, as before
+    assert "internal error" in capsys.readouterr().err
+
+
+def test_find_file_looks_in_the_data_folders(monkeypatch, tmp_path):
+    from shift_edit.data import find_file
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.json").write_text("[]")
+    monkeypatch.setenv("SHIFT_EDIT_DATA", str(tmp_path))
+    assert find_file("sub/x.json") == tmp_path / "sub" / "x.json"
+    assert find_file("sub/missing.json") is None

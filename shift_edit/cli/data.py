@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+
 from ..data import DATA_FILES, fetch_data, find_data, require_data, search_dirs
 from ..errors import ShiftEditError
 

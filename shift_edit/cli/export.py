@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+
 from ..bench.export import FORMATS, export_run
 
 NAME = "export"

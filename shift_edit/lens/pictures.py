@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 from pathlib import Path
+
 from ..io import atomic_write_bytes
 
 SUBJECT_COLOR = "#d95f02"

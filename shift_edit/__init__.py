@@ -10,10 +10,11 @@ Public API::
     result.undo()
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .architectures import ARCHITECTURES, ModelAdapter, supported_model_types
-from .deltas import EditResult, WeightDelta
+from .deltas import WeightDelta
+from .result import EditResult
 from .editing import apply_algo_to_model, edit, restore_weights
 from .memory import EditMemory
 from .errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError

@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import weakref
 from collections import OrderedDict

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import ShiftEditError
 from .io import file_sha256
+from .loading import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ def env_data_dir() -> Path | None:
 
 def user_data_dir() -> Path:
     """The user cache folder for data: ``<shift_edit cache>/data``."""
-    from .loading import cache_dir
-
     return cache_dir() / "data"
 
 
@@ -130,6 +129,16 @@ def find_data(name: str, explicit: str | Path | None = None) -> Path | None:
             p = root / rel
             if p.is_file():
                 return p
+    return None
+
+
+def find_file(relpath: str | Path) -> Path | None:
+    """The file ``relpath`` in the first data folder (:func:`search_dirs`) holding it, or None: for
+    files of a data folder that are not a named data set (``counterfact-easyedit-edit.json``)."""
+    for root in search_dirs():
+        p = root / relpath
+        if p.is_file():
+            return p
     return None
 
 

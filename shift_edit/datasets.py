@@ -13,12 +13,12 @@ The training collators of EasyEdit's meta-learning methods are not provided.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import ShiftEditError
+from .records import read_json_records
 
 
 class _JsonDataset:
@@ -27,11 +27,9 @@ class _JsonDataset:
     def __init__(self, data_dir: str | Path, size: int | None = None, config: Any = None, *args: Any, **kwargs: Any) -> None:
         path = Path(data_dir)
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ShiftEditError(f"{type(self).__name__}: cannot read {path}: {exc}") from None
-        if not isinstance(raw, list):
-            raise ShiftEditError(f"{type(self).__name__}: {path} is not a JSON list of records")
+            raw = read_json_records(path)
+        except ShiftEditError as exc:
+            raise ShiftEditError(f"{type(self).__name__}: {exc}") from None
         self.path = path
         self.config = config
         data = []

@@ -1,28 +1,27 @@
-"""Weight deltas and the edit result: apply in place, undo bit-exactly, report, save.
+"""Weight deltas: apply in place, restore bit-exactly.
 
 A :class:`WeightDelta` is the change to one weight matrix, kept in the canonical
 ``[out, in]`` orientation either as low-rank factors (``left @ right``) or dense.
 :func:`apply_deltas` adds deltas to the model's parameters in place (the
 ``nn.Parameter`` objects are never replaced, so tied weights and optimiser
 references survive) after saving the original tensors, which
-:meth:`EditResult.undo` copies back: undo is bit-exact, not a subtraction.
+:func:`restore_weights` copies back (:meth:`~shift_edit.result.EditResult.undo`): undo is
+bit-exact, not a subtraction. The edit result itself lives in :mod:`shift_edit.result`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .architectures import Layout, to_param_layout
 from .errors import ShiftEditError
-from .hparams import HyperParams
+from .guard import check_relative_norm
 from .io import tensor_hash
-from .requests import EditRequest
 
 
 @dataclass
@@ -96,131 +95,6 @@ class WeightDelta:
         return out
 
 
-@dataclass
-class EditResult:
-    """What an edit did to a model, with exact undo.
-
-    Attributes:
-        model: the edited model (weights changed in place).
-        algorithm: registry name of the algorithm.
-        hparams: the hparams used.
-        requests: the requests, normalised.
-        deltas: the applied deltas (empty if every request was skipped).
-        orig_weights: parameter name -> the tensor before this edit (CPU clone).
-        base_hashes: parameter name -> sha256 of the weight before this edit.
-        skipped: per request, whether it was skipped (target already predicted).
-        info: per-request algorithm details (e.g. ||x_n||, eta used).
-        tok: the tokenizer the edit was made with (set by :func:`~shift_edit.editing.edit`);
-            needed by :meth:`outcome`.
-    """
-
-    model: nn.Module
-    algorithm: str
-    hparams: HyperParams
-    requests: list[EditRequest]
-    deltas: list[WeightDelta]
-    orig_weights: dict[str, torch.Tensor]
-    base_hashes: Mapping[str, str]
-    skipped: list[bool]
-    info: list[dict[str, Any]] = field(default_factory=list)
-    undone: bool = False
-    tok: Any = field(default=None, repr=False, compare=False)
-    _outcome: Any = field(default=None, init=False, repr=False, compare=False)
-
-    def outcome(self, tok: Any = None) -> list:
-        """Per request: strict top-1 (every target token the argmax) and ``P(target)`` before
-        and after, as :class:`~shift_edit.outcome.EditOutcome` (measured once, then cached).
-
-        Raises:
-            ShiftEditError: no tokenizer is known, or the edit was undone.
-        """
-        if self._outcome is None:
-            from .errors import ShiftEditError
-            from .outcome import edit_outcome
-
-            tok = tok if tok is not None else self.tok
-            if tok is None:
-                raise ShiftEditError("EditResult.outcome needs the tokenizer: outcome(tok)")
-            self._outcome = edit_outcome(self, tok)
-        return self._outcome
-
-    def undo(self) -> None:
-        """Restore every weight this edit changed, bit for bit, in place."""
-        if self.undone:
-            return
-        with torch.no_grad():
-            for name, orig in self.orig_weights.items():
-                self.model.get_parameter(name).copy_(orig)
-        self.undone = True
-
-    def summary(self, *, outcome: bool = True) -> list[dict[str, Any]]:
-        """One row per changed matrix: layer, module, rank, delta norm, relative norm, and the
-        requests that were skipped (already predicted; they contribute nothing). An edit whose
-        requests were all skipped changed no matrix: see :attr:`skipped`.
-
-        With ``outcome`` (default) and a known tokenizer, the returned list also carries
-        ``.outcome``: one dict per request with ``top1_before``/``top1_after`` (strict: every
-        target token the argmax) and ``prob_before``/``prob_after`` (P(target)); see
-        :meth:`outcome`. Its ``str()`` is a readable report of both."""
-        params = dict(self.model.named_parameters())
-        rows = EditSummary()
-        for d in self.deltas:
-            norm = d.norm()
-            base = float(self.orig_weights[d.param].float().norm())
-            rows.append(
-                {
-                    "layer": d.layer,
-                    "module": d.module,
-                    "rank": d.rank,
-                    "delta_norm": norm,
-                    "relative_norm": norm / base if base else float("inf"),
-                    "dtype": str(params[d.param].dtype).replace("torch.", ""),
-                    "skipped_requests": [i for i, sk in enumerate(self.skipped) if sk],
-                }
-            )
-        if outcome and (self.tok is not None or self._outcome is not None) and not self.undone:
-            rows.outcome = [o.to_dict() for o in self.outcome()]
-        return rows
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description (no tensors)."""
-        return {
-            "algorithm": self.algorithm,
-            "hparams": self.hparams.to_dict(),
-            "requests": [r.to_dict() for r in self.requests],
-            "skipped": self.skipped,
-            "changes": list(self.summary(outcome=False)),
-            "info": self.info,
-        }
-
-    def save_patch(self, path: str | Path) -> Path:
-        """Write the edit as a small patch file (see :mod:`shift_edit.patch`)."""
-        from .patch import save_patch
-
-        return save_patch(self, path)
-
-
-class EditSummary(list):
-    """:meth:`EditResult.summary`: the per-matrix rows (a list) plus ``outcome``, one dict per
-    request (strict top-1 and P(target) before/after), or None when not measured."""
-
-    outcome: list[dict[str, Any]] | None = None
-
-    def __str__(self) -> str:
-        from .outcome import fmt_prob
-
-        lines = []
-        for o in self.outcome or []:
-            yn = {True: "yes", False: "no"}
-            lines.append(f"target {o['target']!r}: strict top-1 {yn[o['top1_before']]} -> {yn[o['top1_after']]}, "
-                         f"P(target) {fmt_prob(o['prob_before'])} -> {fmt_prob(o['prob_after'])}")
-        for r in self:
-            rank = "dense" if r["rank"] is None else f"rank {r['rank']}"
-            lines.append(f"{r['module']} (layer {r['layer']}): {rank}, |delta| {r['delta_norm']:.4g}, "
-                         f"relative {r['relative_norm']:.3g}")
-        return "\n".join(lines)
-
-
 class LazyHashes(Mapping[str, str]):
     """``{parameter name: sha256}`` of the original weights, each hashed on first read.
 
@@ -273,8 +147,6 @@ def apply_deltas(
         ShiftEditError: a delta is not finite, too large (``EditRefusedError``) or does not
             fit its weight; nothing is changed.
     """
-    from .guard import check_relative_norm
-
     prepared = []
     for d in WeightDelta.merge(deltas):
         try:
@@ -300,3 +172,44 @@ def apply_deltas(
         for _name, p, new in prepared:
             p.copy_(new)
     return orig, hashes
+
+
+def restore_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (``{param name: tensor}``, e.g. ROME's ``orig_weights``) into ``model``,
+    in place: the Parameter objects stay the same, so tied weights and optimisers keep working.
+    Every name and shape is checked before any weight is touched.
+
+    Raises:
+        ShiftEditError: a name the model does not have, or a tensor of another shape.
+    """
+    params, missing = {}, []
+    for name in weights:
+        try:
+            params[name] = model.get_parameter(name)  # a direct lookup (tied names too), no walk
+        except AttributeError:
+            missing.append(name)
+    if missing:
+        raise ShiftEditError(f"orig_weights names parameters this model does not have: {sorted(missing)[:3]}")
+    for name, orig in weights.items():  # check all before copying any
+        if not isinstance(orig, torch.Tensor) or tuple(orig.shape) != tuple(params[name].shape):
+            got = tuple(orig.shape) if isinstance(orig, torch.Tensor) else type(orig).__name__
+            raise ShiftEditError(
+                f"orig_weights[{name!r}] has shape {got}, the model's parameter {tuple(params[name].shape)}: "
+                "these are not this model's original weights"
+            )
+    with torch.no_grad():
+        for name, orig in weights.items():
+            params[name].copy_(orig)
+
+
+@contextlib.contextmanager
+def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``weights`` copied into the model for the block; the tensors there before are copied back
+    afterwards (bit-exactly, also on an error)."""
+    with torch.no_grad():
+        saved = {name: model.get_parameter(name).detach().clone() for name in weights}
+    try:
+        restore_weights(model, weights)
+        yield
+    finally:
+        restore_weights(model, saved)

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bench.generation import generate_topk, ngram_entropy
 from .errors import ShiftEditError
+from .requests import encode_prompt, encode_target, with_leading_space
 from .scoring import pad_id_of, score_token_continuations
 
 EASYEDIT_COMMIT = "14cea8245f06715684592ab55184939b99d70784"
@@ -144,8 +146,6 @@ def locality_meta(key: str) -> dict[str, str]:
 
 def fluency(model: nn.Module, tok, prompts: Sequence[str], *, seed: int = 0) -> dict[str, float]:
     """EasyEdit's ``test_generation_quality``: n-gram entropy of a top-k (5) sample of 100 tokens."""
-    from .bench.generation import generate_topk, ngram_entropy
-
     return {"ngram_entropy": ngram_entropy(generate_topk(model, tok, list(prompts), max_length=100, top_k=5, seed=seed))}
 
 
@@ -239,8 +239,6 @@ OUR_FAMILIES = {
 @torch.no_grad()
 def our_families(model: nn.Module, tok, request: Mapping[str, Any]) -> dict[str, Any]:
     """Strict top-1 and ROME's comparison for the rewrite (and rephrase) prompt, our conventions."""
-    from .requests import encode_prompt, encode_target, with_leading_space
-
     prompts = {"rewrite": request["prompt"]}
     if request.get("rephrase_prompt") is not None:
         prompts["rephrase"] = request["rephrase_prompt"]

@@ -1,4 +1,7 @@
-"""The generic edit: any registered algorithm, one request format, one result type."""
+"""The generic edit: any registered algorithm, one request format, one result type.
+
+:func:`restore_weights` (ROME's undo from ``orig_weights``) is :func:`shift_edit.deltas.restore_weights`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .deltas import EditResult, apply_deltas
+from .deltas import apply_deltas, restore_weights
 from .errors import ShiftEditError
 from .guard import DEFAULT_MAX_RELATIVE_NORM, check_context, outputs_finite, refuse_non_finite
 from .hparams import HyperParams
 from .memory import EditMemory
 from .registry import algorithm_for_hparams
 from .requests import EditRequest, make_requests
+from .resources import hparams_model_mismatch
+from .result import EditResult
 
 RequestLike = Mapping[str, Any] | EditRequest
 
@@ -62,8 +67,6 @@ def edit(
         else:
             computed = alg.compute(model, tok, reqs, hparams)
     except ShiftEditError as exc:
-        from .resources import hparams_model_mismatch
-
         note = hparams_model_mismatch(hparams, model)
         if note and note not in str(exc):  # e.g. "layer 35 is out of range" with gpt2-xl hparams on SmolLM2
             raise ShiftEditError(f"{exc} ({note}: pass hparams for this model)") from exc
@@ -93,9 +96,7 @@ def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch
     ``orig`` bit-exactly and raise :class:`~shift_edit.guard.EditRefusedError`."""
     if outputs_finite(model, tok, texts):
         return
-    with torch.no_grad():
-        for name, w in orig.items():
-            model.get_parameter(name).copy_(w)
+    restore_weights(model, orig)
     raise refuse_non_finite(texts)
 
 
@@ -116,22 +117,3 @@ def apply_algo_to_model(
         model = _copy.deepcopy(model)
     result = edit(model, tok, requests, hparams)
     return model, (dict(result.orig_weights) if return_orig_weights else {})
-
-
-def restore_weights(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``orig_weights`` (ROME's ``{param name: original tensor}``) back into ``model``, in
-    place: the Parameter objects stay the same, so tied weights and optimisers keep working."""
-    params = dict(model.named_parameters())
-    missing = sorted(set(orig_weights) - set(params))
-    if missing:
-        raise ShiftEditError(f"orig_weights names parameters this model does not have: {missing[:3]}")
-    for name, orig in orig_weights.items():  # check all before copying any
-        if not isinstance(orig, torch.Tensor) or tuple(orig.shape) != tuple(params[name].shape):
-            got = tuple(orig.shape) if isinstance(orig, torch.Tensor) else type(orig).__name__
-            raise ShiftEditError(
-                f"orig_weights[{name!r}] has shape {got}, the model's parameter {tuple(params[name].shape)}: "
-                "these are not this model's original weights"
-            )
-    with torch.no_grad():
-        for name, orig in orig_weights.items():
-            params[name].copy_(orig)

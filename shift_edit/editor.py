@@ -32,13 +32,15 @@ import torch
 from torch import nn
 
 from . import easyedit as ee
-from .deltas import EditResult
+from . import loading
 from .editing import edit
 from .errors import ShiftEditError
 from .hparams import HyperParams
+from .io import atomic_write_text
 from .memory import EditMemory
 from .registry import algorithm_for_hparams, load_hparams  # noqa: F401 - load_hparams re-exported
 from .requests import make_request
+from .result import EditResult
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,10 @@ class BaseEditor:
         if hparams is None:
             raise ShiftEditError("hparams is None")
         if model is None:
-            from .loading import load_model
-
             name = getattr(hparams, "model_name", "")
             if not name:
                 raise ShiftEditError("hparams.model_name is empty: pass model= and tok= or set model_name")
-            model, tok = load_model(name)
+            model, tok = loading.load_model(name)  # looked up at call time: tests substitute it
         if tok is None:
             raise ShiftEditError("a model was given without its tokenizer (tok=)")
         self.hparams = hparams
@@ -216,8 +216,6 @@ class BaseEditor:
         else:
             all_metrics = [{"pre": self._quality(r, test_generation)} for r in requests]
             if kwargs.get("pre_file") is not None:
-                from .io import atomic_write_text
-
                 atomic_write_text(Path(kwargs["pre_file"]), json.dumps(all_metrics, indent=4))
         weights: dict[str, torch.Tensor] = {}
         for i, r in enumerate(requests):

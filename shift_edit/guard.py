@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .errors import ShiftEditError
+from .requests import encode_prompt
+from .scoring import pad_batch, pad_id_of
 
 #: Default bound on ||ΔW||_F / ||W||_F per matrix; see eval/robustness/README.md for the
 #: relative norms the shipped hparams produce (at most about 0.06, MEMIT batches of 10 included).
@@ -50,9 +52,6 @@ def check_relative_norm(param: str, update: torch.Tensor, weight: torch.Tensor, 
 @torch.no_grad()
 def outputs_finite(model: nn.Module, tok, texts: Sequence[str], *, batch_size: int = 16) -> bool:
     """Whether every logit of every (real, unpadded) position of ``texts`` is finite."""
-    from .requests import encode_prompt
-    from .scoring import pad_batch, pad_id_of
-
     device = next(model.parameters()).device
     seqs = [ids for ids in (encode_prompt(tok, t) for t in dict.fromkeys(texts)) if ids]
     for b in range(0, len(seqs), batch_size):
@@ -92,8 +91,6 @@ def check_context(model: nn.Module, tok, requests: Sequence) -> None:
     limit = context_length(model)
     if limit is None:
         return
-    from .requests import encode_prompt
-
     for r in requests:
         n = len(encode_prompt(tok, r.text + r.target_new))
         if n > limit:

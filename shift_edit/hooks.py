@@ -1,5 +1,9 @@
 """Forward hooks we own: register, record the handles, remove exactly those.
 
+:func:`owned_hooks` is the one way hooks are registered in this package: a context manager
+whose :class:`OwnedHooks` registers hooks, keeps their handles and removes exactly those when
+the block ends (also on an error); hooks it did not add are never touched.
+
 :func:`capture_inputs` records the input of named modules during one forward
 pass. With ``stop_after`` the forward pass is cut short right after that module
 ran, since nothing later is needed (the forward pass shift only needs FF2's input).
@@ -8,11 +12,61 @@ ran, since nothing later is needed (the forward pass shift only needs FF2's inpu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .scoring import head_only_at
+
+
+class OwnedHooks:
+    """The hooks registered through this object (see :func:`owned_hooks`)."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> RemovableHandle:
+        """Own a handle registered elsewhere: it is removed with the others."""
+        self._handles.append(handle)
+        return handle
+
+    def forward_hook(self, module: nn.Module, hook: Callable, **kwargs) -> RemovableHandle:
+        """``module.register_forward_hook(hook, **kwargs)``, owned."""
+        return self.add(module.register_forward_hook(hook, **kwargs))
+
+    def forward_pre_hook(self, module: nn.Module, hook: Callable, **kwargs) -> RemovableHandle:
+        """``module.register_forward_pre_hook(hook, **kwargs)``, owned."""
+        return self.add(module.register_forward_pre_hook(hook, **kwargs))
+
+    def remove(self, handle: RemovableHandle) -> None:
+        """Remove one owned hook now."""
+        self._handles.remove(handle)
+        handle.remove()
+
+    def remove_all(self) -> None:
+        """Remove every owned hook, in the order they were added."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def owned_hooks() -> Iterator[OwnedHooks]:
+    """Register hooks for the duration of a block::
+
+        with owned_hooks() as hooks:
+            hooks.forward_hook(module, fn)
+            model(...)
+
+    Every hook added through ``hooks`` is removed when the block ends, also on an error."""
+    hooks = OwnedHooks()
+    try:
+        yield hooks
+    finally:
+        hooks.remove_all()
 
 
 class StopForward(Exception):
@@ -48,7 +102,6 @@ def capture_inputs(
         A :class:`Captured` filled in as the forward pass runs.
     """
     captured = Captured()
-    handles = []
 
     def make_hook(name: str):
         def hook(_module, args):
@@ -59,16 +112,13 @@ def capture_inputs(
 
         return hook
 
-    try:
+    with owned_hooks() as hooks:
         for name in names:
-            handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
+            hooks.forward_pre_hook(model.get_submodule(name), make_hook(name))
         try:
             yield captured
         except StopForward:
             pass
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def forward_capture(
@@ -90,8 +140,6 @@ def forward_capture(
         ``head_positions``, one ``[len(head_positions[row]), vocab]`` tensor per row (the
         head runs only there) -- or ``None`` when the pass was stopped early at ``stop_after``.
     """
-    from .scoring import head_only_at
-
     logits = None
     head = head_only_at(model, tuple(input_ids.shape), head_positions) if head_positions is not None else None
     with torch.no_grad(), head if head is not None else contextlib.nullcontext() as gather:

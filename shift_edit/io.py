@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._version import __version__
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -47,6 +53,55 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """JSON with sorted keys and a trailing newline, written atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, *, replace: bool = False, share: bool = False) -> Iterator[Path]:
+    """Fill a folder all or nothing: yields an empty hidden sibling of ``dest`` to write into;
+    when the block ends without an error it is renamed onto ``dest``, otherwise it is removed
+    and ``dest`` is untouched.
+
+    Args:
+        dest: the folder to create; it may exist as an empty folder.
+        replace: an existing non-empty ``dest`` is moved aside and deleted once the new folder
+            is in place (without it, a non-empty ``dest`` is an ``OSError`` at the rename).
+        share: give the folder and its files the usual permissions (``mkdtemp`` makes private ones).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    old = None
+    try:
+        yield tmp
+        if share:
+            mask = _umask()
+            os.chmod(tmp, 0o777 & ~mask)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o666 & ~mask)
+        if replace and dest.exists() and any(dest.iterdir()):
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
+            os.replace(dest, old)
+        os.replace(tmp, dest)  # onto an absent or empty folder: atomic on POSIX
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | Path) -> Iterator[Path]:
+    """Like :func:`atomic_dir` for one file: yields a hidden sibling path (an empty file) to
+    write; renamed onto ``dest`` when the block succeeds, removed otherwise."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -153,10 +208,6 @@ def git_info() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of the packages that determine results."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__
-
     out = {"shift_edit": __version__, "python": platform.python_version()}
     for pkg in ("torch", "transformers", "numpy", "nltk", "peft"):
         try:

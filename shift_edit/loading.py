@@ -9,18 +9,22 @@ loads take about a second.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
-import shutil
-import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from platformdirs import user_cache_dir
 from torch import nn
 
 from .errors import ShiftEditError
+from .io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,6 @@ def cache_dir() -> Path:
     env = os.environ.get("SHIFT_EDIT_CACHE")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
     return Path(user_cache_dir("shift_edit"))
 
 
@@ -106,16 +108,9 @@ def _cached_alias(alias: str) -> Path:
     log.warning("first use of %s: converting %s to safetensors in %s (once, about 20 s on 2 CPU cores)",
                 alias, gguf.name, folder)
     model, tok = _load_gguf(gguf)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{alias}-"))
-    try:
+    with atomic_dir(folder, replace=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -139,8 +134,6 @@ def check_model_name(name: str, *, probe_hub: bool = False, timeout: float = 10.
     Raises:
         ShiftEditError: the name cannot be loaded; the message says what it could be.
     """
-    import difflib
-
     if name in ALIASES or name.endswith(".gguf") or Path(name).expanduser().exists():
         return
     kinds = f"an alias ({', '.join(ALIASES)}), a .gguf file, a local folder or a hub id"
@@ -161,8 +154,6 @@ def check_model_name(name: str, *, probe_hub: bool = False, timeout: float = 10.
 
 def _in_hub_cache(name: str) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except Exception:  # invalid repo id syntax and the like: not cached
         return False
@@ -170,9 +161,6 @@ def _in_hub_cache(name: str) -> bool:
 
 def _probe_hub(name: str, kinds: str, timeout: float) -> None:
     """One request for ``<name>/config.json`` on the hub: 404 or no connection end it at once."""
-    import urllib.error
-    import urllib.request
-
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     req = urllib.request.Request(f"{endpoint}/{name}/resolve/main/config.json", method="HEAD")
     try:

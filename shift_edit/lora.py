@@ -31,20 +31,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .deltas import EditResult, WeightDelta
+from .deltas import WeightDelta
 from .errors import ShiftEditError
-from .io import atomic_write_json, content_sha256
+from .io import atomic_dir, atomic_write_json, content_sha256
+from .loading import ALIASES, alias_gguf_path, cache_dir
+from .patch_file import CHECKSUM_KEY, deltas_from_tensors, patch_metadata, read_patch, verify_checksum
+from .result import EditResult
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,6 @@ def lora_config_dict(
 
 def _source(edit: EditResult | str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
     if isinstance(edit, EditResult):
-        from .patch import patch_metadata
-
         if edit.undone:
             raise ShiftEditError("this edit was undone; there is nothing to export")
         return patch_metadata(edit), WeightDelta.merge(edit.deltas)
@@ -159,8 +158,6 @@ def _source(edit: EditResult | str | Path) -> tuple[dict[str, Any], list[WeightD
     if path.is_dir():
         meta, deltas = read_lora(path)
         return meta, deltas
-    from .patch import read_patch
-
     meta, deltas = read_patch(path)
     return meta, WeightDelta.merge(deltas)
 
@@ -174,8 +171,6 @@ def resolvable_base(name: str) -> dict[str, str]:
     machine; the GGUF file, its wheel and the alias are recorded beside it. A local folder
     becomes its absolute path.
     """
-    from .loading import ALIASES, alias_gguf_path, cache_dir
-
     if name in ALIASES:
         out = {"kind": "alias", "alias": name, "description": ALIASES[name].description, "wheel": ALIASES[name].wheel}
         try:
@@ -267,30 +262,13 @@ def export_lora(
 
 
 def _write_dir(out_dir: Path, tensors, config, side, overwrite: bool) -> None:
-    """Fill a temporary sibling folder, then rename it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    old = None
-    try:
-        from .patch import CHECKSUM_KEY
-
+    """Fill a temporary sibling folder, then rename it into place (an adapter is for sharing:
+    the usual permissions, not ``mkdtemp``'s private ones)."""
+    with atomic_dir(out_dir, replace=True, share=True) as tmp:
         checksum = content_sha256(tensors, [_canonical(config), _canonical(side)])
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", CHECKSUM_KEY: checksum})
         atomic_write_json(tmp / CONFIG_NAME, config)
         atomic_write_json(tmp / META_NAME, side)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp/mkstemp make private files; an adapter is for sharing
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out_dir.exists() and any(out_dir.iterdir()):
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)  # onto an absent or empty folder: atomic on POSIX
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _canonical(obj: Any) -> str:
@@ -320,10 +298,6 @@ def read_lora(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
             f"{path} is a PEFT adapter without {META_NAME}: it was not exported by shift_edit, so there "
             "are no base-weight hashes to check; load it with peft.PeftModel.from_pretrained instead"
         )
-    from safetensors import safe_open
-
-    from .patch import CHECKSUM_KEY, deltas_from_tensors, verify_checksum
-
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
         meta = json.loads((path / META_NAME).read_text())

@@ -19,214 +19,51 @@ Base check (``base_check``): ``"model"`` (default, strict) refuses a model whose
 fingerprint differs from the base's, e.g. one with another edit in any layer;
 ``"matrices"`` only compares the matrices the patch changes, so patches of different
 layers can be stacked. Version-1 patches carry no model fingerprint: only ``"matrices"``.
-:func:`revert_patch` restores the saved originals bit for bit.
+:func:`revert_patch` restores the saved originals bit for bit. The file format itself
+(writing, reading, checksums, the base check) is :mod:`shift_edit.patch_file`; its names are
+importable from here too.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import weakref
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
-
-from safetensors.torch import load_file, save as st_save
 from torch import nn
 
-from .deltas import EditResult, WeightDelta, apply_deltas
-from .errors import PatchMismatchError, ShiftEditError
+from .deltas import WeightDelta, apply_deltas
+from .editing import check_outputs
+from .errors import ShiftEditError
 from .guard import DEFAULT_MAX_RELATIVE_NORM
-from .io import atomic_write_bytes, content_sha256, model_fingerprint, tensor_hash
+from .lora import read_lora
+from .patch_file import (  # noqa: F401  (the format's names, importable from here as before)
+    BASE_CHECKS,
+    CHECKSUM_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    BaseCheck,
+    PatchChecksumError,
+    check_base,
+    deltas_from_tensors,
+    patch_metadata,
+    read_patch,
+    save_patch,
+    verify_checksum,
+)
 from .registry import get_algorithm
 from .requests import make_request
-
-FORMAT = "shift_edit.patch"
-FORMAT_VERSION = 2  # 2: content checksum and whole-model base fingerprint
-CHECKSUM_KEY = "shift_edit_sha256"
-_KINDS = ("left", "right", "dense")
-
-BaseCheck = Literal["model", "matrices"]
-BASE_CHECKS = ("model", "matrices")
-
-log = logging.getLogger(__name__)
-
-
-class PatchChecksumError(ShiftEditError):
-    """A patch or adapter whose content does not match the checksum it carries."""
+from .result import EditResult
 
 # model -> {patch key: EditResult}, for revert_patch(model, path)
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, dict[str, EditResult]]" = weakref.WeakKeyDictionary()
 
 
-def _model_name(model: nn.Module) -> str:
-    return getattr(model, "_shift_edit_name", None) or getattr(model.config, "_name_or_path", "") or ""
-
-
-def patch_metadata(result: EditResult) -> dict[str, Any]:
-    """The JSON metadata stored with a patch."""
-    from . import __version__
-
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "shift_edit_version": __version__,
-        "algorithm": result.algorithm,
-        "hparams": result.hparams.to_dict(),
-        "requests": [r.to_dict() for r in result.requests],
-        "skipped": result.skipped,
-        "model": {"name_or_path": _model_name(result.model),
-                  "model_type": getattr(result.model.config, "model_type", "")},
-        "base_fingerprint": model_fingerprint(result.model, overrides=result.orig_weights),
-        "modules": {
-            d.module: {
-                "param": d.param,
-                "layout": d.layout,
-                "layer": d.layer,
-                "rank": d.rank,
-                "base_sha256": result.base_hashes[d.param],
-            }
-            for d in result.deltas
-        },
-    }
-
-
-def save_patch(result: EditResult, path: str | Path) -> Path:
-    """Write ``result`` as a patch file (atomically). Returns the path written."""
-    path = Path(path)
-    if result.undone:
-        raise ShiftEditError("this edit was undone; there is nothing to save")
-    tensors = {}
-    for d in result.deltas:
-        if d.dense is None:
-            tensors[f"{d.module}.left"] = d.left.float().contiguous().clone()  # factors may share storage
-            tensors[f"{d.module}.right"] = d.right.float().contiguous().clone()
-        else:
-            tensors[f"{d.module}.dense"] = d.dense.float().contiguous().clone()
-    text = json.dumps(patch_metadata(result), sort_keys=True)
-    meta = {"shift_edit": text, CHECKSUM_KEY: content_sha256(tensors, [text])}
-    atomic_write_bytes(path, st_save(tensors, metadata=meta))
-    return path
-
-
-def read_patch(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
-    """Read a patch file: ``(metadata, deltas)``; a clear error if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShiftEditError(f"patch file not found: {path}")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types on a damaged header  # noqa: BLE001
-        raise ShiftEditError(f"{path} is not a readable safetensors patch ({type(exc).__name__}: {exc})") from None
-    raw = header.get("shift_edit")
-    if raw is None:
-        raise ShiftEditError(f"{path} is a safetensors file but not a shift_edit patch (no metadata)")
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ShiftEditError(f"{path}: the patch metadata is not valid JSON ({exc})") from None
-    version = meta.get("format_version", 0) if isinstance(meta, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ShiftEditError(f"{path}: unsupported patch format {got} (version {version})")
-    verify_checksum(str(path), header.get(CHECKSUM_KEY), tensors, [raw], version >= 2)
-    return meta, deltas_from_tensors(meta, tensors, str(path), "patch")
-
-
-def verify_checksum(source: str, stored: str | None, tensors: dict[str, torch.Tensor], texts: list[str], required: bool) -> None:
-    """Compare the content checksum with the stored one; refuse a mismatch (or a missing one when required)."""
-    if stored is None:
-        if required:
-            raise PatchChecksumError(f"{source}: the checksum is missing, so its content cannot be verified; nothing was applied")
-        log.warning("%s has no checksum (written by shift_edit before checksums); its content cannot be verified", source)
-        return
-    if content_sha256(tensors, texts) != stored:
-        raise PatchChecksumError(
-            f"{source}: checksum mismatch: the file is corrupted or was modified after it was written; nothing was applied"
-        )
-
-
-def deltas_from_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str, what: str,
-                        factors: dict[str, dict[str, torch.Tensor]] | None = None) -> list[WeightDelta]:
-    """Build checked deltas from metadata and tensors (``factors``: module -> {kind: tensor} if given)."""
-    deltas = []
-    try:
-        modules = meta["modules"]
-        if not isinstance(modules, dict) or not modules:
-            raise ValueError("no modules")
-        for module, m in modules.items():
-            parts = factors[module] if factors is not None else {k: tensors.get(f"{module}.{k}") for k in _KINDS}
-            if m["layout"] not in ("out_in", "in_out"):
-                raise ValueError(f"layout {m['layout']!r}")
-            for kind, t in parts.items():
-                if t is not None and (t.dim() != 2 or not t.is_floating_point()):
-                    raise ValueError(f"{module}.{kind} is {t.dim()}-d {t.dtype}, expected a 2-d float matrix")
-            left, right, dense = parts.get("left"), parts.get("right"), parts.get("dense")
-            if left is not None and right is not None and left.shape[1] != right.shape[0]:
-                raise ValueError(f"{module}: factors {tuple(left.shape)} and {tuple(right.shape)} do not multiply")
-            layer = m.get("layer")
-            if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
-                raise ValueError(f"layer {layer!r}")
-            deltas.append(WeightDelta(module, m["layout"], left, right, dense, layer))
-            if m.get("param", deltas[-1].param) != deltas[-1].param:
-                raise ValueError(f"param {m.get('param')!r} is not {module}.weight")
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ShiftEditError(f"{source}: the {what} metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
-    return deltas
-
-
 def read_edit(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
     """Read a patch file, or a PEFT adapter folder written by :func:`shift_edit.lora.export_lora`."""
     if Path(path).is_dir():
-        from .lora import read_lora
-
         return read_lora(path)
     return read_patch(path)
-
-
-def check_base(model: nn.Module, meta: dict[str, Any], source: str, base_check: BaseCheck = "model") -> None:
-    """Refuse a model whose weights differ from the ones the patch was made against.
-
-    ``base_check="model"``: the whole model's fingerprint must equal the base's (and every
-    changed matrix its hash); ``"matrices"``: only the changed matrices are compared.
-    """
-    if base_check not in BASE_CHECKS:
-        raise ShiftEditError(f"base_check must be one of {BASE_CHECKS}, got {base_check!r}")
-    model_info = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-    made_for = model_info.get("name_or_path") or model_info.get("model_type") or "?"
-    params = dict(model.named_parameters())
-    try:
-        wanted = [(m["param"], m["base_sha256"]) for m in meta["modules"].values()]
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ShiftEditError(f"{source}: the metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
-    for name, _ in wanted:
-        if not isinstance(name, str) or name not in params:
-            raise PatchMismatchError(f"{source} edits {name}, which this model does not have (patch made for {made_for})")
-    if base_check == "model":
-        want = meta.get("base_fingerprint")
-        if want is None:
-            raise PatchMismatchError(
-                f"{source} carries no whole-model base fingerprint (an old patch): apply it with "
-                "base_check='matrices' (--base-check matrices), which compares only the matrices it changes"
-            )
-        if model_fingerprint(model) != want:
-            raise PatchMismatchError(
-                f"{source} was made for other base weights: this model's fingerprint differs from the base's "
-                f"(patch made for {made_for!r}; another edit applied, another dtype or model?); load the "
-                "unedited base model, or pass base_check='matrices' (--base-check matrices) to compare only "
-                "the matrices the patch changes"
-            )
-    for name, sha in wanted:
-        if tensor_hash(params[name]) != sha:
-            raise PatchMismatchError(
-                f"{source} was made for other base weights: {name} does not match its hash "
-                f"(patch made for {made_for!r}); load that model, unedited"
-            )
 
 
 def apply_patch(
@@ -264,8 +101,6 @@ def apply_patch(
     bound = None if force else getattr(hparams, "max_relative_norm", DEFAULT_MAX_RELATIVE_NORM)
     orig, hashes = apply_deltas(model, deltas, max_relative_norm=bound)
     if tok is not None and not force and requests:
-        from .editing import check_outputs
-
         check_outputs(model, tok, [r.text for r in requests], orig)
     result = EditResult(
         model=model,

@@ -26,7 +26,6 @@ import torch
 from .deltas import WeightDelta
 from .errors import ShiftEditError
 from .hparams import HyperParams, read_yaml
-from .requests import EditRequest
 from .resources import shipped_hparams as _shipped_hparams
 
 

@@ -13,7 +13,8 @@ from _tiny import byte_tokenizer, tiny_model
 
 import shift_edit as se
 from shift_edit.cli import main as cli_main
-from shift_edit.deltas import EditResult, WeightDelta, apply_deltas
+from shift_edit.deltas import WeightDelta, apply_deltas
+from shift_edit.result import EditResult
 from shift_edit.lora import CONFIG_NAME, META_NAME, WEIGHTS_NAME, read_lora
 
 peft = pytest.importorskip("peft")

@@ -15,7 +15,8 @@ import shift_edit as se
 from shift_edit import data as sdata
 from shift_edit.cli import main
 from shift_edit.errors import ShiftEditError
-from shift_edit.outcome import search_step, step_field
+from shift_edit.outcome import step_field
+from shift_edit.step_search import search_step
 from shift_edit.requests import make_request, with_leading_space
 from shift_edit.resources import hparams_model_mismatch, model_stem, shipped_hparams, shipped_hparams_index
 

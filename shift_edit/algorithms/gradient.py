@@ -23,6 +23,7 @@ from torch import nn
 
 from ..architectures import Layout, from_param_layout
 from ..deltas import WeightDelta
+from ..hooks import owned_hooks
 from ..requests import EditRequest
 from ..scoring import pad_batch, pad_id_of
 from .common import EditHyperParams, adapter_for, already_predicted, tokenize_requests
@@ -126,12 +127,10 @@ def gradient_only_at(modules: Sequence[nn.Module], keep: torch.Tensor) -> Iterat
         k = keep.reshape(*out.shape[:-1], 1).to(out.dtype)
         return out.detach() + k * (out - out.detach())
 
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
+    with owned_hooks() as hooks:
+        for m in modules:
+            hooks.forward_hook(m, hook)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def target_nll(

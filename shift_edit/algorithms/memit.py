@@ -31,6 +31,7 @@ from torch import nn
 
 from ..deltas import WeightDelta
 from ..errors import ShiftEditError
+from ..hooks import owned_hooks
 from ..io import atomic_write_bytes, model_fingerprint, torch_bytes
 from ..loading import cache_dir
 from ..registry import Computed, register
@@ -103,11 +104,9 @@ def _keys_and_residual(model, tok, adapter, layer: int, z_layer: int, reqs, temp
             idxs.append(idx)
     ids, mask = pad_batch(seqs, pad_id_of(tok), device)
     cap: dict[str, torch.Tensor] = {}
-    h = adapter.module(name).register_forward_pre_hook(lambda _m, a: cap.__setitem__("x", a[0].detach()))
-    try:
+    with owned_hooks() as hooks:
+        hooks.forward_pre_hook(adapter.module(name), lambda _m, a: cap.__setitem__("x", a[0].detach()))
         res = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
-    finally:
-        h.remove()
     x = cap["x"].view(len(seqs), ids.shape[1], -1)
     rows = torch.arange(len(seqs), device=device)
     pos = torch.tensor(idxs, device=device)

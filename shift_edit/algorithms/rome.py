@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import from_param_layout
+from ..architectures import from_param_layout, weight_layout
 from ..deltas import WeightDelta
 from ..errors import ShiftEditError
+from ..hooks import OwnedHooks
 from ..registry import Computed, register
 from ..requests import EditRequest, encode_target
 from ..resume import BlockRecorder
@@ -315,10 +316,11 @@ def optimise_delta(
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
-    handle = module.register_forward_hook(hook)
+    hooks = OwnedHooks()
+    handle = hooks.forward_hook(module, hook)
     try:
         with torch.no_grad():
-            h2 = module.register_forward_hook(capture)
+            h2 = hooks.forward_hook(module, capture)
             try:
                 recorder = BlockRecorder(adapter, layer)
                 with recorder.batch():
@@ -326,7 +328,7 @@ def optimise_delta(
                                 output_hidden_states=(ref == "residual"))
                 resume = recorder.resume_at(layer)
             finally:
-                h2.remove()
+                hooks.remove(h2)
             kl_init = torch.log_softmax(res.logits[n_rw, kl_idx].float(), -1)
             x_in = captured["in"].view(len(seqs), ids.shape[1], -1)
             x_out = captured["out"].view(len(seqs), ids.shape[1], -1)
@@ -336,11 +338,11 @@ def optimise_delta(
             else:
                 refv = res.hidden_states[layer + 1][0, idxs[0]].float()
         if through_u is not None:
-            handle.remove()
+            hooks.remove(handle)
             k_star = keys.mean(0)
             u = through_u(k_star).float().to(device)
             hook = _AddThrough(u, 1.0 / float(u @ lambda_key_vector(keys, lambda_key)))
-            handle = module.register_forward_hook(hook)
+            hooks.forward_hook(module, hook)
         delta = torch.zeros(refv.shape[0], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norm = hp.clamp_norm_factor * refv.norm()
@@ -373,7 +375,7 @@ def optimise_delta(
                 if n > max_norm:
                     delta.mul_(max_norm / n)
     finally:
-        handle.remove()
+        hooks.remove_all()
         for p in params:
             p.requires_grad_(True)
     return DeltaResult(delta.detach().float(), refv, keys, steps, losses)
@@ -385,8 +387,6 @@ def canonical_weight(module: nn.Module) -> torch.Tensor:
 
 
 def adapter_layout(module: nn.Module):
-    from ..architectures import weight_layout
-
     return weight_layout(module)
 
 

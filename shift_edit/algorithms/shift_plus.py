@@ -44,7 +44,7 @@ from torch import nn
 
 from ..deltas import WeightDelta
 from ..editing import apply_algo_to_model
-from ..hooks import capture_inputs
+from ..hooks import capture_inputs, owned_hooks
 from ..memory import EditMemory
 from ..registry import Computed, register
 from ..requests import EditRequest, encode_prompt, encode_target
@@ -285,11 +285,9 @@ def _added_output(module: nn.Module, left: torch.Tensor, right: torch.Tensor, sc
         add = (x.to(right.dtype) @ right.T) @ left.T  # [batch, seq, d_out]
         return output + (scales.view(-1, *([1] * (add.dim() - 1))) * add).to(output.dtype)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with owned_hooks() as hooks:
+        hooks.forward_hook(module, hook)
         yield
-    finally:
-        handle.remove()
 
 
 def _margins(logits: torch.Tensor, positions: list[list[int]], target: list[int], rows: list[int]) -> torch.Tensor:

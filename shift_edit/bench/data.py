@@ -7,18 +7,19 @@ of ROME's *generation* prompts rather than a paraphrase, so it is kept under its
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import DATA_FILES, require_data
 from ..errors import ShiftEditError
-from ..io import file_sha256  # noqa: F401 - re-exported: callers import it from here
+from ..io import atomic_write_json, file_sha256
+from ..loading import cache_dir
+from ..records import read_json_records
 from ..requests import EditRequest, make_request, with_leading_space
 
 log = logging.getLogger(__name__)
@@ -152,26 +153,13 @@ def load_counterfact(
     Raises:
         ShiftEditError: missing, truncated or malformed file; a bad record (named); bad selection.
     """
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise ShiftEditError(f"data file {path} does not exist")
     if limit is not None and limit < 1:
         raise ShiftEditError(f"--limit must be >= 1, got {limit}")
     if start < 0:
         raise ShiftEditError(f"--start must be >= 0, got {start}")
-    try:
-        text = p.read_text(encoding="utf-8")
-        data = json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise ShiftEditError(f"data file {path} is not UTF-8 text: {exc}") from None
-    except json.JSONDecodeError as exc:
-        where = _bad_record(text)
-        raise ShiftEditError(f"data file {path} is not valid JSON (truncated or malformed): "
-                             f"{where + '; ' if where else ''}{exc}") from None
-    if isinstance(data, Mapping) and "data" in data:
-        data = data["data"]
-    if not isinstance(data, list):
-        raise ShiftEditError(f"data file {path}: expected a JSON list of records, got {type(data).__name__}")
+    data = read_json_records(path, unwrap="data")
     cases = [parse_case(rec, i) for i, rec in enumerate(data)]
     seen: set = set()
     for c in cases:
@@ -190,35 +178,6 @@ def load_counterfact(
     if not cases:
         raise ShiftEditError(f"no records selected from {path}")
     return cases
-
-
-_WS = re.compile(r"\s*")
-
-
-def _bad_record(text: str) -> str:
-    """In a JSON list of records that does not parse, which record breaks it (``""`` if the
-    damage is outside the list's elements)."""
-    dec = json.JSONDecoder()
-    pos = _WS.match(text, 0).end()
-    if not text.startswith("[", pos):
-        return ""
-    pos, index, last_id = pos + 1, 0, None
-    while True:
-        pos = _WS.match(text, pos).end()
-        if text.startswith("]", pos):
-            return ""
-        try:
-            rec, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            after = f" (the one after case_id {last_id!r})" if last_id is not None else ""
-            return f"record #{index}{after} is truncated or malformed"
-        last_id = rec.get("case_id") if isinstance(rec, dict) else None
-        index += 1
-        pos = _WS.match(text, pos).end()
-        if text.startswith(",", pos):
-            pos += 1
-        elif not text.startswith("]", pos):
-            return f"after record #{index - 1} (case_id {last_id!r}) the list is cut off or malformed"
 
 
 def _norm_id(x: int | str) -> str:
@@ -258,8 +217,6 @@ def download_counterfact(
     Needs internet. The default cache is ``<shift_edit cache>/data``. A cached file with the
     right checksum is reused; a wrong checksum is an error and the bad download is removed.
     """
-    from ..loading import cache_dir
-
     folder = Path(cache) if cache is not None else cache_dir() / "data"
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / "counterfact.json"
@@ -290,9 +247,6 @@ def fetch_hub_counterfact(spec: str, cache: str | Path | None = None) -> Path:
     writes its rows once, atomically, as ``<shift_edit cache>/data/hf/<NAME>-<SPLIT>.json``,
     which is then read like any local CounterFact file (sha256 recorded in ``params.json``).
     """
-    from ..io import atomic_write_json
-    from ..loading import cache_dir
-
     name, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
     name, split = name or DEFAULT_HUB_DATASET, split or "train"
     folder = Path(cache) if cache is not None else cache_dir() / "data" / "hf"
@@ -322,8 +276,6 @@ def resolve_data(spec: str) -> Path:
         return download_counterfact()
     if spec.startswith(HUB_PREFIX):
         return fetch_hub_counterfact(spec)
-    from ..data import DATA_FILES, require_data
-
     if spec in DATA_FILES and not Path(spec).exists():
         return require_data(spec)
     return Path(spec)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShiftEditError
-from .summarize import harmonic_mean, stats, summarize_run
+from .summarize import harmonic_mean, read_cases, stats, summarize_run
 
 ROME_FAMILY = "read from ROME/MEMIT case files: ES/PS/NS from post.*_prompts_probs (mean token NLLs), top-1 from *_prompts_correct"
 EASYEDIT_FAMILY = "EasyEdit token accuracy (post.rewrite_acc etc. of an EasyEdit metrics list)"
@@ -176,8 +176,6 @@ def expand_paths(paths: list[str]) -> list[str]:
 
 def case_ids_any(path: str | Path) -> set[str]:
     """The finished record ids of any readable result (for ``--common``)."""
-    from .summarize import read_cases
-
     kind = kind_of(path)
     if kind == "ours":
         return {str(c["case_id"]) for c in read_cases(path)}

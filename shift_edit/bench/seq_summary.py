@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShiftEditError
+from .summarize import _hparams_tag
 
 #: curve columns: (column, where in a checkpoint, metric name)
 CURVE_METRICS = ("efficacy_top1", "ES", "paraphrase_top1", "PS", "rephrase_top1", "RS", "neighborhood_top1", "NS")
@@ -39,8 +40,6 @@ def _load(run_dir: Path) -> tuple[dict, dict]:
 def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
     """Two table rows of a sequential run at its last measured checkpoint: the edited model, and the
     unedited model on the same records. Labels carry T (edits made) and B."""
-    from .summarize import _hparams_tag
-
     run_dir = Path(run_dir)
     params, summary = _load(run_dir)
     match = params["match"]

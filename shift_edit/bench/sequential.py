@@ -43,6 +43,8 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..algorithms.rome import context_templates
+from ..deltas import restore_weights
 from ..editing import edit
 from ..errors import ShiftEditError
 from ..guard import EditRefusedError
@@ -56,6 +58,7 @@ from ..requests import encode_prompt, encode_target
 from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
 from .metrics import _targets, case_prompts, metrics_from_scores
 from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
+from .summarize import stats
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +167,6 @@ def _record_values(m: dict[str, Any]) -> dict[str, float]:
 
 
 def _means(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    from .summarize import stats
-
     out = {}
     for name, _ in RECORD_METRICS:
         vals = [r[name] * 100.0 for r in rows if name in r]
@@ -182,8 +183,6 @@ def _prime(model: nn.Module, tok, hparams: HyperParams) -> None:
         layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                     max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype)
     if hasattr(hparams, "context_template_length_params"):
-        from ..algorithms.rome import context_templates
-
         context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
 
 
@@ -247,9 +246,7 @@ def _load_state(state_dir: Path, model: nn.Module, base_fp: str
     tag = saved["tag"]
     weights = load_file(str(state_dir / f"weights_{tag}.safetensors"))
     originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
-    with torch.no_grad():
-        for name, value in weights.items():
-            model.get_parameter(name).copy_(value)
+    restore_weights(model, weights)
     memory = EditMemory.load(state_dir / f"memory_{tag}.safetensors")
     return _State.from_json(saved["state"]), memory, originals
 
@@ -302,14 +299,10 @@ def _score(model, tok, items: Sequence[_Pairs], batch_size: int, records_per_pla
     return out
 
 
-@torch.no_grad()
 def _swap(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy ``values`` into the named parameters in place; returns what was there."""
-    before = {}
-    for name, v in values.items():
-        p = model.get_parameter(name)
-        before[name] = p.detach().clone()
-        p.copy_(v.to(p.device, p.dtype))
+    before = {name: model.get_parameter(name).detach().clone() for name in values}
+    restore_weights(model, values)
     return before
 
 

@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from ..errors import ShiftEditError
 from . import apply_patch, bench, data, edit, export, export_lora, lens, lens_stats, models, stats, summarize, sweep
 
+#: optional dependency -> the extra (pyproject.toml) that installs it
+EXTRAS = {"matplotlib": "plot", "datasets": "hub", "accelerate": "hub", "peft": "peft"}
+
 COMMANDS = (edit, apply_patch, export_lora, models, bench, summarize, export, sweep, stats, lens, lens_stats, data)
 
 
@@ -65,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug  # noqa: BLE001
         if args.debug:
             raise
+        extra = EXTRAS.get((exc.name or "").split(".")[0]) if isinstance(exc, ModuleNotFoundError) else None
+        if extra is not None:  # an optional dependency (an extra of pyproject.toml) is not installed: bad setup
+            print(f"shift-edit: error: this needs {exc.name.split('.')[0]}, which is not installed: "
+                  f"pip install 'shift_edit[{extra}]'", file=sys.stderr)
+            return 2
         print(f"shift-edit: internal error (a bug, please report it; --debug shows the traceback): "
               f"{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1

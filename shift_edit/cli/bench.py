@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_data
+from ..bench.wikitext import PerplexityProtocol
+from ..bench.runner import BenchConfig, run_bench, shard_env
+from ..bench.sequential import SequentialConfig, order_cases, run_sequential
+from ..data import find_data
 from ..errors import ShiftEditError
+from ..loading import check_model_name
 from ..registry import algorithm_names
+from ..resources import hparams_model_mismatch
+from .alg_hparams import find_hparams
+from .common import add_model_arguments, check_model_args, check_out_root, load_from_args
 
 NAME = "bench"
 HELP = "run the CounterFact benchmark (resumable; shards under accelerate launch)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .common import add_model_arguments
-
     add_model_arguments(p)
     p.add_argument("--alg", required=True, choices=[*algorithm_names(), "NONE"], help="algorithm, or NONE for the unedited model")
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
@@ -78,11 +88,6 @@ def _parse_eval_at(text: str | None) -> list[int]:
 
 def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext) -> int:
     """``bench --sequential``: checks everything before the model is loaded, then runs."""
-    from ..bench.data import file_sha256
-    from ..bench.wikitext import PerplexityProtocol
-    from ..bench.sequential import SequentialConfig, order_cases, run_sequential
-    from .common import load_from_args
-
     if args.alg == "NONE":
         raise ShiftEditError("--sequential needs an editing --alg (the unedited reference is measured in the run)")
     if args.num_edits != 1:
@@ -92,8 +97,6 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
     if args.ppl_lines < 0:
         raise ShiftEditError(f"--ppl-lines must be >= 0, got {args.ppl_lines}")
     if args.ppl_lines and wikitext is None:
-        import importlib.util
-
         if importlib.util.find_spec("datasets") is None:
             raise ShiftEditError("perplexity needs --wikitext FILE or the datasets package (or --ppl-lines 0)")
     cfg = SequentialConfig(alg=args.alg, hparams=hparams, total=args.sequential, batch_edits=args.batch_edits,
@@ -113,18 +116,11 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
 
 def default_wikitext() -> str | None:
     """The local WikiText-2 test file by :mod:`shift_edit.data`'s order, or None."""
-    from ..data import find_data
-
     p = find_data("wikitext")
     return str(p) if p is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_data
-    from ..bench.wikitext import PerplexityProtocol
-    from ..bench.runner import BenchConfig, run_bench, shard_env
-    from .common import load_from_args
-
     for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0),
                         ("--procs", args.procs, 1), ("--num-edits", args.num_edits, 1),
                         ("--gen-records", args.gen_records, 1), ("--gen-every", args.gen_every, 1)):
@@ -132,19 +128,13 @@ def run(args: argparse.Namespace) -> int:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
         raise ShiftEditError("--data is required (a CounterFact JSON file, or 'download')")
-    from .common import check_model_args, check_out_root
-
     check_out_root(args.out, "--out")
     check_model_args(args)
     data = resolve_data(args.data)
     cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
     hparams = None
     if args.alg != "NONE":
-        from ..loading import check_model_name
-        from .alg_hparams import find_hparams
-
         check_model_name(args.model)  # a misspelt alias is one line now, not "no shipped hparams"
-
         hparams = find_hparams(args.alg, args.model, args.hparams)
         if hparams is None:
             raise ShiftEditError(f"no shipped hparams for {args.alg} / {args.model}: pass --hparams FILE")
@@ -156,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_edits != 1 or args.eval_at or args.shuffle_seed is not None:
         raise ShiftEditError("--batch-edits, --eval-at and --shuffle-seed need --sequential T")
     if args.ppl_every and wikitext is None:
-        import importlib.util
-
         if importlib.util.find_spec("datasets") is None:
             raise ShiftEditError("--ppl-every needs --wikitext FILE or the datasets package")
     if args.wikitext is not None and not Path(args.wikitext).is_file():
@@ -174,12 +162,9 @@ def run(args: argparse.Namespace) -> int:
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     model, tok = load_from_args(args)
     if hparams is not None:
-        from ..resources import hparams_model_mismatch
 
         note = hparams_model_mismatch(hparams, model)
         if note and rank == 0:
-            import sys
-
             print(f"warning: {note}; results may not match the tuned protocol", file=sys.stderr)
     run_dir = run_bench(model, tok, cases, cfg, args.out,
                         data_info={"path": str(data), "sha256": file_sha256(data), "n_selected": len(cases),
@@ -192,9 +177,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(argv: list[str], procs: int) -> int:
     """Re-run this command as ``procs`` shard processes (RANK/WORLD_SIZE), cores split evenly."""
-    import subprocess
-    import sys
-
     threads = max(1, (os.cpu_count() or procs) // procs)
     env = {**os.environ, "WORLD_SIZE": str(procs), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     children = [subprocess.Popen([sys.executable, "-m", "shift_edit", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})

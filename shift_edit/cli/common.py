@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import pickle
 import tempfile
 from pathlib import Path
 
 from ..errors import ShiftEditError
-from ..loading import ALIASES, check_device, load_model
+from ..io import atomic_dir
+from ..loading import ALIASES, check_device, load_model, resolve_dtype
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,15 +21,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_model_args(args: argparse.Namespace) -> None:
     """Check --dtype and --device before anything is loaded."""
-    from ..loading import resolve_dtype
-
     resolve_dtype(args.dtype)
     check_device(args.device)
 
 
 def load_from_args(args: argparse.Namespace):
-    import pickle
-
     check_model_args(args)
     try:
         return load_model(args.model, dtype=args.dtype, device=args.device)
@@ -108,17 +105,11 @@ def check_top_k(top_k: int, model) -> None:
 
 
 def save_model_atomically(model, tok, folder: Path) -> None:
-    """save_pretrained into a temporary sibling folder, then move it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    """save_pretrained into a temporary sibling folder, then move it into place (``folder``
+    absent or empty)."""
+    with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def format_topk(rows: list[tuple[str, float]]) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..data import DATA_FILES, fetch_data, find_data, require_data, search_dirs
+from ..errors import ShiftEditError
+
 NAME = "data"
 HELP = "list data sets and where they are found; fetch the public ones (counterfact, wikitext)"
 EPILOG = ("A data set is found, in order: the path given on the command line, $SHIFT_EDIT_DATA (a folder), "
@@ -12,8 +15,6 @@ EPILOG = ("A data set is found, in order: the path given on the command line, $S
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..data import DATA_FILES
-
     p.add_argument("action", choices=["list", "fetch", "where"], help="list: every data set and where it was found; "
                    "fetch NAME: download it; where NAME: print its path (exit 2 if missing)")
     p.add_argument("name", nargs="?", choices=list(DATA_FILES), help="the data set (for fetch / where)")
@@ -23,9 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DATA_FILES, fetch_data, find_data, require_data, search_dirs
-    from ..errors import ShiftEditError
-
     if args.action == "list":
         print("searched: " + ", ".join(str(d) for d in search_dirs()))
         for name, spec in DATA_FILES.items():

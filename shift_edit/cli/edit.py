@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from pathlib import Path
 
 from ..editing import edit
 from ..errors import ShiftEditError
-from ..outcome import fmt_prob, search_step
+from ..io import atomic_dir, atomic_file
+from ..loading import check_model_name
+from ..lora import export_lora
+from ..outcome import fmt_prob
 from ..registry import algorithm_names, get_algorithm, option_owners
 from ..requests import make_request
 from ..resources import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
 from ..scoring import next_token_topk
+from ..step_search import search_step
 from .alg_hparams import find_hparams
 from .common import (
     add_model_arguments,
@@ -22,8 +26,8 @@ from .common import (
     check_top_k,
     format_topk,
     load_from_args,
-    save_model_atomically,
 )
+from .export_lora import describe
 
 NAME = "edit"
 HELP = "edit one fact and print the top-k next tokens before and after"
@@ -91,8 +95,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def resolve_hparams(args: argparse.Namespace):
-    from ..loading import check_model_name
-
     check_model_name(args.model)  # a misspelt alias is one line now, not "no shipped hparams"
     overrides = _overrides(args)
     hp = find_hparams(args.alg, args.model, args.hparams)
@@ -158,44 +160,22 @@ def _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir) -> 
     """Write the requested outputs all or nothing: each goes to a hidden sibling first, and
     they are moved into place only when every one was written (a refused LoRA export of a
     dense delta, say, leaves no patch file behind)."""
-    import os
-    import shutil
-    import tempfile
-
-    staged: list[tuple[Path, Path]] = []
     lines: list[str] = []
-    try:
+    with contextlib.ExitStack() as staged:  # on leaving: all moved into place, or all removed
         if patch_path is not None:
-            patch_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=patch_path.parent, prefix=f".{patch_path.name}.", suffix=".tmp")
-            os.close(fd)
+            tmp = staged.enter_context(atomic_file(patch_path))
             result.save_patch(tmp)
-            staged.append((Path(tmp), patch_path))
-            lines.append(f"patch written: {patch_path} ({Path(tmp).stat().st_size} bytes)")
+            lines.append(f"patch written: {patch_path} ({tmp.stat().st_size} bytes)")
         if lora_dir is not None:
             if all(result.skipped):
                 lines.append("no LoRA adapter written: the edit changed nothing")
             else:
-                from ..lora import export_lora
-                from .export_lora import describe
-
-                lora_dir.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(dir=lora_dir.parent, prefix=f".{lora_dir.name}.", suffix=".tmp"))
-                staged.append((tmp, lora_dir))
+                tmp = staged.enter_context(atomic_dir(lora_dir))  # checked absent or empty before the edit
                 lines.append(describe(export_lora(result, tmp, rank=args.lora_rank, overwrite=True)).replace(str(tmp), str(lora_dir)))
         if save_dir is not None:
-            save_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.", suffix=".tmp"))
-            staged.append((tmp, save_dir))
-            save_model_atomically(model, tok, tmp)  # fills the empty staging folder
+            tmp = staged.enter_context(atomic_dir(save_dir))
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
             lines.append(f"model written: {save_dir}")
-        for tmp, final in staged:
-            if final.is_dir():
-                final.rmdir()  # checked empty before the edit
-            os.replace(tmp, final)
-        staged.clear()
-    finally:
-        for tmp, _final in staged:
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     for line in lines:
         print(line)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench.export import FORMATS, export_run
+
 NAME = "export"
 HELP = "write a bench run dir as ROME/MEMIT case files or an EasyEdit result JSON (their summarize scripts read it)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..bench.export import FORMATS
-
     p.add_argument("run_dir", help="a results/<ALG>/run_<NNN> folder")
     p.add_argument("--format", required=True, choices=FORMATS, help="rome: case_<id>.json; memit: "
                    "<n>_edits-case_<id>.json with *_prompts_correct; easyedit: results.json (values strict top-1, labelled)")
@@ -18,8 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.export import export_run
-
     files = export_run(args.run_dir, args.out, args.format)
     print(f"written: {len(files)} file(s) in {args.out} ({args.format} format)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ShiftEditError
 from ..lora import LoraExport, export_lora
 from .common import check_new_dir
 
@@ -34,8 +35,6 @@ def describe(export: LoraExport) -> str:
 def run(args: argparse.Namespace) -> int:
     out = check_new_dir(args.out_dir, "DIR")
     if args.rank is not None and args.rank < 1:
-        from ..errors import ShiftEditError
-
         raise ShiftEditError(f"--rank must be >= 1, got {args.rank}")
     print(describe(export_lora(args.patch, out, rank=args.rank, base_model_name_or_path=args.base_model)))
     return 0

@@ -6,8 +6,22 @@ import argparse
 import csv
 import io
 
+from ..architectures import ModelAdapter
 from ..errors import ShiftEditError
 from ..io import atomic_write_json, atomic_write_text, provenance
+from ..lens import (
+    LogitLens,
+    capture_gradients,
+    check_decomposition,
+    gradient_neurons,
+    lens_grid,
+    plot_grid,
+    rank_table,
+    target_ranks,
+    token_segments,
+)
+from ..lens.logit_lens import decode_token
+from ..lens.pictures import plot_neurons, plot_ranks, plot_target_ranks
 from ..requests import make_request
 from .common import add_model_arguments, check_new_dir, load_from_args
 
@@ -45,13 +59,6 @@ def _rows_csv(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..architectures import ModelAdapter
-    from ..lens import (
-        LogitLens, capture_gradients, check_decomposition, gradient_neurons, lens_grid, plot_grid, rank_table,
-        target_ranks, token_segments,
-    )
-    from ..lens.logit_lens import decode_token
-
     if args.top_k < 1:
         raise ShiftEditError(f"--top-k must be >= 1, got {args.top_k}")
     if args.neurons < 1:
@@ -85,11 +92,8 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "neurons.csv", _rows_csv(neurons["neurons"]))
     atomic_write_text(out / "neuron_groups.csv", _rows_csv(neurons["groups"]))
     atomic_write_text(out / "ranks.csv", _rows_csv(ranks))
-    from ..lens.logit_lens import decode_token as _dt
-    from ..lens.pictures import plot_neurons, plot_ranks, plot_target_ranks
-
     plot_ranks(ranks, out / "ranks.png")
-    plot_target_ranks(tr, out / "target_ranks.png", target=_dt(tok, cap.target_id), original=_dt(tok, cap.original_id))
+    plot_target_ranks(tr, out / "target_ranks.png", target=decode_token(tok, cap.target_id), original=decode_token(tok, cap.original_id))
     plot_neurons(neurons, out / "neurons.png", target=request.target_new)
     atomic_write_text(out / "target_ranks.csv", _rows_csv(
         [{"variant": v, **row} for v, rows in tr.items() for row in rows]))

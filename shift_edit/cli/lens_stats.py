@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import ShiftEditError
 from ..io import atomic_write_json, atomic_write_text, provenance
+from ..lens.stats import aggregate_csv, lens_stats, plot_stats
 from ..requests import make_request
 from .common import add_model_arguments, check_new_dir, load_from_args
 
@@ -38,8 +39,6 @@ def load_records(path: str, limit: int) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..lens.stats import aggregate_csv, lens_stats, plot_stats
-
     if args.limit < 1:
         raise ShiftEditError(f"--limit must be >= 1, got {args.limit}")
     out = check_new_dir(args.out, "--out")

@@ -7,6 +7,7 @@ import argparse
 from ..architectures import ARCHITECTURES
 from ..loading import ALIASES
 from ..registry import algorithm_names, get_algorithm
+from ..resources import shipped_hparams_index
 
 NAME = "models"
 HELP = "list model aliases, supported architectures and registered algorithms"
@@ -25,8 +26,6 @@ def run(args: argparse.Namespace) -> int:
     for model_type, spec in sorted(ARCHITECTURES.items()):
         print(f"  {model_type:<12} {spec.ff2:<40} {spec.family}")
     print("  other types: pass ff2_template / ff1_templates / final_norm in the hparams")
-    from ..resources import shipped_hparams_index
-
     shipped = shipped_hparams_index()
     print("\nAlgorithms (shipped hparams: --model names that need no --hparams):")
     for name in algorithm_names():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..algorithms.common import adapter_for
 from ..architectures import ModelAdapter
+from ..editor import load_hparams
 from ..errors import ShiftEditError
 from ..covariance import layer_stats
 from .common import add_model_arguments, load_from_args
@@ -32,8 +34,6 @@ def _settings(args: argparse.Namespace) -> dict:
     """Layers and statistics settings: the flags, else the hparams file's, else the defaults."""
     base = {"layers": None, "corpus": None, "n_tokens": 100_000, "max_length": 256, "dtype": "float32"}
     if args.hparams:
-        from ..editor import load_hparams
-
         hp = load_hparams(args.hparams)
         if not hasattr(hp, "mom2_n_tokens"):
             raise ShiftEditError(f"--hparams {args.hparams}: {type(hp).ALG_NAME} uses no covariance statistics")
@@ -52,9 +52,6 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_from_args(args)
     adapter = ModelAdapter(model)
     if args.hparams:
-        from ..algorithms.common import adapter_for
-        from ..editor import load_hparams
-
         adapter = adapter_for(model, load_hparams(args.hparams))
     stats = layer_stats(model, tok, cfg["layers"], corpus=cfg["corpus"], n_tokens=cfg["n_tokens"],
                         max_length=cfg["max_length"], dtype=cfg["dtype"], use_cache=True,

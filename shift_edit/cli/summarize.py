@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from ..bench.foreign import case_ids_any, expand_paths, summarize_any
+from ..bench.seq_summary import curves, curves_csv, is_sequential, plot_curves, summarize_sequential
+from ..bench.summarize import bar_chart, load_reference, to_csv, to_markdown
+from ..errors import ShiftEditError
+from ..io import atomic_write_json, atomic_write_text
+from .common import check_out_root
 
 NAME = "summarize"
 HELP = "summarize benchmark run dirs (markdown, CSV, JSON, PNG), optionally beside published numbers"
@@ -23,22 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.summarize import bar_chart, load_reference, to_csv, to_markdown
-    from ..io import atomic_write_json, atomic_write_text
-
-    from ..bench.foreign import case_ids_any, expand_paths, summarize_any
-    from ..errors import ShiftEditError
 
     if args.limit is not None and args.limit < 1:
         raise ShiftEditError(f"--limit must be >= 1, got {args.limit}")
     if args.out:
-        from .common import check_out_root
-
         check_out_root(args.out, "--out")
     args.run_dirs = expand_paths(args.run_dirs)
     ids = None
-    from ..bench.seq_summary import curves, curves_csv, is_sequential, plot_curves, summarize_sequential
-
     seq_dirs = [d for d in args.run_dirs if is_sequential(d)]
     one_dirs = [d for d in args.run_dirs if not is_sequential(d)]
     if args.common:
@@ -49,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
     rows = [summarize_any(d, case_ids=ids, limit=args.limit) for d in one_dirs]
     sizes = sorted({r["n"] for r in rows})
     if len(sizes) > 1:
-        import sys
-
         counts = ", ".join(f"{r['run_dir']}: {r['n']}" for r in rows)
         print(f"warning: the runs have different numbers of records ({counts}); "
               "means over different records are not comparable: use --common or --limit N", file=sys.stderr)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..architectures import Layout, ModelAdapter, from_param_layout
 from ..errors import ShiftEditError
+from ..hooks import OwnedHooks
 from ..requests import encode_prompt, encode_target, with_leading_space
 
 
@@ -167,11 +168,11 @@ def capture_gradients(
     grad_specs = [k for k, spec in enumerate(specs) if spec[2] in grad_layers]
     weights = [all_weights[k] for k in grad_specs]
     saved_flags = [w.requires_grad for w in all_weights]
-    handles = []
+    hooks = OwnedHooks()
     try:
         for name, _, _, mod in specs:
-            handles.append(mod.register_forward_pre_hook(pre_hook(name)))
-            handles.append(mod.register_forward_hook(post_hook(name)))
+            hooks.forward_pre_hook(mod, pre_hook(name))
+            hooks.forward_hook(mod, post_hook(name))
         for w in all_weights:
             w.requires_grad_(True)
         with torch.enable_grad():
@@ -185,8 +186,7 @@ def capture_gradients(
             outs = [outputs[name] for name, *_ in specs]
             grads = torch.autograd.grad(loss, weights + outs, allow_unused=True)
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove_all()
         for w, flag in zip(all_weights, saved_flags):
             w.requires_grad_(flag)
 

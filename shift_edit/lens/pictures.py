@@ -13,6 +13,8 @@ import functools
 import io
 from pathlib import Path
 
+from ..io import atomic_write_bytes
+
 SUBJECT_COLOR = "#d95f02"
 
 
@@ -43,8 +45,6 @@ def safe_text(text: str) -> str:
 
 def _save(fig, path: str | Path, dpi: int = 90) -> Path:
     import matplotlib.pyplot as plt
-
-    from ..io import atomic_write_bytes
 
     fig.tight_layout()
     buf = io.BytesIO()

@@ -16,10 +16,12 @@ Layers are reported on a normalised index ``layer / (L - 1)`` and ranks as
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import ModelAdapter
 from ..errors import ShiftEditError
+from ..io import atomic_write_bytes
 from ..requests import EditRequest, encode_target
 from .capture import capture_gradients
 from .logit_lens import LogitLens, rank_in_logits
@@ -151,8 +154,6 @@ def aggregate(records: list[dict], n_layers: int, vocab: int) -> dict:
 
 def aggregate_csv(agg: dict) -> str:
     """One row per layer with the main aggregate columns."""
-    import csv
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     ranks = agg["ranks_normalized"]
@@ -179,8 +180,6 @@ def _fmt(v) -> str:
 def _save(fig, path, dpi: int = 90) -> None:
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -194,8 +193,6 @@ def plot_stats(agg: dict, out_dir, *, label: str = "") -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pathlib import Path
-
     out_dir = Path(out_dir)
     x = agg["layer_index_normalized"]
     suffix = f" ({label}, {agg['n_records']} records)" if label else f" ({agg['n_records']} records)"

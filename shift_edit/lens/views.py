@@ -15,8 +15,10 @@ from typing import Literal
 
 import torch
 
+from ..io import atomic_write_bytes
 from .capture import GradientCapture
 from .logit_lens import LogitLens, decode_token, rank_in_logits
+from .pictures import SUBJECT_COLOR, safe_text
 
 Kind = Literal["ff1", "ff2"]
 ColorBy = Literal["delta", "x", "outer"]
@@ -131,8 +133,6 @@ def plot_grid(grid: LensGrid, path, *, color_by: ColorBy = "delta", title: str |
     subj = set(subject_positions)
     ax.set_xticks(range(n_tok), [f"[{_short(t)}]" if i in subj else _short(t) for i, t in enumerate(grid.tokens)],
                   rotation=45, ha="right", fontsize=8)
-    from .pictures import SUBJECT_COLOR
-
     for i, label in enumerate(ax.get_xticklabels()):
         if i in subj:
             label.set_color(SUBJECT_COLOR)
@@ -148,13 +148,9 @@ def plot_grid(grid: LensGrid, path, *, color_by: ColorBy = "delta", title: str |
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    from ..io import atomic_write_bytes
-
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _short(text: str, width: int = 10) -> str:
-    from .pictures import safe_text
-
     text = safe_text(text)
     return text if len(text) <= width else text[: width - 1] + "…"

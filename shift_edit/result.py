@@ -1,0 +1,134 @@
+"""The result of an edit: what changed, exact undo, the measured outcome, saving as a patch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .deltas import WeightDelta, restore_weights
+from .errors import ShiftEditError
+from .hparams import HyperParams
+from .outcome import edit_outcome, fmt_prob
+from .patch_file import save_patch
+from .requests import EditRequest
+
+
+@dataclass
+class EditResult:
+    """What an edit did to a model, with exact undo.
+
+    Attributes:
+        model: the edited model (weights changed in place).
+        algorithm: registry name of the algorithm.
+        hparams: the hparams used.
+        requests: the requests, normalised.
+        deltas: the applied deltas (empty if every request was skipped).
+        orig_weights: parameter name -> the tensor before this edit (CPU clone).
+        base_hashes: parameter name -> sha256 of the weight before this edit.
+        skipped: per request, whether it was skipped (target already predicted).
+        info: per-request algorithm details (e.g. ||x_n||, eta used).
+        tok: the tokenizer the edit was made with (set by :func:`~shift_edit.editing.edit`);
+            needed by :meth:`outcome`.
+    """
+
+    model: nn.Module
+    algorithm: str
+    hparams: HyperParams
+    requests: list[EditRequest]
+    deltas: list[WeightDelta]
+    orig_weights: dict[str, torch.Tensor]
+    base_hashes: Mapping[str, str]
+    skipped: list[bool]
+    info: list[dict[str, Any]] = field(default_factory=list)
+    undone: bool = False
+    tok: Any = field(default=None, repr=False, compare=False)
+    _outcome: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def outcome(self, tok: Any = None) -> list:
+        """Per request: strict top-1 (every target token the argmax) and ``P(target)`` before
+        and after, as :class:`~shift_edit.outcome.EditOutcome` (measured once, then cached).
+
+        Raises:
+            ShiftEditError: no tokenizer is known, or the edit was undone.
+        """
+        if self._outcome is None:
+            tok = tok if tok is not None else self.tok
+            if tok is None:
+                raise ShiftEditError("EditResult.outcome needs the tokenizer: outcome(tok)")
+            self._outcome = edit_outcome(self, tok)
+        return self._outcome
+
+    def undo(self) -> None:
+        """Restore every weight this edit changed, bit for bit, in place."""
+        if self.undone:
+            return
+        restore_weights(self.model, self.orig_weights)
+        self.undone = True
+
+    def summary(self, *, outcome: bool = True) -> list[dict[str, Any]]:
+        """One row per changed matrix: layer, module, rank, delta norm, relative norm, and the
+        requests that were skipped (already predicted; they contribute nothing). An edit whose
+        requests were all skipped changed no matrix: see :attr:`skipped`.
+
+        With ``outcome`` (default) and a known tokenizer, the returned list also carries
+        ``.outcome``: one dict per request with ``top1_before``/``top1_after`` (strict: every
+        target token the argmax) and ``prob_before``/``prob_after`` (P(target)); see
+        :meth:`outcome`. Its ``str()`` is a readable report of both."""
+        params = dict(self.model.named_parameters())
+        rows = EditSummary()
+        for d in self.deltas:
+            norm = d.norm()
+            base = float(self.orig_weights[d.param].float().norm())
+            rows.append(
+                {
+                    "layer": d.layer,
+                    "module": d.module,
+                    "rank": d.rank,
+                    "delta_norm": norm,
+                    "relative_norm": norm / base if base else float("inf"),
+                    "dtype": str(params[d.param].dtype).replace("torch.", ""),
+                    "skipped_requests": [i for i, sk in enumerate(self.skipped) if sk],
+                }
+            )
+        if outcome and (self.tok is not None or self._outcome is not None) and not self.undone:
+            rows.outcome = [o.to_dict() for o in self.outcome()]
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (no tensors)."""
+        return {
+            "algorithm": self.algorithm,
+            "hparams": self.hparams.to_dict(),
+            "requests": [r.to_dict() for r in self.requests],
+            "skipped": self.skipped,
+            "changes": list(self.summary(outcome=False)),
+            "info": self.info,
+        }
+
+    def save_patch(self, path: str | Path) -> Path:
+        """Write the edit as a small patch file (see :mod:`shift_edit.patch`)."""
+        return save_patch(self, path)
+
+
+class EditSummary(list):
+    """:meth:`EditResult.summary`: the per-matrix rows (a list) plus ``outcome``, one dict per
+    request (strict top-1 and P(target) before/after), or None when not measured."""
+
+    outcome: list[dict[str, Any]] | None = None
+
+    def __str__(self) -> str:
+        lines = []
+        for o in self.outcome or []:
+            yn = {True: "yes", False: "no"}
+            lines.append(f"target {o['target']!r}: strict top-1 {yn[o['top1_before']]} -> {yn[o['top1_after']]}, "
+                         f"P(target) {fmt_prob(o['prob_before'])} -> {fmt_prob(o['prob_after'])}")
+        for r in self:
+            rank = "dense" if r["rank"] is None else f"rank {r['rank']}"
+            lines.append(f"{r['module']} (layer {r['layer']}): {rank}, |delta| {r['delta_norm']:.4g}, "
+                         f"relative {r['relative_norm']:.3g}")
+        return "\n".join(lines)

@@ -27,7 +27,7 @@ def _module_name(path: Path, package_root: Path) -> str:
     return ".".join(parts)
 
 
-def _resolve(node: ast.ImportFrom | ast.Import, module: str, is_package: bool) -> list[str]:
+def _resolve(node: ast.ImportFrom | ast.Import, module: str, is_package: bool, modules: dict) -> list[str]:
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     base = module.split(".") if is_package else module.split(".")[:-1]
@@ -36,8 +36,8 @@ def _resolve(node: ast.ImportFrom | ast.Import, module: str, is_package: bool) -
         prefix = ".".join(base + ([node.module] if node.module else []))
     else:
         prefix = node.module or ""
-    # `from . import x` may name a submodule: keep both candidates, unknown names are dropped later
-    return [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
+    # `from . import x` names a submodule when there is one (the package itself is not what it needs)
+    return [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in modules else prefix for alias in node.names]
 
 
 def _imports(tree: ast.Module) -> tuple[list[ast.stmt], list[ast.stmt]]:
@@ -103,7 +103,7 @@ def measure(package: Path) -> dict:
         top, nested = _imports(ast.parse(path.read_text()))
         is_package = path.name == "__init__.py"
         for node in top + nested:
-            targets = {t for t in _resolve(node, name, is_package) if t in names and t != name}
+            targets = {t for t in _resolve(node, name, is_package, names) if t in names and t != name}
             all_graph[name] |= targets
             if node in top:
                 top_graph[name] |= targets

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import re
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -36,8 +37,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .architectures import ModelAdapter
+from .data import find_data, search_dirs
 from .errors import ShiftEditError
 from .hooks import capture_inputs
 from .io import atomic_write_bytes, atomic_write_json, file_sha256, model_fingerprint, torch_bytes
@@ -93,15 +96,11 @@ def _duration(seconds: float) -> str:
 # --- corpora ------------------------------------------------------------------------------
 def shared_data_dir() -> Path:
     """The first data folder searched (``$SHIFT_EDIT_DATA``, else the user cache); see :mod:`shift_edit.data`."""
-    from .data import search_dirs
-
     return search_dirs()[0]
 
 
 def default_corpus() -> str:
     """The local WikiText-2 test split if found (:mod:`shift_edit.data`), else WikiText-103 train via ``datasets``."""
-    from .data import find_data
-
     local = find_data("wikitext")
     if local is None:
         log.warning("no local WikiText (run `shift-edit data fetch wikitext` or set SHIFT_EDIT_DATA); "
@@ -205,8 +204,6 @@ def compute_second_moments(
     Returns:
         ``({module name: [d_in, d_in] matrix in dtype, on CPU}, {"n_tokens", "n_texts"})``.
     """
-    from tqdm.auto import tqdm
-
     acc_dtype = _DTYPES[dtype]
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -215,8 +212,6 @@ def compute_second_moments(
     order = {n: i for i, n in enumerate(_module_order(model, module_names))}
     deepest = max(module_names, key=lambda n: order[n])
     bar = tqdm(total=n_tokens, desc="second moments", unit="tok", disable=not progress, dynamic_ncols=True)
-    import time
-
     t0 = time.perf_counter()
     try:
         for batch in _batches(tok, corpus, n_tokens, max_length, batch_tokens):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .errors import ShiftEditError
@@ -132,19 +133,19 @@ def is_foreign(data: dict[str, Any]) -> bool:
     return bool(_MARKERS & set(data))
 
 
-def translate(cls: type, data: dict[str, Any], *, source: str) -> tuple[type, dict[str, Any]]:
+def translate(cls: type, data: dict[str, Any], *, source: str,
+              class_for: Callable[[str], type]) -> tuple[type, dict[str, Any]]:
     """Map a foreign hparams mapping to ``(our hparams class, our fields)``; warns once per
     field with no meaning here, raises :class:`ShiftEditError` for a field that cannot be honoured.
 
     ``cls`` is the class asked for (``ROMEHyperParams.from_json``); FT with a numeric
-    ``norm_constraint`` gives :class:`FTLHyperParams` (a subclass of FT's class)."""
-    from .registry import get_algorithm
-
+    ``norm_constraint`` gives :class:`FTLHyperParams` (a subclass of FT's class). ``class_for``
+    gives the hparams class of an algorithm name (:meth:`HyperParams.class_for`)."""
     data = numeric_strings(data)
     alg = data.get("alg_name") or cls.ALG_NAME
     if alg == "FT" and isinstance(data.get("norm_constraint"), float) and not isinstance(data.get("norm_constraint"), bool):
         alg = "FT_L"
-    target = get_algorithm(alg).hparams_class
+    target = class_for(alg)
     if cls.ALG_NAME and not issubclass(target, cls):
         raise ShiftEditError(f"{source}: these are {alg} hparams, not {cls.ALG_NAME}'s")
     ours = {f.name for f in dataclasses.fields(target)}

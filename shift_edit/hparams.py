@@ -10,6 +10,7 @@ package version; unknown keys on load are an error.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -17,7 +18,11 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_ty
 
 import yaml
 
+from ._version import __version__
 from .errors import ShiftEditError
+from .foreign_hparams import is_foreign, translate
+from .io import atomic_write_text
+from .resources import hparams_root
 
 H = TypeVar("H", bound="HyperParams")
 
@@ -114,6 +119,20 @@ class HyperParams:
         """The registry name (EasyEdit scripts read ``hparams.alg_name``)."""
         return self.ALG_NAME
 
+    @staticmethod
+    def class_for(alg: str) -> type[HyperParams]:
+        """The hparams class of the algorithm named ``alg`` (found among this class's subclasses,
+        so that reading hparams needs no import of the registry, which imports this module)."""
+        seen, stack = [], list(HyperParams.__subclasses__())
+        while stack:
+            c = stack.pop(0)
+            if c.ALG_NAME == alg:
+                return c
+            seen.append(c.ALG_NAME)
+            stack.extend(c.__subclasses__())
+        known = ", ".join(sorted(n for n in seen if n))
+        raise ShiftEditError(f"unknown algorithm {alg!r}; known: {known}")
+
     def validate(self) -> None:
         """Range and consistency checks; raise :class:`ShiftEditError` naming the field."""
 
@@ -164,8 +183,6 @@ class HyperParams:
     def from_json(cls: type[H], path: str | Path) -> H:
         """Load a JSON file: ROME's/MEMIT's ``hparams/<ALG>/<model>.json`` (mapped through
         :mod:`shift_edit.foreign_hparams`) or our own fields written as JSON."""
-        import json
-
         p = Path(path)
         if not p.is_file():
             raise ShiftEditError(f"hparams file not found: {path}")
@@ -177,10 +194,8 @@ class HyperParams:
 
     @classmethod
     def _from_any(cls: type[H], data: Any, source: str) -> H:
-        from .foreign_hparams import is_foreign, translate
-
         if isinstance(data, dict) and is_foreign(data):
-            target, fields = translate(cls, data, source=source)
+            target, fields = translate(cls, data, source=source, class_for=HyperParams.class_for)
             return target.from_dict(fields, source=source)
         return cls.from_dict(data, source=source)
 
@@ -192,9 +207,6 @@ class HyperParams:
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """Serialise with sorted keys and the package version; write to ``path`` if given."""
-        from . import __version__
-        from .io import atomic_write_text
-
         data = self.to_dict()
         data[_VERSION_KEY] = __version__
         text = yaml.safe_dump(data, sort_keys=True)
@@ -214,8 +226,6 @@ def read_yaml(path: str | Path) -> tuple[Any, str]:
         p = p.with_name(p.name + ".yaml")
     if not p.is_file() and len(p.parts) >= 3 and p.parts[-3] == "hparams":
         # "hparams/SHIFT/smollm2-135m" names a shipped file: found inside the package from any folder
-        from .resources import hparams_root
-
         shipped = hparams_root().joinpath(p.parts[-2], p.name)
         if shipped.is_file():
             p = Path(str(shipped))

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from .claims import claimed
 from .data import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
-from .wikitext import PerplexityProtocol, perplexity
+from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +349,6 @@ def evaluate_case(
 def _stable_int(x: int | str) -> int:
     if isinstance(x, int):
         return x
-    import zlib
-
     return zlib.crc32(str(x).encode())
 
 
@@ -391,8 +390,6 @@ def run_bench(
         adapter_for(model, cfg.hparams)  # layers in range, module templates resolve
     ppl_lines = None
     if cfg.ppl_every:
-        from .wikitext import read_wikitext_lines
-
         ppl_lines = read_wikitext_lines(cfg.wikitext)
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
     n = cfg.num_edits

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ShiftEditError
-from ..studies import layer_sweep, min_lr
-from ..registry import linear_step_fields
+from ..architectures import ModelAdapter
 from ..data import require_data
+from ..errors import ShiftEditError
+from ..registry import linear_step_fields
+from ..studies import layer_sweep, min_lr
 from ..studies.data import load_records
 from ..studies.perplexity import load_wikitext_lines, protocol_text, wikitext_perplexity
-from .common import add_model_arguments, load_from_args
+from .common import add_model_arguments, check_out_root, load_from_args
 
 NAME = "sweep"
 #: the default ``--algs`` of the min-lr study (any algorithm registered with ``linear_step`` is accepted)
@@ -82,13 +83,9 @@ def run(args: argparse.Namespace) -> int:
         case_ids = [int(c) for c in args.case_ids.split(",")] if args.case_ids else None
     except ValueError:
         raise ShiftEditError(f"--case-ids {args.case_ids!r}: expected comma-separated integers") from None
-    from .common import check_out_root
-
     check_out_root(args.out, "--out")
     records = load_records(args.data, args.n_records, sample_seed=args.sample_seed, case_ids=case_ids)
     model, tok = load_from_args(args)
-    from ..architectures import ModelAdapter
-
     layers = _layers(args.layers, ModelAdapter(model).n_layers)
     ppl_fn, base_ppl = None, None
     if args.ppl_records > 0:

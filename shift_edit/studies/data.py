@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
+from ..data import find_data, require_data, search_dirs
 from ..errors import ShiftEditError
+from ..records import read_json_records
 
 COUNTERFACT = "counterfact-original-format-subset837.json"
 WIKITEXT = "wikitext-2-raw-v1/wiki.test.nonblank.raw"
@@ -15,15 +16,11 @@ WIKITEXT = "wikitext-2-raw-v1/wiki.test.nonblank.raw"
 
 def shared_data_dir() -> Path:
     """The first data folder searched (``$SHIFT_EDIT_DATA``, else the user cache); see :mod:`shift_edit.data`."""
-    from ..data import search_dirs
-
     return search_dirs()[0]
 
 
 def default_counterfact() -> Path:
     """The 837-record subset if found, else the full CounterFact (:mod:`shift_edit.data` order)."""
-    from ..data import find_data, require_data
-
     return find_data("counterfact-subset") or require_data("counterfact")
 
 
@@ -35,7 +32,7 @@ def load_records(
     p = Path(path) if path else default_counterfact()
     if not p.is_file():
         raise ShiftEditError(f"CounterFact file not found: {p} (set SHIFT_EDIT_DATA or pass --data)")
-    records = json.loads(p.read_text())
+    records = read_json_records(p)
     if case_ids:
         by_id = {r["case_id"]: r for r in records}
         missing = [c for c in case_ids if c not in by_id]

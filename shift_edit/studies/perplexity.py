@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..bench.wikitext import long_lines, read_wikitext_lines
+from ..bench.wikitext import PerplexityProtocol, long_lines, perplexity, read_wikitext_lines
 from ..errors import ShiftEditError
 
 
@@ -35,7 +35,5 @@ def wikitext_perplexity(
 ) -> float:
     """Mean over ``lines`` of each line's perplexity (exp of its mean next-token NLL): the
     benchmark's ``paper`` protocol (:func:`shift_edit.bench.wikitext.perplexity`) on these lines."""
-    from ..bench.wikitext import PerplexityProtocol, perplexity
-
     protocol = PerplexityProtocol(name="paper", n_lines=len(lines), min_chars=0, max_tokens=max_tokens)
     return perplexity(model, tok, lines, protocol, batch_size=batch_size)

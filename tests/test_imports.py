@@ -19,28 +19,6 @@ PKG = Path(__file__).resolve().parent.parent / "shift_edit"
 #: loading a model needs it; ``fcntl`` exists on POSIX only (file locks of sequential runs).
 OPTIONAL = {"matplotlib", "peft", "datasets", "nltk", "transformers", "fcntl"}
 
-#: TEMPORARY, for the lead to empty after merging the other branches of issue 19: function-level
-#: imports in modules refactored there (registry/hparams and the CLI's hparams lookup; the bench
-#: runner and metrics, scoring, resume, the covariance statistics, the studies).
-#: Whole modules (prefixes) ...
-PENDING_MODULES = ("shift_edit.hparams", "shift_edit.registry", "shift_edit.stats", "shift_edit.covariance",
-                   "shift_edit.scoring", "shift_edit.resume", "shift_edit.bench.runner", "shift_edit.bench.metrics",
-                   "shift_edit.studies", "shift_edit.cli.sweep")
-#: ... and single imports, (importing module, imported module).
-PENDING = {
-    # hparams -> foreign_hparams -> registry -> hparams: this lazy import hides the last circle
-    ("shift_edit.foreign_hparams", "shift_edit.registry"),
-    ("shift_edit.cli.edit", "shift_edit.loading"),  # resolve_hparams (the hparams lookup)
-    ("shift_edit.cli.bench", "shift_edit.editor"),  # the hparams lookup in run()
-    ("shift_edit.cli.bench", "shift_edit.loading"),
-    ("shift_edit.cli.bench", "shift_edit.resources"),
-}
-
-
-def _pending(module: str, target: str) -> bool:
-    return (module, target) in PENDING or module.startswith(PENDING_MODULES)
-
-
 def _modules() -> dict[str, tuple[Path, bool]]:
     out = {}
     for p in PKG.rglob("*.py"):
@@ -153,14 +131,14 @@ def test_the_scan_sees_the_package():
 def test_function_level_imports_are_of_optional_modules_only():
     _, local = _scan()
     bad = [f"{m}:{line} imports {t}" for m, line, t in local
-           if t.split(".")[0] not in OPTIONAL and not _pending(m, t)]
+           if t.split(".")[0] not in OPTIONAL]
     assert bad == [], "import these at module level (only optional or heavy dependencies may be imported lazily)"
 
 
 def test_modules_take_the_version_from_the_version_module():
     edges, local = _scan()
     importers = sorted({m for m, targets in edges.items() if "shift_edit" in targets}
-                       | {m for m, _, t in local if t == "shift_edit" and not _pending(m, t)})
+                       | {m for m, _, t in local if t == "shift_edit"})
     assert importers == [], "import __version__ from shift_edit._version, not the package"
 
 

@@ -192,3 +192,14 @@ def test_ppl_summary_and_off_scale_points_drawn_at_the_cap():
     assert list(marks.get_xdata()) == [1, 2] and marks.get_marker() == "^"
     assert [t.get_text() for t in ax.texts] == ["inf", "1e+30"]
     plt.close(fig)
+
+
+def test_min_lr_outputs_when_no_record_reaches_top1(tmp_path):
+    """Every search ends 'below max lr' (no minimum found): the summary and the plot are still written
+    (the plot used to fail on an empty log axis)."""
+    model = tiny_model("gpt2")
+    rows = [{"case_id": 7, "alg": a, "layer": layer, "min_lr": None, "below": 1e5, "evals": 11,
+             "unit_delta_norm": 1.0} for a in ("SHIFT", "SGD") for layer in (0, 2)]
+    doc = min_lr.write_outputs(rows, tmp_path, model, {"criterion": "first"}, None)
+    assert all(s["median_min_lr"] is None for s in doc["summary"])
+    assert (tmp_path / "min_lr.png").stat().st_size > 0

@@ -192,9 +192,17 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         if s["median_min_lr"] is not None:
             a1.annotate(f"{s['found']}/{s['n']}", (s["layer"], s["median_min_lr"]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
-    a1.set_yscale("log")
-    a1.set_xlabel("layer"); a1.set_ylabel("minimum lr / eta (median, IQR)"); a1.legend()
-    a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at min lr, median"); a2.set_yscale("log")
+    if any(s["median_min_lr"] is not None for s in summary):  # a log axis needs a positive value
+        a1.set_yscale("log")
+    else:
+        a1.text(0.5, 0.5, "no record reached top-1 below the largest step tried", ha="center", va="center",
+                transform=a1.transAxes)
+    a1.set_xlabel("layer"); a1.set_ylabel("minimum lr / eta (median, IQR)")
+    if a1.get_legend_handles_labels()[0]:
+        a1.legend()
+    a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at min lr, median")
+    if any(s["ppl_median"] is not None for s in summary) or base_ppl is not None:
+        a2.set_yscale("log")
     if a2.get_legend_handles_labels()[0]:
         a2.legend()
     fig.suptitle(title, fontsize=9)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .architectures import ModelAdapter
-from .hooks import StopForward
+from .hooks import StopForward, owned_hooks
 
 if TYPE_CHECKING:
     from .deltas import WeightDelta
@@ -49,7 +49,6 @@ def record_block_inputs(adapter: ModelAdapter, *, stop_at: int | None = None) ->
     """
     blocks = list(adapter.blocks())
     seen: list[torch.Tensor | None] = [None] * len(blocks)
-    handles = []
 
     def make(i: int):
         def hook(_module, args, kwargs):
@@ -59,16 +58,13 @@ def record_block_inputs(adapter: ModelAdapter, *, stop_at: int | None = None) ->
 
         return hook
 
-    try:
+    with owned_hooks() as hooks:
         for i, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(make(i), with_kwargs=True))
+            hooks.forward_pre_hook(block, make(i), with_kwargs=True)
         try:
             yield seen
         except StopForward:
             pass
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -87,13 +83,13 @@ def resume_at(adapter: ModelAdapter, layer: int, hidden: torch.Tensor) -> Iterat
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handle = kept[0].register_forward_pre_hook(feed, with_kwargs=True)
-    container._modules = OrderedDict((str(j), m) for j, m in enumerate(kept))
-    try:
-        yield
-    finally:
-        container._modules = saved
-        handle.remove()
+    with owned_hooks() as hooks:
+        hooks.forward_pre_hook(kept[0], feed, with_kwargs=True)
+        container._modules = OrderedDict((str(j), m) for j, m in enumerate(kept))
+        try:
+            yield
+        finally:
+            container._modules = saved
 
 
 def first_edited_block(adapter: ModelAdapter, deltas: Iterable[WeightDelta]) -> int | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..hooks import owned_hooks
 from ..requests import encode_prompt
 from ..scoring import head_only_at, pad_batch, pad_id_of
 
@@ -94,7 +95,6 @@ def _row_deltas(model: nn.Module, groups: Sequence[GenerationGroup], rows: Seque
     for g, sl in zip(groups, rows):
         for d in g.deltas:
             by_module.setdefault(d.module, []).append((sl, d))
-    handles = []
 
     def make(entries):
         def hook(_module, args, output):
@@ -114,13 +114,10 @@ def _row_deltas(model: nn.Module, groups: Sequence[GenerationGroup], rows: Seque
 
         return hook
 
-    try:
+    with owned_hooks() as hooks:
         for name, entries in by_module.items():
-            handles.append(model.get_submodule(name).register_forward_hook(make(entries)))
+            hooks.forward_hook(model.get_submodule(name), make(entries))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

@@ -1,27 +1,10 @@
-"""Edit patches: a small safetensors file holding an edit's factors, not the model.
+"""Edit patches: apply a small safetensors file holding an edit's factors (or a LoRA adapter
+folder) to its base model, and revert it bit for bit.
 
-Layout of a patch file (``*.safetensors``):
-
-- tensors ``"<module>.left"`` ``[out, r]`` and ``"<module>.right"`` ``[r, in]`` for
-  low-rank deltas (canonical ``[out, in]`` orientation), or ``"<module>.dense"``;
-- header metadata ``"shift_edit"``: JSON with the format version, algorithm,
-  hparams, requests, the model's name and type, the fingerprint of the whole base model
-  (:func:`shift_edit.io.model_fingerprint`, taken with the edit's original weights) and per
-  module its layout, layer, parameter name and the sha256 of the weight the patch was made
-  against;
-- header metadata ``"shift_edit_sha256"``: the checksum of the file's own content
-  (:func:`shift_edit.io.content_sha256` over the ``"shift_edit"`` JSON text and every tensor),
-  verified before anything is applied: a corrupted or altered file is refused, naming it.
-  Patches of format version 1 (no checksum) are still read, with a warning; the edit guard
-  (:mod:`shift_edit.guard`) still applies to them.
-
-Base check (``base_check``): ``"model"`` (default, strict) refuses a model whose whole
-fingerprint differs from the base's, e.g. one with another edit in any layer;
-``"matrices"`` only compares the matrices the patch changes, so patches of different
-layers can be stacked. Version-1 patches carry no model fingerprint: only ``"matrices"``.
-:func:`revert_patch` restores the saved originals bit for bit. The file format itself
-(writing, reading, checksums, the base check) is :mod:`shift_edit.patch_file`; its names are
-importable from here too.
+The file layout, its checksum and the base check (``"model"``: the whole base fingerprint,
+``"matrices"``: only the changed matrices, so patches of different layers stack) are
+:mod:`shift_edit.patch_file`; its names are importable from here too. :func:`revert_patch`
+restores the saved originals bit for bit.
 """
 
 from __future__ import annotations

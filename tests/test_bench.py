@@ -651,3 +651,24 @@ def test_run_labels_tell_locate_and_edit_settings_apart():
     rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}
     assert _hparams_tag(rome) == " L5 through-update"
     assert _hparams_tag({"layers": [5], "mom2_n_tokens": 200000, "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"
+
+
+def test_a_refused_edit_is_recorded_and_the_run_goes_on(byte_tok, tmp_path):
+    """The edit guard refusing one record's edit does not end the run: that case says why, is measured
+    on the unedited model (the edit never happened), and the summary's label counts it."""
+    path = write(tmp_path, [rome_record(i, subject=f"S{i}q") for i in range(2)])
+    model = tiny_model("llama")
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    refusing = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**{**HP, "max_relative_norm": 1e-12}),
+                           skip_generation=True)
+    run_dir = _run(model, byte_tok, path, tmp_path / "out", cfg=refusing)
+    cases = [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("case_*.json"))]
+    assert len(cases) == 2 and all("max_relative_norm" in c["edit"]["refused"] for c in cases)
+    assert all(not c["edit"]["applied"] for c in cases)
+    unedited = _metrics(_run(tiny_model("llama"), byte_tok, path, tmp_path / "none",
+                             cfg=BenchConfig(alg="NONE", hparams=None, skip_generation=True)))
+    assert list(_metrics(run_dir).values()) == list(unedited.values())
+    assert all(torch.equal(w0[n], p) for n, p in model.named_parameters())
+    from shift_edit.bench.summarize import summarize_run
+
+    assert "2 refused by the edit guard" in summarize_run(run_dir)["label"]

@@ -36,6 +36,7 @@ from ..algorithms.common import adapter_for
 from ..architectures import ModelAdapter
 from ..editing import edit
 from ..errors import ShiftEditError
+from ..guard import EditRefusedError
 from ..hparams import HyperParams
 from ..io import atomic_write_json, provenance
 from ..resume import BlockRecorder, Resume
@@ -271,13 +272,18 @@ def evaluate_batch(
     preps = [_prepare(model, tok, c, p, cfg, adapter, planned, cfg.neighborhood_kl and edited) if edited
              else _Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
     t_prepare = time.perf_counter() - t0
-    result, t_edit = None, 0.0
+    result, t_edit, refused = None, 0.0, None
     records: list[dict[str, Any]] = []
     gen_requests: list[tuple[int, GenerationGroup]] = []
     try:
         if edited:
             te = time.perf_counter()
-            result = edit(model, tok, [c.request for c in cases], cfg.hparams)
+            try:
+                result = edit(model, tok, [c.request for c in cases], cfg.hparams)
+            except EditRefusedError as err:  # recorded per case; the records are measured unedited
+                refused = str(err)
+                log.warning("cases %s: the edit guard refused the edit (not applied): %s",
+                            [c.case_id for c in cases], err)
             t_edit = time.perf_counter() - te
         for i, prep in enumerate(preps):
             ts = time.perf_counter()
@@ -287,6 +293,8 @@ def evaluate_batch(
                 logits, first = prep.scorer.logits(model, batch_size=cfg.batch_size), 0
             m = _measure(model, tok, prep, logits, cfg, ppl_lines)
             edit_info: dict[str, Any] = {"applied": False}
+            if refused is not None:
+                edit_info["refused"] = refused
             if result is not None:
                 edit_info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[i]),
                              "deltas": list(result.summary(outcome=False)), "rerun_from_block": first,

@@ -105,7 +105,9 @@ def summarize_run(run_dir: str | Path, *, case_ids: set[str] | None = None, limi
     if es is not None and ps is not None and ns is not None:
         out["S"] = {"n": len(cases), "mean": harmonic_mean([es, ps, ns]), "std": None, "ci95": None}
     match = params["match"]
-    label = f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {match['model']['name']}, N={len(cases)})"
+    refused = sum(1 for c in cases if c.get("edit", {}).get("refused"))
+    label = (f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {match['model']['name']}, N={len(cases)}"
+             + (f", {refused} refused by the edit guard and scored unedited" if refused else "") + ")")
     return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"],
             "model": match["model"]["name"], "n": len(cases), "metrics": out,
             "case_ids": [c["case_id"] for c in cases],

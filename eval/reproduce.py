@@ -30,7 +30,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "eval" / "reports"
-VOLATILE = {"speed", "memory", "created", "provenance", "time", "seconds", "wall_s", "elapsed_s", "updated"}
+VOLATILE = {"speed", "memory", "created", "provenance", "time", "time_s", "edit_s", "seconds", "wall_s", "elapsed_s",
+            "updated"}
 
 
 def _data_dir() -> Path:
@@ -200,16 +201,21 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="run only these (repeatable)")
     parser.add_argument("--against", type=Path, help="an earlier work folder: compare every file with it too")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="run nothing: compare the files already in --out with --against")
     args = parser.parse_args()
     if not _data_dir().is_dir():
         print(f"no data at {_data_dir()}: set SHIFT_EDIT_DATA", file=sys.stderr)
         return 2
+    if args.compare_only and (args.out is None or args.against is None):
+        parser.error("--compare-only needs --out and --against")
     out = args.out or Path(tempfile.mkdtemp(prefix="shift_edit_reproduce_"))
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for name in args.case or list(CASES):
         print(f"== {name}", flush=True)
-        failures += CASES[name](out)
+        if not args.compare_only:
+            failures += CASES[name](out)
         if args.against is not None:
             failures += _against(out, args.against, name)
     print(f"== {'all values equal' if not failures else f'{failures} differences'} (work folder {out})")

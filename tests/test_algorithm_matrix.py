@@ -60,10 +60,7 @@ def predicting_model(arch: str, tok) -> torch.nn.Module:
 
 
 #: pairs known to fail, with the reason; strict, so a fix shows up as an unexpected pass
-KNOWN_FAILURES = {
-    ("SHIFT_PLUS", "opt"): "SHIFT_PLUS reads FF2 inputs through hooks.capture_inputs, which leaves OPT's "
-                           "flattened [batch*seq, d] MLP inputs unreshaped (forward_capture reshapes them)",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _pairs():

@@ -181,7 +181,8 @@ def test_ppl_summary_and_off_scale_points_drawn_at_the_cap():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from shift_edit.studies.common import plot_ppl, ppl_stats
+    from shift_edit.plots import plot_ppl
+    from shift_edit.studies.common import ppl_stats
 
     assert ppl_stats([]) == {"ppl_n": 0, "ppl_mean": None, "ppl_median": None}
     assert ppl_stats([74.0, 80.0, float("inf")]) == {"ppl_n": 3, "ppl_mean": float("inf"), "ppl_median": 80.0}

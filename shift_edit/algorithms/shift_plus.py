@@ -282,8 +282,11 @@ def _added_output(module: nn.Module, left: torch.Tensor, right: torch.Tensor, sc
 
     def hook(_module, args, output):
         x = args[0]
+        if x.dim() == 2:  # OPT flattens [batch, seq, d] inside its MLP
+            x = x.view(scales.numel(), -1, x.shape[-1])
         add = (x.to(right.dtype) @ right.T) @ left.T  # [batch, seq, d_out]
-        return output + (scales.view(-1, *([1] * (add.dim() - 1))) * add).to(output.dtype)
+        add = scales.view(-1, *([1] * (add.dim() - 1))) * add
+        return output + add.reshape(output.shape).to(output.dtype)
 
     with owned_hooks() as hooks:
         hooks.forward_hook(module, hook)
@@ -339,7 +342,7 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
             info.append({"target_ids": full_target, "forward_passes": 1})
             continue
         skipped.append(False)
-        keys = cap.inputs[name].float().cpu()  # [rows, seq, d_in]
+        keys = cap.inputs[name].float().cpu().reshape(ids.shape[0], ids.shape[1], -1)  # [rows, seq, d_in] (OPT: flat)
         ke_all = torch.stack([keys[r, batch.positions[r]] for r in range(batch.n_variants)])  # [V, n_tok, d]
         if hp.key_pooling == "mean":
             k_e = ke_all.mean(0)

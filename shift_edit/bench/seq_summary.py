@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShiftEditError
+from ..plots import plot_ppl
 from .summarize import _hparams_tag
 
 #: curve columns: (column, where in a checkpoint, metric name)
@@ -128,8 +129,11 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
                 if not pts:
                     continue
                 color = f"C{i}"
-                ax.plot(*zip(*pts), marker="o", color=color, label=run)
                 base = [(r["n_edits"], r.get(f"unedited_{m}")) for r in rs if r.get(f"unedited_{m}") is not None]
+                if m == "wikitext_ppl":  # a collapsed model's inf / 1e32 drawn at 100x unedited as a labelled ▲
+                    plot_ppl(ax, *zip(*pts), run, base[0][1] if base else None, color=color, ms=6)
+                else:
+                    ax.plot(*zip(*pts), marker="o", color=color, label=run)
                 if base and name != "retention.png":
                     ax.plot(*zip(*base), linestyle="--", color=color, alpha=0.6)
             ax.set_xscale("log")

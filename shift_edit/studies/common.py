@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import statistics
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -86,14 +85,3 @@ def ppl_stats(ppls: Sequence[float]) -> dict[str, Any]:
             "ppl_median": statistics.median(ppls) if ppls else None}
 
 
-def plot_ppl(ax, xs: Sequence[int], ys: Sequence[float], label: str, base_ppl: float | None) -> None:
-    """Median perplexity against the layer on a log axis. Values above 100x ``base_ppl`` (a broken model's,
-    up to inf, would flatten every other point) are drawn at that cap as a labelled ▲."""
-    cap = 100 * base_ppl if base_ppl else math.inf
-    (line,) = ax.plot(xs, [min(y, cap) for y in ys], marker="o", ms=3, label=label)
-    off = [(x, y) for x, y in zip(xs, ys) if y > cap]
-    if off:
-        ax.plot([x for x, _ in off], [cap] * len(off), ls="none", marker="^", ms=7, color=line.get_color())
-        for x, y in off:
-            ax.annotate("inf" if math.isinf(y) else f"{y:.0e}", (x, cap), fontsize=6,
-                        textcoords="offset points", xytext=(-8, -10), color=line.get_color())

@@ -25,7 +25,8 @@ from ..io import atomic_write_json, atomic_write_text, provenance
 from ..requests import make_request
 from ..resume import BlockRecorder, Resume
 from ..scoring import score_continuations
-from .common import plot_ppl, ppl_stats, read_done, write_record
+from ..plots import plot_ppl
+from .common import ppl_stats, read_done, write_record
 from .min_lr import to_csv
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,9 @@ from ..io import atomic_write_json, atomic_write_text, provenance
 from ..requests import encode_prompt, encode_target, make_request
 from ..resume import BlockRecorder, Resume, first_edited_block
 from ..scoring import pad_id_of, score_token_continuations
+from ..plots import plot_ppl
 from .common import (
-    plot_ppl, ppl_stats, read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record,
+    ppl_stats, read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record,
 )
 from .search import find_min_lr
 

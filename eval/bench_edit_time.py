@@ -19,7 +19,7 @@ Models:
 
 Usage::
 
-    SHIFT_EDIT_SHARED_DATA=../shared/data PYTHONPATH=. python eval/bench_edit_time.py --n 10 --threads 2
+    SHIFT_EDIT_DATA=../shared/data PYTHONPATH=. python eval/bench_edit_time.py --n 10 --threads 2
     ... --model gpt2-xl-shape --n 4 --algs SHIFT,SGD,FT,FT:early
     ... --case-ids 104,212,715 (records of your choice)
 """

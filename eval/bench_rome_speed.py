@@ -5,7 +5,7 @@ templates are generated once per model (a one-off like the statistics) by an unt
 warm-up edit. Each timed edit is one record on the unedited model via ``shift_edit.edit``
 (skip check off), then undone. Prints the median per-edit times and their ratio.
 
-    SHIFT_EDIT_SHARED_DATA=/work/shared/data python eval/bench_rome_speed.py \
+    SHIFT_EDIT_DATA=/work/shared/data python eval/bench_rome_speed.py \
         --shift-hparams hparams/SHIFT/smollm2-135m.yaml --rome-hparams hparams/ROME/smollm2-135m.yaml
 """
 

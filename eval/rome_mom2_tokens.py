@@ -6,7 +6,7 @@ alone to the unedited model, scored with the benchmark's scorer (both metric fam
 So the rows differ only in C. Also reported: the cosine between each row's u and the u of the
 largest token count, averaged over records.
 
-    SHIFT_EDIT_SHARED_DATA=/work/shared/data python eval/rome_mom2_tokens.py \
+    SHIFT_EDIT_DATA=/work/shared/data python eval/rome_mom2_tokens.py \
         --hparams hparams/ROME/smollm2-135m.yaml --tokens 10000 30000 100000 300000 --n 40 \
         --out eval/reports/rome_mom2_tokens
 """

@@ -314,7 +314,7 @@ def test_rome_makes_fact_top1_on_smollm2(smollm2, tmp_path, monkeypatch):
     from shift_edit.covariance import default_corpus
 
     if not default_corpus().endswith(".raw"):
-        pytest.skip("local WikiText copy not found (set SHIFT_EDIT_SHARED_DATA)")
+        pytest.skip("local WikiText copy not found (set SHIFT_EDIT_DATA)")
     monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path))
     model, tok = smollm2
     torch.manual_seed(0)

@@ -111,7 +111,7 @@ def _sequential(name: str, alg: str, n: int, batch: int) -> Callable[[Path], int
 def _summarize(out: Path) -> int:
     """``shift-edit summarize`` over the committed sequential runs gives the committed summary files."""
     runs = REPORTS / "sequential" / "runs"
-    order = ("SHIFT", "FT", "MEMIT", "AlphaEdit", "AlphaEdit-T50-B10", "SHIFT_PLUS")  # the report's row order
+    order = ("SHIFT", "FT", "MEMIT", "AlphaEdit", "AlphaEdit-T50-B10", "SHIFT_PLUS", "SHIFT_PLUS-T1000")  # the report's row order
     _cli("summarize", *[str((runs / name).relative_to(ROOT)) for name in order], "--out", str(out / "summary"),
          "--reference", str(ROOT / "eval" / "reference" / "alphaedit_table1_sequential.json"))
     bad = 0

@@ -16,8 +16,18 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class ImportScan(NamedTuple):
+    """The package's imports, read with ``ast`` (nothing is imported)."""
+
+    modules: dict[str, Path]  # dotted module name -> file
+    top: dict[str, set[str]]  # module-level imports between the package's modules
+    every: dict[str, set[str]]  # the same, counting function-level imports too
+    nested: list[tuple[str, int, list[str], str]]  # per function-level import: module, line, imported names, text
 
 
 def _module_name(path: Path, package_root: Path) -> str:
@@ -57,7 +67,27 @@ def _imports(tree: ast.Module) -> tuple[list[ast.stmt], list[ast.stmt]]:
     return top, nested
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def scan(package: Path) -> ImportScan:
+    """Every import of every module of ``package`` (a package folder)."""
+    modules = {_module_name(f, package): f for f in sorted(package.rglob("*.py"))}
+    top_graph: dict[str, set[str]] = {n: set() for n in modules}
+    all_graph: dict[str, set[str]] = {n: set() for n in modules}
+    nested_imports: list[tuple[str, int, list[str], str]] = []
+    for name, path in modules.items():
+        top, nested = _imports(ast.parse(path.read_text(encoding="utf-8")))
+        is_package = path.name == "__init__.py"
+        for node in top + nested:
+            resolved = _resolve(node, name, is_package, modules)
+            targets = {t for t in resolved if t in modules and t != name}
+            all_graph[name] |= targets
+            if node in top:
+                top_graph[name] |= targets
+            else:
+                nested_imports.append((name, node.lineno, resolved, ast.unparse(node)))
+    return ImportScan(modules, top_graph, all_graph, nested_imports)
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -69,7 +99,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
-        for w in graph[v]:
+        for w in sorted(graph[v]):
             if w not in index:
                 strong(w)
                 low[v] = min(low[v], low[w])
@@ -93,31 +123,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def measure(package: Path) -> dict:
-    files = sorted(package.rglob("*.py"))
-    names = {_module_name(f, package): f for f in files}
-    lines = {n: len(f.read_text().splitlines()) for n, f in names.items()}
-    top_graph: dict[str, set[str]] = {n: set() for n in names}
-    all_graph: dict[str, set[str]] = {n: set() for n in names}
-    nested_imports: list[str] = []
-    for name, path in names.items():
-        top, nested = _imports(ast.parse(path.read_text()))
-        is_package = path.name == "__init__.py"
-        for node in top + nested:
-            targets = {t for t in _resolve(node, name, is_package, names) if t in names and t != name}
-            all_graph[name] |= targets
-            if node in top:
-                top_graph[name] |= targets
-        for node in nested:
-            nested_imports.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    found = scan(package)
+    lines = {n: len(f.read_text().splitlines()) for n, f in found.modules.items()}
     largest = max(lines, key=lines.get)
     return {
-        "modules": len(files),
+        "modules": len(found.modules),
         "lines": sum(lines.values()),
         "largest": {"module": largest, "lines": lines[largest]},
-        "function_level_imports": len(nested_imports),
-        "function_level_import_list": nested_imports,
-        "circles_module_level": _cycles(top_graph),
-        "circles_all_imports": _cycles(all_graph),
+        "function_level_imports": len(found.nested),
+        "function_level_import_list": [f"{m}:{line}: {text}" for m, line, _, text in found.nested],
+        "circles_module_level": cycles(found.top),
+        "circles_all_imports": cycles(found.every),
         "duplicated_blocks": _duplicates(package),
     }
 

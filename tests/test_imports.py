@@ -9,106 +9,35 @@ only and are not edges. Circles are the strongly connected components of that gr
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "shift_edit"
+EVAL = PKG.parent / "eval"
 
 #: Modules a function may import: optional extras (the core runs without them) and heavy
 #: dependencies only some calls need. ``transformers`` costs ~3 s to import on top of torch and only
 #: loading a model needs it; ``fcntl`` exists on POSIX only (file locks of sequential runs).
 OPTIONAL = {"matplotlib", "peft", "datasets", "nltk", "transformers", "fcntl"}
 
-def _modules() -> dict[str, tuple[Path, bool]]:
-    out = {}
-    for p in PKG.rglob("*.py"):
-        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
-        is_pkg = parts[-1] == "__init__"
-        out[".".join(parts[:-1] if is_pkg else parts)] = (p, is_pkg)
-    return out
+
+def _code_metrics():
+    """``eval/code_metrics.py``: the one import scanner (the refactor report's numbers come from it too)."""
+    spec = importlib.util.spec_from_file_location("code_metrics", EVAL / "code_metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _targets(node: ast.Import | ast.ImportFrom, module: str, is_pkg: bool, modules) -> list[str]:
-    if isinstance(node, ast.Import):
-        return [a.name for a in node.names]
-    if node.level:
-        base = module.split(".") if is_pkg else module.split(".")[:-1]
-        base = base[: len(base) - (node.level - 1)]
-        target = ".".join(base + ([node.module] if node.module else []))
-    else:
-        target = node.module or ""
-    return [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names]
+CM = _code_metrics()
+_cycles = CM.cycles
 
 
 def _scan():
     """``(module-level edges, [(module, line, imported module)] of function-level imports)``."""
-    modules = _modules()
-    edges: dict[str, set[str]] = {m: set() for m in modules}
-    local: list[tuple[str, int, str]] = []
-
-    for module, (path, is_pkg) in modules.items():
-        def walk(node: ast.AST, in_function: bool) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                    continue
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                    walk(child, True)
-                    continue
-                if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    for target in _targets(child, module, is_pkg, modules):
-                        if in_function:
-                            local.append((module, child.lineno, target))
-                        elif target in modules and target != module:
-                            edges[module].add(target)
-                walk(child, in_function)
-
-        walk(ast.parse(path.read_text(encoding="utf-8")), False)
-    return edges, local
-
-
-def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    out = []
-    counter = 0
-    for root in sorted(edges):
-        if root in index:
-            continue
-        work = [(root, iter(sorted(edges[root])))]
-        index[root] = low[root] = counter
-        counter += 1
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            v, it = work[-1]
-            for w in it:
-                if w not in index:
-                    index[w] = low[w] = counter
-                    counter += 1
-                    stack.append(w)
-                    on_stack.add(w)
-                    work.append((w, iter(sorted(edges[w]))))
-                    break
-                if w in on_stack:
-                    low[v] = min(low[v], index[w])
-            else:
-                work.pop()
-                if work:
-                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
-                if low[v] == index[v]:
-                    comp = []
-                    while True:
-                        w = stack.pop()
-                        on_stack.discard(w)
-                        comp.append(w)
-                        if w == v:
-                            break
-                    if len(comp) > 1:
-                        out.append(sorted(comp))
-    return out
+    found = CM.scan(PKG)
+    local = [(m, line, t) for m, line, targets, _ in found.nested for t in targets]
+    return found.top, local
 
 
 def test_the_cycle_finder_finds_a_cycle():

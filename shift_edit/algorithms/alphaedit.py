@@ -30,15 +30,14 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..deltas import WeightDelta
 from ..errors import ShiftEditError
 from ..memory import EditMemory
 from ..registry import Computed, register
 from ..requests import EditRequest
 from ..covariance import SecondMoment, layer_stats
 from .common import adapter_for, already_predicted
-from .memit import ZStarHyperParams, _keys_and_residual, target_zs
-from .rome import add_canonical_, context_templates
+from .memit import ZStarHyperParams, request_info, spread_over_layers, target_zs
+from .rome import context_templates
 
 log = logging.getLogger(__name__)
 
@@ -136,35 +135,20 @@ def compute_alphaedit(
                 "raise the threshold")
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
     z, z_info = target_zs(model, tok, adapter, z_layer, active, templates, hparams)
-    modules = {layer: adapter.module(adapter.ff2_name(layer)) for layer in layers}
-    originals = {layer: m.weight.detach().clone() for layer, m in modules.items()}
-    deltas: list[WeightDelta] = []
-    keys: dict[str, torch.Tensor] = {}
-    layer_info: dict[int, dict] = {}
-    try:
-        for j, layer in enumerate(layers):
-            k, h = _keys_and_residual(model, tok, adapter, layer, z_layer, active, templates, hparams.fact_token)
-            k1 = k.double().cpu().T  # [in, N]
-            resid = (z - h.double().cpu()).T / (len(layers) - j)  # [out, N]
-            name = adapter.ff2_name(layer)
-            kp = memory.keys(f"{name}.weight") if memory is not None else None
-            proj, dim = projs[layer]
-            left, right = alphaedit_factors(resid, k1, proj, hparams.L2, None if kp is None else kp.T)
-            update = left @ right
-            deltas.append(WeightDelta(name, adapter.layout(modules[layer]), left=left.float(), right=right.float(),
-                                      layer=layer))
-            add_canonical_(modules[layer], update)
-            keys[f"{name}.weight"] = k.float().cpu()
-            layer_info[layer] = {"resid_norm": float(resid.norm()), "update_norm": float(update.norm()),
-                                 "null_space_dim": dim, "memory_keys": 0 if kp is None else int(kp.shape[0])}
-    finally:
-        with torch.no_grad():
-            for layer, m in modules.items():
-                m.weight.copy_(originals[layer])
-    info, it = [], iter(z_info)
-    for s in skipped:
-        info.append({} if s else {**next(it), "layers": layer_info})
-    return Computed(deltas, skipped, info, memory_keys=keys)
+
+    def solve(layer: int, k1: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        kp = memory.keys(param_of(layer)) if memory is not None else None
+        proj, dim = projs[layer]
+        left, right = alphaedit_factors(resid, k1, proj, hparams.L2, None if kp is None else kp.T)
+        return left, right, {"null_space_dim": dim, "memory_keys": 0 if kp is None else int(kp.shape[0])}
+
+    def param_of(layer: int) -> str:
+        return f"{adapter.ff2_name(layer)}.weight"
+
+    deltas, layer_info, keys = spread_over_layers(model, tok, adapter, layers, z, active, templates,
+                                                  hparams.fact_token, solve)
+    return Computed(deltas, skipped, request_info(skipped, z_info, layer_info),
+                    memory_keys={param_of(layer): k for layer, k in keys.items()})
 
 
 register("AlphaEdit", AlphaEditHyperParams, compute_alphaedit,

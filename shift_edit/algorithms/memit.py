@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -135,31 +136,58 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
         covs = {layer: s.mom2.double() for layer, s in stats.items()}
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
     z, z_info = target_zs(model, tok, adapter, z_layer, active, templates, hparams)
+
+    def solve(layer: int, K: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        C = covs[layer] if layer in covs else torch.eye(K.shape[0], dtype=torch.float64)
+        adj = torch.linalg.solve(hparams.mom2_update_weight * C + K @ K.T, K)  # [in, N]
+        return resid, adj.T, {}
+
+    deltas, layer_info, _keys = spread_over_layers(model, tok, adapter, layers, z, active, templates,
+                                                   hparams.fact_token, solve)
+    return Computed(deltas, skipped, request_info(skipped, z_info, layer_info))
+
+
+def spread_over_layers(
+    model: nn.Module, tok, adapter, layers: list[int], z: torch.Tensor, requests: list[EditRequest],
+    templates: list[str], fact_token: str,
+    solve: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]],
+) -> tuple[list[WeightDelta], dict[int, dict], dict[int, torch.Tensor]]:
+    """MEMIT's spreading of ``z*`` (written at the residual after ``layers[-1]``) over ``layers``, in order.
+
+    At each layer: the keys ``K`` ``[in, N]`` and the residual still to write, an equal share of what the
+    remaining layers must add (``[out, N]``, both float64), and the factors ``solve(layer, K, resid) ->
+    (left, right, extra info)`` of the update ``left @ right``, applied temporarily so that the next layer's keys
+    and residual see it. Every weight is restored at the end, also on an error.
+
+    Returns ``(deltas, per-layer info, per-layer keys [N, in] float32)``.
+    """
     modules = {layer: adapter.module(adapter.ff2_name(layer)) for layer in layers}
     originals = {layer: m.weight.detach().clone() for layer, m in modules.items()}
     deltas: list[WeightDelta] = []
     layer_info: dict[int, dict] = {}
+    keys: dict[int, torch.Tensor] = {}
     try:
         for j, layer in enumerate(layers):
-            k, h = _keys_and_residual(model, tok, adapter, layer, z_layer, active, templates, hparams.fact_token)
-            K = k.double().cpu().T  # [in, N]
+            k, h = _keys_and_residual(model, tok, adapter, layer, layers[-1], requests, templates, fact_token)
             resid = (z - h.double().cpu()).T / (len(layers) - j)  # [out, N]
-            d_in = K.shape[0]
-            C = covs[layer] if layer in covs else torch.eye(d_in, dtype=torch.float64)
-            adj = torch.linalg.solve(hparams.mom2_update_weight * C + K @ K.T, K)  # [in, N]
-            left, right = resid.float(), adj.T.float()
-            name = adapter.ff2_name(layer)
-            deltas.append(WeightDelta(name, adapter.layout(modules[layer]), left=left, right=right, layer=layer))
-            add_canonical_(modules[layer], resid @ adj.T)
-            layer_info[layer] = {"resid_norm": float(resid.norm()), "update_norm": float((resid @ adj.T).norm())}
+            left, right, extra = solve(layer, k.double().cpu().T, resid)
+            update = left @ right
+            deltas.append(WeightDelta(adapter.ff2_name(layer), adapter.layout(modules[layer]), left=left.float(),
+                                      right=right.float(), layer=layer))
+            add_canonical_(modules[layer], update)
+            keys[layer] = k.float().cpu()
+            layer_info[layer] = {"resid_norm": float(resid.norm()), "update_norm": float(update.norm()), **extra}
     finally:
         with torch.no_grad():
             for layer, m in modules.items():
                 m.weight.copy_(originals[layer])
-    info, it = [], iter(z_info)
-    for s in skipped:
-        info.append({} if s else {**next(it), "layers": layer_info})
-    return Computed(deltas, skipped, info)
+    return deltas, layer_info, keys
+
+
+def request_info(skipped: list[bool], z_info: list[dict], layer_info: dict[int, dict]) -> list[dict]:
+    """Per request: ``{}`` when skipped, else its ``z*`` details and the per-layer info."""
+    it = iter(z_info)
+    return [{} if s else {**next(it), "layers": layer_info} for s in skipped]
 
 
 def target_zs(model: nn.Module, tok, adapter, z_layer: int, requests: list[EditRequest], templates: list[str],

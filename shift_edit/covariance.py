@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ModelAdapter
-from .data import find_data, search_dirs
+from .data import find_data
 from .errors import ShiftEditError
 from .hooks import capture_inputs
 from .io import atomic_write_bytes, atomic_write_json, file_sha256, model_fingerprint, torch_bytes
@@ -94,11 +94,6 @@ def _duration(seconds: float) -> str:
 
 
 # --- corpora ------------------------------------------------------------------------------
-def shared_data_dir() -> Path:
-    """The first data folder searched (``$SHIFT_EDIT_DATA``, else the user cache); see :mod:`shift_edit.data`."""
-    return search_dirs()[0]
-
-
 def default_corpus() -> str:
     """The local WikiText-2 test split if found (:mod:`shift_edit.data`), else WikiText-103 train via ``datasets``."""
     local = find_data("wikitext")

@@ -6,17 +6,12 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..data import find_data, require_data, search_dirs
+from ..data import find_data, require_data
 from ..errors import ShiftEditError
 from ..records import read_json_records
 
 COUNTERFACT = "counterfact-original-format-subset837.json"
 WIKITEXT = "wikitext-2-raw-v1/wiki.test.nonblank.raw"
-
-
-def shared_data_dir() -> Path:
-    """The first data folder searched (``$SHIFT_EDIT_DATA``, else the user cache); see :mod:`shift_edit.data`."""
-    return search_dirs()[0]
 
 
 def default_counterfact() -> Path:

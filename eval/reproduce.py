@@ -92,45 +92,45 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def _sequential(name: str, alg: str, n: int, batch: int) -> Callable[[Path], int]:
     """The committed run's checkpoint after ``n`` edits, re-run from scratch."""
 
-    def case(out: Path) -> int:
+    def case(work: Path) -> int:
         committed_run = REPORTS / "sequential" / "runs" / name
         hp = json.loads((committed_run / "params.json").read_text())["match"]["hparams"]
-        hp_file = out / f"{name}.json"
+        hp_file = work / "hparams.json"
         hp_file.write_text(json.dumps(hp))
         _cli("bench", "--model", "smollm2-135m", "--alg", alg, "--hparams", str(hp_file),
              "--data", str(_data_dir() / "counterfact-easyedit-edit.json"), "--sequential", str(n),
              "--batch-edits", str(batch), "--eval-at", str(n), "--ppl-lines", "3", "--no-progress",
-             "--out", str(out / name))
-        rerun = json.loads(next((out / name).glob(f"{alg}/seq_*/checkpoints/ckpt_{n}.json")).read_text())
+             "--out", str(work))
+        rerun = json.loads(next(work.glob(f"{alg}/seq_*/checkpoints/ckpt_{n}.json")).read_text())
         committed = json.loads((committed_run / "checkpoints" / f"ckpt_{n}.json").read_text())
         return _compare(f"sequential/runs/{name}/checkpoints/ckpt_{n}.json", committed, rerun)
 
     return case
 
 
-def _summarize(out: Path) -> int:
+def _summarize(work: Path) -> int:
     """``shift-edit summarize`` over the committed sequential runs gives the committed summary files."""
     runs = REPORTS / "sequential" / "runs"
     order = ("SHIFT", "FT", "MEMIT", "AlphaEdit", "AlphaEdit-T50-B10", "SHIFT_PLUS", "SHIFT_PLUS-T1000")  # the report's row order
-    _cli("summarize", *[str((runs / name).relative_to(ROOT)) for name in order], "--out", str(out / "summary"),
+    _cli("summarize", *[str((runs / name).relative_to(ROOT)) for name in order], "--out", str(work),
          "--reference", str(ROOT / "eval" / "reference" / "alphaedit_table1_sequential.json"))
     bad = 0
     for fname in ("summary.json", "curves.json"):
         bad += _compare(f"sequential/{fname}", json.loads((REPORTS / "sequential" / fname).read_text()),
-                        json.loads((out / "summary" / fname).read_text()))
+                        json.loads((work / fname).read_text()))
     for fname in ("summary.csv", "curves.csv", "summary.md"):
-        same = (REPORTS / "sequential" / fname).read_bytes() == (out / "summary" / fname).read_bytes()
+        same = (REPORTS / "sequential" / fname).read_bytes() == (work / fname).read_bytes()
         print(f"  {'same' if same else 'DIFFERENT'}: sequential/{fname} (bytes)")
         bad += not same
     return bad
 
 
-def _layer_sweep(out: Path) -> int:
+def _layer_sweep(work: Path) -> int:
     """The first record of the SHIFT layer sweep, three layers, both eta scalings."""
     _cli("sweep", "--model", "smollm2-135m", "--study", "layer-sweep", "--n-records", "1", "--layers", "0,13,26",
-         "--eta-raw", "0.1", "--eta-normalized", "60", "--threads", "1", "--out", str(out / "layer_sweep"))
+         "--eta-raw", "0.1", "--eta-normalized", "60", "--threads", "1", "--out", str(work))
     committed = _rows(REPORTS / "baselines" / "layer_sweep" / "rows.csv")
-    rerun = _rows(out / "layer_sweep" / "rows.csv")
+    rerun = _rows(work / "rows.csv")
     key = ("case_id", "layer", "eta_scaling")
     index = {tuple(r[k] for k in key): r for r in committed}
     fields = ("efficacy", "eta", "neighborhood", "paraphrase")  # ppl was measured for other line settings
@@ -138,11 +138,11 @@ def _layer_sweep(out: Path) -> int:
                                                        for r in rerun], [{f: r[f] for f in fields} for r in rerun])
 
 
-def _min_lr(out: Path) -> int:
+def _min_lr(work: Path) -> int:
     """Records 55 and 70 of the minimum-lr study (one finds a minimum at layer 0), two layers, SHIFT/SGD/ADAM.
     Compared with ``--against`` only: the committed rows were measured by older code."""
     _cli("sweep", "--model", "smollm2-135m", "--study", "min-lr", "--case-ids", "55,70", "--layers", "0,29",
-         "--rel-tol", "0.05", "--threads", "1", "--out", str(out / "min_lr"))
+         "--rel-tol", "0.05", "--threads", "1", "--out", str(work))
     return 0
 
 
@@ -150,25 +150,24 @@ def _bench(alg: str, limit: int, *extra: str) -> Callable[[Path], int]:
     """Single-edit ``shift-edit bench`` on the first records of the ROME-format file (generation, KL and
     perplexity on). Compared with ``--against`` only: the committed bench reports keep summaries, not cases."""
 
-    def case(out: Path) -> int:
+    def case(work: Path) -> int:
         _cli("bench", "--model", "smollm2-135m", "--alg", alg, "--limit", str(limit), "--ppl-every", "1",
              "--data", str(_data_dir() / "counterfact-original-format-subset837.json"), "--no-progress",
-             *extra, "--out", str(out / f"bench-{alg}"))
+             *extra, "--out", str(work))
         return 0
 
     return case
 
 
-def _against(out: Path, before: Path, name: str) -> int:
-    """Every JSON / CSV file of one case's output compared with the earlier run's."""
+def _against(out: Path, before: Path, folder: str) -> int:
+    """Every JSON / CSV file of one case's folder compared with the earlier run's."""
     bad = 0
-    files = sorted(p for p in before.rglob("*") if p.suffix in (".json", ".csv") and p.is_file())
-    files = [p for p in files if p.relative_to(before).parts[0] in _OUTPUTS[name]]
+    files = sorted(p for p in (before / folder).rglob("*") if p.suffix in (".json", ".csv") and p.is_file())
     for old in files:
         rel = old.relative_to(before)
         new = out / rel
-        if rel.parts[0] == "summary" or rel.name.endswith("state.json") or "state" in rel.parts:
-            continue  # the summarize case compares with the committed files; resumable state holds timings
+        if "state" in rel.parts or rel.name == "hparams.json":
+            continue  # resumable state holds timings; the hparams are the committed run's
         if not new.is_file():
             print(f"  MISSING {rel}")
             bad += 1
@@ -179,21 +178,18 @@ def _against(out: Path, before: Path, name: str) -> int:
     return bad
 
 
-CASES: dict[str, Callable[[Path], int]] = {
-    "summarize": _summarize,
-    "seq-shift": _sequential("SHIFT", "SHIFT", 10, 1),
-    "seq-shift-plus": _sequential("SHIFT_PLUS", "SHIFT_PLUS", 10, 1),
-    "seq-alphaedit": _sequential("AlphaEdit-T50-B10", "AlphaEdit", 10, 10),
-    "seq-ft": _sequential("FT", "FT", 5, 1),
-    "layer-sweep": _layer_sweep,
-    "min-lr": _min_lr,
-    "bench-shift": _bench("SHIFT", 3),
-    "bench-rome": _bench("ROME", 1, "--skip-generation"),
+#: name -> (its folder under the work folder, the case); ``summarize`` is compared with the committed files only
+CASES: dict[str, tuple[str, Callable[[Path], int]]] = {
+    "summarize": ("summary", _summarize),
+    "seq-shift": ("SHIFT", _sequential("SHIFT", "SHIFT", 10, 1)),
+    "seq-shift-plus": ("SHIFT_PLUS", _sequential("SHIFT_PLUS", "SHIFT_PLUS", 10, 1)),
+    "seq-alphaedit": ("AlphaEdit-T50-B10", _sequential("AlphaEdit-T50-B10", "AlphaEdit", 10, 10)),
+    "seq-ft": ("FT", _sequential("FT", "FT", 5, 1)),
+    "layer-sweep": ("layer_sweep", _layer_sweep),
+    "min-lr": ("min_lr", _min_lr),
+    "bench-shift": ("bench-SHIFT", _bench("SHIFT", 3)),
+    "bench-rome": ("bench-ROME", _bench("ROME", 1, "--skip-generation")),
 }
-#: the top-level folders each case writes under the work folder
-_OUTPUTS = {"summarize": ("summary",), "seq-shift": ("SHIFT",), "seq-shift-plus": ("SHIFT_PLUS",),
-            "seq-alphaedit": ("AlphaEdit-T50-B10",), "seq-ft": ("FT",), "layer-sweep": ("layer_sweep",),
-            "min-lr": ("min_lr",), "bench-shift": ("bench-SHIFT",), "bench-rome": ("bench-ROME",)}
 
 
 def main() -> int:
@@ -214,10 +210,12 @@ def main() -> int:
     failures = 0
     for name in args.case or list(CASES):
         print(f"== {name}", flush=True)
+        folder, case = CASES[name]
+        (out / folder).mkdir(parents=True, exist_ok=True)
         if not args.compare_only:
-            failures += CASES[name](out)
-        if args.against is not None:
-            failures += _against(out, args.against, name)
+            failures += case(out / folder)
+        if args.against is not None and name != "summarize":
+            failures += _against(out, args.against, folder)
     print(f"== {'all values equal' if not failures else f'{failures} differences'} (work folder {out})")
     return 1 if failures else 0
 

@@ -1,11 +1,13 @@
-"""Per-edit wall time of SHIFT vs SGD vs ADAM vs FT (late and early MLP) vs FT_L, measured in one run.
+"""Per-edit wall time of SHIFT vs SGD vs ADAM vs FT (late and early MLP) vs FT_L (or any registered
+algorithm: SHIFT_PLUS, ROME, MEMIT, AlphaEdit), measured in one run, each also as a ratio to one forward pass.
 
 Every algorithm edits the same CounterFact records, interleaved record by record so
 machine load affects all alike; each timed edit is ``shift_edit.edit`` (compute the
 deltas + apply them), followed by an untimed ``undo()``. ``skip_if_predicted`` is off
 for all, so every algorithm does its full work (SHIFT then stops its forward pass after
-the edited layer). Prints the median time per edit and each one's ratio to SHIFT; the
-target is SHIFT >= 50x faster than FT.
+the edited layer). Prints the median time per edit, each one's ratio to SHIFT and to one forward
+pass of the record's prompt (timed in the same loop); the target is SHIFT >= 50x faster than FT.
+z* caches (MEMIT, AlphaEdit) are off, so every edit computes its z*.
 
 Models:
 - ``smollm2-135m``: the embedded model with its shipped hparams (``hparams/<ALG>/smollm2-135m[-early].yaml``).
@@ -22,6 +24,7 @@ Usage::
     SHIFT_EDIT_DATA=../shared/data PYTHONPATH=. python eval/bench_edit_time.py --n 10 --threads 2
     ... --model gpt2-xl-shape --n 4 --algs SHIFT,SGD,FT,FT:early
     ... --case-ids 104,212,715 (records of your choice)
+    ... --algs SHIFT,SHIFT_PLUS,ROME=path/to/ROME.yaml,MEMIT,AlphaEdit   (ALG=FILE: that hparams file)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 import shift_edit as se
 from shift_edit.io import atomic_write_json, provenance
 from shift_edit.registry import get_algorithm
+from shift_edit.requests import encode_prompt, make_request
 from shift_edit.studies.data import load_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,16 +74,20 @@ def load(model_name: str):
 def hparams_for(spec: str, stem: str, random_weights: bool):
     """Hparams of ``ALG`` or ``ALG:variant`` (``hparams/ALG/<stem>-<variant>.yaml``), skip check off
     (and, on random weights, FT's early stop off: see the module docstring)."""
-    alg, _, variant = spec.partition(":")
-    path = REPO / "hparams" / alg / (f"{stem}-{variant}.yaml" if variant else f"{stem}.yaml")
+    alg, eq, file = spec.partition("=")
+    alg, _, variant = alg.partition(":")
+    path = Path(file) if eq else REPO / "hparams" / alg / (f"{stem}-{variant}.yaml" if variant else f"{stem}.yaml")
+    path = path if path.is_absolute() else (Path.cwd() / path).resolve()
     if path.is_file():
-        hp, source = se.load_hparams(path), str(path.relative_to(REPO))
+        hp, source = se.load_hparams(path), str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     elif (stem, spec) in INLINE:
         hp = INLINE[(stem, spec)]()
         source = f"inline (timing only): layers={hp.layers} lr={hp.lr}"
     else:
-        raise ValueError(f"no hparams for {spec}: {path.relative_to(REPO)} is missing")
+        raise ValueError(f"no hparams for {spec}: {path} is missing")
     hp = hp.replace(skip_if_predicted=False)
+    if getattr(hp, "zstar_cache", False):
+        hp = hp.replace(zstar_cache=False)
     if random_weights and hasattr(hp, "early_stop_nll"):
         hp, source = hp.replace(early_stop_nll=0.0), source + ", early stop off"
     return hp, source
@@ -96,12 +104,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
     args = ap.parse_args()
     default_algs, stem, random_weights = MODELS[args.model]
-    specs = (args.algs or default_algs).split(",")
+    specs = (args.algs or default_algs).split(",")  # "ALG=FILE" is shown and saved as ALG
     if specs[0] != "SHIFT":
         ap.error("--algs must start with SHIFT (ratios are to SHIFT)")
     # every input is checked before the model (1.56B parameters for gpt2-xl-shape) is built
     try:
-        hps = {s: hparams_for(s, stem, random_weights) for s in specs}
+        hps = {s.split("=")[0]: hparams_for(s, stem, random_weights) for s in specs}
+        specs = list(hps)
         if args.case_ids:
             if not all(c.strip().isdigit() for c in args.case_ids.split(",")):
                 raise ValueError(f"--case-ids must be comma-separated integers, got {args.case_ids!r}")
@@ -115,8 +124,15 @@ def main() -> None:
     model, tok = load(args.model)
     n_timed = len(records) - 1
     times: dict[str, list[float]] = {s: [] for s in specs}
+    fwd: list[float] = []
     steps: dict[str, list[int]] = {s: [] for s in specs if s.startswith("FT")}
     for i, rec in enumerate(records):
+        ids = torch.tensor([encode_prompt(tok, make_request(rec).text)])
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(input_ids=ids)
+            if i:
+                fwd.append(time.perf_counter() - t0)
         for s in specs:
             t0 = time.perf_counter()
             res = se.edit(model, tok, rec, hps[s][0])
@@ -128,14 +144,16 @@ def main() -> None:
             if s in steps:
                 steps[s].append(res.info[0]["steps"])
     med = {s: statistics.median(v) for s, v in times.items()}
+    fwd_med = statistics.median(fwd)
     print(f"{args.model}, CPU, {args.threads} thread(s), {n_timed} CounterFact edits per algorithm "
           f"({label}), skip_if_predicted off")
     for s in specs:
         extra = ""
         if s in steps:
             extra = f"   steps median {statistics.median(steps[s]):g} (range {min(steps[s])}-{max(steps[s])})"
-        print(f"{s:9s} median {med[s] * 1e3:9.1f} ms/edit   ratio to SHIFT {med[s] / med['SHIFT']:7.1f}x"
-              f"   ({hps[s][1]}){extra}")
+        print(f"{s:10s} median {med[s] * 1e3:9.1f} ms/edit   ratio to SHIFT {med[s] / med['SHIFT']:7.1f}x"
+              f"   to one forward pass {med[s] / fwd_med:7.1f}x   ({hps[s][1]}){extra}")
+    print(f"one forward pass of the record's prompt: median {fwd_med * 1e3:.1f} ms")
     per_step = {s: statistics.median(t / max(k, 1) for t, k in zip(times[s], steps[s])) for s in steps}
     for s, t in per_step.items():
         print(f"{s:9s} per optimiser step (edit time / steps, median): {t * 1e3:.1f} ms = "
@@ -155,6 +173,8 @@ def main() -> None:
             "hparams": {s: {"source": hps[s][1], **hps[s][0].to_dict()} for s in specs},
             "seconds": times, "median_ms": {s: m * 1e3 for s, m in med.items()},
             "ratio_to_shift": {s: med[s] / med["SHIFT"] for s in specs},
+            "forward_pass_seconds": fwd, "forward_pass_median_ms": fwd_med * 1e3,
+            "ratio_to_forward_pass": {s: med[s] / fwd_med for s in specs},
             "ft_steps": steps, "ft_ms_per_step": {s: t * 1e3 for s, t in per_step.items()}, "target_ratio": TARGET,
             "provenance": provenance(model),
         })

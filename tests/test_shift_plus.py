@@ -32,7 +32,7 @@ def test_registered_with_memory():
     assert alg.uses_memory and alg.hparams_class is ShiftPlusHyperParams
 
 
-@pytest.mark.parametrize("kw", [{"layers": [1, 2]}, {"overshoot": 0.0}, {"n_contrast": 99}, {"search_passes": 0}])
+@pytest.mark.parametrize("kw", [{"layers": [1, 1]}, {"overshoot": 0.0}, {"n_contrast": 99}, {"search_passes": 0}])
 def test_bad_hparams_are_refused(kw):
     with pytest.raises(ShiftEditError):
         hp(**kw)
@@ -40,11 +40,12 @@ def test_bad_hparams_are_refused(kw):
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 @pytest.mark.parametrize("passes", [1, 2, 3])
-def test_forward_passes_per_edit_counted_with_a_hook(model_type, passes, byte_tok):
+@pytest.mark.parametrize("layers", [[1], [0, 1]])
+def test_forward_passes_per_edit_counted_with_a_hook(model_type, passes, layers, byte_tok):
     model = tiny_model(model_type)
     calls = []
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
-    h = hp(search_passes=passes)
+    h = hp(search_passes=passes, layers=layers)
     try:
         res = se.edit(model, byte_tok, FACT, h, force=True)  # the algorithm alone
         alone = len(calls)
@@ -93,6 +94,25 @@ def test_unit_update_hits_edit_keys_and_is_orthogonal_to_preserved_keys():
     assert torch.allclose(right0[0], u / (k_e[0] @ u), atol=1e-8)
 
 
+
+
+def test_whitened_key_meets_the_disturbance_lower_bound():
+    """eval/shift_plus/disturbance.py's bound: any key u with uᵀk = 1 disturbs generic text by
+    uᵀCu >= 1/(kᵀC⁻¹k); the whitened key (no preserved keys) attains it, other keys do not."""
+    g = torch.Generator().manual_seed(1)
+    d = 16
+    c = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    c = c @ c.T / (3 * d)
+    k = torch.randn(d, generator=g, dtype=torch.float64)
+    _, right = unit_update(torch.linalg.inv(c), k[None], torch.ones(1, 4, dtype=torch.float64), None, 0.0, ridge=0.0)
+    u = right[0]
+    bound = 1 / float(k @ torch.linalg.solve(c, k))
+    assert abs(float(u @ k) - 1) < 1e-10
+    assert abs(float(u @ c @ u) - bound) < 1e-10 * bound
+    for _ in range(20):  # any other key that writes the same push disturbs more
+        other = torch.randn(d, generator=g, dtype=torch.float64)
+        other = other / float(other @ k)
+        assert float(other @ c @ other) >= bound
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_sequential_edit_leaves_earlier_keys_unchanged(model_type, byte_tok):
     model = tiny_model(model_type)
@@ -147,3 +167,38 @@ def test_edit_reaches_the_margin_it_aims_at(byte_tok):
 
     assert already_predicted(model, byte_tok, make_requests([FACT])) == [True]
     res.undo()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_spread_over_layers_each_layer_writes_its_share(model_type, byte_tok, tmp_path):
+    """layers [0, 1]: one rank-m change per FF2, each writing half the push at its own edit key
+    (keys of the unedited model), the margin reached, memory keys per layer, exact undo and LoRA."""
+    from shift_edit.architectures import ModelAdapter
+    from shift_edit.hooks import capture_inputs
+    from shift_edit.requests import encode_prompt, make_request
+
+    model = tiny_model(model_type)
+    base = weights(model)
+    adapter = ModelAdapter(model)
+    req = make_request(FACT)
+    ids = torch.tensor([encode_prompt(byte_tok, req.text)])
+    names = [adapter.ff2_name(layer) for layer in (0, 1)]
+    with torch.no_grad(), capture_inputs(model, names) as cap:
+        model(input_ids=ids)
+    keys = {n: cap.inputs[n].reshape(1, ids.shape[1], -1)[0, -1].double() for n in names}
+    mem = EditMemory()
+    h = hp(layers=[1, 0], n_contrast=0, n_prefixes=0, ridge=0.0, target_tokens="first",
+           margin=0.01, max_push=1e4, search_points=16)
+    res = se.edit(model, byte_tok, FACT, h, memory=mem)
+    push = res.info[0]["push"]
+    assert res.info[0]["reached_margin"] and res.info[0]["layers"] == [0, 1]
+    assert sorted(d.module for d in res.deltas) == sorted(names) and all(d.rank == 1 for d in res.deltas)
+    for d in res.deltas:
+        written = d.canonical().double() @ keys[d.module]
+        assert torch.allclose(written.norm(), torch.tensor(push / 2, dtype=torch.float64), rtol=1e-4)
+        assert mem.keys(d.param).shape[0] == 1
+    exp = se.export_lora(res, tmp_path / "lora")
+    assert sorted(exp.ranks.values()) == [1, 1] and exp.exact
+    res.undo()
+    for n, w in weights(model).items():
+        assert torch.equal(w, base[n])

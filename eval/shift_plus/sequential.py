@@ -77,18 +77,24 @@ def main(argv=None) -> int:
     before = group_metrics(model, tok, probe)
     checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if int(x) <= len(cases)} | {len(cases)})
     mem = EditMemory()
-    rows, times, passes, skipped = [], [], [], 0
+    edited = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("down_proj.weight", "c_proj.weight", "fc_out.weight", "dense_4h_to_h.weight", "fc2.weight"))}
+    rows, times, passes, skipped, pushes = [], [], [], 0, []
     for i, case in enumerate(cases, 1):
         t = time.perf_counter()
         res = se.edit(model, tok, case.request, hp, memory=mem)
         times.append(time.perf_counter() - t)
         skipped += bool(res.skipped[0])
         passes.append(res.info[0].get("forward_passes", 0) if res.info else 0)
+        if res.info and "push" in res.info[0]:
+            pushes.append(res.info[0]["push"])
         if i in checkpoints:
             row = {"edits": i, "hold_top1": hold_rate(model, tok, cases[:i]),
                    "ppl_ratio": perplexity(model, tok, lines, proto) / base_ppl,
                    "probe": group_metrics(model, tok, probe[: min(i, len(probe))]),
                    "memory_keys": len(mem), "skipped_so_far": skipped,
+                   "push_median": statistics.median(pushes) if pushes else None,
+                   "delta_fro": {n: round(float((p - edited[n]).norm()), 2) for n, p in model.named_parameters()
+                                 if n in edited and not torch.equal(p, edited[n])},
                    "edit_time_median_s": statistics.median(times)}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-lines", type=int, default=10)
     ap.add_argument("--ppl-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--curve", default=None, help="tag the rows as one curve of the frontier plot (report.py)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = se.load_model("smollm2-135m")
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         hp = ShiftPlusHyperParams(**params)
         t0 = time.perf_counter()
         res = run_variant(model, tok, cases, hp, ppl_lines, proto, args.ppl_every, base_ppl)
-        res.update(name=name, override=json.loads(override), n=len(cases), start=args.start,
+        res.update(name=name, override=json.loads(override), n=len(cases), start=args.start, curve=args.curve,
                    forward_time_s=t_fwd, base_ppl=base_ppl, wall_s=time.perf_counter() - t0,
                    edit_time_ratio=(res["edit_time_median_s"] or 0) / t_fwd,
                    protocol="SmolLM2-135M-Instruct, counterfact-original-format-subset837.json, single edits; "

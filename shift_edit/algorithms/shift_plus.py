@@ -20,7 +20,11 @@ For one request with target tokens ``t_0..t_{m-1}`` (teacher forcing):
    ``ΔW₁ = V (K_eᵀ A⁻¹ K_e)⁻¹ (A⁻¹ K_e)ᵀ`` writes ``v_j`` at the edit keys exactly while
    minimising ``tr(ΔW A ΔWᵀ)`` — the expected disturbance of generic text plus the change at
    the preserved keys. It is rank ``m`` (one per target token).
-4. **Step size**: ``ΔW = s ΔW₁``. Blocks ``L..`` are re-run from the recorded input of block
+4. **Several layers** (``layers: [L_1, .., L_n]``): the same closed form at each layer's FF2, each against
+   its own statistics and memory, and each layer writes ``1/n`` of the push (MEMIT's spreading, without
+   z*): ``n`` rank-``m`` changes whose summed disturbance of generic text is about ``n`` times smaller
+   than one layer's (``Σ (s/n)² / kᵀC⁻¹k``; see ``eval/shift_plus/disturbance.py``).
+5. **Step size**: ``ΔW = s ΔW₁``. Blocks ``L..`` are re-run from the recorded input of block
    ``L`` with ``s ΔW₁`` added to FF2's output (exactly the edited model), for a batch of
    candidate ``s`` at once (``search_passes`` passes: a geometric grid, then a finer grid
    inside the bracket). The smallest ``s`` that gives every target token a logit margin of
@@ -70,9 +74,10 @@ CONTEXT_PREFIXES: tuple[str, ...] = (
 
 @dataclasses.dataclass(kw_only=True)
 class ShiftPlusHyperParams(EditHyperParams):
-    """Hparams of SHIFT_PLUS (one edited layer).
+    """Hparams of SHIFT_PLUS (one edited layer, or several sharing the push).
 
     Attributes:
+        layers: the edited FF2 layers; several share the push equally (see the module docstring).
         value: the pushed direction: ``decoding`` (D[t]), ``centered`` (D[t] minus the mean row),
             ``contrast`` (D[t] - D[t_true] for the first token), ``norm`` (D[t] through the final
             norm's Jacobian at the prompt's final hidden state).
@@ -117,8 +122,6 @@ class ShiftPlusHyperParams(EditHyperParams):
 
     def validate(self) -> None:
         super().validate()
-        if len(self.layers) != 1:
-            self._fail("layers", self.layers, "SHIFT_PLUS edits one layer: give one index")
         for name in ("contrast_weight", "memory_weight", "ridge"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
@@ -306,17 +309,38 @@ def _margins(logits: torch.Tensor, positions: list[list[int]], target: list[int]
     return torch.tensor(out)
 
 
+@dataclasses.dataclass
+class _Site:
+    """One edited FF2: its layer, module path, parameter name, module and weight layout."""
+    layer: int
+    name: str
+    param: str
+    module: nn.Module
+    layout: object
+
+
+@contextlib.contextmanager
+def _added_outputs(sites: list[_Site], factors: list[tuple[torch.Tensor, torch.Tensor]], scales: torch.Tensor):
+    """:func:`_added_output` at every site at once (each with its own factors, the same scales)."""
+    with contextlib.ExitStack() as stack:
+        for site, (left, right) in zip(sites, factors):
+            stack.enter_context(_added_output(site.module, left, right, scales))
+        yield
+
+
 @torch.no_grad()
 def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hparams: ShiftPlusHyperParams,
                        *, memory: EditMemory | None = None) -> Computed:
     """Deltas of SHIFT_PLUS, computed against ``model`` as it is (not modified)."""
     hp = hparams
     adapter = adapter_for(model, hp)
-    layer = adapter.check_layer(hp.layers[0])
-    name = adapter.ff2_name(layer)
-    param = adapter.param_name(name)
-    ff2 = adapter.module(name)
-    layout = adapter.layout(ff2)
+    sites = []
+    for layer in sorted(adapter.check_layer(x) for x in hp.layers):
+        name = adapter.ff2_name(layer)
+        module = adapter.module(name)
+        sites.append(_Site(layer, name, adapter.param_name(name), module, adapter.layout(module)))
+    first = sites[0].layer
+    share = 1.0 / len(sites)  # each layer writes this part of the push
     device = next(model.parameters()).device
     pad = pad_id_of(tok)
     norm_name = adapter.final_norm_path if hp.value == "norm" else None
@@ -324,45 +348,45 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
     deltas: list[WeightDelta] = []
     skipped: list[bool] = []
     info: list[dict] = []
-    new_keys: list[torch.Tensor] = []
+    new_keys: dict[str, list[torch.Tensor]] = {site.param: [] for site in sites}
     for req in requests:
         target = encode_target(tok, req.text, req.target_new)
         n_tok = len(target) if hp.target_tokens == "all" else 1
         batch = _build(tok, req, hp, target)
         ids, mask = pad_batch(batch.seqs, pad, device)
-        names = [name] + ([norm_name] if norm_name else [])
+        names = [site.name for site in sites] + ([norm_name] if norm_name else [])
         with record_block_inputs(adapter) as blocks_in, capture_inputs(model, names) as cap:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        block_in = blocks_in[layer]
-        full_target = encode_target(tok, req.text, req.target_new)
+        block_in = blocks_in[first]
         pos0 = batch.positions[0][0]
-        pred = logits[0, pos0 : pos0 + len(full_target)].argmax(-1).cpu()
-        if hp.skip_if_predicted and bool((pred == torch.tensor(full_target)).all()):
+        pred = logits[0, pos0 : pos0 + len(target)].argmax(-1).cpu()
+        if hp.skip_if_predicted and bool((pred == torch.tensor(target)).all()):
             skipped.append(True)
-            info.append({"target_ids": full_target, "forward_passes": 1})
+            info.append({"target_ids": target, "forward_passes": 1})
             continue
         skipped.append(False)
-        keys = cap.inputs[name].float().cpu().reshape(ids.shape[0], ids.shape[1], -1)  # [rows, seq, d_in] (OPT: flat)
-        ke_all = torch.stack([keys[r, batch.positions[r]] for r in range(batch.n_variants)])  # [V, n_tok, d]
-        if hp.key_pooling == "mean":
-            k_e = ke_all.mean(0)
-            n_rep = 1
-        else:
-            k_e = ke_all.reshape(-1, ke_all.shape[-1])  # variant-major
-            n_rep = batch.n_variants
-        kc_rows = range(batch.n_variants, len(batch.seqs))
-        k_c = torch.cat([keys[r, batch.positions[r]] for r in kc_rows]) if len(kc_rows) else None
         final_h = cap.inputs[norm_name][0, batch.positions[0]].cpu() if norm_name else None
         dirs = _directions(adapter, hp, tok, req, target, n_tok, final_h)  # [n_tok, d_out]
-        extra = torch.cat(new_keys) if new_keys else None
-        a_inv = _base_inverse(model, tok, adapter, layer, param, int(keys.shape[-1]), hp, memory, extra)
-        left, right = unit_update(a_inv, k_e, dirs.repeat(n_rep, 1), k_c, hp.contrast_weight, hp.ridge)
-        # the variants' columns share their value: sum their key rows, so the factors are rank n_tok
-        left, right = dirs.T.contiguous(), right.view(n_rep, n_tok, -1).sum(0)
-        left_f = left.to(device, torch.float32)
-        right_f = right.to(device, torch.float32)
+        factors, site_keys = [], []
+        for site in sites:
+            # [rows, seq, d_in] (OPT flattens its MLP input)
+            keys = cap.inputs[site.name].float().cpu().reshape(ids.shape[0], ids.shape[1], -1)
+            ke_all = torch.stack([keys[r, batch.positions[r]] for r in range(batch.n_variants)])  # [V, n_tok, d]
+            if hp.key_pooling == "mean":
+                k_e, n_rep = ke_all.mean(0), 1
+            else:
+                k_e, n_rep = ke_all.reshape(-1, ke_all.shape[-1]), batch.n_variants  # variant-major
+            kc_rows = range(batch.n_variants, len(batch.seqs))
+            k_c = torch.cat([keys[r, batch.positions[r]] for r in kc_rows]) if len(kc_rows) else None
+            extra = torch.cat(new_keys[site.param]) if new_keys[site.param] else None
+            a_inv = _base_inverse(model, tok, adapter, site.layer, site.param, int(keys.shape[-1]), hp, memory, extra)
+            _, right = unit_update(a_inv, k_e, dirs.repeat(n_rep, 1), k_c, hp.contrast_weight, hp.ridge)
+            # the variants' columns share their value: sum their key rows, so the factors are rank n_tok
+            factors.append((dirs.T.contiguous() * share, right.view(n_rep, n_tok, -1).sum(0)))
+            site_keys.append(ke_all[0])  # the bare prompt's keys, one per target position
+        factors_dev = [(left.to(device, torch.float32), right.to(device, torch.float32)) for left, right in factors]
 
-        # step search: re-run blocks L.. for candidate pushes (the variants only)
+        # step search: re-run blocks L_1.. for candidate pushes (the variants only)
         v = batch.n_variants
         check_rows = [0] if hp.margin_on == "prompt" else list(range(v))
         lo, hi = 0.0, None
@@ -373,7 +397,7 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
             n_s = len(scales)
             hidden = block_in[:v].repeat(n_s, 1, 1)
             row_scales = scales.repeat_interleave(v).to(device)
-            with resume_at(adapter, layer, hidden), _added_output(ff2, left_f, right_f, row_scales):
+            with resume_at(adapter, first, hidden), _added_outputs(sites, factors_dev, row_scales):
                 lg = model(input_ids=ids[:v].repeat(n_s, 1), attention_mask=mask[:v].repeat(n_s, 1),
                            use_cache=False).logits
             passes += 1
@@ -381,23 +405,23 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
             marg = _margins(lg, batch.positions[:v], target[:n_tok], rows)
             ok = marg.view(n_s, len(check_rows)).min(-1).values >= hp.margin
             if bool(ok.any()):
-                first = int(ok.nonzero()[0, 0])
-                hi = float(grid[first])
-                lo = float(grid[first - 1]) if first > 0 else lo
+                idx = int(ok.nonzero()[0, 0])
+                hi = float(grid[idx])
+                lo = float(grid[idx - 1]) if idx > 0 else lo
             else:
                 lo = float(grid[-1])
             if hi is None or it == hp.search_passes - 1:
                 break
             grid = torch.linspace(lo, hi, hp.search_points + 1, dtype=torch.float64)[1:]
         push = hp.max_push if hi is None else min(hp.overshoot * hi, hp.max_push)
-        deltas.append(WeightDelta(name, layout, left=(left * push).float().cpu(), right=right.float().cpu(),
-                                  layer=layer))
-        mem_keys = ke_all[0]  # the bare prompt's keys, one per target position
-        new_keys.append(mem_keys)
-        info.append({"target_ids": full_target, "push": push, "reached_margin": hi is not None,
+        for site, (left, right), keys in zip(sites, factors, site_keys):
+            deltas.append(WeightDelta(site.name, site.layout, left=(left * push).float().cpu(),
+                                      right=right.float().cpu(), layer=site.layer))
+            new_keys[site.param].append(keys)
+        info.append({"target_ids": target, "push": push, "reached_margin": hi is not None,
                      "forward_passes": passes, "n_edit_keys": int(k_e.shape[0]),
-                     "n_contrast_keys": 0 if k_c is None else int(k_c.shape[0])})
-    mem_out = {param: torch.cat(new_keys)} if new_keys else {}
+                     "n_contrast_keys": 0 if k_c is None else int(k_c.shape[0]), "layers": [x.layer for x in sites]})
+    mem_out = {param: torch.cat(k) for param, k in new_keys.items() if k}
     return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
 
 

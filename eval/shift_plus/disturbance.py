@@ -34,38 +34,16 @@ import torch
 import shift_edit as se
 from shift_edit.architectures import ModelAdapter
 from shift_edit.covariance import layer_stats
-from shift_edit.hooks import capture_inputs, owned_hooks
+from shift_edit.hooks import capture_inputs
 from shift_edit.io import atomic_write_json, provenance
 from shift_edit.requests import encode_prompt, encode_target, make_request
 from shift_edit.studies.data import load_records
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from value_probes import norm_needed  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 GRID = [10 * math.sqrt(2) ** i for i in range(17)]  # 10 .. 2560
-
-
-def margin(logits: torch.Tensor, t: int) -> float:
-    """Logit of ``t`` minus the best other logit."""
-    other = logits.clone()
-    other[t] = float("-inf")
-    return float(logits[t] - other.max())
-
-
-def push_needed(model, adapter, layer: int, ids: list[int], t: int, direction: torch.Tensor) -> float:
-    """Smallest grid norm of ``direction`` added to block ``layer``'s output at the last token with margin >= 2."""
-    block = adapter.blocks()[layer]
-    x = torch.tensor([ids])
-    for s in GRID:
-        def hook(_m, _a, out, s=s):
-            h = out[0] if isinstance(out, tuple) else out
-            h = h.clone()
-            h[0, -1] += s * direction
-            return (h, *out[1:]) if isinstance(out, tuple) else h
-        with owned_hooks() as hooks:
-            hooks.forward_hook(block, hook)
-            lg = model(input_ids=x).logits[0, -1]
-        if margin(lg, t) >= 2:
-            return s
-    return float("inf")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = cap.inputs[name][0].double()
                 per_layer[L]["maha_last"].append(float(x[-1] @ c_inv[L] @ x[-1]))
                 per_layer[L]["maha_subject"].append(float(x[subj] @ c_inv[L] @ x[subj]))
-                per_layer[L]["push"].append(push_needed(model, adapter, L, ids, t, direction))
+                per_layer[L]["push"].append(norm_needed(model, adapter, ids, L, -1, direction, t, GRID))
     rows = []
     for L in layers:
         d = per_layer[L]

@@ -43,7 +43,7 @@ from shift_edit.io import atomic_write_json, provenance
 from shift_edit.requests import encode_prompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from neuron_prototype import neuron_key  # noqa: E402
+from neuron_prototype import generic_inputs, neuron_key  # noqa: E402
 
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -75,18 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ff1 = adapter.ff1_names(L)[0]  # gate_proj: its input is h
     ff2 = adapter.ff2_name(L)
     # generic h: WikiText lines, 128 tokens each
-    hs = []
+    lines = read_wikitext_lines(str(DATA / "wikitext-2-raw-v1" / "wiki.test.nonblank.raw"))
     with torch.no_grad():
-        for line in read_wikitext_lines(str(DATA / "wikitext-2-raw-v1" / "wiki.test.nonblank.raw")):
-            if sum(len(h) for h in hs) >= args.tokens:
-                break
-            ids = encode_prompt(tok, line)[:128]
-            if len(ids) < 8:
-                continue
-            with capture_inputs(model, [ff1]) as cap:
-                model(input_ids=torch.tensor([ids]))
-            hs.append(cap.inputs[ff1][0].double())
-    hg = torch.cat(hs)[: args.tokens]
+        hg = generic_inputs(model, tok, ff1, lines, args.tokens)
     mu = hg.mean(0)
     sigma = torch.cov((hg - mu).T) + 1e-4 * torch.eye(hg.shape[1], dtype=torch.float64)
     c = layer_stats(model, tok, [L], n_tokens=50_000, max_length=128, progress=False)[L].mom2.double()

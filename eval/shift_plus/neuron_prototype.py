@@ -50,8 +50,8 @@ from sequential import group_metrics, hold_rate  # noqa: E402
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-def generic_moments(model, tok, name: str, lines: list[str], n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance (float64) of ``name``'s input over WikiText tokens (lines cut at 128 tokens)."""
+def generic_inputs(model, tok, name: str, lines: list[str], n_tokens: int) -> torch.Tensor:
+    """``name``'s input at ``n_tokens`` WikiText tokens ``[n_tokens, d]`` (float64; lines cut at 128 tokens)."""
     hs, n = [], 0
     for line in lines:
         ids = encode_prompt(tok, line)[:128]
@@ -63,7 +63,12 @@ def generic_moments(model, tok, name: str, lines: list[str], n_tokens: int) -> t
         n += len(ids)
         if n >= n_tokens:
             break
-    h = torch.cat(hs)[:n_tokens]
+    return torch.cat(hs)[:n_tokens]
+
+
+def generic_moments(model, tok, name: str, lines: list[str], n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64) of ``name``'s input over WikiText tokens (:func:`generic_inputs`)."""
+    h = generic_inputs(model, tok, name, lines, n_tokens)
     mu = h.mean(0)
     return mu, torch.cov((h - mu).T)
 

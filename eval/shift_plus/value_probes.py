@@ -58,8 +58,9 @@ def run(model, adapter, ids: list[int], layer: int | None = None, pos: int = -1,
         return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
-def norm_needed(model, adapter, ids, layer, pos, direction, t) -> float:
-    for s in GRID:
+def norm_needed(model, adapter, ids, layer, pos, direction, t, grid: list[float] = GRID) -> float:
+    """Smallest ``grid`` norm of ``direction`` added to block ``layer``'s output at ``pos`` with margin >= 2."""
+    for s in grid:
         if margin(run(model, adapter, ids, layer, pos, s * direction), t) >= 2:
             return s
     return float("inf")

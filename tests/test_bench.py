@@ -651,6 +651,7 @@ def test_run_labels_tell_locate_and_edit_settings_apart():
     rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}
     assert _hparams_tag(rome) == " L5 through-update"
     assert _hparams_tag({"layers": [5], "mom2_n_tokens": 200000, "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"
+    assert _hparams_tag({"layers": [23], "mom2_n_tokens": 50000, "margin": 0.25}) == " L23 C 50k tok margin 0.25"
 
 
 def test_a_refused_edit_is_recorded_and_the_run_goes_on(byte_tok, tmp_path):

@@ -3,7 +3,9 @@
 SmolLM2 (gated MLP: ``down(SiLU(gate h) * up h)``) only. For each target token of a request, at layer ``L``:
 
 1. one batched forward pass over the prompt and the template filled with 16 other subjects (teacher-forced on
-   the target) gives ``h`` (the input of gate/up) at the target positions;
+   the target) gives ``h`` (the input of gate/up) at the target positions; each token's neuron is kept silent on
+   the contrastive prompts and on the prompt's other target positions (``--hard-negatives N``: and on the N
+   WikiText tokens it would fire on most);
 2. the key ``w`` on ``h``: least ``wᵀ(Σ + w_c Σ h̃_c h̃_cᵀ)w`` with ``wᵀ(h_e - μ) = 1`` and ``wᵀμ = 0`` (so that
    ``wᵀh = wᵀ(h - μ)`` needs no bias; ``μ, Σ`` from WikiText tokens, ``h̃_c = h_c - μ``);
 3. the neuron ``j`` that costs generic text least (smallest ``E[x_j²] ‖W_down[:, j]‖²`` from the cached FF2
@@ -66,13 +68,6 @@ def generic_inputs(model, tok, name: str, lines: list[str], n_tokens: int) -> to
     return torch.cat(hs)[:n_tokens]
 
 
-def generic_moments(model, tok, name: str, lines: list[str], n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance (float64) of ``name``'s input over WikiText tokens (:func:`generic_inputs`)."""
-    h = generic_inputs(model, tok, name, lines, n_tokens)
-    mu = h.mean(0)
-    return mu, torch.cov((h - mu).T)
-
-
 def neuron_key(h_e: torch.Tensor, h_c: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, w_c: float) -> torch.Tensor:
     """``w`` with ``wᵀ(h_e - μ) = 1``, ``wᵀμ = 0``, least ``wᵀAw`` (``A = Σ + w_c Σ h̃_c h̃_cᵀ``)."""
     hc = h_c - mu
@@ -83,7 +78,8 @@ def neuron_key(h_e: torch.Tensor, h_c: torch.Tensor, mu: torch.Tensor, sigma: to
 
 
 @torch.no_grad()
-def edit_one(model, tok, adapter, req, layer: int, mu, sigma, order: list[int], used: set[int], hp: dict) -> dict:
+def edit_one(model, tok, adapter, req, layer: int, mu, sigma, order: list[int], used: set[int], hp: dict,
+             generic: torch.Tensor) -> dict:
     """Rewrite one neuron per target token of ``req`` (in place); returns the edit's info."""
     gate, up = (adapter.module(n) for n in adapter.ff1_names(layer))
     down = adapter.module(adapter.ff2_name(layer))
@@ -106,8 +102,13 @@ def edit_one(model, tok, adapter, req, layer: int, mu, sigma, order: list[int], 
     block_in = blocks_in[layer][:1]
     neurons, dirs, saved = [], [], []
     for i, t in enumerate(target):
-        w = neuron_key(h[0, positions[0][i]], torch.stack([h[r, positions[r][i]] for r in range(1, len(texts))]),
-                       mu, sigma, hp["contrast_weight"])
+        # silent on the contrastive prompts at this position and on the prompt's other target positions
+        others = [h[0, p] for k, p in enumerate(positions[0]) if k != i]
+        silent = torch.stack([h[r, positions[r][i]] for r in range(1, len(texts))] + others)
+        w = neuron_key(h[0, positions[0][i]], silent, mu, sigma, hp["contrast_weight"])
+        if hp["hard_negatives"]:  # the generic tokens it fires on most are made silent too (one more solve)
+            top = (generic @ w).topk(hp["hard_negatives"]).indices
+            w = neuron_key(h[0, positions[0][i]], torch.cat([silent, generic[top]]), mu, sigma, hp["contrast_weight"])
         j = next(n for n in order if n not in used)
         used.add(j)
         saved.append((j, gate.weight[j].clone(), up.weight[j].clone(), down.weight[:, j].clone()))
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contrast-weight", type=float, default=1000.0)
     ap.add_argument("--alpha", type=float, default=10.0)
     ap.add_argument("--max-push", type=float, default=400.0)
+    ap.add_argument("--hard-negatives", type=int, default=0,
+                    help="also keep each neuron silent on the N generic tokens it would fire on most")
     ap.add_argument("--eval-records", type=int, default=100)
     ap.add_argument("--ppl-lines", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=128)
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     hp = {"margin": args.margin, "n_contrast": args.n_contrast, "contrast_weight": args.contrast_weight,
-          "alpha": args.alpha, "max_push": args.max_push}
+          "alpha": args.alpha, "max_push": args.max_push, "hard_negatives": args.hard_negatives}
     model, tok = se.load_model("smollm2-135m")
     adapter = ModelAdapter(model)
     L = args.layer
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     proto = PerplexityProtocol(n_lines=args.ppl_lines, max_tokens=args.ppl_tokens)
     base_ppl = perplexity(model, tok, lines, proto)
     with torch.no_grad():
-        mu, sigma = generic_moments(model, tok, adapter.ff1_names(L)[0], lines[200:], args.generic_tokens)
+        generic = generic_inputs(model, tok, adapter.ff1_names(L)[0], lines[200:], args.generic_tokens)
+    mu, sigma = generic.mean(0), torch.cov((generic - generic.mean(0)).T)
     c = layer_stats(model, tok, [L], n_tokens=50_000, max_length=128, progress=False)[L].mom2.double()
     cost = torch.diagonal(c) * (adapter.module(adapter.ff2_name(L)).weight.detach().double() ** 2).sum(0)
     order = [int(j) for j in cost.argsort()]
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, infos, times = [], [], []
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
-        infos.append(edit_one(model, tok, adapter, case.request, L, mu, sigma, order, used, hp))
+        infos.append(edit_one(model, tok, adapter, case.request, L, mu, sigma, order, used, hp, generic))
         times.append(time.perf_counter() - t0)
         if i in checkpoints:
             applied = [x for x in infos if not x["skipped"]]
@@ -208,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(Path(args.out), {
                 "what": __doc__, "args": vars(args), "unedited_probe": before, "base_ppl": base_ppl,
                 "generic_cost_of_first_neurons": [float(cost[j]) for j in order[: len(used)]],
-                "checkpoints": rows, "provenance": provenance(model)})
+                "checkpoints": rows, "edits": [{"case_id": c.case_id, "n_target_tokens": len(encode_target(
+                    tok, c.request.text, c.request.target_new)), **x} for c, x in zip(cases, infos)],
+                "provenance": provenance(model)})
     return 0
 
 

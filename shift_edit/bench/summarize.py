@@ -116,7 +116,8 @@ def summarize_run(run_dir: str | Path, *, case_ids: set[str] | None = None, limi
 
 
 def _hparams_tag(hp: dict | None) -> str:
-    """A short tag telling runs of one algorithm apart: the layers and the step size."""
+    """A short tag telling runs of one algorithm apart: the layers, the step size (or SHIFT_PLUS's margin)
+    and the statistics."""
     if not hp:
         return ""
     bits = []
@@ -130,6 +131,8 @@ def _hparams_tag(hp: dict | None) -> str:
         bits.append(f"λ {hp['mom2_update_weight']:g}")
     if hp.get("mom2_n_tokens") is not None and hp.get("mom2_adjustment", True):
         bits.append(f"C {hp['mom2_n_tokens'] / 1000:g}k tok")
+    if hp.get("margin") is not None:  # SHIFT_PLUS: the logit margin its push aims at
+        bits.append(f"margin {hp['margin']:g}")
     if hp.get("optimise_through_update"):
         bits.append("through-update")
     if hp.get("lambda_key"):  # ROME: which key scales Λ (runs before the option existed used the mean)

@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-records", type=int, default=100)
     ap.add_argument("--ppl-lines", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=128)
+    ap.add_argument("--remove-only", default=None, metavar="N,N,...",
+                    help="no edits: zero the N cheapest neurons' down columns and report the perplexity ratio")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -187,6 +189,23 @@ def main(argv: list[str] | None = None) -> int:
     c = layer_stats(model, tok, [L], n_tokens=50_000, max_length=128, progress=False)[L].mom2.double()
     cost = torch.diagonal(c) * (adapter.module(adapter.ff2_name(L)).weight.detach().double() ** 2).sum(0)
     order = [int(j) for j in cost.argsort()]
+    if args.remove_only:  # is giving up the neurons what costs perplexity?
+        down = adapter.module(adapter.ff2_name(L))
+        orig, energy = down.weight.detach().clone(), float(torch.trace(down.weight.double() @ c @ down.weight.double().T))
+        removed = []
+        for n in (int(x) for x in args.remove_only.split(",")):
+            with torch.no_grad():
+                down.weight.copy_(orig)
+                down.weight[:, order[:n]] = 0
+            removed.append({"neurons": n, "ppl_ratio": perplexity(model, tok, lines, proto) / base_ppl,
+                            "summed_cost": float(cost[order[:n]].sum()) / energy})
+            print(removed[-1], flush=True)
+        with torch.no_grad():
+            down.weight.copy_(orig)
+        atomic_write_json(Path(args.out), {"what": "perplexity ratio with the N cheapest neurons of layer "
+                                           f"{L} removed (down columns zeroed), no edit", "args": vars(args),
+                                           "removed": removed, "provenance": provenance(model)})
+        return 0
     cases = load_counterfact(DATA / args.data, limit=args.n)
     probe = cases[: args.eval_records]
     before = group_metrics(model, tok, probe)

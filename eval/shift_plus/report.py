@@ -19,10 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-#: measured here, SmolLM2-135M, first 300 records (README table): strict top-1 efficacy, ROME NS
+#: measured here, SmolLM2-135M, first 300 records (README table; one SHIFT_PLUS point: 100): strict top-1 efficacy, ROME NS
 REFERENCE_300 = {"ROME, layer 5 (N=300)": (99.0, 70.2), "SHIFT, layer 26, push 60 (N=300)": (68.0, 36.1),
                  "MEMIT, layers 2-6 (N=300)": (90.0, 73.3), "unedited (N=300)": (0.7, 74.5),
-                 "SHIFT_PLUS, shipped (N=300)": (95.0, 55.1)}
+                 "SHIFT_PLUS, shipped (N=300)": (95.0, 55.1),
+                 "SHIFT_PLUS, lifelong hparams (N=100)": (98.0, 60.2)}  # eval/reports/shift_plus/lifelong_single100.jsonl
 
 COLUMNS = [("efficacy_top1", "eff"), ("paraphrase_top1", "para"), ("neighborhood_top1", "nbr"),
            ("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("S", "S"), ("neighborhood_kl", "KL"),
@@ -84,7 +85,10 @@ def plot(rows: list[dict], path: str, sweeps: dict[str, list[dict]] | None = Non
                 ax.annotate(str(tag), (p["NS"], p["efficacy_top1"]), xytext=(3, 3), textcoords="offset points", fontsize=6)
     for name, (eff, ns) in REFERENCE_300.items():
         ax.scatter(ns, eff, facecolors="none", edgecolors="tab:red")
-        ax.annotate(name, (ns, eff), fontsize=7, color="tab:red")
+        # the two SHIFT_PLUS points sit close to each other and to ROME's: their labels go left-above / right-below
+        offset, ha = {"lifelong": ((-6, 4), "right"), "shipped": ((0, -14), "center")}.get(
+            next((k for k in ("lifelong", "shipped") if k in name), ""), ((2, 2), "left"))
+        ax.annotate(name, (ns, eff), fontsize=7, color="tab:red", xytext=offset, textcoords="offset points", ha=ha)
     ax.set_xlabel("neighborhood success NS (ROME family), %")
     ax.set_ylabel("efficacy, strict top-1 (MEMIT family), %")
     ax.set_title("SmolLM2-135M: efficacy vs locality\nblue: SHIFT_PLUS sweep rows (N=20); lines: push / margin "

@@ -202,3 +202,12 @@ def test_a_refused_batch_is_recorded_and_the_run_goes_on(byte_tok, tmp_path):
     accepted = _run(tiny_model("llama"), byte_tok, path, tmp_path / "out2", total=3, ppl=False)
     ck_ok = json.loads((accepted / "checkpoints" / "ckpt_3.json").read_text())
     assert "refused_edits" not in ck_ok and not any("refused" in r for r in ck_ok["records"])
+
+
+def test_runs_sharing_algorithm_and_batch_size_get_their_own_curve():
+    from shift_edit.bench.seq_summary import run_names
+
+    runs = [("SHIFT", 1, "1000", " L26"), ("SHIFT_PLUS", 1, "100", " L23 margin 2"),
+            ("SHIFT_PLUS", 1, "300 of 1000", " L23 margin 0.25"), ("AlphaEdit", 100, "1000", " L2,3")]
+    assert run_names(runs) == ["SHIFT B=1", "SHIFT_PLUS L23 margin 2 T=100 B=1",
+                               "SHIFT_PLUS L23 margin 0.25 T=300 of 1000 B=1", "AlphaEdit B=100"]

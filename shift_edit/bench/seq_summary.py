@@ -65,15 +65,30 @@ def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
     ]
 
 
+def run_names(runs: Sequence[tuple[str, int, str, str]]) -> list[str]:
+    """Curve names for runs given as ``(alg, B, T label, hparams tag)``: ``"ALG B=b"``, and where two runs
+    would share that name, ``"ALG<tag> T=<label> B=b"`` (so no two runs are drawn as one line)."""
+    short = [f"{alg} B={b}" for alg, b, _, _ in runs]
+    return [s if short.count(s) == 1 else f"{alg}{tag} T={t} B={b}" for s, (alg, b, t, tag) in zip(short, runs)]
+
+
+def _t_label(summary: dict) -> str:
+    """``"1000"``, or ``"5 of 1000"`` for a run stopped before its planned T."""
+    reached = max((c["n_edits"] for c in summary["checkpoints"]), default=0)
+    return str(summary["T"]) if reached >= summary["T"] else f"{reached} of {summary['T']}"
+
+
 def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """One row per (run, checkpoint): n_edits, the metrics' means (edited and unedited), perplexity,
     speed, memory and the largest relative change of an edited matrix."""
+    loaded = [_load(Path(d)) for d in run_dirs]
+    names = run_names([(p["match"]["alg"], s["B"], _t_label(s), _hparams_tag(p["match"].get("hparams")))
+                       for p, s in loaded])
     rows = []
-    for d in run_dirs:
-        params, summary = _load(Path(d))
+    for (params, summary), run in zip(loaded, names):
         alg = params["match"]["alg"]
         for c in sorted(summary["checkpoints"], key=lambda c: c["n_edits"]):
-            row: dict[str, Any] = {"run": f"{alg} B={summary['B']}", "alg": alg, "B": summary["B"], "n_edits": c["n_edits"]}
+            row: dict[str, Any] = {"run": run, "alg": alg, "B": summary["B"], "n_edits": c["n_edits"]}
             for m in CURVE_METRICS:
                 if m in c["metrics"]:
                     row[m] = c["metrics"][m]["mean"]

@@ -26,7 +26,6 @@ Edits are applied one after another and never undone; retention is measured as i
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.shift_plus import CONTRAST_SUBJECTS, _margins
+from shift_edit.algorithms.shift_plus import ShiftPlusHyperParams, _build, _margins, search_push
 from shift_edit.architectures import ModelAdapter
 from shift_edit.bench.data import load_counterfact
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
@@ -85,13 +84,9 @@ def edit_one(model, tok, adapter, req, layer: int, mu, sigma, order: list[int], 
     down = adapter.module(adapter.ff2_name(layer))
     dmat = adapter.decoding_matrix().detach()
     target = encode_target(tok, req.text, req.target_new)
-    template = req.prompt if "{}" in req.prompt else req.text.replace(req.subject, "{}", 1)
-    texts = [req.text] + [template.format(s) for s in CONTRAST_SUBJECTS if s != req.subject][: hp["n_contrast"]]
-    seqs, positions = [], []
-    for t in texts:
-        ids = encode_prompt(tok, t)
-        seqs.append(ids + target[:-1])
-        positions.append(list(range(len(ids) - 1, len(ids) - 1 + len(target))))
+    # the prompt and the template filled with other subjects, teacher-forced: SHIFT_PLUS's own batch
+    batch = _build(tok, req, ShiftPlusHyperParams(layers=[layer], n_prefixes=0, n_contrast=hp["n_contrast"]), target)
+    seqs, positions, n_texts = batch.seqs, batch.positions, len(batch.seqs)
     ids, mask = pad_batch(seqs, pad_id_of(tok), next(model.parameters()).device)
     name = adapter.ff1_names(layer)[0]
     with record_block_inputs(adapter) as blocks_in, capture_inputs(model, [name]) as cap:
@@ -104,7 +99,7 @@ def edit_one(model, tok, adapter, req, layer: int, mu, sigma, order: list[int], 
     for i, t in enumerate(target):
         # silent on the contrastive prompts at this position and on the prompt's other target positions
         others = [h[0, p] for k, p in enumerate(positions[0]) if k != i]
-        silent = torch.stack([h[r, positions[r][i]] for r in range(1, len(texts))] + others)
+        silent = torch.stack([h[r, positions[r][i]] for r in range(1, n_texts)] + others)
         w = neuron_key(h[0, positions[0][i]], silent, mu, sigma, hp["contrast_weight"])
         if hp["hard_negatives"]:  # the generic tokens it fires on most are made silent too (one more solve)
             top = (generic @ w).topk(hp["hard_negatives"]).indices
@@ -130,20 +125,8 @@ def edit_one(model, tok, adapter, req, layer: int, mu, sigma, order: list[int], 
                        use_cache=False).logits
         return _margins(lg, positions[:1], target, list(range(len(scales))))
 
-    grid = torch.logspace(0, math.log10(hp["max_push"]), 12, dtype=torch.float64)
-    lo, hi, passes = 0.0, None, 1
-    for it in range(2):
-        marg = margin_rows(grid.float())
-        passes += 1
-        ok = marg >= hp["margin"]
-        if bool(ok.any()):
-            k = int(ok.nonzero()[0, 0])
-            hi, lo = float(grid[k]), (float(grid[k - 1]) if k else lo)
-        else:
-            lo = float(grid[-1])
-        if hi is None:
-            break
-        grid = torch.linspace(lo, hi, 13, dtype=torch.float64)[1:]
+    hi, search = search_push(lambda grid: margin_rows(grid.float()) >= hp["margin"], hp["max_push"], 12, 2)
+    passes = 1 + search
     if hi is None:  # the margin is out of reach: leave the model as it was (the neurons stay free)
         for j, g_row, u_row, d_col in saved:
             gate.weight[j], up.weight[j], down.weight[:, j] = g_row, u_row, d_col

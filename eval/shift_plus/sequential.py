@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
+from shift_edit.architectures import ModelAdapter
 from shift_edit.bench.data import load_counterfact
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
@@ -77,7 +78,9 @@ def main(argv=None) -> int:
     before = group_metrics(model, tok, probe)
     checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if int(x) <= len(cases)} | {len(cases)})
     mem = EditMemory()
-    edited = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("down_proj.weight", "c_proj.weight", "fc_out.weight", "dense_4h_to_h.weight", "fc2.weight"))}
+    adapter = ModelAdapter(model)  # every FF2 weight, kept to report how far the edits moved it
+    edited = {p: model.get_parameter(p).detach().clone()
+              for p in (adapter.param_name(adapter.ff2_name(layer)) for layer in range(len(adapter.blocks())))}
     rows, times, passes, skipped, pushes = [], [], [], 0, []
     for i, case in enumerate(cases, 1):
         t = time.perf_counter()

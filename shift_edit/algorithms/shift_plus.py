@@ -23,7 +23,9 @@ For one request with target tokens ``t_0..t_{m-1}`` (teacher forcing):
 4. **Several layers** (``layers: [L_1, .., L_n]``): the same closed form at each layer's FF2, each against
    its own statistics and memory, and each layer writes ``1/n`` of the push (MEMIT's spreading, without
    z*): ``n`` rank-``m`` changes whose summed disturbance of generic text is about ``n`` times smaller
-   than one layer's (``Σ (s/n)² / kᵀC⁻¹k``; see ``eval/shift_plus/disturbance.py``).
+   than one layer's (``Σ (s/n)² / kᵀC⁻¹k``; see ``eval/shift_plus/disturbance.py``). Measured on SmolLM2
+   (``eval/reports/shift_plus/``): no gain for single edits, and sequential edits fail, because an edit
+   at a lower layer moves the upper layers' keys of every later prompt.
 5. **Step size**: ``ΔW = s ΔW₁``. Blocks ``L..`` are re-run from the recorded input of block
    ``L`` with ``s ΔW₁`` added to FF2's output (exactly the edited model), for a batch of
    candidate ``s`` at once (``search_passes`` passes: a geometric grid, then a finer grid
@@ -328,6 +330,37 @@ def _added_outputs(sites: list[_Site], factors: list[tuple[torch.Tensor, torch.T
         yield
 
 
+def search_push(reaches, max_push: float, points: int, passes: int) -> tuple[float | None, int]:
+    """The smallest push that reaches the margin, by batched passes: ``points`` candidates on a
+    geometric grid up to ``max_push``, then ``points`` on a linear grid inside the bracket, and so on.
+
+    Args:
+        reaches: candidate pushes ``[n]`` (float64) -> whether each reaches the margin ``[n]`` (one
+            batched model call).
+        max_push: the largest candidate; points: candidates per pass; passes: at most this many calls.
+
+    Returns:
+        ``(push, calls)``: the smallest candidate found to reach it (None: none up to ``max_push``) and
+        the number of calls of ``reaches`` made.
+    """
+    lo, hi = 0.0, None
+    grid = torch.logspace(0, math.log10(max_push), points, dtype=torch.float64)
+    calls = 0
+    for it in range(passes):
+        ok = reaches(grid)
+        calls += 1
+        if bool(ok.any()):
+            idx = int(ok.nonzero()[0, 0])
+            hi = float(grid[idx])
+            lo = float(grid[idx - 1]) if idx > 0 else lo
+        else:
+            lo = float(grid[-1])
+        if hi is None or it == passes - 1:
+            break
+        grid = torch.linspace(lo, hi, points + 1, dtype=torch.float64)[1:]
+    return hi, calls
+
+
 @torch.no_grad()
 def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hparams: ShiftPlusHyperParams,
                        *, memory: EditMemory | None = None) -> Computed:
@@ -389,10 +422,8 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
         # step search: re-run blocks L_1.. for candidate pushes (the variants only)
         v = batch.n_variants
         check_rows = [0] if hp.margin_on == "prompt" else list(range(v))
-        lo, hi = 0.0, None
-        grid = torch.logspace(0, math.log10(hp.max_push), hp.search_points, dtype=torch.float64)
-        passes = 1
-        for it in range(hp.search_passes):
+
+        def reaches(grid: torch.Tensor) -> torch.Tensor:
             scales = grid.to(torch.float32)
             n_s = len(scales)
             hidden = block_in[:v].repeat(n_s, 1, 1)
@@ -400,19 +431,12 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
             with resume_at(adapter, first, hidden), _added_outputs(sites, factors_dev, row_scales):
                 lg = model(input_ids=ids[:v].repeat(n_s, 1), attention_mask=mask[:v].repeat(n_s, 1),
                            use_cache=False).logits
-            passes += 1
             rows = [j * v + r for j in range(n_s) for r in check_rows]
             marg = _margins(lg, batch.positions[:v], target[:n_tok], rows)
-            ok = marg.view(n_s, len(check_rows)).min(-1).values >= hp.margin
-            if bool(ok.any()):
-                idx = int(ok.nonzero()[0, 0])
-                hi = float(grid[idx])
-                lo = float(grid[idx - 1]) if idx > 0 else lo
-            else:
-                lo = float(grid[-1])
-            if hi is None or it == hp.search_passes - 1:
-                break
-            grid = torch.linspace(lo, hi, hp.search_points + 1, dtype=torch.float64)[1:]
+            return marg.view(n_s, len(check_rows)).min(-1).values >= hp.margin
+
+        hi, search = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
+        passes = 1 + search
         push = hp.max_push if hi is None else min(hp.overshoot * hi, hp.max_push)
         for site, (left, right), keys in zip(sites, factors, site_keys):
             deltas.append(WeightDelta(site.name, site.layout, left=(left * push).float().cpu(),

@@ -1,4 +1,4 @@
-"""Second-moment statistics of FF2 inputs, computed offline from a text corpus and cached.
+"""Second-moment statistics of FF2 (or FF1) inputs, computed offline from a text corpus and cached.
 
 ROME and MEMIT need ``C = E[k kᵀ]``, the uncentred second moment of the keys ``k``
 (the inputs of the MLP output matrix FF2) at a layer. :func:`layer_stats` computes it
@@ -17,6 +17,9 @@ metadata file recording the corpus identity (name and sha256), the number of tok
 and texts, the truncation length, the dtype and the sha256 of the tensor file. A
 cache entry whose metadata does not match the request, or whose tensor does not
 match its checksum, is rebuilt, never used.
+
+``site="ff1"`` gives the same statistics of the MLP's *input* (what FF1 reads), with its mean
+``E[h]`` as well (SHIFT_NEURON's neuron keys need the mean and the covariance of generic text).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -57,18 +60,20 @@ _FORMAT_VERSION = 1
 
 @dataclass
 class SecondMoment:
-    """``C = E[k kᵀ]`` of FF2 inputs at one layer, with how it was computed.
+    """``C = E[k kᵀ]`` of FF2 (or FF1) inputs at one layer, with how it was computed.
 
     Attributes:
         layer: the layer index.
         mom2: the ``[d_in, d_in]`` matrix (sum of ``k kᵀ`` divided by ``n_tokens``).
         meta: corpus identity, token and text counts, truncation length, dtype, model
             fingerprint, module name.
+        mean: ``E[k]`` ``[d_in]`` (entries computed or cached with it; always for ``site="ff1"``).
     """
 
     layer: int
     mom2: torch.Tensor
     meta: dict[str, Any]
+    mean: torch.Tensor | None = None
     _factor: tuple[bool, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -193,16 +198,18 @@ def compute_second_moments(
     dtype: str = "float32",
     batch_tokens: int = 2048,
     progress: bool = True,
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """``E[k kᵀ]`` of the inputs of ``module_names``, in one streaming pass over ``corpus``.
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, torch.Tensor]]:
+    """``E[k kᵀ]`` and ``E[k]`` of the inputs of ``module_names``, in one streaming pass over ``corpus``.
 
     Returns:
-        ``({module name: [d_in, d_in] matrix in dtype, on CPU}, {"n_tokens", "n_texts"})``.
+        ``({module name: [d_in, d_in] matrix in dtype, on CPU}, {"n_tokens", "n_texts"},
+        {module name: [d_in] mean in dtype, on CPU})``.
     """
     acc_dtype = _DTYPES[dtype]
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     sums: dict[str, torch.Tensor] = {}
+    firsts: dict[str, torch.Tensor] = {}
     seen = texts = 0
     order = {n: i for i, n in enumerate(_module_order(model, module_names))}
     deepest = max(module_names, key=lambda n: order[n])
@@ -224,7 +231,9 @@ def compute_second_moments(
                 x = cap.inputs[name].reshape(-1, cap.inputs[name].shape[-1])[keep].to(acc_dtype)
                 if name not in sums:
                     sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=acc_dtype, device=device)
+                    firsts[name] = torch.zeros(x.shape[1], dtype=acc_dtype, device=device)
                 sums[name].addmm_(x.T, x)
+                firsts[name] += x.sum(0)
             n = int(keep.sum())
             seen += n
             texts += len(batch)
@@ -239,7 +248,8 @@ def compute_second_moments(
         raise ShiftEditError(f"corpus {corpus.name!r} yielded no tokens")
     if seen < n_tokens:
         log.warning("corpus %s has only %d tokens (asked for %d)", corpus.name, seen, n_tokens)
-    return {n: (s / seen).cpu() for n, s in sums.items()}, {"n_tokens": seen, "n_texts": texts}
+    return ({n: (s / seen).cpu() for n, s in sums.items()}, {"n_tokens": seen, "n_texts": texts},
+            {n: (s / seen).cpu() for n, s in firsts.items()})
 
 
 def _module_order(model: nn.Module, names: Sequence[str]) -> list[str]:
@@ -252,9 +262,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
 
 
-def _cache_paths(fingerprint: str, corpus: Corpus, layer: int, n_tokens: int, max_length: int, dtype: str) -> tuple[Path, Path]:
+def _cache_paths(fingerprint: str, corpus: Corpus, layer: int, n_tokens: int, max_length: int, dtype: str,
+                 site: str = "ff2") -> tuple[Path, Path]:
     folder = cache_dir() / "stats" / fingerprint / f"{_slug(corpus.name)}-{corpus.identity[:12]}"
-    stem = f"layer{layer}-tok{n_tokens}-len{max_length}-{dtype}"
+    stem = f"layer{layer}{'' if site == 'ff2' else '-' + site}-tok{n_tokens}-len{max_length}-{dtype}"
     return folder / f"{stem}.pt", folder / f"{stem}.json"
 
 
@@ -273,7 +284,7 @@ def _expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_
     }
 
 
-def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any]) -> SecondMoment | None:
+def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any], need_mean: bool = False) -> SecondMoment | None:
     """The cached entry if it exists and is valid; ``None`` (with a warning) otherwise."""
     if not pt.is_file() or not meta_path.is_file():
         return None
@@ -287,15 +298,22 @@ def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any]) -> SecondMome
         if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
             log.warning("statistics cache %s fails its checksum; rebuilding", pt)
             return None
-        mom2 = torch.load(io.BytesIO(data), weights_only=True)["mom2"]
+        tensors = torch.load(io.BytesIO(data), weights_only=True)
+        mom2, mean = tensors["mom2"], tensors.get("mean")
         d = int(meta["d_in"])
         if mom2.shape != (d, d) or str(mom2.dtype) != f"torch.{expected['dtype']}" or not torch.isfinite(mom2).all():
             log.warning("statistics cache %s holds a bad tensor; rebuilding", pt)
             return None
+        if mean is None and need_mean:
+            log.warning("statistics cache %s has no mean; rebuilding", pt)
+            return None
+        if mean is not None and (mean.shape != (d,) or not torch.isfinite(mean).all()):
+            log.warning("statistics cache %s holds a bad mean; rebuilding", pt)
+            return None
     except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
         log.warning("statistics cache %s is unreadable (%s); rebuilding", pt, exc)
         return None
-    return SecondMoment(expected["layer"], mom2, meta)
+    return SecondMoment(expected["layer"], mom2, meta, mean)
 
 
 #: validated cache entries already read in this process, keyed by the files' path, size and
@@ -360,8 +378,10 @@ def layer_stats(
     rebuild: bool = False,
     batch_tokens: int = 2048,
     progress: bool = True,
+    site: Literal["ff2", "ff1"] = "ff2",
 ) -> dict[int, SecondMoment]:
-    """``C = E[k kᵀ]`` of FF2 inputs at each of ``layers``, from the cache or one pass.
+    """``C = E[k kᵀ]`` of FF2 inputs (``site="ff1"``: of the MLP input, with its mean) at each of
+    ``layers``, from the cache or one pass.
 
     Args:
         model, tok: the model and tokenizer.
@@ -381,23 +401,30 @@ def layer_stats(
         raise ShiftEditError(f"statistics dtype {dtype!r}: use one of {sorted(_DTYPES)}")
     if n_tokens < 1 or max_length < 1:
         raise ShiftEditError(f"n_tokens ({n_tokens}) and max_length ({max_length}) must be >= 1")
+    if site not in ("ff2", "ff1"):
+        raise ShiftEditError(f"statistics site {site!r}: use 'ff2' or 'ff1'")
     adapter = adapter or ModelAdapter(model)
+
+    def module_of(layer: int) -> str:
+        return adapter.ff2_name(layer) if site == "ff2" else adapter.ff1_names(layer)[0]
+
     layers = sorted({adapter.check_layer(layer) for layer in layers})
     src = open_corpus(corpus)
     fingerprint = _PINNED.get(model) or model_fingerprint(model)
     out: dict[int, SecondMoment] = {}
     todo: dict[int, tuple[Path, Path, dict]] = {}
     for layer in layers:
-        pt, meta_path = _cache_paths(fingerprint, src, layer, n_tokens, max_length, dtype)
-        expected = _expected_meta(fingerprint, src, layer, adapter.ff2_name(layer), n_tokens, max_length, dtype)
+        pt, meta_path = _cache_paths(fingerprint, src, layer, n_tokens, max_length, dtype, site)
+        expected = _expected_meta(fingerprint, src, layer, module_of(layer), n_tokens, max_length, dtype)
         hit = None
         if use_cache and not rebuild:
             key = _memo_key(pt, meta_path)
             hit = _MEMO.get(key) if key is not None else None
-            if hit is not None and any(hit.meta.get(k) != v for k, v in expected.items()):
+            if hit is not None and (any(hit.meta.get(k) != v for k, v in expected.items())
+                                    or (site == "ff1" and hit.mean is None)):
                 hit = None
             if hit is None:
-                hit = _try_load(pt, meta_path, expected)
+                hit = _try_load(pt, meta_path, expected, need_mean=site == "ff1")
                 if hit is not None:
                     _memo_put(pt, meta_path, hit)
         if hit is not None:
@@ -410,23 +437,24 @@ def layer_stats(
             f"statistics of layers {sorted(todo)} are pinned to the weights {fingerprint} but not cached, and "
             "the model has changed since: compute them before editing (shift-edit stats, or layer_stats first)")
     if todo:
-        names = {adapter.ff2_name(layer): layer for layer in todo}
-        log.warning("computing second-moment statistics of layer(s) %s over %d tokens of %s: once, then cached "
-                    "under %s", sorted(todo), n_tokens, src.name, next(iter(todo.values()))[0].parent)
-        mats, counts = compute_second_moments(
+        names = {module_of(layer): layer for layer in todo}
+        log.warning("computing second-moment statistics of layer(s) %s%s over %d tokens of %s: once, then cached "
+                    "under %s", sorted(todo), "" if site == "ff2" else " (MLP inputs)", n_tokens, src.name,
+                    next(iter(todo.values()))[0].parent)
+        mats, counts, means = compute_second_moments(
             model, tok, list(names), src, n_tokens=n_tokens, max_length=max_length,
             dtype=dtype, batch_tokens=batch_tokens, progress=progress,
         )
         for name, layer in names.items():
             pt, meta_path, expected = todo[layer]
-            mom2 = mats[name].contiguous()
+            mom2, mean = mats[name].contiguous(), means[name].contiguous()
             meta = {**expected, **counts, "d_in": int(mom2.shape[0])}
             if use_cache:
-                data = torch_bytes({"mom2": mom2})
+                data = torch_bytes({"mom2": mom2, "mean": mean})
                 meta["sha256"] = hashlib.sha256(data).hexdigest()
                 atomic_write_bytes(pt, data)
                 atomic_write_json(meta_path, meta)
-            out[layer] = SecondMoment(layer, mom2, meta)
+            out[layer] = SecondMoment(layer, mom2, meta, mean)
             if use_cache:
                 _memo_put(pt, meta_path, out[layer])
     return out

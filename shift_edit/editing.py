@@ -46,7 +46,7 @@ def edit(
         requests: one request or a list (ROME, CounterFact or EasyEdit format).
         hparams: hparams of a registered algorithm, e.g. :class:`ShiftHyperParams`.
         memory: for sequential (lifelong) editing: the keys of earlier edits, given to
-            algorithms that use them (AlphaEdit, SHIFT_PLUS) and extended with this edit's
+            algorithms that use them (AlphaEdit, SHIFT_PLUS, SHIFT_NEURON) and extended with this edit's
             keys once it is applied. Other algorithms ignore it.
         force: skip the edit guard (:mod:`shift_edit.guard`): no bound on the relative
             norm of the deltas, no check that the edit prompts' outputs stay finite.

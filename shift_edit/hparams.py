@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -138,6 +139,13 @@ class HyperParams:
 
     def _fail(self, field: str, value: Any, allowed: str) -> None:
         raise ShiftEditError(f"{type(self).__name__}.{field}: got {value!r}; {allowed}")
+
+    def _require_finite(self, *names: str, positive: bool = False) -> None:
+        """Each named field is a finite number ``>= 0`` (``> 0`` with ``positive``)."""
+        for name in names:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+                self._fail(name, v, f"it must be a finite number {'>' if positive else '>='} 0")
 
     # --- dict / YAML ---------------------------------------------------------------------
     @classmethod

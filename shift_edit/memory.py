@@ -1,7 +1,8 @@
 """What a lifelong (sequential) run remembers between edits: the keys of earlier edits.
 
-Algorithms that protect earlier edits (AlphaEdit's null-space update, SHIFT_PLUS) need the
-keys — the inputs of each edited matrix at the edited positions — of every edit already made.
+Algorithms that protect earlier edits (AlphaEdit's null-space update, SHIFT_PLUS, SHIFT_NEURON) need
+the keys — the inputs of each edited matrix at the edited positions — of every edit already made
+(SHIFT_NEURON also records which neurons it rewrote, as one-hot FF2 keys).
 :func:`shift_edit.edit` hands an :class:`EditMemory` to algorithms registered with
 ``uses_memory=True`` and, only after the deltas were applied, appends the keys the algorithm
 returned in :attr:`Computed.memory_keys`. A refused or failed edit leaves the memory as it was.

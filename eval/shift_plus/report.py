@@ -8,7 +8,7 @@ Rows tagged with a ``curve`` (``sweep.py --curve``) are drawn as one line each; 
 SHIFT's push (eta) sweep at one layer from a ``shift-edit summarize`` file, one line.
 
 Reference points (ROME, SHIFT, unedited) are the 300-record numbers measured in this repository
-(README, "ROME and MEMIT beside the shift"; SHIFT_PLUS from `bench300/`): a different record count from the sweep rows, drawn
+(README, "ROME and MEMIT beside the shift"; SHIFT_PLUS from `bench300/`, SHIFT_NEURON from `bench300_shift_neuron/`): a different record count from the sweep rows, drawn
 hollow and labelled so.
 """
 
@@ -23,7 +23,8 @@ from pathlib import Path
 REFERENCE_300 = {"ROME, layer 5 (N=300)": (99.0, 70.2), "SHIFT, layer 26, push 60 (N=300)": (68.0, 36.1),
                  "MEMIT, layers 2-6 (N=300)": (90.0, 73.3), "unedited (N=300)": (0.7, 74.5),
                  "SHIFT_PLUS, shipped (N=300)": (95.0, 55.1),
-                 "SHIFT_PLUS, lifelong hparams (N=100)": (98.0, 60.2)}  # eval/reports/shift_plus/lifelong_single100.jsonl
+                 "SHIFT_PLUS, lifelong hparams (N=100)": (98.0, 60.2),  # eval/reports/shift_plus/lifelong_single100.jsonl
+                 "SHIFT_NEURON, shipped (N=300)": (98.3, 71.7)}  # eval/reports/shift_plus/bench300_shift_neuron/
 
 COLUMNS = [("efficacy_top1", "eff"), ("paraphrase_top1", "para"), ("neighborhood_top1", "nbr"),
            ("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("S", "S"), ("neighborhood_kl", "KL"),
@@ -86,8 +87,8 @@ def plot(rows: list[dict], path: str, sweeps: dict[str, list[dict]] | None = Non
     for name, (eff, ns) in REFERENCE_300.items():
         ax.scatter(ns, eff, facecolors="none", edgecolors="tab:red")
         # the two SHIFT_PLUS points sit close to each other and to ROME's: their labels go left-above / right-below
-        offset, ha = {"lifelong": ((-6, 4), "right"), "shipped": ((0, -14), "center")}.get(
-            next((k for k in ("lifelong", "shipped") if k in name), ""), ((2, 2), "left"))
+        offset, ha = {"lifelong": ((-6, 4), "right"), "shipped": ((0, -14), "center"), "NEURON": ((-2, -30), "right")}.get(
+            next((k for k in ("NEURON", "lifelong", "shipped") if k in name), ""), ((2, 2), "left"))
         ax.annotate(name, (ns, eff), fontsize=7, color="tab:red", xytext=offset, textcoords="offset points", ha=ha)
     ax.set_xlabel("neighborhood success NS (ROME family), %")
     ax.set_ylabel("efficacy, strict top-1 (MEMIT family), %")

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
         skipped += bool(res.skipped[0])
         passes.append(res.info[0].get("forward_passes", 0) if res.info else 0)
-        if res.info and "push" in res.info[0]:
+        if res.info and res.info[0].get("push") is not None:
             pushes.append(res.info[0]["push"])
         if i in checkpoints:
             row = {"edits": i, "hold_top1": hold_rate(model, tok, cases[:i]),

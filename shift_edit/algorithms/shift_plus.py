@@ -124,14 +124,8 @@ class ShiftPlusHyperParams(EditHyperParams):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("contrast_weight", "memory_weight", "ridge"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                self._fail(name, v, "it must be a finite number >= 0")
-        for name in ("overshoot", "max_push"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v <= 0:
-                self._fail(name, v, "it must be a finite number > 0")
+        self._require_finite("contrast_weight", "memory_weight", "ridge")
+        self._require_finite("overshoot", "max_push", positive=True)
         if not math.isfinite(self.margin):
             self._fail("margin", self.margin, "it must be finite")
         if not 0 <= self.n_contrast <= len(CONTRAST_SUBJECTS):
@@ -149,11 +143,12 @@ class ShiftPlusHyperParams(EditHyperParams):
 
 
 # --- the preserved-key metric A and its inverse ---------------------------------------------------
-#: C⁻¹ per (model, parameter, statistics settings): read once per process, so later calls neither
-#: fingerprint the (possibly edited) model nor reload the statistics
-_C_INV: dict[tuple, torch.Tensor] = {}
-#: B⁻¹ = (C + w_m K_mem K_memᵀ)⁻¹ per memory object, updated (Woodbury) as the memory grows
-_MEM_INV: "weakref.WeakKeyDictionary[EditMemory, dict]" = weakref.WeakKeyDictionary()
+#: C⁻¹ per model object, then per (parameter, statistics settings): read once per process, so later calls
+#: neither fingerprint the (possibly edited) model nor reload the statistics (weakly keyed: a new model
+#: object never sees another's statistics, even one that reuses a freed model's id)
+_C_INV: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+#: B⁻¹ = (C + w_m K_mem K_memᵀ)⁻¹ per memory object and model, updated (Woodbury) as the memory grows
+_MEM_INV: "weakref.WeakKeyDictionary[EditMemory, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
 
 
 def _c_inverse(model, tok, adapter, layer: int, param: str, d: int, hp: ShiftPlusHyperParams) -> torch.Tensor:
@@ -161,17 +156,18 @@ def _c_inverse(model, tok, adapter, layer: int, param: str, d: int, hp: ShiftPlu
 
     The statistics are those of the model as first seen in this process (later calls on an
     edited model reuse them)."""
-    key = (id(model), param, hp.whiten, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length, hp.mom2_dtype)
-    if key not in _C_INV:
+    cache = _C_INV.setdefault(model, {})
+    key = (param, hp.whiten, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length, hp.mom2_dtype)
+    if key not in cache:
         if hp.whiten:
             c = layer_stats(model, tok, [layer], corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens,
                             max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, adapter=adapter,
                             progress=False)[layer].mom2.double()
             c = c + 1e-6 * float(torch.diagonal(c).mean()) * torch.eye(c.shape[0], dtype=torch.float64)
-            _C_INV[key] = torch.linalg.inv(c)
+            cache[key] = torch.linalg.inv(c)
         else:
-            _C_INV[key] = torch.eye(d, dtype=torch.float64)
-    return _C_INV[key]
+            cache[key] = torch.eye(d, dtype=torch.float64)
+    return cache[key]
 
 
 def _base_inverse(model, tok, adapter, layer: int, param: str, d: int, hp: ShiftPlusHyperParams,
@@ -181,8 +177,8 @@ def _base_inverse(model, tok, adapter, layer: int, param: str, d: int, hp: Shift
     inv = _c_inverse(model, tok, adapter, layer, param, d, hp)
     mem = memory.keys(param) if memory is not None else None
     if mem is not None and len(mem) and hp.memory_weight > 0:
-        slot = _MEM_INV.setdefault(memory, {})
-        key = (id(model), param, hp.whiten, hp.memory_weight, hp.mom2_corpus, hp.mom2_n_tokens,
+        slot = _MEM_INV.setdefault(memory, weakref.WeakKeyDictionary()).setdefault(model, {})
+        key = (param, hp.whiten, hp.memory_weight, hp.mom2_corpus, hp.mom2_n_tokens,
                hp.mom2_max_length, hp.mom2_dtype)
         entry = slot.get(key)
         n_mem = int(mem.shape[0])
@@ -239,16 +235,20 @@ class _Batch:
     n_variants: int
 
 
-def _build(tok, req: EditRequest, hp: ShiftPlusHyperParams, target: list[int]) -> _Batch:
+def build_batch(tok, req: EditRequest, target: list[int], *, n_prefixes: int, n_contrast: int,
+                all_tokens: bool = True) -> _Batch:
+    """The prompt, the prompt behind ``n_prefixes`` context prefixes and the template filled with
+    ``n_contrast`` other subjects, each teacher-forced on ``target`` (with the positions that predict
+    its tokens: all of them, or the first only)."""
     text = req.text
-    variants = [text] + [p + text for p in CONTEXT_PREFIXES[: hp.n_prefixes]]
+    variants = [text] + [p + text for p in CONTEXT_PREFIXES[:n_prefixes]]
     contrast: list[str] = []
     template = req.prompt if "{}" in req.prompt else None
     if template is None and req.subject and req.subject in text:  # a filled prompt (EasyEdit format)
         template = text.replace("{", "{{").replace("}", "}}").replace(req.subject, "{}", 1)
-    if hp.n_contrast and template is not None and req.subject:
-        contrast = [template.format(s) for s in CONTRAST_SUBJECTS if s != req.subject][: hp.n_contrast]
-    n_tok = len(target) if hp.target_tokens == "all" else 1
+    if n_contrast and template is not None and req.subject:
+        contrast = [template.format(s) for s in CONTRAST_SUBJECTS if s != req.subject][:n_contrast]
+    n_tok = len(target) if all_tokens else 1
     seqs, positions = [], []
     for t in variants + contrast:
         ids = encode_prompt(tok, t)
@@ -385,7 +385,8 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
     for req in requests:
         target = encode_target(tok, req.text, req.target_new)
         n_tok = len(target) if hp.target_tokens == "all" else 1
-        batch = _build(tok, req, hp, target)
+        batch = build_batch(tok, req, target, n_prefixes=hp.n_prefixes, n_contrast=hp.n_contrast,
+                            all_tokens=hp.target_tokens == "all")
         ids, mask = pad_batch(batch.seqs, pad, device)
         names = [site.name for site in sites] + ([norm_name] if norm_name else [])
         with record_block_inputs(adapter) as blocks_in, capture_inputs(model, names) as cap:

@@ -143,7 +143,7 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
                 pts = [(r["n_edits"], r.get(m)) for r in rs if r.get(m) is not None]
                 if not pts:
                     continue
-                color = f"C{i}"
+                color = plt.get_cmap("tab20")((2 * i) % 20 + (i // 10) % 2)  # 10 hues, then their light shades
                 base = [(r["n_edits"], r.get(f"unedited_{m}")) for r in rs if r.get(f"unedited_{m}") is not None]
                 if m == "wikitext_ppl":  # a collapsed model's inf / 1e32 drawn at 100x unedited as a labelled ▲
                     plot_ppl(ax, *zip(*pts), run, base[0][1] if base else None, color=color, ms=6)

@@ -1,0 +1,478 @@
+"""SHIFT_NEURON: the forward pass shift written into one FF neuron per target token.
+
+Any linear edit of FF2 keyed at the last prompt token disturbs generic text by at least
+``push² / (kᵀC⁻¹k)`` per edit, and sequential edits add those disturbances up (the bound in
+``eval/reports/shift_plus/``). SHIFT_NEURON escapes it with a nonlinear key: it rewrites one of the
+layer's least used FF neurons per target token so that the neuron fires at the edit and stays
+silent elsewhere, using the MLP's own activation function as the threshold. No optimiser loop and no
+backward pass. For a request with target tokens ``t_0..t_{m-1}`` at layer ``L``:
+
+1. **One batched forward pass** over the prompt and the template filled with other subjects
+   (``n_contrast``), teacher-forced on the target: the MLP input ``h`` at every target position,
+   block ``L``'s input (for the step search) and the logits (skip check).
+2. **Gate key** ``g``: least ``gᵀ(Σ + w_c Σ h̃_c h̃_cᵀ)g`` subject to ``gᵀ(h_e - μ) = 1`` and a
+   pre-activation of ``-sharpness · threshold`` at the generic mean ``μ`` (``μ, Σ``: mean and covariance
+   of the MLP input on generic text, cached statistics ``site="ff1"``; ``h̃_c = h_c - μ`` at the
+   contrastive prompts and at the prompt's other target positions). The neuron's FF1 row is
+   ``sharpness · g`` (its bias, if any, is kept and accounted for): pre-activation
+   ``sharpness · (1 - threshold)`` at the edit and ``-sharpness · threshold ± spread`` on generic text,
+   where GELU / ReLU / SiLU give about 0. With a memory, the MLP inputs at earlier edits' positions
+   (recorded at every listed layer) on which the key would come within half the threshold of firing
+   become silent keys too (``memory_weight``; up to three solves, an active set), so a new neuron does
+   not fire on an earlier edit's prompt. Gated MLPs (``act(gate h) · up h``) also get an up row
+   ``u`` with ``u·h_e = u·μ = 1`` and least variance (a near-constant), scaled so that the neuron's
+   activation at the edit is ``activation``.
+3. **Neuron**: the layer's cheapest unused neuron (least ``E[x_j²] ‖FF2[:, j]‖²``, from the cached FF2
+   statistics). Used: in the :class:`~shift_edit.memory.EditMemory` (its FF2 keys are one-hot rows), or
+   with an FF2 column parallel to a decoding row (what this algorithm writes, so edits made without a
+   memory are not overwritten either).
+4. **Push**: the neuron's FF2 column is ``s · D̂[t_i] / activation`` (``D̂``: unit decoding row); ``s`` is
+   the smallest push that gives every target token a logit margin of ``margin`` (SHIFT_PLUS's
+   :func:`~shift_edit.algorithms.shift_plus.search_push`: blocks ``L..`` re-run from the recorded block
+   input with the new neurons in place, for a batch of candidate pushes at once). If no push up to
+   ``max_push`` reaches it (``info["reached_margin"]`` False), ``if_unreached`` says what happens: the
+   neurons get ``max_push`` (as SHIFT_PLUS), or the request is not applied and its neurons stay free.
+
+Continuation tokens (``i > 0``) that the model already gives with the margin get no neuron, and with
+``continuation: free`` the others are not kept silent on the contrastive prompts (after another
+subject the same continuation is as right). Several ``layers``: each request goes to the first listed layer
+that has fewer than ``neurons_per_layer`` rewritten neurons (counted in the memory; without one, in
+this call only), so the layers fill up in the order given.
+
+Forward passes per edit (calls of the model): ``1 + search_passes`` (``1`` when skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import weakref
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..architectures import ModelAdapter, from_param_layout, weight_layout
+from ..covariance import layer_stats
+from ..deltas import WeightDelta
+from ..editing import apply_algo_to_model
+from ..errors import ShiftEditError
+from ..hooks import capture_inputs, owned_hooks
+from ..memory import EditMemory
+from ..registry import Computed, register
+from ..requests import EditRequest, encode_target
+from ..resume import record_block_inputs, resume_at
+from ..scoring import pad_batch, pad_id_of
+from .common import EditHyperParams, adapter_for
+from .shift_plus import CONTEXT_PREFIXES, CONTRAST_SUBJECTS, _margins, build_batch, search_push
+
+log = logging.getLogger(__name__)
+
+#: solves of the gate key that add the earlier-edit keys it would fire on (an active set)
+_ACTIVE_ROUNDS = 3
+
+
+@dataclasses.dataclass(kw_only=True)
+class ShiftNeuronHyperParams(EditHyperParams):
+    """Hparams of SHIFT_NEURON.
+
+    Attributes:
+        layers: the layers whose neurons may be rewritten (a request uses one of them, filled in this order).
+        neurons_per_layer: how many neurons of a layer may be rewritten before the next layer is used.
+        threshold: ``β``: the generic mean sits at ``-β`` on the key's scale, the edit at ``1 - β``.
+        sharpness: ``α``: FF1 row ``α g``, pre-activation ``α(1 - β)`` at the edit.
+        activation: the neuron's activation at the edit (gated MLPs; plain MLPs get ``act(α(1 - β))``).
+        n_contrast: other subjects that fill the template; the neuron is kept silent on them.
+        n_prefixes: the prompt behind this many fixed context prefixes (SHIFT_PLUS's): the neuron must fire
+            on each of them as on the prompt (0: the prompt only).
+        contrast_weight: weight of each silent key in units of generic-text tokens.
+        memory_weight: weight of each earlier edit's key (the memory's MLP inputs at this layer), on which
+            the new neuron is kept silent too (0: not at all).
+        continuation: ``free`` (tokens after the first need no silence on the contrastive prompts) or
+            ``contrast``.
+        ridge: relative ridge on the generic covariance ``Σ``.
+        margin: logit margin of every target token over the runner-up that the push aims at.
+        max_push: cap on the push ``s`` (residual-stream norm at the edit).
+        if_unreached: ``max_push`` (apply the capped push) or ``skip`` (leave the model as it was) when no
+            push up to ``max_push`` reaches the margin.
+        search_passes / search_points: batched partial forward passes of the step search, candidates each.
+        mom2_*: the statistics (as ROME's; the same cache, ``site="ff1"`` for the MLP input).
+    """
+
+    ALG_NAME = "SHIFT_NEURON"
+
+    neurons_per_layer: int = 256
+    threshold: float = 0.7
+    sharpness: float = 25.0
+    activation: float = 8.0
+    n_contrast: int = 16
+    n_prefixes: int = 0
+    contrast_weight: float = 1000.0
+    memory_weight: float = 1000.0
+    continuation: Literal["free", "contrast"] = "free"
+    ridge: float = 0.01
+    margin: float = 0.25
+    max_push: float = 1200.0
+    if_unreached: Literal["max_push", "skip"] = "max_push"
+    search_passes: int = 2
+    search_points: int = 12
+    mom2_corpus: str | None = None
+    mom2_n_tokens: int = 50_000
+    mom2_max_length: int = 128
+    mom2_dtype: Literal["float32", "float64"] = "float32"
+
+    def validate(self) -> None:
+        super().validate()
+        if not (math.isfinite(self.threshold) and 0 <= self.threshold < 1):
+            self._fail("threshold", self.threshold, "it must be in [0, 1)")
+        self._require_finite("sharpness", "activation", "max_push", positive=True)
+        self._require_finite("contrast_weight", "memory_weight", "ridge")
+        if not math.isfinite(self.margin):
+            self._fail("margin", self.margin, "it must be finite")
+        if not 0 <= self.n_contrast <= len(CONTRAST_SUBJECTS):
+            self._fail("n_contrast", self.n_contrast, f"use 0..{len(CONTRAST_SUBJECTS)}")
+        if not 0 <= self.n_prefixes <= len(CONTEXT_PREFIXES):
+            self._fail("n_prefixes", self.n_prefixes, f"use 0..{len(CONTEXT_PREFIXES)}")
+        if self.neurons_per_layer < 1:
+            self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
+        if self.search_passes < 1 or self.search_points < 2:
+            self._fail("search_passes", (self.search_passes, self.search_points),
+                       "search_passes >= 1 and search_points >= 2")
+
+    @property
+    def forward_passes(self) -> int:
+        """Model calls per edited (not skipped) request."""
+        return 1 + self.search_passes
+
+
+# --- one layer's MLP -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Mlp:
+    """The matrices of one layer's MLP and how a neuron ``j`` sits in them."""
+
+    layer: int
+    kind: Literal["plain", "gated", "fused"]
+    ff1: list[tuple[str, nn.Module]]  # plain / fused: [ff1]; gated: [gate, up]
+    ff2_name: str
+    ff2: nn.Module
+    d_ff: int
+
+    @property
+    def ff2_param(self) -> str:
+        return f"{self.ff2_name}.weight"
+
+    def ff2_weight(self) -> torch.Tensor:
+        """FF2's weight as ``[d_model, d_ff]``."""
+        return from_param_layout(self.ff2.weight.detach(), weight_layout(self.ff2))
+
+    def row(self, slot: int, j: int) -> tuple[nn.Module, str, int]:
+        """(module, name, output row) of the neuron's gate (slot 0) or up (slot 1) row."""
+        if self.kind == "gated":
+            name, module = self.ff1[slot]
+            return module, name, j
+        name, module = self.ff1[0]
+        return module, name, j + slot * self.d_ff
+
+
+def _mlp(adapter: ModelAdapter, layer: int) -> _Mlp:
+    names = adapter.ff1_names(layer)
+    ff2_name = adapter.ff2_name(layer)
+    ff2 = adapter.module(ff2_name)
+    d_ff = int(from_param_layout(ff2.weight, weight_layout(ff2)).shape[1])
+    ff1 = [(n, adapter.module(n)) for n in names]
+    outs = [int(from_param_layout(m.weight, weight_layout(m)).shape[0]) for _n, m in ff1]
+    if len(ff1) == 2 and outs == [d_ff, d_ff]:
+        kind = "gated"
+    elif len(ff1) == 1 and outs == [d_ff]:
+        kind = "plain"
+    elif len(ff1) == 1 and outs == [2 * d_ff]:
+        kind = "fused"
+    else:
+        raise ShiftEditError(f"SHIFT_NEURON: cannot read the MLP of layer {layer} (FF1 {names} with outputs "
+                             f"{outs}, FF2 input {d_ff})")
+    if kind != "plain":
+        up, _name, _row = _Mlp(layer, kind, ff1, ff2_name, ff2, d_ff).row(1, 0)
+        if getattr(up, "bias", None) is not None:
+            raise ShiftEditError(f"SHIFT_NEURON: gated MLPs with an up-projection bias are not supported "
+                                 f"(layer {layer})")
+    return _Mlp(layer, kind, ff1, ff2_name, ff2, d_ff)
+
+
+# --- statistics, per process ---------------------------------------------------------------------
+#: (μ, Σ⁻¹, E[x_j²]) per model object, then per (layer, statistics settings): read once per process, so
+#: later calls on an edited model neither fingerprint it nor reload the statistics (weakly keyed: a new
+#: model object never sees another's statistics, even one that reuses a freed model's id)
+_GENERIC: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _generic(model: nn.Module, tok, adapter: ModelAdapter, layer: int, hp: ShiftNeuronHyperParams
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(μ, Σ⁻¹, E[x_j²])`` (float64): the MLP input's mean and inverse covariance on generic text,
+    and the second moment of each neuron's activation (FF2's input)."""
+    cache = _GENERIC.setdefault(model, {})
+    key = (layer, hp.ridge, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length, hp.mom2_dtype)
+    if key not in cache:
+        common = dict(corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens, max_length=hp.mom2_max_length,
+                      dtype=hp.mom2_dtype, adapter=adapter, progress=False)
+        inputs = layer_stats(model, tok, [layer], site="ff1", **common)[layer]
+        ff2 = layer_stats(model, tok, [layer], **common)[layer]
+        mu = inputs.mean.double()
+        sigma = inputs.mom2.double() - torch.outer(mu, mu)
+        sigma = sigma + (hp.ridge * float(torch.diagonal(sigma).mean()) + 1e-12) * torch.eye(len(mu), dtype=torch.float64)
+        cache[key] = (mu, torch.linalg.inv((sigma + sigma.T) / 2), torch.diagonal(ff2.mom2).double().clone())
+    return cache[key]
+
+
+def neuron_key(sigma_inv: torch.Tensor, mu: torch.Tensor, h_e: torch.Tensor, silent: torch.Tensor | None,
+               w_c: float | torch.Tensor, at_edit: float, at_mean: float) -> torch.Tensor:
+    """``w`` with ``wᵀ(h_e - μ) = at_edit`` (for each row of ``h_e``, if it is ``[n, d]``) and ``wᵀμ = at_mean``
+    and the least ``wᵀAw``,
+    ``A = Σ + Σ_c w_c (h_c - μ)(h_c - μ)ᵀ`` over the ``silent`` rows (``w_c``: one weight, or one per row;
+    Woodbury on ``Σ⁻¹``; float64)."""
+    edits = h_e[None] if h_e.dim() == 1 else h_e
+    b = torch.cat([(edits - mu).T, mu[:, None]], 1)  # [d, n_edit + 1]
+    aib = sigma_inv @ b
+    weights = torch.as_tensor(w_c, dtype=torch.float64).expand(len(silent)) if silent is not None else None
+    if silent is not None and len(silent) and bool((weights > 0).all()):
+        hc = (silent - mu).T  # [d, n]
+        shc = sigma_inv @ hc
+        small = torch.diag(1.0 / weights) + hc.T @ shc
+        aib = aib - shc @ torch.linalg.solve(small, shc.T @ b)
+    rhs = torch.tensor([at_edit] * len(edits) + [at_mean], dtype=torch.float64)
+    return aib @ torch.linalg.solve(b.T @ aib, rhs)
+
+
+# --- which neurons are free ------------------------------------------------------------------------
+def _earlier_keys(memory: EditMemory | None, new_keys: dict[str, list[torch.Tensor]], param: str
+                  ) -> torch.Tensor | None:
+    """The MLP inputs at earlier edits' positions for ``param`` (memory, then this call's), float64."""
+    rows = [memory.keys(param)] if memory is not None and memory.keys(param) is not None else []
+    rows += [torch.stack(new_keys[param])] if new_keys.get(param) else []
+    return torch.cat(rows).double() if rows else None
+
+
+def _memory_used(memory: EditMemory | None, mlp: _Mlp) -> set[int]:
+    keys = memory.keys(mlp.ff2_param) if memory is not None else None
+    if keys is None or not len(keys) or keys.shape[1] != mlp.d_ff:
+        return set()
+    return {int(j) for j in keys.abs().argmax(1)}
+
+
+def _written(col: torch.Tensor, dec_unit: torch.Tensor) -> bool:
+    """Is this FF2 column a multiple of a decoding row (a neuron this algorithm wrote)?"""
+    n = float(col.norm())
+    return n > 0 and float((dec_unit @ (col / n)).abs().max()) > 0.9999
+
+
+def _free_neurons(mlp: _Mlp, cost: torch.Tensor, n: int, exclude: set[int], dec_unit: torch.Tensor) -> list[int]:
+    w2 = mlp.ff2_weight().float().cpu()
+    out: list[int] = []
+    for j in (int(x) for x in cost.argsort()):
+        if j in exclude or _written(w2[:, j], dec_unit):
+            continue
+        out.append(j)
+        if len(out) == n:
+            return out
+    raise ShiftEditError(f"SHIFT_NEURON: layer {mlp.layer} has no free neuron left; add layers")
+
+
+# --- the search with the new neurons in place ----------------------------------------------------------
+@dataclasses.dataclass
+class _Neuron:
+    j: int
+    pos: int  # the prompt position it fires at
+    rows: list[torch.Tensor]  # [gate row (α g)] or [gate row, up row u] (float32, canonical)
+    direction: torch.Tensor  # D̂[t] (float32)
+    old_col: torch.Tensor  # FF2[:, j] before the edit (float32)
+
+
+def _ff1_hooks(hooks, mlp: _Mlp, neurons: list[_Neuron]) -> None:
+    """Replace the neurons' FF1 outputs by their new rows' (bias kept), as the edited weights would."""
+    by_module: dict[int, tuple[nn.Module, list[int], list[torch.Tensor]]] = {}
+    for nrn in neurons:
+        for slot, row in enumerate(nrn.rows):
+            module, _name, r = mlp.row(slot, nrn.j)
+            entry = by_module.setdefault(id(module), (module, [], []))
+            entry[1].append(r)
+            entry[2].append(row)
+    for module, idx, rows in by_module.values():
+        mat = torch.stack(rows)
+        bias = getattr(module, "bias", None)
+        b = bias.detach()[idx].float() if bias is not None else torch.zeros(len(idx))
+
+        def hook(_m, args, out, idx=idx, mat=mat, b=b):
+            x = args[0]
+            out = out.clone()
+            out[..., idx] = (x.float() @ mat.to(x.device).T + b.to(x.device)).to(out.dtype)
+            return out
+
+        hooks.forward_hook(module, hook)
+
+
+@torch.no_grad()
+def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hparams: ShiftNeuronHyperParams,
+                         *, memory: EditMemory | None = None) -> Computed:
+    """Deltas of SHIFT_NEURON, computed against ``model`` as it is (not modified)."""
+    hp = hparams
+    adapter = adapter_for(model, hp)
+    layers = list(dict.fromkeys(adapter.check_layer(x) for x in hp.layers))
+    mlps = {layer: _mlp(adapter, layer) for layer in layers}
+    device = next(model.parameters()).device
+    pad = pad_id_of(tok)
+    dmat = adapter.decoding_matrix().detach().float().cpu()
+    dec_unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    taken: dict[int, set[int]] = {layer: _memory_used(memory, mlps[layer]) for layer in layers}
+
+    deltas: list[WeightDelta] = []
+    skipped: list[bool] = []
+    info: list[dict] = []
+    new_keys: dict[str, list[torch.Tensor]] = {}
+    for req in requests:
+        target = encode_target(tok, req.text, req.target_new)
+        layer = next((x for x in layers if len(taken[x]) + len(target) <= hp.neurons_per_layer), None)
+        if layer is None:
+            raise ShiftEditError(f"SHIFT_NEURON: layers {layers} hold {hp.neurons_per_layer} rewritten neurons each "
+                                 "already; add layers or raise neurons_per_layer")
+        mlp = mlps[layer]
+        batch = build_batch(tok, req, target, n_prefixes=hp.n_prefixes, n_contrast=hp.n_contrast)
+        n_var = batch.n_variants
+        ids, mask = pad_batch(batch.seqs, pad, device)
+        in_name = mlp.ff1[0][0]
+        in_names = {x: mlps[x].ff1[0][0] for x in layers}  # every layer's MLP input: earlier-edit keys for later
+        with record_block_inputs(adapter) as blocks_in, capture_inputs(model, list(in_names.values())) as cap:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        pos = batch.positions[0]
+        if hp.skip_if_predicted and bool((logits[0, pos].argmax(-1).cpu() == torch.tensor(target)).all()):
+            skipped.append(True)
+            info.append({"target_ids": target, "forward_passes": 1})
+            continue
+        skipped.append(False)
+        h = cap.inputs[in_name].double().cpu().reshape(ids.shape[0], ids.shape[1], -1)
+        mu, sigma_inv, act_m2 = _generic(model, tok, adapter, layer, hp)
+        earlier = _earlier_keys(memory, new_keys, f"{in_name}.weight") if hp.memory_weight > 0 else None
+
+        # the tokens that get a neuron: the first, and any later one the model does not already give
+        wanted = []
+        for i, t in enumerate(target):
+            if i > 0:
+                lg = logits[0, pos[i]].float().cpu()
+                if float(lg[t] - lg.scatter(0, torch.tensor([t]), float("-inf")).max()) >= hp.margin:
+                    continue
+            wanted.append(i)
+        w2 = mlp.ff2_weight().float().cpu()
+        cost = act_m2 * (w2.double() ** 2).sum(0)
+        js = _free_neurons(mlp, cost, len(wanted), taken[layer], dec_unit)
+        neurons: list[_Neuron] = []
+        for i, j in zip(wanted, js):
+            others = [h[0, p] for k, p in enumerate(pos) if k != i]
+            contrast = ([h[r, batch.positions[r][i]] for r in range(n_var, len(batch.seqs))]
+                        if hp.continuation == "contrast" or i == 0 else [])
+            silent = torch.stack(contrast + others) if contrast or others else h[0, :0]
+            weights = torch.full((len(silent),), hp.contrast_weight, dtype=torch.float64)
+            gate_mod, _name, gate_row = mlp.row(0, j)
+            gate_bias = getattr(gate_mod, "bias", None)
+            at_mean = -hp.threshold - (float(gate_bias[gate_row]) if gate_bias is not None else 0.0) / hp.sharpness
+            h_e = torch.stack([h[r, batch.positions[r][i]] for r in range(n_var)])  # the prompt and its variants
+            g = neuron_key(sigma_inv, mu, h_e, silent if len(silent) else None, weights, 1.0, at_mean)
+            # earlier edits' prompts this neuron would fire on (within half the threshold of firing) become
+            # silent keys too; a few rounds, so only the few keys that matter constrain the key
+            active = torch.zeros(0, dtype=torch.long)
+            for _round in range(_ACTIVE_ROUNDS if earlier is not None else 0):
+                risky = ((earlier @ g) > at_mean / 2).nonzero()[:, 0]
+                new = risky[~torch.isin(risky, active)]
+                if not len(new):
+                    break
+                active = torch.cat([active, new])
+                g = neuron_key(sigma_inv, mu, h_e, torch.cat([silent, earlier[active]]),
+                               torch.cat([weights, torch.full((len(active),), hp.memory_weight, dtype=torch.float64)]),
+                               1.0, at_mean)
+            rows = [(hp.sharpness * g).float()]
+            if mlp.kind != "plain":
+                rows.append(neuron_key(sigma_inv, mu, h_e, None, 0.0, 0.0, 1.0).float())
+            neurons.append(_Neuron(j, pos[i], rows, dec_unit[target[i]].clone(), w2[:, j].clone()))
+
+        # step search: blocks L.. re-run with the new FF1 rows and FF2 columns s · D̂ / a_e
+        block_in = blocks_in[layer][:1]
+        fired: dict[int, float] = {}
+
+        def ff2_hook(_m, args, out, scales):
+            x = args[0]
+            x3 = x.reshape(scales.numel(), -1, x.shape[-1])  # OPT flattens its MLP input
+            add = torch.zeros(*x3.shape[:2], out.shape[-1], dtype=torch.float32, device=x.device)
+            for n in neurons:
+                a = x3[..., n.j].float()  # [rows, seq]
+                fired[n.j] = float(a[0, n.pos])
+                scale = scales.view(-1, 1).to(x.device) / max(fired[n.j], 1e-6)
+                add += (a * scale)[..., None] * n.direction.to(x.device) - a[..., None] * n.old_col.to(x.device)
+            return out + add.reshape(out.shape).to(out.dtype)
+
+        def reaches(grid: torch.Tensor) -> torch.Tensor:
+            scales = grid.to(torch.float32)
+            with owned_hooks() as hooks, resume_at(adapter, layer, block_in.repeat(len(scales), 1, 1)):
+                _ff1_hooks(hooks, mlp, neurons)
+                hooks.forward_hook(mlp.ff2, lambda m, a, o: ff2_hook(m, a, o, scales))
+                lg = model(input_ids=ids[:1].repeat(len(scales), 1), attention_mask=mask[:1].repeat(len(scales), 1),
+                           use_cache=False).logits
+            ok = _margins(lg, [pos], target, list(range(len(scales)))) >= hp.margin
+            return ok & bool(all(a > 1e-6 for a in fired.values()))
+
+        hi, search = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
+        entry = {"target_ids": target, "layer": layer, "forward_passes": 1 + search, "reached_margin": hi is not None,
+                 "push": hi, "neurons": [n.j for n in neurons], "activation_at_edit": dict(fired)}
+        info.append(entry)
+        if hi is None:
+            log.warning("SHIFT_NEURON: no push up to max_push %g gives %r a margin of %g; %s", hp.max_push,
+                        req.text + req.target_new, hp.margin,
+                        "request not applied" if hp.if_unreached == "skip" else "applying max_push")
+            if hp.if_unreached == "skip" or not all(a > 1e-6 for a in fired.values()):
+                continue  # (a neuron that does not fire at the edit cannot carry a push)
+            hi = hp.max_push
+            entry["push"] = hi
+        for n in neurons:
+            a_e = fired[n.j]
+            final = hp.activation if mlp.kind != "plain" else a_e
+            rows = list(n.rows)
+            if mlp.kind != "plain":
+                rows[1] = rows[1] * (hp.activation / a_e)  # the up row: activation at the edit = `activation`
+            for slot, row in enumerate(rows):
+                module, name, r = mlp.row(slot, n.j)
+                old = from_param_layout(module.weight.detach(), weight_layout(module))[r].float().cpu()
+                deltas.append(WeightDelta(name, weight_layout(module), left=_one_hot(_rows_of(module), r)[:, None],
+                                          right=(row - old)[None], layer=layer))
+            col = (hi / final) * n.direction
+            deltas.append(WeightDelta(mlp.ff2_name, weight_layout(mlp.ff2), left=(col - n.old_col)[:, None],
+                                      right=_one_hot(mlp.d_ff, n.j)[None], layer=layer))
+            new_keys.setdefault(mlp.ff2_param, []).append(_one_hot(mlp.d_ff, n.j) * final)
+            taken[layer].add(n.j)
+        for x, name in in_names.items():  # this edit's prompt keys at every layer a later neuron may use
+            hx = cap.inputs[name].float().cpu().reshape(ids.shape[0], ids.shape[1], -1)
+            new_keys.setdefault(f"{name}.weight", []).extend(hx[0, n.pos] for n in neurons)
+        entry["activation"] = hp.activation if mlp.kind != "plain" else None
+    mem_out = {param: torch.stack(k) for param, k in new_keys.items()}
+    return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
+
+
+def _rows_of(module: nn.Module) -> int:
+    """Output rows of a projection (canonical ``[out, in]``)."""
+    return int(from_param_layout(module.weight, weight_layout(module)).shape[0])
+
+
+def _one_hot(n: int, j: int) -> torch.Tensor:
+    v = torch.zeros(n)
+    v[j] = 1.0
+    return v
+
+
+register("SHIFT_NEURON", ShiftNeuronHyperParams, compute_shift_neuron,
+         "forward pass shift written into one FF neuron per target token, keyed with a threshold "
+         "(closed-form key against cached statistics, push sized by batched partial forward passes); "
+         "no backward pass", uses_memory=True)
+
+
+def apply_shift_neuron_to_model(model: nn.Module, tok, requests: Sequence, hparams: ShiftNeuronHyperParams,
+                                copy: bool = False, return_orig_weights: bool = False
+                                ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """ROME's contract for SHIFT_NEURON (see :func:`shift_edit.edit` for undo and patches)."""
+    return apply_algo_to_model(model, tok, requests, hparams, copy, return_orig_weights)

@@ -100,7 +100,7 @@ def test_stats_read_once_per_process_and_solve(byte_tok, corpus, monkeypatch):
     built = layer_stats(model, byte_tok, [1], **kw)[1]
     reads = []
     real = covariance._try_load
-    monkeypatch.setattr(covariance, "_try_load", lambda *a: reads.append(a) or real(*a))
+    monkeypatch.setattr(covariance, "_try_load", lambda *a, **k: reads.append(a) or real(*a, **k))
     again = layer_stats(model, byte_tok, [1], **kw)[1]
     assert again is built and not reads  # validated entry reused without reading the file again
     pt = next(p for p in (shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))

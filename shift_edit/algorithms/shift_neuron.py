@@ -66,7 +66,7 @@ from ..requests import EditRequest, encode_target
 from ..resume import record_block_inputs, resume_at
 from ..scoring import pad_batch, pad_id_of
 from .common import EditHyperParams, adapter_for
-from .shift_plus import CONTEXT_PREFIXES, CONTRAST_SUBJECTS, _margins, build_batch, search_push
+from .shift_plus import _margins, build_batch, search_push, validate_batch_and_search
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,9 @@ class ShiftNeuronHyperParams(EditHyperParams):
             self._fail("threshold", self.threshold, "it must be in [0, 1)")
         self._require_finite("sharpness", "activation", "max_push", positive=True)
         self._require_finite("contrast_weight", "memory_weight", "ridge")
-        if not math.isfinite(self.margin):
-            self._fail("margin", self.margin, "it must be finite")
-        if not 0 <= self.n_contrast <= len(CONTRAST_SUBJECTS):
-            self._fail("n_contrast", self.n_contrast, f"use 0..{len(CONTRAST_SUBJECTS)}")
-        if not 0 <= self.n_prefixes <= len(CONTEXT_PREFIXES):
-            self._fail("n_prefixes", self.n_prefixes, f"use 0..{len(CONTEXT_PREFIXES)}")
+        validate_batch_and_search(self)
         if self.neurons_per_layer < 1:
             self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
-        if self.search_passes < 1 or self.search_points < 2:
-            self._fail("search_passes", (self.search_passes, self.search_points),
-                       "search_passes >= 1 and search_points >= 2")
 
     @property
     def forward_passes(self) -> int:
@@ -165,7 +157,7 @@ class _Mlp:
 
     def ff2_weight(self) -> torch.Tensor:
         """FF2's weight as ``[d_model, d_ff]``."""
-        return from_param_layout(self.ff2.weight.detach(), weight_layout(self.ff2))
+        return _canonical(self.ff2)
 
     def row(self, slot: int, j: int) -> tuple[nn.Module, str, int]:
         """(module, name, output row) of the neuron's gate (slot 0) or up (slot 1) row."""
@@ -176,13 +168,18 @@ class _Mlp:
         return module, name, j + slot * self.d_ff
 
 
+def _canonical(module: nn.Module) -> torch.Tensor:
+    """A projection's weight viewed as ``[out, in]`` (no copy)."""
+    return from_param_layout(module.weight.detach(), weight_layout(module))
+
+
 def _mlp(adapter: ModelAdapter, layer: int) -> _Mlp:
     names = adapter.ff1_names(layer)
     ff2_name = adapter.ff2_name(layer)
     ff2 = adapter.module(ff2_name)
-    d_ff = int(from_param_layout(ff2.weight, weight_layout(ff2)).shape[1])
+    d_ff = int(_canonical(ff2).shape[1])
     ff1 = [(n, adapter.module(n)) for n in names]
-    outs = [int(from_param_layout(m.weight, weight_layout(m)).shape[0]) for _n, m in ff1]
+    outs = [int(_canonical(m).shape[0]) for _n, m in ff1]
     if len(ff1) == 2 and outs == [d_ff, d_ff]:
         kind = "gated"
     elif len(ff1) == 1 and outs == [d_ff]:
@@ -192,12 +189,10 @@ def _mlp(adapter: ModelAdapter, layer: int) -> _Mlp:
     else:
         raise ShiftEditError(f"SHIFT_NEURON: cannot read the MLP of layer {layer} (FF1 {names} with outputs "
                              f"{outs}, FF2 input {d_ff})")
-    if kind != "plain":
-        up, _name, _row = _Mlp(layer, kind, ff1, ff2_name, ff2, d_ff).row(1, 0)
-        if getattr(up, "bias", None) is not None:
-            raise ShiftEditError(f"SHIFT_NEURON: gated MLPs with an up-projection bias are not supported "
-                                 f"(layer {layer})")
-    return _Mlp(layer, kind, ff1, ff2_name, ff2, d_ff)
+    mlp = _Mlp(layer, kind, ff1, ff2_name, ff2, d_ff)
+    if kind != "plain" and getattr(mlp.row(1, 0)[0], "bias", None) is not None:
+        raise ShiftEditError(f"SHIFT_NEURON: gated MLPs with an up-projection bias are not supported (layer {layer})")
+    return mlp
 
 
 # --- statistics, per process ---------------------------------------------------------------------
@@ -266,8 +261,10 @@ def _written(col: torch.Tensor, dec_unit: torch.Tensor) -> bool:
     return n > 0 and float((dec_unit @ (col / n)).abs().max()) > 0.9999
 
 
-def _free_neurons(mlp: _Mlp, cost: torch.Tensor, n: int, exclude: set[int], dec_unit: torch.Tensor) -> list[int]:
-    w2 = mlp.ff2_weight().float().cpu()
+def _free_neurons(w2: torch.Tensor, layer: int, cost: torch.Tensor, n: int, exclude: set[int],
+                  dec_unit: torch.Tensor) -> list[int]:
+    """The ``n`` cheapest neurons not in ``exclude`` whose FF2 column (``w2``: ``[d_model, d_ff]``) this
+    algorithm did not write."""
     out: list[int] = []
     for j in (int(x) for x in cost.argsort()):
         if j in exclude or _written(w2[:, j], dec_unit):
@@ -275,7 +272,7 @@ def _free_neurons(mlp: _Mlp, cost: torch.Tensor, n: int, exclude: set[int], dec_
         out.append(j)
         if len(out) == n:
             return out
-    raise ShiftEditError(f"SHIFT_NEURON: layer {mlp.layer} has no free neuron left; add layers")
+    raise ShiftEditError(f"SHIFT_NEURON: layer {layer} has no free neuron left; add layers")
 
 
 # --- the search with the new neurons in place ----------------------------------------------------------
@@ -324,6 +321,7 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
     dmat = adapter.decoding_matrix().detach().float().cpu()
     dec_unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     taken: dict[int, set[int]] = {layer: _memory_used(memory, mlps[layer]) for layer in layers}
+    in_names = {x: mlps[x].ff1[0][0] for x in layers}  # each layer's MLP input: this edit's keys for later edits
 
     deltas: list[WeightDelta] = []
     skipped: list[bool] = []
@@ -339,8 +337,7 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
         batch = build_batch(tok, req, target, n_prefixes=hp.n_prefixes, n_contrast=hp.n_contrast)
         n_var = batch.n_variants
         ids, mask = pad_batch(batch.seqs, pad, device)
-        in_name = mlp.ff1[0][0]
-        in_names = {x: mlps[x].ff1[0][0] for x in layers}  # every layer's MLP input: earlier-edit keys for later
+        in_name = in_names[layer]
         with record_block_inputs(adapter) as blocks_in, capture_inputs(model, list(in_names.values())) as cap:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         pos = batch.positions[0]
@@ -363,7 +360,7 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             wanted.append(i)
         w2 = mlp.ff2_weight().float().cpu()
         cost = act_m2 * (w2.double() ** 2).sum(0)
-        js = _free_neurons(mlp, cost, len(wanted), taken[layer], dec_unit)
+        js = _free_neurons(w2, layer, cost, len(wanted), taken[layer], dec_unit)
         neurons: list[_Neuron] = []
         for i, j in zip(wanted, js):
             others = [h[0, p] for k, p in enumerate(pos) if k != i]
@@ -416,9 +413,10 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
                 lg = model(input_ids=ids[:1].repeat(len(scales), 1), attention_mask=mask[:1].repeat(len(scales), 1),
                            use_cache=False).logits
             ok = _margins(lg, [pos], target, list(range(len(scales)))) >= hp.margin
-            return ok & bool(all(a > 1e-6 for a in fired.values()))
+            return ok & all(a > 1e-6 for a in fired.values())
 
         hi, search = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
+        fires = all(a > 1e-6 for a in fired.values())  # a neuron that does not fire at the edit carries no push
         entry = {"target_ids": target, "layer": layer, "forward_passes": 1 + search, "reached_margin": hi is not None,
                  "push": hi, "neurons": [n.j for n in neurons], "activation_at_edit": dict(fired)}
         info.append(entry)
@@ -426,8 +424,8 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             log.warning("SHIFT_NEURON: no push up to max_push %g gives %r a margin of %g; %s", hp.max_push,
                         req.text + req.target_new, hp.margin,
                         "request not applied" if hp.if_unreached == "skip" else "applying max_push")
-            if hp.if_unreached == "skip" or not all(a > 1e-6 for a in fired.values()):
-                continue  # (a neuron that does not fire at the edit cannot carry a push)
+            if hp.if_unreached == "skip" or not fires:
+                continue
             hi = hp.max_push
             entry["push"] = hi
         for n in neurons:
@@ -438,9 +436,9 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
                 rows[1] = rows[1] * (hp.activation / a_e)  # the up row: activation at the edit = `activation`
             for slot, row in enumerate(rows):
                 module, name, r = mlp.row(slot, n.j)
-                old = from_param_layout(module.weight.detach(), weight_layout(module))[r].float().cpu()
-                deltas.append(WeightDelta(name, weight_layout(module), left=_one_hot(_rows_of(module), r)[:, None],
-                                          right=(row - old)[None], layer=layer))
+                weight = _canonical(module)
+                deltas.append(WeightDelta(name, weight_layout(module), left=_one_hot(weight.shape[0], r)[:, None],
+                                          right=(row - weight[r].float().cpu())[None], layer=layer))
             col = (hi / final) * n.direction
             deltas.append(WeightDelta(mlp.ff2_name, weight_layout(mlp.ff2), left=(col - n.old_col)[:, None],
                                       right=_one_hot(mlp.d_ff, n.j)[None], layer=layer))
@@ -452,11 +450,6 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
         entry["activation"] = hp.activation if mlp.kind != "plain" else None
     mem_out = {param: torch.stack(k) for param, k in new_keys.items()}
     return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
-
-
-def _rows_of(module: nn.Module) -> int:
-    """Output rows of a projection (canonical ``[out, in]``)."""
-    return int(from_param_layout(module.weight, weight_layout(module)).shape[0])
 
 
 def _one_hot(n: int, j: int) -> torch.Tensor:

@@ -74,6 +74,19 @@ CONTEXT_PREFIXES: tuple[str, ...] = (
 )
 
 
+def validate_batch_and_search(hp) -> None:
+    """The checks SHIFT_PLUS and SHIFT_NEURON share: the batch (``n_contrast``, ``n_prefixes``) and the
+    push search (``margin``, ``search_passes``, ``search_points``)."""
+    if not math.isfinite(hp.margin):
+        hp._fail("margin", hp.margin, "it must be finite")
+    if not 0 <= hp.n_contrast <= len(CONTRAST_SUBJECTS):
+        hp._fail("n_contrast", hp.n_contrast, f"use 0..{len(CONTRAST_SUBJECTS)}")
+    if not 0 <= hp.n_prefixes <= len(CONTEXT_PREFIXES):
+        hp._fail("n_prefixes", hp.n_prefixes, f"use 0..{len(CONTEXT_PREFIXES)}")
+    if hp.search_passes < 1 or hp.search_points < 2:
+        hp._fail("search_passes", (hp.search_passes, hp.search_points), "search_passes >= 1 and search_points >= 2")
+
+
 @dataclasses.dataclass(kw_only=True)
 class ShiftPlusHyperParams(EditHyperParams):
     """Hparams of SHIFT_PLUS (one edited layer, or several sharing the push).
@@ -126,15 +139,7 @@ class ShiftPlusHyperParams(EditHyperParams):
         super().validate()
         self._require_finite("contrast_weight", "memory_weight", "ridge")
         self._require_finite("overshoot", "max_push", positive=True)
-        if not math.isfinite(self.margin):
-            self._fail("margin", self.margin, "it must be finite")
-        if not 0 <= self.n_contrast <= len(CONTRAST_SUBJECTS):
-            self._fail("n_contrast", self.n_contrast, f"use 0..{len(CONTRAST_SUBJECTS)}")
-        if not 0 <= self.n_prefixes <= len(CONTEXT_PREFIXES):
-            self._fail("n_prefixes", self.n_prefixes, f"use 0..{len(CONTEXT_PREFIXES)}")
-        if self.search_passes < 1 or self.search_points < 2:
-            self._fail("search_passes", (self.search_passes, self.search_points),
-                       "search_passes >= 1 and search_points >= 2")
+        validate_batch_and_search(self)
 
     @property
     def forward_passes(self) -> int:

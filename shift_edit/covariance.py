@@ -346,6 +346,13 @@ def pinned_statistics(model: nn.Module, fingerprint: str | None = None) -> Itera
             _PINNED[model] = before
 
 
+def _refuse_if_pinned_and_changed(model: nn.Module, fingerprint: str, what: str, hint: str = "") -> None:
+    """Something pinned to earlier weights is not cached and cannot be computed from them any more."""
+    if model in _PINNED and model_fingerprint(model) != fingerprint:
+        raise ShiftEditError(f"{what}: pinned to the weights {fingerprint} but not cached, and the model has changed "
+                             f"since: compute it before editing{hint}")
+
+
 def _memo_key(pt: Path, meta_path: Path) -> tuple | None:
     try:
         a, b = pt.stat(), meta_path.stat()
@@ -432,10 +439,9 @@ def layer_stats(
             out[layer] = hit
         else:
             todo[layer] = (pt, meta_path, expected)
-    if todo and model in _PINNED and model_fingerprint(model) != fingerprint:
-        raise ShiftEditError(
-            f"statistics of layers {sorted(todo)} are pinned to the weights {fingerprint} but not cached, and "
-            "the model has changed since: compute them before editing (shift-edit stats, or layer_stats first)")
+    if todo:
+        _refuse_if_pinned_and_changed(model, fingerprint, f"statistics of layers {sorted(todo)}",
+                                      " (shift-edit stats, or layer_stats first)")
     if todo:
         names = {module_of(layer): layer for layer in todo}
         log.warning("computing second-moment statistics of layer(s) %s%s over %d tokens of %s: once, then cached "
@@ -458,3 +464,86 @@ def layer_stats(
             if use_cache:
                 _memo_put(pt, meta_path, out[layer])
     return out
+
+
+# --- a sample of generic inputs ----------------------------------------------------------------
+def generic_sample(
+    model: nn.Module,
+    tok,
+    layers: Sequence[int],
+    *,
+    corpus: str | None = None,
+    skip_tokens: int = 0,
+    n_tokens: int = 20_000,
+    max_length: int = 256,
+    adapter: ModelAdapter | None = None,
+    use_cache: bool = True,
+) -> dict[int, torch.Tensor]:
+    """The MLP inputs (float32 ``[n, d]``) of about ``n_tokens`` generic tokens at each of ``layers``: the
+    corpus's texts (truncated to ``max_length`` tokens) that end after its first ``skip_tokens`` tokens (e.g. the
+    tokens :func:`layer_stats` read, so that the sample is not the statistics' own), up to ``skip_tokens +
+    n_tokens`` tokens in all. Cached beside the statistics, under the same model fingerprint (pinned with
+    :func:`pinned_statistics`)."""
+    if n_tokens < 1 or max_length < 1 or skip_tokens < 0:
+        raise ShiftEditError(f"n_tokens ({n_tokens}), max_length ({max_length}) must be >= 1, skip_tokens "
+                             f"({skip_tokens}) >= 0")
+    adapter = adapter or ModelAdapter(model)
+    layers = sorted({adapter.check_layer(layer) for layer in layers})
+    src = open_corpus(corpus)
+    fingerprint = _PINNED.get(model) or model_fingerprint(model)
+    site = f"ff1sample-skip{skip_tokens}"
+    out: dict[int, torch.Tensor] = {}
+    todo: dict[int, tuple[Path, Path, dict]] = {}
+    for layer in layers:
+        pt, meta_path = _cache_paths(fingerprint, src, layer, n_tokens, max_length, "float32", site)
+        expected = {**_expected_meta(fingerprint, src, layer, adapter.ff1_names(layer)[0], n_tokens, max_length,
+                                     "float32"), "skip_tokens": skip_tokens}
+        hit = _load_sample(pt, meta_path, expected) if use_cache else None
+        if hit is not None:
+            out[layer] = hit
+        else:
+            todo[layer] = (pt, meta_path, expected)
+    if todo:
+        _refuse_if_pinned_and_changed(model, fingerprint, f"the generic sample of layers {sorted(todo)}")
+    if todo:
+        names = {adapter.ff1_names(layer)[0]: layer for layer in todo}
+        got: dict[int, list[torch.Tensor]] = {layer: [] for layer in todo}
+        device = next(model.parameters()).device
+        seen = 0
+        with torch.no_grad():
+            for batch in _batches(tok, src, skip_tokens + n_tokens, max_length, 2048):
+                for ids in batch:
+                    seen += len(ids)
+                    if seen <= skip_tokens:  # a text wholly among the skipped tokens
+                        continue
+                    with capture_inputs(model, list(names)) as cap:
+                        model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+                    for name, layer in names.items():
+                        got[layer].append(cap.inputs[name].reshape(len(ids), -1).float().cpu())
+        for layer, (pt, meta_path, expected) in todo.items():
+            sample = torch.cat(got[layer]) if got[layer] else torch.zeros(0, 0)
+            out[layer] = sample
+            if use_cache and len(sample):
+                data = torch_bytes({"sample": sample.contiguous()})
+                atomic_write_bytes(pt, data)
+                atomic_write_json(meta_path, {**expected, "tokens": len(sample), "sha256": hashlib.sha256(data).hexdigest()})
+    return out
+
+
+def _load_sample(pt: Path, meta_path: Path, expected: dict[str, Any]) -> torch.Tensor | None:
+    if not pt.is_file() or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        data = pt.read_bytes()
+        if any(meta.get(k) != v for k, v in expected.items()) or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            log.warning("generic sample cache %s does not match or fails its checksum; rebuilding", pt)
+            return None
+        sample = torch.load(io.BytesIO(data), weights_only=True)["sample"]
+        if sample.dim() != 2 or not torch.isfinite(sample).all():
+            log.warning("generic sample cache %s holds a bad tensor; rebuilding", pt)
+            return None
+        return sample
+    except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
+        log.warning("generic sample cache %s is unreadable (%s); rebuilding", pt, exc)
+        return None

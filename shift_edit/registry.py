@@ -68,6 +68,8 @@ class Algorithm:
         cli_options: hparams fields with their own ``shift-edit edit`` option beyond the
             ones every algorithm takes (``--layer``, ``--eta`` for the step field, ``--no-skip``),
             e.g. ``("eta_scaling",)`` for ``--eta-scaling``.
+        prime: ``prime(model, tok, hparams)`` reads (or computes) everything the algorithm derives from the
+            unedited model beyond the FF2 statistics, so that a sequential run can pin it before its first edit.
     """
 
     name: str
@@ -77,6 +79,7 @@ class Algorithm:
     uses_memory: bool = False
     linear_step: bool = False
     cli_options: tuple[str, ...] = ()
+    prime: Callable[..., None] | None = None
 
     @property
     def step_field(self) -> str | None:
@@ -102,6 +105,7 @@ def register(
     uses_memory: bool = False,
     linear_step: bool = False,
     cli_options: tuple[str, ...] = (),
+    prime: Callable[..., None] | None = None,
 ) -> Algorithm:
     """Register an algorithm under ``name``; a duplicate name is an error.
 
@@ -109,7 +113,7 @@ def register(
     or ``None``) holding the keys of earlier edits, and returns this edit's keys in
     ``Computed.memory_keys``. ``linear_step``: the delta is linear in the step size (needs a
     ``STEP_FIELD`` on the hparams class). ``cli_options``: hparams fields with an
-    algorithm-specific ``shift-edit edit`` option (see :class:`Algorithm`).
+    algorithm-specific ``shift-edit edit`` option (see :class:`Algorithm`); ``prime``: see :class:`Algorithm`.
     """
     if name in _REGISTRY:
         raise ValueError(f"algorithm {name!r} is already registered")
@@ -124,7 +128,7 @@ def register(
     unknown = sorted(set(cli_options) - fields)
     if unknown:
         raise ValueError(f"{name}: cli_options {unknown} are not fields of {hparams_class.__name__}")
-    alg = Algorithm(name, hparams_class, compute, description, uses_memory, linear_step, tuple(cli_options))
+    alg = Algorithm(name, hparams_class, compute, description, uses_memory, linear_step, tuple(cli_options), prime)
     _REGISTRY[name] = alg
     return alg
 

@@ -7,7 +7,7 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms.shift_neuron import ShiftNeuronHyperParams, _mlp, neuron_key
+from shift_edit.algorithms.shift_neuron import ShiftNeuronHyperParams, _canonical, _mlp, gate_key, neuron_key
 from shift_edit.architectures import ModelAdapter, from_param_layout, weight_layout
 from shift_edit.covariance import layer_stats
 from shift_edit.errors import ShiftEditError
@@ -37,7 +37,9 @@ def test_registered_with_memory():
 
 
 @pytest.mark.parametrize("kw", [{"threshold": 1.0}, {"threshold": -0.1}, {"sharpness": 0.0}, {"activation": -1.0},
-                                {"n_contrast": 99}, {"search_passes": 0}, {"if_unreached": "retry"}])
+                                {"n_contrast": 99}, {"search_passes": 0}, {"if_unreached": "retry"},
+                                {"min_spreads": 0.0}, {"min_spreads": 5.0, "max_threshold": 0.5},
+                                {"min_spreads": 5.0, "max_threshold": 1.0}, {"negative_reach": 0.0}, {"negatives": -1}])
 def test_bad_hparams_are_refused(kw):
     with pytest.raises(ShiftEditError):
         ShiftNeuronHyperParams(layers=[1], **kw)
@@ -60,6 +62,35 @@ def test_neuron_key_meets_its_constraints_and_silences_the_contrast():
     null = torch.linalg.svd(torch.stack([h_e - mu, mu]))[2][2:]  # directions keeping both constraints
     for v in null[:5]:
         assert float((w0 + 0.1 * v) @ sigma @ (w0 + 0.1 * v)) > float(w0 @ sigma @ w0)
+
+
+def _key_problem(seed: int = 0, d: int = 20):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    sigma = a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+    mu = torch.randn(d, generator=g, dtype=torch.float64)
+    return sigma, mu, mu + 2 * torch.randn(d, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.8])
+def test_min_spreads_raises_the_threshold_until_generic_text_is_that_many_spreads_below(bias):
+    """The threshold β is the smallest grid value whose firing point sits ``min_spreads`` generic spreads above the
+    mean; the pre-activation at the edit stays ``sharpness · (1 - threshold)`` and at the mean is ``-α β``."""
+    sigma, mu, h_e = _key_problem()
+    base = ShiftNeuronHyperParams(layers=[1], threshold=0.5, sharpness=20.0)
+    fixed = gate_key(torch.linalg.inv(sigma), sigma, mu, h_e, None, 0.0, bias, base)
+    assert (fixed.threshold, fixed.sharpness) == (0.5, 20.0)
+    want = fixed.spreads * 1.05
+    raised = gate_key(torch.linalg.inv(sigma), sigma, mu, h_e, None, 0.0, bias,
+                      base.replace(min_spreads=want, max_threshold=0.95))
+    assert 0.5 < raised.threshold <= 0.95 and raised.spreads >= want
+    assert raised.spreads == pytest.approx(raised.threshold / float(raised.g @ sigma @ raised.g) ** 0.5)
+    pre = lambda x: raised.sharpness * float(raised.g @ x) + bias  # noqa: E731
+    assert pre(h_e) == pytest.approx(20.0 * 0.5, rel=1e-9)
+    assert pre(mu) == pytest.approx(-raised.sharpness * raised.threshold, rel=1e-9)
+    # out of reach: the grid's best β is used (and its spreads reported)
+    far = gate_key(torch.linalg.inv(sigma), sigma, mu, h_e, None, 0.0, bias, base.replace(min_spreads=1e6))
+    assert far.spreads < 1e6 and far.threshold > 0.5
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -222,3 +253,108 @@ def test_statistics_are_cached_per_model_object(byte_tok, corpus):
     del model
     gc.collect()
     assert len(shift_neuron._GENERIC) == n_neuron - 1 and len(shift_plus._C_INV) == n_plus - 1
+
+
+GENERIC = ["A bird sat on the old fence.", "Rome lives in the heart of every traveller.", "Bob works in a shop.",
+           "The river runs to the sea.", "Ann lives in a small town.", "Music fills the hall at night."]
+
+
+def _generic_corpus(tmp_path) -> str:
+    path = tmp_path / "generic.txt"
+    path.write_text("\n\n".join(GENERIC) + "\n")
+    return str(path)
+
+
+def test_generic_sample_skips_the_statistics_tokens_and_is_pinned(byte_tok, corpus, tmp_path):
+    """The sample is the MLP inputs of the texts after the skipped tokens, in order; under pinned statistics
+    the cached sample of the unedited weights is read back after the weights change."""
+    from shift_edit.covariance import generic_sample, pinned_statistics
+
+    model = tiny_model("llama")
+    path = _generic_corpus(tmp_path)
+    lengths = [len(byte_tok(t).input_ids) for t in GENERIC]
+    name = ModelAdapter(model).ff1_names(1)[0]
+    direct = []
+    for text in GENERIC[2:4]:
+        with capture_inputs(model, [name]) as cap:
+            model(input_ids=torch.tensor([byte_tok(text).input_ids]))
+        direct.append(cap.inputs[name].reshape(-1, cap.inputs[name].shape[-1]))
+    skip = lengths[0] + lengths[1]
+    with pinned_statistics(model):
+        sample = generic_sample(model, byte_tok, [1], corpus=path, skip_tokens=skip, n_tokens=lengths[2] + lengths[3],
+                                max_length=64)[1]
+        torch.testing.assert_close(sample, torch.cat(direct))
+        with torch.no_grad():
+            ModelAdapter(model).module(name).weight.mul_(2.0)
+        again = generic_sample(model, byte_tok, [1], corpus=path, skip_tokens=skip, n_tokens=lengths[2] + lengths[3],
+                               max_length=64)[1]
+    assert torch.equal(again, sample)
+    with pytest.raises(ShiftEditError):
+        generic_sample(model, byte_tok, [1], corpus=path, skip_tokens=-1)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_negatives_keep_the_key_below_half_the_threshold_on_generic_tokens(model_type, byte_tok, corpus, tmp_path):
+    """With ``negatives``, the generic tokens the key would come within half the threshold of firing on become
+    silent keys: fewer of the sample's tokens are near firing than without (and the edit still fires)."""
+    from shift_edit.algorithms.shift_neuron import _negatives
+
+    path = _generic_corpus(tmp_path)
+    near = {}
+    for n in (0, 400):
+        model = tiny_model(model_type)
+        h = hp(corpus, mom2_corpus=path, mom2_n_tokens=40, mom2_max_length=64, threshold=0.2, n_contrast=0,
+               negatives=n, negative_weight=1e6)
+        res = se.edit(model, byte_tok, FACT, h, force=True)
+        j = res.info[0]["neurons"][0]
+        sample = _negatives(model, byte_tok, ModelAdapter(model), [1], h.replace(negatives=400))[1]
+        ff1 = ModelAdapter(model).module(ModelAdapter(model).ff1_names(1)[0])
+        gate = _canonical(ff1).double()[j]
+        bias = float(ff1.bias.detach()[j]) if getattr(ff1, "bias", None) is not None else 0.0
+        near[n] = int((sample @ gate + bias > -h.sharpness * h.threshold / 2).sum())
+        assert res.info[0]["activation_at_edit"][j] > 0
+    assert near[0] > 0 and near[400] < near[0], near
+
+
+def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_tok, corpus, tmp_path):
+    """The bench's priming reads SHIFT_NEURON's statistics for every listed layer and its generic sample from the
+    unedited model, so a layer first used after many edits (or after a resume) sees the unedited model's."""
+    from shift_edit.algorithms import shift_neuron as sn
+    from shift_edit.bench.sequential import _prime
+    from shift_edit.covariance import pinned_statistics
+
+    assert get_algorithm("SHIFT_NEURON").prime is sn.prime_shift_neuron
+    model = tiny_model("llama")
+    h = hp(corpus, layers=[1, 0], mom2_corpus=_generic_corpus(tmp_path), mom2_n_tokens=40, mom2_max_length=64,
+           negatives=100)
+    with pinned_statistics(model):
+        _prime(model, byte_tok, h)
+        stats = {k[0]: v[0].clone() for k, v in sn._GENERIC[model].items()}
+        sample = {k: v.clone() for k, v in sn._negatives(model, byte_tok, ModelAdapter(model), [1, 0], h).items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        sn._GENERIC.pop(model)
+        sn._NEGATIVES.pop(model)  # a resumed process: read back from the cache, not from the edited weights
+        for layer in (0, 1):
+            torch.testing.assert_close(sn._generic(model, byte_tok, ModelAdapter(model), layer, h)[0], stats[layer])
+        again = sn._negatives(model, byte_tok, ModelAdapter(model), [1, 0], h)
+    assert set(stats) == {0, 1} and all(torch.equal(again[x], sample[x]) for x in (0, 1))
+
+
+def test_max_generic_fires_refuses_a_key_that_fires_on_generic_text(byte_tok, corpus, tmp_path):
+    """With ``max_generic_fires`` (and the sample only screened, ``negative_weight: 0``), a request whose neuron
+    would fire on more sample tokens than allowed is not applied; a looser bound applies the same key."""
+    base = dict(mom2_corpus=_generic_corpus(tmp_path), mom2_n_tokens=40, mom2_max_length=64, threshold=0.05,
+                n_contrast=0, negatives=400, negative_weight=0.0)
+    model = tiny_model("llama")
+    loose = se.edit(model, byte_tok, FACT, hp(corpus, **base, max_generic_fires=10_000), force=True)
+    fires = loose.info[0]["generic_fires"]
+    assert loose.deltas and max(fires) > 0
+    loose.undo()
+    before = weights(model)
+    strict = se.edit(model, byte_tok, FACT, hp(corpus, **base, max_generic_fires=max(fires) - 1), force=True)
+    assert not strict.deltas and strict.info[0]["generic_fires"] == fires
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ShiftEditError):
+        ShiftNeuronHyperParams(layers=[1], max_generic_fires=3)  # needs negatives

@@ -19,7 +19,11 @@ backward pass. For a request with target tokens ``t_0..t_{m-1}`` at layer ``L``:
    where GELU / ReLU / SiLU give about 0. With a memory, the MLP inputs at earlier edits' positions
    (recorded at every listed layer) on which the key would come within half the threshold of firing
    become silent keys too (``memory_weight``; up to three solves, an active set), so a new neuron does
-   not fire on an earlier edit's prompt. Gated MLPs (``act(gate h) · up h``) also get an up row
+   not fire on an earlier edit's prompt. With ``negatives``, a sample of generic tokens (the statistics
+   corpus after the tokens the statistics read; cached) joins that active set: the key is kept silent on the
+   generic tokens it would nearly fire on, which the Gaussian statistics alone miss (their tails are heavy).
+   ``min_spreads`` instead raises the threshold per neuron until generic text sits that many of the key's own
+   spreads below the firing point. Gated MLPs (``act(gate h) · up h``) also get an up row
    ``u`` with ``u·h_e = u·μ = 1`` and least variance (a near-constant), scaled so that the neuron's
    activation at the edit is ``activation``.
 3. **Neuron**: the layer's cheapest unused neuron (least ``E[x_j²] ‖FF2[:, j]‖²``, from the cached FF2
@@ -55,7 +59,7 @@ import torch
 from torch import nn
 
 from ..architectures import ModelAdapter, from_param_layout, weight_layout
-from ..covariance import layer_stats
+from ..covariance import generic_sample, layer_stats
 from ..deltas import WeightDelta
 from ..editing import apply_algo_to_model
 from ..errors import ShiftEditError
@@ -83,6 +87,12 @@ class ShiftNeuronHyperParams(EditHyperParams):
         neurons_per_layer: how many neurons of a layer may be rewritten before the next layer is used.
         threshold: ``β``: the generic mean sits at ``-β`` on the key's scale, the edit at ``1 - β``.
         sharpness: ``α``: FF1 row ``α g``, pre-activation ``α(1 - β)`` at the edit.
+        min_spreads: if set, each neuron's ``β`` is raised above ``threshold`` (up to ``max_threshold``) until the
+            generic mean sits at least this many of the key's own generic spreads (``√(gᵀΣg)``) below the firing
+            point, and ``α`` grows with it so that the pre-activation at the edit stays ``α(1 - threshold)``;
+            ``None``: ``β = threshold`` for every neuron.
+        max_threshold: the largest ``β`` that ``min_spreads`` may use; a key that cannot reach ``min_spreads``
+            below it gets the ``β`` (on the grid) with the most spreads, and ``info["spreads"]`` says so.
         activation: the neuron's activation at the edit (gated MLPs; plain MLPs get ``act(α(1 - β))``).
         n_contrast: other subjects that fill the template; the neuron is kept silent on them.
         n_prefixes: the prompt behind this many fixed context prefixes (SHIFT_PLUS's): the neuron must fire
@@ -90,6 +100,15 @@ class ShiftNeuronHyperParams(EditHyperParams):
         contrast_weight: weight of each silent key in units of generic-text tokens.
         memory_weight: weight of each earlier edit's key (the memory's MLP inputs at this layer), on which
             the new neuron is kept silent too (0: not at all).
+        negatives: generic tokens (MLP inputs on the statistics corpus, after the tokens the statistics read) on
+            which a new key is kept silent if it would come within half the threshold of firing (an active
+            set, as for the memory's keys); 0: none.
+        negative_weight: weight of each such silent generic token.
+        max_generic_fires: with ``negatives``, a request is not applied (``info["generic_fires"]`` says why) if
+            one of its neurons would fire (positive gate pre-activation) on more than this many of the sample's
+            tokens; ``None``: no check. ``negative_weight: 0`` uses the sample for this check only.
+        negative_reach: a generic token joins when the key would bring it within this fraction of the threshold
+            of firing (earlier edits' keys: within half).
         continuation: ``free`` (tokens after the first need no silence on the contrastive prompts) or
             ``contrast``.
         ridge: relative ridge on the generic covariance ``Σ``.
@@ -106,11 +125,17 @@ class ShiftNeuronHyperParams(EditHyperParams):
     neurons_per_layer: int = 256
     threshold: float = 0.7
     sharpness: float = 25.0
+    min_spreads: float | None = None
+    max_threshold: float = 0.95
     activation: float = 8.0
     n_contrast: int = 16
     n_prefixes: int = 0
     contrast_weight: float = 1000.0
     memory_weight: float = 1000.0
+    negatives: int = 0
+    negative_weight: float = 1000.0
+    negative_reach: float = 0.5
+    max_generic_fires: int | None = None
     continuation: Literal["free", "contrast"] = "free"
     ridge: float = 0.01
     margin: float = 0.25
@@ -128,7 +153,17 @@ class ShiftNeuronHyperParams(EditHyperParams):
         if not (math.isfinite(self.threshold) and 0 <= self.threshold < 1):
             self._fail("threshold", self.threshold, "it must be in [0, 1)")
         self._require_finite("sharpness", "activation", "max_push", positive=True)
-        self._require_finite("contrast_weight", "memory_weight", "ridge")
+        if self.min_spreads is not None:
+            self._require_finite("min_spreads", positive=True)
+            if not (math.isfinite(self.max_threshold) and self.threshold <= self.max_threshold < 1):
+                self._fail("max_threshold", self.max_threshold, "it must be in [threshold, 1)")
+        self._require_finite("contrast_weight", "memory_weight", "negative_weight", "ridge")
+        if self.negatives < 0:
+            self._fail("negatives", self.negatives, "it must be >= 0")
+        if self.max_generic_fires is not None and (self.max_generic_fires < 0 or not self.negatives):
+            self._fail("max_generic_fires", self.max_generic_fires, "it must be >= 0, with negatives > 0")
+        if not (math.isfinite(self.negative_reach) and 0 < self.negative_reach <= 1):
+            self._fail("negative_reach", self.negative_reach, "it must be in (0, 1]")
         validate_batch_and_search(self)
         if self.neurons_per_layer < 1:
             self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
@@ -203,9 +238,9 @@ _GENERIC: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]]" = weakref.W
 
 
 def _generic(model: nn.Module, tok, adapter: ModelAdapter, layer: int, hp: ShiftNeuronHyperParams
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(μ, Σ⁻¹, E[x_j²])`` (float64): the MLP input's mean and inverse covariance on generic text,
-    and the second moment of each neuron's activation (FF2's input)."""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(μ, Σ⁻¹, E[x_j²], Σ)`` (float64): the MLP input's mean and inverse (ridged) covariance on generic text,
+    the second moment of each neuron's activation (FF2's input), and the covariance itself (no ridge)."""
     cache = _GENERIC.setdefault(model, {})
     key = (layer, hp.ridge, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length, hp.mom2_dtype)
     if key not in cache:
@@ -215,8 +250,26 @@ def _generic(model: nn.Module, tok, adapter: ModelAdapter, layer: int, hp: Shift
         ff2 = layer_stats(model, tok, [layer], **common)[layer]
         mu = inputs.mean.double()
         sigma = inputs.mom2.double() - torch.outer(mu, mu)
-        sigma = sigma + (hp.ridge * float(torch.diagonal(sigma).mean()) + 1e-12) * torch.eye(len(mu), dtype=torch.float64)
-        cache[key] = (mu, torch.linalg.inv((sigma + sigma.T) / 2), torch.diagonal(ff2.mom2).double().clone())
+        sigma = (sigma + sigma.T) / 2
+        ridged = sigma + (hp.ridge * float(torch.diagonal(sigma).mean()) + 1e-12) * torch.eye(len(mu), dtype=torch.float64)
+        cache[key] = (mu, torch.linalg.inv(ridged), torch.diagonal(ff2.mom2).double().clone(), sigma)
+    return cache[key]
+
+
+#: MLP inputs of generic tokens per model object and (layers, settings) (see ``negatives``)
+_NEGATIVES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[int, torch.Tensor]]]" = weakref.WeakKeyDictionary()
+
+
+def _negatives(model: nn.Module, tok, adapter: ModelAdapter, layers: list[int], hp: ShiftNeuronHyperParams
+               ) -> dict[int, torch.Tensor]:
+    """``hp.negatives`` generic tokens' MLP inputs at each layer (float64 ``[n, d]``): the statistics corpus's
+    texts after those whose tokens the statistics read (:func:`~shift_edit.covariance.generic_sample`)."""
+    cache = _NEGATIVES.setdefault(model, {})
+    key = (tuple(layers), hp.negatives, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length)
+    if key not in cache:
+        sample = generic_sample(model, tok, layers, corpus=hp.mom2_corpus, skip_tokens=hp.mom2_n_tokens,
+                                n_tokens=hp.negatives, max_length=hp.mom2_max_length, adapter=adapter)
+        cache[key] = {layer: torch.unique(x, dim=0).double() for layer, x in sample.items()}  # repeats: no new key
     return cache[key]
 
 
@@ -237,6 +290,46 @@ def neuron_key(sigma_inv: torch.Tensor, mu: torch.Tensor, h_e: torch.Tensor, sil
         aib = aib - shc @ torch.linalg.solve(small, shc.T @ b)
     rhs = torch.tensor([at_edit] * len(edits) + [at_mean], dtype=torch.float64)
     return aib @ torch.linalg.solve(b.T @ aib, rhs)
+
+
+#: the thresholds ``β`` tried (between ``threshold`` and ``max_threshold``) when ``min_spreads`` is set
+_THRESHOLD_GRID = 24
+
+
+@dataclasses.dataclass
+class _Gate:
+    """A neuron's gate key and where generic text sits on it."""
+
+    g: torch.Tensor  # key: gᵀ(h_e - μ) = 1 (float64)
+    sharpness: float  # α: the FF1 row is α g
+    threshold: float  # β: the generic mean's pre-activation is -α β
+    spreads: float  # β / √(gᵀΣg): how many generic spreads the firing point sits above the mean
+
+
+def gate_key(sigma_inv: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, h_e: torch.Tensor,
+             silent: torch.Tensor | None, w_c: float | torch.Tensor, bias: float, hp: ShiftNeuronHyperParams) -> _Gate:
+    """The gate key for ``hp.threshold``, or with ``hp.min_spreads`` the smallest ``β`` on a grid up to
+    ``hp.max_threshold`` whose firing point sits ``min_spreads`` generic spreads above the mean (``α`` scaled
+    so that the edit's pre-activation stays ``α(1 - threshold)``). ``bias``: the row's existing FF1 bias."""
+    def spreads(g: torch.Tensor, beta: float) -> float:
+        return beta / math.sqrt(max(float(g @ sigma @ g), 1e-30))
+
+    if hp.min_spreads is None:
+        g = neuron_key(sigma_inv, mu, h_e, silent, w_c, 1.0, -hp.threshold - bias / hp.sharpness)
+        return _Gate(g, hp.sharpness, hp.threshold, spreads(g, hp.threshold))
+    edit_pre = hp.sharpness * (1 - hp.threshold)
+    # the key is linear in its value at the mean: g(c) = g_1 + c g_0 (one solve each)
+    g1 = neuron_key(sigma_inv, mu, h_e, silent, w_c, 1.0, 0.0)
+    g0 = neuron_key(sigma_inv, mu, h_e, silent, w_c, 0.0, 1.0)
+    best: _Gate | None = None
+    for beta in torch.linspace(hp.threshold, hp.max_threshold, _THRESHOLD_GRID, dtype=torch.float64).tolist():
+        alpha = edit_pre / (1 - beta)
+        g = g1 + (-beta - bias / alpha) * g0
+        gate = _Gate(g, alpha, beta, spreads(g, beta))
+        if gate.spreads >= hp.min_spreads:
+            return gate
+        best = gate if best is None or gate.spreads > best.spreads else best
+    return best
 
 
 # --- which neurons are free ------------------------------------------------------------------------
@@ -347,8 +440,16 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             continue
         skipped.append(False)
         h = cap.inputs[in_name].double().cpu().reshape(ids.shape[0], ids.shape[1], -1)
-        mu, sigma_inv, act_m2 = _generic(model, tok, adapter, layer, hp)
+        mu, sigma_inv, act_m2, sigma = _generic(model, tok, adapter, layer, hp)
         earlier = _earlier_keys(memory, new_keys, f"{in_name}.weight") if hp.memory_weight > 0 else None
+        n_earlier = 0 if earlier is None else len(earlier)
+        neg = _negatives(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
+        if neg is not None and hp.negative_weight > 0:
+            earlier = neg if earlier is None else torch.cat([earlier, neg])
+        reach_ok = torch.arange(len(earlier) if earlier is not None else 0) < n_earlier  # memory keys: half
+        key_weights = torch.cat([torch.full((n_earlier,), hp.memory_weight, dtype=torch.float64),
+                                 torch.full((len(earlier) - n_earlier if earlier is not None else 0,),
+                                            hp.negative_weight, dtype=torch.float64)])
 
         # the tokens that get a neuron: the first, and any later one the model does not already give
         wanted = []
@@ -362,6 +463,9 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
         cost = act_m2 * (w2.double() ** 2).sum(0)
         js = _free_neurons(w2, layer, cost, len(wanted), taken[layer], dec_unit)
         neurons: list[_Neuron] = []
+        spreads: list[float] = []
+        thresholds: list[float] = []
+        generic_fires: list[int] = []
         for i, j in zip(wanted, js):
             others = [h[0, p] for k, p in enumerate(pos) if k != i]
             contrast = ([h[r, batch.positions[r][i]] for r in range(n_var, len(batch.seqs))]
@@ -370,26 +474,39 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             weights = torch.full((len(silent),), hp.contrast_weight, dtype=torch.float64)
             gate_mod, _name, gate_row = mlp.row(0, j)
             gate_bias = getattr(gate_mod, "bias", None)
-            at_mean = -hp.threshold - (float(gate_bias[gate_row]) if gate_bias is not None else 0.0) / hp.sharpness
+            bias = float(gate_bias[gate_row]) if gate_bias is not None else 0.0
             h_e = torch.stack([h[r, batch.positions[r][i]] for r in range(n_var)])  # the prompt and its variants
-            g = neuron_key(sigma_inv, mu, h_e, silent if len(silent) else None, weights, 1.0, at_mean)
+            gate = gate_key(sigma_inv, sigma, mu, h_e, silent if len(silent) else None, weights, bias, hp)
             # earlier edits' prompts this neuron would fire on (within half the threshold of firing) become
             # silent keys too; a few rounds, so only the few keys that matter constrain the key
             active = torch.zeros(0, dtype=torch.long)
             for _round in range(_ACTIVE_ROUNDS if earlier is not None else 0):
-                risky = ((earlier @ g) > at_mean / 2).nonzero()[:, 0]
+                at_mean = -gate.threshold - bias / gate.sharpness
+                score = earlier @ gate.g
+                risky = ((score > at_mean / 2) & (reach_ok | (score > at_mean * hp.negative_reach))).nonzero()[:, 0]
                 new = risky[~torch.isin(risky, active)]
                 if not len(new):
                     break
                 active = torch.cat([active, new])
-                g = neuron_key(sigma_inv, mu, h_e, torch.cat([silent, earlier[active]]),
-                               torch.cat([weights, torch.full((len(active),), hp.memory_weight, dtype=torch.float64)]),
-                               1.0, at_mean)
-            rows = [(hp.sharpness * g).float()]
+                gate = gate_key(sigma_inv, sigma, mu, h_e, torch.cat([silent, earlier[active]]),
+                                torch.cat([weights, key_weights[active]]),
+                                bias, hp)
+            if neg is not None:
+                generic_fires.append(int((neg @ gate.g > -bias / gate.sharpness).sum()))
+            spreads.append(round(gate.spreads, 2))
+            thresholds.append(round(gate.threshold, 4))
+            rows = [(gate.sharpness * gate.g).float()]
             if mlp.kind != "plain":
                 rows.append(neuron_key(sigma_inv, mu, h_e, None, 0.0, 0.0, 1.0).float())
             neurons.append(_Neuron(j, pos[i], rows, dec_unit[target[i]].clone(), w2[:, j].clone()))
 
+        if hp.max_generic_fires is not None and max(generic_fires, default=0) > hp.max_generic_fires:
+            log.warning("SHIFT_NEURON: a neuron for %r would fire on %d of %d generic tokens (max_generic_fires %d); "
+                        "request not applied", req.text + req.target_new, max(generic_fires), len(neg),
+                        hp.max_generic_fires)
+            info.append({"target_ids": target, "layer": layer, "forward_passes": 1, "reached_margin": False,
+                         "push": None, "neurons": [], "generic_fires": generic_fires, "spreads": spreads})
+            continue
         # step search: blocks L.. re-run with the new FF1 rows and FF2 columns s · D̂ / a_e
         block_in = blocks_in[layer][:1]
         fired: dict[int, float] = {}
@@ -418,7 +535,8 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
         hi, search = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
         fires = all(a > 1e-6 for a in fired.values())  # a neuron that does not fire at the edit carries no push
         entry = {"target_ids": target, "layer": layer, "forward_passes": 1 + search, "reached_margin": hi is not None,
-                 "push": hi, "neurons": [n.j for n in neurons], "activation_at_edit": dict(fired)}
+                 "push": hi, "neurons": [n.j for n in neurons], "activation_at_edit": dict(fired),
+                 "spreads": spreads, "thresholds": thresholds, **({"generic_fires": generic_fires} if neg is not None else {})}
         info.append(entry)
         if hi is None:
             log.warning("SHIFT_NEURON: no push up to max_push %g gives %r a margin of %g; %s", hp.max_push,
@@ -458,10 +576,21 @@ def _one_hot(n: int, j: int) -> torch.Tensor:
     return v
 
 
+def prime_shift_neuron(model: nn.Module, tok, hparams: ShiftNeuronHyperParams) -> None:
+    """Read (or compute) the MLP-input statistics of every listed layer and the generic sample (``negatives``)
+    from the model as it is: a sequential run calls it before its first edit."""
+    adapter = adapter_for(model, hparams)
+    layers = list(dict.fromkeys(adapter.check_layer(x) for x in hparams.layers))
+    for layer in layers:
+        _generic(model, tok, adapter, layer, hparams)
+    if hparams.negatives:
+        _negatives(model, tok, adapter, layers, hparams)
+
+
 register("SHIFT_NEURON", ShiftNeuronHyperParams, compute_shift_neuron,
          "forward pass shift written into one FF neuron per target token, keyed with a threshold "
          "(closed-form key against cached statistics, push sized by batched partial forward passes); "
-         "no backward pass", uses_memory=True)
+         "no backward pass", uses_memory=True, prime=prime_shift_neuron)
 
 
 def apply_shift_neuron_to_model(model: nn.Module, tok, requests: Sequence, hparams: ShiftNeuronHyperParams,

@@ -51,7 +51,7 @@ from ..guard import EditRefusedError
 from ..hparams import HyperParams
 from ..io import atomic_write_bytes, atomic_write_json, model_fingerprint, provenance
 from ..memory import EditMemory
-from ..registry import get_algorithm
+from ..registry import algorithm_for_hparams, get_algorithm
 from ..covariance import layer_stats, pinned_statistics
 from .data import CounterFactCase
 from ..requests import encode_prompt, encode_target
@@ -177,13 +177,17 @@ def _means(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def _prime(model: nn.Module, tok, hparams: HyperParams) -> None:
     """Everything an algorithm derives from the unedited model once: the second-moment statistics
-    (pinned for the run) and ROME/MEMIT's context texts, sampled before any edit or saved state."""
+    (pinned for the run), ROME/MEMIT's context texts and what the algorithm's own ``prime`` reads
+    (SHIFT_NEURON: its MLP-input statistics and generic sample), before any edit or saved state."""
     layers = getattr(hparams, "layers", None)
     if layers and getattr(hparams, "mom2_n_tokens", None) and getattr(hparams, "mom2_adjustment", True):
         layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                     max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype)
     if hasattr(hparams, "context_template_length_params"):
         context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+    prime = algorithm_for_hparams(hparams).prime
+    if prime is not None:
+        prime(model, tok, hparams)
 
 
 def _rss_mb() -> dict[str, float]:

@@ -358,3 +358,23 @@ def test_max_generic_fires_refuses_a_key_that_fires_on_generic_text(byte_tok, co
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ShiftEditError):
         ShiftNeuronHyperParams(layers=[1], max_generic_fires=3)  # needs negatives
+
+
+def test_silent_pool_measures_reach_from_the_firing_point_with_a_bias():
+    """A key joins the silent set when its gate pre-activation comes within ``reach · β`` (on the key's scale) of
+    the firing point ``-bias / α``: earlier edits' keys within half, generic tokens within ``negative_reach``."""
+    from shift_edit.algorithms.shift_neuron import _Gate, _SilentPool
+
+    h = ShiftNeuronHyperParams(layers=[1], negatives=10, negative_reach=0.1)
+    e1 = torch.zeros(4, dtype=torch.float64)
+    e1[0] = 1.0
+    earlier = torch.zeros(3, 4, dtype=torch.float64)
+    earlier[:, 0] = torch.tensor([-0.5, -0.4, 0.0])
+    negatives = earlier.clone()
+    pool = _SilentPool.of(earlier, negatives, h)
+    gate = _Gate(e1, sharpness=10.0, threshold=0.5, spreads=0.0)  # fires at gᵀx = -bias / α = -0.2
+    # earlier keys: above -0.2 - 0.25 = -0.45 -> 1, 2; generic: above -0.2 - 0.05 = -0.25 -> 5
+    assert pool.risky(gate, 2.0, torch.zeros(0, dtype=torch.long)).tolist() == [1, 2, 5]
+    assert pool.risky(gate, 2.0, torch.tensor([2])).tolist() == [1, 5]
+    assert pool.weights.tolist() == [h.memory_weight] * 3 + [h.negative_weight] * 3
+    assert _SilentPool.of(None, None, h) is None

@@ -332,6 +332,33 @@ def gate_key(sigma_inv: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, h_e
     return best
 
 
+@dataclasses.dataclass
+class _SilentPool:
+    """Keys a new gate key may have to be silent on: earlier edits' MLP inputs, then generic sample tokens."""
+
+    keys: torch.Tensor  # [n, d] float64
+    weights: torch.Tensor  # [n]: memory_weight, then negative_weight
+    reach: torch.Tensor  # [n]: the fraction of the threshold within which a key joins the silent set
+
+    @classmethod
+    def of(cls, earlier: torch.Tensor | None, negatives: torch.Tensor | None, hp: ShiftNeuronHyperParams
+           ) -> "_SilentPool | None":
+        parts = [(x, w, r) for x, w, r in ((earlier, hp.memory_weight, 0.5), (negatives, hp.negative_weight,
+                                                                              hp.negative_reach)) if x is not None]
+        if not parts:
+            return None
+        full = [(torch.full((len(x),), w, dtype=torch.float64), torch.full((len(x),), r, dtype=torch.float64))
+                for x, w, r in parts]
+        return cls(torch.cat([x for x, _w, _r in parts]), torch.cat([w for w, _r in full]),
+                   torch.cat([r for _w, r in full]))
+
+    def risky(self, gate: _Gate, bias: float, active: torch.Tensor) -> torch.Tensor:
+        """Indices not yet in ``active`` whose gate pre-activation is within their reach of firing."""
+        fires_at = -bias / gate.sharpness  # gᵀx where the pre-activation α gᵀx + bias crosses 0; the mean: -β below
+        near = ((self.keys @ gate.g) > fires_at - gate.threshold * self.reach).nonzero()[:, 0]
+        return near[~torch.isin(near, active)]
+
+
 # --- which neurons are free ------------------------------------------------------------------------
 def _earlier_keys(memory: EditMemory | None, new_keys: dict[str, list[torch.Tensor]], param: str
                   ) -> torch.Tensor | None:
@@ -442,14 +469,8 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
         h = cap.inputs[in_name].double().cpu().reshape(ids.shape[0], ids.shape[1], -1)
         mu, sigma_inv, act_m2, sigma = _generic(model, tok, adapter, layer, hp)
         earlier = _earlier_keys(memory, new_keys, f"{in_name}.weight") if hp.memory_weight > 0 else None
-        n_earlier = 0 if earlier is None else len(earlier)
         neg = _negatives(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
-        if neg is not None and hp.negative_weight > 0:
-            earlier = neg if earlier is None else torch.cat([earlier, neg])
-        reach_ok = torch.arange(len(earlier) if earlier is not None else 0) < n_earlier  # memory keys: half
-        key_weights = torch.cat([torch.full((n_earlier,), hp.memory_weight, dtype=torch.float64),
-                                 torch.full((len(earlier) - n_earlier if earlier is not None else 0,),
-                                            hp.negative_weight, dtype=torch.float64)])
+        pool = _SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
 
         # the tokens that get a neuron: the first, and any later one the model does not already give
         wanted = []
@@ -477,20 +498,16 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             bias = float(gate_bias[gate_row]) if gate_bias is not None else 0.0
             h_e = torch.stack([h[r, batch.positions[r][i]] for r in range(n_var)])  # the prompt and its variants
             gate = gate_key(sigma_inv, sigma, mu, h_e, silent if len(silent) else None, weights, bias, hp)
-            # earlier edits' prompts this neuron would fire on (within half the threshold of firing) become
-            # silent keys too; a few rounds, so only the few keys that matter constrain the key
+            # earlier edits' prompts (and generic sample tokens) this neuron would nearly fire on become silent
+            # keys too; a few rounds, so only the few keys that matter constrain the key
             active = torch.zeros(0, dtype=torch.long)
-            for _round in range(_ACTIVE_ROUNDS if earlier is not None else 0):
-                at_mean = -gate.threshold - bias / gate.sharpness
-                score = earlier @ gate.g
-                risky = ((score > at_mean / 2) & (reach_ok | (score > at_mean * hp.negative_reach))).nonzero()[:, 0]
-                new = risky[~torch.isin(risky, active)]
+            for _round in range(_ACTIVE_ROUNDS if pool is not None else 0):
+                new = pool.risky(gate, bias, active)
                 if not len(new):
                     break
                 active = torch.cat([active, new])
-                gate = gate_key(sigma_inv, sigma, mu, h_e, torch.cat([silent, earlier[active]]),
-                                torch.cat([weights, key_weights[active]]),
-                                bias, hp)
+                gate = gate_key(sigma_inv, sigma, mu, h_e, torch.cat([silent, pool.keys[active]]),
+                                torch.cat([weights, pool.weights[active]]), bias, hp)
             if neg is not None:
                 generic_fires.append(int((neg @ gate.g > -bias / gate.sharpness).sum()))
             spreads.append(round(gate.spreads, 2))

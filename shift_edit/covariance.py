@@ -284,21 +284,44 @@ def _expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_
     }
 
 
-def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any], need_mean: bool = False) -> SecondMoment | None:
-    """The cached entry if it exists and is valid; ``None`` (with a warning) otherwise."""
+def _read_verified(pt: Path, meta_path: Path, expected: dict[str, Any], what: str
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """A cache file's metadata and tensors if both files exist, the metadata has ``expected``'s values and
+    the checksum holds; ``None`` (with a warning naming ``what``) otherwise."""
     if not pt.is_file() or not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
         mismatched = [k for k, v in expected.items() if meta.get(k) != v]
         if mismatched:
-            log.warning("statistics cache %s does not match (%s); rebuilding", pt, ", ".join(mismatched))
+            log.warning("%s %s does not match (%s); rebuilding", what, pt, ", ".join(mismatched))
             return None
         data = pt.read_bytes()
         if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            log.warning("statistics cache %s fails its checksum; rebuilding", pt)
+            log.warning("%s %s fails its checksum; rebuilding", what, pt)
             return None
-        tensors = torch.load(io.BytesIO(data), weights_only=True)
+        return meta, torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
+        log.warning("%s %s is unreadable (%s); rebuilding", what, pt, exc)
+        return None
+
+
+def _write_verified(pt: Path, meta_path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``tensors`` and ``meta`` plus the tensors' checksum (atomically); returns that metadata."""
+    data = torch_bytes(tensors)
+    meta = {**meta, "sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_bytes(pt, data)
+    atomic_write_json(meta_path, meta)
+    return meta
+
+
+def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any], need_mean: bool = False) -> SecondMoment | None:
+    """The cached entry if it exists and is valid; ``None`` (with a warning) otherwise."""
+    read = _read_verified(pt, meta_path, expected, "statistics cache")
+    if read is None:
+        return None
+    meta, tensors = read
+    try:
         mom2, mean = tensors["mom2"], tensors.get("mean")
         d = int(meta["d_in"])
         if mom2.shape != (d, d) or str(mom2.dtype) != f"torch.{expected['dtype']}" or not torch.isfinite(mom2).all():
@@ -456,10 +479,7 @@ def layer_stats(
             mom2, mean = mats[name].contiguous(), means[name].contiguous()
             meta = {**expected, **counts, "d_in": int(mom2.shape[0])}
             if use_cache:
-                data = torch_bytes({"mom2": mom2, "mean": mean})
-                meta["sha256"] = hashlib.sha256(data).hexdigest()
-                atomic_write_bytes(pt, data)
-                atomic_write_json(meta_path, meta)
+                meta = _write_verified(pt, meta_path, {"mom2": mom2, "mean": mean}, meta)
             out[layer] = SecondMoment(layer, mom2, meta, mean)
             if use_cache:
                 _memo_put(pt, meta_path, out[layer])
@@ -524,26 +544,16 @@ def generic_sample(
             sample = torch.cat(got[layer]) if got[layer] else torch.zeros(0, 0)
             out[layer] = sample
             if use_cache and len(sample):
-                data = torch_bytes({"sample": sample.contiguous()})
-                atomic_write_bytes(pt, data)
-                atomic_write_json(meta_path, {**expected, "tokens": len(sample), "sha256": hashlib.sha256(data).hexdigest()})
+                _write_verified(pt, meta_path, {"sample": sample.contiguous()}, {**expected, "tokens": len(sample)})
     return out
 
 
 def _load_sample(pt: Path, meta_path: Path, expected: dict[str, Any]) -> torch.Tensor | None:
-    if not pt.is_file() or not meta_path.is_file():
+    read = _read_verified(pt, meta_path, expected, "generic sample cache")
+    if read is None:
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        data = pt.read_bytes()
-        if any(meta.get(k) != v for k, v in expected.items()) or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            log.warning("generic sample cache %s does not match or fails its checksum; rebuilding", pt)
-            return None
-        sample = torch.load(io.BytesIO(data), weights_only=True)["sample"]
-        if sample.dim() != 2 or not torch.isfinite(sample).all():
-            log.warning("generic sample cache %s holds a bad tensor; rebuilding", pt)
-            return None
-        return sample
-    except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
-        log.warning("generic sample cache %s is unreadable (%s); rebuilding", pt, exc)
+    sample = read[1].get("sample")
+    if not isinstance(sample, torch.Tensor) or sample.dim() != 2 or not torch.isfinite(sample).all():
+        log.warning("generic sample cache %s holds a bad tensor; rebuilding", pt)
         return None
+    return sample

@@ -343,14 +343,16 @@ class _SilentPool:
     @classmethod
     def of(cls, earlier: torch.Tensor | None, negatives: torch.Tensor | None, hp: ShiftNeuronHyperParams
            ) -> "_SilentPool | None":
-        parts = [(x, w, r) for x, w, r in ((earlier, hp.memory_weight, 0.5), (negatives, hp.negative_weight,
-                                                                              hp.negative_reach)) if x is not None]
+        parts = [(x, w, r) for x, w, r in ((earlier, hp.memory_weight, 0.5),
+                                           (negatives, hp.negative_weight, hp.negative_reach)) if x is not None]
         if not parts:
             return None
-        full = [(torch.full((len(x),), w, dtype=torch.float64), torch.full((len(x),), r, dtype=torch.float64))
-                for x, w, r in parts]
-        return cls(torch.cat([x for x, _w, _r in parts]), torch.cat([w for w, _r in full]),
-                   torch.cat([r for _w, r in full]))
+
+        def per_key(value: float, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(x),), value, dtype=torch.float64)
+
+        return cls(torch.cat([x for x, _w, _r in parts]), torch.cat([per_key(w, x) for x, w, _r in parts]),
+                   torch.cat([per_key(r, x) for x, _w, r in parts]))
 
     def risky(self, gate: _Gate, bias: float, active: torch.Tensor) -> torch.Tensor:
         """Indices not yet in ``active`` whose gate pre-activation is within their reach of firing."""
@@ -517,12 +519,14 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
                 rows.append(neuron_key(sigma_inv, mu, h_e, None, 0.0, 0.0, 1.0).float())
             neurons.append(_Neuron(j, pos[i], rows, dec_unit[target[i]].clone(), w2[:, j].clone()))
 
+        entry = {"target_ids": target, "layer": layer, "forward_passes": 1, "reached_margin": False, "push": None,
+                 "neurons": [], "spreads": spreads, "thresholds": thresholds,
+                 **({"generic_fires": generic_fires} if neg is not None else {})}
+        info.append(entry)
         if hp.max_generic_fires is not None and max(generic_fires, default=0) > hp.max_generic_fires:
             log.warning("SHIFT_NEURON: a neuron for %r would fire on %d of %d generic tokens (max_generic_fires %d); "
                         "request not applied", req.text + req.target_new, max(generic_fires), len(neg),
                         hp.max_generic_fires)
-            info.append({"target_ids": target, "layer": layer, "forward_passes": 1, "reached_margin": False,
-                         "push": None, "neurons": [], "generic_fires": generic_fires, "spreads": spreads})
             continue
         # step search: blocks L.. re-run with the new FF1 rows and FF2 columns s · D̂ / a_e
         block_in = blocks_in[layer][:1]
@@ -551,10 +555,8 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
 
         hi, search = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
         fires = all(a > 1e-6 for a in fired.values())  # a neuron that does not fire at the edit carries no push
-        entry = {"target_ids": target, "layer": layer, "forward_passes": 1 + search, "reached_margin": hi is not None,
-                 "push": hi, "neurons": [n.j for n in neurons], "activation_at_edit": dict(fired),
-                 "spreads": spreads, "thresholds": thresholds, **({"generic_fires": generic_fires} if neg is not None else {})}
-        info.append(entry)
+        entry.update({"forward_passes": 1 + search, "reached_margin": hi is not None, "push": hi,
+                      "neurons": [n.j for n in neurons], "activation_at_edit": dict(fired)})
         if hi is None:
             log.warning("SHIFT_NEURON: no push up to max_push %g gives %r a margin of %g; %s", hp.max_push,
                         req.text + req.target_new, hp.margin,

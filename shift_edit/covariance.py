@@ -540,10 +540,14 @@ def generic_sample(
                         model(input_ids=torch.tensor([ids], device=device), use_cache=False)
                     for name, layer in names.items():
                         got[layer].append(cap.inputs[name].reshape(len(ids), -1).float().cpu())
+        if seen <= skip_tokens:
+            raise ShiftEditError(f"the corpus {src.name} has {seen} tokens (texts of at most {max_length}), none "
+                                 f"after the first {skip_tokens} (the statistics' own): no generic sample; use a "
+                                 "longer corpus or fewer statistics tokens")
         for layer, (pt, meta_path, expected) in todo.items():
-            sample = torch.cat(got[layer]) if got[layer] else torch.zeros(0, 0)
+            sample = torch.cat(got[layer])
             out[layer] = sample
-            if use_cache and len(sample):
+            if use_cache:
                 _write_verified(pt, meta_path, {"sample": sample.contiguous()}, {**expected, "tokens": len(sample)})
     return out
 

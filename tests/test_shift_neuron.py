@@ -291,6 +291,8 @@ def test_generic_sample_skips_the_statistics_tokens_and_is_pinned(byte_tok, corp
     assert torch.equal(again, sample)
     with pytest.raises(ShiftEditError):
         generic_sample(model, byte_tok, [1], corpus=path, skip_tokens=-1)
+    with pytest.raises(ShiftEditError, match="none after the first"):  # a corpus no longer than the skipped tokens
+        generic_sample(model, byte_tok, [1], corpus=path, skip_tokens=sum(lengths), n_tokens=10, max_length=64)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

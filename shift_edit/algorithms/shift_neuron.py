@@ -430,6 +430,125 @@ def _ff1_hooks(hooks, mlp: _Mlp, neurons: list[_Neuron]) -> None:
         hooks.forward_hook(module, hook)
 
 
+@dataclasses.dataclass
+class _Generic:
+    """A layer's generic-text view: MLP-input mean, Σ⁻¹, E[x²] of the FF neurons, Σ (:func:`_generic`)."""
+
+    mu: torch.Tensor
+    sigma_inv: torch.Tensor
+    act_m2: torch.Tensor
+    sigma: torch.Tensor
+
+
+def _needing_neurons(logits: torch.Tensor, pos: list[int], target: list[int], margin: float) -> list[int]:
+    """The target positions that get a neuron: the first, and any later one the model does not already give
+    with ``margin`` (``logits``: the prompt's ``[seq, vocab]``, teacher-forced)."""
+    wanted = []
+    for i, t in enumerate(target):
+        if i > 0:
+            lg = logits[pos[i]].float().cpu()
+            if float(lg[t] - lg.scatter(0, torch.tensor([t]), float("-inf")).max()) >= margin:
+                continue
+        wanted.append(i)
+    return wanted
+
+
+def _bias(mlp: _Mlp, j: int) -> float:
+    """Neuron ``j``'s existing gate (FF1) bias, 0 without one."""
+    module, _name, r = mlp.row(0, j)
+    bias = getattr(module, "bias", None)
+    return float(bias[r]) if bias is not None else 0.0
+
+
+def _design_neuron(h: torch.Tensor, batch, i: int, j: int, mlp: _Mlp, gen: _Generic, pool: _SilentPool | None,
+                   w2: torch.Tensor, direction: torch.Tensor, hp: ShiftNeuronHyperParams) -> tuple[_Neuron, _Gate]:
+    """Neuron ``j``'s new FF1 rows for target position ``i`` (``h``: the batch's MLP inputs ``[rows, seq, d]``,
+    float64): silent on the contrastive prompts, on the prompt's other target positions and, with a ``pool``, on
+    the pooled keys it would nearly fire on (a few solves, an active set)."""
+    pos = batch.positions[0]
+    n_var = batch.n_variants
+    others = [h[0, p] for k, p in enumerate(pos) if k != i]
+    contrast = ([h[r, batch.positions[r][i]] for r in range(n_var, len(batch.seqs))]
+                if hp.continuation == "contrast" or i == 0 else [])
+    silent = torch.stack(contrast + others) if contrast or others else h[0, :0]
+    weights = torch.full((len(silent),), hp.contrast_weight, dtype=torch.float64)
+    bias = _bias(mlp, j)
+    h_e = torch.stack([h[r, batch.positions[r][i]] for r in range(n_var)])  # the prompt and its variants
+    gate = gate_key(gen.sigma_inv, gen.sigma, gen.mu, h_e, silent if len(silent) else None, weights, bias, hp)
+    active = torch.zeros(0, dtype=torch.long)
+    for _round in range(_ACTIVE_ROUNDS if pool is not None else 0):
+        new = pool.risky(gate, bias, active)
+        if not len(new):
+            break
+        active = torch.cat([active, new])
+        gate = gate_key(gen.sigma_inv, gen.sigma, gen.mu, h_e, torch.cat([silent, pool.keys[active]]),
+                        torch.cat([weights, pool.weights[active]]), bias, hp)
+    rows = [(gate.sharpness * gate.g).float()]
+    if mlp.kind != "plain":
+        rows.append(neuron_key(gen.sigma_inv, gen.mu, h_e, None, 0.0, 0.0, 1.0).float())
+    return _Neuron(j, pos[i], rows, direction, w2[:, j].clone()), gate
+
+
+def _fires_on(gate: _Gate, bias: float, sample: torch.Tensor) -> int:
+    """How many rows of ``sample`` (MLP inputs) the gate's pre-activation is above 0 on."""
+    return int((sample @ gate.g > -bias / gate.sharpness).sum())
+
+
+def _search_push(model: nn.Module, adapter: ModelAdapter, layer: int, mlp: _Mlp, neurons: list[_Neuron],
+                 block_in: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, pos: list[int], target: list[int],
+                 hp: ShiftNeuronHyperParams) -> tuple[float | None, int, dict[int, float]]:
+    """The smallest push giving every target token ``hp.margin`` with the new neurons in place (``None`` if none
+    up to ``max_push``), the passes it took, and each neuron's activation at its edit position. Blocks ``layer..``
+    are re-run from ``block_in`` (the prompt's recorded block input) for a batch of candidate pushes at once."""
+    fired: dict[int, float] = {}
+
+    def ff2_hook(_m, args, out, scales):
+        x = args[0]
+        x3 = x.reshape(scales.numel(), -1, x.shape[-1])  # OPT flattens its MLP input
+        add = torch.zeros(*x3.shape[:2], out.shape[-1], dtype=torch.float32, device=x.device)
+        for n in neurons:
+            a = x3[..., n.j].float()  # [rows, seq]
+            fired[n.j] = float(a[0, n.pos])
+            scale = scales.view(-1, 1).to(x.device) / max(fired[n.j], 1e-6)
+            add += (a * scale)[..., None] * n.direction.to(x.device) - a[..., None] * n.old_col.to(x.device)
+        return out + add.reshape(out.shape).to(out.dtype)
+
+    def reaches(grid: torch.Tensor) -> torch.Tensor:
+        scales = grid.to(torch.float32)
+        with owned_hooks() as hooks, resume_at(adapter, layer, block_in.repeat(len(scales), 1, 1)):
+            _ff1_hooks(hooks, mlp, neurons)
+            hooks.forward_hook(mlp.ff2, lambda m, a, o: ff2_hook(m, a, o, scales))
+            lg = model(input_ids=ids.repeat(len(scales), 1), attention_mask=mask.repeat(len(scales), 1),
+                       use_cache=False).logits
+        ok = _margins(lg, [pos], target, list(range(len(scales)))) >= hp.margin
+        return ok & all(a > 1e-6 for a in fired.values())
+
+    push, passes = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
+    return push, passes, fired
+
+
+def _neuron_deltas(mlp: _Mlp, layer: int, neurons: list[_Neuron], fired: dict[int, float], push: float,
+                   hp: ShiftNeuronHyperParams) -> tuple[list[WeightDelta], list[torch.Tensor]]:
+    """The rank-one deltas writing ``neurons`` (FF1 rows, FF2 column ``push · D̂ / activation``) and their FF2
+    memory keys (one-hot rows scaled by the activation at the edit)."""
+    deltas, keys = [], []
+    for n in neurons:
+        final = hp.activation if mlp.kind != "plain" else fired[n.j]
+        rows = list(n.rows)
+        if mlp.kind != "plain":
+            rows[1] = rows[1] * (hp.activation / fired[n.j])  # the up row: activation at the edit = `activation`
+        for slot, row in enumerate(rows):
+            module, name, r = mlp.row(slot, n.j)
+            weight = _canonical(module)
+            deltas.append(WeightDelta(name, weight_layout(module), left=_one_hot(weight.shape[0], r)[:, None],
+                                      right=(row - weight[r].float().cpu())[None], layer=layer))
+        col = (push / final) * n.direction
+        deltas.append(WeightDelta(mlp.ff2_name, weight_layout(mlp.ff2), left=(col - n.old_col)[:, None],
+                                  right=_one_hot(mlp.d_ff, n.j)[None], layer=layer))
+        keys.append(_one_hot(mlp.d_ff, n.j) * final)
+    return deltas, keys
+
+
 @torch.no_grad()
 def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hparams: ShiftNeuronHyperParams,
                          *, memory: EditMemory | None = None) -> Computed:
@@ -457,7 +576,6 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
                                  "already; add layers or raise neurons_per_layer")
         mlp = mlps[layer]
         batch = build_batch(tok, req, target, n_prefixes=hp.n_prefixes, n_contrast=hp.n_contrast)
-        n_var = batch.n_variants
         ids, mask = pad_batch(batch.seqs, pad, device)
         in_name = in_names[layer]
         with record_block_inputs(adapter) as blocks_in, capture_inputs(model, list(in_names.values())) as cap:
@@ -469,58 +587,21 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             continue
         skipped.append(False)
         h = cap.inputs[in_name].double().cpu().reshape(ids.shape[0], ids.shape[1], -1)
-        mu, sigma_inv, act_m2, sigma = _generic(model, tok, adapter, layer, hp)
+        gen = _Generic(*_generic(model, tok, adapter, layer, hp))
         earlier = _earlier_keys(memory, new_keys, f"{in_name}.weight") if hp.memory_weight > 0 else None
         neg = _negatives(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
         pool = _SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
 
-        # the tokens that get a neuron: the first, and any later one the model does not already give
-        wanted = []
-        for i, t in enumerate(target):
-            if i > 0:
-                lg = logits[0, pos[i]].float().cpu()
-                if float(lg[t] - lg.scatter(0, torch.tensor([t]), float("-inf")).max()) >= hp.margin:
-                    continue
-            wanted.append(i)
+        wanted = _needing_neurons(logits[0], pos, target, hp.margin)
         w2 = mlp.ff2_weight().float().cpu()
-        cost = act_m2 * (w2.double() ** 2).sum(0)
-        js = _free_neurons(w2, layer, cost, len(wanted), taken[layer], dec_unit)
-        neurons: list[_Neuron] = []
-        spreads: list[float] = []
-        thresholds: list[float] = []
-        generic_fires: list[int] = []
-        for i, j in zip(wanted, js):
-            others = [h[0, p] for k, p in enumerate(pos) if k != i]
-            contrast = ([h[r, batch.positions[r][i]] for r in range(n_var, len(batch.seqs))]
-                        if hp.continuation == "contrast" or i == 0 else [])
-            silent = torch.stack(contrast + others) if contrast or others else h[0, :0]
-            weights = torch.full((len(silent),), hp.contrast_weight, dtype=torch.float64)
-            gate_mod, _name, gate_row = mlp.row(0, j)
-            gate_bias = getattr(gate_mod, "bias", None)
-            bias = float(gate_bias[gate_row]) if gate_bias is not None else 0.0
-            h_e = torch.stack([h[r, batch.positions[r][i]] for r in range(n_var)])  # the prompt and its variants
-            gate = gate_key(sigma_inv, sigma, mu, h_e, silent if len(silent) else None, weights, bias, hp)
-            # earlier edits' prompts (and generic sample tokens) this neuron would nearly fire on become silent
-            # keys too; a few rounds, so only the few keys that matter constrain the key
-            active = torch.zeros(0, dtype=torch.long)
-            for _round in range(_ACTIVE_ROUNDS if pool is not None else 0):
-                new = pool.risky(gate, bias, active)
-                if not len(new):
-                    break
-                active = torch.cat([active, new])
-                gate = gate_key(sigma_inv, sigma, mu, h_e, torch.cat([silent, pool.keys[active]]),
-                                torch.cat([weights, pool.weights[active]]), bias, hp)
-            if neg is not None:
-                generic_fires.append(int((neg @ gate.g > -bias / gate.sharpness).sum()))
-            spreads.append(round(gate.spreads, 2))
-            thresholds.append(round(gate.threshold, 4))
-            rows = [(gate.sharpness * gate.g).float()]
-            if mlp.kind != "plain":
-                rows.append(neuron_key(sigma_inv, mu, h_e, None, 0.0, 0.0, 1.0).float())
-            neurons.append(_Neuron(j, pos[i], rows, dec_unit[target[i]].clone(), w2[:, j].clone()))
-
+        js = _free_neurons(w2, layer, gen.act_m2 * (w2.double() ** 2).sum(0), len(wanted), taken[layer], dec_unit)
+        designed = [_design_neuron(h, batch, i, j, mlp, gen, pool, w2, dec_unit[target[i]].clone(), hp)
+                    for i, j in zip(wanted, js)]
+        neurons = [n for n, _gate in designed]
+        generic_fires = ([_fires_on(gate, _bias(mlp, n.j), neg) for n, gate in designed] if neg is not None else [])
         entry = {"target_ids": target, "layer": layer, "forward_passes": 1, "reached_margin": False, "push": None,
-                 "neurons": [], "spreads": spreads, "thresholds": thresholds,
+                 "neurons": [], "spreads": [round(g.spreads, 2) for _n, g in designed],
+                 "thresholds": [round(g.threshold, 4) for _n, g in designed],
                  **({"generic_fires": generic_fires} if neg is not None else {})}
         info.append(entry)
         if hp.max_generic_fires is not None and max(generic_fires, default=0) > hp.max_generic_fires:
@@ -528,59 +609,22 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
                         "request not applied", req.text + req.target_new, max(generic_fires), len(neg),
                         hp.max_generic_fires)
             continue
-        # step search: blocks L.. re-run with the new FF1 rows and FF2 columns s · D̂ / a_e
-        block_in = blocks_in[layer][:1]
-        fired: dict[int, float] = {}
-
-        def ff2_hook(_m, args, out, scales):
-            x = args[0]
-            x3 = x.reshape(scales.numel(), -1, x.shape[-1])  # OPT flattens its MLP input
-            add = torch.zeros(*x3.shape[:2], out.shape[-1], dtype=torch.float32, device=x.device)
-            for n in neurons:
-                a = x3[..., n.j].float()  # [rows, seq]
-                fired[n.j] = float(a[0, n.pos])
-                scale = scales.view(-1, 1).to(x.device) / max(fired[n.j], 1e-6)
-                add += (a * scale)[..., None] * n.direction.to(x.device) - a[..., None] * n.old_col.to(x.device)
-            return out + add.reshape(out.shape).to(out.dtype)
-
-        def reaches(grid: torch.Tensor) -> torch.Tensor:
-            scales = grid.to(torch.float32)
-            with owned_hooks() as hooks, resume_at(adapter, layer, block_in.repeat(len(scales), 1, 1)):
-                _ff1_hooks(hooks, mlp, neurons)
-                hooks.forward_hook(mlp.ff2, lambda m, a, o: ff2_hook(m, a, o, scales))
-                lg = model(input_ids=ids[:1].repeat(len(scales), 1), attention_mask=mask[:1].repeat(len(scales), 1),
-                           use_cache=False).logits
-            ok = _margins(lg, [pos], target, list(range(len(scales)))) >= hp.margin
-            return ok & all(a > 1e-6 for a in fired.values())
-
-        hi, search = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
-        fires = all(a > 1e-6 for a in fired.values())  # a neuron that does not fire at the edit carries no push
-        entry.update({"forward_passes": 1 + search, "reached_margin": hi is not None, "push": hi,
+        push, search, fired = _search_push(model, adapter, layer, mlp, neurons, blocks_in[layer][:1], ids[:1],
+                                           mask[:1], pos, target, hp)
+        entry.update({"forward_passes": 1 + search, "reached_margin": push is not None, "push": push,
                       "neurons": [n.j for n in neurons], "activation_at_edit": dict(fired)})
-        if hi is None:
+        if push is None:
             log.warning("SHIFT_NEURON: no push up to max_push %g gives %r a margin of %g; %s", hp.max_push,
                         req.text + req.target_new, hp.margin,
                         "request not applied" if hp.if_unreached == "skip" else "applying max_push")
+            fires = all(a > 1e-6 for a in fired.values())  # a neuron that does not fire at the edit carries no push
             if hp.if_unreached == "skip" or not fires:
                 continue
-            hi = hp.max_push
-            entry["push"] = hi
-        for n in neurons:
-            a_e = fired[n.j]
-            final = hp.activation if mlp.kind != "plain" else a_e
-            rows = list(n.rows)
-            if mlp.kind != "plain":
-                rows[1] = rows[1] * (hp.activation / a_e)  # the up row: activation at the edit = `activation`
-            for slot, row in enumerate(rows):
-                module, name, r = mlp.row(slot, n.j)
-                weight = _canonical(module)
-                deltas.append(WeightDelta(name, weight_layout(module), left=_one_hot(weight.shape[0], r)[:, None],
-                                          right=(row - weight[r].float().cpu())[None], layer=layer))
-            col = (hi / final) * n.direction
-            deltas.append(WeightDelta(mlp.ff2_name, weight_layout(mlp.ff2), left=(col - n.old_col)[:, None],
-                                      right=_one_hot(mlp.d_ff, n.j)[None], layer=layer))
-            new_keys.setdefault(mlp.ff2_param, []).append(_one_hot(mlp.d_ff, n.j) * final)
-            taken[layer].add(n.j)
+            push = entry["push"] = hp.max_push
+        written, ff2_keys = _neuron_deltas(mlp, layer, neurons, fired, push, hp)
+        deltas += written
+        new_keys.setdefault(mlp.ff2_param, []).extend(ff2_keys)
+        taken[layer].update(n.j for n in neurons)
         for x, name in in_names.items():  # this edit's prompt keys at every layer a later neuron may use
             hx = cap.inputs[name].float().cpu().reshape(ids.shape[0], ids.shape[1], -1)
             new_keys.setdefault(f"{name}.weight", []).extend(hx[0, n.pos] for n in neurons)

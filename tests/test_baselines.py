@@ -3,7 +3,7 @@ determinism of every algorithm: tests/test_algorithm_matrix.py)."""
 
 import pytest
 import torch
-from _tiny import tiny_model
+from _tiny import TINY_CONFIGS, tiny_model
 
 import shift_edit as se
 from shift_edit.algorithms.adam import AdamHyperParams
@@ -126,3 +126,48 @@ def test_shipped_hparams_of_step_algorithms_have_layers_and_a_positive_step():
             assert hp.layers and getattr(hp, spec.step_field) > 0, (alg, stem)
             checked += 1
     assert checked
+
+
+REQ2 = {"prompt": "{} was born in", "subject": "Ann", "target_new": {"str": "Rome"}}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("alg", ["FT", "FT_L"])
+def test_ft_from_the_frozen_prefix_equals_full_passes(model_type, alg, byte_tok):
+    """Training from the recorded input of the lowest trained block gives the same deltas (bit for bit: the same
+    operations on the same inputs), losses and steps as full forward passes (two chunks of one request each, all
+    target tokens)."""
+    from shift_edit.algorithms.ft import finetune
+
+    model = tiny_model(model_type)
+    kw = dict(layers=[1, 2], lr=1e-2, steps=6, early_stop_nll=0.0, skip_if_predicted=False, batch_size=1,
+              target_tokens="all", max_relative_norm=None)
+    hp = FTLHyperParams(norm_constraint=5e-3, **kw) if alg == "FT_L" else FTHyperParams(**kw)
+    eps = 5e-3 if alg == "FT_L" else None
+    reqs = se.make_requests([REQ, REQ2])
+    fast = finetune(model, byte_tok, reqs, hp, eps)
+    full = finetune(model, byte_tok, reqs, hp, eps, frozen_prefix=False)
+    assert fast.info == full.info and fast.info[0]["steps"] == 6
+    assert [d.module for d in fast.deltas] == [d.module for d in full.deltas]
+    for a, b in zip(fast.deltas, full.deltas):
+        assert torch.equal(a.dense, b.dense) and a.dense.abs().max() > 0
+
+
+def test_ft_falls_back_to_full_passes_when_the_prefix_disagrees(byte_tok, monkeypatch, caplog):
+    """A recorded block input that does not reproduce the full pass's loss is dropped at the first step."""
+    import shift_edit.algorithms.ft as ft
+
+    class Corrupted(ft.FrozenPrefix):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.hidden = [h + 1.0 for h in self.hidden]
+
+    model = tiny_model("llama")
+    hp = FTHyperParams(layers=[2], lr=1e-2, steps=4, early_stop_nll=0.0, skip_if_predicted=False)
+    full = ft.finetune(model, byte_tok, se.make_requests(REQ), hp, frozen_prefix=False)
+    monkeypatch.setattr(ft, "FrozenPrefix", Corrupted)
+    with caplog.at_level("WARNING"):
+        fell_back = ft.finetune(model, byte_tok, se.make_requests(REQ), hp)
+    assert "using full passes" in caplog.text
+    assert fell_back.info == full.info
+    torch.testing.assert_close(fell_back.deltas[0].dense, full.deltas[0].dense, rtol=0, atol=0)

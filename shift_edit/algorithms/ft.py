@@ -17,7 +17,9 @@ from torch import nn
 
 from ..registry import Computed, register
 from ..requests import EditRequest
+from .common import adapter_for
 from .gradient import (
+    FrozenPrefix,
     GradientHyperParams,
     TrainedMatrix,
     batched_loss,
@@ -61,9 +63,14 @@ class FTHyperParams(GradientHyperParams):
 
 
 def finetune(
-    model: nn.Module, tok, requests: list[EditRequest], hparams: FTHyperParams, epsilon: float | None = None
+    model: nn.Module, tok, requests: list[EditRequest], hparams: FTHyperParams, epsilon: float | None = None,
+    *, frozen_prefix: bool = True,
 ) -> Computed:
-    """Fine-tune, read off the deltas and restore the weights; ``epsilon`` boxes each weight."""
+    """Fine-tune, read off the deltas and restore the weights; ``epsilon`` boxes each weight.
+
+    With ``frozen_prefix`` (and more than one step), the blocks below the lowest trained layer run once and every
+    step re-runs only the blocks from that layer (:class:`~.gradient.FrozenPrefix`, checked against a full pass at
+    the first step): the same deltas, at ``(n_layers - layer) / n_layers`` of the forward passes' cost."""
     matrices: list[TrainedMatrix] = select_matrices(model, hparams)
     skipped, pairs = split_skipped(model, tok, requests, hparams)
     info = [{"skipped": s} for s in skipped]
@@ -71,15 +78,24 @@ def finetune(
         return Computed([], skipped, info)
     torch.manual_seed(hparams.seed)
     params = [m.param for m in matrices]
+    pad = pad_id_of(tok)
+    lowest = min(m.layer for m in matrices)
     with training_session(model, matrices) as originals:
+        prefix = None
+        if frozen_prefix and hparams.steps > 1 and lowest > 0:
+            prefix = FrozenPrefix(model, adapter_for(model, hparams), lowest, pairs, pad, hparams.target_tokens,
+                                  hparams.batch_size)
         if hparams.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
         losses, taken = [], 0
-        for _step in range(hparams.steps):
+        for step in range(hparams.steps):
             opt.zero_grad(set_to_none=True)
-            loss = batched_loss(model, pairs, pad_id_of(tok), hparams.target_tokens, hparams.batch_size, "mean")
+            loss = batched_loss(model, pairs, pad, hparams.target_tokens, hparams.batch_size, "mean", prefix=prefix)
+            if step == 0 and prefix is not None and not prefix.verify(loss):
+                opt.zero_grad(set_to_none=True)
+                loss = batched_loss(model, pairs, pad, hparams.target_tokens, hparams.batch_size, "mean")
             losses.append(loss)
             if loss < hparams.early_stop_nll:
                 break

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,12 +22,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..architectures import Layout, from_param_layout
+from ..architectures import Layout, ModelAdapter, from_param_layout
 from ..deltas import WeightDelta
 from ..hooks import owned_hooks
 from ..requests import EditRequest
+from ..resume import record_block_inputs, resume_at
 from ..scoring import pad_batch, pad_id_of
 from .common import EditHyperParams, adapter_for, already_predicted, tokenize_requests
+
+log = logging.getLogger(__name__)
 
 Matrices = Literal["ff2", "ff1", "both"]
 
@@ -169,15 +173,51 @@ def target_nll(
     return torch.stack(losses)
 
 
+class FrozenPrefix:
+    """The blocks below the lowest trained layer compute the same thing at every training step: their output
+    (block ``layer``'s input) is recorded once per chunk of requests, and each step re-runs blocks ``layer..``
+    only (:func:`~shift_edit.resume.resume_at`). :meth:`verify` checks the first step's loss against a full pass
+    and turns the prefix off (full passes from then on) if they differ."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, layer: int, pairs, pad_id: int, target_tokens: str,
+                 batch_size: int) -> None:
+        device = next(model.parameters()).device
+        self.adapter, self.layer, self.active = adapter, layer, True
+        self.hidden: list[torch.Tensor] = []
+        self.full_loss = 0.0  # the mean target NLL of the untrained model, from the same (full) passes
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                with record_block_inputs(adapter) as seen:
+                    self.full_loss += float(target_nll(model, chunk, pad_id, target_tokens).sum()) / len(pairs)
+                self.hidden.append(seen[layer])
+
+    def chunk(self, k: int) -> contextlib.AbstractContextManager:
+        """The context the ``k``-th chunk's training pass runs in."""
+        return resume_at(self.adapter, self.layer, self.hidden[k]) if self.active else contextlib.nullcontext()
+
+    def verify(self, first_loss: float) -> bool:
+        """Is the first (untrained) step's loss the full passes' (relative 1e-5)? If not, stop using the prefix."""
+        self.active = math.isclose(first_loss, self.full_loss, rel_tol=1e-5, abs_tol=1e-7)
+        if not self.active:
+            log.warning("training from block %d's recorded input gave loss %.6g, full passes %.6g; using full "
+                        "passes", self.layer, first_loss, self.full_loss)
+        return self.active
+
+
 def batched_loss(
-    model, pairs, pad_id, target_tokens, batch_size, reduce: Literal["sum", "mean"], only_target_positions=()
+    model, pairs, pad_id, target_tokens, batch_size, reduce: Literal["sum", "mean"], only_target_positions=(),
+    prefix: FrozenPrefix | None = None,
 ) -> float:
-    """Backpropagate the target NLL over ``pairs`` in chunks (grads accumulate); return the loss."""
+    """Backpropagate the target NLL over ``pairs`` in chunks (grads accumulate); return the loss. With a
+    ``prefix`` (recorded for the same pairs and chunks), only the blocks from its layer run."""
     total = 0.0
     scale = 1.0 if reduce == "sum" else 1.0 / len(pairs)
-    for start in range(0, len(pairs), batch_size):
+    for k, start in enumerate(range(0, len(pairs), batch_size)):
         chunk = pairs[start : start + batch_size]
-        loss = target_nll(model, chunk, pad_id, target_tokens, only_target_positions=only_target_positions).sum() * scale
+        with prefix.chunk(k) if prefix is not None else contextlib.nullcontext():
+            nll = target_nll(model, chunk, pad_id, target_tokens, only_target_positions=only_target_positions)
+        loss = nll.sum() * scale
         loss.backward()
         total += float(loss.detach())
     return total
@@ -216,6 +256,6 @@ def grad_deltas(matrices: Sequence[TrainedMatrix], scale: float) -> list[WeightD
 
 
 __all__ = [
-    "GradientHyperParams", "TrainedMatrix", "batched_loss", "dense_deltas", "grad_deltas", "gradient_only_at",
-    "pad_id_of", "select_matrices", "split_skipped", "target_nll", "training_session",
+    "FrozenPrefix", "GradientHyperParams", "TrainedMatrix", "batched_loss", "dense_deltas", "grad_deltas",
+    "gradient_only_at", "pad_id_of", "select_matrices", "split_skipped", "target_nll", "training_session",
 ]

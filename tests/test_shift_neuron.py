@@ -39,7 +39,8 @@ def test_registered_with_memory():
 @pytest.mark.parametrize("kw", [{"threshold": 1.0}, {"threshold": -0.1}, {"sharpness": 0.0}, {"activation": -1.0},
                                 {"n_contrast": 99}, {"search_passes": 0}, {"if_unreached": "retry"},
                                 {"min_spreads": 0.0}, {"min_spreads": 5.0, "max_threshold": 0.5},
-                                {"min_spreads": 5.0, "max_threshold": 1.0}, {"negative_reach": 0.0}, {"negatives": -1}])
+                                {"min_spreads": 5.0, "max_threshold": 1.0}, {"negative_reach": 0.0}, {"negatives": -1},
+                                {"try_layers": 0}, {"try_layers": 2}])
 def test_bad_hparams_are_refused(kw):
     with pytest.raises(ShiftEditError):
         ShiftNeuronHyperParams(layers=[1], **kw)
@@ -360,6 +361,41 @@ def test_max_generic_fires_refuses_a_key_that_fires_on_generic_text(byte_tok, co
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ShiftEditError):
         ShiftNeuronHyperParams(layers=[1], max_generic_fires=3)  # needs negatives
+
+
+@pytest.mark.parametrize("tries", [1, 2])
+def test_a_request_refused_at_one_layer_tries_the_next(tries, byte_tok, corpus, monkeypatch):
+    """With ``try_layers: 2`` a request whose neuron the screen refuses at layer 1 is written at layer 2, for
+    ``search_passes`` more model calls (counted with a hook; the first pass serves both layers); with 1 it is not
+    applied. The generic sample is replaced: at layer 1 copies of the edit's own key (its neuron fires on all), at
+    layer 2 the zero vector (it fires on none)."""
+    import shift_edit.algorithms.shift_neuron as sn
+
+    model = tiny_model("llama")
+    adapter = ModelAdapter(model)
+    ids = torch.tensor([byte_tok("Bob lives in").input_ids])
+    names = [adapter.ff1_names(x)[0] for x in (1, 2)]
+    with capture_inputs(model, names) as cap:
+        model(input_ids=ids)
+    key = cap.inputs[names[0]].reshape(ids.shape[1], -1)[-1].double()
+    sample = {1: key.repeat(20, 1), 2: torch.zeros(1, len(key), dtype=torch.float64)}
+    monkeypatch.setattr(sn, "_negatives", lambda *a, **k: sample)
+    h = hp(corpus, layers=[1, 2], try_layers=tries, negatives=100, negative_weight=0.0, max_generic_fires=5)
+    sn.prime_shift_neuron(model, byte_tok, h)  # statistics first: their passes are not the edit's
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        res = se.edit(model, byte_tok, FACT, h, force=True)
+    finally:
+        handle.remove()
+    info = res.info[0]
+    assert info["layers_tried"] == [1, 2][:tries] and len(calls) == info["forward_passes"]
+    if tries == 1:
+        assert not res.deltas and info["generic_fires"][0] == 20 and len(calls) == 1
+    else:
+        assert info["layer"] == 2 and info["generic_fires"] == [0] * len(info["neurons"]) and info["reached_margin"]
+        assert {d.layer for d in res.deltas} == {2} and len(calls) == 1 + h.search_passes
+        res.undo()
 
 
 def test_silent_pool_measures_reach_from_the_firing_point_with_a_bias():

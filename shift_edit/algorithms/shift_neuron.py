@@ -84,6 +84,9 @@ class ShiftNeuronHyperParams(EditHyperParams):
 
     Attributes:
         layers: the layers whose neurons may be rewritten (a request uses one of them, filled in this order).
+        try_layers: how many of the listed layers with room (in order) a request may try: it moves on to the next
+            when ``max_generic_fires`` refuses its neurons there or (with ``if_unreached: skip``) no push reaches
+            the margin; the first forward pass serves every layer, each search costs ``search_passes`` more.
         neurons_per_layer: how many neurons of a layer may be rewritten before the next layer is used.
         threshold: ``β``: the generic mean sits at ``-β`` on the key's scale, the edit at ``1 - β``.
         sharpness: ``α``: FF1 row ``α g``, pre-activation ``α(1 - β)`` at the edit.
@@ -123,6 +126,7 @@ class ShiftNeuronHyperParams(EditHyperParams):
     ALG_NAME = "SHIFT_NEURON"
 
     neurons_per_layer: int = 256
+    try_layers: int = 1
     threshold: float = 0.7
     sharpness: float = 25.0
     min_spreads: float | None = None
@@ -167,10 +171,13 @@ class ShiftNeuronHyperParams(EditHyperParams):
         validate_batch_and_search(self)
         if self.neurons_per_layer < 1:
             self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
+        if not 1 <= self.try_layers <= len(self.layers):
+            self._fail("try_layers", self.try_layers, f"it must be in [1, {len(self.layers)}] (the listed layers)")
 
     @property
     def forward_passes(self) -> int:
-        """Model calls per edited (not skipped) request."""
+        """Model calls per edited (not skipped) request that its first layer takes; each further layer it tries
+        (``try_layers``) adds ``search_passes``."""
         return 1 + self.search_passes
 
 
@@ -570,14 +577,12 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
     new_keys: dict[str, list[torch.Tensor]] = {}
     for req in requests:
         target = encode_target(tok, req.text, req.target_new)
-        layer = next((x for x in layers if len(taken[x]) + len(target) <= hp.neurons_per_layer), None)
-        if layer is None:
+        room = [x for x in layers if len(taken[x]) + len(target) <= hp.neurons_per_layer][: hp.try_layers]
+        if not room:
             raise ShiftEditError(f"SHIFT_NEURON: layers {layers} hold {hp.neurons_per_layer} rewritten neurons each "
                                  "already; add layers or raise neurons_per_layer")
-        mlp = mlps[layer]
         batch = build_batch(tok, req, target, n_prefixes=hp.n_prefixes, n_contrast=hp.n_contrast)
         ids, mask = pad_batch(batch.seqs, pad, device)
-        in_name = in_names[layer]
         with record_block_inputs(adapter) as blocks_in, capture_inputs(model, list(in_names.values())) as cap:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         pos = batch.positions[0]
@@ -586,49 +591,58 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             info.append({"target_ids": target, "forward_passes": 1})
             continue
         skipped.append(False)
-        h = cap.inputs[in_name].double().cpu().reshape(ids.shape[0], ids.shape[1], -1)
-        gen = _Generic(*_generic(model, tok, adapter, layer, hp))
-        earlier = _earlier_keys(memory, new_keys, f"{in_name}.weight") if hp.memory_weight > 0 else None
-        neg = _negatives(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
-        pool = _SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
-
         wanted = _needing_neurons(logits[0], pos, target, hp.margin)
-        w2 = mlp.ff2_weight().float().cpu()
-        js = _free_neurons(w2, layer, gen.act_m2 * (w2.double() ** 2).sum(0), len(wanted), taken[layer], dec_unit)
-        designed = [_design_neuron(h, batch, i, j, mlp, gen, pool, w2, dec_unit[target[i]].clone(), hp)
-                    for i, j in zip(wanted, js)]
-        neurons = [n for n, _gate in designed]
-        generic_fires = ([_fires_on(gate, _bias(mlp, n.j), neg) for n, gate in designed] if neg is not None else [])
-        entry = {"target_ids": target, "layer": layer, "forward_passes": 1, "reached_margin": False, "push": None,
-                 "neurons": [], "spreads": [round(g.spreads, 2) for _n, g in designed],
-                 "thresholds": [round(g.threshold, 4) for _n, g in designed],
-                 **({"generic_fires": generic_fires} if neg is not None else {})}
+        entry: dict = {"target_ids": target, "forward_passes": 1, "layers_tried": []}
         info.append(entry)
-        if hp.max_generic_fires is not None and max(generic_fires, default=0) > hp.max_generic_fires:
-            log.warning("SHIFT_NEURON: a neuron for %r would fire on %d of %d generic tokens (max_generic_fires %d); "
-                        "request not applied", req.text + req.target_new, max(generic_fires), len(neg),
-                        hp.max_generic_fires)
-            continue
-        push, search, fired = _search_push(model, adapter, layer, mlp, neurons, blocks_in[layer][:1], ids[:1],
-                                           mask[:1], pos, target, hp)
-        entry.update({"forward_passes": 1 + search, "reached_margin": push is not None, "push": push,
-                      "neurons": [n.j for n in neurons], "activation_at_edit": dict(fired)})
-        if push is None:
-            log.warning("SHIFT_NEURON: no push up to max_push %g gives %r a margin of %g; %s", hp.max_push,
-                        req.text + req.target_new, hp.margin,
-                        "request not applied" if hp.if_unreached == "skip" else "applying max_push")
-            fires = all(a > 1e-6 for a in fired.values())  # a neuron that does not fire at the edit carries no push
-            if hp.if_unreached == "skip" or not fires:
+        for layer in room:
+            entry["layers_tried"].append(layer)
+            mlp = mlps[layer]
+            in_name = in_names[layer]
+            h = cap.inputs[in_name].double().cpu().reshape(ids.shape[0], ids.shape[1], -1)
+            gen = _Generic(*_generic(model, tok, adapter, layer, hp))
+            earlier = _earlier_keys(memory, new_keys, f"{in_name}.weight") if hp.memory_weight > 0 else None
+            neg = _negatives(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
+            pool = _SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
+            w2 = mlp.ff2_weight().float().cpu()
+            js = _free_neurons(w2, layer, gen.act_m2 * (w2.double() ** 2).sum(0), len(wanted), taken[layer], dec_unit)
+            designed = [_design_neuron(h, batch, i, j, mlp, gen, pool, w2, dec_unit[target[i]].clone(), hp)
+                        for i, j in zip(wanted, js)]
+            neurons = [n for n, _gate in designed]
+            generic_fires = [_fires_on(gate, _bias(mlp, n.j), neg) for n, gate in designed] if neg is not None else []
+            entry.update({"layer": layer, "reached_margin": False, "push": None, "neurons": [],
+                          "spreads": [round(g.spreads, 2) for _n, g in designed],
+                          "thresholds": [round(g.threshold, 4) for _n, g in designed],
+                          **({"generic_fires": generic_fires} if neg is not None else {})})
+            entry.pop("activation_at_edit", None)
+            then = "trying the next layer" if layer != room[-1] else "request not applied"
+            if hp.max_generic_fires is not None and max(generic_fires, default=0) > hp.max_generic_fires:
+                log.warning("SHIFT_NEURON: a neuron for %r at layer %d would fire on %d of %d generic tokens "
+                            "(max_generic_fires %d); %s", req.text + req.target_new, layer, max(generic_fires),
+                            len(neg), hp.max_generic_fires, then)
                 continue
-            push = entry["push"] = hp.max_push
-        written, ff2_keys = _neuron_deltas(mlp, layer, neurons, fired, push, hp)
-        deltas += written
-        new_keys.setdefault(mlp.ff2_param, []).extend(ff2_keys)
-        taken[layer].update(n.j for n in neurons)
-        for x, name in in_names.items():  # this edit's prompt keys at every layer a later neuron may use
-            hx = cap.inputs[name].float().cpu().reshape(ids.shape[0], ids.shape[1], -1)
-            new_keys.setdefault(f"{name}.weight", []).extend(hx[0, n.pos] for n in neurons)
-        entry["activation"] = hp.activation if mlp.kind != "plain" else None
+            push, search, fired = _search_push(model, adapter, layer, mlp, neurons, blocks_in[layer][:1], ids[:1],
+                                               mask[:1], pos, target, hp)
+            entry["forward_passes"] += search
+            entry.update({"reached_margin": push is not None, "push": push, "neurons": [n.j for n in neurons],
+                          "activation_at_edit": dict(fired)})
+            if push is None:
+                fires = all(a > 1e-6 for a in fired.values())  # a neuron not firing at the edit carries no push
+                capped = hp.if_unreached == "max_push" and fires
+                log.warning("SHIFT_NEURON: no push up to max_push %g gives %r a margin of %g at layer %d; %s",
+                            hp.max_push, req.text + req.target_new, hp.margin, layer,
+                            "applying max_push" if capped else then)
+                if not capped:
+                    continue
+                push = entry["push"] = hp.max_push
+            written, ff2_keys = _neuron_deltas(mlp, layer, neurons, fired, push, hp)
+            deltas += written
+            new_keys.setdefault(mlp.ff2_param, []).extend(ff2_keys)
+            taken[layer].update(n.j for n in neurons)
+            for x, name in in_names.items():  # this edit's prompt keys at every layer a later neuron may use
+                hx = cap.inputs[name].float().cpu().reshape(ids.shape[0], ids.shape[1], -1)
+                new_keys.setdefault(f"{name}.weight", []).extend(hx[0, n.pos] for n in neurons)
+            entry["activation"] = hp.activation if mlp.kind != "plain" else None
+            break
     mem_out = {param: torch.stack(k) for param, k in new_keys.items()}
     return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
 

@@ -31,6 +31,16 @@ def weights(model):
     return {n: p.detach().clone() for n, p in model.state_dict().items()}
 
 
+def edit_counting_calls(model, tok, h: ShiftNeuronHyperParams, fact=FACT) -> tuple[se.EditResult, int]:
+    """``se.edit`` of ``fact``, and how many times the model was called during it (a forward pre-hook)."""
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        return se.edit(model, tok, fact, h, force=True), len(calls)
+    finally:
+        handle.remove()
+
+
 def test_registered_with_memory():
     alg = get_algorithm("SHIFT_NEURON")
     assert alg.uses_memory and alg.hparams_class is ShiftNeuronHyperParams
@@ -100,14 +110,9 @@ def test_forward_passes_per_edit_counted_with_a_hook(model_type, byte_tok, corpu
     se.edit(model, byte_tok, FACT, hp(corpus), force=True).undo()  # statistics computed (and cached) first
     for passes in (1, 2, 3):
         h = hp(corpus, search_passes=passes)
-        calls = []
-        handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
-        try:
-            res = se.edit(model, byte_tok, FACT, h, force=True)
-        finally:
-            handle.remove()
+        res, calls = edit_counting_calls(model, byte_tok, h)
         res.undo()
-        assert len(calls) == h.forward_passes == 1 + passes == res.info[0]["forward_passes"] <= 16
+        assert calls == h.forward_passes == 1 + passes == res.info[0]["forward_passes"] <= 16
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -382,19 +387,14 @@ def test_a_request_refused_at_one_layer_tries_the_next(tries, byte_tok, corpus, 
     monkeypatch.setattr(sn, "_negatives", lambda *a, **k: sample)
     h = hp(corpus, layers=[1, 2], try_layers=tries, negatives=100, negative_weight=0.0, max_generic_fires=5)
     sn.prime_shift_neuron(model, byte_tok, h)  # statistics first: their passes are not the edit's
-    calls = []
-    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        res = se.edit(model, byte_tok, FACT, h, force=True)
-    finally:
-        handle.remove()
+    res, calls = edit_counting_calls(model, byte_tok, h)
     info = res.info[0]
-    assert info["layers_tried"] == [1, 2][:tries] and len(calls) == info["forward_passes"]
+    assert info["layers_tried"] == [1, 2][:tries] and calls == info["forward_passes"]
     if tries == 1:
-        assert not res.deltas and info["generic_fires"][0] == 20 and len(calls) == 1
+        assert not res.deltas and info["generic_fires"][0] == 20 and calls == 1
     else:
         assert info["layer"] == 2 and info["generic_fires"] == [0] * len(info["neurons"]) and info["reached_margin"]
-        assert {d.layer for d in res.deltas} == {2} and len(calls) == 1 + h.search_passes
+        assert {d.layer for d in res.deltas} == {2} and calls == 1 + h.search_passes
         res.undo()
 
 

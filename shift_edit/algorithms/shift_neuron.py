@@ -41,9 +41,12 @@ Continuation tokens (``i > 0``) that the model already gives with the margin get
 ``continuation: free`` the others are not kept silent on the contrastive prompts (after another
 subject the same continuation is as right). Several ``layers``: each request goes to the first listed layer
 that has fewer than ``neurons_per_layer`` rewritten neurons (counted in the memory; without one, in
-this call only), so the layers fill up in the order given.
+this call only), so the layers fill up in the order given. With ``try_layers: k`` a request refused at its layer
+(by ``max_generic_fires``, or out of reach of ``max_push`` with ``if_unreached: skip``) tries the next layers with
+room, up to ``k`` in all; the first forward pass recorded every listed layer's inputs, so only the searches repeat.
 
-Forward passes per edit (calls of the model): ``1 + search_passes`` (``1`` when skipped).
+Forward passes per edit (calls of the model): ``1 + search_passes`` per layer searched (``1`` when skipped or
+refused by the screen before any search), at most ``1 + try_layers · search_passes``.
 """
 
 from __future__ import annotations

@@ -211,3 +211,13 @@ def test_runs_sharing_algorithm_and_batch_size_get_their_own_curve():
             ("SHIFT_PLUS", 1, "300 of 1000", " L23 margin 0.25"), ("AlphaEdit", 100, "1000", " L2,3")]
     assert run_names(runs) == ["SHIFT B=1", "SHIFT_PLUS L23 margin 2 T=100 B=1",
                                "SHIFT_PLUS L23 margin 0.25 T=300 of 1000 B=1", "AlphaEdit B=100"]
+    same = [("SHIFT_NEURON", 1, "1000", " L22"), ("SHIFT_NEURON", 1, "1000", " L22")]  # settings the tag omits
+    assert run_names(same) == ["SHIFT_NEURON L22 T=1000 B=1 (1)", "SHIFT_NEURON L22 T=1000 B=1 (2)"]
+
+
+def test_hparams_tag_tells_shift_neuron_variants_apart():
+    from shift_edit.bench.summarize import _hparams_tag
+
+    base = {"layers": [22, 23], "margin": 1.0, "neurons_per_layer": 225, "max_generic_fires": 30, "try_layers": 1}
+    assert _hparams_tag(base) == " L22,23 margin 1 x225 screen 30"
+    assert _hparams_tag({**base, "try_layers": 5, "neurons_per_layer": 300}) == " L22,23 margin 1 x300 screen 30 try 5"

@@ -67,9 +67,11 @@ def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def run_names(runs: Sequence[tuple[str, int, str, str]]) -> list[str]:
     """Curve names for runs given as ``(alg, B, T label, hparams tag)``: ``"ALG B=b"``, and where two runs
-    would share that name, ``"ALG<tag> T=<label> B=b"`` (so no two runs are drawn as one line)."""
+    would share that name, ``"ALG<tag> T=<label> B=b"``, and where even those coincide, `` (k)`` by order (so no two
+    runs are drawn as one line)."""
     short = [f"{alg} B={b}" for alg, b, _, _ in runs]
-    return [s if short.count(s) == 1 else f"{alg}{tag} T={t} B={b}" for s, (alg, b, t, tag) in zip(short, runs)]
+    names = [s if short.count(s) == 1 else f"{alg}{tag} T={t} B={b}" for s, (alg, b, t, tag) in zip(short, runs)]
+    return [n if names.count(n) == 1 else f"{n} ({names[:i + 1].count(n)})" for i, n in enumerate(names)]
 
 
 def _t_label(summary: dict) -> str:

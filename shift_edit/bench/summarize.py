@@ -137,6 +137,12 @@ def _hparams_tag(hp: dict | None) -> str:
         bits.append("through-update")
     if hp.get("lambda_key"):  # ROME: which key scales Λ (runs before the option existed used the mean)
         bits.append(f"Λ-key {hp['lambda_key']}")
+    if hp.get("neurons_per_layer") is not None:  # SHIFT_NEURON: capacity, screen, retries
+        bits.append(f"x{hp['neurons_per_layer']}")
+    if hp.get("max_generic_fires") is not None:
+        bits.append(f"screen {hp['max_generic_fires']}")
+    if (hp.get("try_layers") or 1) > 1:
+        bits.append(f"try {hp['try_layers']}")
     return (" " + " ".join(bits)) if bits else ""
 
 

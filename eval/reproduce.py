@@ -111,7 +111,7 @@ def _sequential(name: str, alg: str, n: int, batch: int) -> Callable[[Path], int
 def _summarize(work: Path) -> int:
     """``shift-edit summarize`` over the committed sequential runs gives the committed summary files."""
     runs = REPORTS / "sequential" / "runs"
-    order = ("SHIFT", "FT", "FT-T1000", "MEMIT", "MEMIT-T1000-B100", "AlphaEdit", "AlphaEdit-T50-B10",
+    order = ("SHIFT", "SHIFT-T2000", "FT", "FT-T1000", "MEMIT", "MEMIT-T1000-B100", "AlphaEdit", "AlphaEdit-T50-B10",
              "AlphaEdit-T1000-B100", "ROME-T1000", "SHIFT_PLUS", "SHIFT_PLUS-T1000", "SHIFT_PLUS-lifelong-T1000",
              "SHIFT_NEURON-lifelong-T1000", "SHIFT_NEURON-lifelong-screen-T1000",
              "SHIFT_NEURON-lifelong-try5-T1000", "SHIFT_NEURON-lifelong-x300-T1000")  # the report's row order

@@ -177,6 +177,35 @@ def test_with_memory_a_new_neuron_is_silent_on_earlier_prompts(byte_tok, corpus)
     assert acts[1e6] < 0.05 * h.activation
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_memory_keys_above_the_edit_are_the_edited_models_inputs(byte_tok, corpus, model_type):
+    """An edit's own push moves its prompt's MLP inputs above the edited layer; the memory keeps them as the
+    edited model computes them (later neurons there must stay silent on those), and below and at the edited
+    layer as before."""
+    model = tiny_model(model_type)
+    adapter = ModelAdapter(model)
+    mlps = {x: _mlp(adapter, x) for x in (0, 1, 2)}
+    names = {x: mlps[x].ff1[0][0] for x in mlps}
+    ids = torch.tensor([byte_tok(FACT["prompt"].format(FACT["subject"])).input_ids])
+
+    def inputs():
+        with capture_inputs(model, list(names.values())) as cap:
+            model(input_ids=ids)
+        return {x: cap.inputs[n].reshape(1, ids.shape[1], -1)[0, -1].float() for x, n in names.items()}
+
+    before = inputs()
+    mem = EditMemory()
+    res = se.edit(model, byte_tok, {**FACT, "target_new": " R"}, hp(corpus, layers=[1, 0, 2]), memory=mem, force=True)
+    assert res.info[0]["layer"] == 1 and res.info[0]["push"] > 0
+    after = inputs()
+    keys = {x: mem.keys(f"{names[x]}.weight") for x in names}
+    assert all(len(k) == len(res.info[0]["neurons"]) for k in keys.values())  # a key per neuron; the first
+    assert not torch.allclose(after[2], before[2], atol=1e-3)  # the push moved the layer above
+    torch.testing.assert_close(keys[2][0], after[2], rtol=1e-4, atol=1e-4)  # fires at the prompt's last token
+    for x in (0, 1):
+        torch.testing.assert_close(keys[x][0], before[x], rtol=1e-5, atol=1e-5)
+
+
 def test_with_memory_the_layers_fill_up_in_order(byte_tok, corpus):
     model = tiny_model("llama")
     mem = EditMemory()
@@ -410,9 +439,10 @@ def test_silent_pool_measures_reach_from_the_firing_point_with_a_bias():
     earlier[:, 0] = torch.tensor([-0.5, -0.4, 0.0])
     negatives = earlier.clone()
     pool = _SilentPool.of(earlier, negatives, h)
-    gate = _Gate(e1, sharpness=10.0, threshold=0.5, spreads=0.0)  # fires at gᵀx = -bias / α = -0.2
+    gate = _Gate(e1, sharpness=10.0, threshold=0.5, spreads=0.0, bias=2.0)  # fires at gᵀx = -bias / α = -0.2
+    assert gate.fires_at == -0.2
     # earlier keys: above -0.2 - 0.25 = -0.45 -> 1, 2; generic: above -0.2 - 0.05 = -0.25 -> 5
-    assert pool.risky(gate, 2.0, torch.zeros(0, dtype=torch.long)).tolist() == [1, 2, 5]
-    assert pool.risky(gate, 2.0, torch.tensor([2])).tolist() == [1, 5]
+    assert pool.risky(gate, torch.zeros(0, dtype=torch.long)).tolist() == [1, 2, 5]
+    assert pool.risky(gate, torch.tensor([2])).tolist() == [1, 5]
     assert pool.weights.tolist() == [h.memory_weight] * 3 + [h.negative_weight] * 3
     assert _SilentPool.of(None, None, h) is None

@@ -17,7 +17,8 @@ backward pass. For a request with target tokens ``t_0..t_{m-1}`` at layer ``L``:
    ``sharpness · g`` (its bias, if any, is kept and accounted for): pre-activation
    ``sharpness · (1 - threshold)`` at the edit and ``-sharpness · threshold ± spread`` on generic text,
    where GELU / ReLU / SiLU give about 0. With a memory, the MLP inputs at earlier edits' positions
-   (recorded at every listed layer) on which the key would come within half the threshold of firing
+   (recorded at every listed layer as the edited model computes them: above the edited layer, an edit's own push
+   moves them far) on which the key would come within half the threshold of firing
    become silent keys too (``memory_weight``; up to three solves, an active set), so a new neuron does
    not fire on an earlier edit's prompt. With ``negatives``, a sample of generic tokens (the statistics
    corpus after the tokens the statistics read; cached) joins that active set: the key is kept silent on the
@@ -314,6 +315,12 @@ class _Gate:
     sharpness: float  # α: the FF1 row is α g
     threshold: float  # β: the generic mean's pre-activation is -α β
     spreads: float  # β / √(gᵀΣg): how many generic spreads the firing point sits above the mean
+    bias: float = 0.0  # the row's existing FF1 bias (kept)
+
+    @property
+    def fires_at(self) -> float:
+        """``gᵀx`` where the pre-activation ``α gᵀx + bias`` crosses 0 (the generic mean sits ``β`` below)."""
+        return -self.bias / self.sharpness
 
 
 def gate_key(sigma_inv: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, h_e: torch.Tensor,
@@ -326,7 +333,7 @@ def gate_key(sigma_inv: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, h_e
 
     if hp.min_spreads is None:
         g = neuron_key(sigma_inv, mu, h_e, silent, w_c, 1.0, -hp.threshold - bias / hp.sharpness)
-        return _Gate(g, hp.sharpness, hp.threshold, spreads(g, hp.threshold))
+        return _Gate(g, hp.sharpness, hp.threshold, spreads(g, hp.threshold), bias)
     edit_pre = hp.sharpness * (1 - hp.threshold)
     # the key is linear in its value at the mean: g(c) = g_1 + c g_0 (one solve each)
     g1 = neuron_key(sigma_inv, mu, h_e, silent, w_c, 1.0, 0.0)
@@ -335,7 +342,7 @@ def gate_key(sigma_inv: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, h_e
     for beta in torch.linspace(hp.threshold, hp.max_threshold, _THRESHOLD_GRID, dtype=torch.float64).tolist():
         alpha = edit_pre / (1 - beta)
         g = g1 + (-beta - bias / alpha) * g0
-        gate = _Gate(g, alpha, beta, spreads(g, beta))
+        gate = _Gate(g, alpha, beta, spreads(g, beta), bias)
         if gate.spreads >= hp.min_spreads:
             return gate
         best = gate if best is None or gate.spreads > best.spreads else best
@@ -364,10 +371,9 @@ class _SilentPool:
         return cls(torch.cat([x for x, _w, _r in parts]), torch.cat([per_key(w, x) for x, w, _r in parts]),
                    torch.cat([per_key(r, x) for x, _w, r in parts]))
 
-    def risky(self, gate: _Gate, bias: float, active: torch.Tensor) -> torch.Tensor:
+    def risky(self, gate: _Gate, active: torch.Tensor) -> torch.Tensor:
         """Indices not yet in ``active`` whose gate pre-activation is within their reach of firing."""
-        fires_at = -bias / gate.sharpness  # gᵀx where the pre-activation α gᵀx + bias crosses 0; the mean: -β below
-        near = ((self.keys @ gate.g) > fires_at - gate.threshold * self.reach).nonzero()[:, 0]
+        near = ((self.keys @ gate.g) > gate.fires_at - gate.threshold * self.reach).nonzero()[:, 0]
         return near[~torch.isin(near, active)]
 
 
@@ -487,7 +493,7 @@ def _design_neuron(h: torch.Tensor, batch, i: int, j: int, mlp: _Mlp, gen: _Gene
     gate = gate_key(gen.sigma_inv, gen.sigma, gen.mu, h_e, silent if len(silent) else None, weights, bias, hp)
     active = torch.zeros(0, dtype=torch.long)
     for _round in range(_ACTIVE_ROUNDS if pool is not None else 0):
-        new = pool.risky(gate, bias, active)
+        new = pool.risky(gate, active)
         if not len(new):
             break
         active = torch.cat([active, new])
@@ -499,18 +505,23 @@ def _design_neuron(h: torch.Tensor, batch, i: int, j: int, mlp: _Mlp, gen: _Gene
     return _Neuron(j, pos[i], rows, direction, w2[:, j].clone()), gate
 
 
-def _fires_on(gate: _Gate, bias: float, sample: torch.Tensor) -> int:
+def _fires_on(gate: _Gate, sample: torch.Tensor) -> int:
     """How many rows of ``sample`` (MLP inputs) the gate's pre-activation is above 0 on."""
-    return int((sample @ gate.g > -bias / gate.sharpness).sum())
+    return int((sample @ gate.g > gate.fires_at).sum())
 
 
 def _search_push(model: nn.Module, adapter: ModelAdapter, layer: int, mlp: _Mlp, neurons: list[_Neuron],
                  block_in: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, pos: list[int], target: list[int],
-                 hp: ShiftNeuronHyperParams) -> tuple[float | None, int, dict[int, float]]:
+                 hp: ShiftNeuronHyperParams, later: Sequence[str] = ()
+                 ) -> tuple[float | None, int, dict[int, float], dict[str, torch.Tensor]]:
     """The smallest push giving every target token ``hp.margin`` with the new neurons in place (``None`` if none
-    up to ``max_push``), the passes it took, and each neuron's activation at its edit position. Blocks ``layer..``
-    are re-run from ``block_in`` (the prompt's recorded block input) for a batch of candidate pushes at once."""
+    up to ``max_push``), the passes it took, each neuron's activation at its edit position, and the inputs of the
+    modules ``later`` (MLP inputs of layers above ``layer``) at the neurons' positions in the edited model
+    (``[n_neurons, d]`` each; empty if no push was chosen). Blocks ``layer..`` are re-run from ``block_in`` (the
+    prompt's recorded block input) for a batch of candidate pushes at once."""
     fired: dict[int, float] = {}
+    seen: dict[float, dict[str, torch.Tensor]] = {}  # candidate push -> its rows of the ``later`` inputs
+    at = torch.tensor([n.pos for n in neurons], dtype=torch.long)
 
     def ff2_hook(_m, args, out, scales):
         x = args[0]
@@ -525,16 +536,22 @@ def _search_push(model: nn.Module, adapter: ModelAdapter, layer: int, mlp: _Mlp,
 
     def reaches(grid: torch.Tensor) -> torch.Tensor:
         scales = grid.to(torch.float32)
-        with owned_hooks() as hooks, resume_at(adapter, layer, block_in.repeat(len(scales), 1, 1)):
+        # the later modules are hooked before resume_at hides the blocks below ``layer``
+        with owned_hooks() as hooks, capture_inputs(model, list(later)) as cap, \
+                resume_at(adapter, layer, block_in.repeat(len(scales), 1, 1)):
             _ff1_hooks(hooks, mlp, neurons)
             hooks.forward_hook(mlp.ff2, lambda m, a, o: ff2_hook(m, a, o, scales))
             lg = model(input_ids=ids.repeat(len(scales), 1), attention_mask=mask.repeat(len(scales), 1),
                        use_cache=False).logits
+        for r, s in enumerate(grid.tolist()):
+            seen[s] = {name: x.reshape(len(scales), ids.shape[1], -1)[r, at].float().cpu()
+                       for name, x in cap.inputs.items()}
         ok = _margins(lg, [pos], target, list(range(len(scales)))) >= hp.margin
         return ok & all(a > 1e-6 for a in fired.values())
 
     push, passes = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
-    return push, passes, fired
+    chosen = push if push is not None else (hp.max_push if hp.if_unreached == "max_push" else None)
+    return push, passes, fired, seen.get(chosen, {}) if chosen is not None else {}
 
 
 def _neuron_deltas(mlp: _Mlp, layer: int, neurons: list[_Neuron], fired: dict[int, float], push: float,
@@ -611,7 +628,7 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             designed = [_design_neuron(h, batch, i, j, mlp, gen, pool, w2, dec_unit[target[i]].clone(), hp)
                         for i, j in zip(wanted, js)]
             neurons = [n for n, _gate in designed]
-            generic_fires = [_fires_on(gate, _bias(mlp, n.j), neg) for n, gate in designed] if neg is not None else []
+            generic_fires = [_fires_on(gate, neg) for _n, gate in designed] if neg is not None else []
             entry.update({"layer": layer, "reached_margin": False, "push": None, "neurons": [],
                           "spreads": [round(g.spreads, 2) for _n, g in designed],
                           "thresholds": [round(g.threshold, 4) for _n, g in designed],
@@ -623,8 +640,9 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
                             "(max_generic_fires %d); %s", req.text + req.target_new, layer, max(generic_fires),
                             len(neg), hp.max_generic_fires, then)
                 continue
-            push, search, fired = _search_push(model, adapter, layer, mlp, neurons, blocks_in[layer][:1], ids[:1],
-                                               mask[:1], pos, target, hp)
+            above = [name for x, name in in_names.items() if x > layer]
+            push, search, fired, after = _search_push(model, adapter, layer, mlp, neurons, blocks_in[layer][:1],
+                                                      ids[:1], mask[:1], pos, target, hp, above)
             entry["forward_passes"] += search
             entry.update({"reached_margin": push is not None, "push": push, "neurons": [n.j for n in neurons],
                           "activation_at_edit": dict(fired)})
@@ -641,7 +659,10 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             deltas += written
             new_keys.setdefault(mlp.ff2_param, []).extend(ff2_keys)
             taken[layer].update(n.j for n in neurons)
-            for x, name in in_names.items():  # this edit's prompt keys at every layer a later neuron may use
+            for x, name in in_names.items():  # this edit's prompt keys at every layer a later neuron may use:
+                if name in after:  # above the edit, as the edited model computes them (the push moves them far)
+                    new_keys.setdefault(f"{name}.weight", []).extend(after[name])
+                    continue
                 hx = cap.inputs[name].float().cpu().reshape(ids.shape[0], ids.shape[1], -1)
                 new_keys.setdefault(f"{name}.weight", []).extend(hx[0, n.pos] for n in neurons)
             entry["activation"] = hp.activation if mlp.kind != "plain" else None

@@ -114,7 +114,8 @@ def _summarize(work: Path) -> int:
     order = ("SHIFT", "SHIFT-T2000", "FT", "FT-T1000", "MEMIT", "MEMIT-T1000-B100", "AlphaEdit", "AlphaEdit-T50-B10",
              "AlphaEdit-T1000-B100", "ROME-T1000", "SHIFT_PLUS", "SHIFT_PLUS-T1000", "SHIFT_PLUS-lifelong-T1000",
              "SHIFT_NEURON-lifelong-T1000", "SHIFT_NEURON-lifelong-screen-T1000",
-             "SHIFT_NEURON-lifelong-try5-T1000", "SHIFT_NEURON-lifelong-x300-T1000")  # the report's row order
+             "SHIFT_NEURON-lifelong-try5-T1000", "SHIFT_NEURON-lifelong-x300-T1000",
+             "SHIFT_NEURON-lifelong-x400-screen60-21-20-T2000")  # the report's row order
     _cli("summarize", *[str((runs / name).relative_to(ROOT)) for name in order], "--out", str(work),
          "--reference", str(ROOT / "eval" / "reference" / "alphaedit_table1_sequential.json"))
     bad = 0

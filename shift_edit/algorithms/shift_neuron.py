@@ -551,7 +551,7 @@ def _search_push(model: nn.Module, adapter: ModelAdapter, layer: int, mlp: _Mlp,
 
     push, passes = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
     chosen = push if push is not None else (hp.max_push if hp.if_unreached == "max_push" else None)
-    return push, passes, fired, seen.get(chosen, {}) if chosen is not None else {}
+    return push, passes, fired, seen.get(chosen, {})  # no push chosen (None): nothing to keep
 
 
 def _neuron_deltas(mlp: _Mlp, layer: int, neurons: list[_Neuron], fired: dict[int, float], push: float,

@@ -3,9 +3,10 @@
     python eval/shift_plus/lifelong_failures.py RUN_DIR T [--out failures.json]
 
 RUN_DIR is a ``shift-edit bench --sequential`` run's ``seq_000`` folder with its ``state/`` saved after ``T`` edits
-(``--save-every``). The saved weights and memory are loaded into the unedited model; each edited record's prompt is run
-once, reading every rewritten neuron's activation at the prompt's last token (the FF2 input). A rewritten neuron's
-target is the decoding row its FF2 column points along (cosine). For an edit that does not hold (strict top-1, from
+(``--save-every``; a run keeps only its latest state). The saved weights and memory are loaded into the unedited model
+as the run resumes them; each edited record's prompt is run once, reading every rewritten neuron's activation at the
+prompt's last token (the FF2 input). A rewritten neuron's target is the decoding row its FF2 column points along
+(cosine). For an edit that does not hold (strict top-1, from
 the checkpoint), the category is:
 
 - ``not applied``: no rewritten neuron for its target fires (the screen or the push cap refused it);
@@ -25,13 +26,16 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from shift_edit.algorithms.shift_neuron import _mlp
+from shift_edit.algorithms.shift_neuron import _memory_used, _mlp
 from shift_edit.architectures import ModelAdapter
 from shift_edit.bench.data import load_counterfact
+from shift_edit.bench.sequential import _load_state
+from shift_edit.errors import ShiftEditError
+from shift_edit.hooks import capture_inputs
+from shift_edit.io import model_fingerprint
 from shift_edit.loading import load_model
-from shift_edit.memory import EditMemory
+from shift_edit.requests import encode_prompt, encode_target
 
 #: an activation above this is a neuron firing (the designed activation at an edit is 8)
 FIRES = 0.5
@@ -54,45 +58,38 @@ def failures(run: Path, t: int) -> dict:
     params = json.loads((run / "params.json").read_text())
     hp = params["match"]["hparams"]
     model, tok = load_model(params["match"]["model"]["name"])
-    state = {n: p for n, p in model.named_parameters()}
-    for name, value in load_file(str(run / "state" / f"weights_{t:06d}.safetensors")).items():
-        state[name].copy_(value)
-    memory = EditMemory.load(run / "state" / f"memory_{t:06d}.safetensors")
+    loaded = _load_state(run / "state", model, model_fingerprint(model))
+    if loaded is None or loaded[0].n_edits != t:
+        raise ShiftEditError(f"{run}/state does not hold the state after {t} edits")
+    memory = loaded[1]
     adapter = ModelAdapter(model)
     dec = adapter.decoding_matrix().detach().float()
     dec_unit = dec / dec.norm(dim=-1, keepdim=True)
     neurons: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (neuron ids, target token of each)
     for layer in hp["layers"]:
-        keys = memory.keys(adapter.param_name(adapter.ff2_name(layer)))
-        if keys is None:
-            continue
-        idx = keys.abs().argmax(1)
-        cols = _mlp(adapter, layer).ff2_weight()[:, idx].float()  # [d_model, n]
-        neurons[layer] = (idx, (dec_unit @ cols).argmax(0))
-    acts: dict[int, torch.Tensor] = {}
-    handles = [adapter.module(adapter.ff2_name(layer)).register_forward_pre_hook(
-        lambda _m, args, layer=layer: acts.__setitem__(layer, args[0][0, -1].float())) for layer in neurons]
+        mlp = _mlp(adapter, layer)
+        idx = torch.tensor(sorted(_memory_used(memory, mlp)), dtype=torch.long)
+        if len(idx):
+            neurons[layer] = (idx, (dec_unit @ mlp.ff2_weight()[:, idx].float()).argmax(0))
+    ff2 = {layer: adapter.ff2_name(layer) for layer in neurons}  # the FF2 input: the neurons' activations
     ckpt = json.loads((run / "checkpoints" / f"ckpt_{t}.json").read_text())
     held = {r["case_id"]: r["efficacy_top1"] for r in ckpt["records"]}
     cases = {c.case_id: c for c in load_counterfact(params["data"]["path"])}
     rows = []
-    try:
-        for case_id in params["match"]["order"][:t]:
-            req = cases[case_id].request
-            target = tok(req.target_new, add_special_tokens=False).input_ids[0]
-            model(input_ids=torch.tensor([tok(req.text).input_ids]))
-            row = {"case_id": case_id, "held": held[case_id], "own": 0.0, "own_layer": None, "others": []}
-            for layer, (idx, tokens) in neurons.items():
-                a = acts[layer][idx]
-                for k in (a.abs() > FIRES).nonzero()[:, 0].tolist():
-                    if int(tokens[k]) == target and float(a[k]) > row["own"]:
-                        row["own"], row["own_layer"] = float(a[k]), layer
-                    elif int(tokens[k]) != target:
-                        row["others"].append({"layer": layer, "token": int(tokens[k]), "activation": float(a[k])})
-            rows.append(row)
-    finally:
-        for h in handles:
-            h.remove()
+    for case_id in params["match"]["order"][:t]:
+        req = cases[case_id].request
+        target = encode_target(tok, req.text, req.target_new)[0]
+        with capture_inputs(model, list(ff2.values())) as cap:
+            model(input_ids=torch.tensor([encode_prompt(tok, req.text)]))
+        row = {"case_id": case_id, "held": held[case_id], "own": 0.0, "own_layer": None, "others": []}
+        for layer, (idx, tokens) in neurons.items():
+            a = cap.inputs[ff2[layer]][0, -1, idx].float()
+            for k in (a.abs() > FIRES).nonzero()[:, 0].tolist():
+                if int(tokens[k]) == target and float(a[k]) > row["own"]:
+                    row["own"], row["own_layer"] = float(a[k]), layer
+                elif int(tokens[k]) != target:
+                    row["others"].append({"layer": layer, "token": int(tokens[k]), "activation": float(a[k])})
+        rows.append(row)
     failed = [r for r in rows if not r["held"]]
     for r in failed:
         r["category"] = categorise(r, hp["activation"])

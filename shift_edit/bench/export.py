@@ -13,6 +13,11 @@
   (EasyEdit's summary warns when groups are mixed); ``locality.neighborhood_acc`` is the strict
   top-1 of the TRUE object, not EasyEdit's pre/post agreement.
 
+Both also get the ``params.json`` that ROME's and MEMIT's ``evaluate.py`` copy into every run
+folder: the run's hparams (ours, with ``alg_name``; none for ``--alg NONE``), so that the folder
+has their run folder's shape; ``shift-edit summarize`` tells it from our own ``params.json`` by
+its contents.
+
 The unedited model's numbers are a separate run here (``--alg NONE``), so no ``pre`` is written.
 ``requested_rewrite`` is the data file's own record when the file recorded in ``params.json`` is
 still there with the same sha256; otherwise it is rebuilt (target ``id``: null).
@@ -142,4 +147,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str) -> list[Path]:
         name = f"{rec['num_edits']}_edits-case_{c['case_id']}.json" if fmt == "memit" else f"case_{c['case_id']}.json"
         atomic_write_json(out / name, rec)
         written.append(out / name)
+    hparams = params.get("match", {}).get("hparams")
+    if isinstance(hparams, dict):  # the hparams file, as their evaluate.py copies it into the run folder
+        atomic_write_json(out / "params.json", hparams)
+        written.append(out / "params.json")
     return written

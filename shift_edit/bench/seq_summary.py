@@ -24,7 +24,8 @@ def is_sequential(run_dir: str | Path) -> bool:
         params = json.loads((Path(run_dir) / "params.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return "sequential" in params.get("match", {}).get("protocol", {})
+    match = params.get("match") if isinstance(params, dict) else None  # ROME's/MEMIT's params.json: their hparams
+    return isinstance(match, dict) and isinstance(match.get("protocol"), dict) and "sequential" in match["protocol"]
 
 
 def _load(run_dir: Path) -> tuple[dict, dict]:

@@ -68,9 +68,15 @@ def read_cases(run_dir: str | Path) -> list[dict[str, Any]]:
     cases = []
     for p in run_selection(Path(run_dir)):
         try:
-            cases.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
+            case = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             raise ShiftEditError(f"{p}: unreadable case file") from None
+        if not isinstance(case, dict) or not isinstance(case.get("metrics"), dict) or "case_id" not in case:
+            theirs = isinstance(case, dict) and isinstance(case.get("post"), dict)
+            raise ShiftEditError(f"{p}: " + ("a ROME/MEMIT case file (case_id, post) in a shift_edit run folder: keep "
+                                             "each format in a folder of its own" if theirs
+                                             else "not a shift_edit case file (no case_id and metrics)"))
+        cases.append(case)
     return sorted(cases, key=lambda c: (c.get("position", 0), str(c["case_id"])))
 
 

@@ -25,9 +25,6 @@ match its checksum, is rebuilt, never used.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import json
 import logging
 import re
 import time
@@ -46,7 +43,7 @@ from .architectures import ModelAdapter
 from .data import find_data
 from .errors import ShiftEditError
 from .hooks import capture_inputs
-from .io import atomic_write_bytes, atomic_write_json, file_sha256, model_fingerprint, torch_bytes
+from .io import file_sha256, model_fingerprint, read_verified, write_verified
 from .loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -284,40 +281,9 @@ def _expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_
     }
 
 
-def _read_verified(pt: Path, meta_path: Path, expected: dict[str, Any], what: str
-                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """A cache file's metadata and tensors if both files exist, the metadata has ``expected``'s values and
-    the checksum holds; ``None`` (with a warning naming ``what``) otherwise."""
-    if not pt.is_file() or not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        mismatched = [k for k, v in expected.items() if meta.get(k) != v]
-        if mismatched:
-            log.warning("%s %s does not match (%s); rebuilding", what, pt, ", ".join(mismatched))
-            return None
-        data = pt.read_bytes()
-        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            log.warning("%s %s fails its checksum; rebuilding", what, pt)
-            return None
-        return meta, torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
-        log.warning("%s %s is unreadable (%s); rebuilding", what, pt, exc)
-        return None
-
-
-def _write_verified(pt: Path, meta_path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write ``tensors`` and ``meta`` plus the tensors' checksum (atomically); returns that metadata."""
-    data = torch_bytes(tensors)
-    meta = {**meta, "sha256": hashlib.sha256(data).hexdigest()}
-    atomic_write_bytes(pt, data)
-    atomic_write_json(meta_path, meta)
-    return meta
-
-
 def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any], need_mean: bool = False) -> SecondMoment | None:
     """The cached entry if it exists and is valid; ``None`` (with a warning) otherwise."""
-    read = _read_verified(pt, meta_path, expected, "statistics cache")
+    read = read_verified(pt, meta_path, expected, "statistics cache")
     if read is None:
         return None
     meta, tensors = read
@@ -479,7 +445,7 @@ def layer_stats(
             mom2, mean = mats[name].contiguous(), means[name].contiguous()
             meta = {**expected, **counts, "d_in": int(mom2.shape[0])}
             if use_cache:
-                meta = _write_verified(pt, meta_path, {"mom2": mom2, "mean": mean}, meta)
+                meta = write_verified(pt, meta_path, {"mom2": mom2, "mean": mean}, meta)
             out[layer] = SecondMoment(layer, mom2, meta, mean)
             if use_cache:
                 _memo_put(pt, meta_path, out[layer])
@@ -548,12 +514,12 @@ def generic_sample(
             sample = torch.cat(got[layer])
             out[layer] = sample
             if use_cache:
-                _write_verified(pt, meta_path, {"sample": sample.contiguous()}, {**expected, "tokens": len(sample)})
+                write_verified(pt, meta_path, {"sample": sample.contiguous()}, {**expected, "tokens": len(sample)})
     return out
 
 
 def _load_sample(pt: Path, meta_path: Path, expected: dict[str, Any]) -> torch.Tensor | None:
-    read = _read_verified(pt, meta_path, expected, "generic sample cache")
+    read = read_verified(pt, meta_path, expected, "generic sample cache")
     if read is None:
         return None
     sample = read[1].get("sample")

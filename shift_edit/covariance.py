@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .architectures import ModelAdapter
 from .data import find_data
+from .deltas import swapped_weights
 from .errors import ShiftEditError
 from .hooks import capture_inputs
 from .io import file_sha256, model_fingerprint, read_verified, write_verified
@@ -312,6 +313,8 @@ _MEMO_SIZE = 16
 
 #: models whose statistics are pinned to an earlier state of their weights (see :func:`pinned_statistics`)
 _PINNED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+#: models edited with :func:`shift_edit.edit`: each edited parameter's value before its first edit (on the CPU)
+_UNEDITED: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -319,9 +322,14 @@ def pinned_statistics(model: nn.Module, fingerprint: str | None = None) -> Itera
     """While active, :func:`layer_stats` of ``model`` reads (or builds) the statistics of the model
     as it is now (or of the weights with ``fingerprint``), however its weights change meanwhile.
 
-    Sequential (lifelong) editing uses it: ``C`` stands for the knowledge to preserve, i.e. the
-    unedited model's keys (as ROME/MEMIT/AlphaEdit compute it once), and recomputing it for every
-    edited state would cost a corpus pass per edit. Yields the pinned fingerprint.
+    The statistics policy (the same in the API and the CLI): ``C`` stands for the knowledge to preserve,
+    i.e. the unedited model's keys (as ROME/MEMIT/AlphaEdit compute it once), and recomputing it for every
+    edited state would cost a corpus pass per edit. So statistics are always those of the unedited model:
+    without this context, of the model's weights before its first edit through :func:`shift_edit.edit`
+    (which every editing path uses: ``BaseEditor(sequential_edit=True)``, ``apply_*_to_model`` in a loop,
+    ``se.edit`` with an ``EditMemory``; see :func:`statistics_fingerprint`); this context pins them to the
+    weights as they are now instead (``bench --sequential`` pins the unedited model before it loads a saved
+    state). Yields the pinned fingerprint.
     """
     fp = fingerprint or model_fingerprint(model)
     before = _PINNED.get(model)
@@ -335,11 +343,57 @@ def pinned_statistics(model: nn.Module, fingerprint: str | None = None) -> Itera
             _PINNED[model] = before
 
 
-def _refuse_if_pinned_and_changed(model: nn.Module, fingerprint: str, what: str, hint: str = "") -> None:
-    """Something pinned to earlier weights is not cached and cannot be computed from them any more."""
-    if model in _PINNED and model_fingerprint(model) != fingerprint:
-        raise ShiftEditError(f"{what}: pinned to the weights {fingerprint} but not cached, and the model has changed "
-                             f"since: compute it before editing{hint}")
+def note_edit(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> None:
+    """Remember the values the parameters an edit just changed had before (those changed for the first time),
+    so that statistics stay pinned to the unedited model (:func:`statistics_fingerprint`). Called by
+    :func:`shift_edit.edit` after it applied an edit."""
+    unedited = _UNEDITED.setdefault(model, {})
+    for name, value in orig_weights.items():
+        if name not in unedited:
+            unedited[name] = value.detach().to("cpu", copy=True)
+
+
+def copy_edit_record(src: nn.Module, dst: nn.Module) -> None:
+    """``dst`` (a copy of ``src``) has the unedited model of ``src`` (``apply_*_to_model(copy=True)``)."""
+    if src in _UNEDITED:
+        _UNEDITED[dst] = dict(_UNEDITED[src])
+    if src in _PINNED:
+        _PINNED[dst] = _PINNED[src]
+
+
+def _unedited_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unedited values of the parameters whose current value differs (entries undone since are forgotten)."""
+    unedited = _UNEDITED.get(model)
+    if not unedited:
+        return {}
+    with torch.no_grad():
+        for name in [n for n, v in unedited.items() if torch.equal(model.get_parameter(n).detach().cpu(), v)]:
+            del unedited[name]
+    return dict(unedited)
+
+
+def statistics_fingerprint(model: nn.Module) -> str:
+    """The weights ``model``'s statistics (and generic samples) are keyed by: the pinned ones
+    (:func:`pinned_statistics`), else the model's with every parameter changed by :func:`shift_edit.edit`
+    at its value before its first edit, i.e. the unedited model."""
+    pinned = _PINNED.get(model)
+    return pinned if pinned is not None else model_fingerprint(model, overrides=_unedited_values(model))
+
+
+@contextlib.contextmanager
+def _on_weights(model: nn.Module, fingerprint: str, what: str, hint: str = "") -> Iterator[None]:
+    """The block runs on the weights with ``fingerprint`` (the unedited values of edited parameters swapped
+    in, bit-exactly back afterwards); refused when the model has changed in a way that cannot be undone here."""
+    if model_fingerprint(model) == fingerprint:
+        yield
+        return
+    unedited = _unedited_values(model)
+    if unedited and model_fingerprint(model, overrides=unedited) == fingerprint:
+        with swapped_weights(model, unedited):
+            yield
+        return
+    raise ShiftEditError(f"{what}: pinned to the weights {fingerprint} but not cached, and the model has changed "
+                         f"since: compute it before editing{hint}")
 
 
 def _memo_key(pt: Path, meta_path: Path) -> tuple | None:
@@ -406,7 +460,7 @@ def layer_stats(
 
     layers = sorted({adapter.check_layer(layer) for layer in layers})
     src = open_corpus(corpus)
-    fingerprint = _PINNED.get(model) or model_fingerprint(model)
+    fingerprint = statistics_fingerprint(model)
     out: dict[int, SecondMoment] = {}
     todo: dict[int, tuple[Path, Path, dict]] = {}
     for layer in layers:
@@ -429,17 +483,16 @@ def layer_stats(
         else:
             todo[layer] = (pt, meta_path, expected)
     if todo:
-        _refuse_if_pinned_and_changed(model, fingerprint, f"statistics of layers {sorted(todo)}",
-                                      " (shift-edit stats, or layer_stats first)")
-    if todo:
         names = {module_of(layer): layer for layer in todo}
         log.warning("computing second-moment statistics of layer(s) %s%s over %d tokens of %s: once, then cached "
                     "under %s", sorted(todo), "" if site == "ff2" else " (MLP inputs)", n_tokens, src.name,
                     next(iter(todo.values()))[0].parent)
-        mats, counts, means = compute_second_moments(
-            model, tok, list(names), src, n_tokens=n_tokens, max_length=max_length,
-            dtype=dtype, batch_tokens=batch_tokens, progress=progress,
-        )
+        with _on_weights(model, fingerprint, f"statistics of layers {sorted(todo)}",
+                         " (shift-edit stats, or layer_stats first)"):
+            mats, counts, means = compute_second_moments(
+                model, tok, list(names), src, n_tokens=n_tokens, max_length=max_length,
+                dtype=dtype, batch_tokens=batch_tokens, progress=progress,
+            )
         for name, layer in names.items():
             pt, meta_path, expected = todo[layer]
             mom2, mean = mats[name].contiguous(), means[name].contiguous()
@@ -476,7 +529,7 @@ def generic_sample(
     adapter = adapter or ModelAdapter(model)
     layers = sorted({adapter.check_layer(layer) for layer in layers})
     src = open_corpus(corpus)
-    fingerprint = _PINNED.get(model) or model_fingerprint(model)
+    fingerprint = statistics_fingerprint(model)
     site = f"ff1sample-skip{skip_tokens}"
     out: dict[int, torch.Tensor] = {}
     todo: dict[int, tuple[Path, Path, dict]] = {}
@@ -490,13 +543,11 @@ def generic_sample(
         else:
             todo[layer] = (pt, meta_path, expected)
     if todo:
-        _refuse_if_pinned_and_changed(model, fingerprint, f"the generic sample of layers {sorted(todo)}")
-    if todo:
         names = {adapter.ff1_names(layer)[0]: layer for layer in todo}
         got: dict[int, list[torch.Tensor]] = {layer: [] for layer in todo}
         device = next(model.parameters()).device
         seen = 0
-        with torch.no_grad():
+        with torch.no_grad(), _on_weights(model, fingerprint, f"the generic sample of layers {sorted(todo)}"):
             for batch in _batches(tok, src, skip_tokens + n_tokens, max_length, 2048):
                 for ids in batch:
                     seen += len(ids)

@@ -104,6 +104,13 @@ def check_top_k(top_k: int, model) -> None:
         raise ShiftEditError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
 
 
+def add_unchecksummed_argument(p: argparse.ArgumentParser) -> None:
+    """``--allow-unchecksummed``: read a format-1 patch or adapter (written before checksums)."""
+    p.add_argument("--allow-unchecksummed", action="store_true",
+                   help="read a format-1 patch or adapter (written before checksums: its content cannot be verified); "
+                        "one that carries a field of a later format is refused anyway")
+
+
 def save_model_atomically(model, tok, folder: Path) -> None:
     """save_pretrained into a temporary sibling folder, then move it into place (``folder``
     absent or empty)."""

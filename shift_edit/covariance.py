@@ -14,9 +14,13 @@ explicitly so the cost and the quality are visible.
 
 Results are cached under ``cache_dir()/stats/<model fingerprint>/`` with a JSON
 metadata file recording the corpus identity (name and sha256), the number of tokens
-and texts, the truncation length, the dtype and the sha256 of the tensor file. A
-cache entry whose metadata does not match the request, or whose tensor does not
-match its checksum, is rebuilt, never used.
+and texts, the truncation length, the dtype, the sha256 of the tensor file and its own
+(:func:`shift_edit.io.write_verified`). A cache entry whose metadata does not match the
+request, or that fails a checksum, is rebuilt with one warning, never used.
+
+The fingerprint is the unedited model's (:func:`statistics_fingerprint`): statistics are
+computed once, before a model's first edit, and pinned for every later edit of it
+(:func:`pinned_statistics` says why).
 
 ``site="ff1"`` gives the same statistics of the MLP's *input* (what FF1 reads), with its mean
 ``E[h]`` as well (SHIFT_NEURON's neuron keys need the mean and the covariance of generic text).

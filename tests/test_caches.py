@@ -207,3 +207,15 @@ def test_the_cli_exits_2_on_a_damaged_sequential_state(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "saved state" in err[0] and "fails its checksum" in err[0]
+
+
+def test_a_saved_edit_memory_with_a_flipped_bit_is_refused(tmp_path):
+    memory = EditMemory()
+    memory.add({"model.layers.1.mlp.down_proj.weight": torch.randn(3, 16)})
+    path = tmp_path / "memory.safetensors"
+    memory.save(path)
+    assert torch.equal(EditMemory.load(path).keys("model.layers.1.mlp.down_proj.weight"),
+                       memory.keys("model.layers.1.mlp.down_proj.weight"))
+    flip_bit(path, 0.9)
+    with pytest.raises(ShiftEditError, match="fails its checksum"):
+        EditMemory.load(path)

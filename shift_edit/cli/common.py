@@ -9,6 +9,8 @@ import pickle
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ..errors import ShiftEditError
 from ..io import atomic_dir
 from ..loading import ALIASES, check_device, load_model, resolve_dtype
@@ -116,8 +118,6 @@ def save_pretrained(model, tok, folder: Path) -> None:
     """``save_pretrained`` of the model and the tokenizer into ``folder``; a write error of safetensors (a full
     disk, which it reports as its own ``SafetensorError``) is an :class:`OSError` naming the folder, as any other
     write error is (the CLI: one line, exit code 2)."""
-    from safetensors import SafetensorError
-
     try:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)

@@ -17,11 +17,11 @@ Run directory ``<out>/<ALG>/seq_<NNN>/`` (chosen by the same match-key rule as o
 ``params.json``; ``checkpoints/ckpt_<n>.json`` (per-record values and means at n edits);
 ``summary.json`` (all checkpoints' means, the unedited reference, speed, memory and the norms of
 the edited matrices); ``state/`` (the current values of the edited parameters, the memory and the
-position, with their sha256), written atomically every ``save_every`` edits and at every checkpoint; a
-state that fails its checksums is refused in one line (it cannot be rebuilt; delete it to start again). A run killed at
-any point continues from its last state and gives the same numbers as an uninterrupted run
-(statistics are pinned to the unedited model, each batch is seeded by its index, and ROME/MEMIT's
-context texts are sampled from the unedited model before any saved weights are loaded).
+position, with their sha256), written atomically every ``save_every`` edits and at every checkpoint;
+a state that fails its checksums is refused in one line (it cannot be rebuilt; delete it to start
+again). A run killed at any point continues from its last state and gives the same numbers as an
+uninterrupted run (statistics are pinned to the unedited model, each batch is seeded by its index, and
+ROME/MEMIT's context texts are sampled from the unedited model before any saved weights are loaded).
 
 Per edit, the cost is the algorithm's edit plus the checkpoints' scoring; nothing per edit grows
 with T (no model copy; records are tokenised once; only the edited matrices are saved).

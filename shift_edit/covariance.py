@@ -14,9 +14,13 @@ explicitly so the cost and the quality are visible.
 
 Results are cached under ``cache_dir()/stats/<model fingerprint>/`` with a JSON
 metadata file recording the corpus identity (name and sha256), the number of tokens
-and texts, the truncation length, the dtype and the sha256 of the tensor file. A
-cache entry whose metadata does not match the request, or whose tensor does not
-match its checksum, is rebuilt, never used.
+and texts, the truncation length, the dtype, the sha256 of the tensor file and its own
+(:func:`shift_edit.io.write_verified`). A cache entry whose metadata does not match the
+request, or that fails a checksum, is rebuilt with one warning, never used.
+
+The fingerprint is the unedited model's (:func:`statistics_fingerprint`): statistics are
+computed once, before a model's first edit, and pinned for every later edit of it
+(:func:`pinned_statistics` says why).
 
 ``site="ff1"`` gives the same statistics of the MLP's *input* (what FF1 reads), with its mean
 ``E[h]`` as well (SHIFT_NEURON's neuron keys need the mean and the covariance of generic text).
@@ -25,9 +29,6 @@ match its checksum, is rebuilt, never used.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import json
 import logging
 import re
 import time
@@ -44,9 +45,10 @@ from tqdm.auto import tqdm
 
 from .architectures import ModelAdapter
 from .data import find_data
+from .deltas import swapped_weights
 from .errors import ShiftEditError
 from .hooks import capture_inputs
-from .io import atomic_write_bytes, atomic_write_json, file_sha256, model_fingerprint, torch_bytes
+from .io import file_sha256, model_fingerprint, read_verified, write_verified
 from .loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -284,40 +286,9 @@ def _expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_
     }
 
 
-def _read_verified(pt: Path, meta_path: Path, expected: dict[str, Any], what: str
-                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """A cache file's metadata and tensors if both files exist, the metadata has ``expected``'s values and
-    the checksum holds; ``None`` (with a warning naming ``what``) otherwise."""
-    if not pt.is_file() or not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        mismatched = [k for k, v in expected.items() if meta.get(k) != v]
-        if mismatched:
-            log.warning("%s %s does not match (%s); rebuilding", what, pt, ", ".join(mismatched))
-            return None
-        data = pt.read_bytes()
-        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            log.warning("%s %s fails its checksum; rebuilding", what, pt)
-            return None
-        return meta, torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
-        log.warning("%s %s is unreadable (%s); rebuilding", what, pt, exc)
-        return None
-
-
-def _write_verified(pt: Path, meta_path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write ``tensors`` and ``meta`` plus the tensors' checksum (atomically); returns that metadata."""
-    data = torch_bytes(tensors)
-    meta = {**meta, "sha256": hashlib.sha256(data).hexdigest()}
-    atomic_write_bytes(pt, data)
-    atomic_write_json(meta_path, meta)
-    return meta
-
-
 def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any], need_mean: bool = False) -> SecondMoment | None:
     """The cached entry if it exists and is valid; ``None`` (with a warning) otherwise."""
-    read = _read_verified(pt, meta_path, expected, "statistics cache")
+    read = read_verified(pt, meta_path, expected, "statistics cache")
     if read is None:
         return None
     meta, tensors = read
@@ -346,6 +317,8 @@ _MEMO_SIZE = 16
 
 #: models whose statistics are pinned to an earlier state of their weights (see :func:`pinned_statistics`)
 _PINNED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+#: models edited with :func:`shift_edit.edit`: each edited parameter's value before its first edit (on the CPU)
+_UNEDITED: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -353,9 +326,14 @@ def pinned_statistics(model: nn.Module, fingerprint: str | None = None) -> Itera
     """While active, :func:`layer_stats` of ``model`` reads (or builds) the statistics of the model
     as it is now (or of the weights with ``fingerprint``), however its weights change meanwhile.
 
-    Sequential (lifelong) editing uses it: ``C`` stands for the knowledge to preserve, i.e. the
-    unedited model's keys (as ROME/MEMIT/AlphaEdit compute it once), and recomputing it for every
-    edited state would cost a corpus pass per edit. Yields the pinned fingerprint.
+    The statistics policy (the same in the API and the CLI): ``C`` stands for the knowledge to preserve,
+    i.e. the unedited model's keys (as ROME/MEMIT/AlphaEdit compute it once), and recomputing it for every
+    edited state would cost a corpus pass per edit. So statistics are always those of the unedited model:
+    without this context, of the model's weights before its first edit through :func:`shift_edit.edit`
+    (which every editing path uses: ``BaseEditor(sequential_edit=True)``, ``apply_*_to_model`` in a loop,
+    ``se.edit`` with an ``EditMemory``; see :func:`statistics_fingerprint`); this context pins them to the
+    weights as they are now instead (``bench --sequential`` pins the unedited model before it loads a saved
+    state). Yields the pinned fingerprint.
     """
     fp = fingerprint or model_fingerprint(model)
     before = _PINNED.get(model)
@@ -369,11 +347,57 @@ def pinned_statistics(model: nn.Module, fingerprint: str | None = None) -> Itera
             _PINNED[model] = before
 
 
-def _refuse_if_pinned_and_changed(model: nn.Module, fingerprint: str, what: str, hint: str = "") -> None:
-    """Something pinned to earlier weights is not cached and cannot be computed from them any more."""
-    if model in _PINNED and model_fingerprint(model) != fingerprint:
-        raise ShiftEditError(f"{what}: pinned to the weights {fingerprint} but not cached, and the model has changed "
-                             f"since: compute it before editing{hint}")
+def note_edit(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> None:
+    """Remember the values the parameters an edit just changed had before (those changed for the first time),
+    so that statistics stay pinned to the unedited model (:func:`statistics_fingerprint`). Called by
+    :func:`shift_edit.edit` after it applied an edit."""
+    unedited = _UNEDITED.setdefault(model, {})
+    for name, value in orig_weights.items():
+        if name not in unedited:
+            unedited[name] = value.detach().to("cpu", copy=True)
+
+
+def copy_edit_record(src: nn.Module, dst: nn.Module) -> None:
+    """``dst`` (a copy of ``src``) has the unedited model of ``src`` (``apply_*_to_model(copy=True)``)."""
+    if src in _UNEDITED:
+        _UNEDITED[dst] = dict(_UNEDITED[src])
+    if src in _PINNED:
+        _PINNED[dst] = _PINNED[src]
+
+
+def _unedited_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unedited values of the parameters whose current value differs (entries undone since are forgotten)."""
+    unedited = _UNEDITED.get(model)
+    if not unedited:
+        return {}
+    with torch.no_grad():
+        for name in [n for n, v in unedited.items() if torch.equal(model.get_parameter(n).detach().cpu(), v)]:
+            del unedited[name]
+    return dict(unedited)
+
+
+def statistics_fingerprint(model: nn.Module) -> str:
+    """The weights ``model``'s statistics (and generic samples) are keyed by: the pinned ones
+    (:func:`pinned_statistics`), else the model's with every parameter changed by :func:`shift_edit.edit`
+    at its value before its first edit, i.e. the unedited model."""
+    pinned = _PINNED.get(model)
+    return pinned if pinned is not None else model_fingerprint(model, overrides=_unedited_values(model))
+
+
+@contextlib.contextmanager
+def _on_weights(model: nn.Module, fingerprint: str, what: str, hint: str = "") -> Iterator[None]:
+    """The block runs on the weights with ``fingerprint`` (the unedited values of edited parameters swapped
+    in, bit-exactly back afterwards); refused when the model has changed in a way that cannot be undone here."""
+    if model_fingerprint(model) == fingerprint:
+        yield
+        return
+    unedited = _unedited_values(model)
+    if unedited and model_fingerprint(model, overrides=unedited) == fingerprint:
+        with swapped_weights(model, unedited):
+            yield
+        return
+    raise ShiftEditError(f"{what}: pinned to the weights {fingerprint} but not cached, and the model has changed "
+                         f"since: compute it before editing{hint}")
 
 
 def _memo_key(pt: Path, meta_path: Path) -> tuple | None:
@@ -440,7 +464,7 @@ def layer_stats(
 
     layers = sorted({adapter.check_layer(layer) for layer in layers})
     src = open_corpus(corpus)
-    fingerprint = _PINNED.get(model) or model_fingerprint(model)
+    fingerprint = statistics_fingerprint(model)
     out: dict[int, SecondMoment] = {}
     todo: dict[int, tuple[Path, Path, dict]] = {}
     for layer in layers:
@@ -463,23 +487,22 @@ def layer_stats(
         else:
             todo[layer] = (pt, meta_path, expected)
     if todo:
-        _refuse_if_pinned_and_changed(model, fingerprint, f"statistics of layers {sorted(todo)}",
-                                      " (shift-edit stats, or layer_stats first)")
-    if todo:
         names = {module_of(layer): layer for layer in todo}
         log.warning("computing second-moment statistics of layer(s) %s%s over %d tokens of %s: once, then cached "
                     "under %s", sorted(todo), "" if site == "ff2" else " (MLP inputs)", n_tokens, src.name,
                     next(iter(todo.values()))[0].parent)
-        mats, counts, means = compute_second_moments(
-            model, tok, list(names), src, n_tokens=n_tokens, max_length=max_length,
-            dtype=dtype, batch_tokens=batch_tokens, progress=progress,
-        )
+        with _on_weights(model, fingerprint, f"statistics of layers {sorted(todo)}",
+                         " (shift-edit stats, or layer_stats first)"):
+            mats, counts, means = compute_second_moments(
+                model, tok, list(names), src, n_tokens=n_tokens, max_length=max_length,
+                dtype=dtype, batch_tokens=batch_tokens, progress=progress,
+            )
         for name, layer in names.items():
             pt, meta_path, expected = todo[layer]
             mom2, mean = mats[name].contiguous(), means[name].contiguous()
             meta = {**expected, **counts, "d_in": int(mom2.shape[0])}
             if use_cache:
-                meta = _write_verified(pt, meta_path, {"mom2": mom2, "mean": mean}, meta)
+                meta = write_verified(pt, meta_path, {"mom2": mom2, "mean": mean}, meta)
             out[layer] = SecondMoment(layer, mom2, meta, mean)
             if use_cache:
                 _memo_put(pt, meta_path, out[layer])
@@ -510,7 +533,7 @@ def generic_sample(
     adapter = adapter or ModelAdapter(model)
     layers = sorted({adapter.check_layer(layer) for layer in layers})
     src = open_corpus(corpus)
-    fingerprint = _PINNED.get(model) or model_fingerprint(model)
+    fingerprint = statistics_fingerprint(model)
     site = f"ff1sample-skip{skip_tokens}"
     out: dict[int, torch.Tensor] = {}
     todo: dict[int, tuple[Path, Path, dict]] = {}
@@ -524,13 +547,11 @@ def generic_sample(
         else:
             todo[layer] = (pt, meta_path, expected)
     if todo:
-        _refuse_if_pinned_and_changed(model, fingerprint, f"the generic sample of layers {sorted(todo)}")
-    if todo:
         names = {adapter.ff1_names(layer)[0]: layer for layer in todo}
         got: dict[int, list[torch.Tensor]] = {layer: [] for layer in todo}
         device = next(model.parameters()).device
         seen = 0
-        with torch.no_grad():
+        with torch.no_grad(), _on_weights(model, fingerprint, f"the generic sample of layers {sorted(todo)}"):
             for batch in _batches(tok, src, skip_tokens + n_tokens, max_length, 2048):
                 for ids in batch:
                     seen += len(ids)
@@ -548,12 +569,12 @@ def generic_sample(
             sample = torch.cat(got[layer])
             out[layer] = sample
             if use_cache:
-                _write_verified(pt, meta_path, {"sample": sample.contiguous()}, {**expected, "tokens": len(sample)})
+                write_verified(pt, meta_path, {"sample": sample.contiguous()}, {**expected, "tokens": len(sample)})
     return out
 
 
 def _load_sample(pt: Path, meta_path: Path, expected: dict[str, Any]) -> torch.Tensor | None:
-    read = _read_verified(pt, meta_path, expected, "generic sample cache")
+    read = read_verified(pt, meta_path, expected, "generic sample cache")
     if read is None:
         return None
     sample = read[1].get("sample")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .covariance import copy_edit_record, note_edit
 from .deltas import apply_deltas, restore_weights
 from .errors import ShiftEditError
 from .guard import DEFAULT_MAX_RELATIVE_NORM, check_context, outputs_finite, refuse_non_finite
@@ -38,7 +39,9 @@ def edit(
 
     All deltas of a batch of requests are computed against the model as given, then
     summed and added. Calling ``edit`` again on the edited model makes sequential edits;
-    undo them in reverse order.
+    undo them in reverse order. Second-moment statistics (ROME, MEMIT, AlphaEdit...) are
+    always those of the unedited model: computed once, before the first edit, and reused for
+    every later edit of the same model object (:func:`~shift_edit.covariance.pinned_statistics`).
 
     Args:
         model: a Hugging Face causal LM (any entry of the architecture table).
@@ -75,6 +78,7 @@ def edit(
     orig, hashes = apply_deltas(model, computed.deltas, max_relative_norm=bound) if computed.deltas else ({}, {})
     if computed.deltas and not force:
         check_outputs(model, tok, [r.text for r in reqs], orig)
+    note_edit(model, orig)  # statistics stay those of the unedited model (covariance.pinned_statistics)
     if memory is not None and computed.memory_keys:
         memory.add(computed.memory_keys)
     return EditResult(
@@ -114,6 +118,7 @@ def apply_algo_to_model(
     ``orig_weights`` is empty unless ``return_orig_weights``.
     """
     if copy:
-        model = _copy.deepcopy(model)
+        original, model = model, _copy.deepcopy(model)
+        copy_edit_record(original, model)
     result = edit(model, tok, requests, hparams)
     return model, (dict(result.orig_weights) if return_orig_weights else {})

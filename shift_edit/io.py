@@ -1,4 +1,4 @@
-"""Atomic file writes and the provenance every result file carries."""
+"""Atomic file writes, checksummed cache entries and the provenance every result file carries."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import shutil
@@ -20,6 +21,9 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .errors import ShiftEditError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -118,6 +122,117 @@ def torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+class CacheCheckError(ShiftEditError):
+    """A cache entry or saved state whose files are missing, unreadable, or do not match their checksums."""
+
+
+_SUMS = ("sha256", "meta_sha256")
+
+
+def _meta_sha256(meta: dict[str, Any]) -> str:
+    text = json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"}, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_verified(pt: Path, meta_path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write a checksummed cache entry: ``tensors`` (``torch.save``) to ``pt``, then ``meta`` plus the sha256 of
+    the tensor file (``"sha256"``) and of the metadata itself (``"meta_sha256"``) to ``meta_path`` (the commit
+    point), each atomically. Returns the metadata written. :func:`read_verified` reads it back."""
+    data = torch_bytes(tensors)
+    meta = {**{k: v for k, v in meta.items() if k not in _SUMS}, "sha256": hashlib.sha256(data).hexdigest()}
+    meta["meta_sha256"] = _meta_sha256(meta)
+    atomic_write_bytes(pt, data)
+    atomic_write_json(meta_path, meta)
+    return meta
+
+
+def check_verified(pt: Path, meta_path: Path, expected: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A cache entry written by :func:`write_verified`: ``(metadata, tensors)`` if both files exist, the
+    metadata holds ``expected``'s values and both checksums hold.
+
+    Entries written before the metadata had its own checksum (no ``"meta_sha256"``) are read when their
+    tensors match theirs and ``expected`` matches.
+
+    Raises:
+        CacheCheckError: what is wrong (missing, unreadable, mismatched field, failed checksum).
+    """
+    try:
+        meta = json.loads(Path(meta_path).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("the metadata is not a JSON object")
+        data = Path(pt).read_bytes()
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CacheCheckError(f"is unreadable ({type(exc).__name__}: {exc})") from None
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_sha256(meta):
+        raise CacheCheckError(f"fails its checksum (metadata {meta_path.name})")
+    mismatched = [k for k, v in expected.items() if meta.get(k) != v]
+    if mismatched:
+        raise CacheCheckError(f"does not match ({', '.join(mismatched)})")
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise CacheCheckError(f"fails its checksum ({Path(pt).name})")
+    try:
+        return meta, torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a bad file
+        raise CacheCheckError(f"is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def read_verified(pt: Path, meta_path: Path, expected: dict[str, Any], what: str
+                  ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """:func:`check_verified` for a cache entry that can be rebuilt: ``None`` when absent, and ``None`` with
+    one warning naming ``what`` (and saying it is rebuilt) when it fails a check."""
+    if not Path(pt).is_file() or not Path(meta_path).is_file():
+        return None
+    try:
+        return check_verified(pt, meta_path, expected)
+    except CacheCheckError as exc:
+        log.warning("%s %s %s; rebuilding", what, pt, exc)
+        return None
+
+
+MANIFEST_NAME = "shift_edit_manifest.json"
+
+
+def write_manifest(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Record the sha256 of every file in ``folder`` (and of ``meta`` itself) in its :data:`MANIFEST_NAME`;
+    write it last, into a folder that is not in place yet (:func:`atomic_dir`). Returns the manifest."""
+    folder = Path(folder)
+    files = {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST_NAME}
+    manifest = {**{k: v for k, v in meta.items() if k not in _SUMS}, "files": files}
+    manifest["meta_sha256"] = _meta_sha256(manifest)
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def check_manifest(folder: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a folder written with :func:`write_manifest`, after checking that it holds ``expected``'s
+    values, that its own checksum holds and that every file it names (and no other) has its sha256.
+
+    Raises:
+        CacheCheckError: what is wrong.
+    """
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ValueError("not a manifest")
+    except FileNotFoundError:
+        raise CacheCheckError(f"has no {MANIFEST_NAME} (written before checksums)") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CacheCheckError(f"is unreadable ({type(exc).__name__}: {exc})") from None
+    if manifest.get("meta_sha256") != _meta_sha256(manifest):
+        raise CacheCheckError(f"fails its checksum ({MANIFEST_NAME})")
+    mismatched = [k for k, v in expected.items() if manifest.get(k) != v]
+    if mismatched:
+        raise CacheCheckError(f"does not match ({', '.join(mismatched)})")
+    present = {f.name for f in folder.iterdir() if f.is_file() and f.name != MANIFEST_NAME}
+    if present != set(manifest["files"]):
+        raise CacheCheckError(f"does not hold the files its manifest names ({sorted(present ^ set(manifest['files']))})")
+    for name, sha in manifest["files"].items():
+        if file_sha256(folder / name) != sha:
+            raise CacheCheckError(f"fails its checksum ({name})")
+    return manifest
 
 
 def _json_default(obj: Any) -> Any:

@@ -44,7 +44,7 @@ from .deltas import WeightDelta
 from .errors import ShiftEditError
 from .io import atomic_dir, atomic_write_json, content_sha256
 from .loading import ALIASES, alias_gguf_path, cache_dir
-from .patch_file import CHECKSUM_KEY, deltas_from_tensors, patch_metadata, read_patch, verify_checksum
+from .patch_file import CHECKSUM_KEY, check_old_format, deltas_from_tensors, patch_metadata, read_patch, verify_checksum
 from .result import EditResult
 
 log = logging.getLogger(__name__)
@@ -149,16 +149,16 @@ def lora_config_dict(
     return cfg
 
 
-def _source(edit: EditResult | str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
+def _source(edit: EditResult | str | Path, allow_unchecksummed: bool = False) -> tuple[dict[str, Any], list[WeightDelta]]:
     if isinstance(edit, EditResult):
         if edit.undone:
             raise ShiftEditError("this edit was undone; there is nothing to export")
         return patch_metadata(edit), WeightDelta.merge(edit.deltas)
     path = Path(edit)
     if path.is_dir():
-        meta, deltas = read_lora(path)
+        meta, deltas = read_lora(path, allow_unchecksummed=allow_unchecksummed)
         return meta, deltas
-    meta, deltas = read_patch(path)
+    meta, deltas = read_patch(path, allow_unchecksummed=allow_unchecksummed)
     return meta, WeightDelta.merge(deltas)
 
 
@@ -199,6 +199,7 @@ def export_lora(
     *,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    allow_unchecksummed: bool = False,
 ) -> LoraExport:
     """Write an edit as a standard PEFT LoRA adapter folder (atomically).
 
@@ -213,6 +214,7 @@ def export_lora(
             the converted safetensors folder of an alias; the side file's ``base`` says what
             the base really is).
         overwrite: replace an existing non-empty folder.
+        allow_unchecksummed: read a format-1 patch or adapter (no checksum; see :func:`read_patch`).
 
     Returns:
         A :class:`LoraExport` with the ranks, relative errors and the weights file size.
@@ -226,7 +228,7 @@ def export_lora(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise ShiftEditError(f"{out_dir} exists and is not an empty folder (pass overwrite=True to replace it)")
-    meta, deltas = _source(edit)
+    meta, deltas = _source(edit, allow_unchecksummed)
     if not deltas:
         raise ShiftEditError("the edit changed no weights (every request was skipped): nothing to export")
     layouts = {d.layout for d in deltas}
@@ -281,14 +283,16 @@ def is_lora_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
+def read_lora(path: str | Path, *, allow_unchecksummed: bool = False) -> tuple[dict[str, Any], list[WeightDelta]]:
     """Read an adapter folder written by :func:`export_lora`: ``(metadata, deltas)``.
 
     The deltas are ``lora_B * scaling @ lora_A`` per module, in canonical ``[out, in]``.
+    ``allow_unchecksummed``: read a format-1 adapter (no checksum), as :func:`~shift_edit.patch_file.read_patch`.
 
     Raises:
         ShiftEditError: not a PEFT LoRA folder, or one without our side file (then there
             are no base-weight hashes to check: load it with ``peft`` instead).
+        PatchChecksumError: its checksum fails or is missing, or an unchecksummed format-1 adapter.
     """
     path = Path(path)
     if not is_lora_dir(path):
@@ -311,6 +315,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
     version = meta.get("format_version", 0)
     if meta.get("format") != LORA_FORMAT or not isinstance(version, int) or not 1 <= version <= LORA_FORMAT_VERSION:
         raise ShiftEditError(f"{path}/{META_NAME}: unsupported format {meta.get('format')} v{version}")
+    check_old_format(str(path), version, meta, header, allow_unchecksummed)
     verify_checksum(str(path), header.get(CHECKSUM_KEY), tensors, [_canonical(config), _canonical(meta)], version >= 2)
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
         raise ShiftEditError(f"{path}: only plain LoRA adapters (no DoRA, no rsLoRA) can be applied as edits")

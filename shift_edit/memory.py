@@ -14,10 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from .errors import ShiftEditError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, content_sha256
+
+_CHECKSUM_KEY = "shift_edit_sha256"  # as patches carry theirs
 
 
 class EditMemory:
@@ -52,11 +55,26 @@ class EditMemory:
         return sum(int(k.shape[0]) for k in self._keys.values())
 
     def save(self, path: str | Path) -> None:
-        """Write the memory as safetensors (for resuming a sequential run)."""
-        atomic_write_bytes(Path(path), save({p: k.contiguous() for p, k in self._keys.items()}))
+        """Write the memory as safetensors with the sha256 of its content in the header (atomically)."""
+        tensors = {p: k.contiguous() for p, k in self._keys.items()}
+        atomic_write_bytes(Path(path), save(tensors, metadata={_CHECKSUM_KEY: content_sha256(tensors, [])}))
 
     @classmethod
     def load(cls, path: str | Path) -> EditMemory:
+        """Read a memory written by :meth:`save`, after checking its checksum.
+
+        Raises:
+            ShiftEditError: an unreadable file, or one whose content does not match its checksum (or has none).
+        """
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                stored = (fh.metadata() or {}).get(_CHECKSUM_KEY)
+            tensors = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - OSError and safetensors' own error types
+            raise ShiftEditError(f"{path}: not a readable edit memory ({type(exc).__name__}: {exc})") from None
+        if stored is None or content_sha256(tensors, []) != stored:
+            raise ShiftEditError(f"{path}: the edit memory {'has no checksum' if stored is None else 'fails its checksum'}"
+                                 ": its content cannot be trusted")
         mem = cls()
-        mem._keys = {p: k.float() for p, k in load_file(str(path)).items()}
+        mem._keys = {p: k.float() for p, k in tensors.items()}
         return mem

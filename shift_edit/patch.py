@@ -25,9 +25,11 @@ from .patch_file import (  # noqa: F401  (the format's names, importable from he
     CHECKSUM_KEY,
     FORMAT,
     FORMAT_VERSION,
+    LATER_FIELDS,
     BaseCheck,
     PatchChecksumError,
     check_base,
+    check_old_format,
     deltas_from_tensors,
     patch_metadata,
     read_patch,
@@ -42,15 +44,17 @@ from .result import EditResult
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, dict[str, EditResult]]" = weakref.WeakKeyDictionary()
 
 
-def read_edit(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
-    """Read a patch file, or a PEFT adapter folder written by :func:`shift_edit.lora.export_lora`."""
+def read_edit(path: str | Path, *, allow_unchecksummed: bool = False) -> tuple[dict[str, Any], list[WeightDelta]]:
+    """Read a patch file, or a PEFT adapter folder written by :func:`shift_edit.lora.export_lora`
+    (``allow_unchecksummed``: also one of format 1, see :func:`read_patch`)."""
     if Path(path).is_dir():
-        return read_lora(path)
-    return read_patch(path)
+        return read_lora(path, allow_unchecksummed=allow_unchecksummed)
+    return read_patch(path, allow_unchecksummed=allow_unchecksummed)
 
 
 def apply_patch(
-    model: nn.Module, path: str | Path, *, tok=None, base_check: BaseCheck = "model", force: bool = False
+    model: nn.Module, path: str | Path, *, tok=None, base_check: BaseCheck = "model", force: bool = False,
+    allow_unchecksummed: bool = False,
 ) -> EditResult:
     """Apply a patch file (or an adapter folder from ``export_lora``) in place after checking
     its checksum and the base weights.
@@ -63,16 +67,19 @@ def apply_patch(
         base_check: ``"model"`` (default): the whole base fingerprint must match;
             ``"matrices"``: only the matrices the patch changes (see the module doc).
         force: skip the edit guard (:mod:`shift_edit.guard`); the checksum and base checks stay.
+        allow_unchecksummed: apply a format-1 patch (written before checksums, so its content cannot be
+            verified), with a warning; never one that carries a field of a later format.
 
     Returns:
         An :class:`EditResult` whose ``undo()`` (or :func:`revert_patch`) restores exactly.
 
     Raises:
-        PatchChecksumError: the file's content does not match its checksum; nothing is applied.
+        PatchChecksumError: the file's content does not match its checksum, or it is an unchecksummed
+            format-1 file (without ``allow_unchecksummed``, or relabelled); nothing is applied.
         PatchMismatchError: the model's weights are not the ones the patch was made for.
         EditRefusedError: the edit guard refused the patch; the model is unchanged.
     """
-    meta, deltas = read_edit(path)
+    meta, deltas = read_edit(path, allow_unchecksummed=allow_unchecksummed)
     check_base(model, meta, str(path), base_check)
     try:
         alg = get_algorithm(meta["algorithm"])

@@ -12,8 +12,10 @@ Layout of a patch file (``*.safetensors``):
 - header metadata ``"shift_edit_sha256"``: the checksum of the file's own content
   (:func:`shift_edit.io.content_sha256` over the ``"shift_edit"`` JSON text and every tensor),
   verified before anything is applied: a corrupted or altered file is refused, naming it.
-  Patches of format version 1 (no checksum) are still read, with a warning; the edit guard
-  (:mod:`shift_edit.guard`) still applies to them.
+  Patches of format version 1 (no checksum) are read only when asked (``allow_unchecksummed=True``,
+  ``--allow-unchecksummed``), with a warning, and only if they carry no field of a later format
+  (:data:`LATER_FIELDS`, or a checksum): relabelling a format-2 file as format 1 to drop its
+  checksum is refused. The edit guard (:mod:`shift_edit.guard`) still applies to them.
 
 Base check (``base_check``): ``"model"`` (default, strict) refuses a model whose whole
 fingerprint differs from the base's, e.g. one with another edit in any layer;
@@ -46,6 +48,12 @@ FORMAT = "shift_edit.patch"
 FORMAT_VERSION = 2  # 2: content checksum and whole-model base fingerprint
 CHECKSUM_KEY = "shift_edit_sha256"
 _KINDS = ("left", "right", "dense")
+
+#: metadata fields first written by format 2 (patches and adapters): a file that says version 1 and holds
+#: one (or a checksum) was relabelled
+LATER_FIELDS = ("base_fingerprint",)
+#: the flag that reads an unchecksummed format-1 file, in the message that refuses one
+UNCHECKSUMMED_FLAG = "allow_unchecksummed=True (--allow-unchecksummed)"
 
 BaseCheck = Literal["model", "matrices"]
 BASE_CHECKS = ("model", "matrices")
@@ -105,8 +113,17 @@ def save_patch(result: EditResult, path: str | Path) -> Path:
     return path
 
 
-def read_patch(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
-    """Read a patch file: ``(metadata, deltas)``; a clear error if it is not one."""
+def read_patch(path: str | Path, *, allow_unchecksummed: bool = False) -> tuple[dict[str, Any], list[WeightDelta]]:
+    """Read a patch file: ``(metadata, deltas)``; a clear error if it is not one.
+
+    Args:
+        allow_unchecksummed: read a format-1 patch (written before checksums), whose content cannot be
+            verified (see :func:`check_old_format`).
+
+    Raises:
+        PatchChecksumError: a checksum mismatch, a missing checksum, or a format-1 file without the flag
+            or with a field of a later format.
+    """
     path = Path(path)
     if not path.is_file():
         raise ShiftEditError(f"patch file not found: {path}")
@@ -127,8 +144,24 @@ def read_patch(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ShiftEditError(f"{path}: unsupported patch format {got} (version {version})")
+    check_old_format(str(path), version, meta, header, allow_unchecksummed)
     verify_checksum(str(path), header.get(CHECKSUM_KEY), tensors, [raw], version >= 2)
     return meta, deltas_from_tensors(meta, tensors, str(path), "patch")
+
+
+def check_old_format(source: str, version: int, meta: dict[str, Any], header: dict[str, str],
+                     allow_unchecksummed: bool) -> None:
+    """Refuse a format-1 file (no checksum) that carries a field of a later format (a relabelled file), or
+    any format-1 file unless ``allow_unchecksummed``; later formats pass."""
+    if version >= 2:
+        return
+    later = [k for k in LATER_FIELDS if k in meta] + ([CHECKSUM_KEY] if CHECKSUM_KEY in header else [])
+    if later:
+        raise PatchChecksumError(f"{source} says format version 1 but carries {', '.join(later)} of a later format "
+                                 "(relabelled to drop its checksum?): refused, nothing was applied")
+    if not allow_unchecksummed:
+        raise PatchChecksumError(f"{source} is format version 1 (written before checksums): its content cannot be "
+                                 f"verified; nothing was applied; pass {UNCHECKSUMMED_FLAG} to read it anyway")
 
 
 def verify_checksum(source: str, stored: str | None, tensors: dict[str, torch.Tensor], texts: list[str], required: bool) -> None:

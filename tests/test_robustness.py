@@ -107,11 +107,12 @@ def test_checksum_missing_from_a_v2_patch_is_refused_v1_patch_warns(patch_file, 
     with pytest.raises(PatchChecksumError, match="checksum is missing"):
         se.read_patch(patch_file)
     doc = json.loads(meta["shift_edit"])
-    doc["format_version"] = 1  # a patch written before checksums: read with a warning
+    doc["format_version"] = 1  # a patch written before checksums (no base fingerprint): read with a warning when asked
+    del doc["base_fingerprint"]
     save_file(tensors, str(patch_file), metadata={"shift_edit": json.dumps(doc)})
     model = tiny_model("gpt2")
     with caplog.at_level(logging.WARNING, logger="shift_edit.patch"):
-        se.apply_patch(model, patch_file)
+        se.apply_patch(model, patch_file, allow_unchecksummed=True, base_check="matrices")
     assert "has no checksum" in caplog.text
 
 

@@ -18,14 +18,16 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import shift_edit as se
 from shift_edit.architectures import ModelAdapter
+from shift_edit.bench.sequential import _load_state
 from shift_edit.bench.wikitext import read_wikitext_lines
 from shift_edit.covariance import layer_stats
 from shift_edit.data import find_data
+from shift_edit.deltas import restore_weights
 from shift_edit.hooks import capture_inputs
+from shift_edit.io import model_fingerprint
 from shift_edit.requests import encode_prompt
 
 
@@ -41,13 +43,18 @@ def line_nll(model, tok, lines: list[str]) -> list[torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("state", help="the run's state folder (weights_*.safetensors, memory_*.safetensors)")
+    ap.add_argument("state", help="the run's state folder (state.json and its checksummed tensor file)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     state = Path(args.state)
-    weights = load_file(str(sorted(state.glob("weights_*.safetensors"))[-1]))
-    memory = load_file(str(sorted(state.glob("memory_*.safetensors"))[-1]))
     model, tok = se.load_model("smollm2-135m")
+    loaded = _load_state(state, model, model_fingerprint(model))  # verified; loads the edited weights into model
+    if loaded is None:
+        raise SystemExit(f"{state} holds no saved state")
+    _, mem, originals = loaded
+    weights = {name: model.get_parameter(name).detach().clone() for name in originals}
+    memory = {param: mem.keys(param) for param in mem.params()}
+    restore_weights(model, originals)  # back to the unedited model; the edited values are applied below
     adapter = ModelAdapter(model)
     lines = [x for x in read_wikitext_lines(str(find_data("wikitext"))) if len(x) >= 30][:3]
     base = line_nll(model, tok, lines)

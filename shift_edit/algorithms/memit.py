@@ -33,7 +33,7 @@ from torch import nn
 from ..deltas import WeightDelta
 from ..errors import ShiftEditError
 from ..hooks import owned_hooks
-from ..io import atomic_write_bytes, model_fingerprint, torch_bytes
+from ..io import model_fingerprint, read_verified, write_verified
 from ..loading import cache_dir
 from ..registry import Computed, register
 from ..requests import EditRequest
@@ -200,14 +200,15 @@ def target_zs(model: nn.Module, tok, adapter, z_layer: int, requests: list[EditR
     fingerprint = model_fingerprint(model) if getattr(hparams, "zstar_cache", False) else None
     device = next(model.parameters()).device
     for req in requests:
-        path = _zstar_path(fingerprint, device.type, z_layer, req, hparams) if fingerprint else None
-        hit = _zstar_load(path) if path else None
+        entry = _zstar_entry(fingerprint, device.type, z_layer, req, hparams) if fingerprint else None
+        hit = _zstar_load(*entry) if entry else None
         if hit is None:
             dr = optimise_delta(model, tok, adapter, z_layer, req, templates, hparams, ref="residual")
             hit = ((dr.ref + dr.delta).cpu(), {"delta_norm": float(dr.delta.norm()), "ref_norm": float(dr.ref.norm()),
                                                "steps": dr.steps, "loss_first": dr.losses[0], "loss_last": dr.losses[-1]})
-            if path:
-                atomic_write_bytes(path, torch_bytes({"z": hit[0], "info": hit[1]}))
+            if entry:
+                pt, meta_path, expected = entry
+                write_verified(pt, meta_path, {"z": hit[0].contiguous()}, {**expected, "info": hit[1]})
         else:
             hit[1]["zstar_from_cache"] = True
         zs.append(hit[0])
@@ -215,31 +216,35 @@ def target_zs(model: nn.Module, tok, adapter, z_layer: int, requests: list[EditR
     return torch.stack(zs).double(), z_info
 
 
+_ZSTAR_FORMAT = 2  # 2: tensor file plus verified metadata (io.write_verified)
 #: hparams z* depends on (the layers only through the last one, z_layer)
 _ZSTAR_FIELDS = ("fact_token", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
                  "loss_stop", "context_template_length_params", "context_seed", "ff1_templates", "ff2_template", "final_norm")
 
 
-def _zstar_path(fingerprint: str, device: str, z_layer: int, req: EditRequest, hparams: MEMITHyperParams) -> Path:
+def _zstar_entry(fingerprint: str, device: str, z_layer: int, req: EditRequest, hparams: MEMITHyperParams
+                 ) -> tuple[Path, Path, dict]:
+    """The cache entry of one request's ``z*``: tensor file, metadata file, and the metadata it must hold."""
     hp = hparams.to_dict()
     key = {"z_layer": z_layer, "device": device, "request": {k: v for k, v in req.to_dict().items() if k != "case_id"},
            "hparams": {k: hp.get(k) for k in _ZSTAR_FIELDS}, "torch": torch.__version__}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "zstar" / fingerprint / f"{digest}.pt"
+    folder = cache_dir() / "zstar" / fingerprint
+    expected = {"format_version": _ZSTAR_FORMAT, "model_fingerprint": fingerprint, "key": json.loads(json.dumps(key))}
+    return folder / f"{digest}.pt", folder / f"{digest}.json", expected
 
 
-def _zstar_load(path: Path) -> tuple[torch.Tensor, dict] | None:
-    if not path.is_file():
+def _zstar_load(pt: Path, meta_path: Path, expected: dict) -> tuple[torch.Tensor, dict] | None:
+    """A cached ``z*`` and its details, verified (:func:`~shift_edit.io.read_verified`); ``None`` otherwise."""
+    read = read_verified(pt, meta_path, expected, "z* cache")
+    if read is None:
         return None
-    try:
-        data = torch.load(path, weights_only=True)
-        z, info = data["z"], dict(data["info"])
-        if not torch.isfinite(z).all():
-            raise ValueError("non-finite values")
-        return z, info
-    except Exception as exc:  # noqa: BLE001 - an unreadable entry is recomputed
-        log.warning("z* cache %s is unreadable (%s); recomputing", path, exc)
+    meta, tensors = read
+    z, info = tensors.get("z"), meta.get("info")
+    if not isinstance(z, torch.Tensor) or z.dim() != 1 or not torch.isfinite(z).all() or not isinstance(info, dict):
+        log.warning("z* cache %s holds a bad entry; recomputing", pt)
         return None
+    return z, dict(info)
 
 
 register("MEMIT", MEMITHyperParams, compute_memit,

@@ -147,6 +147,19 @@ def finished(run_dir: Path, case_id: int | str) -> bool:
         return False
 
 
+def _batches_per_group(cfg: BenchConfig) -> int:
+    """Batches per group: groups of batches whose generations share one decoding batch; a group is always
+    the same records (fixed by position), so resumed and sharded runs generate exactly what a whole run
+    does (with --gen-every K, a group spans K times as many records, about gen_records of them generating)."""
+    return 1 if cfg.skip_generation else max(1, cfg.gen_records * max(1, cfg.gen_every) // cfg.num_edits)
+
+
+def n_shares(n_cases: int, cfg: BenchConfig) -> int:
+    """Into how many shards ``n_cases`` records can be split: the number of groups (the unit a shard takes)."""
+    batches = -(-n_cases // cfg.num_edits)
+    return -(-batches // _batches_per_group(cfg))
+
+
 def shard_env() -> tuple[int, int]:
     """(rank, world_size) from ``RANK``/``WORLD_SIZE`` (set by accelerate launch / torchrun)."""
     try:
@@ -402,10 +415,7 @@ def run_bench(
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
     n = cfg.num_edits
     batches = [list(enumerate(cases))[b : b + n] for b in range(0, len(cases), n)]
-    # groups of batches whose generations share one decoding batch; a group is always the same
-    # records (fixed by position), so resumed and sharded runs generate exactly what a whole run does
-    # (with --gen-every K, a group spans K times as many records, about gen_records of them generating)
-    per_group = 1 if cfg.skip_generation else max(1, cfg.gen_records * max(1, cfg.gen_every) // n)
+    per_group = _batches_per_group(cfg)
     groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
     # contiguous shares: records every K-th position (perplexity) spread over the shards too
     mine = groups[rank * len(groups) // world_size : (rank + 1) * len(groups) // world_size]

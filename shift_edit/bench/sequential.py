@@ -17,10 +17,11 @@ Run directory ``<out>/<ALG>/seq_<NNN>/`` (chosen by the same match-key rule as o
 ``params.json``; ``checkpoints/ckpt_<n>.json`` (per-record values and means at n edits);
 ``summary.json`` (all checkpoints' means, the unedited reference, speed, memory and the norms of
 the edited matrices); ``state/`` (the current values of the edited parameters, the memory and the
-position), written atomically every ``save_every`` edits and at every checkpoint. A run killed at
-any point continues from its last state and gives the same numbers as an uninterrupted run
-(statistics are pinned to the unedited model, each batch is seeded by its index, and ROME/MEMIT's
-context texts are sampled from the unedited model before any saved weights are loaded).
+position, with their sha256), written atomically every ``save_every`` edits and at every checkpoint;
+a state that fails its checksums is refused in one line (it cannot be rebuilt; delete it to start
+again). A run killed at any point continues from its last state and gives the same numbers as an
+uninterrupted run (statistics are pinned to the unedited model, each batch is seeded by its index, and
+ROME/MEMIT's context texts are sampled from the unedited model before any saved weights are loaded).
 
 Per edit, the cost is the algorithm's edit plus the checkpoints' scoring; nothing per edit grows
 with T (no model copy; records are tokenised once; only the edited matrices are saved).
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -49,7 +49,7 @@ from ..editing import edit
 from ..errors import ShiftEditError
 from ..guard import EditRefusedError
 from ..hparams import HyperParams
-from ..io import atomic_write_bytes, atomic_write_json, model_fingerprint, provenance
+from ..io import CacheCheckError, atomic_write_json, check_verified, model_fingerprint, provenance, write_verified
 from ..memory import EditMemory
 from ..registry import algorithm_for_hparams, get_algorithm
 from ..covariance import layer_stats, pinned_statistics
@@ -224,35 +224,61 @@ class _State:
         return s
 
 
+STATE_FORMAT = 2  # 2: one checksummed tensor file per save (io.write_verified); 1: unchecksummed safetensors
+
+
 def _save_state(state_dir: Path, st: _State, model: nn.Module, memory: EditMemory, base_fp: str) -> None:
-    """Parameters and memory under names tagged with the batch count, then ``state.json`` (the
-    commit point) naming them, then the older files are removed."""
+    """The edited parameters' values and the memory in one file named by the batch count, then
+    ``state.json`` (the commit point) naming it with both files' checksums
+    (:func:`~shift_edit.io.write_verified`), then the older files are removed."""
     tag = f"{st.n_batches:06d}"
-    params = {name: model.get_parameter(name).detach().cpu().contiguous() for name in st.touched}
-    atomic_write_bytes(state_dir / f"weights_{tag}.safetensors", save(params) if params else save({}))
-    memory.save(state_dir / f"memory_{tag}.safetensors")
-    atomic_write_json(state_dir / "state.json", {"base_fingerprint": base_fp, "tag": tag, "state": st.to_json()})
-    for old in state_dir.glob("*.safetensors"):
+    tensors = {f"weights/{name}": model.get_parameter(name).detach().cpu().contiguous() for name in st.touched}
+    tensors.update({f"memory/{param}": memory.keys(param) for param in memory.params()})
+    write_verified(state_dir / f"state_{tag}.pt", state_dir / "state.json", tensors,
+                   {"format_version": STATE_FORMAT, "base_fingerprint": base_fp, "tag": tag, "state": st.to_json()})
+    for old in [*state_dir.glob("*.pt"), *state_dir.glob("*.safetensors")]:
         if not old.stem.endswith(tag):
             old.unlink(missing_ok=True)
 
 
 def _load_state(state_dir: Path, model: nn.Module, base_fp: str
                 ) -> tuple[_State, EditMemory, dict[str, torch.Tensor]] | None:
-    """The saved state, loaded into ``model`` in place; also returns the touched parameters' unedited values."""
+    """The saved state, verified and loaded into ``model`` in place; also returns the touched parameters'
+    unedited values.
+
+    Raises:
+        ShiftEditError: a state of other weights, or one that fails its checksums (it cannot be rebuilt:
+            one line naming the folder to delete to start the run again).
+    """
     p = state_dir / "state.json"
     if not p.is_file():
         return None
-    saved = json.loads(p.read_text())
-    if saved["base_fingerprint"] != base_fp:
-        raise ShiftEditError(f"{state_dir}: saved state belongs to other weights ({saved['base_fingerprint']}, "
-                             f"this model {base_fp})")
-    tag = saved["tag"]
-    weights = load_file(str(state_dir / f"weights_{tag}.safetensors"))
+    restart = f"delete {state_dir} to start the run again"
+    try:
+        saved = json.loads(p.read_text())
+        fingerprint, tag = saved["base_fingerprint"], str(saved["tag"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ShiftEditError(f"{p}: the saved state is unreadable ({type(exc).__name__}: {exc}); {restart}") from None
+    if fingerprint != base_fp:
+        raise ShiftEditError(f"{state_dir}: saved state belongs to other weights ({fingerprint}, this model {base_fp})")
+    if saved.get("format_version") != STATE_FORMAT:
+        raise ShiftEditError(f"{state_dir}: the saved state has no checksums (format {saved.get('format_version', 1)}, "
+                             f"written by an older shift_edit), so it cannot be verified; {restart}")
+    try:
+        meta, tensors = check_verified(state_dir / f"state_{tag}.pt", p,
+                                       {"format_version": STATE_FORMAT, "base_fingerprint": base_fp, "tag": tag})
+        st = _State.from_json(meta["state"])
+        weights = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("weights/")}
+        keys = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("memory/")}
+        if set(weights) != set(st.touched):
+            raise CacheCheckError(f"holds the weights of {sorted(weights)}, its state names {sorted(st.touched)}")
+    except CacheCheckError as exc:
+        raise ShiftEditError(f"{state_dir}: the saved state {exc}; it cannot be rebuilt: {restart}") from None
     originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
     restore_weights(model, weights)
-    memory = EditMemory.load(state_dir / f"memory_{tag}.safetensors")
-    return _State.from_json(saved["state"]), memory, originals
+    memory = EditMemory()
+    memory.add(keys)
+    return st, memory, originals
 
 
 def _norms(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

@@ -8,7 +8,7 @@ from ..errors import ShiftEditError
 from ..patch import BASE_CHECKS, apply_patch, read_edit
 from ..requests import make_request
 from ..scoring import next_token_topk
-from .common import add_model_arguments, check_model_args, check_new_dir, check_top_k, format_topk, load_from_args, save_model_atomically
+from .common import add_model_arguments, add_unchecksummed_argument, check_model_args, check_new_dir, check_top_k, format_topk, load_from_args, save_model_atomically
 
 NAME = "apply-patch"
 HELP = "apply an edit patch to its base model (refused if the base weights differ)"
@@ -25,12 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "matrices: only the matrices the patch changes must match (to stack patches of different layers)")
     p.add_argument("--force", action="store_true",
                    help="skip the edit guard (relative-norm bound, finite outputs); the checksum and base checks stay")
+    add_unchecksummed_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     save_dir = check_new_dir(args.save, "--save")
     check_model_args(args)
-    meta, _ = read_edit(args.patch)  # checksum verified here, before the model is loaded
+    meta, _ = read_edit(args.patch, allow_unchecksummed=args.allow_unchecksummed)  # checksum verified before loading
     try:
         prompts = [args.prompt] if args.prompt else [make_request(r).text for r in meta["requests"]]
     except (KeyError, TypeError) as exc:
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_from_args(args)
     check_top_k(args.top_k, model)
     before = [next_token_topk(model, tok, p, args.top_k) for p in prompts]
-    result = apply_patch(model, args.patch, tok=tok, base_check=args.base_check, force=args.force)
+    result = apply_patch(model, args.patch, tok=tok, base_check=args.base_check, force=args.force,
+                         allow_unchecksummed=args.allow_unchecksummed)
     for p, b in zip(prompts, before):
         print(f"prompt: {p!r}")
         print(f"before: {format_topk(b)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_data
 from ..bench.wikitext import PerplexityProtocol
-from ..bench.runner import BenchConfig, run_bench, shard_env
+from ..bench.runner import BenchConfig, n_shares, run_bench, shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
 from ..data import find_data
 from ..errors import ShiftEditError
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="apply N consecutive records' requests at once, then evaluate each (MEMIT protocol; default 1)")
     p.add_argument("--procs", type=int, default=1, metavar="N",
                    help="run N processes on this machine, each on its share of the records and cores, "
-                        "into one run dir (default 1; on a 2-core CPU, 2 is ~1.4x faster)")
+                        "into one run dir (default 1; on a 2-core CPU, 2 is ~1.4x faster); at most the cores and the "
+                        "shares of records (a larger N is lowered, with a warning)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sequential_arguments(p)
 
@@ -157,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
                       gen_every=args.gen_every)
     rank, world = shard_env()
     if args.procs > 1 and world == 1:
-        return _launch(args.argv, args.procs)
+        procs = clamp_procs(args.procs, n_shares(len(cases), cfg))
+        if procs > 1:
+            return _launch(args.argv, procs)
     if world > 1 and args.device == "cuda":  # one GPU per process under accelerate launch / torchrun
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     model, tok = load_from_args(args)
@@ -175,9 +178,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def clamp_procs(procs: int, shares: int) -> int:
+    """``--procs`` bounded by the cores and by the shares of records (more processes would each load the model
+    for nothing); one warning when it is lowered."""
+    cores = available_cores()
+    use = max(1, min(procs, cores, shares))
+    if use < procs:
+        why = " and ".join(w for w, n in ((f"{cores} core(s)", cores), (f"{shares} share(s) of records", shares)) if n < procs)
+        print(f"warning: --procs {procs}: this run has {why}; running {use} process{'es' if use > 1 else ''}",
+              file=sys.stderr)
+    return use
+
+
 def _launch(argv: list[str], procs: int) -> int:
     """Re-run this command as ``procs`` shard processes (RANK/WORLD_SIZE), cores split evenly."""
-    threads = max(1, (os.cpu_count() or procs) // procs)
+    threads = max(1, available_cores() // procs)
     env = {**os.environ, "WORLD_SIZE": str(procs), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     children = [subprocess.Popen([sys.executable, "-m", "shift_edit", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
                 for r in range(procs)]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import tempfile
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from ..errors import ShiftEditError
 from ..io import atomic_dir
@@ -104,12 +107,31 @@ def check_top_k(top_k: int, model) -> None:
         raise ShiftEditError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
 
 
+def add_unchecksummed_argument(p: argparse.ArgumentParser) -> None:
+    """``--allow-unchecksummed``: read a format-1 patch or adapter (written before checksums)."""
+    p.add_argument("--allow-unchecksummed", action="store_true",
+                   help="read a format-1 patch or adapter (written before checksums: its content cannot be verified); "
+                        "one that carries a field of a later format is refused anyway")
+
+
+def save_pretrained(model, tok, folder: Path) -> None:
+    """``save_pretrained`` of the model and the tokenizer into ``folder``; a write error of safetensors (a full
+    disk, which it reports as its own ``SafetensorError``) is an :class:`OSError` naming the folder, as any other
+    write error is (the CLI: one line, exit code 2)."""
+    try:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    except SafetensorError as exc:
+        full = "No space left" in str(exc) or "StorageFull" in str(exc)
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      f"cannot write the model to {folder}: {'no space left on the device' if full else exc}") from exc
+
+
 def save_model_atomically(model, tok, folder: Path) -> None:
     """save_pretrained into a temporary sibling folder, then move it into place (``folder``
-    absent or empty)."""
+    absent or empty); on an error the temporary folder is removed and ``folder`` is untouched."""
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_pretrained(model, tok, tmp)
 
 
 def format_topk(rows: list[tuple[str, float]]) -> str:

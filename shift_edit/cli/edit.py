@@ -26,6 +26,7 @@ from .common import (
     check_top_k,
     format_topk,
     load_from_args,
+    save_pretrained,
 )
 from .export_lora import describe
 
@@ -174,8 +175,7 @@ def _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir) -> 
                 lines.append(describe(export_lora(result, tmp, rank=args.lora_rank, overwrite=True)).replace(str(tmp), str(lora_dir)))
         if save_dir is not None:
             tmp = staged.enter_context(atomic_dir(save_dir))
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            save_pretrained(model, tok, tmp)  # a full disk: OSError, exit 2, nothing left
             lines.append(f"model written: {save_dir}")
     for line in lines:
         print(line)

@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import ShiftEditError
 from ..lora import LoraExport, export_lora
-from .common import check_new_dir
+from .common import add_unchecksummed_argument, check_new_dir
 
 NAME = "export-lora"
 HELP = "convert an edit patch into a standard PEFT LoRA adapter folder (load it with peft)"
@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the relative reconstruction error is printed")
     p.add_argument("--base-model", default=None, metavar="NAME",
                    help="base_model_name_or_path for adapter_config.json (default: the model the edit was made on)")
+    add_unchecksummed_argument(p)
 
 
 def describe(export: LoraExport) -> str:
@@ -36,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
     out = check_new_dir(args.out_dir, "DIR")
     if args.rank is not None and args.rank < 1:
         raise ShiftEditError(f"--rank must be >= 1, got {args.rank}")
-    print(describe(export_lora(args.patch, out, rank=args.rank, base_model_name_or_path=args.base_model)))
+    print(describe(export_lora(args.patch, out, rank=args.rank, base_model_name_or_path=args.base_model,
+                               allow_unchecksummed=args.allow_unchecksummed)))
     return 0

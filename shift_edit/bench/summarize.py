@@ -35,6 +35,11 @@ METRICS: list[tuple[str, tuple[str, ...], float]] = [
     ("efficacy_top1_first_token", ("top1_first", "rewrite_acc"), 100.0),
     ("paraphrase_top1_first_token", ("top1_first", "paraphrase_acc"), 100.0),
     ("neighborhood_top1_first_token", ("top1_first", "neighborhood_acc"), 100.0),
+    # WILD-style free generation (bench/wild.py): the wanted object said before the competing one
+    ("gen_efficacy", ("wild", "rewrite_success"), 100.0),
+    ("gen_paraphrase", ("wild", "paraphrase_success"), 100.0),
+    ("gen_rephrase", ("wild", "rephrase_success"), 100.0),
+    ("gen_neighborhood", ("wild", "neighborhood_success"), 100.0),
     ("neighborhood_kl", ("neighborhood_kl", "mean"), 1.0),
     ("ngram_entropy", ("generation", "ngram_entropy"), 100.0),
     ("wikitext_ppl", ("perplexity", "value"), 1.0),
@@ -199,7 +204,8 @@ def to_markdown(rows: Sequence[dict]) -> str:
     lines.append("")
     lines.append("Families: ES/PS/NS/RS (success) and EM/PM/NM (magnitude) = ROME probability comparisons from mean "
                  "token NLLs; *_top1 = strict top-1 accuracy (all target tokens argmax; neighborhood = TRUE object); "
-                 "*_first_token = first-token-only top-1; RS/rephrase = EasyEdit rephrase_prompt (not ROME paraphrases); "
+                 "*_first_token = first-token-only top-1; gen_* = WILD-style free generation (greedy continuation says "
+                 "the new object before the true one; gen_neighborhood: the true object before the new one); RS/rephrase = EasyEdit rephrase_prompt (not ROME paraphrases); "
                  "S = harmonic mean of ES, PS, NS; ee_* = EasyEdit token accuracy (post-edit, from EasyEdit result files; "
                  "fluency = n-gram entropy); edit_time_median_s = median wall time of edit() over edited records; "
                  "cells: mean ± 95% CI (normal approx.), x100 except KL, ppl and time.")
@@ -224,7 +230,7 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1"]
+    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy", "gen_paraphrase"]
     cols = [c for c in (metrics or default) if any(c in r["metrics"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 4 + 0.18 * ((len(rows) + 1) // 2)))
     width = 0.8 / max(1, len(rows))

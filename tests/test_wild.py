@@ -192,3 +192,20 @@ def test_sequential_checkpoints_carry_the_family(byte_tok, tmp_path):
     assert "gen_efficacy" in rows[0]["metrics"] and "gen_paraphrase" in rows[1]["metrics"]
     assert [r["n_edits"] for r in curves([run_dir])] == [2, 3]
     assert all("gen_efficacy" in r and "unedited_gen_paraphrase" in r for r in curves([run_dir]))
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--wild-max-new-tokens", "0"], "--wild-max-new-tokens must be >= 1"),
+    (["--wild-records", "0"], "--wild-records must be >= 1"),
+    (["--sequential", "1", "--wild-max-new-tokens", "0"], "--wild-max-new-tokens must be >= 1"),
+])
+def test_cli_bad_wild_options_exit_2(tmp_path, capsys, extra, msg):
+    from shift_edit.cli import main
+
+    data = write(tmp_path, [rome_record(1)])
+    args = ["bench", "--alg", "FT" if "--sequential" in extra else "NONE", "--model", "smollm2-135m",
+            "--data", str(data), "--out", str(tmp_path / "o"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing written, no model loaded

@@ -162,6 +162,8 @@ def test_single_edit_runs_write_the_family(byte_tok, tmp_path):
                 cfg=BenchConfig(alg="NONE", hparams=None, skip_generation=True, wild_max_new_tokens=6))
     assert base != run_off and all(m["wild"]["texts"]["rewrite"] for m in _metrics(base).values())
     assert "gen_neighborhood" not in summarize_run(base)["metrics"]  # neighborhood is opt-in
+    with pytest.raises(se.ShiftEditError, match="--wild-records must be >= 1, got 0"):
+        BenchConfig(alg="NONE", hparams=None, wild_records=0)
 
 
 def test_sequential_checkpoints_carry_the_family(byte_tok, tmp_path):

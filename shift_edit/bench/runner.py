@@ -57,7 +57,12 @@ PROTOCOL_VERSION = 1
 
 @dataclass
 class BenchConfig:
-    """What a benchmark run computes (all of it goes into ``params.json``)."""
+    """What a benchmark run computes (all of it goes into ``params.json``).
+
+    ``skip_wild`` / ``wild_max_new_tokens`` / ``wild_neighborhood`` / ``wild_records``: the WILD-style
+    free-generation family (:mod:`.wild`): off, greedy new tokens per prompt, neighborhood prompts too,
+    records per decoding batch.
+    """
 
     alg: str
     hparams: HyperParams | None
@@ -77,6 +82,12 @@ class BenchConfig:
     wild_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     wild_neighborhood: bool = False
     wild_records: int = 8
+
+    def __post_init__(self) -> None:
+        if self.wild_max_new_tokens < 1:
+            raise ShiftEditError(f"--wild-max-new-tokens must be >= 1, got {self.wild_max_new_tokens}")
+        if self.wild_records < 1:
+            raise ShiftEditError(f"--wild-records must be >= 1, got {self.wild_records}")
 
     def protocol(self) -> dict[str, Any]:
         out = {

@@ -47,7 +47,7 @@ PROTOCOL = ("WILD-style free generation (The Mirage of Model Editing, adapted): 
 
 def protocol(max_new_tokens: int, neighborhood: bool) -> str:
     """The family's protocol line for ``params.json`` (which prompt groups, how many tokens)."""
-    groups = "rewrite, paraphrase, rephrase" + (" and neighborhood" if neighborhood else "")
+    groups = "rewrite, paraphrase, rephrase and neighborhood" if neighborhood else "rewrite, paraphrase and rephrase"
     return PROTOCOL.format(n=max_new_tokens, groups=groups)
 
 

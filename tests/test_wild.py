@@ -193,7 +193,8 @@ def test_sequential_checkpoints_carry_the_family(byte_tok, tmp_path):
     rows = summarize_sequential(run_dir)
     assert "gen_efficacy" in rows[0]["metrics"] and "gen_paraphrase" in rows[1]["metrics"]
     assert [r["n_edits"] for r in curves([run_dir])] == [2, 3]
-    assert all("gen_efficacy" in r and "unedited_gen_paraphrase" in r for r in curves([run_dir]))
+    assert all("gen_efficacy" in r and "unedited_gen_paraphrase" in r and r["wild_s_per_record"] > 0
+               for r in curves([run_dir]))
 
 
 @pytest.mark.parametrize("extra, msg", [

@@ -101,6 +101,8 @@ def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             row["edits_per_s"] = c["speed"].get("edits_per_s")
             row["edit_s_total"] = c["speed"].get("edit_s_total")
             row["eval_s_per_record"] = c["speed"].get("eval_s_per_record")
+            if c["speed"].get("wild_s_per_record") is not None:  # free generation (gen_*), when measured
+                row["wild_s_per_record"] = c["speed"]["wild_s_per_record"]
             row["peak_rss_mb"] = c["memory"].get("peak_rss_mb")
             norms = c.get("norms") or {}
             row["max_rel_delta_fro"] = max((v["delta_fro"] / v["base_fro"] for v in norms.values()), default=None)

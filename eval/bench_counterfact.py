@@ -46,7 +46,7 @@ def main() -> int:
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cases = load_counterfact(data, limit=args.records)
     cfg = BenchConfig(alg="SHIFT", hparams=se.load_hparams(args.hparams), skip_generation=not args.generation,
-                      gen_records=args.gen_records)
+                      gen_records=args.gen_records, skip_wild=True)  # WILD cost: eval/bench_wild_cost.py
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         run_bench(model, tok, cases, cfg, out, data_info={"path": str(data), "sha256": file_sha256(data)},

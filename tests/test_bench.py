@@ -308,7 +308,8 @@ HP = dict(layers=[1], eta=2.0, skip_if_predicted=False)
 
 
 def _cfg(**kw):
-    return BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, **kw)
+    """No generation of either family: each record its own group (resume and sharding by record)."""
+    return BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, skip_wild=True, **kw)
 
 
 def _run(model, tok, path, out, **kw):
@@ -578,6 +579,25 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
         assert c["metrics"]["rome"]["rewrite_success"] == float(nll["target_new"] < nll["target_true"])
         assert len(c["metrics"]["nll"]["neighborhood"]) == 10 and len(c["metrics"]["nll"]["paraphrase"]) == 2
     assert sum(c["metrics"]["rome"]["rewrite_success"] for c in cases) >= 2
+    # WILD-style family (on by default): the stored rewrite continuation is what transformers' own greedy
+    # generate says on the edited model (20 new tokens), and the stored success follows from the texts
+    from shift_edit.bench.wild import appears_first
+
+    c = cases[0]
+    req = c["request"]
+    res = se.edit(model, tok, req, hp)
+    try:
+        ids = tok(req["prompt"].format(req["subject"]), return_tensors="pt").input_ids
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    finally:
+        res.undo()
+    assert c["metrics"]["wild"]["texts"]["rewrite"] == [tok.decode(ref, skip_special_tokens=True)]
+    for c in cases:
+        w = c["metrics"]["wild"]
+        assert len(w["texts"]["paraphrase"]) == 2 and w["paraphrase_success"] in (0.0, 0.5, 1.0)
+        new, true = c["request"]["target_new"], c["request"]["target_true"]
+        assert w["rewrite_success"] == float(appears_first(w["texts"]["rewrite"][0], new, true))
     assert se.io.model_fingerprint(model) == fp
 
 

@@ -308,7 +308,9 @@ def _rec(i):
 def _bench(tmp_path, byte_tok, out, hp=None, **cfg):
     path = tmp_path / "cf.json"
     path.write_text(json.dumps([_rec(i) for i in range(3)]))
-    config = BenchConfig(alg="SHIFT", hparams=hp or se.ShiftHyperParams(**OK), skip_generation=True, **cfg)
+    # no generation of either family: each record is its own group (claimed and resumed by record)
+    config = BenchConfig(alg="SHIFT", hparams=hp or se.ShiftHyperParams(**OK), skip_generation=True,
+                         **{"skip_wild": True, **cfg})
     return run_bench(tiny_model("llama"), byte_tok, bdata.load_counterfact(path), config, out,
                      data_info={"path": str(path), "sha256": bdata.file_sha256(path)}, model_name="tiny-llama",
                      progress=False, rank=0, world_size=1)
@@ -353,7 +355,8 @@ def test_two_identical_bench_commands_split_the_cases(tmp_path, byte_tok):
     hp = tmp_path / "hp.yaml"
     hp.write_text("alg_name: SHIFT\nlayers: [1]\neta: 0.05\nskip_if_predicted: false\n")
     args = [sys.executable, "-m", "shift_edit", "-v", "bench", "--alg", "SHIFT", "--model", str(folder), "--hparams",
-            str(hp), "--data", str(data), "--skip-generation", "--no-progress", "--out", str(tmp_path / "out")]
+            str(hp), "--data", str(data), "--skip-generation", "--skip-wild", "--no-progress",
+            "--out", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]

@@ -47,7 +47,8 @@ def forward_time(model, tok, prompts: list[str]) -> float:
 
 
 def run_variant(model, tok, cases, hp, ppl_lines, proto, ppl_every: int, base_ppl: float) -> dict:
-    cfg = BenchConfig(alg=hp.ALG_NAME, hparams=hp, skip_generation=True, neighborhood_kl=True)
+    # teacher-forced families only (as when the sweep was run; no free generation)
+    cfg = BenchConfig(alg=hp.ALG_NAME, hparams=hp, skip_generation=True, neighborhood_kl=True, skip_wild=True)
     rows, ppls, passes, times = [], [], [], []
     state = RunState()
     for i, case in enumerate(cases):

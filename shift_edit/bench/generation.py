@@ -76,6 +76,12 @@ def generate_topk(
                                 top_k=top_k)[0]
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The KV cache's argument name: ``cache`` in current transformers, ``past_key_values`` before
+    (and deprecated since)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass
 class GenerationGroup:
     """One record's generation: its prompts, its sampling seed, and the edit to apply to its
@@ -151,8 +157,7 @@ def generate_topk_groups(
     out = [list(s) for s in seqs]
     past = None
     step_ids, step_pos = ids, pos
-    # the KV cache's name: `cache` in current transformers, `past_key_values` before (and deprecated since)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_keyword(model)
     with _row_deltas(model, groups, rows, len(seqs)):
         for _ in range(n_new):
             # the head runs at the last position only (the prompt step would otherwise make

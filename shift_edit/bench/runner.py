@@ -44,6 +44,8 @@ from .claims import claimed
 from .data import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
+from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, run_wild, wild_prompts
+from .wild import protocol as wild_protocol
 from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,12 @@ PROTOCOL_VERSION = 1
 
 @dataclass
 class BenchConfig:
-    """What a benchmark run computes (all of it goes into ``params.json``)."""
+    """What a benchmark run computes (all of it goes into ``params.json``).
+
+    ``skip_wild`` / ``wild_max_new_tokens`` / ``wild_neighborhood`` / ``wild_records``: the WILD-style
+    free-generation family (:mod:`.wild`): off, greedy new tokens per prompt, neighborhood prompts too,
+    records per decoding batch.
+    """
 
     alg: str
     hparams: HyperParams | None
@@ -71,9 +78,19 @@ class BenchConfig:
     batch_size: int = 64
     neighborhood_kl: bool = True
     num_edits: int = 1
+    skip_wild: bool = False
+    wild_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    wild_neighborhood: bool = False
+    wild_records: int = 8
+
+    def __post_init__(self) -> None:
+        if self.wild_max_new_tokens < 1:
+            raise ShiftEditError(f"--wild-max-new-tokens must be >= 1, got {self.wild_max_new_tokens}")
+        if self.wild_records < 1:
+            raise ShiftEditError(f"--wild-records must be >= 1, got {self.wild_records}")
 
     def protocol(self) -> dict[str, Any]:
-        return {
+        out = {
             "version": PROTOCOL_VERSION,
             "metric_families": {
                 "rome": "ES/PS/NS from mean token NLLs of target_new vs target_true (teacher forcing); "
@@ -99,6 +116,13 @@ class BenchConfig:
             "the batch evaluated on that model, then undone bit-exactly",
             "num_edits": self.num_edits,
         }
+        if not self.skip_wild:  # absent (not None) when off: runs made before the family existed still match
+            out["metric_families"]["wild"] = wild_protocol(self.wild_max_new_tokens, self.wild_neighborhood)
+            out["wild"] = {"max_new_tokens": self.wild_max_new_tokens, "neighborhood": self.wild_neighborhood,
+                           "records_per_decoding_batch": self.wild_records,
+                           "how": "after the undo, each record's edit is added to its own rows' module outputs by "
+                                  "hooks (as for the n-gram entropy), so several records share one decoding batch"}
+        return out
 
 
 def _lock(path: Path):
@@ -150,8 +174,11 @@ def finished(run_dir: Path, case_id: int | str) -> bool:
 def _batches_per_group(cfg: BenchConfig) -> int:
     """Batches per group: groups of batches whose generations share one decoding batch; a group is always
     the same records (fixed by position), so resumed and sharded runs generate exactly what a whole run
-    does (with --gen-every K, a group spans K times as many records, about gen_records of them generating)."""
-    return 1 if cfg.skip_generation else max(1, cfg.gen_records * max(1, cfg.gen_every) // cfg.num_edits)
+    does (with --gen-every K, a group spans K times as many records, about gen_records of them generating; the
+    WILD-style generations likewise batch wild_records records, and a group spans the larger of the two)."""
+    spans = ([] if cfg.skip_generation else [cfg.gen_records * max(1, cfg.gen_every)]) + \
+        ([] if cfg.skip_wild else [cfg.wild_records])  # the WILD-style generations batch wild_records records
+    return max(1, max(spans, default=1) // cfg.num_edits)
 
 
 def n_shares(n_cases: int, cfg: BenchConfig) -> int:
@@ -265,13 +292,13 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
 def evaluate_batch(
     model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
     ppl_lines: Sequence[str] | None, state: RunState | None = None,
-    deferred: list[tuple[dict, GenerationGroup]] | None = None,
+    deferred: list[tuple[dict, GenerationGroup | WildJob]] | None = None,
 ) -> list[dict[str, Any]]:
     """Apply the requests of ``cases`` at once (none for NONE), measure every record, undo.
 
-    Generation runs after the undo with the edit added to the generating rows by hooks; with
-    ``deferred`` (a list) it is not run but queued there, for :func:`fill_generations` to batch
-    several records' generations into one decoding batch.
+    Generation (n-gram entropy, and the WILD-style family) runs after the undo with the edit added
+    to the generating rows by hooks; with ``deferred`` (a list) it is not run but queued there, for
+    :func:`fill_generations` to batch several records' generations into one decoding batch.
 
     Before the edit, one pass of the unedited model per record records the input of the edited
     block and the neighborhood distributions (the KL reference); after the edit only the blocks
@@ -287,7 +314,7 @@ def evaluate_batch(
     t_prepare = time.perf_counter() - t0
     result, t_edit, refused = None, 0.0, None
     records: list[dict[str, Any]] = []
-    gen_requests: list[tuple[int, GenerationGroup]] = []
+    gen_requests: list[tuple[int, GenerationGroup | WildJob]] = []
     try:
         if edited:
             te = time.perf_counter()
@@ -319,6 +346,9 @@ def evaluate_batch(
                 gen_requests.append((len(records), GenerationGroup(
                     list(prep.case.generation_prompts), cfg.seed * 1_000_003 + _stable_int(prep.case.case_id),
                     list(result.deltas) if result is not None else [])))
+            if not cfg.skip_wild:
+                gen_requests.append((len(records), WildJob(wild_prompts(prep.case, neighborhood=cfg.wild_neighborhood),
+                                                           list(result.deltas) if result is not None else [])))
             records.append({
                 "case_id": prep.case.case_id,
                 "position": prep.position,
@@ -345,9 +375,17 @@ def generates(cfg: BenchConfig, position: int) -> bool:
     return not cfg.skip_generation and position % max(1, cfg.gen_every) == 0
 
 
-def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, GenerationGroup]], cfg: BenchConfig) -> None:
+def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, GenerationGroup | WildJob]],
+                     cfg: BenchConfig) -> None:
     """Generate for several records in one decoding batch (their edits added per row) and store
-    the n-gram entropy and texts in each record's metrics."""
+    the n-gram entropy and texts (``generation``) and the WILD-style metrics and texts (``wild``)
+    in each record's metrics."""
+    wild = [(rec, j) for rec, j in pending if isinstance(j, WildJob)]
+    for (rec, _), (m, dt) in zip(wild, run_wild(model, tok, [j for _, j in wild], max_new_tokens=cfg.wild_max_new_tokens,
+                                                records_per_batch=cfg.wild_records)):
+        rec["metrics"]["wild"] = m
+        rec["time_s"]["wild"] = dt
+    pending = [(rec, g) for rec, g in pending if isinstance(g, GenerationGroup)]
     k = max(1, cfg.gen_records)
     for start in range(0, len(pending), k):  # at most gen_records records per decoding batch (KV-cache memory)
         chunk = pending[start : start + k]
@@ -437,7 +475,7 @@ def run_bench(
                 if not mine or all(finished(run_dir, cid) for cid in ids):
                     bar.update(len(ids))
                     continue
-                deferred: list[tuple[dict, GenerationGroup]] = []
+                deferred: list[tuple[dict, GenerationGroup | WildJob]] = []
                 recs = [rec for batch in grp
                         for rec in evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i, _ in batch],
                                                   ppl_lines=ppl_lines, state=state, deferred=deferred)]

@@ -15,7 +15,8 @@ from ..plots import plot_ppl
 from .summarize import _hparams_tag
 
 #: curve columns: (column, where in a checkpoint, metric name)
-CURVE_METRICS = ("efficacy_top1", "ES", "paraphrase_top1", "PS", "rephrase_top1", "RS", "neighborhood_top1", "NS")
+CURVE_METRICS = ("efficacy_top1", "ES", "paraphrase_top1", "PS", "rephrase_top1", "RS", "neighborhood_top1", "NS",
+                 "gen_efficacy", "gen_paraphrase", "gen_rephrase", "gen_neighborhood")
 
 
 def is_sequential(run_dir: str | Path) -> bool:
@@ -101,6 +102,8 @@ def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             row["edits_per_s"] = c["speed"].get("edits_per_s")
             row["edit_s_total"] = c["speed"].get("edit_s_total")
             row["eval_s_per_record"] = c["speed"].get("eval_s_per_record")
+            if c["speed"].get("wild_s_per_record") is not None:  # free generation (gen_*), when measured
+                row["wild_s_per_record"] = c["speed"]["wild_s_per_record"]
             row["peak_rss_mb"] = c["memory"].get("peak_rss_mb")
             norms = c.get("norms") or {}
             row["max_rel_delta_fro"] = max((v["delta_fro"] / v["base_fro"] for v in norms.values()), default=None)
@@ -122,7 +125,8 @@ def curves_csv(rows: Sequence[dict]) -> str:
 
 
 def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
-    """retention.png (edits that still hold vs edits made, log x), neighborhood.png and perplexity.png."""
+    """retention.png (edits that still hold vs edits made, log x), neighborhood.png, perplexity.png and, when the
+    runs measured the WILD-style family, generation.png (free-generation success, dashed: unedited)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,6 +143,10 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
               ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
                "neighborhood (%), dashed: unedited on the same records"),
               ("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited")]
+    if any(r.get("gen_efficacy") is not None for r in rows):
+        panels.append(("generation.png", [("gen_efficacy", "WILD-style generation, rewrite prompt"),
+                                          ("gen_paraphrase", "WILD-style generation, paraphrases")],
+                       "new object said before the true one (%), dashed: unedited"))
     for name, metrics, ylabel in panels:
         fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
         for ax, (m, title) in zip(axes[0], metrics):

@@ -3,7 +3,8 @@
 Each batch of B requests is computed on the model as the earlier batches left it (any registered
 algorithm; those registered with ``uses_memory`` get the run's :class:`~shift_edit.memory.EditMemory`).
 At every checkpoint (``eval_at``, and T) all records edited so far are scored on the current model in
-both metric families (ROME probability comparisons, strict top-1); the neighborhood is always scored
+the metric families (ROME probability comparisons, strict top-1, and unless ``skip_wild`` the WILD-style
+free generation of :mod:`.wild`); the neighborhood is always scored
 against the record's TRUE object, never against the edited model. The same records are also scored
 on the unedited model — the edited matrices' original values are swapped in place for that pass and
 back, each record once — so every checkpoint has its unedited reference on the same records. WikiText
@@ -58,6 +59,8 @@ from ..requests import encode_prompt, encode_target
 from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
 from .metrics import _targets, case_prompts, metrics_from_scores
 from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
+from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, WildPrompts, run_wild, wild_prompts
+from .wild import protocol as wild_protocol
 from .summarize import stats
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,10 @@ RECORD_METRICS: list[tuple[str, tuple[str, str]]] = [
     ("neighborhood_top1", ("top1", "neighborhood_acc")),
     ("efficacy_top1_first_token", ("top1_first", "rewrite_acc")),
     ("neighborhood_top1_first_token", ("top1_first", "neighborhood_acc")),
+    ("gen_efficacy", ("wild", "rewrite_success")),
+    ("gen_paraphrase", ("wild", "paraphrase_success")),
+    ("gen_rephrase", ("wild", "rephrase_success")),
+    ("gen_neighborhood", ("wild", "neighborhood_success")),
 ]
 
 
@@ -96,6 +103,9 @@ class SequentialConfig:
         ppl_protocol / wikitext: perplexity at each checkpoint (``ppl=False``: none).
         batch_size: prompts per forward pass when scoring.
         save_every: save the resumable state at least every this many edits (and at checkpoints).
+        skip_wild / wild_max_new_tokens / wild_neighborhood / wild_records: the WILD-style free-generation
+            family (:mod:`.wild`) at each checkpoint: off, new tokens per prompt, neighborhood prompts too,
+            records per decoding batch.
     """
 
     alg: str
@@ -110,6 +120,10 @@ class SequentialConfig:
     wikitext: str | None = None
     batch_size: int = 64
     save_every: int = 50
+    skip_wild: bool = False
+    wild_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    wild_neighborhood: bool = False
+    wild_records: int = 8
 
     def __post_init__(self) -> None:
         if self.total < 1:
@@ -121,12 +135,16 @@ class SequentialConfig:
             raise ShiftEditError(f"--eval-at values must be between 1 and T={self.total}, got {bad}")
         if self.save_every < 1:
             raise ShiftEditError(f"--save-every must be >= 1, got {self.save_every}")
+        if self.wild_max_new_tokens < 1:
+            raise ShiftEditError(f"--wild-max-new-tokens must be >= 1, got {self.wild_max_new_tokens}")
+        if self.wild_records < 1:
+            raise ShiftEditError(f"--wild-records must be >= 1, got {self.wild_records}")
 
     def checkpoints(self) -> list[int]:
         return sorted({int(n) for n in self.eval_at} | {self.total})
 
     def protocol(self) -> dict[str, Any]:
-        return {
+        out = {
             "version": SEQ_PROTOCOL_VERSION,
             "sequential": {"T": self.total, "B": self.batch_edits, "eval_at": self.checkpoints(),
                            "shuffle_seed": self.shuffle_seed, "seed": self.seed,
@@ -145,6 +163,13 @@ class SequentialConfig:
             },
             "wikitext": self.wikitext if self.ppl else None,
         }
+        if not self.skip_wild:  # absent (not None) when off: runs made before the family existed still match
+            out["metric_families"]["wild"] = wild_protocol(self.wild_max_new_tokens, self.wild_neighborhood)
+            out["wild"] = {"max_new_tokens": self.wild_max_new_tokens, "neighborhood": self.wild_neighborhood,
+                           "records_per_decoding_batch": self.wild_records,
+                           "how": "at each checkpoint on every record edited so far, on the current model and (each "
+                                  "record once) on the unedited weights"}
+        return out
 
 
 def order_cases(cases: Sequence[CounterFactCase], total: int, shuffle_seed: int | None) -> list[CounterFactCase]:
@@ -383,6 +408,7 @@ def run_sequential(
         if cfg.ppl and st.unedited_ppl is None:
             st.unedited_ppl = perplexity(model, tok, ppl_lines, cfg.ppl_protocol)
         scorers = [_tokenise(tok, c) for c in order]  # tokenised once
+        wild = None if cfg.skip_wild else [wild_prompts(c, neighborhood=cfg.wild_neighborhood) for c in order]
         batches = [order[b : b + cfg.batch_edits] for b in range(0, len(order), cfg.batch_edits)]
         pending = [n for n in cfg.checkpoints() if n > st.n_edits or not (ckpt_dir / f"ckpt_{n}.json").is_file()]
         since_save = 0
@@ -418,7 +444,7 @@ def run_sequential(
                         since_save = 0
                     continue
                 n = pending.pop(0)
-                ck = _checkpoint(model, tok, order, scorers, st, originals, cfg, ppl_lines, memory)
+                ck = _checkpoint(model, tok, order, scorers, st, originals, cfg, ppl_lines, memory, wild)
                 ck["checkpoint"] = n
                 atomic_write_json(ckpt_dir / f"ckpt_{n}.json", ck)
                 st.checkpoints = [c for c in st.checkpoints if c["checkpoint"] != n] + [
@@ -451,17 +477,38 @@ def _choose_seq_dir(out: Path, alg: str, match: dict[str, Any], params: dict[str
         return run
 
 
-def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: SequentialConfig, ppl_lines, memory) -> dict:
-    """Score every record edited so far on the current model, and the new ones on the unedited weights."""
+def _wild(model, tok, specs: Sequence[WildPrompts], values: list[dict[str, float]], cfg: SequentialConfig
+          ) -> list[dict[str, list[str]]]:
+    """Add the WILD-style values of each record (``specs`` and ``values`` in step) to ``values``;
+    returns each record's continuations per prompt group."""
+    out = run_wild(model, tok, [WildJob(s) for s in specs], max_new_tokens=cfg.wild_max_new_tokens,
+                   records_per_batch=cfg.wild_records)
+    for v, (m, _) in zip(values, out):
+        v.update(_record_values({"wild": m}))
+    return [m["texts"] for m, _ in out]
+
+
+def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: SequentialConfig, ppl_lines, memory,
+                wild: Sequence[WildPrompts] | None = None) -> dict:
+    """Score every record edited so far on the current model, and the new ones on the unedited weights
+    (with ``wild``, each record's WILD-style prompts: free generation too)."""
     n = st.n_edits
     t0 = time.perf_counter()
     edited = _score(model, tok, scorers[:n], cfg.batch_size)
     t_eval = time.perf_counter() - t0
+    texts, t_wild = None, None
+    if wild is not None:
+        t0 = time.perf_counter()
+        texts = _wild(model, tok, wild[:n], edited, cfg)
+        t_wild = time.perf_counter() - t0
     ppl = perplexity(model, tok, ppl_lines, cfg.ppl_protocol) if cfg.ppl else None
     if len(st.unedited) < n:
         current = _swap(model, originals)
         try:
-            st.unedited.extend(_score(model, tok, scorers[len(st.unedited) : n], cfg.batch_size))
+            fresh = _score(model, tok, scorers[len(st.unedited) : n], cfg.batch_size)
+            if wild is not None:
+                _wild(model, tok, wild[len(st.unedited) : n], fresh, cfg)
+            st.unedited.extend(fresh)
         finally:
             _swap(model, current)
     edit_times = [b["edit_s"] for b in st.batches]
@@ -482,9 +529,11 @@ def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: Sequenti
             "edit_s_last_batch": edit_times[-1] if edit_times else None,
             "eval_s": t_eval,
             "eval_s_per_record": t_eval / max(1, n),
+            **({"wild_s": t_wild, "wild_s_per_record": t_wild / max(1, n)} if t_wild is not None else {}),
         },
         "memory": _rss_mb(),
-        "records": [{"case_id": c.case_id, "edited_at": i, **v, **({"refused": True} if i in refused_at else {})}
+        "records": [{"case_id": c.case_id, "edited_at": i, **v, **({"refused": True} if i in refused_at else {}),
+                     **({"wild_texts": texts[i]} if texts is not None else {})}
                     for i, (c, v) in enumerate(zip(order, edited))],
         **({"refused_edits": len(refused_at)} if refused_at else {}),  # requests the edit guard refused: never applied
     }

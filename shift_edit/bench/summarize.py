@@ -35,6 +35,11 @@ METRICS: list[tuple[str, tuple[str, ...], float]] = [
     ("efficacy_top1_first_token", ("top1_first", "rewrite_acc"), 100.0),
     ("paraphrase_top1_first_token", ("top1_first", "paraphrase_acc"), 100.0),
     ("neighborhood_top1_first_token", ("top1_first", "neighborhood_acc"), 100.0),
+    # WILD-style free generation (bench/wild.py): the wanted object said before the competing one
+    ("gen_efficacy", ("wild", "rewrite_success"), 100.0),
+    ("gen_paraphrase", ("wild", "paraphrase_success"), 100.0),
+    ("gen_rephrase", ("wild", "rephrase_success"), 100.0),
+    ("gen_neighborhood", ("wild", "neighborhood_success"), 100.0),
     ("neighborhood_kl", ("neighborhood_kl", "mean"), 1.0),
     ("ngram_entropy", ("generation", "ngram_entropy"), 100.0),
     ("wikitext_ppl", ("perplexity", "value"), 1.0),
@@ -209,6 +214,9 @@ def to_markdown(rows: Sequence[dict]) -> str:
                  "S = harmonic mean of ES, PS, NS; ee_* = EasyEdit token accuracy (post-edit, from EasyEdit result files; "
                  "fluency = n-gram entropy); edit_time_median_s = median wall time of edit() over edited records; "
                  "cells: mean ± 95% CI (normal approx.), x100 except KL, ppl and time.")
+    if any(c.startswith("gen_") for c in cols):  # (a sentence only where the family is shown: older tables unchanged)
+        lines[-1] += (" gen_* = WILD-style free generation: the greedy continuation of the prompt says the new object "
+                      "before the true one (gen_neighborhood: the true object before the new one).")
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +238,7 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1"]
+    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy", "gen_paraphrase"]
     cols = [c for c in (metrics or default) if any(c in r["metrics"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 4 + 0.18 * ((len(rows) + 1) // 2)))
     width = 0.8 / max(1, len(rows))

@@ -13,6 +13,7 @@ from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_
 from ..bench.wikitext import PerplexityProtocol
 from ..bench.runner import BenchConfig, n_shares, run_bench, shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
+from ..bench.wild import DEFAULT_MAX_NEW_TOKENS
 from ..data import find_data
 from ..errors import ShiftEditError
 from ..loading import check_model_name
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-every", type=int, default=1, metavar="K",
                    help="generate (n-gram entropy) for every K-th record only (default 1: all; the summary's "
                         "ngram_entropy n says how many)")
+    add_wild_arguments(p)
     p.add_argument("--ppl-every", type=int, default=0, metavar="K", help="WikiText perplexity after every K-th edit (0: never)")
     p.add_argument("--ppl-protocol", choices=["paper", "standard"], default="paper", help="perplexity protocol (default paper)")
     p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: wikitext from $SHIFT_EDIT_DATA or the user cache, see `shift-edit data`, else datasets)")
@@ -57,6 +59,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shares of records (a larger N is lowered, with a warning)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sequential_arguments(p)
+
+
+def add_wild_arguments(p: argparse.ArgumentParser) -> None:
+    """The WILD-style free-generation family (shift_edit.bench.wild), single-edit and --sequential runs."""
+    g = p.add_argument_group("WILD-style free generation (columns gen_efficacy, gen_paraphrase, gen_rephrase, "
+                             "gen_neighborhood)")
+    g.add_argument("--skip-wild", action="store_true",
+                   help="no free-generation metric (greedy continuation says the new object before the true one)")
+    g.add_argument("--wild-max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help=f"greedy new tokens per prompt (default {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--wild-neighborhood", action="store_true",
+                   help="also decode the neighborhood prompts (gen_neighborhood: the true object said before the new "
+                        "one); about 4x the decoding of rewrite + paraphrase prompts")
+    g.add_argument("--wild-records", type=int, default=8, metavar="K",
+                   help="records per greedy decoding batch (default 8)")
+
+
+def wild_options(args: argparse.Namespace) -> dict:
+    """The BenchConfig / SequentialConfig fields of the WILD-style family."""
+    return {"skip_wild": args.skip_wild, "wild_max_new_tokens": args.wild_max_new_tokens,
+            "wild_neighborhood": args.wild_neighborhood, "wild_records": args.wild_records}
 
 
 def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,7 +127,8 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
                            eval_at=_parse_eval_at(args.eval_at), seed=args.seed, shuffle_seed=args.shuffle_seed,
                            ppl=args.ppl_lines > 0,
                            ppl_protocol=PerplexityProtocol(name="paper", n_lines=max(1, args.ppl_lines)),
-                           wikitext=wikitext, batch_size=args.batch_size, save_every=args.save_every)
+                           wikitext=wikitext, batch_size=args.batch_size, save_every=args.save_every,
+                           **wild_options(args))
     order_cases(cases, cfg.total, cfg.shuffle_seed)  # T larger than the selection: one line, before loading
     model, tok = load_from_args(args)
     run_dir = run_sequential(model, tok, cases, cfg, args.out,
@@ -124,7 +148,8 @@ def default_wikitext() -> str | None:
 def run(args: argparse.Namespace) -> int:
     for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0),
                         ("--procs", args.procs, 1), ("--num-edits", args.num_edits, 1),
-                        ("--gen-records", args.gen_records, 1), ("--gen-every", args.gen_every, 1)):
+                        ("--gen-records", args.gen_records, 1), ("--gen-every", args.gen_every, 1),
+                        ("--wild-max-new-tokens", args.wild_max_new_tokens, 1), ("--wild-records", args.wild_records, 1)):
         if v < lo:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
@@ -155,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
                       wikitext=wikitext, batch_size=args.batch_size,
                       neighborhood_kl=not args.no_kl, num_edits=args.num_edits, gen_records=args.gen_records,
-                      gen_every=args.gen_every)
+                      gen_every=args.gen_every, **wild_options(args))
     rank, world = shard_env()
     if args.procs > 1 and world == 1:
         procs = clamp_procs(args.procs, n_shares(len(cases), cfg))

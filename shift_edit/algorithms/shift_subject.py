@@ -1,0 +1,346 @@
+"""SHIFT_SUBJECT: a fact written into one FF neuron keyed on the subject, so that paraphrases reach it.
+
+SHIFT_NEURON keys its neuron on the last prompt token: the neuron fires on that wording only (a prompt
+cache). SHIFT_SUBJECT keys it where ROME reads its key: the subject's last token, in a middle layer. A
+causal model's representation there depends on the subject and the text before it, never on the wording of
+the relation after it, so a paraphrase produces nearly the same key and fires the same neuron; the neuron's
+value is a residual-stream vector that attention carries from the subject to the prompt's end.
+
+For a request at layer ``L`` (one neuron per request, whatever the target's length):
+
+1. **Keys** (one batched forward pass): the MLP input ``h`` at the subject's last token of the prompt behind
+   ROME's context templates (``"{}"``, and a few short texts the model generated, ``context_template_length_params``),
+   and of the template filled with other subjects (``n_contrast``), at every listed layer.
+2. **Gate** (SHIFT_NEURON's closed form, :func:`~shift_edit.algorithms.shift_neuron.gate_key`): a key ``g`` with
+   ``gᵀ(h_c - μ) = 1`` at every context ``c`` and least variance on generic text, on the other subjects and on
+   earlier edits' keys (the :class:`~shift_edit.memory.EditMemory`), so the neuron's pre-activation is
+   ``α(1 - β)`` at the subject and ``-αβ ± spread`` elsewhere, where the activation function gives about 0.
+   ``max_generic_fires`` refuses a neuron that would fire on too many tokens of a generic sample.
+3. **Value** (ROME's v*, :func:`~shift_edit.algorithms.rome.optimise_delta`, with few steps): δ added to FF2's
+   output at the subject's last token of every context, fitted by ``v_num_grad_steps`` Adam steps on the
+   target's NLL (plus ROME's KL and weight-decay terms); each step re-runs blocks ``L..`` only.
+4. **Neuron**: the layer's cheapest free neuron (SHIFT_NEURON's choice) gets FF1 row(s) from the gate and the FF2
+   column ``δ / a``, ``a`` its activation at the prompt's subject. One more forward pass with the neuron in place
+   (hooks, weights untouched) checks the request's strict top-1 and records the edited model's MLP inputs at the
+   subject for later edits' keys.
+
+Several ``layers``: a request goes to the first listed layer with room (``neurons_per_layer``, counted in the
+memory), and ``try_layers`` lets a refused request (generic screen, or top-1 not reached with
+``if_unreached: skip``) try the next ones. Model calls per edited request and layer tried: 1 key pass (shared by
+every layer), 1 + ``v_num_grad_steps`` for the value (each step a forward and a backward pass over blocks
+``L..``), 1 check; ``1 + steps`` backward passes in all per layer tried... see :attr:`ShiftSubjectHyperParams.passes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..deltas import WeightDelta
+from ..editing import apply_algo_to_model
+from ..errors import ShiftEditError
+from ..hooks import capture_inputs, owned_hooks
+from ..memory import EditMemory
+from ..registry import Computed, register
+from ..requests import EditRequest, encode_target
+from ..scoring import pad_batch, pad_id_of
+from .common import adapter_for
+from .rome import LocateEditHyperParams, context_templates, encode_with_fact_index, prompt_template
+from .subject_value import fit_value, prepare
+from .shift_neuron import (_canonical, _earlier_keys, _fires_on, _free_neurons, _ff1_hooks, _Gate, _Generic,
+                           _generic, _memory_used, _mlp, _Mlp, _negatives, _Neuron, _one_hot, _SilentPool, gate_key,
+                           neuron_key)
+from .shift_plus import CONTRAST_SUBJECTS, _margins
+from ..architectures import weight_layout
+
+log = logging.getLogger(__name__)
+
+_ACTIVE_ROUNDS = 3
+
+
+@dataclasses.dataclass(kw_only=True)
+class ShiftSubjectHyperParams(LocateEditHyperParams):
+    """Hparams of SHIFT_SUBJECT.
+
+    Attributes:
+        layers: the layers whose neurons may be rewritten (filled in this order, ``neurons_per_layer`` each).
+        neurons_per_layer: how many neurons of a layer may be rewritten before the next listed layer is used.
+        try_layers: how many of the listed layers with room a request may try when refused at one.
+        threshold / sharpness / activation / ridge: the gate (as SHIFT_NEURON's): generic mean at ``-β`` on the
+            key's scale, the subject at ``1 - β``; FF1 row ``α g``; activation ``activation`` at the subject
+            (gated MLPs); relative ridge on the generic covariance.
+        n_contrast / contrast_weight: other subjects that fill the template; the neuron is kept silent on them
+            (weight in units of generic tokens).
+        memory_weight: weight of each earlier edit's subject key (kept silent too).
+        negatives / negative_weight / negative_reach / max_generic_fires: the generic sample (as SHIFT_NEURON's).
+        if_unreached: ``apply`` or ``skip`` a request whose prompt is not strict top-1 with the neuron in place.
+        fact_token / v_* / clamp_norm_factor / kl_factor / loss_stop / context_*: the value's optimisation and its
+            contexts (ROME's fields and meaning; ``fact_token`` must be a subject token).
+        mom2_*: the MLP-input statistics (SHIFT_NEURON's cache, ``site="ff1"``).
+    """
+
+    ALG_NAME = "SHIFT_SUBJECT"
+
+    neurons_per_layer: int = 400
+    try_layers: int = 1
+    threshold: float = 0.5
+    sharpness: float = 25.0
+    min_spreads: float | None = None
+    max_threshold: float = 0.95
+    activation: float = 8.0
+    n_contrast: int = 16
+    contrast_weight: float = 1000.0
+    memory_weight: float = 1000.0
+    negatives: int = 0
+    negative_weight: float = 1000.0
+    negative_reach: float = 0.5
+    max_generic_fires: int | None = None
+    ridge: float = 0.01
+    if_unreached: Literal["apply", "skip"] = "apply"
+    v_num_grad_steps: int = 6
+    v_lr: float = 1.0
+    context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[5, 5]])
+    mom2_n_tokens: int = 50_000
+    mom2_max_length: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fact_token == "last":
+            self._fail("fact_token", self.fact_token, "use subject_last or subject_first (SHIFT_NEURON keys on the "
+                                                      "last token)")
+        if not (math.isfinite(self.threshold) and 0 <= self.threshold < 1):
+            self._fail("threshold", self.threshold, "it must be in [0, 1)")
+        self._require_finite("sharpness", "activation", positive=True)
+        self._require_finite("contrast_weight", "memory_weight", "negative_weight", "ridge")
+        if self.negatives < 0:
+            self._fail("negatives", self.negatives, "it must be >= 0")
+        if self.max_generic_fires is not None and (self.max_generic_fires < 0 or not self.negatives):
+            self._fail("max_generic_fires", self.max_generic_fires, "it must be >= 0, with negatives > 0")
+        if self.n_contrast < 0:
+            self._fail("n_contrast", self.n_contrast, "it must be >= 0")
+        if self.neurons_per_layer < 1:
+            self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
+        if not 1 <= self.try_layers <= len(self.layers):
+            self._fail("try_layers", self.try_layers, f"it must be in [1, {len(self.layers)}] (the listed layers)")
+
+    @property
+    def passes(self) -> dict[str, int]:
+        """Most model calls per edited request at its first layer: forward passes (key pass, the value's first
+        pass and its steps, the check) and backward passes (the value's steps)."""
+        return {"forward": 3 + self.v_num_grad_steps, "backward": self.v_num_grad_steps}
+
+
+@torch.no_grad()
+def _contrast_keys(model: nn.Module, tok, req: EditRequest, in_names: Sequence[str], top: str,
+                   hp: ShiftSubjectHyperParams) -> dict[str, torch.Tensor]:
+    """MLP inputs (float64 ``[n_contrast, d]`` per FF1 name) at the fact token of the template filled with other
+    subjects; the pass stops after ``top`` (the highest listed layer's FF1)."""
+    ptmpl, subject = prompt_template(req), req.subject or ""
+    others = [s for s in CONTRAST_SUBJECTS if s.lower() != subject.lower()][: hp.n_contrast]
+    if not others:
+        return {}
+    seqs, idxs = zip(*(encode_with_fact_index(tok, ptmpl, other, hp.fact_token) for other in others))
+    ids, mask = pad_batch(list(seqs), pad_id_of(tok), next(model.parameters()).device)
+    with capture_inputs(model, list(in_names), stop_after=top) as cap:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    rows, pos = torch.arange(len(seqs)), torch.tensor(idxs)
+    return {name: x.reshape(len(seqs), ids.shape[1], -1)[rows, pos].double().cpu() for name, x in cap.inputs.items()}
+
+
+def _design(h_e: torch.Tensor, silent: torch.Tensor | None, j: int, mlp: _Mlp, gen: _Generic,
+            pool: _SilentPool | None, hp: ShiftSubjectHyperParams) -> tuple[list[torch.Tensor], _Gate]:
+    """Neuron ``j``'s new FF1 row(s): the gate (firing at every context's subject key ``h_e``, silent on the
+    ``silent`` keys, generic text and, via ``pool``, earlier edits' keys it would nearly fire on) and, for gated
+    MLPs, an up row with ``u·h = 1`` at every context."""
+    silent = silent if silent is not None else h_e[:0]
+    weights = torch.full((len(silent),), hp.contrast_weight, dtype=torch.float64)
+    bias = _bias(mlp, j)
+    gate = gate_key(gen.sigma_inv, gen.sigma, gen.mu, h_e, silent if len(silent) else None, weights, bias, hp)
+    active = torch.zeros(0, dtype=torch.long)
+    for _round in range(_ACTIVE_ROUNDS if pool is not None else 0):
+        new = pool.risky(gate, active)
+        if not len(new):
+            break
+        active = torch.cat([active, new])
+        gate = gate_key(gen.sigma_inv, gen.sigma, gen.mu, h_e, torch.cat([silent, pool.keys[active]]),
+                        torch.cat([weights, pool.weights[active]]), bias, hp)
+    rows = [(gate.sharpness * gate.g).float()]
+    if mlp.kind != "plain":
+        rows.append(neuron_key(gen.sigma_inv, gen.mu, h_e, None, 0.0, 0.0, 1.0).float())
+    return rows, gate
+
+
+def _bias(mlp: _Mlp, j: int) -> float:
+    module, _name, r = mlp.row(0, j)
+    bias = getattr(module, "bias", None)
+    return float(bias.detach()[r]) if bias is not None else 0.0
+
+
+def _check(model: nn.Module, tok, req: EditRequest, target: list[int], mlp: _Mlp, neuron: _Neuron,
+           delta: torch.Tensor, fact: int, in_names: dict[int, str]
+           ) -> tuple[bool, float, dict[str, torch.Tensor]]:
+    """One forward pass of the bare prompt (teacher-forced) with the neuron in place (FF1 rows by hooks, FF2 column
+    ``delta / a`` with ``a`` its activation at the subject): strict top-1 of the target, ``a``, and the MLP inputs
+    of every listed layer at the subject token as the edited model computes them."""
+    ids_list, _idx = encode_with_fact_index(tok, prompt_template(req), req.subject or "", "last")
+    n = len(ids_list)
+    seq = ids_list + target[:-1]
+    device = next(model.parameters()).device
+    ids = torch.tensor([seq], device=device)
+    fired: dict[str, float] = {}
+
+    def ff2_hook(_m, args, out):
+        x = args[0]
+        a = x.reshape(-1, x.shape[-1])[:, neuron.j].float()  # [seq]
+        fired["a"] = float(a[fact])
+        col = delta.to(x.device) / max(fired["a"], 1e-6)
+        add = a[:, None] * (col - neuron.old_col.to(x.device))[None]
+        return out + add.reshape(out.shape).to(out.dtype)
+
+    with owned_hooks() as hooks, capture_inputs(model, list(in_names.values())) as cap:
+        _ff1_hooks(hooks, mlp, [neuron])
+        hooks.forward_hook(mlp.ff2, ff2_hook)
+        logits = model(input_ids=ids, use_cache=False).logits
+    pred = logits[0, n - 1: n - 1 + len(target)].argmax(-1).cpu()
+    after = {name: x.reshape(1, len(seq), -1)[0, fact].float().cpu()[None] for name, x in cap.inputs.items()}
+    return bool((pred == torch.tensor(target)).all()), fired.get("a", 0.0), after
+
+
+def _deltas(mlp: _Mlp, layer: int, j: int, rows: list[torch.Tensor], col: torch.Tensor, act: float,
+            hp: ShiftSubjectHyperParams) -> list[WeightDelta]:
+    """Rank-one deltas writing neuron ``j``: FF1 row(s) (the up row scaled to ``activation`` at the subject) and
+    FF2 column ``col`` (the value per unit of activation)."""
+    out = []
+    rows = list(rows)
+    final = act
+    if mlp.kind != "plain":
+        rows[1] = rows[1] * (hp.activation / act)
+        final = hp.activation
+    for slot, row in enumerate(rows):
+        module, name, r = mlp.row(slot, j)
+        weight = _canonical(module)
+        out.append(WeightDelta(name, weight_layout(module), left=_one_hot(weight.shape[0], r)[:, None],
+                               right=(row - weight[r].float().cpu())[None], layer=layer))
+    old = mlp.ff2_weight()[:, j].float().cpu()
+    new = col * (act / final)
+    out.append(WeightDelta(mlp.ff2_name, weight_layout(mlp.ff2), left=(new - old)[:, None],
+                           right=_one_hot(mlp.d_ff, j)[None], layer=layer))
+    return out
+
+
+def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hparams: ShiftSubjectHyperParams,
+                          *, memory: EditMemory | None = None) -> Computed:
+    """Deltas of SHIFT_SUBJECT, computed against ``model`` as it is (not modified)."""
+    hp = hparams
+    adapter = adapter_for(model, hp)
+    layers = list(dict.fromkeys(adapter.check_layer(x) for x in hp.layers))
+    mlps = {layer: _mlp(adapter, layer) for layer in layers}
+    dmat = adapter.decoding_matrix().detach().float().cpu()
+    dec_unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    taken = {layer: _memory_used(memory, mlps[layer]) for layer in layers}
+    in_names = {x: mlps[x].ff1[0][0] for x in layers}
+    templates = context_templates(model, tok, hp.context_template_length_params, hp.context_seed)
+
+    deltas: list[WeightDelta] = []
+    skipped: list[bool] = []
+    info: list[dict] = []
+    new_keys: dict[str, list[torch.Tensor]] = {}
+    ff2_names = [mlps[x].ff2_name for x in layers]
+    top = in_names[max(layers)]
+    for req in requests:
+        if not req.subject:
+            raise ShiftEditError(f"SHIFT_SUBJECT needs the request's subject (request {req.prompt!r})")
+        target = encode_target(tok, req.text, req.target_new)
+        prep = prepare(model, tok, adapter, req, target, templates, hp.fact_token, list(in_names.values()), ff2_names)
+        entry: dict = {"target_ids": target, "forward_passes": prep.passes, "backward_passes": 0}
+        info.append(entry)
+        if hp.skip_if_predicted and bool((prep.logits[0].argmax(-1) == torch.tensor(target)).all()):
+            skipped.append(True)
+            continue
+        skipped.append(False)
+        room = [x for x in layers if len(taken[x]) < hp.neurons_per_layer][: hp.try_layers]
+        if not room:
+            raise ShiftEditError(f"SHIFT_SUBJECT: layers {layers} hold {hp.neurons_per_layer} rewritten neurons "
+                                 "each already; add layers or raise neurons_per_layer")
+        contrast = _contrast_keys(model, tok, req, list(in_names.values()), top, hp) if hp.n_contrast else {}
+        entry["forward_passes"] += 1 if contrast else 0
+        entry["layers_tried"] = []
+        fact = keys_fact_index(tok, req, hp)
+        for layer in room:
+            entry["layers_tried"].append(layer)
+            mlp = mlps[layer]
+            gen = _Generic(*_generic(model, tok, adapter, layer, hp))
+            param_in = f"{in_names[layer]}.weight"
+            earlier = _earlier_keys(memory, new_keys, param_in) if hp.memory_weight > 0 else None
+            neg = _negatives(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
+            pool = _SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
+            w2 = mlp.ff2_weight().float().cpu()
+            j = _free_neurons(w2, layer, gen.act_m2 * (w2.double() ** 2).sum(0), 1, taken[layer], dec_unit)[0]
+            rows, gate = _design(prep.keys[in_names[layer]], contrast.get(in_names[layer]), j, mlp, gen, pool, hp)
+            fires = _fires_on(gate, neg) if neg is not None else None
+            entry.update({"layer": layer, "neuron": j, "spreads": round(gate.spreads, 2),
+                          **({"generic_fires": fires} if fires is not None else {})})
+            then = "trying the next layer" if layer != room[-1] else "request not applied"
+            if hp.max_generic_fires is not None and fires > hp.max_generic_fires:
+                log.warning("SHIFT_SUBJECT: the neuron for %r at layer %d would fire on %d of %d generic tokens "
+                            "(max_generic_fires %d); %s", req.text + req.target_new, layer, fires, len(neg),
+                            hp.max_generic_fires, then)
+                continue
+            value = fit_value(model, adapter, layer, prep, target, hp)
+            entry["forward_passes"] += value.forward_passes
+            entry["backward_passes"] += value.steps
+            entry.update({"value_norm": round(float(value.delta.norm()), 3), "value_loss": round(value.losses[-1], 4),
+                          "value_steps": value.steps})
+            neuron = _Neuron(j, fact, rows, value.delta, w2[:, j].clone())
+            with torch.no_grad():
+                ok, act, after = _check(model, tok, req, target, mlp, neuron, value.delta, fact, in_names)
+            entry["forward_passes"] += 1
+            entry.update({"top1": ok, "activation_at_edit": round(act, 4)})
+            if act <= 1e-6 or (not ok and hp.if_unreached == "skip"):
+                log.warning("SHIFT_SUBJECT: %r is not top-1 with the neuron at layer %d (activation %.3g); %s",
+                            req.text + req.target_new, layer, act, then)
+                continue
+            deltas += _deltas(mlp, layer, j, rows, value.delta.float().cpu() / act, act, hp)
+            final = hp.activation if mlp.kind != "plain" else act
+            new_keys.setdefault(mlp.ff2_param, []).append(_one_hot(mlp.d_ff, j) * final)
+            taken[layer].add(j)
+            for name in in_names.values():  # subject keys as the edited model computes them (above L they move)
+                new_keys.setdefault(f"{name}.weight", []).append(after[name][0])
+            break
+    mem_out = {param: torch.stack(k) for param, k in new_keys.items()}
+    return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
+
+
+def keys_fact_index(tok, req: EditRequest, hp: ShiftSubjectHyperParams) -> int:
+    """The fact token's index in the bare prompt."""
+    return encode_with_fact_index(tok, prompt_template(req), req.subject or "", hp.fact_token)[1]
+
+
+def prime_shift_subject(model: nn.Module, tok, hparams: ShiftSubjectHyperParams) -> None:
+    """Read (or compute) the statistics, the generic sample and the context templates from the model as it is."""
+    adapter = adapter_for(model, hparams)
+    layers = list(dict.fromkeys(adapter.check_layer(x) for x in hparams.layers))
+    for layer in layers:
+        _generic(model, tok, adapter, layer, hparams)
+    if hparams.negatives:
+        _negatives(model, tok, adapter, layers, hparams)
+    context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+
+
+register("SHIFT_SUBJECT", ShiftSubjectHyperParams, compute_shift_subject,
+         "a fact written into one FF neuron keyed on the subject's last token (SHIFT_NEURON's closed-form gate, "
+         "ROME's contexts), its value fitted by a few steps; paraphrases reach it", uses_memory=True,
+         prime=prime_shift_subject)
+
+
+def apply_shift_subject_to_model(model: nn.Module, tok, requests: Sequence, hparams: ShiftSubjectHyperParams,
+                                 copy: bool = False, return_orig_weights: bool = False
+                                 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """ROME's contract for SHIFT_SUBJECT (see :func:`shift_edit.edit` for undo and patches)."""
+    return apply_algo_to_model(model, tok, requests, hparams, copy, return_orig_weights)

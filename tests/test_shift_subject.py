@@ -1,0 +1,157 @@
+"""SHIFT_SUBJECT: the gate fires at the subject in every context and not on other subjects, the cached value fit
+equals the plain one, the stated forward/backward pass counts (counted by hooks), sequential edits keep earlier
+neurons, and on the embedded SmolLM2 a paraphrase with a new prefix and another relation wording reaches the edit
+(which SHIFT_NEURON's last-token key does not)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import tiny_hparams, tiny_model
+
+import shift_edit as se
+from shift_edit.algorithms import subject_value as sv
+from shift_edit.algorithms.rome import context_templates, encode_with_fact_index
+from shift_edit.algorithms.shift_subject import ShiftSubjectHyperParams, prime_shift_subject
+from shift_edit.architectures import ModelAdapter
+from shift_edit.errors import ShiftEditError
+from shift_edit.hooks import capture_inputs
+from shift_edit.memory import EditMemory
+from shift_edit.registry import get_algorithm
+from shift_edit.requests import encode_target, make_request
+
+FACT = {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}
+FACT2 = {"prompt": "{} works at", "subject": "Ann Lee", "target_new": " IBM"}
+
+
+def hp(corpus: str, **kw) -> ShiftSubjectHyperParams:
+    return tiny_hparams("SHIFT_SUBJECT", corpus, n_contrast=4, **kw)
+
+
+def test_registered_with_memory_and_prime():
+    alg = get_algorithm("SHIFT_SUBJECT")
+    assert alg.uses_memory and alg.hparams_class is ShiftSubjectHyperParams and alg.prime is prime_shift_subject
+
+
+@pytest.mark.parametrize("kw", [{"fact_token": "last"}, {"threshold": 1.0}, {"sharpness": 0.0}, {"try_layers": 2},
+                                {"neurons_per_layer": 0}, {"n_contrast": -1}, {"if_unreached": "retry"},
+                                {"v_num_grad_steps": 0}, {"max_generic_fires": 3}])
+def test_bad_hparams_are_refused(kw):
+    with pytest.raises(ShiftEditError):
+        ShiftSubjectHyperParams(layers=[1], **kw)
+
+
+def _activation(model, name: str, tok, template: str, subject: str, j: int) -> float:
+    ids, idx = encode_with_fact_index(tok, template, subject, "subject_last")
+    with torch.no_grad(), capture_inputs(model, [name]) as cap:
+        model(input_ids=torch.tensor([ids]))
+    return float(cap.inputs[name].reshape(len(ids), -1)[idx, j])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_neuron_fires_at_the_subject_in_every_context_and_not_on_other_subjects(arch, byte_tok, corpus):
+    model = tiny_model(arch)
+    h = hp(corpus)
+    res = se.edit(model, byte_tok, FACT, h, force=True)
+    info = res.info[0]
+    j, layer = info["neuron"], info["layer"]
+    ff2 = ModelAdapter(model).ff2_name(layer)
+    at_edit = info["activation_at_edit"]
+    want = h.activation if arch == "llama" else at_edit
+    for ctx in context_templates(model, byte_tok, h.context_template_length_params, h.context_seed):
+        got = _activation(model, ff2, byte_tok, ctx.replace("{}", FACT["prompt"]), FACT["subject"], j)
+        assert got == pytest.approx(want, rel=1e-3), ctx
+    for other in ("Paris", "Toyota", "Egypt"):  # among the contrastive subjects: kept silent
+        assert abs(_activation(model, ff2, byte_tok, FACT["prompt"], other, j)) < 0.05 * want
+    res.undo()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_cached_value_fit_equals_the_plain_one(arch, byte_tok, corpus):
+    """The steps over the columns after the fact token with a KV cache give the δ of steps over whole rows."""
+    model = tiny_model(arch)
+    h = hp(corpus)
+    adapter = ModelAdapter(model)
+    req = make_request(FACT)
+    target = encode_target(byte_tok, req.text, req.target_new)
+    templates = context_templates(model, byte_tok, h.context_template_length_params, h.context_seed)
+    names = ([adapter.ff1_names(1)[0]], [adapter.ff2_name(1)])
+    dev = torch.device("cpu")
+    cached = sv._prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names, cached=True,
+                         device=dev)
+    plain = sv._prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names, cached=False,
+                        device=dev)
+    assert cached.cache is not None and plain.cache is None and cached.rows.suffix.shape[1] < plain.rows.suffix.shape[1]
+    for a, b in zip(cached.logits, plain.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for name in cached.keys:
+        torch.testing.assert_close(cached.keys[name], plain.keys[name], rtol=1e-4, atol=1e-5)
+    d_cached = sv.fit_value(model, adapter, 1, cached, target, h)
+    d_plain = sv.fit_value(model, adapter, 1, plain, target, h)
+    assert d_cached.steps == d_plain.steps == h.v_num_grad_steps
+    torch.testing.assert_close(d_cached.delta, d_plain.delta, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_forward_and_backward_passes_are_counted_and_bounded(arch, byte_tok, corpus):
+    model = tiny_model(arch)
+    h = hp(corpus)
+    prime_shift_subject(model, byte_tok, h)  # statistics and contexts first: their passes are not the edit's
+    sv._CACHE_OK[model] = True  # the one-time cache check (a second preparation) is not counted here
+    forward, backward = [], []
+    handles = [model.register_forward_pre_hook(lambda *_: forward.append(1)),
+               model.get_output_embeddings().register_full_backward_hook(lambda *_: backward.append(1))]
+    try:
+        res = se.edit(model, byte_tok, FACT, h, force=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    info = res.info[0]
+    assert len(backward) == info["backward_passes"] == h.v_num_grad_steps == h.passes["backward"]
+    assert len(forward) == info["forward_passes"] <= h.passes["forward"] + 1  # + the prefix pass of the cache
+    res.undo()
+
+
+def test_sequential_edits_use_new_neurons_and_the_new_one_is_silent_on_the_earlier_subject(byte_tok, corpus):
+    model = tiny_model("llama")
+    h = hp(corpus)
+    memory = EditMemory()
+    first = se.edit(model, byte_tok, FACT, h, memory=memory, force=True)
+    second = se.edit(model, byte_tok, FACT2, h, memory=memory, force=True)
+    j1, j2 = first.info[0]["neuron"], second.info[0]["neuron"]
+    assert j1 != j2
+    ff2 = ModelAdapter(model).ff2_name(1)
+    assert abs(_activation(model, ff2, byte_tok, FACT["prompt"], FACT["subject"], j2)) < 0.05 * h.activation
+    assert _activation(model, ff2, byte_tok, FACT["prompt"], FACT["subject"], j1) == pytest.approx(h.activation, rel=1e-3)
+    second.undo()
+    first.undo()
+
+
+def test_a_request_without_subject_is_refused(byte_tok, corpus):
+    with pytest.raises(ShiftEditError, match="subject"):
+        se.edit(tiny_model("llama"), byte_tok, {"prompt": "Messi plays for", "target_new": " Rome"}, hp(corpus),
+                force=True)
+
+
+def _top1(model, tok, prompt: str) -> str:
+    ids = torch.tensor([tok(prompt).input_ids])
+    with torch.no_grad():
+        return tok.decode(int(model(input_ids=ids).logits[0, -1].argmax()))
+
+
+def test_smollm2_paraphrase_reaches_the_edit_and_other_subjects_keep_theirs(smollm2):
+    model, tok = smollm2
+    shipped = se.load_hparams(get_algorithm("SHIFT_SUBJECT").shipped_hparams("smollm2-135m"))
+    h = shipped.replace(mom2_n_tokens=4000)
+    fact = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome"}
+    paraphrase = "My friend sent me a postcard last week. The Eiffel Tower, a famous landmark, stands in the city of"
+    other = "The Brandenburg Gate is located in the city of"
+    before = _top1(model, tok, other)
+    assert _top1(model, tok, paraphrase) != " Rome"
+    res = se.edit(model, tok, fact, h)
+    try:
+        assert res.info[0]["top1"] and _top1(model, tok, fact["prompt"].format(fact["subject"])) == " Rome"
+        assert _top1(model, tok, paraphrase) == " Rome"
+        assert _top1(model, tok, other) == before
+    finally:
+        res.undo()

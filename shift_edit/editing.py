@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy as _copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -72,23 +73,44 @@ def edit(
             raise ShiftEditError(f"{exc} ({note}: pass hparams for this model)") from exc
         raise
     bound = None if force else getattr(hparams, "max_relative_norm", DEFAULT_MAX_RELATIVE_NORM)
-    orig, hashes = apply_deltas(model, computed.deltas, max_relative_norm=bound) if computed.deltas else ({}, {})
-    if computed.deltas and not force:
-        check_outputs(model, tok, [r.text for r in reqs], orig)
-    if memory is not None and computed.memory_keys:
-        memory.add(computed.memory_keys)
-    return EditResult(
-        model=model,
-        algorithm=alg.name,
-        hparams=hparams,
-        requests=reqs,
-        deltas=computed.deltas,
-        orig_weights=orig,
-        base_hashes=hashes,
-        skipped=computed.skipped,
-        info=computed.info,
-        tok=tok,
-    )
+    orig: dict[str, torch.Tensor] = {}
+    with all_or_nothing(model, orig, memory):  # weights, guard pass, memory, result: all or none
+        hashes = apply_deltas(model, computed.deltas, max_relative_norm=bound, orig=orig)[1] if computed.deltas else {}
+        if computed.deltas and not force:
+            check_outputs(model, tok, [r.text for r in reqs], orig)
+        if memory is not None and computed.memory_keys:
+            memory.add(computed.memory_keys)
+        result = EditResult(
+            model=model,
+            algorithm=alg.name,
+            hparams=hparams,
+            requests=reqs,
+            deltas=computed.deltas,
+            orig_weights=orig,
+            base_hashes=hashes,
+            skipped=computed.skipped,
+            info=computed.info,
+            tok=tok,
+        )
+    return result
+
+
+@contextlib.contextmanager
+def all_or_nothing(
+    model: nn.Module, orig: Mapping[str, torch.Tensor], memory: EditMemory | None = None
+) -> Iterator[None]:
+    """If the block raises anything (``KeyboardInterrupt`` and out-of-memory errors included),
+    copy ``orig`` back bit-exactly and put ``memory`` back as it was, then re-raise: applying the
+    weights (``apply_deltas(..., orig=orig)`` fills ``orig`` first), the guard pass, the memory
+    and the result happen whole or not at all."""
+    saved = memory.snapshot() if memory is not None else None
+    try:
+        yield
+    except BaseException:
+        restore_weights(model, orig)
+        if memory is not None:
+            memory.restore(saved)
+        raise
 
 
 def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch.Tensor]) -> None:

@@ -142,7 +142,14 @@ class EditResult:
         }
 
     def save_patch(self, path: str | Path) -> Path:
-        """Write the edit as a small patch file (see :mod:`shift_edit.patch`)."""
+        """Write the edit as a small patch file (see :mod:`shift_edit.patch`).
+
+        Raises:
+            ShiftEditError: the edit changed no weight (every request was skipped): no patch is written.
+        """
+        if not self.deltas:
+            raise ShiftEditError("this edit changed no weight (every request was skipped: its target was already "
+                                 "the top-1), so there is no patch to write")
         return save_patch(self, path)
 
 

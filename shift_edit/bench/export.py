@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import ShiftEditError
 from ..io import atomic_write_json, file_sha256
+from .data import case_file_stem
 from .summarize import read_cases
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str) -> list[Path]:
         log.warning("%s: cases written before per-prompt top-1 was recorded: no *_prompts_correct lists", run_dir)
     for c in cases:
         rec = rome_case(c, raws.get(str(c["case_id"])), memit=fmt == "memit")
-        name = f"{rec['num_edits']}_edits-case_{c['case_id']}.json" if fmt == "memit" else f"case_{c['case_id']}.json"
+        stem = case_file_stem(c["case_id"])
+        name = f"{rec['num_edits']}_edits-case_{stem}.json" if fmt == "memit" else f"case_{stem}.json"
         atomic_write_json(out / name, rec)
         written.append(out / name)
     return written

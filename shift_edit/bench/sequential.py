@@ -217,10 +217,19 @@ class _State:
         return dict(vars(self))
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> _State:
+    def from_json(cls, d: Any) -> _State:
+        """Read :meth:`to_json`'s dict back; ``ValueError`` if it is not one (a damaged state file)."""
         s = cls()
+        if not isinstance(d, dict) or set(d) != set(vars(s)):
+            raise ValueError("the state is not the dict this version writes")
         for k, v in d.items():
+            want = type(getattr(s, k))
+            if not (isinstance(v, want) and not isinstance(v, bool) or (k == "unedited_ppl" and v is None)
+                    or (k == "unedited_ppl" and isinstance(v, (int, float)))):
+                raise ValueError(f"state field {k!r} is {v!r:.40}")
             setattr(s, k, v)
+        if s.n_batches < 0 or s.n_edits < 0 or len(s.batches) != s.n_batches:
+            raise ValueError(f"{s.n_edits} edits in {s.n_batches} batches, {len(s.batches)} batch records")
         return s
 
 
@@ -243,16 +252,38 @@ def _load_state(state_dir: Path, model: nn.Module, base_fp: str
     p = state_dir / "state.json"
     if not p.is_file():
         return None
-    saved = json.loads(p.read_text())
-    if saved["base_fingerprint"] != base_fp:
-        raise ShiftEditError(f"{state_dir}: saved state belongs to other weights ({saved['base_fingerprint']}, "
-                             f"this model {base_fp})")
-    tag = saved["tag"]
-    weights = load_file(str(state_dir / f"weights_{tag}.safetensors"))
-    originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
-    restore_weights(model, weights)
-    memory = EditMemory.load(state_dir / f"memory_{tag}.safetensors")
-    return _State.from_json(saved["state"]), memory, originals
+    try:
+        saved = json.loads(p.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("base_fingerprint"), str):
+            raise ValueError("no base_fingerprint")
+        if saved["base_fingerprint"] != base_fp:
+            raise ShiftEditError(f"{state_dir}: saved state belongs to other weights ({saved['base_fingerprint']}, "
+                                 f"this model {base_fp})")
+        tag, st = saved.get("tag"), _State.from_json(saved.get("state"))
+        if not isinstance(tag, str) or not tag.isalnum():
+            raise ValueError(f"bad tag {tag!r}")
+        weights = load_file(str(state_dir / f"weights_{tag}.safetensors"))
+        memory = EditMemory.load(state_dir / f"memory_{tag}.safetensors")
+        missing = sorted(set(st.touched) - set(weights))
+        if missing:
+            raise ValueError(f"no saved weights for {missing[0]}")
+        originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
+        restore_weights(model, weights)  # checks every name and shape before copying any
+    except ShiftEditError as exc:
+        if "belongs to other weights" in str(exc):
+            raise
+        raise _damaged(p, exc) from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise _damaged(p, exc) from None
+    return st, memory, originals
+
+
+def _damaged(path: Path, exc: BaseException) -> ShiftEditError:
+    """The one line for a sequential run whose saved state cannot be read."""
+    run_dir = path.parent.parent
+    why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return ShiftEditError(f"{path}: the saved state of this sequential run is damaged ({why}); nothing was changed. "
+                          f"To start over, delete {run_dir} (or pass another --out)")
 
 
 def _norms(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

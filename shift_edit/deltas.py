@@ -12,7 +12,7 @@ bit-exact, not a subtraction. The edit result itself lives in :mod:`shift_edit.r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -180,8 +180,7 @@ def apply_deltas(
             for _name, p, new in prepared:
                 p.copy_(new)
         except BaseException:  # interrupted between two weights: none stays changed
-            for name, p, _ in prepared:
-                p.copy_(orig[name])
+            put_back((p, orig[name]) for name, p, _ in prepared)
             raise
     return orig, hashes
 
@@ -225,6 +224,27 @@ def restore_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> No
             raise
 
 
+def put_back(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each ``(weight, original)`` back in place, for an algorithm's ``finally`` after it changed
+    weights temporarily: an exception (``KeyboardInterrupt``) arriving meanwhile is raised only once
+    every weight is back, so an interrupt never leaves a temporary change applied. A second one in
+    the same call is raised at once."""
+    pending = list(pairs)
+    first: BaseException | None = None
+    while pending:
+        weight, orig = pending[0]
+        try:
+            with torch.no_grad():
+                weight.copy_(orig)
+            pending.pop(0)
+        except BaseException as exc:
+            if first is not None:
+                raise
+            first = exc  # copy_ is idempotent: the same weight is copied again
+    if first is not None:
+        raise first
+
+
 @contextlib.contextmanager
 def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """``weights`` copied into the model for the block; the tensors there before are copied back
@@ -235,4 +255,4 @@ def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> It
         restore_weights(model, weights)
         yield
     finally:
-        restore_weights(model, saved)
+        put_back((model.get_parameter(name), w) for name, w in saved.items())

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .deltas import apply_deltas, restore_weights
+from .deltas import apply_deltas, put_back, restore_weights  # noqa: F401 - restore_weights re-exported
 from .errors import ShiftEditError
 from .guard import DEFAULT_MAX_RELATIVE_NORM, check_context, outputs_finite, refuse_non_finite
 from .hparams import HyperParams
@@ -107,7 +107,7 @@ def all_or_nothing(
     try:
         yield
     except BaseException:
-        restore_weights(model, orig)
+        put_back((model.get_parameter(name), w) for name, w in orig.items())  # completes even if interrupted
         if memory is not None:
             memory.restore(saved)
         raise
@@ -118,7 +118,7 @@ def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch
     ``orig`` bit-exactly and raise :class:`~shift_edit.guard.EditRefusedError`."""
     if outputs_finite(model, tok, texts):
         return
-    restore_weights(model, orig)
+    put_back((model.get_parameter(name), w) for name, w in orig.items())
     raise refuse_non_finite(texts)
 
 

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -323,7 +323,8 @@ class BaseEditor:
             result.undo()
 
 
-def _not_a_request(value: Any, i: int) -> dict[str, Any]:
+def _not_a_request(value: Any, i: int) -> NoReturn:
+    """The error for a request that is not a dict (used inside a comprehension)."""
     raise ShiftEditError(f"requests[{i}] must be a dict (EasyEdit request), got {type(value).__name__}")
 
 

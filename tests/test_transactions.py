@@ -2,7 +2,8 @@
 
 The fault-injection test is a matrix over the registry (like ``test_algorithm_matrix``): for every
 registered algorithm it counts the hook points an edit passes (every forward pass of the model,
-every weight copy in :mod:`shift_edit.deltas`, and the seams between the steps:
+every copy into a weight anywhere in ``shift_edit`` (applying, restoring, an algorithm's temporary
+writes and its ``finally`` that undoes them), and the seams between the steps:
 weights applied, guard pass, memory, result), then raises ``KeyboardInterrupt`` and ``RuntimeError``
 (the out-of-memory kind) at each one in turn, in ``se.edit``, ``apply_patch``, ``revert_patch`` and
 ``BaseEditor.edit``, and checks the weights bit for bit afterwards.
@@ -11,6 +12,7 @@ weights applied, guard pass, memory, result), then raises ``KeyboardInterrupt`` 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import pytest
@@ -79,8 +81,8 @@ def hook_points(model: torch.nn.Module, inj: Injector):
     handles = [model.register_forward_pre_hook(inj)]
     real_copy = torch.nn.Parameter.copy_
 
-    def copy_(self, *args, **kwargs):  # a weight copy in deltas.py (apply / restore)
-        if sys._getframe(1).f_code.co_filename.endswith("deltas.py"):
+    def copy_(self, *args, **kwargs):  # a weight copy anywhere in shift_edit (apply, restore, temporary writes)
+        if f"{os.sep}shift_edit{os.sep}" in sys._getframe(1).f_code.co_filename:
             inj()
         return real_copy(self, *args, **kwargs)
 

@@ -220,8 +220,8 @@ class _State:
     def from_json(cls, d: Any) -> _State:
         """Read :meth:`to_json`'s dict back; ``ValueError`` if it is not one (a damaged state file)."""
         s = cls()
-        if not isinstance(d, dict) or set(d) != set(vars(s)):
-            raise ValueError("the state is not the dict this version writes")
+        if not isinstance(d, dict) or not {"n_batches", "n_edits"} <= set(d) or set(d) - set(vars(s)):
+            raise ValueError("the state is not the dict this version writes")  # (older states may lack later fields)
         for k, v in d.items():
             want = type(getattr(s, k))
             if not (isinstance(v, want) and not isinstance(v, bool) or (k == "unedited_ppl" and v is None)

@@ -12,7 +12,7 @@ bit-exact, not a subtraction. The edit result itself lives in :mod:`shift_edit.r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -129,13 +129,19 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def apply_deltas(
-    model: nn.Module, deltas: list[WeightDelta], *, max_relative_norm: float | None = None
+    model: nn.Module,
+    deltas: list[WeightDelta],
+    *,
+    max_relative_norm: float | None = None,
+    orig: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Mapping[str, str]]:
     """Add ``deltas`` to the model's weights in place.
 
     Args:
         max_relative_norm: refuse a summed delta whose ``||ΔW||_F / ||W||_F`` exceeds this
             (see :mod:`shift_edit.guard`); ``None``: no bound.
+        orig: a dict to fill with the original tensors before any weight changes (and to
+            return), so a caller that is interrupted as this returns still has them to restore.
 
     Returns:
         ``(orig_weights, base_hashes)`` for the changed parameters.
@@ -166,18 +172,24 @@ def apply_deltas(
         if not _all_finite(new):
             raise ShiftEditError(f"refusing an edit that makes {d.param} non-finite")
         prepared.append((d.param, p, new))
-    orig = {name: p.detach().cpu().clone() for name, p, _ in prepared}
+    orig = {} if orig is None else orig
+    orig.update({name: p.detach().cpu().clone() for name, p, _ in prepared})
     hashes = LazyHashes(orig)
     with torch.no_grad():
-        for _name, p, new in prepared:
-            p.copy_(new)
+        try:
+            for _name, p, new in prepared:
+                p.copy_(new)
+        except BaseException:  # interrupted between two weights: none stays changed
+            put_back((p, orig[name]) for name, p, _ in prepared)
+            raise
     return orig, hashes
 
 
 def restore_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy ``weights`` (``{param name: tensor}``, e.g. ROME's ``orig_weights``) into ``model``,
     in place: the Parameter objects stay the same, so tied weights and optimisers keep working.
-    Every name and shape is checked before any weight is touched.
+    Every name and shape is checked before any weight is touched, and an interrupted copy puts
+    back the weights it already copied (all or none).
 
     Raises:
         ShiftEditError: a name the model does not have, or a tensor of another shape.
@@ -197,9 +209,40 @@ def restore_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> No
                 f"orig_weights[{name!r}] has shape {got}, the model's parameter {tuple(params[name].shape)}: "
                 "these are not this model's original weights"
             )
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
-        for name, orig in weights.items():
-            params[name].copy_(orig)
+        try:
+            for name, orig in weights.items():
+                p = params[name]
+                before = p.detach().clone() if len(weights) > 1 else None
+                done.append((p, before))  # before the copy: putting back an uncopied weight is harmless
+                p.copy_(orig)
+        except BaseException:  # interrupted between two weights: put back the ones already copied
+            for p, before in done:
+                if before is not None:
+                    p.copy_(before)
+            raise
+
+
+def put_back(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each ``(weight, original)`` back in place, for an algorithm's ``finally`` after it changed
+    weights temporarily: an exception (``KeyboardInterrupt``) arriving meanwhile is raised only once
+    every weight is back, so an interrupt never leaves a temporary change applied. A second one in
+    the same call is raised at once."""
+    pending = list(pairs)
+    first: BaseException | None = None
+    while pending:
+        weight, orig = pending[0]
+        try:
+            with torch.no_grad():
+                weight.copy_(orig)
+            pending.pop(0)
+        except BaseException as exc:
+            if first is not None:
+                raise
+            first = exc  # copy_ is idempotent: the same weight is copied again
+    if first is not None:
+        raise first
 
 
 @contextlib.contextmanager
@@ -212,4 +255,4 @@ def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> It
         restore_weights(model, weights)
         yield
     finally:
-        restore_weights(model, saved)
+        put_back((model.get_parameter(name), w) for name, w in saved.items())

@@ -55,6 +55,8 @@ def prepare_requests(
                 for p, g, t in zip(prompts, ground_truth, target_new)]
 
     def per_request(value: Any, name: str) -> list:
+        if not isinstance(value, (str, list, tuple)) and value is not None:
+            raise ShiftEditError(f"{name} must be a string or a list (one per edit), got {type(value).__name__}")
         value = _listify(value)
         if len(value) != n:
             raise ShiftEditError(f"{name} has {len(value)} entries for {n} prompts (one per edit)")
@@ -78,18 +80,36 @@ def prepare_requests(
         for r, v in zip(requests, per_request(rephrase_prompts, "rephrase_prompts")):
             r["rephrase_prompt"] = v
     for section, inputs in (("locality", locality_inputs), ("portability", portability_inputs)):
+        if inputs is not None and not isinstance(inputs, Mapping):
+            raise ShiftEditError(f"{section}_inputs must be a dict {{name: {{'prompt': ..., 'ground_truth': ...}}}}, "
+                                 f"got {type(inputs).__name__}")
         for key, entry in (inputs or {}).items():
             if not isinstance(entry, Mapping) or "prompt" not in entry or "ground_truth" not in entry:
                 raise ShiftEditError(f"{section}_inputs[{key!r}] needs 'prompt' and 'ground_truth'")
             ps, gs = entry["prompt"], entry["ground_truth"]
             if isinstance(ps, str):
                 ps, gs = [ps], [gs]
-            ps = per_request(ps, f"{section}_inputs[{key!r}]['prompt']")
-            gs = per_request(gs, f"{section}_inputs[{key!r}]['ground_truth']")
-            for r, p, g in zip(requests, ps, gs):
+            name = f"{section}_inputs[{key!r}]"
+            ps = per_request(ps, f"{name}['prompt']")
+            gs = per_request(gs, f"{name}['ground_truth']")
+            for i, (r, p, g) in enumerate(zip(requests, ps, gs)):
                 if p is not None:
+                    _check_text(p, f"{name}['prompt'][{i}]")
+                    _check_text(g, f"{name}['ground_truth'][{i}]")
                     r[section][key] = {"prompt": p, "ground_truth": g}
     return requests
+
+
+def _check_text(value: Any, name: str, depth: int = 2) -> None:
+    """A prompt or answer: a string, or a non-empty list of them (one per prompt; an answer may
+    itself be a list of aliases, as in KnowEdit)."""
+    if isinstance(value, str):
+        return
+    if depth and isinstance(value, list) and value:
+        for v in value:
+            _check_text(v, name, depth - 1)
+        return
+    raise ShiftEditError(f"{name} must be a string or a list of strings, got {value!r}")
 
 
 # --------------------------------------------------------------------------- scoring

@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy as _copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .covariance import copy_edit_record, note_edit
-from .deltas import apply_deltas, restore_weights
+from .deltas import apply_deltas, put_back, restore_weights  # noqa: F401 - restore_weights re-exported
 from .errors import ShiftEditError
 from .guard import DEFAULT_MAX_RELATIVE_NORM, check_context, outputs_finite, refuse_non_finite
 from .hparams import HyperParams
@@ -75,24 +76,45 @@ def edit(
             raise ShiftEditError(f"{exc} ({note}: pass hparams for this model)") from exc
         raise
     bound = None if force else getattr(hparams, "max_relative_norm", DEFAULT_MAX_RELATIVE_NORM)
-    orig, hashes = apply_deltas(model, computed.deltas, max_relative_norm=bound) if computed.deltas else ({}, {})
-    if computed.deltas and not force:
-        check_outputs(model, tok, [r.text for r in reqs], orig)
-    note_edit(model, orig)  # statistics stay those of the unedited model (covariance.pinned_statistics)
-    if memory is not None and computed.memory_keys:
-        memory.add(computed.memory_keys)
-    return EditResult(
-        model=model,
-        algorithm=alg.name,
-        hparams=hparams,
-        requests=reqs,
-        deltas=computed.deltas,
-        orig_weights=orig,
-        base_hashes=hashes,
-        skipped=computed.skipped,
-        info=computed.info,
-        tok=tok,
-    )
+    orig: dict[str, torch.Tensor] = {}
+    with all_or_nothing(model, orig, memory):  # weights, guard pass, memory, result: all or none
+        hashes = apply_deltas(model, computed.deltas, max_relative_norm=bound, orig=orig)[1] if computed.deltas else {}
+        if computed.deltas and not force:
+            check_outputs(model, tok, [r.text for r in reqs], orig)
+        if memory is not None and computed.memory_keys:
+            memory.add(computed.memory_keys)
+        note_edit(model, orig)  # statistics stay those of the unedited model (covariance.pinned_statistics)
+        result = EditResult(
+            model=model,
+            algorithm=alg.name,
+            hparams=hparams,
+            requests=reqs,
+            deltas=computed.deltas,
+            orig_weights=orig,
+            base_hashes=hashes,
+            skipped=computed.skipped,
+            info=computed.info,
+            tok=tok,
+        )
+    return result
+
+
+@contextlib.contextmanager
+def all_or_nothing(
+    model: nn.Module, orig: Mapping[str, torch.Tensor], memory: EditMemory | None = None
+) -> Iterator[None]:
+    """If the block raises anything (``KeyboardInterrupt`` and out-of-memory errors included),
+    copy ``orig`` back bit-exactly and put ``memory`` back as it was, then re-raise: applying the
+    weights (``apply_deltas(..., orig=orig)`` fills ``orig`` first), the guard pass, the memory
+    and the result happen whole or not at all."""
+    saved = memory.snapshot() if memory is not None else None
+    try:
+        yield
+    except BaseException:
+        put_back((model.get_parameter(name), w) for name, w in orig.items())  # completes even if interrupted
+        if memory is not None:
+            memory.restore(saved)
+        raise
 
 
 def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch.Tensor]) -> None:
@@ -100,7 +122,7 @@ def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch
     ``orig`` bit-exactly and raise :class:`~shift_edit.guard.EditRefusedError`."""
     if outputs_finite(model, tok, texts):
         return
-    restore_weights(model, orig)
+    put_back((model.get_parameter(name), w) for name, w in orig.items())
     raise refuse_non_finite(texts)
 
 

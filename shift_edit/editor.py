@@ -21,12 +21,13 @@ families (strict top-1, ROME's comparison) sit beside them under ``shift_edit``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from . import easyedit as ee
 from . import loading
 from .editing import edit
 from .errors import ShiftEditError
+from .guard import check_context
 from .hparams import HyperParams
 from .io import atomic_write_text
 from .memory import EditMemory
@@ -160,9 +162,17 @@ class BaseEditor:
         truths = self._ground_truths(ground_truth, prompts)
         requests = ee.prepare_requests(prompts, target_new, truths, target_neg, rephrase_prompts,
                                        locality_inputs, portability_inputs, **kwargs)
+        self._validate(requests)
         size = getattr(self.hparams, "batch_size", None) or len(requests)
         all_metrics: list[dict[str, Any]] = []
         weights: dict[str, torch.Tensor] = {}
+        with self._all_or_none(sequential_edit):
+            self._batches(requests, size, sequential_edit, verbose, test_generation, all_metrics, weights)
+        return all_metrics, self.model, weights
+
+    def _batches(self, requests: list[dict[str, Any]], size: int, sequential_edit: bool, verbose: bool,
+                 test_generation: bool, all_metrics: list[dict[str, Any]], weights: dict[str, torch.Tensor]) -> None:
+        """:meth:`batch_edit`'s loop over chunks; fills ``all_metrics`` and ``weights``."""
         for start in range(0, len(requests), size):
             chunk = requests[start : start + size]
             metrics = [{"case_id": i, "requested_rewrite": r, "pre": self._quality(r, test_generation)}
@@ -186,7 +196,6 @@ class BaseEditor:
                 if verbose:
                     log.info("%s editing: %s -> %s\n%s", m["case_id"], r["prompt"], r["target_new"], m)
             all_metrics.extend(metrics)
-        return all_metrics, self.model, weights
 
     def edit_requests(
         self,
@@ -203,12 +212,13 @@ class BaseEditor:
         if kwargs.get("eval_metric") not in _EXACT_MATCH:
             raise ShiftEditError(f"eval_metric={kwargs['eval_metric']!r} is not computed here; "
                                  "only EasyEdit's token accuracy ('exact match' / 'token_em')")
-        requests = [dict(r) for r in requests]
+        requests = [dict(r) if isinstance(r, Mapping) else _not_a_request(r, i) for i, r in enumerate(requests)]
         for r in requests:
             r.setdefault("locality", {})
             r.setdefault("portability", {})
         if not requests:
             raise ShiftEditError("no requests given")
+        self._validate(requests)
         if kwargs.get("pre_edit") is not None:
             all_metrics = [dict(m) for m in kwargs["pre_edit"]]
             if len(all_metrics) != len(requests):
@@ -218,23 +228,24 @@ class BaseEditor:
             if kwargs.get("pre_file") is not None:
                 atomic_write_text(Path(kwargs["pre_file"]), json.dumps(all_metrics, indent=4))
         weights: dict[str, torch.Tensor] = {}
-        for i, r in enumerate(requests):
-            ours_pre = ee.our_families(self.model, self.tok, r)
-            t0 = time.perf_counter()
-            result = edit(self.model, self.tok, [self._request(r, i)], self.hparams,
-                          memory=self.memory if sequential_edit else None)
-            exec_time = time.perf_counter() - t0
-            for name, orig in result.orig_weights.items():
-                weights.setdefault(name, orig)
-            try:
-                all_metrics[i].update({"case_id": i, "requested_rewrite": r, "time": exec_time,
-                                       "post": self._quality(r, test_generation)})
-                all_metrics[i]["shift_edit"] = self._ours(ours_pre, r, result, 0)
-            finally:  # a failed measurement never leaves a non-sequential edit applied
-                self._keep_or_undo(result, sequential_edit)
-            ee.finalize_locality(all_metrics[i], r)
-            if verbose:
-                log.info("%d editing: %s -> %s\n%s", i, r["prompt"], r["target_new"], all_metrics[i])
+        with self._all_or_none(sequential_edit):
+            for i, r in enumerate(requests):
+                ours_pre = ee.our_families(self.model, self.tok, r)
+                t0 = time.perf_counter()
+                result = edit(self.model, self.tok, [self._request(r, i)], self.hparams,
+                              memory=self.memory if sequential_edit else None)
+                exec_time = time.perf_counter() - t0
+                for name, orig in result.orig_weights.items():
+                    weights.setdefault(name, orig)
+                try:
+                    all_metrics[i].update({"case_id": i, "requested_rewrite": r, "time": exec_time,
+                                           "post": self._quality(r, test_generation)})
+                    all_metrics[i]["shift_edit"] = self._ours(ours_pre, r, result, 0)
+                finally:  # a failed measurement never leaves a non-sequential edit applied
+                    self._keep_or_undo(result, sequential_edit)
+                ee.finalize_locality(all_metrics[i], r)
+                if verbose:
+                    log.info("%d editing: %s -> %s\n%s", i, r["prompt"], r["target_new"], all_metrics[i])
         log.info("Metrics Summary (EasyEdit token accuracy): %s", ee.summary_metrics(all_metrics))
         return all_metrics, self.model, weights
 
@@ -245,13 +256,35 @@ class BaseEditor:
         self.memory = EditMemory()
 
     # ------------------------------------------------------------------ helpers
+    def _validate(self, requests: Sequence[Mapping[str, Any]]) -> None:
+        """Every request checked (fields, template, context length) before the first edit."""
+        check_context(self.model, self.tok, [self._request(r, i) for i, r in enumerate(requests)])
+
+    @contextlib.contextmanager
+    def _all_or_none(self, sequential_edit: bool) -> Iterator[None]:
+        """A call's sequential edits are kept whole or not at all: if an edit or a measurement
+        fails (or is interrupted), the edits this call made are undone, newest first, the memory
+        is put back, and the error says so."""
+        kept, memory = len(self.history), self.memory.snapshot()
+        try:
+            yield
+        except BaseException as exc:
+            made = self.history[kept:]
+            while len(self.history) > kept:
+                self.history.pop().undo()
+            self.memory.restore(memory)
+            if made and isinstance(exc, ShiftEditError) and exc.args:
+                exc.args = (f"{exc.args[0]} (the {len(made)} earlier edit(s) of this sequential_edit call were "
+                            "undone: the model is as it was before the call)", *exc.args[1:])
+            raise
+
     @staticmethod
     def _normalise(prompts: Any, target_new: Any) -> tuple[list[str], list[str]]:
         if isinstance(prompts, str):
             prompts, target_new = [prompts], [target_new]
         if isinstance(target_new, str):
             target_new = [target_new]
-        prompts, target_new = list(prompts), list(target_new)
+        prompts, target_new = _strings(prompts, "prompts"), _strings(target_new, "target_new")
         if len(prompts) != len(target_new):
             raise ShiftEditError(f"{len(prompts)} prompts but {len(target_new)} target_new")
         return prompts, target_new
@@ -260,6 +293,8 @@ class BaseEditor:
     def _ground_truths(ground_truth: Any, prompts: Sequence[str]) -> list[Any]:
         if ground_truth is None:
             return [None] * len(prompts)
+        if not isinstance(ground_truth, (str, list, tuple)):
+            raise ShiftEditError(f"ground_truth must be a string or a list, got {type(ground_truth).__name__}")
         truths = [ground_truth] if isinstance(ground_truth, str) else list(ground_truth)
         if len(truths) != len(prompts):
             raise ShiftEditError(f"ground_truth has {len(truths)} entries for {len(prompts)} prompts")
@@ -273,7 +308,7 @@ class BaseEditor:
         truth = r.get("ground_truth")
         if isinstance(truth, list):
             truth = truth[0] if truth else None
-        return make_request({"prompt": r["prompt"], "target_new": r["target_new"], "subject": r.get("subject"),
+        return make_request({"prompt": r.get("prompt"), "target_new": r.get("target_new"), "subject": r.get("subject"),
                              "ground_truth": truth, "case_id": case_id})
 
     def _ours(self, pre: dict[str, Any], request: Mapping[str, Any], result: EditResult, i: int) -> dict[str, Any]:
@@ -286,3 +321,18 @@ class BaseEditor:
             self.history.append(result)
         else:
             result.undo()
+
+
+def _not_a_request(value: Any, i: int) -> NoReturn:
+    """The error for a request that is not a dict (used inside a comprehension)."""
+    raise ShiftEditError(f"requests[{i}] must be a dict (EasyEdit request), got {type(value).__name__}")
+
+
+def _strings(value: Any, name: str) -> list[str]:
+    """``value`` as a list of strings, or a ShiftEditError naming the argument."""
+    if not isinstance(value, (list, tuple)):
+        raise ShiftEditError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    bad = next((i for i, v in enumerate(value) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ShiftEditError(f"{name}[{bad}] must be a string, got {value[bad]!r}")
+    return list(value)

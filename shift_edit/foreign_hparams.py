@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 #: Algorithms whose ROME/MEMIT/EasyEdit files are tested here; any registered algorithm's file is read
 #: through the same table (a field it has no mapping for is an error naming it).
-FOREIGN_ALGORITHMS = ("ROME", "MEMIT", "FT", "FT_L")
+FOREIGN_ALGORITHMS = ("ROME", "MEMIT", "FT", "FT_L", "AlphaEdit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,6 @@ def _nonzero_kl(v: Any) -> str | None:
 
 def _layer_selection(v: Any) -> str | None:
     return None if v == "all" else f"layer_selection={v!r}: only 'all' (every listed layer) is supported"
-
-
-def _fp16(v: Any) -> str | None:
-    return None if not v else ("fp16=true: load the model in float16 yourself (load_model(name, dtype='float16')) "
-                               "and pass model= and tok=; hparams do not choose the dtype here")
 
 
 def _objective(v: Any) -> str | None:
@@ -90,7 +85,11 @@ FIELD_MAP: dict[str, FieldRule] = {
     "stats_dir": FieldRule(None, "ignored: statistics are cached under shift_edit's cache dir"),
     "device": FieldRule(None, "ignored: pass a model already on its device (BaseEditor(hparams, model=, tok=))"),
     "model_parallel": FieldRule(None, "ignored: place the model yourself (device_map) and pass it"),
-    "fp16": FieldRule(None, "false: nothing to do; true is an error (choose the dtype when loading)", check=_fp16),
+    "fp16": FieldRule(None, "ignored (true: a warning): EasyEdit loads the model in float16; here the dtype is chosen "
+                      "when loading: load_model(name, dtype='float16') then BaseEditor(hparams, model=, tok=), or "
+                      "--dtype float16"),
+    "P_loc": FieldRule(None, "ignored: AlphaEdit's null-space projector is computed from the statistics and cached "
+                       "under shift_edit's cache dir; EasyEdit's projector file is not read"),
     "num_steps": FieldRule("steps", "FT: optimiser steps"),
     "lr": FieldRule("lr", "same"),
     "weight_decay": FieldRule("weight_decay", "same"),
@@ -112,7 +111,7 @@ FOREIGN_DEFAULTS: dict[str, Any] = {"skip_if_predicted": False}
 #: foreign fields that only ever occur in foreign files: their presence marks a file as foreign
 _MARKERS = {"rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "v_loss_layer", "stats_dir", "device",
             "model_parallel", "fp16", "num_steps", "mom2_n_samples", "mom2_dataset", "objective_optimization",
-            "lm_head_module", "ln_f_module", "attn_module_tmp", "layer_selection", "max_length"}
+            "lm_head_module", "ln_f_module", "attn_module_tmp", "layer_selection", "max_length", "P_loc"}
 
 
 def numeric_strings(data: dict[str, Any]) -> dict[str, Any]:

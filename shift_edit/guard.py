@@ -82,18 +82,30 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
+#: The longest edit request (prompt and target, in tokens) an edit takes. An edit runs several forward
+#: and backward passes over its prompt (ROME/MEMIT over context templates too), at a cost that grows
+#: with the square of the length: SHIFT on SmolLM2-135M with one CPU thread takes about 7 s at 500
+#: tokens and 35 s at 2,000, and gradient algorithms many times that. Edit prompts are one sentence.
+MAX_EDIT_TOKENS = 2048
+
+
 def check_context(model: nn.Module, tok, requests: Sequence) -> None:
-    """Refuse a request whose prompt and target do not fit in the model's context.
+    """Refuse a request whose prompt and target do not fit in the model's context, or are longer
+    than :data:`MAX_EDIT_TOKENS`.
 
     Raises:
-        ShiftEditError: naming the request's prompt, its token count and the context length.
+        ShiftEditError: naming the request's prompt, its token count and the limit.
     """
     limit = context_length(model)
-    if limit is None:
-        return
     for r in requests:
         n = len(encode_prompt(tok, r.text + r.target_new))
-        if n > limit:
+        if n > MAX_EDIT_TOKENS and (limit is None or n <= limit):
+            raise ShiftEditError(
+                f"the prompt {r.text[:40]!r}... with its target is {n} tokens, more than the {MAX_EDIT_TOKENS} an edit "
+                "takes (its cost grows with the square of the length; see shift_edit.guard.MAX_EDIT_TOKENS): "
+                "edit prompts are one sentence"
+            )
+        if limit is not None and n > limit:
             raise ShiftEditError(
                 f"the prompt {r.text[:40]!r}... with its target is {n} tokens, longer than the model's context "
                 f"of {limit} tokens; shorten it"

@@ -30,6 +30,14 @@ H = TypeVar("H", bound="HyperParams")
 _VERSION_KEY = "shift_edit_version"
 
 
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, (list, tuple)):
+        return any(_has_nan(v) for v in value)
+    return False
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -113,6 +121,8 @@ class HyperParams:
                     f"expected {_type_name(hints[f.name])}"
                 )
             object.__setattr__(self, f.name, conv)
+            if _has_nan(conv):  # NaN passes every `x <= 0` range check: refused for every field here
+                raise ShiftEditError(f"{type(self).__name__}.{f.name}: got {value!r}; NaN is not a value, give a number")
         self.validate()
 
     @property

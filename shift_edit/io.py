@@ -30,7 +30,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace``: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes private files; results are for sharing
         with os.fdopen(fd, "wb") as fh:
@@ -42,6 +42,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with _suppress():
             os.unlink(tmp)
         raise
+
+
+def _tmp_prefix(dest: Path) -> str:
+    """Hidden siblings are named ``.<name>.<pid>.<random><suffix>``: the pid tells a later writer
+    whether the process that made one is gone (killed while writing)."""
+    return f".{dest.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return pid < 2**31  # someone else's process (or a pid we cannot check): keep its folder
+    return True
+
+
+def remove_stale_siblings(dest: Path) -> None:
+    """Remove the hidden ``.tmp`` / ``.old`` siblings of ``dest`` left by writers that were killed
+    (SIGKILL, power loss) while writing it; a live process's are never touched. (Called by
+    :func:`atomic_dir` and :func:`atomic_file`, not by the per-record :func:`atomic_write_bytes`.)"""
+    dest = Path(dest)
+    head = f".{dest.name}."
+    with contextlib.suppress(OSError):
+        for p in dest.parent.iterdir():
+            name = p.name
+            if not (name.startswith(head) and name.endswith((".tmp", ".old"))):
+                continue
+            pid = name[len(head):].split(".", 1)[0]
+            if pid.isdigit() and pid.isascii() and not _alive(int(pid)):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -73,7 +108,8 @@ def atomic_dir(dest: str | Path, *, replace: bool = False, share: bool = False) 
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    remove_stale_siblings(dest)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_tmp_prefix(dest), suffix=".tmp"))
     old = None
     try:
         yield tmp
@@ -83,7 +119,7 @@ def atomic_dir(dest: str | Path, *, replace: bool = False, share: bool = False) 
             for f in tmp.iterdir():
                 os.chmod(f, 0o666 & ~mask)
         if replace and dest.exists() and any(dest.iterdir()):
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_tmp_prefix(dest), suffix=".old"))
             os.replace(dest, old)
         os.replace(tmp, dest)  # onto an absent or empty folder: atomic on POSIX
     finally:
@@ -98,7 +134,8 @@ def atomic_file(dest: str | Path) -> Iterator[Path]:
     write; renamed onto ``dest`` when the block succeeds, removed otherwise."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    remove_stale_siblings(dest)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=_tmp_prefix(dest), suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:

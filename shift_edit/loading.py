@@ -229,6 +229,53 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, IndexError, EOFError, SafetensorError)
+
+
+#: what a damaged or truncated checkpoint raises inside ``from_pretrained`` (safetensors, gguf, json)
+_LOAD_ERRORS = _load_errors()
+
+
+def _load_failed(name: str, exc: BaseException, hint: str) -> ShiftEditError:
+    first = (str(exc).splitlines() or [""])[0][:160]
+    return ShiftEditError(f"cannot load model {name!r}: {type(exc).__name__}: {first}{hint}")
+
+
+def canonical_model_name(name: str) -> str:
+    """``name``, or the alias whose GGUF file ``name`` is (the file itself, or a copy of it):
+    the same weights, so the alias's converted copy and shipped hparams apply."""
+    if not name.endswith(".gguf"):
+        return name
+    path = Path(name).expanduser()
+    if not path.is_file():
+        return name
+    for alias in ALIASES:
+        try:
+            gguf = alias_gguf_path(alias)
+        except ShiftEditError:  # its wheel is not installed
+            continue
+        if _same_file(path, gguf):
+            log.info("%s is the %s alias's GGUF file: loading it as %s", name, alias, alias)
+            return alias
+    return name
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.samefile(b):
+            return True
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        from .io import file_sha256
+
+        return file_sha256(a) == file_sha256(b)
+    except OSError:
+        return False
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype | None = None,
@@ -255,18 +302,32 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     check_device(device)
     check_model_name(name_or_path, probe_hub=probe_hub)
+    name_or_path = canonical_model_name(name_or_path)
     if name_or_path in ALIASES:
         source = str(_cached_alias(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or torch.float32)
-        tok = AutoTokenizer.from_pretrained(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or torch.float32)
+            tok = AutoTokenizer.from_pretrained(source)
+        except _LOAD_ERRORS as exc:
+            raise _load_failed(name_or_path, exc, f"; delete the converted copy {source} to convert it again") from None
     elif name_or_path.endswith(".gguf"):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise ShiftEditError(f"GGUF file not found: {name_or_path}")
-        model, tok = _load_gguf(path)
+        with path.open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ShiftEditError(f"cannot load model {name_or_path!r}: not a GGUF file (it does not start with "
+                                     "the GGUF magic bytes)")
+        try:
+            model, tok = _load_gguf(path)
+        except _LOAD_ERRORS as exc:
+            raise _load_failed(name_or_path, exc, " (a truncated or damaged GGUF file?)") from None
         if torch_dtype is not None:
             model = model.to(torch_dtype)
     else:
+        folder = Path(name_or_path).expanduser()
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise ShiftEditError(f"cannot load model {name_or_path!r}: the folder has no config.json (not a saved model)")
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {"dtype": "auto"}
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
@@ -276,6 +337,8 @@ def load_model(
                 f"cannot load model {name_or_path!r}: not an alias ({', '.join(ALIASES)}), "
                 f"a .gguf file, a local folder or a reachable hub id ({str(exc).splitlines()[0]})"
             ) from exc
+        except _LOAD_ERRORS as exc:
+            raise _load_failed(name_or_path, exc, " (a truncated or damaged checkpoint?)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device)

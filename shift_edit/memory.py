@@ -37,15 +37,25 @@ class EditMemory:
         return self._keys.get(param)
 
     def add(self, new: Mapping[str, torch.Tensor]) -> None:
-        """Append rows ``[n, d_in]`` per parameter name."""
+        """Append rows ``[n, d_in]`` per parameter name; all or none (a width mismatch changes nothing)."""
+        keys = dict(self._keys)
         for param, k in new.items():
             k = k.detach().float().cpu()
             if k.dim() == 1:
                 k = k[None]
-            old = self._keys.get(param)
+            old = keys.get(param)
             if old is not None and old.shape[1] != k.shape[1]:
                 raise ShiftEditError(f"memory keys for {param} have width {old.shape[1]}, new ones {k.shape[1]}")
-            self._keys[param] = k.contiguous() if old is None else torch.cat([old, k]).contiguous()
+            keys[param] = k.contiguous() if old is None else torch.cat([old, k]).contiguous()
+        self._keys = keys
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The memory as it is now, for :meth:`restore` (cheap: :meth:`add` never changes a stored tensor)."""
+        return dict(self._keys)
+
+    def restore(self, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Put back the memory a :meth:`snapshot` saw."""
+        self._keys = dict(snapshot)
 
     def params(self) -> list[str]:
         return sorted(self._keys)

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from .deltas import WeightDelta, apply_deltas
-from .editing import check_outputs
+from .editing import all_or_nothing, check_outputs
 from .errors import ShiftEditError
 from .guard import DEFAULT_MAX_RELATIVE_NORM
 from .lora import read_lora
@@ -89,19 +89,21 @@ def apply_patch(
     except (KeyError, TypeError, AttributeError) as exc:
         raise ShiftEditError(f"{path}: the patch metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
     bound = None if force else getattr(hparams, "max_relative_norm", DEFAULT_MAX_RELATIVE_NORM)
-    orig, hashes = apply_deltas(model, deltas, max_relative_norm=bound)
-    if tok is not None and not force and requests:
-        check_outputs(model, tok, [r.text for r in requests], orig)
-    result = EditResult(
-        model=model,
-        algorithm=alg.name,
-        hparams=hparams,
-        requests=requests,
-        deltas=deltas,
-        orig_weights=orig,
-        base_hashes=hashes,
-        skipped=skipped,
-    )
+    orig: dict = {}
+    with all_or_nothing(model, orig):  # an interrupted or failed guard pass leaves the model as it was
+        hashes = apply_deltas(model, deltas, max_relative_norm=bound, orig=orig)[1]
+        if tok is not None and not force and requests:
+            check_outputs(model, tok, [r.text for r in requests], orig)
+        result = EditResult(
+            model=model,
+            algorithm=alg.name,
+            hparams=hparams,
+            requests=requests,
+            deltas=deltas,
+            orig_weights=orig,
+            base_hashes=hashes,
+            skipped=skipped,
+        )
     _APPLIED.setdefault(model, {})[_key(path)] = result
     return result
 
@@ -111,13 +113,14 @@ def revert_patch(model: nn.Module, patch: str | Path | EditResult) -> None:
     if isinstance(patch, EditResult):
         patch.undo()
         return
-    result = _APPLIED.get(model, {}).pop(_key(patch), None)
+    result = _APPLIED.get(model, {}).get(_key(patch))
     if result is None:
         raise ShiftEditError(
             f"patch {patch} was not applied to this model in this process: "
             "exact revert needs the original weights; reload the base model instead"
         )
-    result.undo()
+    result.undo()  # forgotten only once undone: an interrupted revert can be run again
+    _APPLIED[model].pop(_key(patch), None)
 
 
 def _key(path: str | Path) -> str:

@@ -34,6 +34,9 @@ def read_json_records(path: str | Path, *, unwrap: str | None = None) -> list[An
         data = json.loads(text)
     except UnicodeDecodeError as exc:
         raise ShiftEditError(f"data file {path} is not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise ShiftEditError(f"data file {path} nests JSON arrays/objects too deeply to read: "
+                             "not a list of records") from None
     except json.JSONDecodeError as exc:
         where = bad_record(text)
         raise ShiftEditError(f"data file {path} is not valid JSON (truncated or malformed): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,12 +64,42 @@ class EditResult:
             self._outcome = edit_outcome(self, tok)
         return self._outcome
 
+    def __post_init__(self) -> None:
+        if self.orig_weights and not self.undone:  # an applied edit: remembered for undo's order check
+            live = [ref for ref in _LIVE.get(self.model, []) if (r := ref()) is not None and not r.undone]
+            _LIVE[self.model] = [*live, weakref.ref(self)]
+
     def undo(self) -> None:
-        """Restore every weight this edit changed, bit for bit, in place."""
+        """Restore every weight this edit changed, bit for bit, in place.
+
+        Raises:
+            ShiftEditError: a later edit of one of the same matrices is still applied (undo
+                restores this edit's originals, which would silently drop the later edit and leave
+                its own undo wrong): undo edits newest first; the message names the one to undo first.
+        """
         if self.undone:
             return
+        later = self._later_overlapping()
+        if later:
+            newest = later[-1]
+            shared = sorted(set(newest.orig_weights) & set(self.orig_weights))
+            req = newest.requests[0] if newest.requests else None
+            what = f"the {newest.algorithm} edit" + (f" {req.text!r} -> {req.target_new!r}" if req else "")
+            more = f" ({len(later)} later edits of these matrices are still applied)" if len(later) > 1 else ""
+            raise ShiftEditError(
+                f"cannot undo this edit out of order: {what}, made after it, also changed {shared[0]} and is still "
+                f"applied{more}; undo that one first (undo edits newest first)"
+            )
         restore_weights(self.model, self.orig_weights)
         self.undone = True
+
+    def _later_overlapping(self) -> list[EditResult]:
+        """Edits applied to the same model after this one, not undone, that share a changed matrix."""
+        results = [r for ref in _LIVE.get(self.model, []) if (r := ref()) is not None]
+        mine = next((i for i, r in enumerate(results) if r is self), None)
+        if mine is None:
+            return []
+        return [r for r in results[mine + 1 :] if not r.undone and set(r.orig_weights) & set(self.orig_weights)]
 
     def summary(self, *, outcome: bool = True) -> list[dict[str, Any]]:
         """One row per changed matrix: layer, module, rank, delta norm, relative norm, and the
@@ -111,8 +142,19 @@ class EditResult:
         }
 
     def save_patch(self, path: str | Path) -> Path:
-        """Write the edit as a small patch file (see :mod:`shift_edit.patch`)."""
+        """Write the edit as a small patch file (see :mod:`shift_edit.patch`).
+
+        Raises:
+            ShiftEditError: the edit changed no weight (every request was skipped): no patch is written.
+        """
+        if not self.deltas:
+            raise ShiftEditError("this edit changed no weight (every request was skipped: its target was already "
+                                 "the top-1), so there is no patch to write")
         return save_patch(self, path)
+
+
+# model -> the applied edits (weakly held: a result that is gone cannot be undone), oldest first
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[EditResult]]]" = weakref.WeakKeyDictionary()
 
 
 class EditSummary(list):

@@ -154,6 +154,7 @@ def test_a_converted_model_with_a_flipped_bit_is_converted_again_with_one_warnin
 def _state(tmp_path, model):
     st = _State()
     st.n_batches, st.n_edits, st.touched = 2, 2, ["model.layers.1.mlp.down_proj.weight"]
+    st.batches = [{"n": 1}, {"n": 1}]  # one record per batch, as the run keeps them
     memory = EditMemory()
     memory.add({st.touched[0]: torch.randn(2, model.config.intermediate_size)})
     with torch.no_grad():

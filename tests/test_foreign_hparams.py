@@ -157,7 +157,6 @@ def test_easyedit_yaml_loads_with_from_hparams_and_load_hparams(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (("fp16: false", "fp16: true"), "fp16"),
     (('layer_selection: "all"', 'layer_selection: "random"'), "layer_selection"),
     (("model_parallel: false", "model_parallel: false\nsome_new_field: 3"), "some_new_field"),
     (("v_lr: 5e-1", "v_lr: fast"), "v_lr"),

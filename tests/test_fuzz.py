@@ -208,3 +208,50 @@ def test_fuzz_counterfact_records(byte_tok, tmp_path):
 
         outcomes[_check(run, model, byte_tok, snap, f"record mutation {i}: {json.dumps(rec)[:300]}")] += 1
     assert outcomes["ok"] >= 20 and outcomes["error"] >= 20, outcomes
+
+
+ID_POOL = [0, 7, "7", " 7", "7 ", -1, 10**30, 2.5, True, None, "", " ", "a/b", "a_b", "a\\b", "a" * 119, "a" * 121,
+           "é" * 100, "x\x00y", "x\ny", "\x7f", "../etc", ".", "..", "case", "0-3", [], {"id": 1}]
+RANGE_POOL = ["0-3", "3-0", "0-999999999999", "0-" + "9" * 30, "1,2,,3", "", ",", "-", "1-", "-1", "1--2", "a-b",
+              "٣-٥", "²-3", "0-999999", "7", " 7 ", "a/b"]
+
+
+def test_fuzz_data_file_case_ids(tmp_path):
+    """Data files whose records carry ids of every type, with separators, very long, with NUL,
+    colliding as file names; ``--case-ids`` specs with odd ranges. Each load gives cases whose
+    result files are distinct, short and printable, or one ShiftEditError; never another exception."""
+    from shift_edit.bench.runner import case_path
+
+    rng = random.Random(3030)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(200):
+        ids = [rng.choice(ID_POOL) if rng.random() < 0.4 else rng.randrange(6) for _ in range(rng.randint(1, 4))]
+        recs = []
+        for j, cid in enumerate(ids):
+            rec = copy.deepcopy(RECORD)
+            rec["requested_rewrite"]["subject"] = f"Sub{j}"
+            rec["requested_rewrite"]["prompt"] = "{} plays for"
+            if cid is not None or rng.random() < 0.5:
+                rec["case_id"] = cid
+            else:
+                rec.pop("case_id")
+            recs.append(rec)
+        f = tmp_path / f"d{i}.json"
+        f.write_text(json.dumps(recs))
+        spec = None if rng.random() < 0.5 else rng.choice(RANGE_POOL)
+        try:
+            cases = bdata.load_counterfact(f, case_ids=bdata.parse_case_ids(spec))
+        except se.ShiftEditError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 600, str(exc)[:200]
+            outcomes["error"] += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"data mutation {i} ({ids!r}, --case-ids {spec!r}): {type(exc).__name__}: {exc}")
+        names = [case_path(tmp_path, c.case_id).name for c in cases]
+        assert len(set(names)) == len(names), names
+        for n in names:
+            assert len(n.encode()) <= 255 and n.isprintable() and "/" not in n, n
+        outcomes["ok"] += 1
+    assert outcomes["ok"] >= 20 and outcomes["error"] >= 50, outcomes
+    with pytest.raises(se.ShiftEditError):
+        bdata.parse_case_ids("0-999999999999")

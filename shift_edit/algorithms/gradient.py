@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..architectures import Layout, ModelAdapter, from_param_layout
-from ..deltas import WeightDelta
+from ..deltas import WeightDelta, put_back
 from ..hooks import owned_hooks
 from ..requests import EditRequest
 from ..resume import record_block_inputs, resume_at
@@ -110,9 +110,7 @@ def training_session(model: nn.Module, matrices: Sequence[TrainedMatrix]) -> Ite
         model.eval()  # no dropout: the step is deterministic
         yield originals
     finally:
-        with torch.no_grad():
-            for m in matrices:
-                m.param.copy_(originals[m.module])
+        put_back((m.param, originals[m.module]) for m in matrices)
         for p, flag, grad in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad

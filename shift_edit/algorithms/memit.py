@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..deltas import WeightDelta
+from ..deltas import WeightDelta, put_back
 from ..errors import ShiftEditError
 from ..hooks import owned_hooks
 from ..io import model_fingerprint, read_verified, write_verified
@@ -178,9 +178,7 @@ def spread_over_layers(
             keys[layer] = k.float().cpu()
             layer_info[layer] = {"resid_norm": float(resid.norm()), "update_norm": float(update.norm()), **extra}
     finally:
-        with torch.no_grad():
-            for layer, m in modules.items():
-                m.weight.copy_(originals[layer])
+        put_back((m.weight, originals[layer]) for layer, m in modules.items())
     return deltas, layer_info, keys
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import from_param_layout, weight_layout
-from ..deltas import WeightDelta
+from ..deltas import WeightDelta, put_back
 from ..errors import ShiftEditError
 from ..hooks import OwnedHooks
 from ..registry import Computed, register
@@ -466,8 +466,7 @@ def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: RO
                                           / (right[0].double() @ dr.keys.mean(0).double().cpu())),
             })
     finally:
-        with torch.no_grad():
-            module.weight.copy_(orig)
+        put_back([(module.weight, orig)])
     return Computed(WeightDelta.merge(deltas), skipped, info)
 
 

@@ -83,10 +83,12 @@ def parse_case(rec: Any, index: int) -> CounterFactCase:
     if not isinstance(rec, Mapping):
         raise ShiftEditError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "case_id" in rec:
-        where = f"record #{index} (case_id {rec['case_id']!r})"
+        shown = repr(rec["case_id"])
+        where = f"record #{index} (case_id {shown[:40] + '...' if len(shown) > 43 else shown})"
     case_id = rec.get("case_id", index)
     if not isinstance(case_id, (int, str)) or isinstance(case_id, bool):
         raise ShiftEditError(f"{where}: case_id must be an int or string")
+    check_case_id(case_id, where)
     try:
         if "requested_rewrite" in rec:
             rw = rec["requested_rewrite"]
@@ -135,6 +137,44 @@ def parse_case(rec: Any, index: int) -> CounterFactCase:
     )
 
 
+#: the longest case id (in characters) a data file may use: its result file name must fit a file system's 255 bytes
+MAX_CASE_ID_LENGTH = 120
+
+
+def case_file_stem(case_id: int | str) -> str:
+    """The part of a result file's name that comes from the case id (``case_<stem>.json``):
+    the id with path separators replaced by ``_``. Two ids with the same stem are refused
+    together by :func:`load_counterfact`, so results never overwrite each other."""
+    return str(case_id).replace("/", "_").replace(os.sep, "_")
+
+
+def check_case_id(case_id: int | str, where: str) -> None:
+    """Refuse a case id that cannot name a result file: empty, control characters (NUL...), or too long."""
+    text = str(case_id)
+    if not text.strip():
+        raise ShiftEditError(f"{where}: case_id is empty")
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ShiftEditError(f"{where}: case_id contains the control character {bad!r}; use printable ids")
+    if len(text) > MAX_CASE_ID_LENGTH or len(case_file_stem(text).encode()) > 2 * MAX_CASE_ID_LENGTH:
+        raise ShiftEditError(f"{where}: case_id is {len(text)} characters long, more than the {MAX_CASE_ID_LENGTH} "
+                             "a result file name can hold; use shorter ids")
+
+
+def _check_distinct(cases: list[CounterFactCase], path: str | Path) -> None:
+    """Every case id distinct, and distinct as a result file name (``7`` and ``"7"``, ``a/b`` and ``a_b`` are not)."""
+    by_stem: dict[str, int | str] = {}
+    for c in cases:
+        stem = case_file_stem(c.case_id)
+        if stem in by_stem:
+            other = by_stem[stem]
+            what = "duplicate case_id" if other == c.case_id else "case ids"
+            ids = f"{c.case_id!r}" if other == c.case_id else f"{other!r} and {c.case_id!r}"
+            raise ShiftEditError(f"data file {path}: {what} {ids}: both would write the result file case_{stem}.json; "
+                                 "give every record a distinct id")
+        by_stem[stem] = c.case_id
+
+
 def load_counterfact(
     path: str | Path,
     *,
@@ -161,11 +201,7 @@ def load_counterfact(
         raise ShiftEditError(f"--start must be >= 0, got {start}")
     data = read_json_records(path, unwrap="data")
     cases = [parse_case(rec, i) for i, rec in enumerate(data)]
-    seen: set = set()
-    for c in cases:
-        if c.case_id in seen:
-            raise ShiftEditError(f"data file {path}: duplicate case_id {c.case_id!r}")
-        seen.add(c.case_id)
+    _check_distinct(cases, path)
     cases = cases[start:]
     if case_ids is not None:
         wanted = {_norm_id(c) for c in case_ids}
@@ -184,6 +220,10 @@ def _norm_id(x: int | str) -> str:
     return str(x).strip()
 
 
+#: the most case ids ``--case-ids`` may select (ranges are checked against it before they are expanded)
+MAX_CASE_IDS = 1_000_000
+
+
 def parse_case_ids(text: str | None) -> list[str] | None:
     """``"1,5,7-9"`` -> ``["1", "5", "7", "8", "9"]``; errors are ShiftEditError."""
     if text is None:
@@ -193,10 +233,14 @@ def parse_case_ids(text: str | None) -> list[str] | None:
         part = part.strip()
         if not part:
             continue
-        if "-" in part and part.replace("-", "").isdigit() and part.count("-") == 1:
-            a, b = (int(x) for x in part.split("-"))
-            if b < a:
+        ends = part.split("-")
+        if len(ends) == 2 and all(e.isascii() and e.isdigit() for e in ends):
+            a, b = (int(e) if len(e) <= 18 else -1 for e in ends)
+            if a < 0 or b < a:
                 raise ShiftEditError(f"--case-ids: bad range {part!r}")
+            if b - a + 1 + len(out) > MAX_CASE_IDS:  # checked before the range is expanded
+                raise ShiftEditError(f"--case-ids: {part!r} selects {b - a + 1:,} ids, more than the {MAX_CASE_IDS:,} "
+                                     "allowed (CounterFact has 21,919 records); use --start/--limit for long runs")
             out.extend(str(i) for i in range(a, b + 1))
         else:
             out.append(part)

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShiftEditError
-from ..io import atomic_write_json, file_sha256
+from ..io import atomic_dir, atomic_write_json, file_sha256
+from .data import case_file_stem
 from .summarize import read_cases
 
 log = logging.getLogger(__name__)
@@ -125,30 +126,44 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str) -> list[Path]:
     run_dir, out = Path(run_dir), Path(out)
     try:
         params = json.loads((run_dir / "params.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, RecursionError):
         raise ShiftEditError(f"{run_dir} is not a run directory (no readable params.json)") from None
+    if not isinstance(params, dict):
+        raise ShiftEditError(f"{run_dir} is not a run directory (its params.json is not an object)")
     if out.resolve() == run_dir.resolve():
         raise ShiftEditError("export into a folder of its own, not the run directory (its case_*.json files are ours)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ShiftEditError(f"{out}: exists and is not an empty folder")
-    cases = read_cases(run_dir)
-    if not cases:
-        raise ShiftEditError(f"{run_dir} has no finished cases")
-    raws = _raw_records(params) if fmt != "easyedit" else {}
-    written: list[Path] = []
+    try:  # every file built before any is written: a damaged case writes nothing
+        cases = read_cases(run_dir)
+        if not cases:
+            raise ShiftEditError(f"{run_dir} has no finished cases")
+        files = _exported(run_dir, params, cases, fmt)
+    except ShiftEditError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        raise ShiftEditError(f"{run_dir}: a case or params.json is damaged or not written by shift-edit bench "
+                             f"({type(exc).__name__}: {str(exc)[:120]}); nothing was exported") from None
+    with atomic_dir(out) as tmp:  # all files or none
+        for name, rec in files.items():
+            atomic_write_json(tmp / name, rec)
+    return [out / name for name in files]
+
+
+def _exported(run_dir: Path, params: dict[str, Any], cases: list[dict[str, Any]], fmt: str) -> dict[str, Any]:
+    """``{file name: content}`` of the export of ``cases`` in format ``fmt``."""
     if fmt == "easyedit":
-        p = out / "results.json"
-        atomic_write_json(p, [easyedit_case(c, i) for i, c in enumerate(cases)])
-        return [p]
+        return {"results.json": [easyedit_case(c, i) for i, c in enumerate(cases)]}
+    raws = _raw_records(params)
     if fmt == "memit" and not all("top1_correct" in c["metrics"] for c in cases):
         log.warning("%s: cases written before per-prompt top-1 was recorded: no *_prompts_correct lists", run_dir)
+    files: dict[str, Any] = {}
     for c in cases:
         rec = rome_case(c, raws.get(str(c["case_id"])), memit=fmt == "memit")
-        name = f"{rec['num_edits']}_edits-case_{c['case_id']}.json" if fmt == "memit" else f"case_{c['case_id']}.json"
-        atomic_write_json(out / name, rec)
-        written.append(out / name)
+        stem = case_file_stem(c["case_id"])
+        name = f"{rec['num_edits']}_edits-case_{stem}.json" if fmt == "memit" else f"case_{stem}.json"
+        files[name] = rec
     hparams = params.get("match", {}).get("hparams")
     if isinstance(hparams, dict):  # the hparams file, as their evaluate.py copies it into the run folder
-        atomic_write_json(out / "params.json", hparams)
-        written.append(out / "params.json")
-    return written
+        files["params.json"] = hparams
+    return files

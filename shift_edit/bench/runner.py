@@ -41,7 +41,7 @@ from ..hparams import HyperParams
 from ..io import atomic_write_json, provenance
 from ..resume import BlockRecorder, Resume
 from .claims import claimed
-from .data import CounterFactCase
+from .data import CounterFactCase, case_file_stem
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
 from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, run_wild, wild_prompts
@@ -156,8 +156,7 @@ def choose_run_dir(out: Path, alg: str, match: dict[str, Any], params: dict[str,
 
 
 def case_path(run_dir: Path, case_id: int | str) -> Path:
-    safe = str(case_id).replace("/", "_").replace(os.sep, "_")
-    return Path(run_dir) / f"case_{safe}.json"
+    return Path(run_dir) / f"case_{case_file_stem(case_id)}.json"
 
 
 def finished(run_dir: Path, case_id: int | str) -> bool:

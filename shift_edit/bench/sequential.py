@@ -242,10 +242,19 @@ class _State:
         return dict(vars(self))
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> _State:
+    def from_json(cls, d: Any) -> _State:
+        """Read :meth:`to_json`'s dict back; ``ValueError`` if it is not one (a damaged state file)."""
         s = cls()
+        if not isinstance(d, dict) or not {"n_batches", "n_edits"} <= set(d) or set(d) - set(vars(s)):
+            raise ValueError("the state is not the dict this version writes")  # (older states may lack later fields)
         for k, v in d.items():
+            want = type(getattr(s, k))
+            if not (isinstance(v, want) and not isinstance(v, bool) or (k == "unedited_ppl" and v is None)
+                    or (k == "unedited_ppl" and isinstance(v, (int, float)))):
+                raise ValueError(f"state field {k!r} is {v!r:.40}")
             setattr(s, k, v)
+        if s.n_batches < 0 or s.n_edits < 0 or len(s.batches) != s.n_batches:
+            raise ValueError(f"{s.n_edits} edits in {s.n_batches} batches, {len(s.batches)} batch records")
         return s
 
 
@@ -278,17 +287,20 @@ def _load_state(state_dir: Path, model: nn.Module, base_fp: str
     p = state_dir / "state.json"
     if not p.is_file():
         return None
-    restart = f"delete {state_dir} to start the run again"
     try:
         saved = json.loads(p.read_text())
-        fingerprint, tag = saved["base_fingerprint"], str(saved["tag"])
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        fingerprint, tag = saved["base_fingerprint"], saved["tag"]
+        if not isinstance(fingerprint, str) or not isinstance(tag, str) or not tag.isalnum():
+            raise ValueError(f"bad base_fingerprint or tag {tag!r}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ShiftEditError(f"{p}: the saved state is unreadable ({type(exc).__name__}: {exc}); {restart}") from None
+        raise _damaged(p, f"unreadable ({type(exc).__name__}: {exc})") from None
     if fingerprint != base_fp:
         raise ShiftEditError(f"{state_dir}: saved state belongs to other weights ({fingerprint}, this model {base_fp})")
     if saved.get("format_version") != STATE_FORMAT:
-        raise ShiftEditError(f"{state_dir}: the saved state has no checksums (format {saved.get('format_version', 1)}, "
-                             f"written by an older shift_edit), so it cannot be verified; {restart}")
+        raise _damaged(p, f"it has no checksums (format {saved.get('format_version', 1)}, written by an older "
+                          "shift_edit), so it cannot be verified")
     try:
         meta, tensors = check_verified(state_dir / f"state_{tag}.pt", p,
                                        {"format_version": STATE_FORMAT, "base_fingerprint": base_fp, "tag": tag})
@@ -297,13 +309,21 @@ def _load_state(state_dir: Path, model: nn.Module, base_fp: str
         keys = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("memory/")}
         if set(weights) != set(st.touched):
             raise CacheCheckError(f"holds the weights of {sorted(weights)}, its state names {sorted(st.touched)}")
-    except CacheCheckError as exc:
-        raise ShiftEditError(f"{state_dir}: the saved state {exc}; it cannot be rebuilt: {restart}") from None
-    originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
-    restore_weights(model, weights)
+        originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
+        restore_weights(model, weights)  # checks every name and shape before copying any
+    except (CacheCheckError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise _damaged(p, f"it {exc}" if isinstance(exc, CacheCheckError) else f"{type(exc).__name__}: {exc}") from None
     memory = EditMemory()
     memory.add(keys)
     return st, memory, originals
+
+
+def _damaged(path: Path, why: str) -> ShiftEditError:
+    """The one line for a sequential run whose saved state cannot be read or verified (it cannot be rebuilt)."""
+    run_dir = path.parent.parent
+    why = why.splitlines()[0][:300] if why else "unreadable"
+    return ShiftEditError(f"{path}: the saved state of this sequential run is damaged: {why}; nothing was changed. "
+                          f"It cannot be rebuilt: to start over, delete {run_dir} (or pass another --out)")
 
 
 def _norms(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

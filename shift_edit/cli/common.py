@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 from ..errors import ShiftEditError
 from ..io import atomic_dir
-from ..loading import ALIASES, check_device, load_model, resolve_dtype
+from ..loading import ALIASES, canonical_model_name, check_device, load_model, resolve_dtype
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,9 +23,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_model_args(args: argparse.Namespace) -> None:
-    """Check --dtype and --device before anything is loaded."""
+    """Check --dtype and --device before anything is loaded; a ``--model`` that is an alias's own
+    GGUF file becomes the alias (same weights: its converted copy and shipped hparams apply)."""
     resolve_dtype(args.dtype)
     check_device(args.device)
+    args.model = canonical_model_name(args.model)
 
 
 def load_from_args(args: argparse.Namespace):

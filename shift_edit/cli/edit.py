@@ -164,9 +164,12 @@ def _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir) -> 
     lines: list[str] = []
     with contextlib.ExitStack() as staged:  # on leaving: all moved into place, or all removed
         if patch_path is not None:
-            tmp = staged.enter_context(atomic_file(patch_path))
-            result.save_patch(tmp)
-            lines.append(f"patch written: {patch_path} ({tmp.stat().st_size} bytes)")
+            if not result.deltas:
+                lines.append("no patch written: the edit changed nothing (the target was already the top-1)")
+            else:
+                tmp = staged.enter_context(atomic_file(patch_path))
+                result.save_patch(tmp)
+                lines.append(f"patch written: {patch_path} ({tmp.stat().st_size} bytes)")
         if lora_dir is not None:
             if all(result.skipped):
                 lines.append("no LoRA adapter written: the edit changed nothing")

@@ -36,6 +36,10 @@ def _layers(text: str, n_layers: int) -> list[int]:
                 out.append(int(part))
     except ValueError:
         raise ShiftEditError(f"--layers {text!r}: expected 'all', '0,5,10' or 'start:stop[:step]'") from None
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad or not out:
+        raise ShiftEditError(f"--layers {text!r}: " + (f"layer {bad[0]} is out of range: the model has {n_layers} layers "
+                             f"(0..{n_layers - 1})" if bad else "selects no layer"))
     return out
 
 

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from huggingface_hub import try_to_load_from_cache
 from platformdirs import user_cache_dir
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import ShiftEditError
-from .io import CacheCheckError, atomic_dir, check_manifest, write_manifest
+from .io import CacheCheckError, atomic_dir, check_manifest, file_sha256, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -229,14 +230,8 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
-    from safetensors import SafetensorError
-
-    return (OSError, ValueError, RuntimeError, KeyError, IndexError, EOFError, SafetensorError)
-
-
 #: what a damaged or truncated checkpoint raises inside ``from_pretrained`` (safetensors, gguf, json)
-_LOAD_ERRORS = _load_errors()
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, IndexError, EOFError, SafetensorError)
 
 
 def _load_failed(name: str, exc: BaseException, hint: str) -> ShiftEditError:
@@ -269,8 +264,6 @@ def _same_file(a: Path, b: Path) -> bool:
             return True
         if a.stat().st_size != b.stat().st_size:
             return False
-        from .io import file_sha256
-
         return file_sha256(a) == file_sha256(b)
     except OSError:
         return False

@@ -7,7 +7,8 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms.shift_neuron import ShiftNeuronHyperParams, _canonical, _mlp, gate_key, neuron_key
+from shift_edit.algorithms.neurons import canonical, gate_key, mlp_of, neuron_key
+from shift_edit.algorithms.shift_neuron import ShiftNeuronHyperParams
 from shift_edit.architectures import ModelAdapter, from_param_layout, weight_layout
 from shift_edit.covariance import layer_stats
 from shift_edit.errors import ShiftEditError
@@ -184,7 +185,7 @@ def test_memory_keys_above_the_edit_are_the_edited_models_inputs(byte_tok, corpu
     layer as before."""
     model = tiny_model(model_type)
     adapter = ModelAdapter(model)
-    mlps = {x: _mlp(adapter, x) for x in (0, 1, 2)}
+    mlps = {x: mlp_of(adapter, x) for x in (0, 1, 2)}
     names = {x: mlps[x].ff1[0][0] for x in mlps}
     ids = torch.tensor([byte_tok(FACT["prompt"].format(FACT["subject"])).input_ids])
 
@@ -232,7 +233,7 @@ def test_undo_is_bit_exact_and_the_lora_rank_is_the_neuron_count(model_type, byt
     before = weights(model)
     res = se.edit(model, byte_tok, FACT, hp(corpus), force=True)
     n = len(res.info[0]["neurons"])
-    mlp = _mlp(ModelAdapter(model), 1)
+    mlp = mlp_of(ModelAdapter(model), 1)
     per_neuron = {"plain": 1, "gated": 1, "fused": 2}[mlp.kind]  # rows rewritten per FF1 matrix
     for d in res.deltas:
         assert d.rank == (n * per_neuron if d.module != mlp.ff2_name and mlp.kind == "fused" else n)
@@ -276,18 +277,18 @@ def test_statistics_are_cached_per_model_object(byte_tok, corpus):
     freed and replaced by another (which may get the same id) cannot read the first one's statistics."""
     import gc
 
-    from shift_edit.algorithms import shift_neuron, shift_plus
+    from shift_edit.algorithms import neurons, shift_plus
 
     model = tiny_model("llama")
     se.edit(model, byte_tok, FACT, hp(corpus), force=True).undo()
     se.edit(model, byte_tok, FACT, shift_plus.ShiftPlusHyperParams(
         layers=[1], n_contrast=2, n_prefixes=0, skip_if_predicted=False, margin=0.0, mom2_corpus=corpus,
         mom2_n_tokens=200, mom2_max_length=40, max_relative_norm=None), force=True).undo()
-    assert model in shift_neuron._GENERIC and model in shift_plus._C_INV
-    n_neuron, n_plus = len(shift_neuron._GENERIC), len(shift_plus._C_INV)
+    assert model in neurons._GENERIC and model in shift_plus._C_INV
+    n_neuron, n_plus = len(neurons._GENERIC), len(shift_plus._C_INV)
     del model
     gc.collect()
-    assert len(shift_neuron._GENERIC) == n_neuron - 1 and len(shift_plus._C_INV) == n_plus - 1
+    assert len(neurons._GENERIC) == n_neuron - 1 and len(shift_plus._C_INV) == n_plus - 1
 
 
 GENERIC = ["A bird sat on the old fence.", "Rome lives in the heart of every traveller.", "Bob works in a shop.",
@@ -334,7 +335,7 @@ def test_generic_sample_skips_the_statistics_tokens_and_is_pinned(byte_tok, corp
 def test_negatives_keep_the_key_below_half_the_threshold_on_generic_tokens(model_type, byte_tok, corpus, tmp_path):
     """With ``negatives``, the generic tokens the key would come within half the threshold of firing on become
     silent keys: fewer of the sample's tokens are near firing than without (and the edit still fires)."""
-    from shift_edit.algorithms.shift_neuron import _negatives
+    from shift_edit.algorithms.neurons import generic_keys
 
     path = _generic_corpus(tmp_path)
     near = {}
@@ -344,9 +345,9 @@ def test_negatives_keep_the_key_below_half_the_threshold_on_generic_tokens(model
                negatives=n, negative_weight=1e6)
         res = se.edit(model, byte_tok, FACT, h, force=True)
         j = res.info[0]["neurons"][0]
-        sample = _negatives(model, byte_tok, ModelAdapter(model), [1], h.replace(negatives=400))[1]
+        sample = generic_keys(model, byte_tok, ModelAdapter(model), [1], h.replace(negatives=400))[1]
         ff1 = ModelAdapter(model).module(ModelAdapter(model).ff1_names(1)[0])
-        gate = _canonical(ff1).double()[j]
+        gate = canonical(ff1).double()[j]
         bias = float(ff1.bias.detach()[j]) if getattr(ff1, "bias", None) is not None else 0.0
         near[n] = int((sample @ gate + bias > -h.sharpness * h.threshold / 2).sum())
         assert res.info[0]["activation_at_edit"][j] > 0
@@ -356,26 +357,28 @@ def test_negatives_keep_the_key_below_half_the_threshold_on_generic_tokens(model
 def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_tok, corpus, tmp_path):
     """The bench's priming reads SHIFT_NEURON's statistics for every listed layer and its generic sample from the
     unedited model, so a layer first used after many edits (or after a resume) sees the unedited model's."""
-    from shift_edit.algorithms import shift_neuron as sn
+    from shift_edit.algorithms import neurons as sn
     from shift_edit.bench.sequential import _prime
     from shift_edit.covariance import pinned_statistics
 
-    assert get_algorithm("SHIFT_NEURON").prime is sn.prime_shift_neuron
+    from shift_edit.algorithms.shift_neuron import prime_shift_neuron
+
+    assert get_algorithm("SHIFT_NEURON").prime is prime_shift_neuron
     model = tiny_model("llama")
     h = hp(corpus, layers=[1, 0], mom2_corpus=_generic_corpus(tmp_path), mom2_n_tokens=40, mom2_max_length=64,
            negatives=100)
     with pinned_statistics(model):
         _prime(model, byte_tok, h)
         stats = {k[0]: v[0].clone() for k, v in sn._GENERIC[model].items()}
-        sample = {k: v.clone() for k, v in sn._negatives(model, byte_tok, ModelAdapter(model), [1, 0], h).items()}
+        sample = {k: v.clone() for k, v in sn.generic_keys(model, byte_tok, ModelAdapter(model), [1, 0], h).items()}
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1.5)
         sn._GENERIC.pop(model)
         sn._NEGATIVES.pop(model)  # a resumed process: read back from the cache, not from the edited weights
         for layer in (0, 1):
-            torch.testing.assert_close(sn._generic(model, byte_tok, ModelAdapter(model), layer, h)[0], stats[layer])
-        again = sn._negatives(model, byte_tok, ModelAdapter(model), [1, 0], h)
+            torch.testing.assert_close(sn.generic_stats(model, byte_tok, ModelAdapter(model), layer, h)[0], stats[layer])
+        again = sn.generic_keys(model, byte_tok, ModelAdapter(model), [1, 0], h)
     assert set(stats) == {0, 1} and all(torch.equal(again[x], sample[x]) for x in (0, 1))
 
 
@@ -413,7 +416,7 @@ def test_a_request_refused_at_one_layer_tries_the_next(tries, byte_tok, corpus, 
         model(input_ids=ids)
     key = cap.inputs[names[0]].reshape(ids.shape[1], -1)[-1].double()
     sample = {1: key.repeat(20, 1), 2: torch.zeros(1, len(key), dtype=torch.float64)}
-    monkeypatch.setattr(sn, "_negatives", lambda *a, **k: sample)
+    monkeypatch.setattr(sn, "generic_keys", lambda *a, **k: sample)
     h = hp(corpus, layers=[1, 2], try_layers=tries, negatives=100, negative_weight=0.0, max_generic_fires=5)
     sn.prime_shift_neuron(model, byte_tok, h)  # statistics first: their passes are not the edit's
     res, calls = edit_counting_calls(model, byte_tok, h)
@@ -430,7 +433,7 @@ def test_a_request_refused_at_one_layer_tries_the_next(tries, byte_tok, corpus, 
 def test_silent_pool_measures_reach_from_the_firing_point_with_a_bias():
     """A key joins the silent set when its gate pre-activation comes within ``reach · β`` (on the key's scale) of
     the firing point ``-bias / α``: earlier edits' keys within half, generic tokens within ``negative_reach``."""
-    from shift_edit.algorithms.shift_neuron import _Gate, _SilentPool
+    from shift_edit.algorithms.neurons import Gate, SilentPool
 
     h = ShiftNeuronHyperParams(layers=[1], negatives=10, negative_reach=0.1)
     e1 = torch.zeros(4, dtype=torch.float64)
@@ -438,11 +441,11 @@ def test_silent_pool_measures_reach_from_the_firing_point_with_a_bias():
     earlier = torch.zeros(3, 4, dtype=torch.float64)
     earlier[:, 0] = torch.tensor([-0.5, -0.4, 0.0])
     negatives = earlier.clone()
-    pool = _SilentPool.of(earlier, negatives, h)
-    gate = _Gate(e1, sharpness=10.0, threshold=0.5, spreads=0.0, bias=2.0)  # fires at gᵀx = -bias / α = -0.2
+    pool = SilentPool.of(earlier, negatives, h)
+    gate = Gate(e1, sharpness=10.0, threshold=0.5, spreads=0.0, bias=2.0)  # fires at gᵀx = -bias / α = -0.2
     assert gate.fires_at == -0.2
     # earlier keys: above -0.2 - 0.25 = -0.45 -> 1, 2; generic: above -0.2 - 0.05 = -0.25 -> 5
     assert pool.risky(gate, torch.zeros(0, dtype=torch.long)).tolist() == [1, 2, 5]
     assert pool.risky(gate, torch.tensor([2])).tolist() == [1, 5]
     assert pool.weights.tolist() == [h.memory_weight] * 3 + [h.negative_weight] * 3
-    assert _SilentPool.of(None, None, h) is None
+    assert SilentPool.of(None, None, h) is None

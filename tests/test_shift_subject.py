@@ -108,7 +108,7 @@ def test_forward_and_backward_passes_are_counted_and_bounded(arch, byte_tok, cor
             handle.remove()
     info = res.info[0]
     assert len(backward) == info["backward_passes"] == h.v_num_grad_steps == h.passes["backward"]
-    assert len(forward) == info["forward_passes"] <= h.passes["forward"] + 1  # + the prefix pass of the cache
+    assert len(forward) == info["forward_passes"] == h.passes["forward"]
     res.undo()
 
 
@@ -122,7 +122,8 @@ def test_sequential_edits_use_new_neurons_and_the_new_one_is_silent_on_the_earli
     assert j1 != j2
     ff2 = ModelAdapter(model).ff2_name(1)
     assert abs(_activation(model, ff2, byte_tok, FACT["prompt"], FACT["subject"], j2)) < 0.05 * h.activation
-    assert _activation(model, ff2, byte_tok, FACT["prompt"], FACT["subject"], j1) == pytest.approx(h.activation, rel=1e-3)
+    first_key = _activation(model, ff2, byte_tok, FACT["prompt"], FACT["subject"], j1)
+    assert first_key == pytest.approx(h.activation, rel=1e-3)
     second.undo()
     first.undo()
 

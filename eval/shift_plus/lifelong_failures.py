@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from shift_edit.algorithms.shift_neuron import _memory_used, _mlp
+from shift_edit.algorithms.shift_neuron import memory_used, mlp_of
 from shift_edit.architectures import ModelAdapter
 from shift_edit.bench.data import load_counterfact
 from shift_edit.bench.sequential import _load_state
@@ -67,8 +67,8 @@ def failures(run: Path, t: int) -> dict:
     dec_unit = dec / dec.norm(dim=-1, keepdim=True)
     neurons: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (neuron ids, target token of each)
     for layer in hp["layers"]:
-        mlp = _mlp(adapter, layer)
-        idx = torch.tensor(sorted(_memory_used(memory, mlp)), dtype=torch.long)
+        mlp = mlp_of(adapter, layer)
+        idx = torch.tensor(sorted(memory_used(memory, mlp)), dtype=torch.long)
         if len(idx):
             neurons[layer] = (idx, (dec_unit @ mlp.ff2_weight()[:, idx].float()).argmax(0))
     ff2 = {layer: adapter.ff2_name(layer) for layer in neurons}  # the FF2 input: the neurons' activations

@@ -8,27 +8,34 @@ value is a residual-stream vector that attention carries from the subject to the
 
 For a request at layer ``L`` (one neuron per request, whatever the target's length):
 
-1. **Keys** (one batched forward pass): the MLP input ``h`` at the subject's last token of the prompt behind
-   ROME's context templates (``"{}"``, and a few short texts the model generated, ``context_template_length_params``),
-   and of the template filled with other subjects (``n_contrast``), at every listed layer.
+1. **Keys** (:func:`~shift_edit.algorithms.subject_value.prepare`): the MLP input ``h`` at the subject's fact token
+   (``fact_token``, ROME's ``subject_last``) of the prompt behind ROME's context templates (``"{}"`` and a few short
+   texts the model generated, ``context_template_length_params``), at every listed layer, and the unedited logits
+   (skip check); then the template filled with other subjects (``n_contrast``; a pass that stops at the highest
+   listed layer).
 2. **Gate** (SHIFT_NEURON's closed form, :func:`~shift_edit.algorithms.shift_neuron.gate_key`): a key ``g`` with
    ``gᵀ(h_c - μ) = 1`` at every context ``c`` and least variance on generic text, on the other subjects and on
-   earlier edits' keys (the :class:`~shift_edit.memory.EditMemory`), so the neuron's pre-activation is
-   ``α(1 - β)`` at the subject and ``-αβ ± spread`` elsewhere, where the activation function gives about 0.
-   ``max_generic_fires`` refuses a neuron that would fire on too many tokens of a generic sample.
-3. **Value** (ROME's v*, :func:`~shift_edit.algorithms.rome.optimise_delta`, with few steps): δ added to FF2's
-   output at the subject's last token of every context, fitted by ``v_num_grad_steps`` Adam steps on the
-   target's NLL (plus ROME's KL and weight-decay terms); each step re-runs blocks ``L..`` only.
+   earlier edits' subject keys (the :class:`~shift_edit.memory.EditMemory`), so the neuron's pre-activation is
+   ``α(1 - β)`` at the subject in every context and ``-αβ ± spread`` elsewhere, where the activation function gives
+   about 0. ``max_generic_fires`` refuses a neuron that would fire on too many tokens of a generic sample.
+3. **Value** (:func:`~shift_edit.algorithms.subject_value.fit_value`): δ added to FF2's output at the fact token of
+   every context, fitted by ``v_num_grad_steps`` Adam steps on ROME's v* loss (target NLL, KL on
+   ``"{subject} is a"``, weight decay, norm clamp). Each step re-runs blocks ``L..`` on the columns from the fact
+   token on only (a KV cache holds the text before it): one forward and one backward pass over a few tokens.
 4. **Neuron**: the layer's cheapest free neuron (SHIFT_NEURON's choice) gets FF1 row(s) from the gate and the FF2
-   column ``δ / a``, ``a`` its activation at the prompt's subject. One more forward pass with the neuron in place
-   (hooks, weights untouched) checks the request's strict top-1 and records the edited model's MLP inputs at the
-   subject for later edits' keys.
+   column ``δ / a`` (``a``: its activation at the subject, ``activation`` for gated MLPs). One more forward pass
+   with the neuron in place (hooks; weights untouched) checks the request's strict top-1 (``info["top1"]``) and
+   records the edited model's MLP inputs at the subject, the keys later edits keep their neurons silent on.
 
 Several ``layers``: a request goes to the first listed layer with room (``neurons_per_layer``, counted in the
-memory), and ``try_layers`` lets a refused request (generic screen, or top-1 not reached with
-``if_unreached: skip``) try the next ones. Model calls per edited request and layer tried: 1 key pass (shared by
-every layer), 1 + ``v_num_grad_steps`` for the value (each step a forward and a backward pass over blocks
-``L..``), 1 check; ``1 + steps`` backward passes in all per layer tried... see :attr:`ShiftSubjectHyperParams.passes`.
+memory), and ``try_layers`` lets a refused request (generic screen, or not top-1 with ``if_unreached: skip``) try
+the next ones with the same keys.
+
+Model calls per edited request at its first layer (:attr:`ShiftSubjectHyperParams.passes`, ``info`` counts them):
+forward: the prefix pass of the cache, the keys pass, the contrast pass, ``v_num_grad_steps`` steps over blocks
+``L..``, the check (``4 + steps``; ``3 + steps`` on a model whose cached prefixes failed their one-time check);
+backward: ``v_num_grad_steps``. A skipped request costs 2 forward passes. Each further layer tried adds ``steps + 1``
+forward and ``steps`` backward passes.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..architectures import weight_layout
 from ..deltas import WeightDelta
 from ..editing import apply_algo_to_model
 from ..errors import ShiftEditError
@@ -53,16 +61,11 @@ from ..scoring import pad_batch, pad_id_of
 from .common import adapter_for
 from .rome import LocateEditHyperParams, context_templates, encode_with_fact_index, prompt_template
 from .subject_value import fit_value, prepare
-from .shift_neuron import (_canonical, _earlier_keys, _fires_on, _free_neurons, _ff1_hooks, _Gate, _Generic,
-                           _generic, _memory_used, _mlp, _Mlp, _negatives, _Neuron, _one_hot, _SilentPool, gate_key,
-                           neuron_key)
-from .shift_plus import CONTRAST_SUBJECTS, _margins
-from ..architectures import weight_layout
+from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, earlier_keys, ff1_hooks, fires_on,
+                      free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows, one_hot)
+from .shift_plus import CONTRAST_SUBJECTS
 
 log = logging.getLogger(__name__)
-
-_ACTIVE_ROUNDS = 3
-
 
 @dataclasses.dataclass(kw_only=True)
 class ShiftSubjectHyperParams(LocateEditHyperParams):
@@ -131,9 +134,9 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
 
     @property
     def passes(self) -> dict[str, int]:
-        """Most model calls per edited request at its first layer: forward passes (key pass, the value's first
-        pass and its steps, the check) and backward passes (the value's steps)."""
-        return {"forward": 3 + self.v_num_grad_steps, "backward": self.v_num_grad_steps}
+        """Most model calls per edited request at its first layer: forward passes (the cache's prefix pass, the
+        keys pass, the contrast pass, the value's steps, the check) and backward passes (the value's steps)."""
+        return {"forward": 4 + self.v_num_grad_steps, "backward": self.v_num_grad_steps}
 
 
 @torch.no_grad()
@@ -153,36 +156,16 @@ def _contrast_keys(model: nn.Module, tok, req: EditRequest, in_names: Sequence[s
     return {name: x.reshape(len(seqs), ids.shape[1], -1)[rows, pos].double().cpu() for name, x in cap.inputs.items()}
 
 
-def _design(h_e: torch.Tensor, silent: torch.Tensor | None, j: int, mlp: _Mlp, gen: _Generic,
-            pool: _SilentPool | None, hp: ShiftSubjectHyperParams) -> tuple[list[torch.Tensor], _Gate]:
-    """Neuron ``j``'s new FF1 row(s): the gate (firing at every context's subject key ``h_e``, silent on the
-    ``silent`` keys, generic text and, via ``pool``, earlier edits' keys it would nearly fire on) and, for gated
-    MLPs, an up row with ``u·h = 1`` at every context."""
+def _design(h_e: torch.Tensor, silent: torch.Tensor | None, j: int, mlp: Mlp, gen: GenericView,
+            pool: SilentPool | None, hp: ShiftSubjectHyperParams) -> tuple[list[torch.Tensor], Gate]:
+    """Neuron ``j``'s new FF1 row(s): firing at every context's subject key ``h_e``, silent on the other subjects'
+    keys ``silent``, generic text and, via ``pool``, earlier edits' keys it would nearly fire on."""
     silent = silent if silent is not None else h_e[:0]
     weights = torch.full((len(silent),), hp.contrast_weight, dtype=torch.float64)
-    bias = _bias(mlp, j)
-    gate = gate_key(gen.sigma_inv, gen.sigma, gen.mu, h_e, silent if len(silent) else None, weights, bias, hp)
-    active = torch.zeros(0, dtype=torch.long)
-    for _round in range(_ACTIVE_ROUNDS if pool is not None else 0):
-        new = pool.risky(gate, active)
-        if not len(new):
-            break
-        active = torch.cat([active, new])
-        gate = gate_key(gen.sigma_inv, gen.sigma, gen.mu, h_e, torch.cat([silent, pool.keys[active]]),
-                        torch.cat([weights, pool.weights[active]]), bias, hp)
-    rows = [(gate.sharpness * gate.g).float()]
-    if mlp.kind != "plain":
-        rows.append(neuron_key(gen.sigma_inv, gen.mu, h_e, None, 0.0, 0.0, 1.0).float())
-    return rows, gate
+    return neuron_rows(mlp, gen, h_e, silent, weights, gate_bias(mlp, j), pool, hp)
 
 
-def _bias(mlp: _Mlp, j: int) -> float:
-    module, _name, r = mlp.row(0, j)
-    bias = getattr(module, "bias", None)
-    return float(bias.detach()[r]) if bias is not None else 0.0
-
-
-def _check(model: nn.Module, tok, req: EditRequest, target: list[int], mlp: _Mlp, neuron: _Neuron,
+def _check(model: nn.Module, tok, req: EditRequest, target: list[int], mlp: Mlp, neuron: Neuron,
            delta: torch.Tensor, fact: int, in_names: dict[int, str]
            ) -> tuple[bool, float, dict[str, torch.Tensor]]:
     """One forward pass of the bare prompt (teacher-forced) with the neuron in place (FF1 rows by hooks, FF2 column
@@ -204,7 +187,7 @@ def _check(model: nn.Module, tok, req: EditRequest, target: list[int], mlp: _Mlp
         return out + add.reshape(out.shape).to(out.dtype)
 
     with owned_hooks() as hooks, capture_inputs(model, list(in_names.values())) as cap:
-        _ff1_hooks(hooks, mlp, [neuron])
+        ff1_hooks(hooks, mlp, [neuron])
         hooks.forward_hook(mlp.ff2, ff2_hook)
         logits = model(input_ids=ids, use_cache=False).logits
     pred = logits[0, n - 1: n - 1 + len(target)].argmax(-1).cpu()
@@ -212,7 +195,7 @@ def _check(model: nn.Module, tok, req: EditRequest, target: list[int], mlp: _Mlp
     return bool((pred == torch.tensor(target)).all()), fired.get("a", 0.0), after
 
 
-def _deltas(mlp: _Mlp, layer: int, j: int, rows: list[torch.Tensor], col: torch.Tensor, act: float,
+def _deltas(mlp: Mlp, layer: int, j: int, rows: list[torch.Tensor], col: torch.Tensor, act: float,
             hp: ShiftSubjectHyperParams) -> list[WeightDelta]:
     """Rank-one deltas writing neuron ``j``: FF1 row(s) (the up row scaled to ``activation`` at the subject) and
     FF2 column ``col`` (the value per unit of activation)."""
@@ -224,13 +207,13 @@ def _deltas(mlp: _Mlp, layer: int, j: int, rows: list[torch.Tensor], col: torch.
         final = hp.activation
     for slot, row in enumerate(rows):
         module, name, r = mlp.row(slot, j)
-        weight = _canonical(module)
-        out.append(WeightDelta(name, weight_layout(module), left=_one_hot(weight.shape[0], r)[:, None],
+        weight = canonical(module)
+        out.append(WeightDelta(name, weight_layout(module), left=one_hot(weight.shape[0], r)[:, None],
                                right=(row - weight[r].float().cpu())[None], layer=layer))
     old = mlp.ff2_weight()[:, j].float().cpu()
     new = col * (act / final)
     out.append(WeightDelta(mlp.ff2_name, weight_layout(mlp.ff2), left=(new - old)[:, None],
-                           right=_one_hot(mlp.d_ff, j)[None], layer=layer))
+                           right=one_hot(mlp.d_ff, j)[None], layer=layer))
     return out
 
 
@@ -240,10 +223,10 @@ def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hp
     hp = hparams
     adapter = adapter_for(model, hp)
     layers = list(dict.fromkeys(adapter.check_layer(x) for x in hp.layers))
-    mlps = {layer: _mlp(adapter, layer) for layer in layers}
+    mlps = {layer: mlp_of(adapter, layer) for layer in layers}
     dmat = adapter.decoding_matrix().detach().float().cpu()
     dec_unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    taken = {layer: _memory_used(memory, mlps[layer]) for layer in layers}
+    taken = {layer: memory_used(memory, mlps[layer]) for layer in layers}
     in_names = {x: mlps[x].ff1[0][0] for x in layers}
     templates = context_templates(model, tok, hp.context_template_length_params, hp.context_seed)
 
@@ -275,15 +258,15 @@ def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hp
         for layer in room:
             entry["layers_tried"].append(layer)
             mlp = mlps[layer]
-            gen = _Generic(*_generic(model, tok, adapter, layer, hp))
+            gen = GenericView(*generic_stats(model, tok, adapter, layer, hp))
             param_in = f"{in_names[layer]}.weight"
-            earlier = _earlier_keys(memory, new_keys, param_in) if hp.memory_weight > 0 else None
-            neg = _negatives(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
-            pool = _SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
+            earlier = earlier_keys(memory, new_keys, param_in) if hp.memory_weight > 0 else None
+            neg = generic_keys(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
+            pool = SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
             w2 = mlp.ff2_weight().float().cpu()
-            j = _free_neurons(w2, layer, gen.act_m2 * (w2.double() ** 2).sum(0), 1, taken[layer], dec_unit)[0]
+            j = free_neurons(w2, layer, gen.act_m2 * (w2.double() ** 2).sum(0), 1, taken[layer], dec_unit)[0]
             rows, gate = _design(prep.keys[in_names[layer]], contrast.get(in_names[layer]), j, mlp, gen, pool, hp)
-            fires = _fires_on(gate, neg) if neg is not None else None
+            fires = fires_on(gate, neg) if neg is not None else None
             entry.update({"layer": layer, "neuron": j, "spreads": round(gate.spreads, 2),
                           **({"generic_fires": fires} if fires is not None else {})})
             then = "trying the next layer" if layer != room[-1] else "request not applied"
@@ -297,7 +280,7 @@ def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hp
             entry["backward_passes"] += value.steps
             entry.update({"value_norm": round(float(value.delta.norm()), 3), "value_loss": round(value.losses[-1], 4),
                           "value_steps": value.steps})
-            neuron = _Neuron(j, fact, rows, value.delta, w2[:, j].clone())
+            neuron = Neuron(j, fact, rows, value.delta, w2[:, j].clone())
             with torch.no_grad():
                 ok, act, after = _check(model, tok, req, target, mlp, neuron, value.delta, fact, in_names)
             entry["forward_passes"] += 1
@@ -308,7 +291,7 @@ def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hp
                 continue
             deltas += _deltas(mlp, layer, j, rows, value.delta.float().cpu() / act, act, hp)
             final = hp.activation if mlp.kind != "plain" else act
-            new_keys.setdefault(mlp.ff2_param, []).append(_one_hot(mlp.d_ff, j) * final)
+            new_keys.setdefault(mlp.ff2_param, []).append(one_hot(mlp.d_ff, j) * final)
             taken[layer].add(j)
             for name in in_names.values():  # subject keys as the edited model computes them (above L they move)
                 new_keys.setdefault(f"{name}.weight", []).append(after[name][0])
@@ -327,9 +310,9 @@ def prime_shift_subject(model: nn.Module, tok, hparams: ShiftSubjectHyperParams)
     adapter = adapter_for(model, hparams)
     layers = list(dict.fromkeys(adapter.check_layer(x) for x in hparams.layers))
     for layer in layers:
-        _generic(model, tok, adapter, layer, hparams)
+        generic_stats(model, tok, adapter, layer, hparams)
     if hparams.negatives:
-        _negatives(model, tok, adapter, layers, hparams)
+        generic_keys(model, tok, adapter, layers, hparams)
     context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
 
 

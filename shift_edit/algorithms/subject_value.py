@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from ..architectures import ModelAdapter
 from ..hooks import capture_inputs, owned_hooks
@@ -170,8 +171,6 @@ def _prepare(model: nn.Module, tok, adapter: ModelAdapter, req: EditRequest, tar
     rows = build_rows(tok, req, target, templates, fact_token, cached=cached, device=device)
     cache, passes, saved = None, 0, []
     if rows.prefix.shape[1]:
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         width_f = rows.prefix.shape[1]
         model(input_ids=rows.prefix, attention_mask=rows.mask[:, :width_f], position_ids=rows.pos_prefix,

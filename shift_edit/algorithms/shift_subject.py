@@ -59,13 +59,14 @@ from ..registry import Computed, register
 from ..requests import EditRequest, encode_target
 from ..scoring import pad_batch, pad_id_of
 from .common import adapter_for
-from .rome import LocateEditHyperParams, context_templates, encode_with_fact_index, prompt_template
-from .subject_value import fit_value, prepare
 from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, earlier_keys, ff1_hooks, fires_on,
                       free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows, one_hot)
+from .rome import LocateEditHyperParams, context_templates, encode_with_fact_index, prompt_template
 from .shift_plus import CONTRAST_SUBJECTS
+from .subject_value import fit_value, prepare
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(kw_only=True)
 class ShiftSubjectHyperParams(LocateEditHyperParams):
@@ -106,8 +107,8 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
     max_generic_fires: int | None = None
     ridge: float = 0.01
     if_unreached: Literal["apply", "skip"] = "apply"
-    v_num_grad_steps: int = 6
-    v_lr: float = 1.0
+    v_num_grad_steps: int = 8
+    v_lr: float = 2.0
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[5, 5]])
     mom2_n_tokens: int = 50_000
     mom2_max_length: int = 128
@@ -217,6 +218,66 @@ def _deltas(mlp: Mlp, layer: int, j: int, rows: list[torch.Tensor], col: torch.T
     return out
 
 
+@dataclasses.dataclass
+class _Context:
+    """What every request of one call shares: the layers, their MLPs and what is taken in them, the keys of the
+    edits made so far (the memory's, then this call's) and the generic sample."""
+
+    model: nn.Module
+    tok: object
+    adapter: object
+    hp: ShiftSubjectHyperParams
+    memory: EditMemory | None
+    layers: list[int]
+    mlps: dict[int, Mlp]
+    in_names: dict[int, str]
+    dec_unit: torch.Tensor
+    taken: dict[int, set[int]]
+    new_keys: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
+def _try_layer(ctx: _Context, layer: int, req: EditRequest, target: list[int], prep, contrast: dict, fact: int,
+               entry: dict, then: str) -> list[WeightDelta] | None:
+    """Design, fit and check the request's neuron at ``layer``; its deltas, or None if refused there (the screen,
+    or not top-1 with ``if_unreached: skip``). Records the neuron's keys in ``ctx`` when it is written."""
+    hp, mlp, in_name = ctx.hp, ctx.mlps[layer], ctx.in_names[layer]
+    gen = GenericView(*generic_stats(ctx.model, ctx.tok, ctx.adapter, layer, hp))
+    earlier = earlier_keys(ctx.memory, ctx.new_keys, f"{in_name}.weight") if hp.memory_weight > 0 else None
+    neg = generic_keys(ctx.model, ctx.tok, ctx.adapter, ctx.layers, hp)[layer] if hp.negatives else None
+    pool = SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
+    w2 = mlp.ff2_weight().float().cpu()
+    j = free_neurons(w2, layer, gen.act_m2 * (w2.double() ** 2).sum(0), 1, ctx.taken[layer], ctx.dec_unit)[0]
+    rows, gate = _design(prep.keys[in_name], contrast.get(in_name), j, mlp, gen, pool, hp)
+    fires = fires_on(gate, neg) if neg is not None else None
+    entry.update({"layer": layer, "neuron": j, "spreads": round(gate.spreads, 2),
+                  **({"generic_fires": fires} if fires is not None else {})})
+    if hp.max_generic_fires is not None and fires > hp.max_generic_fires:
+        log.warning("SHIFT_SUBJECT: the neuron for %r at layer %d would fire on %d of %d generic tokens "
+                    "(max_generic_fires %d); %s", req.text + req.target_new, layer, fires, len(neg),
+                    hp.max_generic_fires, then)
+        return None
+    value = fit_value(ctx.model, ctx.adapter, layer, prep, target, hp)
+    entry["forward_passes"] += value.forward_passes
+    entry["backward_passes"] += value.steps
+    entry.update({"value_norm": round(float(value.delta.norm()), 3), "value_loss": round(value.losses[-1], 4),
+                  "value_steps": value.steps})
+    neuron = Neuron(j, fact, rows, value.delta, w2[:, j].clone())
+    with torch.no_grad():
+        ok, act, after = _check(ctx.model, ctx.tok, req, target, mlp, neuron, value.delta, fact, ctx.in_names)
+    entry["forward_passes"] += 1
+    entry.update({"top1": ok, "activation_at_edit": round(act, 4)})
+    if act <= 1e-6 or (not ok and hp.if_unreached == "skip"):
+        log.warning("SHIFT_SUBJECT: %r is not top-1 with the neuron at layer %d (activation %.3g); %s",
+                    req.text + req.target_new, layer, act, then)
+        return None
+    final = hp.activation if mlp.kind != "plain" else act
+    ctx.new_keys.setdefault(mlp.ff2_param, []).append(one_hot(mlp.d_ff, j) * final)
+    ctx.taken[layer].add(j)
+    for name in ctx.in_names.values():  # subject keys as the edited model computes them (above L they move)
+        ctx.new_keys.setdefault(f"{name}.weight", []).append(after[name][0])
+    return _deltas(mlp, layer, j, rows, value.delta.float().cpu() / act, act, hp)
+
+
 def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hparams: ShiftSubjectHyperParams,
                           *, memory: EditMemory | None = None) -> Computed:
     """Deltas of SHIFT_SUBJECT, computed against ``model`` as it is (not modified)."""
@@ -225,78 +286,41 @@ def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hp
     layers = list(dict.fromkeys(adapter.check_layer(x) for x in hp.layers))
     mlps = {layer: mlp_of(adapter, layer) for layer in layers}
     dmat = adapter.decoding_matrix().detach().float().cpu()
-    dec_unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    taken = {layer: memory_used(memory, mlps[layer]) for layer in layers}
-    in_names = {x: mlps[x].ff1[0][0] for x in layers}
+    ctx = _Context(model, tok, adapter, hp, memory, layers, mlps, {x: mlps[x].ff1[0][0] for x in layers},
+                   dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12),
+                   {layer: memory_used(memory, mlps[layer]) for layer in layers})
     templates = context_templates(model, tok, hp.context_template_length_params, hp.context_seed)
-
+    ff2_names = [mlps[x].ff2_name for x in layers]
+    in_names = list(ctx.in_names.values())
     deltas: list[WeightDelta] = []
     skipped: list[bool] = []
     info: list[dict] = []
-    new_keys: dict[str, list[torch.Tensor]] = {}
-    ff2_names = [mlps[x].ff2_name for x in layers]
-    top = in_names[max(layers)]
     for req in requests:
         if not req.subject:
             raise ShiftEditError(f"SHIFT_SUBJECT needs the request's subject (request {req.prompt!r})")
         target = encode_target(tok, req.text, req.target_new)
-        prep = prepare(model, tok, adapter, req, target, templates, hp.fact_token, list(in_names.values()), ff2_names)
+        prep = prepare(model, tok, adapter, req, target, templates, hp.fact_token, in_names, ff2_names)
         entry: dict = {"target_ids": target, "forward_passes": prep.passes, "backward_passes": 0}
         info.append(entry)
-        if hp.skip_if_predicted and bool((prep.logits[0].argmax(-1) == torch.tensor(target)).all()):
-            skipped.append(True)
+        skipped.append(hp.skip_if_predicted and bool((prep.logits[0].argmax(-1) == torch.tensor(target)).all()))
+        if skipped[-1]:
             continue
-        skipped.append(False)
-        room = [x for x in layers if len(taken[x]) < hp.neurons_per_layer][: hp.try_layers]
+        room = [x for x in layers if len(ctx.taken[x]) < hp.neurons_per_layer][: hp.try_layers]
         if not room:
             raise ShiftEditError(f"SHIFT_SUBJECT: layers {layers} hold {hp.neurons_per_layer} rewritten neurons "
                                  "each already; add layers or raise neurons_per_layer")
-        contrast = _contrast_keys(model, tok, req, list(in_names.values()), top, hp) if hp.n_contrast else {}
+        contrast = _contrast_keys(model, tok, req, in_names, ctx.in_names[max(layers)], hp) if hp.n_contrast else {}
         entry["forward_passes"] += 1 if contrast else 0
         entry["layers_tried"] = []
         fact = keys_fact_index(tok, req, hp)
         for layer in room:
             entry["layers_tried"].append(layer)
-            mlp = mlps[layer]
-            gen = GenericView(*generic_stats(model, tok, adapter, layer, hp))
-            param_in = f"{in_names[layer]}.weight"
-            earlier = earlier_keys(memory, new_keys, param_in) if hp.memory_weight > 0 else None
-            neg = generic_keys(model, tok, adapter, layers, hp)[layer] if hp.negatives else None
-            pool = SilentPool.of(earlier, neg if hp.negative_weight > 0 else None, hp)
-            w2 = mlp.ff2_weight().float().cpu()
-            j = free_neurons(w2, layer, gen.act_m2 * (w2.double() ** 2).sum(0), 1, taken[layer], dec_unit)[0]
-            rows, gate = _design(prep.keys[in_names[layer]], contrast.get(in_names[layer]), j, mlp, gen, pool, hp)
-            fires = fires_on(gate, neg) if neg is not None else None
-            entry.update({"layer": layer, "neuron": j, "spreads": round(gate.spreads, 2),
-                          **({"generic_fires": fires} if fires is not None else {})})
             then = "trying the next layer" if layer != room[-1] else "request not applied"
-            if hp.max_generic_fires is not None and fires > hp.max_generic_fires:
-                log.warning("SHIFT_SUBJECT: the neuron for %r at layer %d would fire on %d of %d generic tokens "
-                            "(max_generic_fires %d); %s", req.text + req.target_new, layer, fires, len(neg),
-                            hp.max_generic_fires, then)
-                continue
-            value = fit_value(model, adapter, layer, prep, target, hp)
-            entry["forward_passes"] += value.forward_passes
-            entry["backward_passes"] += value.steps
-            entry.update({"value_norm": round(float(value.delta.norm()), 3), "value_loss": round(value.losses[-1], 4),
-                          "value_steps": value.steps})
-            neuron = Neuron(j, fact, rows, value.delta, w2[:, j].clone())
-            with torch.no_grad():
-                ok, act, after = _check(model, tok, req, target, mlp, neuron, value.delta, fact, in_names)
-            entry["forward_passes"] += 1
-            entry.update({"top1": ok, "activation_at_edit": round(act, 4)})
-            if act <= 1e-6 or (not ok and hp.if_unreached == "skip"):
-                log.warning("SHIFT_SUBJECT: %r is not top-1 with the neuron at layer %d (activation %.3g); %s",
-                            req.text + req.target_new, layer, act, then)
-                continue
-            deltas += _deltas(mlp, layer, j, rows, value.delta.float().cpu() / act, act, hp)
-            final = hp.activation if mlp.kind != "plain" else act
-            new_keys.setdefault(mlp.ff2_param, []).append(one_hot(mlp.d_ff, j) * final)
-            taken[layer].add(j)
-            for name in in_names.values():  # subject keys as the edited model computes them (above L they move)
-                new_keys.setdefault(f"{name}.weight", []).append(after[name][0])
-            break
-    mem_out = {param: torch.stack(k) for param, k in new_keys.items()}
+            written = _try_layer(ctx, layer, req, target, prep, contrast, fact, entry, then)
+            if written is not None:
+                deltas += written
+                break
+    mem_out = {param: torch.stack(k) for param, k in ctx.new_keys.items()}
     return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
 
 

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_data
+from .bench_facts import run_facts
+from ..bench.facts import FORMATS, detect_format
+from ..records import read_json_records
 from ..bench.wikitext import PerplexityProtocol
 from ..bench.runner import BenchConfig, n_shares, run_bench, shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
@@ -23,7 +26,7 @@ from .alg_hparams import find_hparams
 from .common import add_model_arguments, check_model_args, check_out_root, load_from_args
 
 NAME = "bench"
-HELP = "run the CounterFact benchmark (resumable; shards under accelerate launch)"
+HELP = "run the CounterFact, zsRE or KnowEdit benchmark (resumable; shards under accelerate launch)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
     p.add_argument("--data", default=None, help="CounterFact JSON (ROME or EasyEdit format), or a data set name (counterfact, counterfact-subset: "
                    "found in $SHIFT_EDIT_DATA or the user cache, see `shift-edit data`); 'download' fetches the official file (sha256-checked); "
-                   "'hf:NAME[:SPLIT]' a hub dataset via datasets ('hf:' = azhx/counterfact)")
+                   "'hf:NAME[:SPLIT]' a hub dataset via datasets ('hf:' = azhx/counterfact); zsRE and KnowEdit: zsre, "
+                   "knowedit-zsre, knowedit-recent, knowedit-counterfact, or their files (scored in their papers' "
+                   "families: zsre_token_acc + zsre_top1, easyedit)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="the data file's format (default: told from the first record's fields)")
     p.add_argument("--limit", type=int, default=None, help="number of records")
     p.add_argument("--start", type=int, default=0, help="skip this many records first")
     p.add_argument("--case-ids", default=None, help="comma list / ranges of case ids, e.g. 0,5,10-20")
@@ -157,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     check_out_root(args.out, "--out")
     check_model_args(args)
     data = resolve_data(args.data)
+    fmt = args.format or detect_format(read_json_records(data, unwrap="data"), data)
+    if fmt != "counterfact":
+        return run_facts(args, data, fmt)
     cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
     hparams = None
     if args.alg != "NONE":

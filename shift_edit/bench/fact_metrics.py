@@ -1,0 +1,161 @@
+"""zsRE and KnowEdit metrics, each in its papers' family (never mixed with CounterFact's ``rome``/``top1``).
+
+- ``zsre_token_acc`` (ROME/MEMIT/AlphaEdit, MEMIT's ``compute_rewrite_quality_zsre`` with ``dsets/zsre.py``):
+  the answer ``" " + answers[0]`` is tokenised alone; under teacher forcing each of its tokens is correct when
+  it is the argmax after the prompt and the answer's earlier tokens. Efficacy = mean over the answer's tokens
+  after ``src``, generalization = the same after ``rephrase``, specificity = the same for the NQ question
+  ``loc + "?"`` and its gold answer ``" " + loc_ans`` (the model's argmax against the gold tokens, edited or
+  not: MEMIT's specificity is not agreement with the unedited model). A record's value is the mean over its
+  tokens, as MEMIT's summarize averages each record's ``*_correct`` list. MEMIT re-tokenises each
+  ``prompt + decode(answer[:i])`` string; here the token ids are fed directly (the same ids wherever the
+  tokenizer is prefix-stable, as GPT-2/Llama-3 BPE is on these texts).
+- ``zsre_top1``: strict whole-answer top-1 on the same pairs (every answer token the argmax).
+- ``easyedit`` (EasyEdit's ``compute_edit_quality`` via the facade's :mod:`shift_edit.easyedit`):
+  ``rewrite_acc`` (KnowEdit's Edit Succ.), ``rephrase_acc``, per ``portability`` sub-key the token accuracy
+  of its answer, per ``locality`` sub-key the fraction of argmax tokens equal to the unedited model's, and
+  Fluency = n-gram entropy of a top-k sample after the prompt (the project's :func:`ngram_entropy`).
+  A record's ``portability``/``locality`` is the mean over its sub-keys (as EasyEdit's KnowEdit eval sums).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import easyedit as ee
+from ..requests import encode_prompt
+from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
+from .facts import FactCase
+
+ZSRE_GROUPS = (("rewrite", "efficacy"), ("paraphrase", "generalization"), ("neighborhood", "specificity"))
+
+FAMILIES = {
+    "zsre_token_acc": "MEMIT's compute_rewrite_quality_zsre: per answer token, argmax == the token under teacher "
+                      "forcing; answer ' '+answers[0] tokenised alone (no special tokens); efficacy (src), "
+                      "generalization (rephrase), specificity (loc+'?' against ' '+loc_ans, the gold NQ answer); "
+                      "record value = mean over its tokens",
+    "zsre_top1": "strict whole-answer top-1: every token of the answer is the argmax (same pairs)",
+    "easyedit": "EasyEdit compute_edit_quality (commit " + ee.EASYEDIT_COMMIT[:7] + "): rewrite_acc (Edit Succ.), "
+                "rephrase_acc, portability (per sub-key token accuracy), locality (per sub-key agreement of argmax "
+                "tokens with the unedited model's), fluency (n-gram entropy of a top-5 sample of 100 tokens after "
+                "the prompt); a record's portability/locality = mean over its sub-keys",
+}
+
+
+def families_for(fmt: str, *, fluency: bool) -> dict[str, str | None]:
+    """The metric families a data set of format ``fmt`` is scored in (params.json protocol)."""
+    if fmt == "zsre":
+        return {k: FAMILIES[k] for k in ("zsre_token_acc", "zsre_top1")}
+    return {"easyedit": FAMILIES["easyedit"], "easyedit_fluency": "n-gram entropy (easyedit)" if fluency else None}
+
+
+# --------------------------------------------------------------------------- zsRE (MEMIT)
+
+def zsre_pairs(tok, case: FactCase) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) for rewrite, paraphrase and neighborhood, in :data:`ZSRE_GROUPS` order."""
+    z = case.zsre
+    answer = list(tok(" " + z["answer"], add_special_tokens=False).input_ids)
+    loc_ans = list(tok(" " + z["loc_ans"], add_special_tokens=False).input_ids)
+    return [(encode_prompt(tok, case.request.text), answer),
+            (encode_prompt(tok, z["rephrase"]), answer),
+            (encode_prompt(tok, z["loc"] + "?"), loc_ans)]
+
+
+@torch.no_grad()
+def zsre_scores(model: nn.Module, tok, pairs_per_record: Sequence[list[tuple[list[int], list[int]]]],
+                *, batch_size: int = 64) -> list[dict[str, Any]]:
+    """The ``zsre_token_acc`` and ``zsre_top1`` families of several records, their prompts in shared batches."""
+    flat = [p for pairs in pairs_per_record for p in pairs]
+    plan = ContinuationPlan.build(flat)
+    logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id_of(tok), batch_size=batch_size)
+    scores = iter(plan.scores(logits, flat))
+    out = []
+    for _ in pairs_per_record:
+        acc: dict[str, Any] = {"correct": {}}
+        top1: dict[str, float] = {}
+        for group, name in ZSRE_GROUPS:
+            s = next(scores)
+            acc[name] = float(s.token_correct.float().mean())
+            acc["correct"][group] = [bool(x) for x in s.token_correct]
+            top1[name] = float(s.all_correct)
+        out.append({"zsre_token_acc": acc, "zsre_top1": top1})
+    return out
+
+
+# --------------------------------------------------------------------------- KnowEdit (EasyEdit)
+
+def easyedit_pre(model: nn.Module, tok, case: FactCase) -> dict[str, Any]:
+    """EasyEdit's pre-edit measurement of a record (its locality outputs are the unedited reference)."""
+    return ee.compute_edit_quality(model, tok, case.ee_request)
+
+
+def easyedit_post(model: nn.Module, tok, case: FactCase, pre: Mapping[str, Any], *, fluency: bool = False,
+                  seed: int = 0) -> dict[str, Any]:
+    """The ``easyedit`` family of a record on the model as it is now, against its unedited ``pre``."""
+    metric = {"pre": dict(pre), "post": ee.compute_edit_quality(model, tok, case.ee_request, test_generation=fluency,
+                                                                 seed=seed)}
+    ee.finalize_locality(metric, case.ee_request)
+    return summarize_easyedit(metric["post"])
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def summarize_easyedit(post: Mapping[str, Any]) -> dict[str, Any]:
+    """One record's EasyEdit numbers (fractions) from ``metric["post"]`` after ``finalize_locality``."""
+    out: dict[str, Any] = {"rewrite_acc": _mean(post.get("rewrite_acc") or [])}
+    if post.get("rephrase_acc"):
+        out["rephrase_acc"] = _mean(post["rephrase_acc"])
+    for section in ("portability", "locality"):
+        keys = {k[: -len("_acc")]: _mean(v) for k, v in (post.get(section) or {}).items()
+                if k.endswith("_acc") and v}
+        if keys:
+            out[f"{section}_keys"] = keys
+            out[section] = _mean(list(keys.values()))
+    if "fluency" in post:
+        out["fluency"] = post["fluency"]["ngram_entropy"]
+    return out
+
+
+#: table columns of the families (name, path in a result file's ``metrics``), in display order; the
+#: per-sub-key columns are ``ee_portability_<key>`` / ``ee_locality_<key>``
+COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    ("zsre_efficacy", ("zsre_token_acc", "efficacy")),
+    ("zsre_generalization", ("zsre_token_acc", "generalization")),
+    ("zsre_specificity", ("zsre_token_acc", "specificity")),
+    ("zsre_efficacy_top1", ("zsre_top1", "efficacy")),
+    ("zsre_generalization_top1", ("zsre_top1", "generalization")),
+    ("zsre_specificity_top1", ("zsre_top1", "specificity")),
+]
+PORTABILITY_KEYS = ("Reasoning", "Subject_Aliasing", "Logical_Generalization")
+LOCALITY_KEYS = ("Relation_Specificity", "Forgetfulness")
+EE_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    *[(f"ee_portability_{k}", ("easyedit", "portability_keys", k)) for k in PORTABILITY_KEYS],
+    *[(f"ee_locality_{k}", ("easyedit", "locality_keys", k)) for k in LOCALITY_KEYS],
+]
+
+
+def flat_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A record's family values as flat columns (fractions): the ``zsre_*`` columns of :data:`COLUMNS`, and
+    ``ee_rewrite_acc``, ``ee_rephrase_acc``, ``ee_portability``, ``ee_locality``, ``ee_fluency`` (n-gram
+    entropy) and the per-sub-key ``ee_portability_<key>`` / ``ee_locality_<key>``."""
+    out: dict[str, float] = {}
+    for name, path in COLUMNS:
+        v: Any = metrics
+        for k in path:
+            v = v.get(k) if isinstance(v, Mapping) else None
+        if isinstance(v, (int, float)):
+            out[name] = float(v)
+    e = metrics.get("easyedit") or {}
+    for key in ("rewrite_acc", "rephrase_acc", "portability", "locality", "fluency"):
+        if e.get(key) is not None:
+            out[f"ee_{key}"] = float(e[key])
+    for section in ("portability", "locality"):
+        for k, v in (e.get(f"{section}_keys") or {}).items():
+            if v is not None:
+                out[f"ee_{section}_{k}"] = float(v)
+    return out

@@ -261,3 +261,69 @@ def test_fetch_zsre_checks_the_git_blob_id(tmp_path):
         sdata.fetch_data("zsre", tmp_path / "dest", url=src.as_uri())
     assert not list((tmp_path / "dest").rglob("*.json"))
     assert sdata.git_blob_id(src) == "0637a088a01e8ddab3bf3fa98dbe804cbde1a0dc"  # `git hash-object` of "[]"
+
+
+# --------------------------------------------------------------------------- CounterFact portability, summaries
+
+def test_counterfact_portability_is_easyedit_token_accuracy_on_records_that_have_it(byte_tok, tmp_path):
+    from test_bench import rome_record
+
+    from shift_edit.bench import data as bdata
+    from shift_edit.bench.runner import BenchConfig, run_bench
+
+    recs = [rome_record(i, subject=f"Sub{i}") for i in range(3)]
+    for r in recs[:2]:
+        r["portability"] = {"New Question": f"Which team does {r['requested_rewrite']['subject']} join?",
+                            "New Answer": "Paris FC"}
+    path = write(tmp_path, recs, "cf.json")
+    model = tiny_model("llama")
+    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, skip_wild=True,
+                      neighborhood_kl=False, portability=True)
+    run = run_bench(model, byte_tok, bdata.load_counterfact(path), cfg, tmp_path / "out", data_info={"sha256": "x"},
+                    model_name="tiny", rank=0, world_size=1, progress=False)
+    assert "easyedit_portability" in json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]
+    assert "easyedit_portability" not in BenchConfig(alg="NONE", hparams=None).protocol()["metric_families"]
+    cases = bdata.load_counterfact(path)
+    for i in range(3):
+        got = json.loads((run / f"case_{i}.json").read_text())["metrics"]
+        if i == 2:
+            assert "easyedit_portability" not in got
+            continue
+        result = se.edit(model, byte_tok, [cases[i].request], se.ShiftHyperParams(**HP))
+        try:
+            want = hand_ee(model, byte_tok, recs[i]["portability"]["New Question"], "Paris FC")[0]
+        finally:
+            result.undo()
+        assert got["easyedit_portability"]["acc"] == pytest.approx(want)
+        assert set(got) >= {"rome", "top1"}  # the CounterFact families beside it, each under its own name
+
+
+def test_summarize_gives_one_table_per_data_set_and_fact_curves(byte_tok, tmp_path):
+    from shift_edit.bench.seq_summary import curves, summarize_sequential
+    from shift_edit.bench.summarize import load_reference, summarize_run, to_markdown_by_dataset
+
+    model = tiny_model("llama")
+    rows = []
+    for fmt, recs in (("zsre", zsre_records(2)), ("knowedit", knowedit_records(2))):
+        path = write(tmp_path, recs, f"{fmt}.json")
+        cfg = FactBenchConfig(alg="NONE", hparams=None, dataset=f"my-{fmt}", fmt=fmt, fluency=False)
+        rows.append(summarize_run(run_fact_bench(model, byte_tok, load_facts(path), cfg, tmp_path / fmt,
+                                                 data_info={"sha256": "x"}, model_name="tiny", progress=False)))
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"source": "paper", "model": "GPT-J", "n": 10, "dataset": "my-zsre",
+                               "metric_family": "zsre_token_acc", "rows": [{"alg": "ROME", "metrics": {"zsre_efficacy": 90.0}}]}))
+    rows += load_reference(ref)
+    md = to_markdown_by_dataset(rows)
+    zsre_part, know_part = md.split("## my-knowedit")
+    assert "## my-zsre" in zsre_part and "zsre_efficacy" in zsre_part and "ee_rewrite_acc" not in zsre_part
+    assert "published (ROME, GPT-J" in zsre_part and "published" not in know_part
+    assert "ee_locality_Relation_Specificity" in know_part and "zsre_" not in know_part.split("Families")[0]
+    assert rows[1]["metrics"]["ee_locality"]["mean"] == 100.0
+    path = write(tmp_path, zsre_records(2), "zseq.json")
+    cfg = SequentialConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), total=2, ppl=False, skip_wild=True)
+    run = run_sequential(model, byte_tok, load_facts(path), cfg, tmp_path / "seq", data_info={}, model_name="tiny",
+                         progress=False, scoring=FactScoring("zsre", "zsre"))
+    seq_rows = summarize_sequential(run)
+    assert seq_rows[0]["dataset"] == "zsre" and "zsre_specificity" in seq_rows[0]["metrics"]
+    crow = curves([run])[0]
+    assert crow["dataset"] == "zsre" and crow["zsre_efficacy"] is not None and "unedited_zsre_efficacy" in crow

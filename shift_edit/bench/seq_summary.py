@@ -12,11 +12,14 @@ from typing import Any
 
 from ..errors import ShiftEditError
 from ..plots import plot_ppl
-from .summarize import _hparams_tag
+from .summarize import _hparams_tag, dataset_of
 
 #: curve columns: (column, where in a checkpoint, metric name)
 CURVE_METRICS = ("efficacy_top1", "ES", "paraphrase_top1", "PS", "rephrase_top1", "RS", "neighborhood_top1", "NS",
-                 "gen_efficacy", "gen_paraphrase", "gen_rephrase", "gen_neighborhood")
+                 "gen_efficacy", "gen_paraphrase", "gen_rephrase", "gen_neighborhood",
+                 # zsRE (zsre_token_acc) and KnowEdit (easyedit) runs
+                 "zsre_efficacy", "zsre_generalization", "zsre_specificity", "zsre_efficacy_top1",
+                 "ee_rewrite_acc", "ee_rephrase_acc", "ee_portability", "ee_locality")
 
 
 def is_sequential(run_dir: str | Path) -> bool:
@@ -58,7 +61,7 @@ def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
     base = dict(last["unedited_metrics"])
     if last.get("unedited_wikitext_ppl") is not None:
         base["wikitext_ppl"] = {"n": 1, "mean": last["unedited_wikitext_ppl"], "std": None, "ci95": None}
-    common = {"model": model, "n": n, "run_dir": str(run_dir), "protocol": match, "data": params.get("data"),
+    common = {"model": model, "n": n, "dataset": dataset_of(match), "run_dir": str(run_dir), "protocol": match, "data": params.get("data"),
               "provenance": params.get("provenance"), "sequential": {"T": n, "B": b, "T_planned": t_plan}}
     return [
         {"label": f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {model}, sequential T={n}{plan}, B={b})",
@@ -92,7 +95,8 @@ def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     for (params, summary), run in zip(loaded, names):
         alg = params["match"]["alg"]
         for c in sorted(summary["checkpoints"], key=lambda c: c["n_edits"]):
-            row: dict[str, Any] = {"run": run, "alg": alg, "B": summary["B"], "n_edits": c["n_edits"]}
+            row: dict[str, Any] = {"run": run, "alg": alg, "dataset": dataset_of(params["match"]), "B": summary["B"],
+                                   "n_edits": c["n_edits"]}
             for m in CURVE_METRICS:
                 if m in c["metrics"]:
                     row[m] = c["metrics"][m]["mean"]
@@ -143,6 +147,14 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
               ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
                "neighborhood (%), dashed: unedited on the same records"),
               ("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited")]
+    if any(r.get("zsre_efficacy") is not None for r in rows):
+        panels.append(("retention_zsre.png", [("zsre_efficacy", "zsRE efficacy (token acc.)"),
+                                              ("zsre_specificity", "zsRE specificity (token acc.)")],
+                       "zsre_token_acc (%), specificity dashed: unedited"))
+    if any(r.get("ee_rewrite_acc") is not None for r in rows):
+        panels.append(("retention_knowedit.png", [("ee_rewrite_acc", "KnowEdit Edit Succ."),
+                                                  ("ee_locality", "KnowEdit locality")],
+                       "easyedit (%), locality dashed: unedited"))
     if any(r.get("gen_efficacy") is not None for r in rows):
         panels.append(("generation.png", [("gen_efficacy", "WILD-style generation, rewrite prompt"),
                                           ("gen_paraphrase", "WILD-style generation, paraphrases")],

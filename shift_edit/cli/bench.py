@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "families: zsre_token_acc + zsre_top1, easyedit)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="the data file's format (default: told from the first record's fields)")
+    p.add_argument("--portability", action="store_true",
+                   help="CounterFact: also score EasyEdit's portability question on the records that have one "
+                        "(family easyedit_portability, column cf_portability; e.g. counterfact-original-format-"
+                        "portability1031.json)")
     p.add_argument("--limit", type=int, default=None, help="number of records")
     p.add_argument("--start", type=int, default=0, help="skip this many records first")
     p.add_argument("--case-ids", default=None, help="comma list / ranges of case ids, e.g. 0,5,10-20")
@@ -125,6 +129,8 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
         raise ShiftEditError("--sequential uses --batch-edits B, not --num-edits")
     if args.procs != 1:
         raise ShiftEditError("--sequential runs in one process (--procs 1)")
+    if args.portability:
+        raise ShiftEditError("--portability is scored in single-edit runs only (not --sequential)")
     if args.ppl_lines < 0:
         raise ShiftEditError(f"--ppl-lines must be >= 0, got {args.ppl_lines}")
     if args.ppl_lines and wikitext is None:
@@ -190,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
                       wikitext=wikitext, batch_size=args.batch_size,
                       neighborhood_kl=not args.no_kl, num_edits=args.num_edits, gen_records=args.gen_records,
-                      gen_every=args.gen_every, **wild_options(args))
+                      gen_every=args.gen_every, portability=args.portability, **wild_options(args))
     rank, world = shard_env()
     if args.procs > 1 and world == 1:
         procs = clamp_procs(args.procs, n_shares(len(cases), cfg))

@@ -24,7 +24,8 @@ def _refuse_counterfact_options(args: argparse.Namespace) -> None:
     """Options of the CounterFact families only: one line instead of being ignored."""
     bad = [flag for flag, on in (("--case-ids", args.case_ids is not None), ("--ppl-every", args.ppl_every > 0),
                                  ("--no-kl", args.no_kl), ("--wild-neighborhood", args.wild_neighborhood),
-                                 ("--procs", args.procs != 1)) if on]
+                                 ("--procs", args.procs != 1),
+                                 ("--portability", args.portability)) if on]
     if bad:
         raise ShiftEditError(f"{', '.join(bad)}: not used with zsRE / KnowEdit data (their families are "
                              "zsre_token_acc/zsre_top1 or easyedit); use --start/--limit to select records")

@@ -95,8 +95,7 @@ def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     for (params, summary), run in zip(loaded, names):
         alg = params["match"]["alg"]
         for c in sorted(summary["checkpoints"], key=lambda c: c["n_edits"]):
-            row: dict[str, Any] = {"run": run, "alg": alg, "dataset": dataset_of(params["match"]), "B": summary["B"],
-                                   "n_edits": c["n_edits"]}
+            row: dict[str, Any] = {"run": run, "alg": alg, "B": summary["B"], "n_edits": c["n_edits"]}
             for m in CURVE_METRICS:
                 if m in c["metrics"]:
                     row[m] = c["metrics"][m]["mean"]
@@ -112,6 +111,7 @@ def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             norms = c.get("norms") or {}
             row["max_rel_delta_fro"] = max((v["delta_fro"] / v["base_fro"] for v in norms.values()), default=None)
             row["max_delta_spectral"] = max((v["delta_spectral"] for v in norms.values()), default=None)
+            row["dataset"] = dataset_of(params["match"])  # (last: the CSV's earlier columns keep their order)
             rows.append(row)
     return rows
 

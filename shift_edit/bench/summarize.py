@@ -207,10 +207,10 @@ def load_reference(path: str | Path) -> list[dict[str, Any]]:
     seq = ref.get("sequential")  # lifelong-editing tables: rows labelled with T and B
     for r in ref["rows"]:
         model = r.get("model", ref["model"])
-        size = f"T={seq['T']}, B={seq['B']}" if seq else f"N={ref['n']}"
+        size = f"T={seq['T']}, B={seq['B']}" if seq else (f"N={ref['n']}" if ref.get("n") else "N not stated")
         label = f"published ({r['alg']}, {model}, {size}; {ref['source']})"
-        metrics = {k: {"n": ref["n"], "mean": v, "std": None, "ci95": None} for k, v in r["metrics"].items()}
-        rows.append({"label": label, "kind": "published", "alg": r["alg"], "model": model, "n": ref["n"],
+        metrics = {k: {"n": ref.get("n"), "mean": v, "std": None, "ci95": None} for k, v in r["metrics"].items()}
+        rows.append({"label": label, "kind": "published", "alg": r["alg"], "model": model, "n": ref.get("n"),
                      "dataset": ref.get("dataset", "counterfact"),
                      "metrics": metrics, "family": ref.get("metric_family")})
     return rows

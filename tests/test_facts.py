@@ -327,3 +327,31 @@ def test_summarize_gives_one_table_per_data_set_and_fact_curves(byte_tok, tmp_pa
     assert seq_rows[0]["dataset"] == "zsre" and "zsre_specificity" in seq_rows[0]["metrics"]
     crow = curves([run])[0]
     assert crow["dataset"] == "zsre" and crow["zsre_efficacy"] is not None and "unedited_zsre_efficacy" in crow
+
+
+def test_cli_single_sequential_and_summarize_on_fact_files(byte_tok, tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    byte_tok.save_pretrained(folder)
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("alg_name: SHIFT\nlayers: [1]\neta: 40.0\nskip_if_predicted: false\nmax_relative_norm: null\n")
+    z = write(tmp_path, zsre_records(3), "z.json")
+    k = write(tmp_path, knowedit_records(2), "k.json")
+    out = tmp_path / "res"
+    common = ["--model", str(folder), "--out", str(out), "--no-progress"]
+    for args in (["bench", "--alg", "NONE", "--data", str(z)],
+                 ["bench", "--alg", "SHIFT", "--hparams", str(hp), "--data", str(k), "--skip-generation"],
+                 ["bench", "--alg", "SHIFT", "--hparams", str(hp), "--data", str(z), "--sequential", "3",
+                  "--batch-edits", "2", "--ppl-lines", "0"]):
+        r = _cli(args + common)
+        assert r.returncode == 0, r.stderr
+    r = _cli(["bench", "--alg", "NONE", "--data", str(k), "--case-ids", "0"] + common)
+    assert r.returncode == 2 and "--case-ids" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli(["summarize", str(out / "NONE" / "run_000"), str(out / "SHIFT" / "run_000"), str(out / "SHIFT" / "seq_000"),
+              "--out", str(tmp_path / "sum"), "--no-plot"])
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "sum" / "summary.md").read_text()
+    assert "## z\n" in md and "## k\n" in md
+    assert md.index("zsre_efficacy") < md.index("## k\n") < md.index("ee_rewrite_acc")
+    curves = (tmp_path / "sum" / "curves.csv").read_text()
+    assert "zsre_efficacy" in curves.splitlines()[0]

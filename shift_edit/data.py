@@ -15,6 +15,7 @@ against a sha256 before they are kept.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import urllib.request
@@ -107,8 +108,6 @@ DATA_FILES: dict[str, DataFile] = {d.name: d for d in (
 
 def git_blob_id(path: Path) -> str:
     """The git blob id of a file: sha1 of ``blob <size>\\0`` followed by its bytes."""
-    import hashlib
-
     h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 (git's id, not a security use)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

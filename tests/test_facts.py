@@ -355,3 +355,15 @@ def test_cli_single_sequential_and_summarize_on_fact_files(byte_tok, tmp_path):
     assert md.index("zsre_efficacy") < md.index("## k\n") < md.index("ee_rewrite_acc")
     curves = (tmp_path / "sum" / "curves.csv").read_text()
     assert "zsre_efficacy" in curves.splitlines()[0]
+
+
+def test_export_refuses_a_fact_run_in_one_line(byte_tok, tmp_path):
+    from shift_edit.bench.export import export_run
+
+    path = write(tmp_path, zsre_records(1), "z.json")
+    cfg = FactBenchConfig(alg="NONE", hparams=None, dataset="zsre", fmt="zsre")
+    run = run_fact_bench(tiny_model("llama"), byte_tok, load_facts(path), cfg, tmp_path / "o", data_info={},
+                         model_name="tiny", progress=False)
+    with pytest.raises(se.ShiftEditError, match="a zsre run"):
+        export_run(run, tmp_path / "exp", "rome")
+    assert not (tmp_path / "exp").exists()

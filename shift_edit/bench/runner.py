@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import easyedit as ee  # (the facade imports this package: its names are read at call time)
 from ..algorithms.common import adapter_for
 from ..architectures import ModelAdapter
 from ..editing import edit
@@ -292,9 +293,7 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
         m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
     port = prep.case.raw.get("portability") if cfg.portability else None
     if isinstance(port, dict) and isinstance(port.get("New Question"), str) and isinstance(port.get("New Answer"), str):
-        from ..easyedit import token_accuracy  # (the facade imports this package)
-
-        acc = token_accuracy(model, tok, port["New Question"], port["New Answer"])
+        acc = ee.token_accuracy(model, tok, port["New Question"], port["New Answer"])
         m["easyedit_portability"] = {"acc": sum(acc) / len(acc) if acc else None}
     if cfg.ppl_every and ppl_lines is not None and prep.position % cfg.ppl_every == 0:
         m["perplexity"] = {"value": perplexity(model, tok, ppl_lines, cfg.ppl_protocol), **cfg.ppl_protocol.to_dict()}

@@ -17,13 +17,13 @@ from ..bench.wikitext import PerplexityProtocol
 from ..bench.runner import BenchConfig, n_shares, run_bench, shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
 from ..bench.wild import DEFAULT_MAX_NEW_TOKENS
-from ..data import find_data
 from ..errors import ShiftEditError
 from ..loading import check_model_name
 from ..registry import algorithm_names
 from ..resources import hparams_model_mismatch
 from .alg_hparams import find_hparams
-from .common import add_model_arguments, check_model_args, check_out_root, load_from_args
+from .common import add_model_arguments, check_model_args, check_out_root, default_wikitext, load_from_args
+from .common import parse_eval_at as _parse_eval_at
 
 NAME = "bench"
 HELP = "run the CounterFact, zsRE or KnowEdit benchmark (resumable; shards under accelerate launch)"
@@ -112,14 +112,6 @@ def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
                    help="save the resumable state at least every N edits (and at every checkpoint; default 50)")
 
 
-def _parse_eval_at(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ShiftEditError(f"--eval-at takes comma-separated integers, got {text!r}") from None
-
 
 def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext) -> int:
     """``bench --sequential``: checks everything before the model is loaded, then runs."""
@@ -151,11 +143,6 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
     print(f"results: {run_dir}")
     return 0
 
-
-def default_wikitext() -> str | None:
-    """The local WikiText-2 test file by :mod:`shift_edit.data`'s order, or None."""
-    p = find_data("wikitext")
-    return str(p) if p is not None else None
 
 
 def run(args: argparse.Namespace) -> int:

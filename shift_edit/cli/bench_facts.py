@@ -17,7 +17,7 @@ from ..errors import ShiftEditError
 from ..loading import check_model_name
 from ..resources import hparams_model_mismatch
 from .alg_hparams import find_hparams
-from .common import load_from_args
+from .common import default_wikitext, load_from_args, parse_eval_at
 
 
 def _refuse_counterfact_options(args: argparse.Namespace) -> None:
@@ -70,15 +70,13 @@ def _sequential(args: argparse.Namespace, cases, hparams, info: dict, fmt: str, 
         raise ShiftEditError("--sequential uses --batch-edits B, not --num-edits")
     if args.ppl_lines < 0:
         raise ShiftEditError(f"--ppl-lines must be >= 0, got {args.ppl_lines}")
-    from .bench import _parse_eval_at, default_wikitext  # (cli.bench imports this module)
-
     wikitext = args.wikitext
     if args.ppl_lines and wikitext is None:
         wikitext = default_wikitext()
         if wikitext is None:
             raise ShiftEditError("perplexity needs --wikitext FILE or $SHIFT_EDIT_DATA's wikitext (or --ppl-lines 0)")
     cfg = SequentialConfig(alg=args.alg, hparams=hparams, total=args.sequential, batch_edits=args.batch_edits,
-                           eval_at=_parse_eval_at(args.eval_at),
+                           eval_at=parse_eval_at(args.eval_at),
                            seed=args.seed, shuffle_seed=args.shuffle_seed, ppl=args.ppl_lines > 0,
                            ppl_protocol=PerplexityProtocol(name="paper", n_lines=max(1, args.ppl_lines)),
                            wikitext=wikitext, batch_size=args.batch_size, save_every=args.save_every, skip_wild=True)

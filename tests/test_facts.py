@@ -57,21 +57,23 @@ def write(tmp_path: Path, recs, name: str) -> Path:
 # --------------------------------------------------------------------------- hand computations
 
 @torch.no_grad()
-def hand_token_correct(model, prompt_ids: list[int], answer_ids: list[int]) -> list[bool]:
-    """One plain forward pass of prompt + answer: is each answer token the argmax at the position before it?"""
-    ids = torch.tensor([prompt_ids + answer_ids])
-    logits = model(input_ids=ids).logits[0]
-    n = len(prompt_ids)
-    return [int(logits[n - 1 + i].argmax()) == a for i, a in enumerate(answer_ids)]
+def hand_memit(model, tok, prompt: str, answer: str) -> list[bool]:
+    """MEMIT's test_batch_prediction_acc written out, one plain forward pass per answer token: the argmax after
+    tok(prompt + decode(ans[:i])) against the first id of tok(decode(ans[i]))."""
+    ans = tok(" " + answer, add_special_tokens=False).input_ids
+    out = []
+    for i in range(len(ans)):
+        ids = tok(prompt + tok.decode(ans[:i])).input_ids
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        out.append(int(logits.argmax()) == tok(tok.decode(ans[i]), add_special_tokens=False).input_ids[0])
+    return out
 
 
 def hand_zsre(model, tok, rec: dict) -> dict[str, list[bool]]:
     """MEMIT's zsRE scoring written out: ' '+answers[0] tokenised alone; loc + '?' against ' '+loc_ans."""
-    ans = tok(" " + rec["answers"][0], add_special_tokens=False).input_ids
-    loc = tok(" " + rec["loc_ans"], add_special_tokens=False).input_ids
-    return {"efficacy": hand_token_correct(model, tok(rec["src"]).input_ids, ans),
-            "generalization": hand_token_correct(model, tok(rec["rephrase"]).input_ids, ans),
-            "specificity": hand_token_correct(model, tok(rec["loc"] + "?").input_ids, loc)}
+    return {"efficacy": hand_memit(model, tok, rec["src"], rec["answers"][0]),
+            "generalization": hand_memit(model, tok, rec["rephrase"], rec["answers"][0]),
+            "specificity": hand_memit(model, tok, rec["loc"] + "?", rec["loc_ans"])}
 
 
 @torch.no_grad()

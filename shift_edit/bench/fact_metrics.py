@@ -1,14 +1,15 @@
 """zsRE and KnowEdit metrics, each in its papers' family (never mixed with CounterFact's ``rome``/``top1``).
 
 - ``zsre_token_acc`` (ROME/MEMIT/AlphaEdit, MEMIT's ``compute_rewrite_quality_zsre`` with ``dsets/zsre.py``):
-  the answer ``" " + answers[0]`` is tokenised alone; under teacher forcing each of its tokens is correct when
-  it is the argmax after the prompt and the answer's earlier tokens. Efficacy = mean over the answer's tokens
-  after ``src``, generalization = the same after ``rephrase``, specificity = the same for the NQ question
-  ``loc + "?"`` and its gold answer ``" " + loc_ans`` (the model's argmax against the gold tokens, edited or
-  not: MEMIT's specificity is not agreement with the unedited model). A record's value is the mean over its
-  tokens, as MEMIT's summarize averages each record's ``*_correct`` list. MEMIT re-tokenises each
-  ``prompt + decode(answer[:i])`` string; here the token ids are fed directly (the same ids wherever the
-  tokenizer is prefix-stable, as GPT-2/Llama-3 BPE is on these texts).
+  the answer ``" " + answers[0]`` is tokenised alone; for each of its tokens i the text
+  ``prompt + decode(answer[:i])`` is tokenised and the token counts when the argmax after it is the first id of
+  ``decode(answer[i])`` tokenised alone (MEMIT's ``test_batch_prediction_acc``; special tokens left out of both
+  tokenisations of the answer). Efficacy = the mean over the answer's tokens after ``src``, generalization = the
+  same after ``rephrase``, specificity = the same for the NQ question ``loc + "?"`` and its gold answer
+  ``" " + loc_ans`` (the model's argmax against the gold tokens, edited or not: MEMIT's specificity is not
+  agreement with the unedited model). A record's value is the mean over its tokens, as MEMIT's summarize
+  averages each record's ``*_correct`` list. (Re-tokenising matters: on SmolLM2's tokenizer and the 1,037-record
+  file, 32 of 14,387 prefixes and 51 target ids differ from plain teacher forcing on the answer's ids.)
 - ``zsre_top1``: strict whole-answer top-1 on the same pairs (every answer token the argmax).
 - ``easyedit`` (EasyEdit's ``compute_edit_quality`` via the facade's :mod:`shift_edit.easyedit`):
   ``rewrite_acc`` (KnowEdit's Edit Succ.), ``rephrase_acc``, per ``portability`` sub-key the token accuracy
@@ -34,8 +35,9 @@ from .facts import FactCase
 ZSRE_GROUPS = (("rewrite", "efficacy"), ("paraphrase", "generalization"), ("neighborhood", "specificity"))
 
 FAMILIES = {
-    "zsre_token_acc": "MEMIT's compute_rewrite_quality_zsre: per answer token, argmax == the token under teacher "
-                      "forcing; answer ' '+answers[0] tokenised alone (no special tokens); efficacy (src), "
+    "zsre_token_acc": "MEMIT's compute_rewrite_quality_zsre: per token i of ' '+answers[0] (tokenised alone), the "
+                      "argmax after tokenise(prompt + decode(answer[:i])) == the first id of decode(answer[i]) "
+                      "tokenised alone (no special tokens in the answer's tokenisations); efficacy (src), "
                       "generalization (rephrase), specificity (loc+'?' against ' '+loc_ans, the gold NQ answer); "
                       "record value = mean over its tokens",
     "zsre_top1": "strict whole-answer top-1: every token of the answer is the argmax (same pairs)",
@@ -55,33 +57,41 @@ def families_for(fmt: str, *, fluency: bool) -> dict[str, str | None]:
 
 # --------------------------------------------------------------------------- zsRE (MEMIT)
 
-def zsre_pairs(tok, case: FactCase) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) for rewrite, paraphrase and neighborhood, in :data:`ZSRE_GROUPS` order."""
+def _memit_group(tok, prompt: str, answer: str) -> list[tuple[list[int], list[int]]]:
+    """MEMIT's (prefix ids, [next answer id]) pairs for one prompt: ``prompt + decode(answer[:i])`` re-tokenised."""
+    ans = list(tok(" " + answer, add_special_tokens=False).input_ids)
+    out = []
+    for i in range(len(ans)):
+        alone = list(tok(tok.decode(ans[i]), add_special_tokens=False).input_ids)
+        out.append((encode_prompt(tok, prompt + tok.decode(ans[:i])), [alone[0] if alone else ans[i]]))
+    return out
+
+
+def zsre_pairs(tok, case: FactCase) -> list[list[tuple[list[int], list[int]]]]:
+    """Per group of :data:`ZSRE_GROUPS` (rewrite, paraphrase, neighborhood), MEMIT's scored pairs."""
     z = case.zsre
-    answer = list(tok(" " + z["answer"], add_special_tokens=False).input_ids)
-    loc_ans = list(tok(" " + z["loc_ans"], add_special_tokens=False).input_ids)
-    return [(encode_prompt(tok, case.request.text), answer),
-            (encode_prompt(tok, z["rephrase"]), answer),
-            (encode_prompt(tok, z["loc"] + "?"), loc_ans)]
+    return [_memit_group(tok, case.request.text, z["answer"]), _memit_group(tok, z["rephrase"], z["answer"]),
+            _memit_group(tok, z["loc"] + "?", z["loc_ans"])]
 
 
 @torch.no_grad()
-def zsre_scores(model: nn.Module, tok, pairs_per_record: Sequence[list[tuple[list[int], list[int]]]],
+def zsre_scores(model: nn.Module, tok, pairs_per_record: Sequence[list[list[tuple[list[int], list[int]]]]],
                 *, batch_size: int = 64) -> list[dict[str, Any]]:
-    """The ``zsre_token_acc`` and ``zsre_top1`` families of several records, their prompts in shared batches."""
-    flat = [p for pairs in pairs_per_record for p in pairs]
+    """The ``zsre_token_acc`` and ``zsre_top1`` families of several records, their prompts in shared batches
+    (a prefix that is a prefix of another record's or position's is read off that pass)."""
+    flat = [p for groups in pairs_per_record for pairs in groups for p in pairs]
     plan = ContinuationPlan.build(flat)
     logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id_of(tok), batch_size=batch_size)
     scores = iter(plan.scores(logits, flat))
     out = []
-    for _ in pairs_per_record:
+    for groups in pairs_per_record:
         acc: dict[str, Any] = {"correct": {}}
         top1: dict[str, float] = {}
-        for group, name in ZSRE_GROUPS:
-            s = next(scores)
-            acc[name] = float(s.token_correct.float().mean())
-            acc["correct"][group] = [bool(x) for x in s.token_correct]
-            top1[name] = float(s.all_correct)
+        for (group, name), pairs in zip(ZSRE_GROUPS, groups):
+            bits = [bool(next(scores).token_correct[0]) for _ in pairs]
+            acc[name] = sum(bits) / len(bits)
+            acc["correct"][group] = bits
+            top1[name] = float(all(bits))
         out.append({"zsre_token_acc": acc, "zsre_top1": top1})
     return out
 

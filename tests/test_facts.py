@@ -327,6 +327,12 @@ def test_summarize_gives_one_table_per_data_set_and_fact_curves(byte_tok, tmp_pa
                          progress=False, scoring=FactScoring("zsre", "zsre"))
     seq_rows = summarize_sequential(run)
     assert seq_rows[0]["dataset"] == "zsre" and "zsre_specificity" in seq_rows[0]["metrics"]
+    from shift_edit.bench.seq_summary import plot_curves
+    from shift_edit.bench.summarize import bar_chart
+
+    assert bar_chart(rows[:2], tmp_path / "bars.png").stat().st_size > 0
+    names = {p.name for p in plot_curves(curves([run]), tmp_path / "plots")}
+    assert "retention_zsre.png" in names
     crow = curves([run])[0]
     assert crow["dataset"] == "zsre" and crow["zsre_efficacy"] is not None and "unedited_zsre_efficacy" in crow
 

@@ -276,7 +276,10 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy", "gen_paraphrase"]
+    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy", "gen_paraphrase",
+               # zsRE / KnowEdit runs (absent from CounterFact rows, so not drawn there)
+               "zsre_efficacy", "zsre_generalization", "zsre_specificity", "ee_rewrite_acc", "ee_rephrase_acc",
+               "ee_portability", "ee_locality"]
     cols = [c for c in (metrics or default) if any(c in r["metrics"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 4 + 0.18 * ((len(rows) + 1) // 2)))
     width = 0.8 / max(1, len(rows))

@@ -15,6 +15,7 @@ against a sha256 before they are kept.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import urllib.request
@@ -43,6 +44,8 @@ class DataFile:
         sha256 / size: of the downloaded bytes.
         post: turns the downloaded bytes into the stored file (e.g. CRLF -> LF).
         stored_sha256: of the stored file, after ``post``.
+        git_blob: the git blob id (sha1 of ``blob <size>\\0`` + bytes) of the download, where that is what the
+            source publishes instead of a sha256.
         description: one line for ``shift-edit data list``.
     """
 
@@ -54,6 +57,7 @@ class DataFile:
     size: int | None = None
     post: Callable[[bytes], bytes] | None = None
     stored_sha256: str | None = None
+    git_blob: str | None = None
 
 
 def _crlf_to_lf(data: bytes) -> bytes:
@@ -85,7 +89,38 @@ DATA_FILES: dict[str, DataFile] = {d.name: d for d in (
         post=_crlf_to_lf,
         stored_sha256="bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a",
     ),
+    DataFile(
+        name="zsre",
+        relpath=("zsre/zsre_mend_eval.json", "zsre/zsre-mend-eval-portability1037.json"),
+        description="zsRE in MEND/ROME's format: the full eval file (19,086 records, fetched) or else the local "
+                    "1,037-record file with portability",
+        url="https://rome.baulab.info/data/dsets/zsre_mend_eval.json",
+        git_blob="8546c90abc10b77ebc9fd69de178cf7837ff86dc",
+    ),
+    DataFile(name="knowedit-zsre", relpath=("knowedit/ZsRE-test-all.json",),
+             description="KnowEdit's zsRE test set, 1,301 records (a local file; no download)"),
+    DataFile(name="knowedit-recent", relpath=("knowedit/wiki_recent-train.json",),
+             description="KnowEdit WikiData-recent, 570 records (a local file; no download)"),
+    DataFile(name="knowedit-counterfact", relpath=("knowedit/wiki_counterfact-train.json",),
+             description="KnowEdit WikiData-counterfact, 1,427 records (a local file; no download)"),
 )}
+
+
+def git_blob_id(path: Path) -> str:
+    """The git blob id of a file: sha1 of ``blob <size>\\0`` followed by its bytes."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 (git's id, not a security use)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _good_copy(spec: DataFile, path: Path) -> bool:
+    """Whether ``path`` is the stored file ``spec`` describes (by sha256, or else by git blob id)."""
+    want = spec.stored_sha256 or spec.sha256
+    if want is not None:
+        return file_sha256(path) == want
+    return spec.git_blob is not None and git_blob_id(path) == spec.git_blob
 
 
 def env_data_dir() -> Path | None:
@@ -182,8 +217,7 @@ def fetch_data(name: str, dest_dir: str | Path | None = None, *, url: str | None
         raise ShiftEditError(f"{name} has no public download; set ${ENV} to a folder holding {spec.relpath[0]}")
     root = Path(dest_dir).expanduser() if dest_dir is not None else user_data_dir()
     dest = root / spec.relpath[0]
-    want = spec.stored_sha256 or spec.sha256
-    if dest.is_file() and not force and file_sha256(dest) == want:
+    if dest.is_file() and not force and _good_copy(spec, dest):
         return dest
     src = url or spec.url
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +225,12 @@ def fetch_data(name: str, dest_dir: str | Path | None = None, *, url: str | None
     log.warning("downloading %s (%s) from %s", name, f"{spec.size / 1e6:.1f} MB" if spec.size else "size unknown", src)
     try:
         _download(src, tmp)
-        got = file_sha256(tmp)
-        if got != spec.sha256:
+        if spec.sha256 is None:  # checked by its git blob id
+            got = git_blob_id(tmp)
+            if got != spec.git_blob:
+                raise ShiftEditError(f"download of {src} has git blob id {got}, expected {spec.git_blob}; "
+                                     "nothing was kept")
+        elif (got := file_sha256(tmp)) != spec.sha256:
             raise ShiftEditError(f"download of {src} has sha256 {got}, expected {spec.sha256}; nothing was kept")
         if spec.post is not None:
             tmp.write_bytes(spec.post(tmp.read_bytes()))

@@ -33,7 +33,7 @@ from typing import Any
 from ..errors import ShiftEditError
 from ..io import atomic_dir, atomic_write_json, file_sha256
 from .data import case_file_stem
-from .summarize import read_cases
+from .summarize import dataset_of, read_cases
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,10 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str) -> list[Path]:
         raise ShiftEditError(f"{run_dir} is not a run directory (no readable params.json)") from None
     if not isinstance(params, dict):
         raise ShiftEditError(f"{run_dir} is not a run directory (its params.json is not an object)")
+    dataset = dataset_of(params.get("match") or {})
+    if dataset != "counterfact":
+        raise ShiftEditError(f"{run_dir}: a {dataset} run (families zsre_token_acc / easyedit); export writes "
+                             "CounterFact results in ROME's, MEMIT's or EasyEdit's format only")
     if out.resolve() == run_dir.resolve():
         raise ShiftEditError("export into a folder of its own, not the run directory (its case_*.json files are ours)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

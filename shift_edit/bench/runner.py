@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import easyedit as ee  # (the facade imports this package: its names are read at call time)
 from ..algorithms.common import adapter_for
 from ..architectures import ModelAdapter
 from ..editing import edit
@@ -50,6 +51,9 @@ from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 
 log = logging.getLogger(__name__)
 
+PORTABILITY_FAMILY = ("EasyEdit token accuracy of the record's portability answer ('New Answer') after its "
+                      "question ('New Question'), as compute_edit_quality scores portability; only records that have one")
+
 #: the algorithm name of the unedited model's row
 NO_EDIT = "NONE"
 PROTOCOL_VERSION = 1
@@ -61,7 +65,8 @@ class BenchConfig:
 
     ``skip_wild`` / ``wild_max_new_tokens`` / ``wild_neighborhood`` / ``wild_records``: the WILD-style
     free-generation family (:mod:`.wild`): off, greedy new tokens per prompt, neighborhood prompts too,
-    records per decoding batch.
+    records per decoding batch. ``portability``: the ``easyedit_portability`` family on the records that
+    carry EasyEdit's ``portability`` question (``New Question`` / ``New Answer``).
     """
 
     alg: str
@@ -82,6 +87,7 @@ class BenchConfig:
     wild_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     wild_neighborhood: bool = False
     wild_records: int = 8
+    portability: bool = False
 
     def __post_init__(self) -> None:
         if self.wild_max_new_tokens < 1:
@@ -116,6 +122,8 @@ class BenchConfig:
             "the batch evaluated on that model, then undone bit-exactly",
             "num_edits": self.num_edits,
         }
+        if self.portability:  # absent when off, as the WILD family: earlier runs still match
+            out["metric_families"]["easyedit_portability"] = PORTABILITY_FAMILY
         if not self.skip_wild:  # absent (not None) when off: runs made before the family existed still match
             out["metric_families"]["wild"] = wild_protocol(self.wild_max_new_tokens, self.wild_neighborhood)
             out["wild"] = {"max_new_tokens": self.wild_max_new_tokens, "neighborhood": self.wild_neighborhood,
@@ -283,6 +291,10 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
         else:
             kl = kl_divergence(prep.pre_logp, prep.scorer.neighborhood_logprobs(logits))
         m["neighborhood_kl"] = {"mean": float(kl.mean()), "per_prompt": kl.tolist()}
+    port = prep.case.raw.get("portability") if cfg.portability else None
+    if isinstance(port, dict) and isinstance(port.get("New Question"), str) and isinstance(port.get("New Answer"), str):
+        acc = ee.token_accuracy(model, tok, port["New Question"], port["New Answer"])
+        m["easyedit_portability"] = {"acc": sum(acc) / len(acc) if acc else None}
     if cfg.ppl_every and ppl_lines is not None and prep.position % cfg.ppl_every == 0:
         m["perplexity"] = {"value": perplexity(model, tok, ppl_lines, cfg.ppl_protocol), **cfg.ppl_protocol.to_dict()}
     return m

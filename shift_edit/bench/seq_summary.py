@@ -12,11 +12,14 @@ from typing import Any
 
 from ..errors import ShiftEditError
 from ..plots import plot_ppl
-from .summarize import _hparams_tag
+from .summarize import _hparams_tag, dataset_of
 
 #: curve columns: (column, where in a checkpoint, metric name)
 CURVE_METRICS = ("efficacy_top1", "ES", "paraphrase_top1", "PS", "rephrase_top1", "RS", "neighborhood_top1", "NS",
-                 "gen_efficacy", "gen_paraphrase", "gen_rephrase", "gen_neighborhood")
+                 "gen_efficacy", "gen_paraphrase", "gen_rephrase", "gen_neighborhood",
+                 # zsRE (zsre_token_acc) and KnowEdit (easyedit) runs
+                 "zsre_efficacy", "zsre_generalization", "zsre_specificity", "zsre_efficacy_top1",
+                 "ee_rewrite_acc", "ee_rephrase_acc", "ee_portability", "ee_locality")
 
 
 def is_sequential(run_dir: str | Path) -> bool:
@@ -58,7 +61,7 @@ def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
     base = dict(last["unedited_metrics"])
     if last.get("unedited_wikitext_ppl") is not None:
         base["wikitext_ppl"] = {"n": 1, "mean": last["unedited_wikitext_ppl"], "std": None, "ci95": None}
-    common = {"model": model, "n": n, "run_dir": str(run_dir), "protocol": match, "data": params.get("data"),
+    common = {"model": model, "n": n, "dataset": dataset_of(match), "run_dir": str(run_dir), "protocol": match, "data": params.get("data"),
               "provenance": params.get("provenance"), "sequential": {"T": n, "B": b, "T_planned": t_plan}}
     return [
         {"label": f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {model}, sequential T={n}{plan}, B={b})",
@@ -108,6 +111,7 @@ def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             norms = c.get("norms") or {}
             row["max_rel_delta_fro"] = max((v["delta_fro"] / v["base_fro"] for v in norms.values()), default=None)
             row["max_delta_spectral"] = max((v["delta_spectral"] for v in norms.values()), default=None)
+            row["dataset"] = dataset_of(params["match"])  # (last: the CSV's earlier columns keep their order)
             rows.append(row)
     return rows
 
@@ -138,11 +142,21 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
     for r in rows:
         runs.setdefault(r["run"], []).append(r)
     paths = []
-    panels = [("retention.png", [("efficacy_top1", "strict top-1 efficacy"), ("ES", "ROME ES")],
-               "share of all edits made so far that hold (%)"),
-              ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
-               "neighborhood (%), dashed: unedited on the same records"),
-              ("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited")]
+    cf = any(r.get("dataset", "counterfact") == "counterfact" for r in rows)  # zsRE/KnowEdit-only: no empty panels
+    panels = ([("retention.png", [("efficacy_top1", "strict top-1 efficacy"), ("ES", "ROME ES")],
+                "share of all edits made so far that hold (%)"),
+               ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
+                "neighborhood (%), dashed: unedited on the same records")] if cf else [])
+    if cf or any(r.get("wikitext_ppl") is not None for r in rows):
+        panels.append(("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited"))
+    if any(r.get("zsre_efficacy") is not None for r in rows):
+        panels.append(("retention_zsre.png", [("zsre_efficacy", "zsRE efficacy (token acc.)"),
+                                              ("zsre_specificity", "zsRE specificity (token acc.)")],
+                       "zsre_token_acc (%), specificity dashed: unedited"))
+    if any(r.get("ee_rewrite_acc") is not None for r in rows):
+        panels.append(("retention_knowedit.png", [("ee_rewrite_acc", "KnowEdit Edit Succ."),
+                                                  ("ee_locality", "KnowEdit locality")],
+                       "easyedit (%), locality dashed: unedited"))
     if any(r.get("gen_efficacy") is not None for r in rows):
         panels.append(("generation.png", [("gen_efficacy", "WILD-style generation, rewrite prompt"),
                                           ("gen_paraphrase", "WILD-style generation, paraphrases")],

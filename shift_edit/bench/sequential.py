@@ -192,8 +192,11 @@ def _record_values(m: dict[str, Any]) -> dict[str, float]:
 
 
 def _means(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per metric (RECORD_METRICS' order, then any other column the rows have, e.g. zsRE/KnowEdit's), stats x100."""
     out = {}
-    for name, _ in RECORD_METRICS:
+    names = [n for n, _ in RECORD_METRICS]
+    names += sorted({k for r in rows for k in r} - set(names))
+    for name in names:
         vals = [r[name] * 100.0 for r in rows if name in r]
         if vals:
             out[name] = stats(vals)
@@ -374,6 +377,20 @@ def _score(model, tok, items: Sequence[_Pairs], batch_size: int, records_per_pla
     return out
 
 
+class CounterFactScoring:
+    """The scoring of CounterFact records (the default of :func:`run_sequential`); zsRE and KnowEdit have
+    :class:`.fact_sequential.FactScoring` with the same methods."""
+
+    def protocol(self, base: dict[str, Any]) -> dict[str, Any]:
+        return base
+
+    def prepare(self, model: nn.Module, tok, cases: Sequence[CounterFactCase]) -> list[_Pairs]:
+        return [_tokenise(tok, c) for c in cases]
+
+    def score(self, model: nn.Module, tok, items: Sequence[_Pairs], batch_size: int) -> list[dict[str, float]]:
+        return _score(model, tok, items, batch_size)
+
+
 def _swap(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy ``values`` into the named parameters in place; returns what was there."""
     before = {name: model.get_parameter(name).detach().clone() for name in values}
@@ -391,8 +408,12 @@ def run_sequential(
     data_info: dict[str, Any],
     model_name: str,
     progress: bool = True,
+    scoring: Any = None,
 ) -> Path:
     """Edit ``cfg.total`` records sequentially into ``<out>/<ALG>/seq_<NNN>/``; returns the run dir.
+
+    ``scoring``: how records are scored (default :class:`CounterFactScoring`; zsRE / KnowEdit:
+    :class:`.fact_sequential.FactScoring`, whose records have no WILD-style family).
 
     A run dir with the same configuration continues from its saved state (or is left as it is when
     finished).
@@ -401,6 +422,9 @@ def run_sequential(
         ShiftEditError: bad configuration, T larger than the selection, or a saved state of other weights.
     """
     alg = get_algorithm(cfg.alg)
+    scoring = CounterFactScoring() if scoring is None else scoring
+    if not isinstance(scoring, CounterFactScoring) and not cfg.skip_wild:
+        raise ShiftEditError("the WILD-style family scores CounterFact records only: pass --skip-wild")
     order = order_cases(cases, cfg.total, cfg.shuffle_seed)
     model.eval()
     base_fp = model_fingerprint(model)
@@ -408,7 +432,7 @@ def run_sequential(
     match = {
         "alg": cfg.alg, "hparams": cfg.hparams.to_dict(),
         "model": {"name": model_name, "fingerprint": base_fp, "dtype": prov["model"]["dtype"]},
-        "seed": cfg.seed, "protocol": cfg.protocol(), "data_sha256": data_info.get("sha256"),
+        "seed": cfg.seed, "protocol": scoring.protocol(cfg.protocol()), "data_sha256": data_info.get("sha256"),
         "order": [c.case_id for c in order],
     }
     params = {"match": match, "data": data_info, "provenance": prov,
@@ -421,13 +445,13 @@ def run_sequential(
     ppl_lines = read_wikitext_lines(cfg.wikitext) if cfg.ppl else None
     with pinned_statistics(model, base_fp):
         _prime(model, tok, cfg.hparams)
+        scorers = scoring.prepare(model, tok, order)  # once, on the unedited model (KnowEdit: its locality reference)
         loaded = _load_state(state_dir, model, base_fp)
         st, memory, originals = loaded if loaded is not None else (_State(), EditMemory(), {})
         if loaded is not None:
             log.info("%s: resuming after %d edits", run_dir, st.n_edits)
         if cfg.ppl and st.unedited_ppl is None:
             st.unedited_ppl = perplexity(model, tok, ppl_lines, cfg.ppl_protocol)
-        scorers = [_tokenise(tok, c) for c in order]  # tokenised once
         wild = None if cfg.skip_wild else [wild_prompts(c, neighborhood=cfg.wild_neighborhood) for c in order]
         batches = [order[b : b + cfg.batch_edits] for b in range(0, len(order), cfg.batch_edits)]
         pending = [n for n in cfg.checkpoints() if n > st.n_edits or not (ckpt_dir / f"ckpt_{n}.json").is_file()]
@@ -464,7 +488,7 @@ def run_sequential(
                         since_save = 0
                     continue
                 n = pending.pop(0)
-                ck = _checkpoint(model, tok, order, scorers, st, originals, cfg, ppl_lines, memory, wild)
+                ck = _checkpoint(model, tok, order, scorers, st, originals, cfg, ppl_lines, memory, wild, scoring)
                 ck["checkpoint"] = n
                 atomic_write_json(ckpt_dir / f"ckpt_{n}.json", ck)
                 st.checkpoints = [c for c in st.checkpoints if c["checkpoint"] != n] + [
@@ -509,12 +533,13 @@ def _wild(model, tok, specs: Sequence[WildPrompts], values: list[dict[str, float
 
 
 def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: SequentialConfig, ppl_lines, memory,
-                wild: Sequence[WildPrompts] | None = None) -> dict:
+                wild: Sequence[WildPrompts] | None = None, scoring: Any = None) -> dict:
     """Score every record edited so far on the current model, and the new ones on the unedited weights
     (with ``wild``, each record's WILD-style prompts: free generation too)."""
     n = st.n_edits
+    scoring = CounterFactScoring() if scoring is None else scoring
     t0 = time.perf_counter()
-    edited = _score(model, tok, scorers[:n], cfg.batch_size)
+    edited = scoring.score(model, tok, scorers[:n], cfg.batch_size)
     t_eval = time.perf_counter() - t0
     texts, t_wild = None, None
     if wild is not None:
@@ -525,7 +550,7 @@ def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: Sequenti
     if len(st.unedited) < n:
         current = _swap(model, originals)
         try:
-            fresh = _score(model, tok, scorers[len(st.unedited) : n], cfg.batch_size)
+            fresh = scoring.score(model, tok, scorers[len(st.unedited) : n], cfg.batch_size)
             if wild is not None:
                 _wild(model, tok, wild[len(st.unedited) : n], fresh, cfg)
             st.unedited.extend(fresh)

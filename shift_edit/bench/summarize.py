@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShiftEditError
+from .fact_columns import COLUMNS as FACT_COLUMNS
+from .fact_columns import EE_COLUMNS
 from .runner import run_selection
 
 #: (column name, path in a case's "metrics", scale)
@@ -49,6 +51,11 @@ METRICS: list[tuple[str, tuple[str, ...], float]] = [
     ("ee_locality", ("easyedit", "locality"), 100.0),
     ("ee_portability", ("easyedit", "portability"), 100.0),
     ("ee_fluency", ("easyedit", "fluency"), 100.0),
+    # zsRE (MEMIT's token accuracy, zsre_token_acc; strict whole answer, zsre_top1) and KnowEdit's per-sub-key
+    # EasyEdit columns: in runs of `bench --data zsre|knowedit-*` (bench/fact_metrics.py)
+    *[(name, path, 100.0) for name, path in FACT_COLUMNS + EE_COLUMNS],
+    # CounterFact records with EasyEdit's portability question (bench --portability)
+    ("cf_portability", ("easyedit_portability", "acc"), 100.0),
 ]
 
 
@@ -119,11 +126,33 @@ def summarize_run(run_dir: str | Path, *, case_ids: set[str] | None = None, limi
     refused = sum(1 for c in cases if c.get("edit", {}).get("refused"))
     label = (f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {match['model']['name']}, N={len(cases)}"
              + (f", {refused} refused by the edit guard and scored unedited" if refused else "") + ")")
-    return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"],
+    return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"], "dataset": dataset_of(match),
             "model": match["model"]["name"], "n": len(cases), "metrics": out,
             "case_ids": [c["case_id"] for c in cases],
             # what the numbers mean: protocol (metric families), model + fingerprint, hparams, seed, data, versions
             "protocol": match, "data": params.get("data"), "provenance": params.get("provenance")}
+
+
+def dataset_of(match: dict[str, Any]) -> str:
+    """The data set a run's match key names (runs before zsRE/KnowEdit existed: ``counterfact``)."""
+    protocol = match.get("protocol") if isinstance(match, dict) else None
+    return str(protocol.get("dataset", "counterfact")) if isinstance(protocol, dict) else "counterfact"
+
+
+def by_dataset(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by data set (first-seen order): one table each, never a zsRE and a CounterFact row in one."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r.get("dataset", "counterfact"), []).append(r)
+    return out
+
+
+def to_markdown_by_dataset(rows: Sequence[dict]) -> str:
+    """:func:`to_markdown` per data set, each under a ``## <data set>`` heading (one data set: no heading)."""
+    groups = by_dataset(rows)
+    if len(groups) <= 1:
+        return to_markdown(rows)
+    return "\n".join(f"## {name}\n\n{to_markdown(rs)}" for name, rs in groups.items())
 
 
 def _hparams_tag(hp: dict | None) -> str:
@@ -178,10 +207,11 @@ def load_reference(path: str | Path) -> list[dict[str, Any]]:
     seq = ref.get("sequential")  # lifelong-editing tables: rows labelled with T and B
     for r in ref["rows"]:
         model = r.get("model", ref["model"])
-        size = f"T={seq['T']}, B={seq['B']}" if seq else f"N={ref['n']}"
+        size = f"T={seq['T']}, B={seq['B']}" if seq else (f"N={ref['n']}" if ref.get("n") else "N not stated")
         label = f"published ({r['alg']}, {model}, {size}; {ref['source']})"
-        metrics = {k: {"n": ref["n"], "mean": v, "std": None, "ci95": None} for k, v in r["metrics"].items()}
-        rows.append({"label": label, "kind": "published", "alg": r["alg"], "model": model, "n": ref["n"],
+        metrics = {k: {"n": ref.get("n"), "mean": v, "std": None, "ci95": None} for k, v in r["metrics"].items()}
+        rows.append({"label": label, "kind": "published", "alg": r["alg"], "model": model, "n": ref.get("n"),
+                     "dataset": ref.get("dataset", "counterfact"),
                      "metrics": metrics, "family": ref.get("metric_family")})
     return rows
 
@@ -214,6 +244,14 @@ def to_markdown(rows: Sequence[dict]) -> str:
                  "S = harmonic mean of ES, PS, NS; ee_* = EasyEdit token accuracy (post-edit, from EasyEdit result files; "
                  "fluency = n-gram entropy); edit_time_median_s = median wall time of edit() over edited records; "
                  "cells: mean ± 95% CI (normal approx.), x100 except KL, ppl and time.")
+    if any(c.startswith("zsre_") for c in cols):
+        lines[-1] += (" zsre_* (family zsre_token_acc) = MEMIT's zsRE token-level top-1 accuracy of the answer under "
+                      "teacher forcing: efficacy (src), generalization (rephrase), specificity (NQ question vs its gold "
+                      "answer); zsre_*_top1 (family zsre_top1) = the whole answer top-1.")
+    if any(c.startswith("ee_portability_") or c.startswith("ee_locality_") for c in cols):
+        lines[-1] += (" ee_portability_<key> / ee_locality_<key> = EasyEdit token accuracy per KnowEdit sub-key "
+                      "(locality: agreement with the unedited model's argmax tokens); ee_rewrite_acc = KnowEdit's "
+                      "Edit Succ.")
     if any(c.startswith("gen_") for c in cols):  # (a sentence only where the family is shown: older tables unchanged)
         lines[-1] += (" gen_* = WILD-style free generation: the greedy continuation of the prompt says the new object "
                       "before the true one (gen_neighborhood: the true object before the new one).")
@@ -238,7 +276,10 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy", "gen_paraphrase"]
+    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy", "gen_paraphrase",
+               # zsRE / KnowEdit runs (absent from CounterFact rows, so not drawn there)
+               "zsre_efficacy", "zsre_generalization", "zsre_specificity", "ee_rewrite_acc", "ee_rephrase_acc",
+               "ee_portability", "ee_locality"]
     cols = [c for c in (metrics or default) if any(c in r["metrics"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 4 + 0.18 * ((len(rows) + 1) // 2)))
     width = 0.8 / max(1, len(rows))

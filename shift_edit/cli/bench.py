@@ -10,20 +10,23 @@ import sys
 from pathlib import Path
 
 from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_data
+from .bench_facts import run_facts
+from ..bench.facts import FORMATS, detect_format
+from ..records import read_json_records
 from ..bench.wikitext import PerplexityProtocol
 from ..bench.runner import BenchConfig, n_shares, run_bench, shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
 from ..bench.wild import DEFAULT_MAX_NEW_TOKENS
-from ..data import find_data
 from ..errors import ShiftEditError
 from ..loading import check_model_name
 from ..registry import algorithm_names
 from ..resources import hparams_model_mismatch
 from .alg_hparams import find_hparams
-from .common import add_model_arguments, check_model_args, check_out_root, load_from_args
+from .common import add_model_arguments, check_model_args, check_out_root, default_wikitext, load_from_args
+from .common import parse_eval_at as _parse_eval_at
 
 NAME = "bench"
-HELP = "run the CounterFact benchmark (resumable; shards under accelerate launch)"
+HELP = "run the CounterFact, zsRE or KnowEdit benchmark (resumable; shards under accelerate launch)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
     p.add_argument("--data", default=None, help="CounterFact JSON (ROME or EasyEdit format), or a data set name (counterfact, counterfact-subset: "
                    "found in $SHIFT_EDIT_DATA or the user cache, see `shift-edit data`); 'download' fetches the official file (sha256-checked); "
-                   "'hf:NAME[:SPLIT]' a hub dataset via datasets ('hf:' = azhx/counterfact)")
+                   "'hf:NAME[:SPLIT]' a hub dataset via datasets ('hf:' = azhx/counterfact); zsRE and KnowEdit: zsre, "
+                   "knowedit-zsre, knowedit-recent, knowedit-counterfact, or their files (scored in their papers' "
+                   "families: zsre_token_acc + zsre_top1, easyedit)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="the data file's format (default: told from the first record's fields)")
+    p.add_argument("--portability", action="store_true",
+                   help="CounterFact: also score EasyEdit's portability question on the records that have one "
+                        "(family easyedit_portability, column cf_portability; e.g. counterfact-original-format-"
+                        "portability1031.json)")
     p.add_argument("--limit", type=int, default=None, help="number of records")
     p.add_argument("--start", type=int, default=0, help="skip this many records first")
     p.add_argument("--case-ids", default=None, help="comma list / ranges of case ids, e.g. 0,5,10-20")
@@ -101,14 +112,6 @@ def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
                    help="save the resumable state at least every N edits (and at every checkpoint; default 50)")
 
 
-def _parse_eval_at(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ShiftEditError(f"--eval-at takes comma-separated integers, got {text!r}") from None
-
 
 def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext) -> int:
     """``bench --sequential``: checks everything before the model is loaded, then runs."""
@@ -118,6 +121,8 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
         raise ShiftEditError("--sequential uses --batch-edits B, not --num-edits")
     if args.procs != 1:
         raise ShiftEditError("--sequential runs in one process (--procs 1)")
+    if args.portability:
+        raise ShiftEditError("--portability is scored in single-edit runs only (not --sequential)")
     if args.ppl_lines < 0:
         raise ShiftEditError(f"--ppl-lines must be >= 0, got {args.ppl_lines}")
     if args.ppl_lines and wikitext is None:
@@ -139,11 +144,6 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
     return 0
 
 
-def default_wikitext() -> str | None:
-    """The local WikiText-2 test file by :mod:`shift_edit.data`'s order, or None."""
-    p = find_data("wikitext")
-    return str(p) if p is not None else None
-
 
 def run(args: argparse.Namespace) -> int:
     for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0),
@@ -157,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     check_out_root(args.out, "--out")
     check_model_args(args)
     data = resolve_data(args.data)
+    fmt = args.format or detect_format(read_json_records(data, unwrap="data"), data)
+    if fmt != "counterfact":
+        return run_facts(args, data, fmt)
     cases = load_counterfact(data, limit=args.limit, start=args.start, case_ids=parse_case_ids(args.case_ids))
     hparams = None
     if args.alg != "NONE":
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
                       wikitext=wikitext, batch_size=args.batch_size,
                       neighborhood_kl=not args.no_kl, num_edits=args.num_edits, gen_records=args.gen_records,
-                      gen_every=args.gen_every, **wild_options(args))
+                      gen_every=args.gen_every, portability=args.portability, **wild_options(args))
     rank, world = shard_env()
     if args.procs > 1 and world == 1:
         procs = clamp_procs(args.procs, n_shares(len(cases), cfg))

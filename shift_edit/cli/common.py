@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..data import find_data
 from ..errors import ShiftEditError
 from ..io import atomic_dir
 from ..loading import ALIASES, canonical_model_name, check_device, load_model, resolve_dtype
@@ -138,3 +139,18 @@ def save_model_atomically(model, tok, folder: Path) -> None:
 
 def format_topk(rows: list[tuple[str, float]]) -> str:
     return "  ".join(f"{t!r} {p:.3f}" for t, p in rows)
+
+def parse_eval_at(text: str | None) -> list[int]:
+    """``--eval-at N,N,...`` -> the checkpoints (empty: none)."""
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ShiftEditError(f"--eval-at takes comma-separated integers, got {text!r}") from None
+
+
+def default_wikitext() -> str | None:
+    """The local WikiText-2 test file by :mod:`shift_edit.data`'s order, or None."""
+    p = find_data("wikitext")
+    return str(p) if p is not None else None

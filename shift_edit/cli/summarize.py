@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..bench.foreign import case_ids_any, expand_paths, summarize_any
 from ..bench.seq_summary import curves, curves_csv, is_sequential, plot_curves, summarize_sequential
-from ..bench.summarize import bar_chart, load_reference, to_csv, to_markdown
+from ..bench.summarize import bar_chart, by_dataset, load_reference, to_csv, to_markdown_by_dataset
 from ..errors import ShiftEditError
 from ..io import atomic_write_json, atomic_write_text
 from .common import check_out_root
@@ -58,13 +58,16 @@ def run(args: argparse.Namespace) -> int:
         rows.extend(load_reference(ref))
     first = Path(args.run_dirs[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
-    md = to_markdown(rows)
+    md = to_markdown_by_dataset(rows)
     atomic_write_text(out / "summary.md", md)
     atomic_write_text(out / "summary.csv", to_csv(rows))
     atomic_write_json(out / "summary.json", {"rows": rows})
     print(md)
     if not args.no_plot:
-        print(f"chart: {bar_chart(rows, out / 'summary.png')}")
+        groups = by_dataset(rows)  # one chart per data set (summary_<data set>.png when there are several)
+        for name, rs in groups.items():
+            png = out / ("summary.png" if len(groups) == 1 else f"summary_{name.replace('/', '_')}.png")
+            print(f"chart: {bar_chart(rs, png)}")
     if seq_dirs:
         crows = curves(seq_dirs)
         atomic_write_text(out / "curves.csv", curves_csv(crows))

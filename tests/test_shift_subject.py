@@ -156,3 +156,19 @@ def test_smollm2_paraphrase_reaches_the_edit_and_other_subjects_keep_theirs(smol
         assert _top1(model, tok, other) == before
     finally:
         res.undo()
+
+
+def test_a_failed_check_refits_the_value_once_with_more_steps(byte_tok, corpus):
+    """``v_retry_steps``: a value too small for top-1 (one tiny step) is fitted again from the start with
+    ``v_num_grad_steps + v_retry_steps`` steps, and both fits' passes are counted."""
+    model = tiny_model("llama")
+    h = hp(corpus, v_num_grad_steps=1, v_lr=1e-4, v_retry_steps=2, loss_stop=0.0)
+    res = se.edit(model, byte_tok, FACT, h, force=True)
+    info = res.info[0]
+    assert info["value_fits"] == 2 and info["value_steps"] == 3
+    assert info["backward_passes"] == 1 + 3
+    assert info["forward_passes"] == h.passes["forward"] + 3 + 1
+    res.undo()
+    plain = se.edit(model, byte_tok, FACT, h.replace(v_retry_steps=0), force=True)
+    assert plain.info[0]["value_fits"] == 1 and plain.info[0]["backward_passes"] == 1
+    plain.undo()

@@ -84,6 +84,9 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
         memory_weight: weight of each earlier edit's subject key (kept silent too).
         negatives / negative_weight / negative_reach / max_generic_fires: the generic sample (as SHIFT_NEURON's).
         if_unreached: ``apply`` or ``skip`` a request whose prompt is not strict top-1 with the neuron in place.
+        v_retry_steps: when the prompt is not strict top-1 with the neuron in place, fit the value once more from
+            the start with ``v_num_grad_steps + v_retry_steps`` steps and check again (0: never). Requests that
+            pass the first check are computed exactly as without it.
         fact_token / v_* / clamp_norm_factor / kl_factor / loss_stop / context_*: the value's optimisation and its
             contexts (ROME's fields and meaning; ``fact_token`` must be a subject token).
         mom2_*: the MLP-input statistics (SHIFT_NEURON's cache, ``site="ff1"``).
@@ -107,6 +110,7 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
     max_generic_fires: int | None = None
     ridge: float = 0.01
     if_unreached: Literal["apply", "skip"] = "apply"
+    v_retry_steps: int = 0
     v_num_grad_steps: int = 8
     v_lr: float = 2.0
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[5, 5]])
@@ -130,13 +134,17 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
             self._fail("n_contrast", self.n_contrast, "it must be >= 0")
         if self.neurons_per_layer < 1:
             self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
+        if self.v_retry_steps < 0:
+            self._fail("v_retry_steps", self.v_retry_steps, "it must be >= 0")
         if not 1 <= self.try_layers <= len(self.layers):
             self._fail("try_layers", self.try_layers, f"it must be in [1, {len(self.layers)}] (the listed layers)")
 
     @property
     def passes(self) -> dict[str, int]:
-        """Most model calls per edited request at its first layer: forward passes (the cache's prefix pass, the
-        keys pass, the contrast pass, the value's steps, the check) and backward passes (the value's steps)."""
+        """Model calls per edited request at its first layer when the first check passes: forward passes (the
+        cache's prefix pass, the keys pass, the contrast pass, the value's steps, the check) and backward passes
+        (the value's steps). A retry (``v_retry_steps``) adds ``v_num_grad_steps + v_retry_steps + 1`` forward and
+        ``v_num_grad_steps + v_retry_steps`` backward passes."""
         return {"forward": 4 + self.v_num_grad_steps, "backward": self.v_num_grad_steps}
 
 
@@ -256,16 +264,20 @@ def _try_layer(ctx: _Context, layer: int, req: EditRequest, target: list[int], p
                     "(max_generic_fires %d); %s", req.text + req.target_new, layer, fires, len(neg),
                     hp.max_generic_fires, then)
         return None
-    value = fit_value(ctx.model, ctx.adapter, layer, prep, target, hp)
-    entry["forward_passes"] += value.forward_passes
-    entry["backward_passes"] += value.steps
-    entry.update({"value_norm": round(float(value.delta.norm()), 3), "value_loss": round(value.losses[-1], 4),
-                  "value_steps": value.steps})
-    neuron = Neuron(j, fact, rows, value.delta, w2[:, j].clone())
-    with torch.no_grad():
-        ok, act, after = _check(ctx.model, ctx.tok, req, target, mlp, neuron, value.delta, fact, ctx.in_names)
-    entry["forward_passes"] += 1
-    entry.update({"top1": ok, "activation_at_edit": round(act, 4)})
+    for attempt, steps in enumerate([hp.v_num_grad_steps] + ([hp.v_num_grad_steps + hp.v_retry_steps]
+                                                            if hp.v_retry_steps else [])):
+        value = fit_value(ctx.model, ctx.adapter, layer, prep, target, hp, steps)
+        entry["forward_passes"] += value.forward_passes
+        entry["backward_passes"] += value.steps
+        entry.update({"value_norm": round(float(value.delta.norm()), 3), "value_loss": round(value.losses[-1], 4),
+                      "value_steps": value.steps, "value_fits": attempt + 1})
+        neuron = Neuron(j, fact, rows, value.delta, w2[:, j].clone())
+        with torch.no_grad():
+            ok, act, after = _check(ctx.model, ctx.tok, req, target, mlp, neuron, value.delta, fact, ctx.in_names)
+        entry["forward_passes"] += 1
+        entry.update({"top1": ok, "activation_at_edit": round(act, 4)})
+        if ok or act <= 1e-6:
+            break
     if act <= 1e-6 or (not ok and hp.if_unreached == "skip"):
         log.warning("SHIFT_SUBJECT: %r is not top-1 with the neuron at layer %d (activation %.3g); %s",
                     req.text + req.target_new, layer, act, then)

@@ -207,9 +207,10 @@ class Value:
     forward_passes: int
 
 
-def fit_value(model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepared, target: list[int], hp) -> Value:
+def fit_value(model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepared, target: list[int], hp,
+              n_steps: int | None = None) -> Value:
     """Fit δ at FF2 of ``layer`` (``hp``: ROME's ``v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor,
-    kl_factor, loss_stop``)."""
+    kl_factor, loss_stop``; ``n_steps`` instead of ``v_num_grad_steps`` if given)."""
     rows = prep.rows
     device = rows.suffix.device
     ff2 = adapter.module(adapter.ff2_name(layer))
@@ -236,7 +237,7 @@ def fit_value(model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepare
     try:
         with owned_hooks() as hooks:
             hooks.forward_hook(ff2, add)
-            for _ in range(hp.v_num_grad_steps):
+            for _ in range(hp.v_num_grad_steps if n_steps is None else n_steps):
                 opt.zero_grad()
                 with resume_at(adapter, layer, prep.block_in[layer]), \
                         head_only_at(model, tuple(rows.suffix.shape), rows.target_cols) as gather:

@@ -359,26 +359,36 @@ def optimise_delta(
             logp = torch.log_softmax(torch.stack(picked[:n_rw]), -1)  # [n_rw, len(target), vocab]
             tok_lp = logp.gather(-1, tgt[None, :, None].expand(n_rw, -1, 1))[..., 0]
             nll = -tok_lp.mean(1).mean()
-            kl_cur = torch.log_softmax(picked[n_rw][0], -1)
-            # KL(edited || original), as in the paper's eq. (4) (F.kl_div(input, target) = KL(target || input))
-            kl = hp.kl_factor * F.kl_div(kl_init, kl_cur, log_target=True, reduction="sum")
-            wd = hp.v_weight_decay * delta.norm() / refv.norm() ** 2
-            loss = nll + kl + wd
+            loss = v_loss(nll, kl_init, picked[n_rw][0], delta, refv, hp)
             losses.append(loss.item())
             if losses[-1] < hp.loss_stop:
                 break
-            loss.backward()
-            opt.step()
+            clamped_step(opt, delta, loss, max_norm)
             steps += 1
-            with torch.no_grad():
-                n = delta.norm()
-                if n > max_norm:
-                    delta.mul_(max_norm / n)
     finally:
         hooks.remove_all()
         for p in params:
             p.requires_grad_(True)
     return DeltaResult(delta.detach().float(), refv, keys, steps, losses)
+
+
+def v_loss(nll: torch.Tensor, kl_init: torch.Tensor, kl_logits: torch.Tensor, delta: torch.Tensor,
+           ref: torch.Tensor, hp: LocateEditHyperParams) -> torch.Tensor:
+    """ROME's v* loss: the target's NLL + ``kl_factor`` · KL(edited || original) of the next token after
+    ``"{subject} is a"`` (the paper's eq. (4); ``F.kl_div(input, target)`` = KL(target || input)) +
+    ``v_weight_decay`` · ‖δ‖ / ‖ref‖²."""
+    kl = hp.kl_factor * F.kl_div(kl_init, torch.log_softmax(kl_logits, -1), log_target=True, reduction="sum")
+    return nll + kl + hp.v_weight_decay * delta.norm() / ref.norm() ** 2
+
+
+def clamped_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """One optimiser step on δ from ``loss``, then ‖δ‖ clamped to ``max_norm`` (ROME's v* loop)."""
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        norm = delta.norm()
+        if norm > max_norm:
+            delta.mul_(max_norm / norm)
 
 
 def canonical_weight(module: nn.Module) -> torch.Tensor:

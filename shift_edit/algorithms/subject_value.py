@@ -18,7 +18,6 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -27,7 +26,7 @@ from ..hooks import capture_inputs, owned_hooks
 from ..requests import EditRequest
 from ..resume import record_block_inputs, resume_at
 from ..scoring import head_only_at, pad_id_of
-from .rome import encode_with_fact_index, prompt_template
+from .rome import clamped_step, encode_with_fact_index, prompt_template, v_loss
 
 log = logging.getLogger(__name__)
 
@@ -246,19 +245,12 @@ def fit_value(model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepare
                 passes += 1
                 logp = torch.log_softmax(torch.stack(picked[:nc]), -1)
                 nll = -logp.gather(-1, tgt[None, :, None].expand(nc, -1, 1))[..., 0].mean(1).mean()
-                kl_cur = torch.log_softmax(picked[nc][0], -1)
-                kl = hp.kl_factor * F.kl_div(kl_init, kl_cur, log_target=True, reduction="sum")
-                loss = nll + kl + hp.v_weight_decay * delta.norm() / ref.norm() ** 2
+                loss = v_loss(nll, kl_init, picked[nc][0], delta, ref, hp)
                 losses.append(float(loss.detach()))
                 if losses[-1] < hp.loss_stop:
                     break
-                loss.backward()
-                opt.step()
+                clamped_step(opt, delta, loss, max_norm)
                 steps += 1
-                with torch.no_grad():
-                    norm = delta.norm()
-                    if norm > max_norm:
-                        delta.mul_(max_norm / norm)
     finally:
         for p, f in flags:
             p.requires_grad_(f)

@@ -92,6 +92,17 @@ class GenerationGroup:
     deltas: list = field(default_factory=list)
 
 
+def grouped_prompts(tok, groups: Sequence) -> tuple[list[list[int]], list[slice]]:
+    """The token ids of every group's prompts, in order, and each group's slice of those rows (``groups``: objects
+    with a ``prompts`` sequence)."""
+    seqs = [encode_prompt(tok, p) for g in groups for p in g.prompts]
+    rows, at = [], 0
+    for g in groups:
+        rows.append(slice(at, at + len(g.prompts)))
+        at += len(g.prompts)
+    return seqs, rows
+
+
 @contextlib.contextmanager
 def _row_deltas(model: nn.Module, groups: Sequence[GenerationGroup], rows: Sequence[slice], batch: int):
     """Forward hooks that add each group's weight deltas to its own rows' module outputs:
@@ -143,11 +154,7 @@ def generate_topk_groups(
     weights once per step, so a batch of several records costs little more than one.
     """
     device = next(model.parameters()).device
-    seqs = [encode_prompt(tok, p) for g in groups for p in g.prompts]
-    rows, at = [], 0
-    for g in groups:
-        rows.append(slice(at, at + len(g.prompts)))
-        at += len(g.prompts)
+    seqs, rows = grouped_prompts(tok, groups)
     ids, mask = pad_batch(seqs, pad_id_of(tok), device, left=True)
     gens = [torch.Generator(device="cpu").manual_seed(int(g.seed)) for g in groups]
     # as for one record alone: a record's rows all get max_length minus its longest prompt new tokens

@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..requests import encode_prompt
 from ..scoring import head_only_at, pad_batch, pad_id_of
 from .data import CounterFactCase
-from .generation import GenerationGroup, _row_deltas, cache_keyword
+from .generation import GenerationGroup, _row_deltas, cache_keyword, grouped_prompts
 
 #: prompt group -> summary column
 COLUMNS = {"rewrite": "gen_efficacy", "paraphrase": "gen_paraphrase", "rephrase": "gen_rephrase",
@@ -138,11 +137,7 @@ def greedy_continuations(
         per group, per prompt, the new token ids (EOS excluded).
     """
     device = next(model.parameters()).device
-    seqs = [encode_prompt(tok, p) for g in groups for p in g.prompts]
-    rows, at = [], 0
-    for g in groups:
-        rows.append(slice(at, at + len(g.prompts)))
-        at += len(g.prompts)
+    seqs, rows = grouped_prompts(tok, groups)
     new: list[list[int]] = [[] for _ in seqs]
     if not seqs or max_new_tokens < 1:
         return [new[sl] for sl in rows]

@@ -244,3 +244,17 @@ def test_a_failed_check_refits_the_value_once_with_more_steps(byte_tok, corpus):
     plain = se.edit(model, byte_tok, FACT, h.replace(v_retry_steps=0), force=True)
     assert plain.info[0]["value_fits"] == 1 and plain.info[0]["backward_passes"] == 1
     plain.undo()
+
+
+def test_decoding_units_are_cached_per_model_until_the_matrix_changes():
+    from shift_edit.algorithms.neurons import decoding_units
+
+    model = tiny_model("llama")
+    adapter = ModelAdapter(model)
+    first = decoding_units(adapter)
+    assert decoding_units(adapter) is first
+    torch.testing.assert_close(first.norm(dim=-1), torch.ones(first.shape[0]))
+    with torch.no_grad():
+        adapter.decoding_matrix()[3] *= 2.0  # in place: the version counter moves
+    again = decoding_units(adapter)
+    assert again is not first and torch.allclose(again, first, atol=1e-6)

@@ -72,8 +72,9 @@ from ..requests import EditRequest, encode_target
 from ..resume import record_block_inputs, resume_at
 from ..scoring import pad_batch, pad_id_of
 from .common import EditHyperParams, adapter_for
-from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, earlier_keys, ff1_hooks, fires_on,
-                      free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows, one_hot)
+from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, decoding_units, earlier_keys, ff1_hooks,
+                      fires_on, free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows,
+                      one_hot)
 from .shift_plus import _margins, build_batch, search_push, validate_batch_and_search
 
 log = logging.getLogger(__name__)
@@ -288,8 +289,7 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
     mlps = {layer: mlp_of(adapter, layer) for layer in layers}
     device = next(model.parameters()).device
     pad = pad_id_of(tok)
-    dmat = adapter.decoding_matrix().detach().float().cpu()
-    dec_unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dec_unit = decoding_units(adapter)
     taken: dict[int, set[int]] = {layer: memory_used(memory, mlps[layer]) for layer in layers}
     in_names = {x: mlps[x].ff1[0][0] for x in layers}  # each layer's MLP input: this edit's keys for later edits
 

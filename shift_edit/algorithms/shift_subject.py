@@ -59,8 +59,9 @@ from ..registry import Computed, register
 from ..requests import EditRequest, encode_target
 from ..scoring import pad_batch, pad_id_of
 from .common import adapter_for
-from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, earlier_keys, ff1_hooks, fires_on,
-                      free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows, one_hot)
+from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, decoding_units, earlier_keys, ff1_hooks,
+                      fires_on, free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows,
+                      one_hot)
 from .rome import LocateEditHyperParams, context_templates, encode_with_fact_index, prompt_template
 from .shift_plus import CONTRAST_SUBJECTS
 from .subject_value import fit_value, prepare
@@ -313,10 +314,8 @@ def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hp
     adapter = adapter_for(model, hp)
     layers = list(dict.fromkeys(adapter.check_layer(x) for x in hp.layers))
     mlps = {layer: mlp_of(adapter, layer) for layer in layers}
-    dmat = adapter.decoding_matrix().detach().float().cpu()
     ctx = _Context(model, tok, adapter, hp, memory, layers, mlps, {x: mlps[x].ff1[0][0] for x in layers},
-                   dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12),
-                   {layer: memory_used(memory, mlps[layer]) for layer in layers})
+                   decoding_units(adapter), {layer: memory_used(memory, mlps[layer]) for layer in layers})
     templates = context_templates(model, tok, hp.context_template_length_params, hp.context_seed)
     ff2_names = [mlps[x].ff2_name for x in layers]
     in_names = list(ctx.in_names.values())

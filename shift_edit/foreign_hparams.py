@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from .covariance import default_corpus
 from .errors import ShiftEditError
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,6 @@ def translate(cls: type, data: dict[str, Any], *, source: str,
     if "mom2_n_samples" in data and "mom2_n_tokens" in ours and data.get("mom2_adjustment", True):
         out.setdefault("mom2_n_tokens", 100_000)
     if "mom2_dataset" in data and "mom2_corpus" in ours and data.get("mom2_adjustment", True):
-        from .covariance import default_corpus  # the local data folder is looked up only here
-
         log.warning("%s: mom2_dataset=%r is not read here; the second-moment statistics come from %s instead "
                     "(set mom2_corpus in our format for another text)", source, data["mom2_dataset"], default_corpus())
     return target, out

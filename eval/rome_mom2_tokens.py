@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import shift_edit
 from shift_edit.algorithms.common import adapter_for
-from shift_edit.algorithms.rome import context_templates, optimise_delta, rank_one_factors
+from shift_edit.algorithms.rome import optimise_delta, rank_one_factors, templates_for
 from shift_edit.bench.data import file_sha256, load_counterfact
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
 from shift_edit.bench.summarize import harmonic_mean, stats
@@ -72,7 +72,7 @@ def main() -> None:
         per_count[n] = s
     rows = {f"{n} tokens": s for n, s in per_count.items()} | {"no C (u = k*)": None}
     largest = f"{max(per_count)} tokens"
-    templates = context_templates(model, tok, hp.context_template_length_params, hp.context_seed)
+    templates = templates_for(model, tok, hp)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     for case in tqdm(cases, desc="records", unit="rec"):
         dr = optimise_delta(model, tok, adapter, layer, case.request, templates, hp, ref="ff2_output")

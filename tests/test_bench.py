@@ -705,6 +705,11 @@ def test_run_labels_tell_locate_and_edit_settings_apart():
     from shift_edit.bench.summarize import _hparams_tag
 
     assert _hparams_tag({"layers": [26], "eta": 60.0, "eta_scaling": "normalized"}) == " L26 eta 60 normalized"
+    earlier = {"layers": [2, 3], "mom2_update_weight": 1500.0, "context_length_mode": "new", "v_step_count": "n",
+               "key_average": "flat"}
+    assert _hparams_tag(earlier) == " L2,3 λ 1500 new-token contexts n steps flat keys"
+    reference = {**earlier, "context_length_mode": "total", "v_step_count": "n_minus_1", "key_average": "per_type"}
+    assert _hparams_tag(reference) == " L2,3 λ 1500"
     memit = {"layers": [2, 3], "mom2_update_weight": 1500.0, "mom2_n_tokens": 200000, "mom2_adjustment": True}
     assert _hparams_tag(memit) == " L2,3 λ 1500 C 200k tok"
     rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}

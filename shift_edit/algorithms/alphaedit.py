@@ -36,8 +36,8 @@ from ..registry import Computed, register
 from ..requests import EditRequest
 from ..covariance import SecondMoment, layer_stats
 from .common import adapter_for, already_predicted
-from .memit import ZStarHyperParams, request_info, spread_over_layers, target_zs
-from .rome import context_templates
+from .memit import ZStarHyperParams, key_groups, request_info, spread_over_layers, target_zs
+from .rome import templates_for
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class AlphaEditHyperParams(ZStarHyperParams):
             (absolute, as in the paper's code: 2e-2 for GPT2-XL, GPT-J and Llama3-8B).
         L2: ``λ``, the ridge weight of ``||Δ P||²``.
         clamp_norm_factor / context_template_length_params: as MEMIT (``0.75``, ``[[10, 5]]``).
+        context_length_mode / v_step_count / key_average: the reference semantics by default, as MEMIT
+            (:class:`~shift_edit.algorithms.memit.ZStarHyperParams`; AlphaEdit's code is MEMIT's there).
         zstar_cache: reuse each request's ``z*`` from disk (shared with MEMIT; see its hparams).
     """
 
@@ -133,7 +135,7 @@ def compute_alphaedit(
                 f"AlphaEdit: no eigenvalue of layer {layer}'s key second moment is below nullspace_threshold "
                 f"{hparams.nullspace_threshold:g} (smallest {float(torch.linalg.eigvalsh(stats[layer].mom2.double())[0]):.3g}); "
                 "raise the threshold")
-    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+    templates = templates_for(model, tok, hparams)
     z, z_info = target_zs(model, tok, adapter, z_layer, active, templates, hparams)
 
     def solve(layer: int, k1: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -146,7 +148,7 @@ def compute_alphaedit(
         return f"{adapter.ff2_name(layer)}.weight"
 
     deltas, layer_info, keys = spread_over_layers(model, tok, adapter, layers, z, active, templates,
-                                                  hparams.fact_token, solve)
+                                                  hparams.fact_token, solve, key_groups(hparams))
     return Computed(deltas, skipped, request_info(skipped, z_info, layer_info),
                     memory_keys={param_of(layer): k for layer, k in keys.items()})
 

@@ -7,7 +7,8 @@ For a batch of N requests and edited layers ``l_1 < ... < l_L``:
    loss as ROME's v* but clamped relative to the residual ``||h^L||``;
    ``z*_i = h^L_i + δ_i`` at the fact token of the bare prompt.
 2. For each edited layer ``l_j`` in order: keys ``K = [k_1 .. k_N]`` (FF2 inputs at the fact
-   token, averaged over the context templates, with the lower layers already edited),
+   token, averaged within each context type and then across types as MEMIT's code does (``key_average``),
+   with the lower layers already edited),
    the remaining residual ``R = (z* - h^L) / (L - j + 1)`` (``h^L`` recomputed with the
    lower layers edited), and, in float64,
    ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (``λ = mom2_update_weight``, ``C = E[k kᵀ]``), stored as the
@@ -41,26 +42,38 @@ from ..scoring import pad_batch, pad_id_of
 from ..covariance import layer_stats
 from .common import adapter_for, already_predicted
 from .rome import (
-    LocateEditHyperParams,
+    ReferenceLocateEditHyperParams,
     add_canonical_,
-    context_templates,
     encode_with_fact_index,
     optimise_delta,
     prompt_template,
+    template_groups,
+    templates_for,
 )
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
-class ZStarHyperParams(LocateEditHyperParams):
-    """The ``z*`` settings MEMIT and AlphaEdit share (MEMIT's defaults); see
-    :class:`MEMITHyperParams` for their meaning."""
+class ZStarHyperParams(ReferenceLocateEditHyperParams):
+    """The ``z*`` and key settings MEMIT and AlphaEdit share (MEMIT's defaults); see
+    :class:`MEMITHyperParams` for their meaning, :class:`~shift_edit.algorithms.rome.ReferenceLocateEditHyperParams`
+    for ``context_length_mode`` and ``v_step_count``.
+
+    Attributes:
+        key_average: how a request's key ``k`` (FF2 input at the fact token) is averaged over the contexts.
+            ``per_type`` (reference, MEMIT's and AlphaEdit's ``compute_ks``): the mean within each context type
+            (the bare prompt; each ``[length, count]`` entry's generations), then the mean of those means, so with
+            one entry the bare prompt weighs 1/2. ``flat``: the mean over all contexts (this toolkit's earlier
+            behaviour; the bare prompt weighs 1/6 at ``[[5, 5]]``; ΔW's cosine to the reference's 0.985 on 5
+            SmolLM2 records). ``z*`` is fitted on all contexts evenly in both (as the reference ``compute_z``).
+    """
 
     clamp_norm_factor: float = 0.75
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
     fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
     zstar_cache: bool = False
+    key_average: Literal["per_type", "flat"] = "per_type"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -91,9 +104,11 @@ class MEMITHyperParams(ZStarHyperParams):
 
 
 @torch.no_grad()
-def _keys_and_residual(model, tok, adapter, layer: int, z_layer: int, reqs, templates, fact_token):
-    """Per request: the FF2 input of ``layer`` at the fact token averaged over contexts,
-    and the residual after ``z_layer`` at the fact token of the bare prompt."""
+def _keys_and_residual(model, tok, adapter, layer: int, z_layer: int, reqs, templates, fact_token,
+                       groups: list[int] | None = None):
+    """Per request: the FF2 input of ``layer`` at the fact token averaged over contexts (``groups``: sizes of
+    consecutive context types, averaged within each, then across; ``None``: one flat mean), and the residual
+    after ``z_layer`` at the fact token of the bare prompt."""
     device = next(model.parameters()).device
     name = adapter.ff2_name(layer)
     seqs, idxs = [], []
@@ -111,7 +126,13 @@ def _keys_and_residual(model, tok, adapter, layer: int, z_layer: int, reqs, temp
     x = cap["x"].view(len(seqs), ids.shape[1], -1)
     rows = torch.arange(len(seqs), device=device)
     pos = torch.tensor(idxs, device=device)
-    k = x[rows, pos].float().view(len(reqs), len(templates), -1).mean(1)
+    per_context = x[rows, pos].float().view(len(reqs), len(templates), -1)
+    if groups is None:
+        k = per_context.mean(1)
+    else:
+        if sum(groups) != len(templates):
+            raise ShiftEditError(f"context groups {groups} do not cover the {len(templates)} context templates")
+        k = torch.stack([g.mean(1) for g in per_context.split(groups, dim=1)], 1).mean(1)
     hid = res.hidden_states[z_layer + 1][rows, pos].float().view(len(reqs), len(templates), -1)[:, 0]
     return k, hid
 
@@ -134,7 +155,7 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
         stats = layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                             max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype, adapter=adapter)
         covs = {layer: s.mom2.double() for layer, s in stats.items()}
-    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+    templates = templates_for(model, tok, hparams)
     z, z_info = target_zs(model, tok, adapter, z_layer, active, templates, hparams)
 
     def solve(layer: int, K: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -143,7 +164,7 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
         return resid, adj.T, {}
 
     deltas, layer_info, _keys = spread_over_layers(model, tok, adapter, layers, z, active, templates,
-                                                   hparams.fact_token, solve)
+                                                   hparams.fact_token, solve, key_groups(hparams))
     return Computed(deltas, skipped, request_info(skipped, z_info, layer_info))
 
 
@@ -151,10 +172,11 @@ def spread_over_layers(
     model: nn.Module, tok, adapter, layers: list[int], z: torch.Tensor, requests: list[EditRequest],
     templates: list[str], fact_token: str,
     solve: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]],
+    groups: list[int] | None = None,
 ) -> tuple[list[WeightDelta], dict[int, dict], dict[int, torch.Tensor]]:
     """MEMIT's spreading of ``z*`` (written at the residual after ``layers[-1]``) over ``layers``, in order.
 
-    At each layer: the keys ``K`` ``[in, N]`` and the residual still to write, an equal share of what the
+    At each layer: the keys ``K`` ``[in, N]`` (context means per ``groups``, see :func:`key_groups`) and the residual still to write, an equal share of what the
     remaining layers must add (``[out, N]``, both float64), and the factors ``solve(layer, K, resid) ->
     (left, right, extra info)`` of the update ``left @ right``, applied temporarily so that the next layer's keys
     and residual see it. Every weight is restored at the end, also on an error.
@@ -168,7 +190,7 @@ def spread_over_layers(
     keys: dict[int, torch.Tensor] = {}
     try:
         for j, layer in enumerate(layers):
-            k, h = _keys_and_residual(model, tok, adapter, layer, layers[-1], requests, templates, fact_token)
+            k, h = _keys_and_residual(model, tok, adapter, layer, layers[-1], requests, templates, fact_token, groups)
             resid = (z - h.double().cpu()).T / (len(layers) - j)  # [out, N]
             left, right, extra = solve(layer, k.double().cpu().T, resid)
             update = left @ right
@@ -180,6 +202,11 @@ def spread_over_layers(
     finally:
         put_back((m.weight, originals[layer]) for layer, m in modules.items())
     return deltas, layer_info, keys
+
+
+def key_groups(hparams: ZStarHyperParams) -> list[int] | None:
+    """The context-type sizes the keys are averaged over (``key_average: per_type``), or ``None`` (``flat``)."""
+    return template_groups(hparams.context_template_length_params) if hparams.key_average == "per_type" else None
 
 
 def request_info(skipped: list[bool], z_info: list[dict], layer_info: dict[int, dict]) -> list[dict]:
@@ -215,9 +242,11 @@ def target_zs(model: nn.Module, tok, adapter, z_layer: int, requests: list[EditR
 
 
 _ZSTAR_FORMAT = 2  # 2: tensor file plus verified metadata (io.write_verified)
-#: hparams z* depends on (the layers only through the last one, z_layer)
+#: hparams z* depends on (the layers only through the last one, z_layer); key_average does not change z*. An entry
+#: written before context_length_mode / v_step_count existed has neither in its key, so it is never matched.
 _ZSTAR_FIELDS = ("fact_token", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
-                 "loss_stop", "context_template_length_params", "context_seed", "ff1_templates", "ff2_template", "final_norm")
+                 "loss_stop", "context_template_length_params", "context_seed", "context_length_mode", "v_step_count",
+                 "ff1_templates", "ff2_template", "final_norm")
 
 
 def _zstar_entry(fingerprint: str, device: str, z_layer: int, req: EditRequest, hparams: MEMITHyperParams

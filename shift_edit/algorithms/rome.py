@@ -6,8 +6,10 @@ For one request at FF2 of layer ``l`` (the MLP output matrix, canonical ``W: [ou
 1. Context templates: short texts sampled from the model itself (seeded, top-k 5) after
    the prefixes "The", "Therefore", "Because", "I", "You", each followed by ". " and the
    prompt. ``context_template_length_params: [[5, 10], [10, 10]]`` (the published ROME
-   setting) means 10 generations of 5 new tokens and 10 of 10 new tokens, plus the bare
-   prompt ``"{}"``: 21 contexts.
+   setting) means 10 generations of 5 tokens and 10 of 10 tokens, plus the bare prompt
+   ``"{}"``: 21 contexts. A length counts the prefix's tokens too (``context_length_mode:
+   total``, the reference code's ``generate_fast(max_out_len=...)``); see
+   :class:`ReferenceLocateEditHyperParams` for this and the other reference semantics.
 2. Key ``k*``: the FF2 input at the subject's last token (``fact_token``), averaged over
    the contexts.
 3. ``u = C⁻¹ k*`` with ``C = E[k kᵀ]`` from :mod:`shift_edit.covariance` when
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import unicodedata
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -68,7 +71,9 @@ class LocateEditHyperParams(EditHyperParams):
         clamp_norm_factor: ``||δ|| <= clamp_norm_factor * ||ref||``.
         kl_factor: weight of the KL term on ``"{subject} is a"``.
         loss_stop: stop early when the total loss falls below this.
-        context_template_length_params: ``[[new_tokens, count], ...]`` of generated contexts.
+        context_template_length_params: ``[[length, count], ...]`` of generated contexts: ``count`` texts of
+            ``length`` tokens (new tokens here; ROME/MEMIT/AlphaEdit count the prefix too by default, see
+            :class:`ReferenceLocateEditHyperParams`).
         context_seed: seed of the context generation.
         mom2_corpus: text file or ``hf:<dataset>/<config>/<split>``; ``null`` = the default
             (local WikiText-2 test split when found, else WikiText-103 via ``datasets``).
@@ -106,13 +111,48 @@ class LocateEditHyperParams(EditHyperParams):
         for pair in self.context_template_length_params:
             if len(pair) != 2 or pair[0] < 1 or pair[1] < 0:
                 self._fail("context_template_length_params", self.context_template_length_params,
-                           "use [[new_tokens >= 1, count >= 0], ...]")
+                           "use [[length >= 1, count >= 0], ...]")
         if self.mom2_n_tokens < 1 or self.mom2_max_length < 1:
             self._fail("mom2_n_tokens", self.mom2_n_tokens, "mom2_n_tokens and mom2_max_length must be >= 1")
 
 
 @dataclasses.dataclass(kw_only=True)
-class ROMEHyperParams(LocateEditHyperParams):
+class ReferenceLocateEditHyperParams(LocateEditHyperParams):
+    """The fields of ROME, MEMIT and AlphaEdit: :class:`LocateEditHyperParams` plus the choice between the
+    reference code's semantics (the defaults: kmeng01/rome, kmeng01/memit, zjunlp/EasyEdit, AlphaEdit's code) and
+    this toolkit's earlier variants, kept as options. With the defaults and the same templates and statistics, ROME's
+    and MEMIT's ΔW equal a re-derivation of the reference equations (``tests/test_reference_semantics.py``).
+
+    Attributes:
+        context_length_mode: what a length in ``context_template_length_params`` counts.
+            ``total`` (reference): all tokens of the generated text, the prefix's (and a BOS the tokenizer adds)
+            included, as ``generate_fast(max_out_len=length)`` does: "The" (one token) with length 5 gets 4 new
+            tokens. As there, all prefixes are sampled in one batch (top-k 5 from the softmax, renormalised, one
+            ``torch.multinomial`` draw per step for the whole batch), a prefix generates while it is shorter than
+            the length and nothing is generated once the longest prefix reaches it; the text is NFKD-normalised,
+            blank lines become spaces and braces spaces (MEMIT; EasyEdit's ROME deletes them). ``new``: the
+            length is the number of new tokens, sampled by ``model.generate`` per prefix (this toolkit's earlier
+            behaviour; one more token per template at [[5, 5]] than the reference, and ``strip()``-ed text;
+            other texts: on 5 SmolLM2 records ΔW's cosine to the reference's is 0.89 for ROME, 0.85 for MEMIT).
+            Seeding: the reference codes sample from the global RNG (EasyEdit seeds it with 42 when imported;
+            ROME and MEMIT never), so their templates depend on everything drawn before; here both modes seed a
+            forked RNG with ``context_seed``, so the templates depend only on the model, tokenizer, lengths and
+            seed. In both modes a count is split over the 5 prefixes as evenly as possible (the reference gives
+            each prefix ``count // 5``: the same for multiples of 5, none at all below 5).
+        v_step_count: optimiser steps for ``v_num_grad_steps = n``. ``n_minus_1`` (reference): the loop
+            computes the loss n times and steps after all but the last (its ``if it == n - 1: break`` comes
+            before the step), so n - 1 Adam steps; it stops earlier when the loss falls below ``loss_stop``
+            (checked before each step, the reference's ``loss < 5e-2``). ``n``: n steps, the last loss unused
+            (the earlier behaviour; ROME's ‖ΔW‖ 2% larger on SmolLM2 at n = 20, cosine 0.9998).
+            Measured effects: ``eval/reports/rome_memit/README.md`` section 7.
+    """
+
+    context_length_mode: Literal["total", "new"] = "total"
+    v_step_count: Literal["n_minus_1", "n"] = "n_minus_1"
+
+
+@dataclasses.dataclass(kw_only=True)
+class ROMEHyperParams(ReferenceLocateEditHyperParams):
     """Hparams of ROME (one layer).
 
     Attributes:
@@ -148,27 +188,36 @@ _TEMPLATE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def context_templates(model: nn.Module, tok, length_params: Sequence[Sequence[int]], seed: int) -> list[str]:
+def context_templates(model: nn.Module, tok, length_params: Sequence[Sequence[int]], seed: int,
+                      length_mode: Literal["total", "new"] = "new") -> list[str]:
     """``["{}", "<generated text>. {}", ...]``: contexts sampled from the model (top-k 5,
-    seeded), cached per model object, lengths and seed."""
+    seeded with ``seed`` in a forked RNG), cached per model object, lengths, seed and mode.
+
+    ``length_mode`` (see :class:`ReferenceLocateEditHyperParams`): ``total`` = each length counts
+    the prefix's tokens too, sampled as the reference ``generate_fast``; ``new`` (the default here,
+    kept for SHIFT_SUBJECT's settings) = new tokens, sampled by ``model.generate``. The templates of
+    ``length_params[i]`` follow those of ``length_params[i - 1]`` (:func:`template_groups`)."""
     per_model = _TEMPLATE_CACHE.setdefault(model, {})
-    key = (tuple(tuple(p) for p in length_params), seed)
+    key = (tuple(tuple(p) for p in length_params), seed, length_mode)
     if key in per_model:
         return per_model[key]
     device = next(model.parameters()).device
     out = ["{}"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for new_tokens, count in length_params:
-            per_prefix = [count // len(GEN_PREFIXES) + (1 if i < count % len(GEN_PREFIXES) else 0)
-                          for i in range(len(GEN_PREFIXES))]
+        for length, count in length_params:
+            per_prefix = _split_count(int(count))
+            if length_mode == "total":
+                prompts = [p for p, n in zip(GEN_PREFIXES, per_prefix) for _ in range(n)]
+                out.extend(t + ". {}" for t in _sample_total_length(model, tok, prompts, int(length)))
+                continue
             for prefix, n in zip(GEN_PREFIXES, per_prefix):
                 if n == 0:
                     continue
                 ids = tok(prefix, return_tensors="pt").input_ids.to(device)
                 gen = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
-                    top_p=1.0, temperature=1.0, max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens),
+                    top_p=1.0, temperature=1.0, max_new_tokens=int(length), min_new_tokens=int(length),
                     num_return_sequences=n, pad_token_id=pad_id_of(tok),
                 )
                 for row in gen:
@@ -177,6 +226,61 @@ def context_templates(model: nn.Module, tok, length_params: Sequence[Sequence[in
                     out.append(text + ". {}")
     per_model[key] = out
     return out
+
+
+def templates_for(model: nn.Module, tok, hp: LocateEditHyperParams) -> list[str]:
+    """The context templates of ``hp`` (:func:`context_templates` with its lengths, seed and, for ROME,
+    MEMIT and AlphaEdit, its ``context_length_mode``; ``new`` for hparams without that field)."""
+    return context_templates(model, tok, hp.context_template_length_params, hp.context_seed,
+                             getattr(hp, "context_length_mode", "new"))
+
+
+def template_groups(length_params: Sequence[Sequence[int]]) -> list[int]:
+    """Sizes of the context types in :func:`context_templates`' list, in order: the bare prompt, then one group
+    per ``[length, count]`` entry with ``count > 0`` (MEMIT's ``compute_ks`` averages within each, then across)."""
+    return [1] + [int(count) for _length, count in length_params if int(count) > 0]
+
+
+def _split_count(count: int) -> list[int]:
+    """``count`` generations over the prefixes, as evenly as possible (earlier prefixes get the remainder)."""
+    n = len(GEN_PREFIXES)
+    return [count // n + (1 if i < count % n else 0) for i in range(n)]
+
+
+def _sample_total_length(model: nn.Module, tok, prompts: list[str], length: int, top_k: int = 5) -> list[str]:
+    """Texts of ``length`` tokens in all (prompt included) continuing ``prompts``, sampled as the reference
+    ``generate_fast`` does: the prompts right-padded into one batch; at each step one ``torch.multinomial``
+    draw for every row from the top-``top_k`` softmax probabilities renormalised, kept by the rows whose text
+    ends there; steps continue while the batch is narrower than ``length``. Decoded without special tokens,
+    NFKD-normalised, blank lines as spaces, braces as spaces."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    pad = pad_id_of(tok)
+    encoded = [list(tok(p).input_ids) for p in prompts]
+    lens = torch.tensor([len(e) for e in encoded], device=device)
+    width = int(lens.max())
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+    for i, e in enumerate(encoded):
+        ids[i, :len(e)] = torch.tensor(e, device=device)
+    stop = int(lens.min())  # positions < stop are in every row's context
+    while ids.shape[1] < length:
+        mask = (torch.arange(stop, device=device)[None] < lens[:, None]).long()
+        logits = model(input_ids=ids[:, :stop], attention_mask=mask, use_cache=False).logits[:, -1].float()
+        probs = torch.softmax(logits, dim=1)
+        top = torch.topk(probs, top_k, dim=1).indices
+        top_p = torch.gather(probs, 1, top)
+        top_p = top_p / top_p.sum(1)[:, None]
+        new = torch.gather(top, 1, torch.multinomial(top_p, 1))[:, 0]
+        if stop == ids.shape[1]:
+            ids = torch.cat([ids, torch.full((len(prompts), 1), pad, dtype=torch.long, device=device)], dim=1)
+        ends_here = lens == stop
+        ids[ends_here, stop] = new[ends_here]
+        lens = lens + ends_here.long()
+        stop += 1
+    texts = [tok.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, lens.tolist())]
+    return [unicodedata.normalize("NFKD", t).replace("\n\n", " ").replace("<|endoftext|>", "")
+            .replace("{", " ").replace("}", " ") for t in texts]
 
 
 def prompt_template(req: EditRequest) -> str:
@@ -351,7 +455,8 @@ def optimise_delta(
         # Each step re-runs only blocks `layer`.. (the earlier ones do not see δ: their output is
         # the recorded input of block `layer`) and the output head only where the loss reads it.
         at = [row.tolist() for row in tpos] + [[kl_idx]]
-        for _ in range(hp.v_num_grad_steps):
+        last_is_loss_only = getattr(hp, "v_step_count", "n") == "n_minus_1"
+        for it in range(hp.v_num_grad_steps):
             opt.zero_grad()
             hook.delta = delta
             with resume.batch(), head_only_at(model, tuple(ids.shape), at) as gather:
@@ -363,6 +468,8 @@ def optimise_delta(
             losses.append(loss.item())
             if losses[-1] < hp.loss_stop:
                 break
+            if last_is_loss_only and it == hp.v_num_grad_steps - 1:
+                break  # the reference loop: the n-th loss is computed, no n-th step is taken
             clamped_step(opt, delta, loss, max_norm)
             steps += 1
     finally:
@@ -447,7 +554,7 @@ def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: RO
     if hparams.mom2_adjustment:
         stats = layer_stats(model, tok, [layer], corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                             max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype, adapter=adapter)[layer]
-    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+    templates = templates_for(model, tok, hparams)
     orig = module.weight.detach().clone()
     deltas: list[WeightDelta] = []
     info: list[dict] = []

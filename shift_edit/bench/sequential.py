@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms.rome import context_templates
+from ..algorithms.rome import templates_for
 from ..deltas import restore_weights
 from ..editing import edit
 from ..errors import ShiftEditError
@@ -212,7 +212,7 @@ def _prime(model: nn.Module, tok, hparams: HyperParams) -> None:
         layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                     max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype)
     if hasattr(hparams, "context_template_length_params"):
-        context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+        templates_for(model, tok, hparams)
     prime = algorithm_for_hparams(hparams).prime
     if prime is not None:
         prime(model, tok, hparams)

@@ -177,6 +177,12 @@ def _hparams_tag(hp: dict | None) -> str:
         bits.append("through-update")
     if hp.get("lambda_key"):  # ROME: which key scales Λ (runs before the option existed used the mean)
         bits.append(f"Λ-key {hp['lambda_key']}")
+    # ROME/MEMIT/AlphaEdit's earlier semantics (issue 36), tagged when chosen; runs made before the options existed
+    # have no such field and used them all
+    for key, value, tag in (("context_length_mode", "new", "new-token contexts"), ("v_step_count", "n", "n steps"),
+                            ("key_average", "flat", "flat keys")):
+        if hp.get(key) == value:
+            bits.append(tag)
     if hp.get("neurons_per_layer") is not None:  # SHIFT_NEURON: capacity, screen, retries
         bits.append(f"x{hp['neurons_per_layer']}")
     if hp.get("max_generic_fires") is not None:

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.ft import finetune
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.requests import make_request
-from shift_edit.studies.data import load_records
+from shift_edit.algorithms.gradient.ft import finetune
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.core.requests import make_request
+from shift_edit.studies.counterfact_records import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 

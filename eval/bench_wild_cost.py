@@ -33,7 +33,7 @@ def main() -> int:
     import shift_edit as se
     from shift_edit.bench import BenchConfig, file_sha256, load_counterfact, run_bench
     from shift_edit.bench.summarize import summarize_run
-    from shift_edit.data import require_data
+    from shift_edit.files.data_files import require_data
 
     data = require_data("counterfact-subset", args.data)
     model, tok = se.load_model("smollm2-135m")

@@ -12,34 +12,34 @@ Public API::
 
 from ._version import __version__
 
-from .architectures import ARCHITECTURES, ModelAdapter, supported_model_types
-from .deltas import WeightDelta
-from .result import EditResult
-from .editing import apply_algo_to_model, edit, restore_weights
-from .memory import EditMemory
-from .errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
-from .hparams import HyperParams
-from .registry import Algorithm, algorithm_names, get_algorithm, register
-from .requests import EditRequest, make_request, make_requests
+from .model.architectures import ARCHITECTURES, ModelAdapter, supported_model_types
+from .core.deltas import WeightDelta
+from .core.result import EditResult
+from .core.editing import apply_algo_to_model, edit, restore_weights
+from .core.memory import EditMemory
+from .core.errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
+from .core.hparams import HyperParams
+from .core.registry import Algorithm, algorithm_names, get_algorithm, register
+from .core.requests import EditRequest, make_request, make_requests
 from . import algorithms  # noqa: F401,E402  (registers the algorithms)
 from .algorithms.common import EditHyperParams
-from .algorithms.adam import AdamHyperParams
-from .algorithms.alphaedit import AlphaEditHyperParams
-from .algorithms.ft import FTHyperParams
-from .algorithms.ft_l import FTLHyperParams
-from .algorithms.memit import MEMITHyperParams
-from .algorithms.rome import ROMEHyperParams
-from .algorithms.sgd import SGDHyperParams
-from .algorithms.shift import ShiftHyperParams, apply_shift_to_model, compute_shift
-from .editor import BaseEditor, load_hparams
-from .loading import ALIASES, load_model
-from .patch import apply_patch, read_patch, revert_patch, save_patch
-from .lora import LoraExport, export_lora, read_lora
-from .apply_names import apply_functions as _apply_functions, lookup as _lookup_apply
+from .algorithms.gradient.adam import AdamHyperParams
+from .algorithms.locate.alphaedit import AlphaEditHyperParams
+from .algorithms.gradient.ft import FTHyperParams
+from .algorithms.gradient.ft_l import FTLHyperParams
+from .algorithms.locate.memit import MEMITHyperParams
+from .algorithms.locate.rome import ROMEHyperParams
+from .algorithms.gradient.sgd import SGDHyperParams
+from .algorithms.shift.shift import ShiftHyperParams, apply_shift_to_model, compute_shift
+from .compat.easyedit_editor import BaseEditor, load_hparams
+from .model.loading import ALIASES, load_model
+from .files.patch import apply_patch, read_patch, revert_patch, save_patch
+from .files.lora import LoraExport, export_lora, read_lora
+from .compat.apply_names import apply_functions as _apply_functions, lookup as _lookup_apply
 
 # ROME/MEMIT/EasyEdit names, one per registered algorithm: apply_rome_to_model, apply_memit_to_model, ...
 globals().update(_apply_functions())
-from .datasets import CounterFactDataset, KnowEditDataset, ZsreDataset
+from .compat.easyedit_datasets import CounterFactDataset, KnowEditDataset, ZsreDataset
 
 
 def __getattr__(name: str):

@@ -87,7 +87,7 @@ CHEAP = {"skip_if_predicted": False, "margin": 0.0, "v_num_grad_steps": 3, "cont
 def tiny_hparams(alg: str, corpus: str, **kw):
     """Hparams of any registered algorithm for a 3-layer tiny model: required fields from
     REQUIRED, else from the algorithm's shipped SmolLM2 hparams; cheap settings where they exist."""
-    from shift_edit.registry import get_algorithm, load_hparams
+    from shift_edit.core.registry import get_algorithm, load_hparams
 
     spec = get_algorithm(alg)
     fields = {f.name: f for f in dataclasses.fields(spec.hparams_class)}

@@ -15,8 +15,8 @@ from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
 from shift_edit.cli import main
-from shift_edit.editor import BaseEditor
-from shift_edit.guard import MAX_EDIT_TOKENS
+from shift_edit.compat.easyedit_editor import BaseEditor
+from shift_edit.core.guard import MAX_EDIT_TOKENS
 
 EDIT = ["--prompt", "Messi plays for", "--target", " Rome", "--layer", "1", "--eta", "1"]
 

@@ -6,10 +6,10 @@ import torch
 from _tiny import TINY_CONFIGS, tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms.adam import AdamHyperParams
-from shift_edit.algorithms.ft import FTHyperParams
-from shift_edit.algorithms.ft_l import FTLHyperParams
-from shift_edit.algorithms.sgd import SGDHyperParams
+from shift_edit.algorithms.gradient.adam import AdamHyperParams
+from shift_edit.algorithms.gradient.ft import FTHyperParams
+from shift_edit.algorithms.gradient.ft_l import FTLHyperParams
+from shift_edit.algorithms.gradient.sgd import SGDHyperParams
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": "Paris"}}
 
@@ -115,7 +115,7 @@ def test_ft_lowers_the_target_nll_and_stops_early(byte_tok):
 def test_shipped_hparams_of_step_algorithms_have_layers_and_a_positive_step():
     """Every shipped file of an algorithm with a step size (the registry's step field) names
     its layers and a positive step."""
-    from shift_edit.resources import shipped_hparams_index
+    from shift_edit.core.shipped_hparams import shipped_hparams_index
 
     checked = 0
     for alg in se.algorithm_names():
@@ -137,7 +137,7 @@ def test_ft_from_the_frozen_prefix_equals_full_passes(model_type, alg, byte_tok)
     """Training from the recorded input of the lowest trained block gives the same deltas (bit for bit: the same
     operations on the same inputs), losses and steps as full forward passes (two chunks of one request each, all
     target tokens)."""
-    from shift_edit.algorithms.ft import finetune
+    from shift_edit.algorithms.gradient.ft import finetune
 
     model = tiny_model(model_type)
     kw = dict(layers=[1, 2], lr=1e-2, steps=6, early_stop_nll=0.0, skip_if_predicted=False, batch_size=1,
@@ -155,7 +155,7 @@ def test_ft_from_the_frozen_prefix_equals_full_passes(model_type, alg, byte_tok)
 
 def test_ft_falls_back_to_full_passes_when_the_prefix_disagrees(byte_tok, monkeypatch, caplog):
     """A recorded block input that does not reproduce the full pass's loss is dropped at the first step."""
-    import shift_edit.algorithms.ft as ft
+    import shift_edit.algorithms.gradient.ft as ft
 
     class Corrupted(ft.FrozenPrefix):
         def __init__(self, *args, **kw):

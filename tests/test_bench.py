@@ -14,13 +14,13 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.bench import generation as bg
 from shift_edit.bench import metrics as bm
 from shift_edit.bench import wikitext as bp
 from shift_edit.bench.runner import BenchConfig, run_bench
 from shift_edit.bench.summarize import METRICS, harmonic_mean, load_reference, summarize_run, to_csv, to_markdown
-from shift_edit.scoring import ContinuationScore
+from shift_edit.model.scoring import ContinuationScore
 
 REPO = Path(__file__).resolve().parents[1]
 

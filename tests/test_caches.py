@@ -14,17 +14,17 @@ from _tiny import byte_tokenizer, tiny_model
 from test_bench import rome_record, write
 
 import shift_edit
-import shift_edit.loading as loading
-from shift_edit.algorithms import memit as memit_mod
-from shift_edit.algorithms import rome as rome_mod
-from shift_edit.algorithms.memit import MEMITHyperParams
+import shift_edit.model.loading as loading
+from shift_edit.algorithms.locate import memit as memit_mod
+from shift_edit.algorithms.locate import rome as rome_mod
+from shift_edit.algorithms.locate.memit import MEMITHyperParams
 from shift_edit.bench.sequential import _load_state, _save_state, _State
 from shift_edit.cli import main
-from shift_edit.covariance import generic_sample, layer_stats
-from shift_edit.errors import ShiftEditError
-from shift_edit.io import MANIFEST_NAME
-from shift_edit.memory import EditMemory
-from shift_edit.requests import make_request
+from shift_edit.model.covariance import generic_sample, layer_stats
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.files.io import MANIFEST_NAME
+from shift_edit.core.memory import EditMemory
+from shift_edit.core.requests import make_request
 
 
 def flip_bit(path: Path, at: float = 0.5) -> None:

@@ -74,7 +74,7 @@ def test_eta_sets_each_algorithms_step_size():
     import argparse
 
     from shift_edit.cli.edit import resolve_hparams
-    from shift_edit.errors import ShiftEditError
+    from shift_edit.core.errors import ShiftEditError
 
     def ns(alg, **kw):
         base = dict(alg=alg, model="no-such-model", hparams=None, layer=[1], eta=0.5, eta_scaling=None, no_skip=False)

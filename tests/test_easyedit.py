@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import shift_edit as se
-from shift_edit import easyedit as ee
-from shift_edit.registry import algorithm_names, get_algorithm
+from shift_edit.compat import easyedit_metrics as ee
+from shift_edit.core.registry import algorithm_names, get_algorithm
 from _tiny import tiny_hparams, tiny_model
 
 PROMPTS = ["Paris is the capital of", "Messi plays for"]
@@ -316,7 +316,7 @@ def test_dataset_readers_take_easyedit_files(tmp_path, byte_tok, corpus):
 
 @pytest.mark.parametrize("alg", algorithm_names())
 def test_apply_alg_to_model_exists_for_every_algorithm_and_takes_callers_kwargs(alg, byte_tok, corpus, caplog):
-    from shift_edit.apply_names import apply_fn_name
+    from shift_edit.compat.apply_names import apply_fn_name
 
     fn = getattr(se, apply_fn_name(alg))
     model = tiny_model("gpt2")
@@ -325,7 +325,7 @@ def test_apply_alg_to_model_exists_for_every_algorithm_and_takes_callers_kwargs(
     with caplog.at_level(logging.WARNING):
         out, orig = fn(model, byte_tok, [req], tiny_hparams(alg, corpus), copy=False, return_orig_weights=True,
                        keep_original_weight=False, train_ds=None, cache_template=None)
-    assert not [r for r in caplog.records if r.name == "shift_edit.apply_names"]
+    assert not [r for r in caplog.records if r.name == "shift_edit.compat.apply_names"]
     assert out is model and orig and all(torch.equal(v, base[k]) for k, v in orig.items())
     assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
     se.restore_weights(model, orig)
@@ -335,7 +335,7 @@ def test_apply_alg_to_model_exists_for_every_algorithm_and_takes_callers_kwargs(
 
 
 def test_apply_name_of_an_algorithm_registered_later(monkeypatch):
-    from shift_edit import registry
+    from shift_edit.core import registry
 
     @dataclasses.dataclass(kw_only=True)
     class LaterHP(se.ShiftHyperParams):

@@ -138,10 +138,10 @@ def _hparams_path(alg: str, tmp_path: Path) -> str:
 def test_easyedit_quickstart_runs_with_only_the_import_changed(alg, smollm2, tmp_path, monkeypatch):
     from test_easyedit import easyedit_structure, keys_of
 
-    import shift_edit.loading
+    import shift_edit.model.loading
 
     model, tok = smollm2
-    monkeypatch.setattr(shift_edit.loading, "load_model", lambda name, **kw: (model, tok))  # the session's copy
+    monkeypatch.setattr(shift_edit.model.loading, "load_model", lambda name, **kw: (model, tok))  # the session's copy
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     for seq in (False, True):
         script = QUICKSTART.format(ALG=alg.title() if alg == "SHIFT" else alg, HPARAMS=_hparams_path(alg, tmp_path), SEQ=seq)

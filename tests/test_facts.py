@@ -14,8 +14,8 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit import data as sdata
-from shift_edit import easyedit as see
+from shift_edit.files import data_files as sdata
+from shift_edit.compat import easyedit_metrics as see
 from shift_edit.bench.fact_metrics import flat_values, summarize_easyedit
 from shift_edit.bench.fact_runner import FactBenchConfig, run_fact_bench
 from shift_edit.bench.fact_sequential import FactScoring
@@ -270,7 +270,7 @@ def test_fetch_zsre_checks_the_git_blob_id(tmp_path):
 def test_counterfact_portability_is_easyedit_token_accuracy_on_records_that_have_it(byte_tok, tmp_path):
     from test_bench import rome_record
 
-    from shift_edit.bench import data as bdata
+    from shift_edit.bench import counterfact as bdata
     from shift_edit.bench.runner import BenchConfig, run_bench
 
     recs = [rome_record(i, subject=f"Sub{i}") for i in range(3)]
@@ -366,7 +366,7 @@ def test_cli_single_sequential_and_summarize_on_fact_files(byte_tok, tmp_path):
 
 
 def test_export_refuses_a_fact_run_in_one_line(byte_tok, tmp_path):
-    from shift_edit.bench.export import export_run
+    from shift_edit.compat.result_export import export_run
 
     path = write(tmp_path, zsre_records(1), "z.json")
     cfg = FactBenchConfig(alg="NONE", hparams=None, dataset="zsre", fmt="zsre")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import shift_edit as se
-from shift_edit.foreign_hparams import FIELD_MAP, mapping_table_markdown
+from shift_edit.core.foreign_hparams import FIELD_MAP, mapping_table_markdown
 
 GPT2_MODULES = {
     "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj", "layer_module_tmp": "transformer.h.{}",

@@ -16,8 +16,8 @@ from _rome_format import rome_record, rome_summarize
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
-from shift_edit.bench.foreign import kind_of, summarize_any
+from shift_edit.bench import counterfact as bdata
+from shift_edit.compat.result_import import kind_of, summarize_any
 from shift_edit.bench.runner import BenchConfig, run_bench
 from shift_edit.bench.summarize import summarize_run
 from shift_edit.cli import main

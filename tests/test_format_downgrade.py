@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import shift_edit as se
 from shift_edit.cli import main
-from shift_edit.patch import CHECKSUM_KEY, PatchChecksumError
+from shift_edit.files.patch import CHECKSUM_KEY, PatchChecksumError
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": " Rome"}}
 

@@ -15,7 +15,7 @@ import yaml
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": "Paris"}
 PROBE = "Messi plays for the team of"

@@ -53,8 +53,8 @@ def test_no_import_circles():
 
 def test_the_scan_sees_the_package():
     edges, local = _scan()
-    assert "shift_edit.patch" in edges and "shift_edit.result" in edges["shift_edit.patch"]
-    assert any(m == "shift_edit.lora" and t == "peft" for m, _, t in local)  # an optional import is found
+    assert "shift_edit.files.patch" in edges and "shift_edit.core.result" in edges["shift_edit.files.patch"]
+    assert any(m == "shift_edit.files.lora" and t == "peft" for m, _, t in local)  # an optional import is found
 
 
 def test_function_level_imports_are_of_optional_modules_only():
@@ -91,7 +91,7 @@ def test_a_missing_optional_dependency_is_one_line_naming_its_extra(monkeypatch,
 
 
 def test_find_file_looks_in_the_data_folders(monkeypatch, tmp_path):
-    from shift_edit.data import find_file
+    from shift_edit.files.data_files import find_file
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.json").write_text("[]")

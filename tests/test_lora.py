@@ -13,9 +13,9 @@ from _tiny import byte_tokenizer, tiny_model
 
 import shift_edit as se
 from shift_edit.cli import main as cli_main
-from shift_edit.deltas import WeightDelta, apply_deltas
-from shift_edit.result import EditResult
-from shift_edit.lora import CONFIG_NAME, META_NAME, WEIGHTS_NAME, read_lora
+from shift_edit.core.deltas import WeightDelta, apply_deltas
+from shift_edit.core.result import EditResult
+from shift_edit.files.lora import CONFIG_NAME, META_NAME, WEIGHTS_NAME, read_lora
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402

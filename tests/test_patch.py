@@ -95,8 +95,8 @@ def test_undone_edit_cannot_be_saved(byte_tok, tmp_path):
 
 
 def test_base_hashes_are_computed_on_first_read_and_match_the_original_weight(byte_tok, monkeypatch):
-    from shift_edit import deltas as deltas_mod
-    from shift_edit.io import tensor_hash
+    from shift_edit.core import deltas as deltas_mod
+    from shift_edit.files.io import tensor_hash
 
     model = tiny_model("llama")
     name = "model.layers.1.mlp.down_proj.weight"
@@ -113,7 +113,7 @@ def test_base_hashes_are_computed_on_first_read_and_match_the_original_weight(by
 
 
 def test_a_delta_for_a_missing_weight_is_refused_and_nothing_changes():
-    from shift_edit.deltas import WeightDelta, apply_deltas
+    from shift_edit.core.deltas import WeightDelta, apply_deltas
 
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

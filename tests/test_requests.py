@@ -3,7 +3,7 @@
 import pytest
 
 import shift_edit as se
-from shift_edit.requests import encode_target
+from shift_edit.core.requests import encode_target
 
 
 def test_rome_counterfact_and_easyedit_formats_agree():

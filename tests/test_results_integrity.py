@@ -14,7 +14,7 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.cli import main
 
 
@@ -116,7 +116,7 @@ def test_damaged_sequential_state_is_one_line_and_nothing_is_overwritten(damage,
 def test_killed_save_leaves_no_hidden_folder_after_a_rerun(tmp_path):
     """``edit --save DIR`` killed (SIGKILL) while writing leaves ``.DIR.<pid>.*.tmp``; the next
     write of DIR removes the folders of processes that are gone (never a live one's)."""
-    from shift_edit.io import atomic_dir, atomic_file
+    from shift_edit.files.io import atomic_dir, atomic_file
 
     dest = tmp_path / "saved"
     dead = tmp_path / f".saved.{2**22 + 12345}.abcd.tmp"  # above pid_max: no such process

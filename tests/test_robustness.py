@@ -22,12 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.bench.claims import claim_path, claimed, try_claim
 from shift_edit.bench.runner import BenchConfig, run_bench
 from shift_edit.cli import main
-from shift_edit.guard import DEFAULT_MAX_RELATIVE_NORM, EditRefusedError
-from shift_edit.patch import CHECKSUM_KEY, PatchChecksumError
+from shift_edit.core.guard import DEFAULT_MAX_RELATIVE_NORM, EditRefusedError
+from shift_edit.files.patch import CHECKSUM_KEY, PatchChecksumError
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": "Paris"}
 OK = dict(layers=[1], eta=0.05, skip_if_predicted=False)  # well under the bound on the tiny models
@@ -111,7 +111,7 @@ def test_checksum_missing_from_a_v2_patch_is_refused_v1_patch_warns(patch_file, 
     del doc["base_fingerprint"]
     save_file(tensors, str(patch_file), metadata={"shift_edit": json.dumps(doc)})
     model = tiny_model("gpt2")
-    with caplog.at_level(logging.WARNING, logger="shift_edit.patch"):
+    with caplog.at_level(logging.WARNING, logger="shift_edit.files.patch"):
         se.apply_patch(model, patch_file, allow_unchecksummed=True, base_check="matrices")
     assert "has no checksum" in caplog.text
 

@@ -16,7 +16,7 @@ from _tiny import byte_tokenizer, tiny_model
 from test_bench import easyedit_record, rome_record, write
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
 from shift_edit.bench.sequential import SequentialConfig, _record_values, run_sequential
 

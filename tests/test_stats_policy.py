@@ -8,9 +8,9 @@ import torch
 from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
-from shift_edit import covariance
-from shift_edit.covariance import layer_stats, pinned_statistics, statistics_fingerprint
-from shift_edit.io import model_fingerprint
+from shift_edit.model import covariance
+from shift_edit.model.covariance import layer_stats, pinned_statistics, statistics_fingerprint
+from shift_edit.files.io import model_fingerprint
 
 REQS = [{"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": " Rome"}},
         {"prompt": "{} is located in", "subject": "Oslo", "target_new": {"str": " Spain"}},

@@ -124,7 +124,7 @@ def test_sweep_cli_rejects_bad_options_in_one_line(capsys):
 def test_layer_sweep_cells_equal_full_passes(byte_tok, tmp_path, arch):
     """The sweep re-runs only the blocks from the edited layer; every cell must equal the
     metrics of a plain full forward pass of the edited model."""
-    from shift_edit.algorithms.shift import ShiftHyperParams
+    from shift_edit.algorithms.shift.shift import ShiftHyperParams
 
     model = tiny_model(arch)
     recs = [RECORD, {**RECORD, "case_id": 8, "requested_rewrite": {**RECORD["requested_rewrite"], "subject": "Xavi"}}]
@@ -181,7 +181,7 @@ def test_ppl_summary_and_off_scale_points_drawn_at_the_cap():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from shift_edit.plots import plot_ppl
+    from shift_edit.bench.plots import plot_ppl
     from shift_edit.studies.common import ppl_stats
 
     assert ppl_stats([]) == {"ppl_n": 0, "ppl_mean": None, "ppl_median": None}

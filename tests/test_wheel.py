@@ -71,7 +71,7 @@ def test_installed_wheel_edits_and_benches_from_an_empty_folder(installed, smoll
     data_dir = tmp_path / "data"  # found through $SHIFT_EDIT_DATA by its data set name, as a user's folder would be
     data_dir.mkdir()
     (data_dir / "counterfact-original-format-subset837.json").write_text(json.dumps(_records(3)))
-    probe = _run([sys.executable, "-c", "import shift_edit, shift_edit.resources as r; "
+    probe = _run([sys.executable, "-c", "import shift_edit, shift_edit.core.shipped_hparams as r; "
                   "print(shift_edit.__file__); print(r.shipped_hparams('SHIFT', 'smollm2-135m'))"], cwd=empty, env=env)
     module, hparams = probe.stdout.split()
     assert Path(module).is_relative_to(target) and Path(hparams).is_relative_to(target), probe.stdout

@@ -11,12 +11,12 @@ from _tiny import tiny_model
 from test_bench import _metrics, _run, easyedit_record, rome_record, write
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.bench import wild as bw
 from shift_edit.bench.generation import GenerationGroup
 from shift_edit.bench.runner import BenchConfig
 from shift_edit.bench.summarize import summarize_run, to_csv, to_markdown
-from shift_edit.requests import encode_prompt
+from shift_edit.core.requests import encode_prompt
 
 
 # ----------------------------------------------------------------------------- the success rule by hand

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.editor import load_hparams
+from shift_edit.compat.easyedit_editor import load_hparams
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "counterfact-original-format-subset837.json"

@@ -41,16 +41,16 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.shift_plus import _margins, build_batch, search_push
-from shift_edit.architectures import ModelAdapter
-from shift_edit.bench.data import load_counterfact
+from shift_edit.algorithms.shift.shift_plus import _margins, build_batch, search_push
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
-from shift_edit.covariance import layer_stats
-from shift_edit.hooks import capture_inputs, owned_hooks
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.requests import encode_prompt, encode_target
-from shift_edit.resume import record_block_inputs, resume_at
-from shift_edit.scoring import pad_batch, pad_id_of
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import capture_inputs, owned_hooks
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.core.requests import encode_prompt, encode_target
+from shift_edit.model.resume import record_block_inputs, resume_at
+from shift_edit.model.scoring import pad_batch, pad_id_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sequential import group_metrics, hold_rate  # noqa: E402

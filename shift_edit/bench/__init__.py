@@ -1,7 +1,7 @@
 """The CounterFact benchmark: data, metrics (ROME, strict top-1, KL), generation (n-gram entropy), WILD-style free
 generation, perplexity, runner, summaries."""
 
-from .data import CounterFactCase, download_counterfact, file_sha256, load_counterfact, parse_case
+from .counterfact import CounterFactCase, download_counterfact, file_sha256, load_counterfact, parse_case
 from .generation import generate_topk, ngram_entropy, text_ngram_entropy
 from .metrics import metrics_from_scores, score_case
 from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines

@@ -21,11 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.common import adapter_for
-from ..editing import edit
-from ..errors import ShiftEditError
-from ..guard import EditRefusedError
-from ..hparams import HyperParams
-from ..io import atomic_write_json, provenance
+from ..core.editing import edit
+from ..core.errors import ShiftEditError
+from ..core.guard import EditRefusedError
+from ..core.hparams import HyperParams
+from ..files.io import atomic_write_json, provenance
 from .claims import claimed
 from .fact_metrics import easyedit_post, easyedit_pre, families_for, zsre_pairs, zsre_scores
 from .facts import FactCase

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..requests import encode_prompt, encode_target
-from ..scoring import ContinuationPlan, ContinuationScore, logits_at_positions, pad_batch, pad_id_of
-from .data import CounterFactCase
+from ..core.requests import encode_prompt, encode_target
+from ..model.scoring import ContinuationPlan, ContinuationScore, logits_at_positions, pad_batch, pad_id_of
+from .counterfact import CounterFactCase
 
 if TYPE_CHECKING:
-    from ..resume import BlockRecorder, Resume
+    from ..model.resume import BlockRecorder, Resume
 
 #: prompt groups scored per record, with the object that counts as correct in top-1
 GROUPS = ("rewrite", "paraphrase", "rephrase", "neighborhood")
@@ -67,7 +67,7 @@ class _Part:
 
 class CaseScorer:
     """A record's forward passes, planned once: every (prompt, new) and (prompt, true) pair,
-    with shared prefixes read off one pass (:class:`~shift_edit.scoring.ContinuationPlan`).
+    with shared prefixes read off one pass (:class:`~shift_edit.model.scoring.ContinuationPlan`).
 
     Two parts are planned separately: ``near`` (neighborhood prompts, whose unedited
     next-token distribution the KL needs in full) and ``edit`` (rewrite, paraphrase and
@@ -100,8 +100,8 @@ class CaseScorer:
         record: Mapping[str, BlockRecorder] | None = None, resume: Mapping[str, Resume] | None = None,
     ) -> dict[str, list[torch.Tensor | None]]:
         """Logits at every planned position of ``parts`` (see
-        :func:`~shift_edit.scoring.logits_at_positions`); ``record[part]`` keeps that part's
-        block inputs, ``resume[part]`` re-runs only the blocks it names (:mod:`shift_edit.resume`)."""
+        :func:`~shift_edit.model.scoring.logits_at_positions`); ``record[part]`` keeps that part's
+        block inputs, ``resume[part]`` re-runs only the blocks it names (:mod:`shift_edit.model.resume`)."""
         out = {}
         for name in parts:
             plan = self.parts[name].plan

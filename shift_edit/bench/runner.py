@@ -32,17 +32,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import easyedit as ee  # (the facade imports this package: its names are read at call time)
+from ..compat import easyedit_metrics as ee  # (the facade imports this package: its names are read at call time)
 from ..algorithms.common import adapter_for
-from ..architectures import ModelAdapter
-from ..editing import edit
-from ..errors import ShiftEditError
-from ..guard import EditRefusedError
-from ..hparams import HyperParams
-from ..io import atomic_write_json, provenance
-from ..resume import BlockRecorder, Resume
+from ..model.architectures import ModelAdapter
+from ..core.editing import edit
+from ..core.errors import ShiftEditError
+from ..core.guard import EditRefusedError
+from ..core.hparams import HyperParams
+from ..files.io import atomic_write_json, provenance
+from ..model.resume import BlockRecorder, Resume
 from .claims import claimed
-from .data import CounterFactCase, case_file_stem
+from .counterfact import CounterFactCase, case_file_stem
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
 from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, run_wild, wild_prompts
@@ -264,7 +264,7 @@ def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tupl
     """Logits of the edited model at the record's planned positions, and the first block re-run.
 
     Blocks before the planned (first edited) block are skipped: their recorded output feeds it
-    (:mod:`shift_edit.resume`). The first time in a run this is checked against a full pass and
+    (:mod:`shift_edit.model.resume`). The first time in a run this is checked against a full pass and
     switched off, with a warning, if they differ; an edit that changed an earlier block (or
     anything outside the blocks) gets full passes.
     """

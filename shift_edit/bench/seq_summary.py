@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ShiftEditError
-from ..plots import plot_ppl
+from ..core.errors import ShiftEditError
+from .plots import plot_ppl
 from .summarize import _hparams_tag, dataset_of
 
 #: curve columns: (column, where in a checkpoint, metric name)

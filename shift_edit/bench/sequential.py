@@ -1,7 +1,7 @@
 """Sequential (lifelong) editing: T records' edits applied in order, B at a time, never undone.
 
 Each batch of B requests is computed on the model as the earlier batches left it (any registered
-algorithm; those registered with ``uses_memory`` get the run's :class:`~shift_edit.memory.EditMemory`).
+algorithm; those registered with ``uses_memory`` get the run's :class:`~shift_edit.core.memory.EditMemory`).
 At every checkpoint (``eval_at``, and T) all records edited so far are scored on the current model in
 the metric families (ROME probability comparisons, strict top-1, and unless ``skip_wild`` the WILD-style
 free generation of :mod:`.wild`); the neighborhood is always scored
@@ -44,19 +44,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms.rome import context_templates
-from ..deltas import restore_weights
-from ..editing import edit
-from ..errors import ShiftEditError
-from ..guard import EditRefusedError
-from ..hparams import HyperParams
-from ..io import CacheCheckError, atomic_write_json, check_verified, model_fingerprint, provenance, write_verified
-from ..memory import EditMemory
-from ..registry import algorithm_for_hparams, get_algorithm
-from ..covariance import layer_stats, pinned_statistics
-from .data import CounterFactCase
-from ..requests import encode_prompt, encode_target
-from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
+from ..algorithms.locate.rome import context_templates
+from ..core.deltas import restore_weights
+from ..core.editing import edit
+from ..core.errors import ShiftEditError
+from ..core.guard import EditRefusedError
+from ..core.hparams import HyperParams
+from ..files.io import CacheCheckError, atomic_write_json, check_verified, model_fingerprint, provenance, write_verified
+from ..core.memory import EditMemory
+from ..core.registry import algorithm_for_hparams, get_algorithm
+from ..model.covariance import layer_stats, pinned_statistics
+from .counterfact import CounterFactCase
+from ..core.requests import encode_prompt, encode_target
+from ..model.scoring import ContinuationPlan, logits_at_positions, pad_id_of
 from .metrics import _targets, case_prompts, metrics_from_scores
 from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, WildPrompts, run_wild, wild_prompts
@@ -267,7 +267,7 @@ STATE_FORMAT = 2  # 2: one checksummed tensor file per save (io.write_verified);
 def _save_state(state_dir: Path, st: _State, model: nn.Module, memory: EditMemory, base_fp: str) -> None:
     """The edited parameters' values and the memory in one file named by the batch count, then
     ``state.json`` (the commit point) naming it with both files' checksums
-    (:func:`~shift_edit.io.write_verified`), then the older files are removed."""
+    (:func:`~shift_edit.files.io.write_verified`), then the older files are removed."""
     tag = f"{st.n_batches:06d}"
     tensors = {f"weights/{name}": model.get_parameter(name).detach().cpu().contiguous() for name in st.touched}
     tensors.update({f"memory/{param}": memory.keys(param) for param in memory.params()})

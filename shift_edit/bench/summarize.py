@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ShiftEditError
+from ..core.errors import ShiftEditError
 from .fact_columns import COLUMNS as FACT_COLUMNS
 from .fact_columns import EE_COLUMNS
 from .runner import run_selection

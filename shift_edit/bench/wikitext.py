@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ShiftEditError
-from ..requests import encode_prompt
-from ..scoring import pad_batch, pad_id_of
+from ..core.errors import ShiftEditError
+from ..core.requests import encode_prompt
+from ..model.scoring import pad_batch, pad_id_of
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..scoring import head_only_at, pad_batch, pad_id_of
-from .data import CounterFactCase
+from ..model.scoring import head_only_at, pad_batch, pad_id_of
+from .counterfact import CounterFactCase
 from .generation import GenerationGroup, _row_deltas, cache_keyword, grouped_prompts
 
 #: prompt group -> summary column
@@ -128,7 +128,7 @@ def greedy_continuations(
 ) -> list[list[list[int]]]:
     """Greedy new token ids after every prompt of every group, in one decoding batch.
 
-    Prompts are encoded as the harness encodes them (:func:`~shift_edit.requests.encode_prompt`),
+    Prompts are encoded as the harness encodes them (:func:`~shift_edit.core.requests.encode_prompt`),
     left-padded, with position ids counted from each row's first real token and a KV cache; each
     group's deltas are added to its own rows (as for ROME's generation). A row's ids stop before its
     first EOS; decoding stops after ``max_new_tokens`` steps or once every row has produced EOS.

@@ -3,9 +3,9 @@ algorithm's shipped ``hparams/<ALG>/<model>.yaml`` (``shift-edit edit`` and ``sh
 
 from __future__ import annotations
 
-from ..errors import ShiftEditError
-from ..hparams import HyperParams
-from ..registry import get_algorithm, load_hparams
+from ..core.errors import ShiftEditError
+from ..core.hparams import HyperParams
+from ..core.registry import get_algorithm, load_hparams
 
 
 def find_hparams(alg: str, model: str, given: str | None) -> HyperParams | None:

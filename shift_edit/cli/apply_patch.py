@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ShiftEditError
-from ..patch import BASE_CHECKS, apply_patch, read_edit
-from ..requests import make_request
-from ..scoring import next_token_topk
+from ..core.errors import ShiftEditError
+from ..files.patch import BASE_CHECKS, apply_patch, read_edit
+from ..core.requests import make_request
+from ..model.scoring import next_token_topk
 from .common import add_model_arguments, add_unchecksummed_argument, check_model_args, check_new_dir, check_top_k, format_topk, load_from_args, save_model_atomically
 
 NAME = "apply-patch"

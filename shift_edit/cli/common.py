@@ -11,10 +11,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..data import find_data
-from ..errors import ShiftEditError
-from ..io import atomic_dir
-from ..loading import ALIASES, canonical_model_name, check_device, load_model, resolve_dtype
+from ..files.data_files import find_data
+from ..core.errors import ShiftEditError
+from ..files.io import atomic_dir
+from ..model.loading import ALIASES, canonical_model_name, check_device, load_model, resolve_dtype
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,6 +151,6 @@ def parse_eval_at(text: str | None) -> list[int]:
 
 
 def default_wikitext() -> str | None:
-    """The local WikiText-2 test file by :mod:`shift_edit.data`'s order, or None."""
+    """The local WikiText-2 test file by :mod:`shift_edit.files.data_files`'s order, or None."""
     p = find_data("wikitext")
     return str(p) if p is not None else None

@@ -6,17 +6,17 @@ import argparse
 import contextlib
 import sys
 
-from ..editing import edit
-from ..errors import ShiftEditError
-from ..io import atomic_dir, atomic_file
-from ..loading import check_model_name
-from ..lora import export_lora
-from ..outcome import fmt_prob
-from ..registry import algorithm_names, get_algorithm, option_owners
-from ..requests import make_request
-from ..resources import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
-from ..scoring import next_token_topk
-from ..step_search import search_step
+from ..core.editing import edit
+from ..core.errors import ShiftEditError
+from ..files.io import atomic_dir, atomic_file
+from ..model.loading import check_model_name
+from ..files.lora import export_lora
+from ..core.outcome import fmt_prob
+from ..core.registry import algorithm_names, get_algorithm, option_owners
+from ..core.requests import make_request
+from ..core.shipped_hparams import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
+from ..model.scoring import next_token_topk
+from ..core.step_search import search_step
 from .alg_hparams import find_hparams
 from .common import (
     add_model_arguments,

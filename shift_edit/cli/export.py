@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench.export import FORMATS, export_run
+from ..compat.result_export import FORMATS, export_run
 
 NAME = "export"
 HELP = "write a bench run dir as ROME/MEMIT case files or an EasyEdit result JSON (their summarize scripts read it)"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ShiftEditError
-from ..lora import LoraExport, export_lora
+from ..core.errors import ShiftEditError
+from ..files.lora import LoraExport, export_lora
 from .common import add_unchecksummed_argument, check_new_dir
 
 NAME = "export-lora"

@@ -6,9 +6,9 @@ import argparse
 import csv
 import io
 
-from ..architectures import ModelAdapter
-from ..errors import ShiftEditError
-from ..io import atomic_write_json, atomic_write_text, provenance
+from ..model.architectures import ModelAdapter
+from ..core.errors import ShiftEditError
+from ..files.io import atomic_write_json, atomic_write_text, provenance
 from ..lens import (
     LogitLens,
     capture_gradients,
@@ -22,7 +22,7 @@ from ..lens import (
 )
 from ..lens.logit_lens import decode_token
 from ..lens.pictures import plot_neurons, plot_ranks, plot_target_ranks
-from ..requests import make_request
+from ..core.requests import make_request
 from .common import add_model_arguments, check_new_dir, load_from_args
 
 NAME = "lens"

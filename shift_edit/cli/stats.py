@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from ..algorithms.common import adapter_for
-from ..architectures import ModelAdapter
-from ..editor import load_hparams
-from ..errors import ShiftEditError
-from ..covariance import layer_stats
+from ..model.architectures import ModelAdapter
+from ..compat.easyedit_editor import load_hparams
+from ..core.errors import ShiftEditError
+from ..model.covariance import layer_stats
 from .common import add_model_arguments, load_from_args
 
 NAME = "stats"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import ModelAdapter
-from ..data import require_data
-from ..errors import ShiftEditError
-from ..registry import linear_step_fields
+from ..model.architectures import ModelAdapter
+from ..files.data_files import require_data
+from ..core.errors import ShiftEditError
+from ..core.registry import linear_step_fields
 from ..studies import layer_sweep, min_lr
-from ..studies.data import load_records
+from ..studies.counterfact_records import load_records
 from ..studies.perplexity import load_wikitext_lines, protocol_text, wikitext_perplexity
 from .common import add_model_arguments, check_out_root, load_from_args
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import Layout, ModelAdapter, from_param_layout
-from ..errors import ShiftEditError
-from ..hooks import OwnedHooks
-from ..requests import encode_prompt, encode_target, with_leading_space
+from ..model.architectures import Layout, ModelAdapter, from_param_layout
+from ..core.errors import ShiftEditError
+from ..model.hooks import OwnedHooks
+from ..core.requests import encode_prompt, encode_target, with_leading_space
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..architectures import ModelAdapter
+from ..model.architectures import ModelAdapter
 
 Order = Literal["top", "bottom"]
 

@@ -13,7 +13,7 @@ import functools
 import io
 from pathlib import Path
 
-from ..io import atomic_write_bytes
+from ..files.io import atomic_write_bytes
 
 SUBJECT_COLOR = "#d95f02"
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from ..io import atomic_write_bytes
+from ..files.io import atomic_write_bytes
 from .capture import GradientCapture
 from .logit_lens import LogitLens, decode_token, rank_in_logits
 from .pictures import SUBJECT_COLOR, safe_text

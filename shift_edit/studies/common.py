@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deltas import WeightDelta, apply_deltas
-from ..hparams import HyperParams
-from ..io import atomic_write_json
-from ..registry import get_algorithm, linear_step_fields
-from ..requests import EditRequest
+from ..core.deltas import WeightDelta, apply_deltas
+from ..core.hparams import HyperParams
+from ..files.io import atomic_write_json
+from ..core.registry import get_algorithm, linear_step_fields
+from ..core.requests import EditRequest
 
 
 def __getattr__(name: str) -> Any:

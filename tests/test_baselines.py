@@ -101,11 +101,11 @@ def test_ft_l_never_leaves_its_box_and_ft_does(byte_tok):
 
 def test_ft_lowers_the_target_nll_and_stops_early(byte_tok):
     model = tiny_model("llama")
-    before = se.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
+    before = se.model.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
     stop = before - 0.3  # a random tiny model moves slowly; any threshold below the start works
     res = se.edit(model, byte_tok, REQ, FTHyperParams(layers=[0, 1, 2], matrices="both", lr=5e-2, steps=30, max_relative_norm=None,
                                                       early_stop_nll=stop, skip_if_predicted=False))
-    after = se.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
+    after = se.model.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
     assert after < before
     assert res.info[0]["steps"] < 30 and res.info[0]["loss_last"] < stop
     assert after == pytest.approx(res.info[0]["loss_last"], rel=1e-4)

@@ -294,7 +294,7 @@ def test_batched_scoring_equals_unbatched(byte_tok, tmp_path):
                    "neighborhood": case.neighborhood_prompts}[g]
         true = case.neighborhood_true if g == "neighborhood" else case.request.target_true
         for p, (n1, t1) in zip(prompts, rows):
-            n2, t2 = se.scoring.score_continuations(model, byte_tok, [p, p], [case.request.target_new, true], batch_size=1)
+            n2, t2 = se.model.scoring.score_continuations(model, byte_tok, [p, p], [case.request.target_new, true], batch_size=1)
             assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5) and torch.allclose(t1.token_nll, t2.token_nll, atol=1e-5)
     # next-token distributions for KL too
     nb = case.neighborhood_prompts
@@ -341,11 +341,11 @@ def test_gen_every_generates_for_every_kth_record_only(byte_tok, tmp_path):
 
 def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     model = tiny_model("llama")
-    fp = se.io.model_fingerprint(model)
+    fp = se.files.io.model_fingerprint(model)
     data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(4)])
     run = _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 2}, rank=0, world_size=1)
     assert run == tmp_path / "res" / "SHIFT" / "run_000"
-    assert se.io.model_fingerprint(model) == fp  # every edit undone
+    assert se.files.io.model_fingerprint(model) == fp  # every edit undone
     params = json.loads((run / "params.json").read_text())
     assert params["match"]["protocol"]["metric_families"]["top1"].startswith("strict top-1")
     assert params["match"]["model"]["fingerprint"] == fp and params["provenance"]["versions"]["torch"]
@@ -555,14 +555,14 @@ def test_cli_bad_input_exit_2(tmp_path, extra, msg):
 
 def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
     model, tok = smollm2
-    fp = se.io.model_fingerprint(model)
+    fp = se.files.io.model_fingerprint(model)
     path = shared_data / "counterfact-original-format-subset837.json"
     hp = se.ShiftHyperParams(layers=[24], eta=80.0, eta_scaling="normalized")
     cfg = BenchConfig(alg="SHIFT", hparams=hp, skip_generation=True)
     run = run_bench(model, tok, bdata.load_counterfact(path, limit=3), cfg, tmp_path,
                     data_info={"path": str(path), "sha256": bdata.file_sha256(path)}, model_name="smollm2-135m",
                     rank=0, world_size=1, progress=False)
-    assert se.io.model_fingerprint(model) == fp
+    assert se.files.io.model_fingerprint(model) == fp
     cases = [json.loads(p.read_text()) for p in sorted(run.glob("case_*.json"))]
     assert len(cases) == 3
     for c in cases:
@@ -573,7 +573,7 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
         text = req["prompt"].format(req["subject"])
         res = se.edit(model, tok, req, hp)
         try:
-            new, true = se.scoring.score_continuations(model, tok, [text, text], [req["target_new"], req["target_true"]])
+            new, true = se.model.scoring.score_continuations(model, tok, [text, text], [req["target_new"], req["target_true"]])
         finally:
             res.undo()
         nll = c["metrics"]["nll"]["rewrite"][0]
@@ -601,7 +601,7 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
         assert len(w["texts"]["paraphrase"]) == 2 and w["paraphrase_success"] in (0.0, 0.5, 1.0)
         new, true = c["request"]["target_new"], c["request"]["target_true"]
         assert w["rewrite_success"] == float(appears_first(w["texts"]["rewrite"][0], new, true))
-    assert se.io.model_fingerprint(model) == fp
+    assert se.files.io.model_fingerprint(model) == fp
 
 
 def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):

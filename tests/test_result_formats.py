@@ -79,7 +79,7 @@ def test_easyedit_export_and_result_files(run_dir, tmp_path, byte_tok):
     f = tmp_path / "ROME_results.json"
     f.write_text(json.dumps(metrics))
     row = summarize_any(f)
-    want = se.easyedit.summary_metrics(json.loads(f.read_text()))["post"]
+    want = se.compat.easyedit_metrics.summary_metrics(json.loads(f.read_text()))["post"]
     assert row["metrics"]["ee_rewrite_acc"]["mean"] == pytest.approx(100 * want["rewrite_acc"])
     assert row["metrics"]["ee_locality"]["mean"] == pytest.approx(100 * want["locality"]["nb_acc"])
     assert row["protocol"]["comparable_groups"] == ["lm.decoder_only_teacher_forcing.token_accuracy",

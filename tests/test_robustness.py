@@ -26,7 +26,8 @@ from shift_edit.bench import counterfact as bdata
 from shift_edit.bench.claims import claim_path, claimed, try_claim
 from shift_edit.bench.runner import BenchConfig, run_bench
 from shift_edit.cli import main
-from shift_edit.core.guard import DEFAULT_MAX_RELATIVE_NORM, EditRefusedError
+from shift_edit.core.deltas import DEFAULT_MAX_RELATIVE_NORM
+from shift_edit.core.errors import EditRefusedError
 from shift_edit.files.patch import CHECKSUM_KEY, PatchChecksumError
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": "Paris"}
@@ -292,10 +293,10 @@ def test_strict_base_fingerprint_and_matrices_option(byte_tok, tmp_path):
 
 def test_patch_saved_after_an_edit_records_the_base_fingerprint(byte_tok, tmp_path):
     model = tiny_model("gpt2")
-    fp = se.io.model_fingerprint(model)
+    fp = se.files.io.model_fingerprint(model)
     result = se.edit(model, byte_tok, REQ, se.ShiftHyperParams(**OK))
     meta, _ = se.read_patch(result.save_patch(tmp_path / "p.safetensors"))
-    assert meta["base_fingerprint"] == fp != se.io.model_fingerprint(model)
+    assert meta["base_fingerprint"] == fp != se.files.io.model_fingerprint(model)
 
 
 # ----------------------------------------------------------------------------- 5./6. bench

@@ -52,7 +52,7 @@ def test_three_sequential_alphaedit_edits_compute_the_statistics_once(how, byte_
     _three_edits(how, model, byte_tok, hp)
     assert model_fingerprint(model) != unedited  # the edits were kept
     assert computations == [["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]]  # one pass, before the first edit
-    folders = {p.parent.parent.name for p in (se.loading.cache_dir() / "stats").rglob("*.pt")}
+    folders = {p.parent.parent.name for p in (se.model.loading.cache_dir() / "stats").rglob("*.pt")}
     assert folders == {unedited}  # one cache entry per layer, keyed by the unedited model: nothing per edited state
     assert statistics_fingerprint(model) == unedited
 

@@ -56,8 +56,8 @@ def test_min_lr_cell_is_the_threshold_and_model_is_restored(byte_tok, arch, alg)
         assert torch.equal(base[n], p), n
     assert cell["min_lr"] is not None
     req = se.make_request(RECORD)
-    p_ids = se.requests.encode_prompt(byte_tok, req.text)
-    t_ids = se.requests.encode_target(byte_tok, req.text, req.target_new)
+    p_ids = se.core.requests.encode_prompt(byte_tok, req.text)
+    t_ids = se.core.requests.encode_target(byte_tok, req.text, req.target_new)
     unit = unit_deltas(model, byte_tok, req, unit_hparams(alg, 2))
     with temporarily_applied(model, scaled(unit, cell["min_lr"])):
         assert min_lr.is_top1(model, byte_tok, p_ids, t_ids, "first")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..algorithms.common import adapter_for
 from ..core.editing import edit
 from ..core.errors import ShiftEditError
-from ..core.guard import EditRefusedError
+from ..core.errors import EditRefusedError
 from ..core.hparams import HyperParams
 from ..files.io import atomic_write_json, provenance
 from .claims import claimed

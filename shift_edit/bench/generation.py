@@ -16,7 +16,8 @@ from torch import nn
 
 from ..model.hooks import owned_hooks
 from ..core.requests import encode_prompt
-from ..model.scoring import head_only_at, pad_batch, pad_id_of
+from ..model.scoring import pad_batch, pad_id_of
+from ..model.hooks import head_only_at
 
 
 def word_tokens(text: str) -> list[str]:

@@ -37,7 +37,7 @@ from ..algorithms.common import adapter_for
 from ..model.architectures import ModelAdapter
 from ..core.editing import edit
 from ..core.errors import ShiftEditError
-from ..core.guard import EditRefusedError
+from ..core.errors import EditRefusedError
 from ..core.hparams import HyperParams
 from ..files.io import atomic_write_json, provenance
 from ..model.resume import BlockRecorder, Resume

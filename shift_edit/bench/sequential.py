@@ -48,7 +48,7 @@ from ..algorithms.locate.rome import context_templates
 from ..core.deltas import restore_weights
 from ..core.editing import edit
 from ..core.errors import ShiftEditError
-from ..core.guard import EditRefusedError
+from ..core.errors import EditRefusedError
 from ..core.hparams import HyperParams
 from ..files.io import CacheCheckError, atomic_write_json, check_verified, model_fingerprint, provenance, write_verified
 from ..core.memory import EditMemory

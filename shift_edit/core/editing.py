@@ -16,7 +16,8 @@ from torch import nn
 from ..model.covariance import copy_edit_record, note_edit
 from .deltas import apply_deltas, put_back, restore_weights  # noqa: F401 - restore_weights re-exported
 from .errors import ShiftEditError
-from .guard import DEFAULT_MAX_RELATIVE_NORM, check_context, outputs_finite, refuse_non_finite
+from .guard import check_context, outputs_finite, refuse_non_finite
+from .deltas import DEFAULT_MAX_RELATIVE_NORM
 from .hparams import HyperParams
 from .memory import EditMemory
 from .registry import algorithm_for_hparams

@@ -18,3 +18,7 @@ class UnsupportedArchitectureError(ShiftEditError):
 
 class PatchMismatchError(ShiftEditError):
     """A patch was applied to a model whose base weights differ from the ones it was made for."""
+
+
+class EditRefusedError(ShiftEditError):
+    """The edit guard refused a delta: too large relative to the weight, or non-finite outputs."""

@@ -6,48 +6,26 @@ Two checks run on every edit (:func:`shift_edit.edit`) and every applied patch
 1. **Relative norm** (before any weight is touched): for each changed matrix,
    ``||ΔW||_F / ||W||_F`` must not exceed ``max_relative_norm`` (a field of every
    algorithm's hparams, :class:`~shift_edit.algorithms.common.EditHyperParams`).
-   :data:`DEFAULT_MAX_RELATIVE_NORM` is far above what the shipped hparams of every algorithm
+   :data:`~shift_edit.core.deltas.DEFAULT_MAX_RELATIVE_NORM` (checked by :func:`~shift_edit.core.deltas.apply_deltas`
+   as it applies, :func:`~shift_edit.core.deltas.check_relative_norm`) is far above what the shipped hparams of every algorithm
    produce (``eval/robustness/README.md``), and far below what breaks a model.
 2. **Finite outputs** (after applying): one forward pass over the edit prompts; if any logit
    is NaN or infinite the edit is undone bit-exactly and refused.
 
-Both refusals are a one-line :class:`EditRefusedError`; ``force=True`` (CLI ``--force``)
+Both refusals are a one-line :class:`~shift_edit.core.errors.EditRefusedError`; ``force=True`` (CLI ``--force``)
 skips the guard for people who know what they are doing.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .errors import ShiftEditError
+from .errors import EditRefusedError, ShiftEditError
 from .requests import encode_prompt
 from ..model.scoring import pad_batch, pad_id_of
-
-#: Default bound on ||ΔW||_F / ||W||_F per matrix; see eval/robustness/README.md for the
-#: relative norms the shipped hparams produce (at most about 0.06, MEMIT batches of 10 included).
-DEFAULT_MAX_RELATIVE_NORM = 1.0
-
-
-class EditRefusedError(ShiftEditError):
-    """The edit guard refused a delta: too large relative to the weight, or non-finite outputs."""
-
-
-def check_relative_norm(param: str, update: torch.Tensor, weight: torch.Tensor, bound: float | None) -> float:
-    """``||update|| / ||weight||`` (float64 norms); raise :class:`EditRefusedError` above ``bound``."""
-    delta = float(torch.linalg.vector_norm(update.detach(), dtype=torch.float64))
-    base = float(torch.linalg.vector_norm(weight.detach(), dtype=torch.float64))
-    rel = delta / base if base > 0 else (0.0 if delta == 0 else math.inf)
-    if bound is not None and not rel <= bound:  # `not <=` also catches NaN
-        raise EditRefusedError(
-            f"refusing the edit: it changes {param} by {rel:.3g} of its norm (||dW||/||W||), above "
-            f"max_relative_norm {bound:g}; lower the step size, or pass --force (force=True) if you mean it"
-        )
-    return rel
-
 
 @torch.no_grad()
 def outputs_finite(model: nn.Module, tok, texts: Sequence[str], *, batch_size: int = 16) -> bool:

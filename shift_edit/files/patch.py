@@ -18,7 +18,7 @@ from torch import nn
 from ..core.deltas import WeightDelta, apply_deltas
 from ..core.editing import all_or_nothing, check_outputs
 from ..core.errors import ShiftEditError
-from ..core.guard import DEFAULT_MAX_RELATIVE_NORM
+from ..core.deltas import DEFAULT_MAX_RELATIVE_NORM
 from .lora import read_lora
 from .patch_format import (  # noqa: F401  (the format's names, importable from here as before)
     BASE_CHECKS,

@@ -29,7 +29,8 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 from safetensors import safe_open
@@ -41,8 +42,6 @@ from ..core.deltas import WeightDelta
 from ..core.errors import PatchMismatchError, ShiftEditError
 from .io import atomic_write_bytes, content_sha256, model_fingerprint, tensor_hash
 
-if TYPE_CHECKING:  # annotations only: the result module imports this one
-    from ..core.result import EditResult
 
 FORMAT = "shift_edit.patch"
 FORMAT_VERSION = 2  # 2: content checksum and whole-model base fingerprint
@@ -61,6 +60,21 @@ BASE_CHECKS = ("model", "matrices")
 log = logging.getLogger(__name__)
 
 
+class SavedEdit(Protocol):
+    """What a patch is written from: an :class:`~shift_edit.core.result.EditResult` (named by its fields, so this
+    module need not import the result module, which imports this one)."""
+
+    algorithm: str
+    hparams: Any
+    requests: Sequence[Any]
+    skipped: Any
+    model: nn.Module
+    orig_weights: Mapping[str, torch.Tensor]
+    base_hashes: Mapping[str, str]
+    deltas: Sequence[WeightDelta]
+    undone: bool
+
+
 class PatchChecksumError(ShiftEditError):
     """A patch or adapter whose content does not match the checksum it carries."""
 
@@ -69,7 +83,7 @@ def _model_name(model: nn.Module) -> str:
     return getattr(model, "_shift_edit_name", None) or getattr(model.config, "_name_or_path", "") or ""
 
 
-def patch_metadata(result: EditResult) -> dict[str, Any]:
+def patch_metadata(result: SavedEdit) -> dict[str, Any]:
     """The JSON metadata stored with a patch."""
     return {
         "format": FORMAT,
@@ -95,7 +109,7 @@ def patch_metadata(result: EditResult) -> dict[str, Any]:
     }
 
 
-def save_patch(result: EditResult, path: str | Path) -> Path:
+def save_patch(result: SavedEdit, path: str | Path) -> Path:
     """Write ``result`` as a patch file (atomically). Returns the path written."""
     path = Path(path)
     if result.undone:

@@ -19,8 +19,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .scoring import head_only_at
-
 
 class OwnedHooks:
     """The hooks registered through this object (see :func:`owned_hooks`)."""
@@ -152,3 +150,41 @@ def forward_capture(
         if x.ndim == 2:  # OPT flattens [batch, seq, d] to [batch * seq, d] inside its MLP
             captured.inputs[name] = x.view(batch, seq, -1)
     return captured, (None if captured.stopped_early else logits)
+
+
+@contextlib.contextmanager
+def head_only_at(model: nn.Module, shape: tuple[int, int], positions: Sequence[Sequence[int]]):
+    """Run the output embedding only at ``positions[row]`` of a ``[batch, seq]`` forward pass.
+
+    A pre-hook on the output embedding gathers the wanted hidden states (saving the head's
+    cost everywhere else). Yields ``gather(logits)`` -> one float32 ``[len(positions[row]),
+    vocab]`` tensor per row; if the hook did not apply (an unusual head input), it reads the
+    same rows off the full logits.
+    """
+    head = model.get_output_embeddings()
+    device = next(model.parameters()).device
+    rows = torch.tensor([r for r, pos in enumerate(positions) for _ in pos], dtype=torch.long, device=device)
+    cols = torch.tensor([c for pos in positions for c in pos], dtype=torch.long, device=device)
+    picked = []
+
+    def pick(_module, args):
+        h = args[0]
+        if h.dim() == 3 and tuple(h.shape[:2]) == tuple(shape):
+            picked.append(True)
+            return (h[rows, cols][None], *args[1:])
+        return None
+
+    def gather(logits: torch.Tensor) -> list[torch.Tensor]:
+        flat = (logits[0] if picked else logits[rows, cols]).float()
+        out, n = [], 0
+        for pos in positions:
+            out.append(flat[n : n + len(pos)])
+            n += len(pos)
+        return out
+
+    handle = head.register_forward_pre_hook(pick) if head is not None else None
+    try:
+        yield gather
+    finally:
+        if handle is not None:
+            handle.remove()

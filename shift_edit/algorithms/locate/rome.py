@@ -47,7 +47,8 @@ from ...model.hooks import OwnedHooks
 from ...core.registry import Computed, register
 from ...core.requests import EditRequest, encode_target
 from ...model.resume import BlockRecorder
-from ...model.scoring import head_only_at, pad_batch, pad_id_of
+from ...model.scoring import pad_batch, pad_id_of
+from ...model.hooks import head_only_at
 from ...model.covariance import SecondMoment, layer_stats
 from ..common import EditHyperParams, adapter_for, already_predicted
 

@@ -25,7 +25,8 @@ from ...model.architectures import ModelAdapter
 from ...model.hooks import capture_inputs, owned_hooks
 from ...core.requests import EditRequest
 from ...model.resume import record_block_inputs, resume_at
-from ...model.scoring import head_only_at, pad_id_of
+from ...model.scoring import pad_id_of
+from ...model.hooks import head_only_at
 from ..locate.rome import clamped_step, encode_with_fact_index, prompt_template, v_loss
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from .algorithms.gradient.ft_l import FTLHyperParams
 from .algorithms.locate.memit import MEMITHyperParams
 from .algorithms.locate.rome import ROMEHyperParams
 from .algorithms.gradient.sgd import SGDHyperParams
-from .algorithms.shift.shift import ShiftHyperParams, apply_shift_to_model, compute_shift
+from .algorithms.shift.shift import ShiftHyperParams, compute_shift
 from .compat.easyedit_editor import BaseEditor, load_hparams
 from .model.loading import ALIASES, load_model
 from .files.patch import apply_patch, read_patch, revert_patch, save_patch
@@ -54,7 +54,7 @@ __all__ = [
     "EditResult", "FTHyperParams", "FTLHyperParams", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
     "SGDHyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",
-    "apply_algo_to_model", "apply_patch", "apply_shift_to_model", "compute_shift", "edit", "export_lora",
+    "apply_algo_to_model", "apply_patch", "compute_shift", "edit", "export_lora",
     "get_algorithm", "load_hparams", "load_model", "make_request", "make_requests", "read_lora", "read_patch",
     "register", "restore_weights", "revert_patch", "save_patch", "supported_model_types",
     "CounterFactDataset", "KnowEditDataset", "ZsreDataset",

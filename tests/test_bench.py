@@ -666,15 +666,18 @@ def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
 
 
 def test_run_labels_tell_locate_and_edit_settings_apart():
-    from shift_edit.bench.summarize import _hparams_tag
+    from shift_edit.core.registry import run_tag
 
-    assert _hparams_tag({"layers": [26], "eta": 60.0, "eta_scaling": "normalized"}) == " L26 eta 60 normalized"
+    assert run_tag("SHIFT", {"layers": [26], "eta": 60.0, "eta_scaling": "normalized"}) == " L26 eta 60 normalized"
     memit = {"layers": [2, 3], "mom2_update_weight": 1500.0, "mom2_n_tokens": 200000, "mom2_adjustment": True}
-    assert _hparams_tag(memit) == " L2,3 λ 1500 C 200k tok"
+    assert run_tag("MEMIT", memit) == " L2,3 λ 1500 C 200k tok"
     rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}
-    assert _hparams_tag(rome) == " L5 through-update"
-    assert _hparams_tag({"layers": [5], "mom2_n_tokens": 200000, "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"
-    assert _hparams_tag({"layers": [23], "mom2_n_tokens": 50000, "margin": 0.25}) == " L23 C 50k tok margin 0.25"
+    assert run_tag("ROME", rome) == " L5 through-update"
+    assert run_tag("ROME", {"layers": [5], "mom2_n_tokens": 200000, "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"
+    assert run_tag("SHIFT_PLUS", {"layers": [23], "mom2_n_tokens": 50000, "margin": 0.25}) == " L23 C 50k tok margin 0.25"
+    # a run of an algorithm not registered here (another toolkit's folder): layers, step and statistics
+    assert run_tag("?", {"layers": [4], "lr": 0.5, "mom2_n_tokens": 1000}) == " L4 lr 0.5 C 1k tok"
+    assert run_tag("SHIFT", None) == ""
 
 
 def test_a_refused_edit_is_recorded_and_the_run_goes_on(byte_tok, tmp_path):

@@ -16,7 +16,7 @@ from test_bench import rome_record, write
 import shift_edit
 import shift_edit.model.loading as loading
 from shift_edit.algorithms.locate import memit as memit_mod
-from shift_edit.algorithms.locate import rome as rome_mod
+from shift_edit.algorithms.locate import zstar as zstar_mod
 from shift_edit.algorithms.locate.memit import MEMITHyperParams
 from shift_edit.bench.sequential import _load_state, _save_state, _State
 from shift_edit.cli import main
@@ -85,8 +85,8 @@ def test_a_zstar_with_a_flipped_bit_is_recomputed_with_one_warning(byte_tok, cor
                           mom2_update_weight=50.0, zstar_cache=True)
     req = make_request({"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": "Rome"}})
     optimised = []
-    real = rome_mod.optimise_delta
-    monkeypatch.setattr(memit_mod, "optimise_delta", lambda *a, **k: optimised.append(1) or real(*a, **k))
+    real = zstar_mod.optimise_delta
+    monkeypatch.setattr(zstar_mod, "optimise_delta", lambda *a, **k: optimised.append(1) or real(*a, **k))
     first = memit_mod.compute_memit(model, byte_tok, [req], hp)
     cached = memit_mod.compute_memit(model, byte_tok, [req], hp)
     assert len(optimised) == 1 and cached.info[0]["zstar_from_cache"]

@@ -15,7 +15,6 @@ import shift_edit as se
 from shift_edit.files import data_files as sdata
 from shift_edit.cli import main
 from shift_edit.core.errors import ShiftEditError
-from shift_edit.core.outcome import step_field
 from shift_edit.core.step_search import search_step
 from shift_edit.core.requests import make_request, with_leading_space
 from shift_edit.core.shipped_hparams import hparams_model_mismatch, model_stem, shipped_hparams, shipped_hparams_index
@@ -52,6 +51,9 @@ def test_hparams_lookup_by_hub_id_and_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_step_field_is_declared_by_the_hparams_class():
+    def step_field(cls):
+        return se.get_algorithm(cls.ALG_NAME).step_field
+
     assert step_field(se.ShiftHyperParams) == "eta"
     assert step_field(se.SGDHyperParams) == step_field(se.AdamHyperParams) == step_field(se.FTHyperParams) == "lr"
     assert step_field(se.ROMEHyperParams) is None and step_field(se.MEMITHyperParams) is None
@@ -148,7 +150,7 @@ def test_outcome_before_after_and_weights_untouched(byte_tok):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in edited.items()), "measuring 'before' restores exactly"
     assert "strict top-1" in str(summary)
     res.undo()
-    from shift_edit.core.outcome import measure
+    from shift_edit.core.result import measure
 
     assert math.isclose(measure(model, byte_tok, res.requests)[0][1], o["prob_before"], rel_tol=1e-5)
 

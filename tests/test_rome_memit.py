@@ -11,8 +11,10 @@ from _tiny import CORPUS_TEXTS as TEXTS, tiny_model  # conftest's corpus fixture
 import shift_edit
 from shift_edit.algorithms.locate import memit as memit_mod
 from shift_edit.algorithms.locate import rome as rome_mod
+from shift_edit.algorithms.locate import zstar as zstar_mod
 from shift_edit.algorithms.locate.memit import MEMITHyperParams
-from shift_edit.algorithms.locate.rome import ROMEHyperParams, canonical_weight
+from shift_edit.algorithms.locate.rome import ROMEHyperParams
+from shift_edit.algorithms.locate.zstar import canonical_weight
 from shift_edit.model.architectures import ModelAdapter
 from shift_edit.model.hooks import forward_capture
 from shift_edit.core.requests import make_request
@@ -115,7 +117,7 @@ def test_stats_read_once_per_process_and_solve(byte_tok, corpus, monkeypatch):
 
 def _capture_optimise(monkeypatch, module):
     seen = []
-    real = rome_mod.optimise_delta
+    real = zstar_mod.optimise_delta
 
     def wrapper(*a, **k):
         out = real(*a, **k)
@@ -181,7 +183,7 @@ def test_rome_through_update_hook_is_the_rank_one_edit(model_type, byte_tok, cor
     u = delta.right[0]
     ff2 = ModelAdapter(model).ff2(1)
     ids = torch.tensor([byte_tok("Messi plays for a club").input_ids])
-    hook = rome_mod._AddThrough(u, 1.0 / float(u @ k_star))
+    hook = zstar_mod._AddThrough(u, 1.0 / float(u @ k_star))
     hook.delta = dr.delta
     handle = ff2.register_forward_hook(hook)
     try:
@@ -249,7 +251,7 @@ def test_memit_one_layer_matches_closed_form(byte_tok, corpus, monkeypatch):
     hp = MEMITHyperParams(layers=[1], v_num_grad_steps=4, context_template_length_params=[[3, 2]],
                           mom2_n_tokens=200, mom2_max_length=40, mom2_corpus=corpus,
                           mom2_update_weight=lam, skip_if_predicted=False)
-    seen = _capture_optimise(monkeypatch, memit_mod)
+    seen = _capture_optimise(monkeypatch, zstar_mod)
     req = make_request(REQ)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     computed = memit_mod.compute_memit(model, byte_tok, [req], hp)
@@ -337,7 +339,7 @@ def test_memit_zstar_cache_gives_the_same_batch_with_each_zstar_optimised_once(b
                           mom2_update_weight=50.0)
     reqs = [make_request(REQ), make_request({"prompt": "{} lives in", "subject": "Totti", "target_new": {"str": "Oslo"}})]
     plain = memit_mod.compute_memit(model, byte_tok, reqs, hp)
-    seen = _capture_optimise(monkeypatch, memit_mod)
+    seen = _capture_optimise(monkeypatch, zstar_mod)
     cached_hp = hp.replace(zstar_cache=True)
     memit_mod.compute_memit(model, byte_tok, reqs[:1], cached_hp)  # fills the cache for the first request
     assert len(seen) == 1

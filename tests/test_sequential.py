@@ -216,8 +216,8 @@ def test_runs_sharing_algorithm_and_batch_size_get_their_own_curve():
 
 
 def test_hparams_tag_tells_shift_neuron_variants_apart():
-    from shift_edit.bench.summarize import _hparams_tag
+    from shift_edit.core.registry import run_tag
 
     base = {"layers": [22, 23], "margin": 1.0, "neurons_per_layer": 225, "max_generic_fires": 30, "try_layers": 1}
-    assert _hparams_tag(base) == " L22,23 margin 1 x225 screen 30"
-    assert _hparams_tag({**base, "try_layers": 5, "neurons_per_layer": 300}) == " L22,23 margin 1 x300 screen 30 try 5"
+    assert run_tag("SHIFT_NEURON", base) == " L22,23 margin 1 x225 screen 30"
+    assert run_tag("SHIFT_NEURON", {**base, "try_layers": 5, "neurons_per_layer": 300}) == " L22,23 margin 1 x300 screen 30 try 5"

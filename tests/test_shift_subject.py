@@ -11,7 +11,7 @@ from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
 from shift_edit.algorithms.shift import subject_value as sv
-from shift_edit.algorithms.locate.rome import context_templates, encode_with_fact_index
+from shift_edit.algorithms.locate.contexts import context_templates, encode_with_fact_index
 from shift_edit.algorithms.shift.shift_subject import ShiftSubjectHyperParams, prime_shift_subject
 from shift_edit.model.architectures import ModelAdapter
 from shift_edit.core.errors import ShiftEditError

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.shift.shift_plus import CONTRAST_SUBJECTS
+from shift_edit.algorithms.shift.push import CONTRAST_SUBJECTS
 from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import read_wikitext_lines

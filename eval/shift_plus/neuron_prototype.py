@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.shift.shift_plus import _margins, build_batch, search_push
+from shift_edit.algorithms.shift.push import build_batch, margins, search_push
 from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
@@ -152,7 +152,7 @@ def edit_one(model, tok, adapter, req, layer: int, mu, sigma, order: list[int], 
             hooks.forward_hook(down, hook)
             lg = model(input_ids=ids[:1].repeat(len(scales), 1), attention_mask=mask[:1].repeat(len(scales), 1),
                        use_cache=False).logits
-        return _margins(lg, positions[:1], target, list(range(len(scales))))
+        return margins(lg, positions[:1], target, list(range(len(scales))))
 
     hi, search = search_push(lambda grid: margin_rows(grid.float()) >= hp["margin"], hp["max_push"], 12, 2)
     passes = 1 + search

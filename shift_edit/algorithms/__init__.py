@@ -1,5 +1,8 @@
 """Editing algorithms. Importing this package registers each of them once."""
 
+#: the algorithm ``shift-edit edit`` runs unless ``--alg`` says otherwise
+DEFAULT_ALGORITHM = "SHIFT"
+
 from .shift import shift  # noqa: F401  (registers SHIFT)
 from .gradient import adam, ft, ft_l, sgd  # noqa: F401  (register SGD, ADAM, FT, FT_L)
 from .locate import memit, rome  # noqa: F401  (register ROME and MEMIT)

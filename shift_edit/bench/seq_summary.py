@@ -12,7 +12,8 @@ from typing import Any
 
 from ..core.errors import ShiftEditError
 from .plots import plot_ppl
-from .summarize import _hparams_tag, dataset_of
+from ..core.registry import run_tag
+from .summarize import dataset_of
 
 #: curve columns: (column, where in a checkpoint, metric name)
 CURVE_METRICS = ("efficacy_top1", "ES", "paraphrase_top1", "PS", "rephrase_top1", "RS", "neighborhood_top1", "NS",
@@ -64,7 +65,7 @@ def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
     common = {"model": model, "n": n, "dataset": dataset_of(match), "run_dir": str(run_dir), "protocol": match, "data": params.get("data"),
               "provenance": params.get("provenance"), "sequential": {"T": n, "B": b, "T_planned": t_plan}}
     return [
-        {"label": f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {model}, sequential T={n}{plan}, B={b})",
+        {"label": f"measured here ({match['alg']}{run_tag(match['alg'], match.get('hparams'))}, {model}, sequential T={n}{plan}, B={b})",
          "kind": "measured", "alg": match["alg"], "metrics": metrics, **common},
         {"label": f"unedited ({model}, the same {n} records)", "kind": "measured", "alg": "NONE", "metrics": base, **common},
     ]
@@ -89,7 +90,7 @@ def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """One row per (run, checkpoint): n_edits, the metrics' means (edited and unedited), perplexity,
     speed, memory and the largest relative change of an edited matrix."""
     loaded = [_load(Path(d)) for d in run_dirs]
-    names = run_names([(p["match"]["alg"], s["B"], _t_label(s), _hparams_tag(p["match"].get("hparams")))
+    names = run_names([(p["match"]["alg"], s["B"], _t_label(s), run_tag(p["match"]["alg"], p["match"].get("hparams")))
                        for p, s in loaded])
     rows = []
     for (params, summary), run in zip(loaded, names):

@@ -44,7 +44,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms.locate.rome import context_templates
 from ..core.deltas import restore_weights
 from ..core.editing import edit
 from ..core.errors import ShiftEditError
@@ -205,14 +204,12 @@ def _means(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def _prime(model: nn.Module, tok, hparams: HyperParams) -> None:
     """Everything an algorithm derives from the unedited model once: the second-moment statistics
-    (pinned for the run), ROME/MEMIT's context texts and what the algorithm's own ``prime`` reads
-    (SHIFT_NEURON: its MLP-input statistics and generic sample), before any edit or saved state."""
+    (pinned for the run) and what the algorithm's own ``prime`` reads (ROME/MEMIT/AlphaEdit: their context texts;
+    SHIFT_NEURON: its MLP-input statistics and generic sample), before any edit or saved state."""
     layers = getattr(hparams, "layers", None)
     if layers and getattr(hparams, "mom2_n_tokens", None) and getattr(hparams, "mom2_adjustment", True):
         layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                     max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype)
-    if hasattr(hparams, "context_template_length_params"):
-        context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
     prime = algorithm_for_hparams(hparams).prime
     if prime is not None:
         prime(model, tok, hparams)

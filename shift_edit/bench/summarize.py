@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ShiftEditError
+from ..core.registry import run_tag
 from .fact_columns import COLUMNS as FACT_COLUMNS
 from .fact_columns import EE_COLUMNS
 from .runner import run_selection
@@ -124,7 +125,7 @@ def summarize_run(run_dir: str | Path, *, case_ids: set[str] | None = None, limi
         out["S"] = {"n": len(cases), "mean": harmonic_mean([es, ps, ns]), "std": None, "ci95": None}
     match = params["match"]
     refused = sum(1 for c in cases if c.get("edit", {}).get("refused"))
-    label = (f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {match['model']['name']}, N={len(cases)}"
+    label = (f"measured here ({match['alg']}{run_tag(match['alg'], match.get('hparams'))}, {match['model']['name']}, N={len(cases)}"
              + (f", {refused} refused by the edit guard and scored unedited" if refused else "") + ")")
     return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"], "dataset": dataset_of(match),
             "model": match["model"]["name"], "n": len(cases), "metrics": out,
@@ -153,37 +154,6 @@ def to_markdown_by_dataset(rows: Sequence[dict]) -> str:
     if len(groups) <= 1:
         return to_markdown(rows)
     return "\n".join(f"## {name}\n\n{to_markdown(rs)}" for name, rs in groups.items())
-
-
-def _hparams_tag(hp: dict | None) -> str:
-    """A short tag telling runs of one algorithm apart: the layers, the step size (or SHIFT_PLUS's margin)
-    and the statistics."""
-    if not hp:
-        return ""
-    bits = []
-    if hp.get("layers") is not None:
-        bits.append("L" + ",".join(str(x) for x in hp["layers"]))
-    for key in ("eta", "lr"):
-        if hp.get(key) is not None:
-            scaling = " normalized" if hp.get("eta_scaling") == "normalized" and key == "eta" else ""
-            bits.append(f"{key} {hp[key]:g}{scaling}")
-    if hp.get("mom2_update_weight") is not None:  # MEMIT's λ
-        bits.append(f"λ {hp['mom2_update_weight']:g}")
-    if hp.get("mom2_n_tokens") is not None and hp.get("mom2_adjustment", True):
-        bits.append(f"C {hp['mom2_n_tokens'] / 1000:g}k tok")
-    if hp.get("margin") is not None:  # SHIFT_PLUS: the logit margin its push aims at
-        bits.append(f"margin {hp['margin']:g}")
-    if hp.get("optimise_through_update"):
-        bits.append("through-update")
-    if hp.get("lambda_key"):  # ROME: which key scales Λ (runs before the option existed used the mean)
-        bits.append(f"Λ-key {hp['lambda_key']}")
-    if hp.get("neurons_per_layer") is not None:  # SHIFT_NEURON: capacity, screen, retries
-        bits.append(f"x{hp['neurons_per_layer']}")
-    if hp.get("max_generic_fires") is not None:
-        bits.append(f"screen {hp['max_generic_fires']}")
-    if (hp.get("try_layers") or 1) > 1:
-        bits.append(f"try {hp['try_layers']}")
-    return (" " + " ".join(bits)) if bits else ""
 
 
 def _median(xs: Sequence[float]) -> float:

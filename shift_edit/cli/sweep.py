@@ -1,4 +1,4 @@
-"""``shift-edit sweep``: the minimum learning-rate study and the SHIFT layer sweep."""
+"""``shift-edit sweep``: the minimum learning-rate study and the layer sweep (:mod:`shift_edit.studies`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from .common import add_model_arguments, check_out_root, load_from_args
 
 NAME = "sweep"
 #: the default ``--algs`` of the min-lr study (any algorithm registered with ``linear_step`` is accepted)
-DEFAULT_ALGS = "SHIFT,SGD,ADAM"
-HELP = "minimum lr per layer for SHIFT/SGD/ADAM (and ppl there), or the SHIFT layer sweep; resumable"
+DEFAULT_ALGS = ",".join(min_lr.DEFAULT_ALGS)
+HELP = (f"minimum lr per layer for {'/'.join(min_lr.DEFAULT_ALGS)} (and ppl there), or the {layer_sweep.ALG} layer sweep; "
+        "resumable")
 
 
 def _layers(text: str, n_layers: int) -> list[int]:
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-seed", type=int, default=None, help="seeded random sample instead of the first N records")
     p.add_argument("--case-ids", default=None, help="comma-separated case ids (overrides --n-records)")
     p.add_argument("--layers", default="all", help="'all', '0,5,10' or 'start:stop[:step]'")
-    p.add_argument("--algs", default=DEFAULT_ALGS, help="min-lr: algorithms (SHIFT, SGD, ADAM)")
+    p.add_argument("--algs", default=DEFAULT_ALGS, help=f"min-lr: algorithms (default {DEFAULT_ALGS})")
     p.add_argument("--criterion", choices=["first", "strict"], default="first",
                    help="min-lr: target's first token top-1 (default) or every token (strict)")
     p.add_argument("--start", type=float, default=1e-5, help="min-lr: first step tried; the scan goes up by 10x")
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.study == "min-lr":
         meta.update(algs=algs, criterion=args.criterion, rel_tol=args.rel_tol, start=args.start, max_lr=args.max_lr,
                     step_fields={a: step_fields[a] for a in algs},
-                    note="SHIFT raw eta; SGD/ADAM lr, single step on FF2, first target token, full gradient")
+                    note=min_lr.PROTOCOL_NOTE)
         rows = min_lr.run_min_lr_study(model, tok, records, algs=algs, layers=layers, out_dir=out,
                                        criterion=args.criterion, start=args.start, max_lr=args.max_lr,
                                        rel_tol=args.rel_tol, ppl_fn=ppl_fn,

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ShiftEditError
-from ..bench.summarize import _hparams_tag, harmonic_mean, read_cases, stats, summarize_run
+from ..core.registry import run_tag
+from ..bench.summarize import harmonic_mean, read_cases, stats, summarize_run
 
 ROME_FAMILY = "read from ROME/MEMIT case files: ES/PS/NS from post.*_prompts_probs (mean token NLLs), top-1 from *_prompts_correct"
 EASYEDIT_FAMILY = "EasyEdit token accuracy (post.rewrite_acc etc. of an EasyEdit metrics list)"
@@ -247,7 +248,7 @@ def summarize_rome_dir(d: str | Path, *, case_ids: set[str] | None = None, limit
         where += f": {named}" if named != alg else ""
         alg = named
     try:
-        tag = _hparams_tag(hparams)
+        tag = run_tag(alg, hparams)
     except (TypeError, ValueError):  # hparams this toolkit does not read: no tag
         tag = ""
     batches = sorted({c["num_edits"] for c in cases if isinstance(c.get("num_edits"), int)})

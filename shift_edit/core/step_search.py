@@ -15,7 +15,8 @@ from torch import nn
 from .editing import edit
 from .errors import ShiftEditError
 from .hparams import HyperParams
-from .outcome import measure, step_field
+from .registry import algorithm_for_hparams
+from .result import measure
 from .requests import make_requests
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def search_step(
     Raises:
         ShiftEditError: the algorithm has no step size (its hparams class has no ``STEP_FIELD``).
     """
-    name = step_field(hparams)
+    name = algorithm_for_hparams(hparams).step_field
     if name is None:
         raise ShiftEditError(f"--until-top1 needs an algorithm with a step size; {type(hparams).ALG_NAME} has none")
     reqs = make_requests(requests)

@@ -29,6 +29,9 @@ from ..bench.plots import plot_ppl
 from .common import ppl_stats, read_done, write_record
 from .min_lr import to_csv
 
+#: the algorithm the sweep edits with
+ALG = ShiftHyperParams.ALG_NAME
+
 log = logging.getLogger(__name__)
 
 

@@ -35,6 +35,11 @@ from .common import (
 )
 from .search import find_min_lr
 
+#: the algorithms the study compares unless told otherwise (any registered with ``linear_step`` is accepted)
+DEFAULT_ALGS = ("SHIFT", "SGD", "ADAM")
+#: the protocol of the default comparison, recorded with the results
+PROTOCOL_NOTE = "SHIFT raw eta; SGD/ADAM lr, single step on FF2, first target token, full gradient"
+
 log = logging.getLogger(__name__)
 
 Criterion = Literal["first", "strict"]

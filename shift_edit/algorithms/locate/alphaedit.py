@@ -36,8 +36,9 @@ from ...core.registry import Computed, register
 from ...core.requests import EditRequest
 from ...model.covariance import SecondMoment, layer_stats
 from ..common import adapter_for, already_predicted
-from .memit import ZStarHyperParams, request_info, spread_over_layers, target_zs
-from .rome import context_templates
+from .spread import spread_over_layers
+from .zstar import ZStarHyperParams, request_info, target_zs
+from .contexts import context_templates, prime_context_templates
 
 log = logging.getLogger(__name__)
 
@@ -153,4 +154,5 @@ def compute_alphaedit(
 
 register("AlphaEdit", AlphaEditHyperParams, compute_alphaedit,
          "null-space constrained editing (Fang et al. 2025): MEMIT's update projected onto the null space of the "
-         "preserved keys, earlier edits' keys kept (lifelong editing)", uses_memory=True)
+         "preserved keys, earlier edits' keys kept (lifelong editing)", uses_memory=True,
+         prime=prime_context_templates)

@@ -10,6 +10,9 @@ a generic sample), which neurons are free, and the hooks that put new FF1 rows i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import dataclasses
 import math
 import weakref
@@ -336,3 +339,13 @@ def one_hot(n: int, j: int) -> torch.Tensor:
     v = torch.zeros(n)
     v[j] = 1.0
     return v
+
+
+def neuron_tags(hp: Mapping[str, Any]) -> list[str]:
+    """Run tags of the neuron algorithms' capacity, screen and retries: ``x225 screen 30 try 5``."""
+    bits = [f"x{hp['neurons_per_layer']}"] if hp.get("neurons_per_layer") is not None else []
+    if hp.get("max_generic_fires") is not None:
+        bits.append(f"screen {hp['max_generic_fires']}")
+    if (hp.get("try_layers") or 1) > 1:
+        bits.append(f"try {hp['try_layers']}")
+    return bits

@@ -8,6 +8,9 @@ canonical ``[out, in]`` orientation the delta is the rank-one ``D[t] (eta x_n)áµ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import dataclasses
 import math
 from typing import Literal
@@ -16,9 +19,8 @@ import torch
 from torch import nn
 
 from ...core.deltas import WeightDelta
-from ...core.editing import apply_algo_to_model
 from ...model.hooks import forward_capture
-from ...core.registry import Computed, register
+from ...core.registry import Computed, register, tag_layers, tag_value
 from ...core.requests import EditRequest
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import EditHyperParams, adapter_for, tokenize_requests
@@ -128,24 +130,11 @@ def compute_shift(model: nn.Module, tok, requests: list[EditRequest], hparams: S
     return Computed(WeightDelta.merge(deltas), skipped, info)
 
 
+def describe_shift(hp: Mapping[str, Any]) -> list[str]:
+    """Run tags: the layers and eta (``normalized`` when scaled by ``||x_n||^2``)."""
+    normalized = " normalized" if hp.get("eta_scaling") == "normalized" else ""
+    return tag_layers(hp) + tag_value(hp, "eta", suffix=normalized)
+
+
 register("SHIFT", ShiftHyperParams, compute_shift, "forward pass shift (Backward Lens): one forward pass, rank one per request",
-         linear_step=True, cli_options=("eta_scaling",))
-
-
-def apply_shift_to_model(
-    model: nn.Module,
-    tok,
-    requests,
-    hparams: ShiftHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """ROME's contract for the forward pass shift.
-
-    Deltas are computed against the unedited model and added in place (the Parameter
-    objects stay the same). Returns ``(model, orig_weights)`` where ``orig_weights`` maps
-    parameter name -> the original tensor (empty unless ``return_orig_weights``).
-    Use :func:`shift_edit.edit` for an :class:`EditResult` with ``undo()`` and
-    ``save_patch()``.
-    """
-    return apply_algo_to_model(model, tok, requests, hparams, copy, return_orig_weights)
+         linear_step=True, cli_options={"eta_scaling": "raw (paper) or normalized by ||x_n||^2"}, describe=describe_shift)

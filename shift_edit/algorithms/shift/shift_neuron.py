@@ -52,6 +52,9 @@ refused by the screen before any search), at most ``1 + try_layers · search_pas
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import dataclasses
 import logging
 import math
@@ -63,18 +66,18 @@ from torch import nn
 
 from ...model.architectures import ModelAdapter, weight_layout
 from ...core.deltas import WeightDelta
-from ...core.editing import apply_algo_to_model
 from ...core.errors import ShiftEditError
 from ...model.hooks import capture_inputs, owned_hooks
 from ...core.memory import EditMemory
-from ...core.registry import Computed, register
+from ...core.registry import Computed, register, tag_layers, tag_statistics, tag_value
 from ...core.requests import EditRequest, encode_target
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import EditHyperParams, adapter_for
+from .neurons import neuron_tags
 from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, earlier_keys, ff1_hooks, fires_on,
                       free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows, one_hot)
-from .shift_plus import _margins, build_batch, search_push, validate_batch_and_search
+from .push import margins, build_batch, search_push, validate_batch_and_search
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +251,7 @@ def _search_push(model: nn.Module, adapter: ModelAdapter, layer: int, mlp: Mlp, 
         for r, s in enumerate(grid.tolist()):
             seen[s] = {name: x.reshape(len(scales), ids.shape[1], -1)[r, at].float().cpu()
                        for name, x in cap.inputs.items()}
-        ok = _margins(lg, [pos], target, list(range(len(scales)))) >= hp.margin
+        ok = margins(lg, [pos], target, list(range(len(scales)))) >= hp.margin
         return ok & all(a > 1e-6 for a in fired.values())
 
     push, passes = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
@@ -384,14 +387,12 @@ def prime_shift_neuron(model: nn.Module, tok, hparams: ShiftNeuronHyperParams) -
         generic_keys(model, tok, adapter, layers, hparams)
 
 
+def describe_shift_neuron(hp: Mapping[str, Any]) -> list[str]:
+    """Run tags: the layers, the statistics, the margin, then the capacity, screen and retries."""
+    return tag_layers(hp) + tag_statistics(hp) + tag_value(hp, "margin") + neuron_tags(hp)
+
+
 register("SHIFT_NEURON", ShiftNeuronHyperParams, compute_shift_neuron,
          "forward pass shift written into one FF neuron per target token, keyed with a threshold "
          "(closed-form key against cached statistics, push sized by batched partial forward passes); "
-         "no backward pass", uses_memory=True, prime=prime_shift_neuron)
-
-
-def apply_shift_neuron_to_model(model: nn.Module, tok, requests: Sequence, hparams: ShiftNeuronHyperParams,
-                                copy: bool = False, return_orig_weights: bool = False
-                                ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """ROME's contract for SHIFT_NEURON (see :func:`shift_edit.edit` for undo and patches)."""
-    return apply_algo_to_model(model, tok, requests, hparams, copy, return_orig_weights)
+         "no backward pass", uses_memory=True, prime=prime_shift_neuron, describe=describe_shift_neuron)

@@ -39,9 +39,11 @@ already predicted and ``skip_if_predicted`` is on).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import contextlib
 import dataclasses
-import math
 import weakref
 from typing import Literal
 
@@ -49,42 +51,16 @@ import torch
 from torch import nn
 
 from ...core.deltas import WeightDelta
-from ...core.editing import apply_algo_to_model
 from ...model.hooks import capture_inputs, owned_hooks
 from ...core.memory import EditMemory
-from ...core.registry import Computed, register
-from ...core.requests import EditRequest, encode_prompt, encode_target
+from ...core.registry import Computed, register, tag_layers, tag_statistics, tag_value
+from ...core.requests import EditRequest, encode_target
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_batch, pad_id_of
 from ...model.covariance import layer_stats
 from ..common import EditHyperParams, adapter_for
-
-#: subjects that fill the request's template for the contrastive keys (authored for this module)
-CONTRAST_SUBJECTS: tuple[str, ...] = (
-    "Paris", "Barack Obama", "Toyota", "the Amazon River", "Albert Einstein", "Microsoft", "Brazil",
-    "William Shakespeare", "the Eiffel Tower", "Nintendo", "Mount Everest", "Lionel Messi", "Egypt",
-    "the BBC", "Pablo Picasso", "Tokyo", "Beethoven", "Harvard University", "the Pacific Ocean", "Volvo",
-    "Queen Victoria", "Sydney", "Google", "Leonardo da Vinci",
-)
-
-#: fixed context prefixes put before the prompt (authored for this module)
-CONTEXT_PREFIXES: tuple[str, ...] = (
-    "Here is a fact. ", "I read this in a book today. ", "The following is well known. ",
-    "Notes from the archive: ", "She said that ", "Quiz answer: ", "In short, ", "As everyone knows, ",
-)
-
-
-def validate_batch_and_search(hp) -> None:
-    """The checks SHIFT_PLUS and SHIFT_NEURON share: the batch (``n_contrast``, ``n_prefixes``) and the
-    push search (``margin``, ``search_passes``, ``search_points``)."""
-    if not math.isfinite(hp.margin):
-        hp._fail("margin", hp.margin, "it must be finite")
-    if not 0 <= hp.n_contrast <= len(CONTRAST_SUBJECTS):
-        hp._fail("n_contrast", hp.n_contrast, f"use 0..{len(CONTRAST_SUBJECTS)}")
-    if not 0 <= hp.n_prefixes <= len(CONTEXT_PREFIXES):
-        hp._fail("n_prefixes", hp.n_prefixes, f"use 0..{len(CONTEXT_PREFIXES)}")
-    if hp.search_passes < 1 or hp.search_points < 2:
-        hp._fail("search_passes", (hp.search_passes, hp.search_points), "search_passes >= 1 and search_points >= 2")
+from .push import build_batch, margins, search_push, validate_batch_and_search
+from .push import build_batch, margins, search_push, validate_batch_and_search
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -232,36 +208,6 @@ def unit_update(a_inv: torch.Tensor, k_e: torch.Tensor, values: torch.Tensor,
     return values.double().T, right
 
 
-# --- per request ---------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Batch:
-    seqs: list[list[int]]
-    positions: list[list[int]]  # per sequence: the positions that predict the target tokens
-    n_variants: int
-
-
-def build_batch(tok, req: EditRequest, target: list[int], *, n_prefixes: int, n_contrast: int,
-                all_tokens: bool = True) -> _Batch:
-    """The prompt, the prompt behind ``n_prefixes`` context prefixes and the template filled with
-    ``n_contrast`` other subjects, each teacher-forced on ``target`` (with the positions that predict
-    its tokens: all of them, or the first only)."""
-    text = req.text
-    variants = [text] + [p + text for p in CONTEXT_PREFIXES[:n_prefixes]]
-    contrast: list[str] = []
-    template = req.prompt if "{}" in req.prompt else None
-    if template is None and req.subject and req.subject in text:  # a filled prompt (EasyEdit format)
-        template = text.replace("{", "{{").replace("}", "}}").replace(req.subject, "{}", 1)
-    if n_contrast and template is not None and req.subject:
-        contrast = [template.format(s) for s in CONTRAST_SUBJECTS if s != req.subject][:n_contrast]
-    n_tok = len(target) if all_tokens else 1
-    seqs, positions = [], []
-    for t in variants + contrast:
-        ids = encode_prompt(tok, t)
-        seqs.append(ids + target[:-1])
-        positions.append(list(range(len(ids) - 1, len(ids) - 1 + n_tok)))
-    return _Batch(seqs, positions, len(variants))
-
-
 def _directions(adapter, hp: ShiftPlusHyperParams, tok, req: EditRequest, target: list[int], n_tok: int,
                 final_h: torch.Tensor) -> torch.Tensor:
     """Unit value directions ``[n_tok, d_model]`` (float64)."""
@@ -303,19 +249,6 @@ def _added_output(module: nn.Module, left: torch.Tensor, right: torch.Tensor, sc
         yield
 
 
-def _margins(logits: torch.Tensor, positions: list[list[int]], target: list[int], rows: list[int]) -> torch.Tensor:
-    """Per row: the smallest (target logit - best other logit) over its target positions."""
-    out = []
-    for r in rows:  # row r is variant r % len(positions)
-        pos = positions[r % len(positions)]
-        lg = logits[r, pos].float()  # [n, vocab]
-        tgt = torch.tensor(target[: len(pos)])
-        t_logit = lg.gather(1, tgt[:, None])[:, 0]
-        other = lg.scatter(1, tgt[:, None], float("-inf")).max(-1).values
-        out.append(float((t_logit - other).min()))
-    return torch.tensor(out)
-
-
 @dataclasses.dataclass
 class _Site:
     """One edited FF2: its layer, module path, parameter name, module and weight layout."""
@@ -333,37 +266,6 @@ def _added_outputs(sites: list[_Site], factors: list[tuple[torch.Tensor, torch.T
         for site, (left, right) in zip(sites, factors):
             stack.enter_context(_added_output(site.module, left, right, scales))
         yield
-
-
-def search_push(reaches, max_push: float, points: int, passes: int) -> tuple[float | None, int]:
-    """The smallest push that reaches the margin, by batched passes: ``points`` candidates on a
-    geometric grid up to ``max_push``, then ``points`` on a linear grid inside the bracket, and so on.
-
-    Args:
-        reaches: candidate pushes ``[n]`` (float64) -> whether each reaches the margin ``[n]`` (one
-            batched model call).
-        max_push: the largest candidate; points: candidates per pass; passes: at most this many calls.
-
-    Returns:
-        ``(push, calls)``: the smallest candidate found to reach it (None: none up to ``max_push``) and
-        the number of calls of ``reaches`` made.
-    """
-    lo, hi = 0.0, None
-    grid = torch.logspace(0, math.log10(max_push), points, dtype=torch.float64)
-    calls = 0
-    for it in range(passes):
-        ok = reaches(grid)
-        calls += 1
-        if bool(ok.any()):
-            idx = int(ok.nonzero()[0, 0])
-            hi = float(grid[idx])
-            lo = float(grid[idx - 1]) if idx > 0 else lo
-        else:
-            lo = float(grid[-1])
-        if hi is None or it == passes - 1:
-            break
-        grid = torch.linspace(lo, hi, points + 1, dtype=torch.float64)[1:]
-    return hi, calls
 
 
 @torch.no_grad()
@@ -438,7 +340,7 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
                 lg = model(input_ids=ids[:v].repeat(n_s, 1), attention_mask=mask[:v].repeat(n_s, 1),
                            use_cache=False).logits
             rows = [j * v + r for j in range(n_s) for r in check_rows]
-            marg = _margins(lg, batch.positions[:v], target[:n_tok], rows)
+            marg = margins(lg, batch.positions[:v], target[:n_tok], rows)
             return marg.view(n_s, len(check_rows)).min(-1).values >= hp.margin
 
         hi, search = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
@@ -455,14 +357,12 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
     return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
 
 
+def describe_shift_plus(hp: Mapping[str, Any]) -> list[str]:
+    """Run tags: the layers, the statistics and the logit margin the push aims at."""
+    return tag_layers(hp) + tag_statistics(hp) + tag_value(hp, "margin")
+
+
 register("SHIFT_PLUS", ShiftPlusHyperParams, compute_shift_plus,
          "forward pass shift with a closed-form key (statistics, contrastive and earlier-edit keys "
          "preserved) and a push sized by batched partial forward passes; no backward pass",
-         uses_memory=True)
-
-
-def apply_shift_plus_to_model(model: nn.Module, tok, requests, hparams: ShiftPlusHyperParams,
-                              copy: bool = False, return_orig_weights: bool = False
-                              ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """ROME's contract for SHIFT_PLUS (see :func:`shift_edit.edit` for undo and patches)."""
-    return apply_algo_to_model(model, tok, requests, hparams, copy, return_orig_weights)
+         uses_memory=True, describe=describe_shift_plus)

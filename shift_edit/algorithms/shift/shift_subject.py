@@ -40,6 +40,9 @@ forward and ``steps`` backward passes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import dataclasses
 import logging
 import math
@@ -51,18 +54,19 @@ from torch import nn
 
 from ...model.architectures import weight_layout
 from ...core.deltas import WeightDelta
-from ...core.editing import apply_algo_to_model
 from ...core.errors import ShiftEditError
 from ...model.hooks import capture_inputs, owned_hooks
 from ...core.memory import EditMemory
-from ...core.registry import Computed, register
+from ...core.registry import Computed, register, tag_layers, tag_statistics
 from ...core.requests import EditRequest, encode_target
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import adapter_for
+from .neurons import neuron_tags
 from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, earlier_keys, ff1_hooks, fires_on,
                       free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows, one_hot)
-from ..locate.rome import LocateEditHyperParams, context_templates, encode_with_fact_index, prompt_template
-from .shift_plus import CONTRAST_SUBJECTS
+from ..locate.zstar import LocateEditHyperParams
+from ..locate.contexts import context_templates, encode_with_fact_index, prompt_template
+from .push import CONTRAST_SUBJECTS
 from .subject_value import fit_value, prepare
 
 log = logging.getLogger(__name__)
@@ -352,14 +356,12 @@ def prime_shift_subject(model: nn.Module, tok, hparams: ShiftSubjectHyperParams)
     context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
 
 
+def describe_shift_subject(hp: Mapping[str, Any]) -> list[str]:
+    """Run tags: the layers, the statistics, then the capacity, screen and retries."""
+    return tag_layers(hp) + tag_statistics(hp) + neuron_tags(hp)
+
+
 register("SHIFT_SUBJECT", ShiftSubjectHyperParams, compute_shift_subject,
          "a fact written into one FF neuron keyed on the subject's last token (SHIFT_NEURON's closed-form gate, "
          "ROME's contexts), its value fitted by a few steps; paraphrases reach it", uses_memory=True,
-         prime=prime_shift_subject)
-
-
-def apply_shift_subject_to_model(model: nn.Module, tok, requests: Sequence, hparams: ShiftSubjectHyperParams,
-                                 copy: bool = False, return_orig_weights: bool = False
-                                 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """ROME's contract for SHIFT_SUBJECT (see :func:`shift_edit.edit` for undo and patches)."""
-    return apply_algo_to_model(model, tok, requests, hparams, copy, return_orig_weights)
+         prime=prime_shift_subject, describe=describe_shift_subject)

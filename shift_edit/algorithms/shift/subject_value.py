@@ -27,7 +27,8 @@ from ...core.requests import EditRequest
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_id_of
 from ...model.hooks import head_only_at
-from ..locate.rome import clamped_step, encode_with_fact_index, prompt_template, v_loss
+from ..locate.zstar import clamped_step, v_loss
+from ..locate.contexts import encode_with_fact_index, prompt_template
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from shift_edit.algorithms.locate import zstar as zstar_mod
 from shift_edit.algorithms.locate.memit import MEMITHyperParams
 from shift_edit.bench.sequential import _load_state, _save_state, _State
 from shift_edit.cli import main
-from shift_edit.model.covariance import generic_sample, layer_stats
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.generic_sample import generic_sample
 from shift_edit.core.errors import ShiftEditError
 from shift_edit.files.io import MANIFEST_NAME
 from shift_edit.core.memory import EditMemory

@@ -313,7 +313,7 @@ def test_stats_cli(byte_tok, corpus, capsys, tmp_path, monkeypatch):
 @pytest.mark.slow  # ~1 min alone on 2 CPU cores (10 min when the machine is shared)
 def test_rome_makes_fact_top1_on_smollm2(smollm2, tmp_path, monkeypatch):
     from shift_edit.model.scoring import score_continuations
-    from shift_edit.model.covariance import default_corpus
+    from shift_edit.model.corpus import default_corpus
 
     if not default_corpus().endswith(".raw"):
         pytest.skip("local WikiText copy not found (set SHIFT_EDIT_DATA)")

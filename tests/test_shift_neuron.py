@@ -304,7 +304,8 @@ def _generic_corpus(tmp_path) -> str:
 def test_generic_sample_skips_the_statistics_tokens_and_is_pinned(byte_tok, corpus, tmp_path):
     """The sample is the MLP inputs of the texts after the skipped tokens, in order; under pinned statistics
     the cached sample of the unedited weights is read back after the weights change."""
-    from shift_edit.model.covariance import generic_sample, pinned_statistics
+    from shift_edit.model.generic_sample import generic_sample
+    from shift_edit.model.stats_pinning import pinned_statistics
 
     model = tiny_model("llama")
     path = _generic_corpus(tmp_path)
@@ -359,7 +360,7 @@ def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_
     unedited model, so a layer first used after many edits (or after a resume) sees the unedited model's."""
     from shift_edit.algorithms.shift import neurons as sn
     from shift_edit.bench.sequential import _prime
-    from shift_edit.model.covariance import pinned_statistics
+    from shift_edit.model.stats_pinning import pinned_statistics
 
     from shift_edit.algorithms.shift.shift_neuron import prime_shift_neuron
 

@@ -8,8 +8,10 @@ import torch
 from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
-from shift_edit.model import covariance
-from shift_edit.model.covariance import layer_stats, pinned_statistics, statistics_fingerprint
+from shift_edit.model import corpus as corpus_mod
+from shift_edit.model import covariance, stats_pinning
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.stats_pinning import pinned_statistics, statistics_fingerprint
 from shift_edit.files.io import model_fingerprint
 
 REQS = [{"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": " Rome"}},
@@ -69,12 +71,12 @@ def test_statistics_asked_for_after_edits_are_the_unedited_models(byte_tok, corp
     fresh = tiny_model("llama")
     with pinned_statistics(fresh):
         want = covariance.compute_second_moments(fresh, byte_tok, ["model.layers.2.mlp.down_proj"],
-                                                 covariance.open_corpus(corpus), n_tokens=30, max_length=32,
+                                                 corpus_mod.open_corpus(corpus), n_tokens=30, max_length=32,
                                                  progress=False)[0]["model.layers.2.mlp.down_proj"]
     assert torch.equal(late.mom2, want)
     for r in reversed(results):
         r.undo()
-    assert not covariance._unedited_values(model)  # all undone: nothing held
+    assert not stats_pinning.unedited_values(model)  # all undone: nothing held
     assert statistics_fingerprint(model) == model_fingerprint(model)
 
 

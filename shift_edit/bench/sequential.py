@@ -52,7 +52,8 @@ from ..core.hparams import HyperParams
 from ..files.io import CacheCheckError, atomic_write_json, check_verified, model_fingerprint, provenance, write_verified
 from ..core.memory import EditMemory
 from ..core.registry import algorithm_for_hparams, get_algorithm
-from ..model.covariance import layer_stats, pinned_statistics
+from ..model.covariance import layer_stats
+from ..model.stats_pinning import pinned_statistics
 from .counterfact import CounterFactCase
 from ..core.requests import encode_prompt, encode_target
 from ..model.scoring import ContinuationPlan, logits_at_positions, pad_id_of

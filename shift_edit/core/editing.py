@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.covariance import copy_edit_record, note_edit
+from ..model.stats_pinning import copy_edit_record, note_edit
 from .deltas import apply_deltas, put_back, restore_weights  # noqa: F401 - restore_weights re-exported
 from .errors import ShiftEditError
 from .guard import check_context, outputs_finite, refuse_non_finite
@@ -43,7 +43,7 @@ def edit(
     summed and added. Calling ``edit`` again on the edited model makes sequential edits;
     undo them in reverse order. Second-moment statistics (ROME, MEMIT, AlphaEdit...) are
     always those of the unedited model: computed once, before the first edit, and reused for
-    every later edit of the same model object (:func:`~shift_edit.model.covariance.pinned_statistics`).
+    every later edit of the same model object (:func:`~shift_edit.model.stats_pinning.pinned_statistics`).
 
     Args:
         model: a Hugging Face causal LM (any entry of the architecture table).
@@ -84,7 +84,7 @@ def edit(
             check_outputs(model, tok, [r.text for r in reqs], orig)
         if memory is not None and computed.memory_keys:
             memory.add(computed.memory_keys)
-        note_edit(model, orig)  # statistics stay those of the unedited model (covariance.pinned_statistics)
+        note_edit(model, orig)  # statistics stay those of the unedited model (stats_pinning.pinned_statistics)
         result = EditResult(
             model=model,
             algorithm=alg.name,

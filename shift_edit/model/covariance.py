@@ -18,9 +18,10 @@ and texts, the truncation length, the dtype, the sha256 of the tensor file and i
 (:func:`shift_edit.files.io.write_verified`). A cache entry whose metadata does not match the
 request, or that fails a checksum, is rebuilt with one warning, never used.
 
-The fingerprint is the unedited model's (:func:`statistics_fingerprint`): statistics are
-computed once, before a model's first edit, and pinned for every later edit of it
-(:func:`pinned_statistics` says why).
+The fingerprint is the unedited model's (:func:`~shift_edit.model.stats_pinning.statistics_fingerprint`):
+statistics are computed once, before a model's first edit, and pinned for every later edit of it
+(:func:`~shift_edit.model.stats_pinning.pinned_statistics` says why). The corpus is :mod:`.corpus`; the sample of
+generic inputs cached beside the statistics is :mod:`.generic_sample`.
 
 ``site="ff1"`` gives the same statistics of the MLP's *input* (what FF1 reads), with its mean
 ``E[h]`` as well (SHIFT_NEURON's neuron keys need the mean and the covariance of generic text).
@@ -28,13 +29,11 @@ computed once, before a model's first edit, and pinned for every later edit of i
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
-import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,19 +43,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ModelAdapter
-from ..files.data_files import find_data
-from ..core.deltas import swapped_weights
 from ..core.errors import ShiftEditError
 from .hooks import capture_inputs
-from ..files.io import file_sha256, model_fingerprint, read_verified, write_verified
+from ..files.io import read_verified, write_verified
 from .loading import cache_dir
+from .corpus import Corpus, open_corpus, token_batches
+from .stats_pinning import on_weights, statistics_fingerprint
 
 log = logging.getLogger(__name__)
 
-#: The corpus used when none is given and no local WikiText copy is found (needs internet).
-HF_DEFAULT_CORPUS = "hf:wikitext/wikitext-103-raw-v1/train"
-LOCAL_WIKITEXT = Path("wikitext-2-raw-v1") / "wiki.test.nonblank.raw"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _FORMAT_VERSION = 1
 
 
@@ -100,94 +96,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-# --- corpora ------------------------------------------------------------------------------
-def default_corpus() -> str:
-    """The local WikiText-2 test split if found (:mod:`shift_edit.files.data_files`), else WikiText-103 train via ``datasets``."""
-    local = find_data("wikitext")
-    if local is None:
-        log.warning("no local WikiText (run `shift-edit data fetch wikitext` or set SHIFT_EDIT_DATA); "
-                    "statistics will read %s through datasets", HF_DEFAULT_CORPUS)
-    return str(local) if local is not None else HF_DEFAULT_CORPUS
-
-
-@dataclass
-class Corpus:
-    """A stream of texts plus a stable identity for cache keys."""
-
-    name: str
-    identity: str  # sha256 of a file, or a datasets fingerprint
-    kind: str  # "file" or "datasets"
-    path: Path | None = None
-    dataset: Any = None
-    text_field: str = "text"
-
-    def texts(self) -> Iterator[str]:
-        """Non-blank texts in corpus order."""
-        if self.kind == "file":
-            with open(self.path, encoding="utf-8") as fh:
-                for line in fh:
-                    line = line.strip()
-                    if line:
-                        yield line
-        else:
-            for row in self.dataset:
-                text = str(row[self.text_field]).strip()
-                if text:
-                    yield text
-
-
-def open_corpus(spec: str | None = None) -> Corpus:
-    """Resolve a corpus: a local text file (one text per non-blank line) or
-    ``hf:<dataset>[/<config>][/<split>]`` loaded with ``datasets`` (needs it installed, and
-    internet unless cached). ``None`` means :func:`default_corpus`.
-    """
-    spec = spec or default_corpus()
-    if spec.startswith("hf:"):
-        parts = spec[3:].split("/")
-        if not parts[0]:
-            raise ShiftEditError(f"corpus {spec!r}: expected hf:<dataset>[/<config>][/<split>]")
-        name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
-        try:
-            import datasets
-        except ImportError:
-            raise ShiftEditError("corpus from the hub needs `pip install datasets`") from None
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as exc:  # noqa: BLE001 - many failure types (network, missing config)
-            raise ShiftEditError(f"cannot load corpus {spec!r}: {exc}") from exc
-        return Corpus(spec, str(getattr(ds, "_fingerprint", spec)), "datasets", dataset=ds)
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ShiftEditError(
-            f"corpus {spec!r} is neither a text file nor hf:<dataset>[/<config>][/<split>]"
-        )
-    return Corpus(path.name, file_sha256(path), "file", path=path.resolve())
-
-
-# --- computation --------------------------------------------------------------------------
-def _batches(tok, corpus: Corpus, n_tokens: int, max_length: int, batch_tokens: int) -> Iterator[list[list[int]]]:
-    """Token-id lists (each truncated to ``max_length``) grouped to about ``batch_tokens``
-    tokens; the total is exactly ``n_tokens`` (the last text is cut) unless the corpus ends."""
-    remaining = n_tokens
-    batch: list[list[int]] = []
-    size = 0
-    for text in corpus.texts():
-        ids = list(tok(text, truncation=True, max_length=max_length).input_ids)[:max_length]
-        ids = ids[:remaining]
-        if not ids:
-            continue
-        batch.append(ids)
-        size += len(ids)
-        remaining -= len(ids)
-        if size >= batch_tokens or remaining == 0:
-            yield batch
-            batch, size = [], 0
-        if remaining == 0:
-            return
-    if batch:
-        yield batch
-
-
 @torch.no_grad()
 def compute_second_moments(
     model: nn.Module,
@@ -207,7 +115,7 @@ def compute_second_moments(
         ``({module name: [d_in, d_in] matrix in dtype, on CPU}, {"n_tokens", "n_texts"},
         {module name: [d_in] mean in dtype, on CPU})``.
     """
-    acc_dtype = _DTYPES[dtype]
+    acc_dtype = DTYPES[dtype]
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     sums: dict[str, torch.Tensor] = {}
@@ -218,7 +126,7 @@ def compute_second_moments(
     bar = tqdm(total=n_tokens, desc="second moments", unit="tok", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for batch in _batches(tok, corpus, n_tokens, max_length, batch_tokens):
+        for batch in token_batches(tok, corpus, n_tokens, max_length, batch_tokens):
             width = max(len(s) for s in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -264,14 +172,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
 
 
-def _cache_paths(fingerprint: str, corpus: Corpus, layer: int, n_tokens: int, max_length: int, dtype: str,
+def cache_paths(fingerprint: str, corpus: Corpus, layer: int, n_tokens: int, max_length: int, dtype: str,
                  site: str = "ff2") -> tuple[Path, Path]:
     folder = cache_dir() / "stats" / fingerprint / f"{_slug(corpus.name)}-{corpus.identity[:12]}"
     stem = f"layer{layer}{'' if site == 'ff2' else '-' + site}-tok{n_tokens}-len{max_length}-{dtype}"
     return folder / f"{stem}.pt", folder / f"{stem}.json"
 
 
-def _expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_tokens: int, max_length: int, dtype: str) -> dict[str, Any]:
+def expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_tokens: int, max_length: int, dtype: str) -> dict[str, Any]:
     return {
         "format_version": _FORMAT_VERSION,
         "model_fingerprint": fingerprint,
@@ -314,90 +222,6 @@ def _try_load(pt: Path, meta_path: Path, expected: dict[str, Any], need_mean: bo
 #: mtime (a changed file is read and checked again); bounded, least recently used dropped
 _MEMO: OrderedDict[tuple, SecondMoment] = OrderedDict()
 _MEMO_SIZE = 16
-
-#: models whose statistics are pinned to an earlier state of their weights (see :func:`pinned_statistics`)
-_PINNED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-#: models edited with :func:`shift_edit.edit`: each edited parameter's value before its first edit (on the CPU)
-_UNEDITED: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def pinned_statistics(model: nn.Module, fingerprint: str | None = None) -> Iterator[str]:
-    """While active, :func:`layer_stats` of ``model`` reads (or builds) the statistics of the model
-    as it is now (or of the weights with ``fingerprint``), however its weights change meanwhile.
-
-    The statistics policy (the same in the API and the CLI): ``C`` stands for the knowledge to preserve,
-    i.e. the unedited model's keys (as ROME/MEMIT/AlphaEdit compute it once), and recomputing it for every
-    edited state would cost a corpus pass per edit. So statistics are always those of the unedited model:
-    without this context, of the model's weights before its first edit through :func:`shift_edit.edit`
-    (which every editing path uses: ``BaseEditor(sequential_edit=True)``, ``apply_*_to_model`` in a loop,
-    ``se.edit`` with an ``EditMemory``; see :func:`statistics_fingerprint`); this context pins them to the
-    weights as they are now instead (``bench --sequential`` pins the unedited model before it loads a saved
-    state). Yields the pinned fingerprint.
-    """
-    fp = fingerprint or model_fingerprint(model)
-    before = _PINNED.get(model)
-    _PINNED[model] = fp
-    try:
-        yield fp
-    finally:
-        if before is None:
-            _PINNED.pop(model, None)
-        else:
-            _PINNED[model] = before
-
-
-def note_edit(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> None:
-    """Remember the values the parameters an edit just changed had before (those changed for the first time),
-    so that statistics stay pinned to the unedited model (:func:`statistics_fingerprint`). Called by
-    :func:`shift_edit.edit` after it applied an edit."""
-    unedited = _UNEDITED.setdefault(model, {})
-    for name, value in orig_weights.items():
-        if name not in unedited:
-            unedited[name] = value.detach().to("cpu", copy=True)
-
-
-def copy_edit_record(src: nn.Module, dst: nn.Module) -> None:
-    """``dst`` (a copy of ``src``) has the unedited model of ``src`` (``apply_*_to_model(copy=True)``)."""
-    if src in _UNEDITED:
-        _UNEDITED[dst] = dict(_UNEDITED[src])
-    if src in _PINNED:
-        _PINNED[dst] = _PINNED[src]
-
-
-def _unedited_values(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unedited values of the parameters whose current value differs (entries undone since are forgotten)."""
-    unedited = _UNEDITED.get(model)
-    if not unedited:
-        return {}
-    with torch.no_grad():
-        for name in [n for n, v in unedited.items() if torch.equal(model.get_parameter(n).detach().cpu(), v)]:
-            del unedited[name]
-    return dict(unedited)
-
-
-def statistics_fingerprint(model: nn.Module) -> str:
-    """The weights ``model``'s statistics (and generic samples) are keyed by: the pinned ones
-    (:func:`pinned_statistics`), else the model's with every parameter changed by :func:`shift_edit.edit`
-    at its value before its first edit, i.e. the unedited model."""
-    pinned = _PINNED.get(model)
-    return pinned if pinned is not None else model_fingerprint(model, overrides=_unedited_values(model))
-
-
-@contextlib.contextmanager
-def _on_weights(model: nn.Module, fingerprint: str, what: str, hint: str = "") -> Iterator[None]:
-    """The block runs on the weights with ``fingerprint`` (the unedited values of edited parameters swapped
-    in, bit-exactly back afterwards); refused when the model has changed in a way that cannot be undone here."""
-    if model_fingerprint(model) == fingerprint:
-        yield
-        return
-    unedited = _unedited_values(model)
-    if unedited and model_fingerprint(model, overrides=unedited) == fingerprint:
-        with swapped_weights(model, unedited):
-            yield
-        return
-    raise ShiftEditError(f"{what}: pinned to the weights {fingerprint} but not cached, and the model has changed "
-                         f"since: compute it before editing{hint}")
 
 
 def _memo_key(pt: Path, meta_path: Path) -> tuple | None:
@@ -451,8 +275,8 @@ def layer_stats(
     Returns:
         ``{layer: SecondMoment}``; layers missing from the cache are computed together.
     """
-    if dtype not in _DTYPES:
-        raise ShiftEditError(f"statistics dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ShiftEditError(f"statistics dtype {dtype!r}: use one of {sorted(DTYPES)}")
     if n_tokens < 1 or max_length < 1:
         raise ShiftEditError(f"n_tokens ({n_tokens}) and max_length ({max_length}) must be >= 1")
     if site not in ("ff2", "ff1"):
@@ -468,8 +292,8 @@ def layer_stats(
     out: dict[int, SecondMoment] = {}
     todo: dict[int, tuple[Path, Path, dict]] = {}
     for layer in layers:
-        pt, meta_path = _cache_paths(fingerprint, src, layer, n_tokens, max_length, dtype, site)
-        expected = _expected_meta(fingerprint, src, layer, module_of(layer), n_tokens, max_length, dtype)
+        pt, meta_path = cache_paths(fingerprint, src, layer, n_tokens, max_length, dtype, site)
+        expected = expected_meta(fingerprint, src, layer, module_of(layer), n_tokens, max_length, dtype)
         hit = None
         if use_cache and not rebuild:
             key = _memo_key(pt, meta_path)
@@ -491,7 +315,7 @@ def layer_stats(
         log.warning("computing second-moment statistics of layer(s) %s%s over %d tokens of %s: once, then cached "
                     "under %s", sorted(todo), "" if site == "ff2" else " (MLP inputs)", n_tokens, src.name,
                     next(iter(todo.values()))[0].parent)
-        with _on_weights(model, fingerprint, f"statistics of layers {sorted(todo)}",
+        with on_weights(model, fingerprint, f"statistics of layers {sorted(todo)}",
                          " (shift-edit stats, or layer_stats first)"):
             mats, counts, means = compute_second_moments(
                 model, tok, list(names), src, n_tokens=n_tokens, max_length=max_length,
@@ -509,76 +333,3 @@ def layer_stats(
     return out
 
 
-# --- a sample of generic inputs ----------------------------------------------------------------
-def generic_sample(
-    model: nn.Module,
-    tok,
-    layers: Sequence[int],
-    *,
-    corpus: str | None = None,
-    skip_tokens: int = 0,
-    n_tokens: int = 20_000,
-    max_length: int = 256,
-    adapter: ModelAdapter | None = None,
-    use_cache: bool = True,
-) -> dict[int, torch.Tensor]:
-    """The MLP inputs (float32 ``[n, d]``) of about ``n_tokens`` generic tokens at each of ``layers``: the
-    corpus's texts (truncated to ``max_length`` tokens) that end after its first ``skip_tokens`` tokens (e.g. the
-    tokens :func:`layer_stats` read, so that the sample is not the statistics' own), up to ``skip_tokens +
-    n_tokens`` tokens in all. Cached beside the statistics, under the same model fingerprint (pinned with
-    :func:`pinned_statistics`)."""
-    if n_tokens < 1 or max_length < 1 or skip_tokens < 0:
-        raise ShiftEditError(f"n_tokens ({n_tokens}), max_length ({max_length}) must be >= 1, skip_tokens "
-                             f"({skip_tokens}) >= 0")
-    adapter = adapter or ModelAdapter(model)
-    layers = sorted({adapter.check_layer(layer) for layer in layers})
-    src = open_corpus(corpus)
-    fingerprint = statistics_fingerprint(model)
-    site = f"ff1sample-skip{skip_tokens}"
-    out: dict[int, torch.Tensor] = {}
-    todo: dict[int, tuple[Path, Path, dict]] = {}
-    for layer in layers:
-        pt, meta_path = _cache_paths(fingerprint, src, layer, n_tokens, max_length, "float32", site)
-        expected = {**_expected_meta(fingerprint, src, layer, adapter.ff1_names(layer)[0], n_tokens, max_length,
-                                     "float32"), "skip_tokens": skip_tokens}
-        hit = _load_sample(pt, meta_path, expected) if use_cache else None
-        if hit is not None:
-            out[layer] = hit
-        else:
-            todo[layer] = (pt, meta_path, expected)
-    if todo:
-        names = {adapter.ff1_names(layer)[0]: layer for layer in todo}
-        got: dict[int, list[torch.Tensor]] = {layer: [] for layer in todo}
-        device = next(model.parameters()).device
-        seen = 0
-        with torch.no_grad(), _on_weights(model, fingerprint, f"the generic sample of layers {sorted(todo)}"):
-            for batch in _batches(tok, src, skip_tokens + n_tokens, max_length, 2048):
-                for ids in batch:
-                    seen += len(ids)
-                    if seen <= skip_tokens:  # a text wholly among the skipped tokens
-                        continue
-                    with capture_inputs(model, list(names)) as cap:
-                        model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-                    for name, layer in names.items():
-                        got[layer].append(cap.inputs[name].reshape(len(ids), -1).float().cpu())
-        if seen <= skip_tokens:
-            raise ShiftEditError(f"the corpus {src.name} has {seen} tokens (texts of at most {max_length}), none "
-                                 f"after the first {skip_tokens} (the statistics' own): no generic sample; use a "
-                                 "longer corpus or fewer statistics tokens")
-        for layer, (pt, meta_path, expected) in todo.items():
-            sample = torch.cat(got[layer])
-            out[layer] = sample
-            if use_cache:
-                write_verified(pt, meta_path, {"sample": sample.contiguous()}, {**expected, "tokens": len(sample)})
-    return out
-
-
-def _load_sample(pt: Path, meta_path: Path, expected: dict[str, Any]) -> torch.Tensor | None:
-    read = read_verified(pt, meta_path, expected, "generic sample cache")
-    if read is None:
-        return None
-    sample = read[1].get("sample")
-    if not isinstance(sample, torch.Tensor) or sample.dim() != 2 or not torch.isfinite(sample).all():
-        log.warning("generic sample cache %s holds a bad tensor; rebuilding", pt)
-        return None
-    return sample

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ...model.architectures import ModelAdapter, from_param_layout, weight_layout
-from ...model.covariance import generic_sample, layer_stats
+from ...model.covariance import layer_stats
+from ...model.generic_sample import generic_sample
 from ...core.errors import ShiftEditError
 from ...core.memory import EditMemory
 
@@ -117,7 +118,7 @@ _NEGATIVES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[int, torch.Te
 def generic_keys(model: nn.Module, tok, adapter: ModelAdapter, layers: list[int], hp
                ) -> dict[int, torch.Tensor]:
     """``hp.negatives`` generic tokens' MLP inputs at each layer (float64 ``[n, d]``): the statistics corpus's
-    texts after those whose tokens the statistics read (:func:`~shift_edit.model.covariance.generic_sample`)."""
+    texts after those whose tokens the statistics read (:func:`~shift_edit.model.generic_sample.generic_sample`)."""
     cache = _NEGATIVES.setdefault(model, {})
     key = (tuple(layers), hp.negatives, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length)
     if key not in cache:

@@ -18,7 +18,7 @@ import shift_edit.model.loading as loading
 from shift_edit.algorithms.locate import memit as memit_mod
 from shift_edit.algorithms.locate import zstar as zstar_mod
 from shift_edit.algorithms.locate.memit import MEMITHyperParams
-from shift_edit.bench.sequential import _load_state, _save_state, _State
+from shift_edit.bench.seq_state import SequentialState, load_state, save_state
 from shift_edit.cli import main
 from shift_edit.model.covariance import layer_stats
 from shift_edit.model.generic_sample import generic_sample
@@ -153,14 +153,14 @@ def test_a_converted_model_with_a_flipped_bit_is_converted_again_with_one_warnin
 
 
 def _state(tmp_path, model):
-    st = _State()
+    st = SequentialState()
     st.n_batches, st.n_edits, st.touched = 2, 2, ["model.layers.1.mlp.down_proj.weight"]
     st.batches = [{"n": 1}, {"n": 1}]  # one record per batch, as the run keeps them
     memory = EditMemory()
     memory.add({st.touched[0]: torch.randn(2, model.config.intermediate_size)})
     with torch.no_grad():
         model.get_parameter(st.touched[0]).add_(0.01)
-    _save_state(tmp_path / "state", st, model, memory, "fp")
+    save_state(tmp_path / "state", st, model, memory, "fp")
     return st, memory
 
 
@@ -169,7 +169,7 @@ def test_a_sequential_state_with_a_flipped_bit_is_refused_in_one_line(tmp_path):
     st, memory = _state(tmp_path, model)
     edited = model.get_parameter(st.touched[0]).detach().clone()
     fresh = tiny_model("llama")
-    loaded_st, loaded_mem, originals = _load_state(tmp_path / "state", fresh, "fp")
+    loaded_st, loaded_mem, originals = load_state(tmp_path / "state", fresh, "fp")
     assert torch.equal(fresh.get_parameter(st.touched[0]), edited) and loaded_st.n_edits == 2
     assert torch.equal(loaded_mem.keys(st.touched[0]), memory.keys(st.touched[0]))
     assert torch.equal(originals[st.touched[0]], tiny_model("llama").get_parameter(st.touched[0]))
@@ -184,7 +184,7 @@ def test_a_sequential_state_with_a_flipped_bit_is_refused_in_one_line(tmp_path):
             flip_bit(path)
         untouched = tiny_model("llama")
         with pytest.raises(ShiftEditError) as err:
-            _load_state(tmp_path / "state", untouched, "fp")
+            load_state(tmp_path / "state", untouched, "fp")
         msg = str(err.value)
         assert "\n" not in msg and "fails its checksum" in msg and "delete" in msg
         assert torch.equal(untouched.get_parameter(st.touched[0]), tiny_model("llama").get_parameter(st.touched[0]))

@@ -271,7 +271,8 @@ def test_counterfact_portability_is_easyedit_token_accuracy_on_records_that_have
     from test_bench import rome_record
 
     from shift_edit.bench import counterfact as bdata
-    from shift_edit.bench.runner import BenchConfig, run_bench
+    from shift_edit.bench.runner import run_bench
+    from shift_edit.bench.bench_config import BenchConfig
 
     recs = [rome_record(i, subject=f"Sub{i}") for i in range(3)]
     for r in recs[:2]:

@@ -1,5 +1,7 @@
-"""The package's import structure: no circles among module-level imports, and no import inside a
-function except of an optional (or heavy, rarely needed) dependency.
+"""The package's import structure: no circles (counting function-level and type-only imports too), the layer
+rule (the ground floor, ``core``/``model``/``files``, imports nothing from ``algorithms``, ``compat``, ``bench``,
+``cli``, ``studies`` or ``lens``), no import inside a function except of an optional (or heavy, rarely needed)
+dependency, and ``eval/`` scripts importing public names only.
 
 Read from the source with ``ast`` (nothing is imported): an edge A -> B for each module-level
 ``import``/``from ... import`` in A naming package module B (``from .x import name`` counts as
@@ -49,6 +51,32 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_import_circles():
     edges, _ = _scan()
     assert _cycles(edges) == []
+
+
+def test_no_import_circles_counting_function_level_and_type_only_imports():
+    found = CM.scan(PKG)
+    assert _cycles(found.every) == []
+    assert _cycles(found.typed) == [], "a circle through imports under `if TYPE_CHECKING:`"
+
+
+def test_the_ground_floor_imports_no_upper_floor():
+    assert CM.layer_violations(CM.scan(PKG)) == []
+
+
+def test_the_layer_check_sees_a_violation(tmp_path):
+    pkg = tmp_path / "shift_edit"
+    for sub in ("core", "bench"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "bench" / "runner.py").write_text("X = 1\n")
+    (pkg / "core" / "editing.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                             "    from ..bench.runner import X\n")
+    assert CM.layer_violations(CM.scan(pkg)) == ["shift_edit.core.editing -> shift_edit.bench.runner"]
+
+
+def test_eval_scripts_import_public_names_only():
+    assert CM.private_imports(EVAL) == [], "make the name public in the library, or change the script"
 
 
 def test_the_scan_sees_the_package():

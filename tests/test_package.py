@@ -246,7 +246,8 @@ def _bench_two_runs(tmp_path, byte_tok):
     from test_bench import rome_record, write
 
     from shift_edit.bench import counterfact as bdata
-    from shift_edit.bench.runner import BenchConfig, run_bench
+    from shift_edit.bench.runner import run_bench
+    from shift_edit.bench.bench_config import BenchConfig
 
     model = tiny_model("llama")
     data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)])

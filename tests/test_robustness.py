@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 import shift_edit as se
 from shift_edit.bench import counterfact as bdata
 from shift_edit.bench.claims import claim_path, claimed, try_claim
-from shift_edit.bench.runner import BenchConfig, run_bench
+from shift_edit.bench.runner import run_bench
+from shift_edit.bench.bench_config import BenchConfig
 from shift_edit.cli import main
 from shift_edit.core.deltas import DEFAULT_MAX_RELATIVE_NORM
 from shift_edit.core.errors import EditRefusedError

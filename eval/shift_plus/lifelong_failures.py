@@ -30,7 +30,7 @@ import torch
 from shift_edit.algorithms.shift.shift_neuron import memory_used, mlp_of
 from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.counterfact import load_counterfact
-from shift_edit.bench.sequential import _load_state
+from shift_edit.bench.seq_state import load_state
 from shift_edit.core.errors import ShiftEditError
 from shift_edit.model.hooks import capture_inputs
 from shift_edit.files.io import model_fingerprint
@@ -58,7 +58,7 @@ def failures(run: Path, t: int) -> dict:
     params = json.loads((run / "params.json").read_text())
     hp = params["match"]["hparams"]
     model, tok = load_model(params["match"]["model"]["name"])
-    loaded = _load_state(run / "state", model, model_fingerprint(model))
+    loaded = load_state(run / "state", model, model_fingerprint(model))
     if loaded is None or loaded[0].n_edits != t:
         raise ShiftEditError(f"{run}/state does not hold the state after {t} edits")
     memory = loaded[1]

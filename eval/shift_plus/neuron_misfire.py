@@ -21,7 +21,7 @@ import torch
 
 import shift_edit as se
 from shift_edit.model.architectures import ModelAdapter
-from shift_edit.bench.sequential import _load_state
+from shift_edit.bench.seq_state import load_state
 from shift_edit.bench.wikitext import read_wikitext_lines
 from shift_edit.model.covariance import layer_stats
 from shift_edit.files.data_files import find_data
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     state = Path(args.state)
     model, tok = se.load_model("smollm2-135m")
-    loaded = _load_state(state, model, model_fingerprint(model))  # verified; loads the edited weights into model
+    loaded = load_state(state, model, model_fingerprint(model))  # verified; loads the edited weights into model
     if loaded is None:
         raise SystemExit(f"{state} holds no saved state")
     _, mem, originals = loaded

@@ -29,7 +29,8 @@ from ..files.io import atomic_write_json, provenance
 from .claims import claimed
 from .fact_metrics import easyedit_post, easyedit_pre, families_for, zsre_pairs, zsre_scores
 from .facts import FactCase
-from .runner import NO_EDIT, case_path, choose_run_dir, finished, shard_env
+from .bench_config import NO_EDIT
+from .run_dirs import case_path, choose_run_dir, finished, shard_env
 
 log = logging.getLogger(__name__)
 

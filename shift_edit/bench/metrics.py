@@ -49,7 +49,7 @@ def case_prompts(case: CounterFactCase) -> dict[str, tuple[str, ...]]:
     return {k: v for k, v in groups.items() if v}
 
 
-def _targets(case: CounterFactCase, group: str) -> tuple[str, str]:
+def target_pair(case: CounterFactCase, group: str) -> tuple[str, str]:
     """(new, true) objects for a prompt group."""
     if group == "neighborhood":
         return case.request.target_new, case.neighborhood_true
@@ -82,7 +82,7 @@ class CaseScorer:
         self.parts = {name: _Part([], []) for name in self.PARTS}
         for group, prompts in case_prompts(case).items():
             part = self.parts["near" if group == "neighborhood" else "edit"]
-            new, true = _targets(case, group)
+            new, true = target_pair(case, group)
             for p in prompts:
                 ids = encode_prompt(tok, p)
                 part.pairs += [(ids, encode_target(tok, p, new)), (ids, encode_target(tok, p, true))]

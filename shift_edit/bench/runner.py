@@ -16,15 +16,12 @@ merged result is simply the directory's case files.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
 import sys
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,168 +39,16 @@ from ..core.hparams import HyperParams
 from ..files.io import atomic_write_json, provenance
 from ..model.resume import BlockRecorder, Resume
 from .claims import claimed
-from .counterfact import CounterFactCase, case_file_stem
+from .counterfact import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
-from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, run_wild, wild_prompts
-from .wild import protocol as wild_protocol
-from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
+from .wild import WildJob, run_wild, wild_prompts
+from .wikitext import perplexity, read_wikitext_lines
+
+from .bench_config import NO_EDIT, BenchConfig
+from .run_dirs import batches_per_group, case_path, choose_run_dir, finished, shard_env
 
 log = logging.getLogger(__name__)
-
-PORTABILITY_FAMILY = ("EasyEdit token accuracy of the record's portability answer ('New Answer') after its "
-                      "question ('New Question'), as compute_edit_quality scores portability; only records that have one")
-
-#: the algorithm name of the unedited model's row
-NO_EDIT = "NONE"
-PROTOCOL_VERSION = 1
-
-
-@dataclass
-class BenchConfig:
-    """What a benchmark run computes (all of it goes into ``params.json``).
-
-    ``skip_wild`` / ``wild_max_new_tokens`` / ``wild_neighborhood`` / ``wild_records``: the WILD-style
-    free-generation family (:mod:`.wild`): off, greedy new tokens per prompt, neighborhood prompts too,
-    records per decoding batch. ``portability``: the ``easyedit_portability`` family on the records that
-    carry EasyEdit's ``portability`` question (``New Question`` / ``New Answer``).
-    """
-
-    alg: str
-    hparams: HyperParams | None
-    seed: int = 0
-    skip_generation: bool = False
-    gen_max_length: int = 100
-    gen_top_k: int = 5
-    gen_records: int = 4
-    gen_every: int = 1
-    ppl_every: int = 0
-    ppl_protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
-    wikitext: str | None = None
-    batch_size: int = 64
-    neighborhood_kl: bool = True
-    num_edits: int = 1
-    skip_wild: bool = False
-    wild_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    wild_neighborhood: bool = False
-    wild_records: int = 8
-    portability: bool = False
-
-    def __post_init__(self) -> None:
-        if self.wild_max_new_tokens < 1:
-            raise ShiftEditError(f"--wild-max-new-tokens must be >= 1, got {self.wild_max_new_tokens}")
-        if self.wild_records < 1:
-            raise ShiftEditError(f"--wild-records must be >= 1, got {self.wild_records}")
-
-    def protocol(self) -> dict[str, Any]:
-        out = {
-            "version": PROTOCOL_VERSION,
-            "metric_families": {
-                "rome": "ES/PS/NS from mean token NLLs of target_new vs target_true (teacher forcing); "
-                "magnitudes EM/PM/NM = mean p(new)-p(true) (neighborhood: p(true)-p(new)), p = exp(-mean NLL)",
-                "top1": "strict top-1: every token of the correct object is the argmax (neighborhood: TRUE object)",
-                "top1_first": "first-token-only top-1 (same correct objects)",
-                "neighborhood_kl": None if not self.neighborhood_kl else "KL(unedited || edited) of next-token distributions after neighborhood prompts, nats",
-                "generation": None if self.skip_generation else
-                "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, words from nltk's NLTKWordTokenizer (word_tokenize without punkt)",
-                "perplexity": None if not self.ppl_every else self.ppl_protocol.to_dict(),
-            },
-            "generation": None if self.skip_generation else {
-                "top_k": self.gen_top_k, "max_length": self.gen_max_length,
-                "records_per_decoding_batch": self.gen_records,
-                "every_kth_record": self.gen_every,
-                "how": "each record's edit is added to its own rows' module outputs (y += x ΔWᵀ) by hooks, "
-                       "so several records share one decoding batch; each record samples from its own seed",
-            },
-            "ppl_every": self.ppl_every,
-            "wikitext": self.wikitext if self.ppl_every else None,
-            "edit_mode": "one edit at a time, undone bit-exactly before the next" if self.num_edits == 1 else
-            f"{self.num_edits} consecutive records' requests applied at once (MEMIT protocol), every record of "
-            "the batch evaluated on that model, then undone bit-exactly",
-            "num_edits": self.num_edits,
-        }
-        if self.portability:  # absent when off, as the WILD family: earlier runs still match
-            out["metric_families"]["easyedit_portability"] = PORTABILITY_FAMILY
-        if not self.skip_wild:  # absent (not None) when off: runs made before the family existed still match
-            out["metric_families"]["wild"] = wild_protocol(self.wild_max_new_tokens, self.wild_neighborhood)
-            out["wild"] = {"max_new_tokens": self.wild_max_new_tokens, "neighborhood": self.wild_neighborhood,
-                           "records_per_decoding_batch": self.wild_records,
-                           "how": "after the undo, each record's edit is added to its own rows' module outputs by "
-                                  "hooks (as for the n-gram entropy), so several records share one decoding batch"}
-        return out
-
-
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
-    fcntl.flock(fh, fcntl.LOCK_EX)
-    return fh
-
-
-def choose_run_dir(out: Path, alg: str, match: dict[str, Any], params: dict[str, Any]) -> Path:
-    """The run directory whose params match ``match``, or a new ``run_<NNN>`` (under a lock)."""
-    root = Path(out) / alg
-    fh = _lock(root / ".lock")
-    try:
-        runs = sorted(p for p in root.glob("run_*") if p.is_dir() and p.name[4:].isdigit())
-        for run in runs:
-            try:
-                existing = json.loads((run / "params.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if existing.get("match") == match:
-                return run
-        nxt = max((int(p.name[4:]) for p in runs), default=-1) + 1
-        run = root / f"run_{nxt:03d}"
-        run.mkdir()
-        atomic_write_json(run / "params.json", params)
-        return run
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
-
-
-def case_path(run_dir: Path, case_id: int | str) -> Path:
-    return Path(run_dir) / f"case_{case_file_stem(case_id)}.json"
-
-
-def finished(run_dir: Path, case_id: int | str) -> bool:
-    p = case_path(run_dir, case_id)
-    if not p.is_file():
-        return False
-    try:
-        json.loads(p.read_text())
-        return True
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def _batches_per_group(cfg: BenchConfig) -> int:
-    """Batches per group: groups of batches whose generations share one decoding batch; a group is always
-    the same records (fixed by position), so resumed and sharded runs generate exactly what a whole run
-    does (with --gen-every K, a group spans K times as many records, about gen_records of them generating; the
-    WILD-style generations likewise batch wild_records records, and a group spans the larger of the two)."""
-    spans = ([] if cfg.skip_generation else [cfg.gen_records * max(1, cfg.gen_every)]) + \
-        ([] if cfg.skip_wild else [cfg.wild_records])  # the WILD-style generations batch wild_records records
-    return max(1, max(spans, default=1) // cfg.num_edits)
-
-
-def n_shares(n_cases: int, cfg: BenchConfig) -> int:
-    """Into how many shards ``n_cases`` records can be split: the number of groups (the unit a shard takes)."""
-    batches = -(-n_cases // cfg.num_edits)
-    return -(-batches // _batches_per_group(cfg))
-
-
-def shard_env() -> tuple[int, int]:
-    """(rank, world_size) from ``RANK``/``WORLD_SIZE`` (set by accelerate launch / torchrun)."""
-    try:
-        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ShiftEditError("RANK / WORLD_SIZE must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ShiftEditError(f"bad RANK={rank} / WORLD_SIZE={world}")
-    return rank, world
 
 
 @dataclass
@@ -464,7 +309,7 @@ def run_bench(
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
     n = cfg.num_edits
     batches = [list(enumerate(cases))[b : b + n] for b in range(0, len(cases), n)]
-    per_group = _batches_per_group(cfg)
+    per_group = batches_per_group(cfg)
     groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
     # contiguous shares: records every K-th position (perplexity) spread over the shards too
     mine = groups[rank * len(groups) // world_size : (rank + 1) * len(groups) // world_size]
@@ -496,10 +341,5 @@ def run_bench(
                         atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
                 bar.update(len(recs))
     return run_dir
-
-
-def run_selection(run_dir: Path) -> list[Path]:
-    """The finished case files of a run dir (temp files of killed runs are ignored)."""
-    return sorted(p for p in Path(run_dir).glob("case_*.json") if not p.name.startswith("."))
 
 

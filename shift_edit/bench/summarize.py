@@ -20,7 +20,7 @@ from ..core.errors import ShiftEditError
 from ..core.registry import run_tag
 from .fact_columns import COLUMNS as FACT_COLUMNS
 from .fact_columns import EE_COLUMNS
-from .runner import run_selection
+from .run_dirs import run_selection
 
 #: (column name, path in a case's "metrics", scale)
 METRICS: list[tuple[str, tuple[str, ...], float]] = [

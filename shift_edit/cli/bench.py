@@ -14,7 +14,9 @@ from .bench_facts import run_facts
 from ..bench.facts import FORMATS, detect_format
 from ..files.json_records import read_json_records
 from ..bench.wikitext import PerplexityProtocol
-from ..bench.runner import BenchConfig, n_shares, run_bench, shard_env
+from ..bench.runner import run_bench
+from ..bench.bench_config import BenchConfig
+from ..bench.run_dirs import n_shares, shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
 from ..bench.wild import DEFAULT_MAX_NEW_TOKENS
 from ..core.errors import ShiftEditError

@@ -10,7 +10,7 @@ from ..bench.counterfact import file_sha256
 from ..bench.fact_runner import FactBenchConfig, run_fact_bench
 from ..bench.fact_sequential import FactScoring
 from ..bench.facts import FACT_DATASETS, load_facts
-from ..bench.runner import shard_env
+from ..bench.run_dirs import shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
 from ..bench.wikitext import PerplexityProtocol
 from ..core.errors import ShiftEditError

@@ -16,7 +16,7 @@ from torch import nn
 from ..model.stats_pinning import copy_edit_record, note_edit
 from .deltas import apply_deltas, put_back, restore_weights  # noqa: F401 - restore_weights re-exported
 from .errors import ShiftEditError
-from .guard import check_context, outputs_finite, refuse_non_finite
+from .guard import check_context, check_outputs
 from .deltas import DEFAULT_MAX_RELATIVE_NORM
 from .hparams import HyperParams
 from .memory import EditMemory
@@ -116,15 +116,6 @@ def all_or_nothing(
         if memory is not None:
             memory.restore(saved)
         raise
-
-
-def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch.Tensor]) -> None:
-    """The guard's second check: one forward pass over ``texts``; non-finite logits restore
-    ``orig`` bit-exactly and raise :class:`~shift_edit.core.guard.EditRefusedError`."""
-    if outputs_finite(model, tok, texts):
-        return
-    put_back((model.get_parameter(name), w) for name, w in orig.items())
-    raise refuse_non_finite(texts)
 
 
 def apply_algo_to_model(

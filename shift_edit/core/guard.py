@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .deltas import put_back
 from .errors import EditRefusedError, ShiftEditError
 from .requests import encode_prompt
 from ..model.scoring import pad_batch, pad_id_of
@@ -88,3 +89,12 @@ def check_context(model: nn.Module, tok, requests: Sequence) -> None:
                 f"the prompt {r.text[:40]!r}... with its target is {n} tokens, longer than the model's context "
                 f"of {limit} tokens; shorten it"
             )
+
+
+def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch.Tensor]) -> None:
+    """The guard's second check: one forward pass over ``texts``; non-finite logits restore
+    ``orig`` bit-exactly and raise :class:`~shift_edit.core.errors.EditRefusedError`."""
+    if outputs_finite(model, tok, texts):
+        return
+    put_back((model.get_parameter(name), w) for name, w in orig.items())
+    raise refuse_non_finite(texts)

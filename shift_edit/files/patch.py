@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from ..core.deltas import WeightDelta, apply_deltas
-from ..core.editing import all_or_nothing, check_outputs
+from ..core.editing import all_or_nothing
+from ..core.guard import check_outputs
 from ..core.errors import ShiftEditError
 from ..core.deltas import DEFAULT_MAX_RELATIVE_NORM
 from .lora import read_lora

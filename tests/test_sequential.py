@@ -18,7 +18,8 @@ from test_bench import easyedit_record, rome_record, write
 import shift_edit as se
 from shift_edit.bench import counterfact as bdata
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
-from shift_edit.bench.sequential import SequentialConfig, _record_values, run_sequential
+from shift_edit.bench.seq_scoring import record_values
+from shift_edit.bench.sequential import SequentialConfig, run_sequential
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny random weights are small: a few FT steps change them by more than the guard's default bound
@@ -85,7 +86,7 @@ def test_checkpoints_score_against_the_unedited_model_and_true_objects(byte_tok,
     assert [b["n"] for b in json.loads((run_dir / "summary.json").read_text())["batches"]] == [3, 1]
 
     def values(m, cs):
-        return [_record_values(metrics_from_scores(s.scores(s.logits(m)))) for s in (CaseScorer(byte_tok, c) for c in cs)]
+        return [record_values(metrics_from_scores(s.scores(s.logits(m)))) for s in (CaseScorer(byte_tok, c) for c in cs)]
 
     unedited, final = values(base, cases), values(model, cases)
     for name in ("NS", "neighborhood_top1", "ES", "efficacy_top1"):

@@ -16,7 +16,6 @@ import resource
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,7 +35,6 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import shift_edit as se
     from shift_edit.bench import BenchConfig, file_sha256, load_counterfact, run_bench
-
     from shift_edit.files.data_files import require_data
 
     data = require_data("counterfact-subset", args.data)

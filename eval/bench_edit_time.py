@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.core.registry import get_algorithm
 from shift_edit.core.requests import encode_prompt, make_request
+from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.studies.counterfact_records import load_records
 
 REPO = Path(__file__).resolve().parents[1]

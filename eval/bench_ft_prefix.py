@@ -20,8 +20,8 @@ import torch
 
 import shift_edit as se
 from shift_edit.algorithms.gradient.ft import finetune
-from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.core.requests import make_request
+from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.studies.counterfact_records import load_records
 
 REPO = Path(__file__).resolve().parents[1]

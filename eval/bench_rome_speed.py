@@ -19,9 +19,9 @@ import time
 import torch
 
 import shift_edit
-from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.core.requests import make_request
 from shift_edit.files.data_files import require_data
+from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.model.covariance import layer_stats
 
 

@@ -27,7 +27,6 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import shift_edit as se
     from shift_edit.bench import load_counterfact, metrics_from_scores, score_case
-
     from shift_edit.files.data_files import require_data
 
     data = require_data("counterfact-subset", args.data)

@@ -24,15 +24,15 @@ from tqdm.auto import tqdm
 
 import shift_edit
 from shift_edit.algorithms.common import adapter_for
+from shift_edit.algorithms.locate.contexts import context_templates
 from shift_edit.algorithms.locate.rome import rank_one_factors
 from shift_edit.algorithms.locate.zstar import optimise_delta
-from shift_edit.algorithms.locate.contexts import context_templates
 from shift_edit.bench.counterfact import file_sha256, load_counterfact
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
 from shift_edit.bench.summarize import harmonic_mean, stats
 from shift_edit.core.deltas import WeightDelta
-from shift_edit.files.io import atomic_write_json, atomic_write_text, provenance
 from shift_edit.files.data_files import require_data
+from shift_edit.files.io import atomic_write_json, atomic_write_text, provenance
 from shift_edit.model.covariance import layer_stats
 from shift_edit.studies.common import temporarily_applied
 

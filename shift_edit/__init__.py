@@ -10,36 +10,36 @@ Public API::
     result.undo()
 """
 
-from ._version import __version__
-
-from .model.architectures import ARCHITECTURES, ModelAdapter, supported_model_types
-from .core.deltas import WeightDelta
-from .core.result import EditResult
-from .core.editing import apply_algo_to_model, edit, restore_weights
-from .core.memory import EditMemory
-from .core.errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
-from .core.hparams import HyperParams
-from .core.registry import Algorithm, algorithm_names, get_algorithm, register
-from .core.requests import EditRequest, make_request, make_requests
-from . import algorithms  # noqa: F401,E402  (registers the algorithms)
+from . import algorithms  # noqa: F401  (registers the algorithms)
+from ._version import __version__ as __version__
 from .algorithms.common import EditHyperParams
 from .algorithms.gradient.adam import AdamHyperParams
-from .algorithms.locate.alphaedit import AlphaEditHyperParams
 from .algorithms.gradient.ft import FTHyperParams
 from .algorithms.gradient.ft_l import FTLHyperParams
+from .algorithms.gradient.sgd import SGDHyperParams
+from .algorithms.locate.alphaedit import AlphaEditHyperParams
 from .algorithms.locate.memit import MEMITHyperParams
 from .algorithms.locate.rome import ROMEHyperParams
-from .algorithms.gradient.sgd import SGDHyperParams
 from .algorithms.shift.shift import ShiftHyperParams, compute_shift
+from .compat.apply_names import apply_functions as _apply_functions
+from .compat.apply_names import lookup as _lookup_apply
+from .compat.easyedit_datasets import CounterFactDataset, KnowEditDataset, ZsreDataset
 from .compat.easyedit_editor import BaseEditor, load_hparams
-from .model.loading import ALIASES, load_model
-from .files.patch import apply_patch, read_patch, revert_patch, save_patch
+from .core.deltas import WeightDelta
+from .core.editing import apply_algo_to_model, edit, restore_weights
+from .core.errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
+from .core.hparams import HyperParams
+from .core.memory import EditMemory
+from .core.registry import Algorithm, algorithm_names, get_algorithm, register
+from .core.requests import EditRequest, make_request, make_requests
+from .core.result import EditResult
 from .files.lora import LoraExport, export_lora, read_lora
-from .compat.apply_names import apply_functions as _apply_functions, lookup as _lookup_apply
+from .files.patch import apply_patch, read_patch, revert_patch, save_patch
+from .model.architectures import ARCHITECTURES, ModelAdapter, supported_model_types
+from .model.loading import ALIASES, load_model
 
 # ROME/MEMIT/EasyEdit names, one per registered algorithm: apply_rome_to_model, apply_memit_to_model, ...
 globals().update(_apply_functions())
-from .compat.easyedit_datasets import CounterFactDataset, KnowEditDataset, ZsreDataset
 
 
 def __getattr__(name: str):

@@ -9,8 +9,8 @@ from _tiny import tiny_model
 import shift_edit as se
 from shift_edit.algorithms.locate.alphaedit import AlphaEditHyperParams, alphaedit_factors, null_space_projector
 from shift_edit.model.architectures import ModelAdapter
-from shift_edit.model.hooks import forward_capture
 from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import forward_capture
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France."]
 REQS = [{"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": " Rome"}},

@@ -55,7 +55,8 @@ def test_sgd_ff2_target_position_is_outer_product_x_delta(model_type, byte_tok):
     h1 = ff2.register_forward_pre_hook(lambda _m, a: store.__setitem__("x", a[0]))
     h2 = ff2.register_forward_hook(lambda _m, _a, out: store.__setitem__("y", out))
     loss = first_token_loss(model, byte_tok)
-    h1.remove(); h2.remove()
+    h1.remove()
+    h2.remove()
     (dy,) = torch.autograd.grad(loss, [store["y"]])
     x_n, delta_n = store["x"][0, -1].detach(), dy[0, -1]
     res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[0], lr=0.5, grad_positions="target", skip_if_predicted=False, max_relative_norm=None))

@@ -18,8 +18,8 @@ from shift_edit.bench import counterfact as bdata
 from shift_edit.bench import generation as bg
 from shift_edit.bench import metrics as bm
 from shift_edit.bench import wikitext as bp
-from shift_edit.bench.runner import run_bench
 from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.runner import run_bench
 from shift_edit.bench.summarize import METRICS, harmonic_mean, load_reference, summarize_run, to_csv, to_markdown
 from shift_edit.model.scoring import ContinuationScore
 

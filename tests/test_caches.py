@@ -20,12 +20,12 @@ from shift_edit.algorithms.locate import zstar as zstar_mod
 from shift_edit.algorithms.locate.memit import MEMITHyperParams
 from shift_edit.bench.seq_state import SequentialState, load_state, save_state
 from shift_edit.cli import main
-from shift_edit.model.covariance import layer_stats
-from shift_edit.model.generic_sample import generic_sample
 from shift_edit.core.errors import ShiftEditError
-from shift_edit.files.io import MANIFEST_NAME
 from shift_edit.core.memory import EditMemory
 from shift_edit.core.requests import make_request
+from shift_edit.files.io import MANIFEST_NAME
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.generic_sample import generic_sample
 
 
 def flip_bit(path: Path, at: float = 0.5) -> None:

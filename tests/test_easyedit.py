@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
+from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
 from shift_edit.compat import easyedit_metrics as ee
 from shift_edit.core.registry import algorithm_names, get_algorithm
-from _tiny import tiny_hparams, tiny_model
 
 PROMPTS = ["Paris is the capital of", "Messi plays for"]
 TARGETS = ["Rome", "Boston"]

@@ -14,13 +14,13 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.files import data_files as sdata
-from shift_edit.compat import easyedit_metrics as see
 from shift_edit.bench.fact_metrics import flat_values, summarize_easyedit
 from shift_edit.bench.fact_runner import FactBenchConfig, run_fact_bench
 from shift_edit.bench.fact_sequential import FactScoring
 from shift_edit.bench.facts import detect_format, load_facts
 from shift_edit.bench.sequential import SequentialConfig, run_sequential
+from shift_edit.compat import easyedit_metrics as see
+from shift_edit.files import data_files as sdata
 
 REPO = Path(__file__).resolve().parents[1]
 HP = dict(layers=[1], eta=40.0, skip_if_predicted=False, max_relative_norm=None)
@@ -271,8 +271,8 @@ def test_counterfact_portability_is_easyedit_token_accuracy_on_records_that_have
     from test_bench import rome_record
 
     from shift_edit.bench import counterfact as bdata
-    from shift_edit.bench.runner import run_bench
     from shift_edit.bench.bench_config import BenchConfig
+    from shift_edit.bench.runner import run_bench
 
     recs = [rome_record(i, subject=f"Sub{i}") for i in range(3)]
     for r in recs[:2]:

@@ -17,11 +17,11 @@ from _tiny import tiny_model
 
 import shift_edit as se
 from shift_edit.bench import counterfact as bdata
-from shift_edit.compat.result_import import kind_of, summarize_any
-from shift_edit.bench.runner import run_bench
 from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.runner import run_bench
 from shift_edit.bench.summarize import summarize_run
 from shift_edit.cli import main
+from shift_edit.compat.result_import import kind_of, summarize_any
 
 # the hparams fields ROME's and MEMIT's evaluate.py copy into params.json (values made up for the tests)
 ROME_HPARAMS = {"layers": [5], "fact_token": "subject_last", "v_num_grad_steps": 20, "v_lr": 0.5, "v_loss_layer": 11,

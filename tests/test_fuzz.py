@@ -187,8 +187,8 @@ def test_fuzz_hparams_files(alg, byte_tok, tmp_path):
 
 
 def test_fuzz_counterfact_records(byte_tok, tmp_path):
-    from shift_edit.bench.runner import evaluate_case
     from shift_edit.bench.bench_config import BenchConfig
+    from shift_edit.bench.runner import evaluate_case
 
     rng = random.Random(1717)
     model = tiny_model("llama")

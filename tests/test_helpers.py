@@ -9,9 +9,9 @@ from torch import nn
 
 from shift_edit.core.deltas import restore_weights, swapped_weights
 from shift_edit.core.errors import ShiftEditError
-from shift_edit.model.hooks import owned_hooks
 from shift_edit.files.io import atomic_dir, atomic_file
 from shift_edit.files.json_records import read_json_records
+from shift_edit.model.hooks import owned_hooks
 
 
 def _siblings(path):

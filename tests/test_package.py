@@ -12,12 +12,12 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.files import data_files as sdata
 from shift_edit.cli import main
 from shift_edit.core.errors import ShiftEditError
-from shift_edit.core.step_search import search_step
 from shift_edit.core.requests import make_request, with_leading_space
 from shift_edit.core.shipped_hparams import hparams_model_mismatch, model_stem, shipped_hparams, shipped_hparams_index
+from shift_edit.core.step_search import search_step
+from shift_edit.files import data_files as sdata
 
 REPO = Path(__file__).resolve().parents[1]
 PICASSO = ["--model", "smollm2-135m", "--prompt", "{} is a famous painter from", "--subject", "Pablo Picasso",
@@ -246,8 +246,8 @@ def _bench_two_runs(tmp_path, byte_tok):
     from test_bench import rome_record, write
 
     from shift_edit.bench import counterfact as bdata
-    from shift_edit.bench.runner import run_bench
     from shift_edit.bench.bench_config import BenchConfig
+    from shift_edit.bench.runner import run_bench
 
     model = tiny_model("llama")
     data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)])

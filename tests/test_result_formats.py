@@ -12,12 +12,12 @@ from _tiny import tiny_model
 
 import shift_edit as se
 from shift_edit.bench import counterfact as bdata
-from shift_edit.compat.result_export import export_run
-from shift_edit.compat.result_import import summarize_any
-from shift_edit.bench.runner import run_bench
 from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.runner import run_bench
 from shift_edit.bench.summarize import summarize_run
 from shift_edit.cli import main
+from shift_edit.compat.result_export import export_run
+from shift_edit.compat.result_import import summarize_any
 
 
 @pytest.fixture(scope="module")

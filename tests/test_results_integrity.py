@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from _tiny import tiny_model
 
 import shift_edit as se

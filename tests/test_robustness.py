@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 
 import shift_edit as se
 from shift_edit.bench import counterfact as bdata
+from shift_edit.bench.bench_config import BenchConfig
 from shift_edit.bench.claims import claim_path, claimed, try_claim
 from shift_edit.bench.runner import run_bench
-from shift_edit.bench.bench_config import BenchConfig
 from shift_edit.cli import main
 from shift_edit.core.deltas import DEFAULT_MAX_RELATIVE_NORM
 from shift_edit.core.errors import EditRefusedError
-from shift_edit.files.patch import CHECKSUM_KEY, PatchChecksumError
+from shift_edit.files.patch import PatchChecksumError
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": "Paris"}
 OK = dict(layers=[1], eta=0.05, skip_if_predicted=False)  # well under the bound on the tiny models

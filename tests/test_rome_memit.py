@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from _tiny import CORPUS_TEXTS as TEXTS, tiny_model  # conftest's corpus fixture writes these
+from _tiny import CORPUS_TEXTS as TEXTS  # conftest's corpus fixture writes these
+from _tiny import tiny_model
 
 import shift_edit
 from shift_edit.algorithms.locate import memit as memit_mod
@@ -15,10 +16,10 @@ from shift_edit.algorithms.locate import zstar as zstar_mod
 from shift_edit.algorithms.locate.memit import MEMITHyperParams
 from shift_edit.algorithms.locate.rome import ROMEHyperParams
 from shift_edit.algorithms.locate.zstar import canonical_weight
-from shift_edit.model.architectures import ModelAdapter
-from shift_edit.model.hooks import forward_capture
 from shift_edit.core.requests import make_request
+from shift_edit.model.architectures import ModelAdapter
 from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import forward_capture
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": "Rome"}}
 
@@ -312,8 +313,8 @@ def test_stats_cli(byte_tok, corpus, capsys, tmp_path, monkeypatch):
 
 @pytest.mark.slow  # ~1 min alone on 2 CPU cores (10 min when the machine is shared)
 def test_rome_makes_fact_top1_on_smollm2(smollm2, tmp_path, monkeypatch):
-    from shift_edit.model.scoring import score_continuations
     from shift_edit.model.corpus import default_corpus
+    from shift_edit.model.scoring import score_continuations
 
     if not default_corpus().endswith(".raw"):
         pytest.skip("local WikiText copy not found (set SHIFT_EDIT_DATA)")

@@ -9,13 +9,13 @@ from _tiny import tiny_model
 import shift_edit as se
 from shift_edit.algorithms.shift.neurons import canonical, gate_key, mlp_of, neuron_key
 from shift_edit.algorithms.shift.shift_neuron import ShiftNeuronHyperParams
-from shift_edit.model.architectures import ModelAdapter, from_param_layout, weight_layout
-from shift_edit.model.covariance import layer_stats
 from shift_edit.core.errors import ShiftEditError
-from shift_edit.model.hooks import capture_inputs
-from shift_edit.files.lora import read_lora
 from shift_edit.core.memory import EditMemory
 from shift_edit.core.registry import get_algorithm
+from shift_edit.files.lora import read_lora
+from shift_edit.model.architectures import ModelAdapter, from_param_layout, weight_layout
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import capture_inputs
 
 FACT = {"prompt": "{} lives in", "subject": "Bob", "target_new": " Rome"}
 FACT2 = {"prompt": "{} works at", "subject": "Ann", "target_new": " IBM"}
@@ -359,10 +359,9 @@ def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_
     """The bench's priming reads SHIFT_NEURON's statistics for every listed layer and its generic sample from the
     unedited model, so a layer first used after many edits (or after a resume) sees the unedited model's."""
     from shift_edit.algorithms.shift import neurons as sn
+    from shift_edit.algorithms.shift.shift_neuron import prime_shift_neuron
     from shift_edit.bench.sequential import _prime
     from shift_edit.model.stats_pinning import pinned_statistics
-
-    from shift_edit.algorithms.shift.shift_neuron import prime_shift_neuron
 
     assert get_algorithm("SHIFT_NEURON").prime is prime_shift_neuron
     model = tiny_model("llama")

@@ -173,9 +173,9 @@ def test_edit_reaches_the_margin_it_aims_at(byte_tok):
 def test_spread_over_layers_each_layer_writes_its_share(model_type, byte_tok, tmp_path):
     """layers [0, 1]: one rank-m change per FF2, each writing half the push at its own edit key
     (keys of the unedited model), the margin reached, memory keys per layer, exact undo and LoRA."""
+    from shift_edit.core.requests import encode_prompt, make_request
     from shift_edit.model.architectures import ModelAdapter
     from shift_edit.model.hooks import capture_inputs
-    from shift_edit.core.requests import encode_prompt, make_request
 
     model = tiny_model(model_type)
     base = weights(model)

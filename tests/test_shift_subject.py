@@ -10,15 +10,15 @@ import torch
 from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms.shift import subject_value as sv
 from shift_edit.algorithms.locate.contexts import context_templates, encode_with_fact_index
+from shift_edit.algorithms.shift import subject_value as sv
 from shift_edit.algorithms.shift.shift_subject import ShiftSubjectHyperParams, prime_shift_subject
-from shift_edit.model.architectures import ModelAdapter
 from shift_edit.core.errors import ShiftEditError
-from shift_edit.model.hooks import capture_inputs
 from shift_edit.core.memory import EditMemory
 from shift_edit.core.registry import get_algorithm
 from shift_edit.core.requests import encode_target, make_request
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.hooks import capture_inputs
 
 FACT = {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}
 FACT2 = {"prompt": "{} works at", "subject": "Ann Lee", "target_new": " IBM"}

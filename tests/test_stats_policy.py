@@ -8,11 +8,11 @@ import torch
 from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
+from shift_edit.files.io import model_fingerprint
 from shift_edit.model import corpus as corpus_mod
 from shift_edit.model import covariance, stats_pinning
 from shift_edit.model.covariance import layer_stats
 from shift_edit.model.stats_pinning import pinned_statistics, statistics_fingerprint
-from shift_edit.files.io import model_fingerprint
 
 REQS = [{"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": " Rome"}},
         {"prompt": "{} is located in", "subject": "Oslo", "target_new": {"str": " Spain"}},

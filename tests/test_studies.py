@@ -77,7 +77,7 @@ def test_study_files_resume_and_summaries(byte_tok, tmp_path):
                                     ppl_fn=ppl, ppl_records=1)
     assert again == rows and json.loads((tmp_path / "records" / "7.json").read_text()) == first
     doc = min_lr.write_outputs(rows, tmp_path, model, {"criterion": "first"}, None)
-    assert {(s["alg"], s["layer"]) for s in doc["summary"]} == {(a, l) for a in ("SHIFT", "SGD") for l in (0, 2)}
+    assert {(s["alg"], s["layer"]) for s in doc["summary"]} == {(a, x) for a in ("SHIFT", "SGD") for x in (0, 2)}
     assert (tmp_path / "min_lr.png").stat().st_size > 0 and (tmp_path / "summary.csv").read_text().startswith("alg,")
     sweep_dir = tmp_path / "sweep"
     srows = layer_sweep.run_layer_sweep(model, byte_tok, recs, layers=[0, 1], settings=[("raw", 5.0), ("normalized", 50.0)],

@@ -21,8 +21,8 @@ from _tiny import tiny_hparams, tiny_model, write_corpus
 
 import shift_edit as se
 import shift_edit.core.editing as editing
-import shift_edit.files.patch as patch_mod
 import shift_edit.core.result as result_mod
+import shift_edit.files.patch as patch_mod
 from shift_edit.compat.easyedit_editor import BaseEditor
 from shift_edit.core.memory import EditMemory
 from shift_edit.core.registry import algorithm_names, get_algorithm

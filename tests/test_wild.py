@@ -13,11 +13,10 @@ from test_bench import _metrics, _run, easyedit_record, rome_record, write
 import shift_edit as se
 from shift_edit.bench import counterfact as bdata
 from shift_edit.bench import wild as bw
-from shift_edit.bench.generation import GenerationGroup
 from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.generation import GenerationGroup
 from shift_edit.bench.summarize import summarize_run, to_csv, to_markdown
 from shift_edit.core.requests import encode_prompt
-
 
 # ----------------------------------------------------------------------------- the success rule by hand
 

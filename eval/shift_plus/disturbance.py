@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
+from shift_edit.core.requests import encode_prompt, encode_target, make_request
+from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.model.architectures import ModelAdapter
 from shift_edit.model.covariance import layer_stats
 from shift_edit.model.hooks import capture_inputs
-from shift_edit.files.io import atomic_write_json, provenance
-from shift_edit.core.requests import encode_prompt, encode_target, make_request
 from shift_edit.studies.counterfact_records import load_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 
 from shift_edit.algorithms.shift.shift_neuron import memory_used, mlp_of
-from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.seq_state import load_state
 from shift_edit.core.errors import ShiftEditError
-from shift_edit.model.hooks import capture_inputs
-from shift_edit.files.io import model_fingerprint
-from shift_edit.model.loading import load_model
 from shift_edit.core.requests import encode_prompt, encode_target
+from shift_edit.files.io import model_fingerprint
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.hooks import capture_inputs
+from shift_edit.model.loading import load_model
 
 #: an activation above this is a neuron firing (the designed activation at an edit is 8)
 FIRES = 0.5

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.seq_state import load_state
 from shift_edit.bench.wikitext import read_wikitext_lines
-from shift_edit.model.covariance import layer_stats
-from shift_edit.files.data_files import find_data
 from shift_edit.core.deltas import restore_weights
-from shift_edit.model.hooks import capture_inputs
-from shift_edit.files.io import model_fingerprint
 from shift_edit.core.requests import encode_prompt
+from shift_edit.files.data_files import find_data
+from shift_edit.files.io import model_fingerprint
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import capture_inputs
 
 
 def line_nll(model, tok, lines: list[str]) -> list[torch.Tensor]:

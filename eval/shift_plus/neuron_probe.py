@@ -34,17 +34,16 @@ import torch
 
 import shift_edit as se
 from shift_edit.algorithms.shift.push import CONTRAST_SUBJECTS
-from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import read_wikitext_lines
+from shift_edit.core.requests import encode_prompt
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.model.architectures import ModelAdapter
 from shift_edit.model.covariance import layer_stats
 from shift_edit.model.hooks import capture_inputs
-from shift_edit.files.io import atomic_write_json, provenance
-from shift_edit.core.requests import encode_prompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from neuron_prototype import generic_inputs, neuron_key  # noqa: E402
-
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

@@ -42,13 +42,13 @@ import torch
 
 import shift_edit as se
 from shift_edit.algorithms.shift.push import build_batch, margins, search_push
-from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
+from shift_edit.core.requests import encode_prompt, encode_target
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.model.architectures import ModelAdapter
 from shift_edit.model.covariance import layer_stats
 from shift_edit.model.hooks import capture_inputs, owned_hooks
-from shift_edit.files.io import atomic_write_json, provenance
-from shift_edit.core.requests import encode_prompt, encode_target
 from shift_edit.model.resume import record_block_inputs, resume_at
 from shift_edit.model.scoring import pad_batch, pad_id_of
 

@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import read_wikitext_lines
-from shift_edit.files.data_files import find_data
-from shift_edit.model.hooks import capture_inputs
-from shift_edit.files.io import atomic_write_json
 from shift_edit.core.registry import get_algorithm, load_hparams
 from shift_edit.core.requests import encode_prompt
+from shift_edit.files.data_files import find_data
+from shift_edit.files.io import atomic_write_json
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.hooks import capture_inputs
 
 HPARAMS = Path(__file__).resolve().parents[2] / "hparams" / "SHIFT_NEURON" / "smollm2-135m.yaml"
 

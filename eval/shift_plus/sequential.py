@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.model.architectures import ModelAdapter
 from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
-from shift_edit.files.io import atomic_write_json
 from shift_edit.core.memory import EditMemory
-from shift_edit.model.scoring import pad_id_of, score_token_continuations
 from shift_edit.core.requests import encode_prompt, encode_target
+from shift_edit.files.io import atomic_write_json
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.scoring import pad_id_of, score_token_continuations
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

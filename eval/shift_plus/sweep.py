@@ -24,10 +24,10 @@ import torch
 
 import shift_edit as se
 from shift_edit.algorithms.shift.shift_plus import ShiftPlusHyperParams
-from shift_edit.bench.counterfact import load_counterfact
-from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
-from shift_edit.bench.runner import RunState, evaluate_batch
 from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.counterfact import load_counterfact
+from shift_edit.bench.runner import RunState, evaluate_batch
+from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from shift_edit.core.requests import encode_prompt
 from shift_edit.model.scoring import pad_batch, pad_id_of
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
+from shift_edit.core.requests import encode_prompt, encode_target, make_request
+from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.model.architectures import ModelAdapter
 from shift_edit.model.hooks import owned_hooks
-from shift_edit.files.io import atomic_write_json, provenance
-from shift_edit.core.requests import encode_prompt, encode_target, make_request
 from shift_edit.studies.counterfact_records import load_records
 
 GRID = [10 * math.sqrt(2) ** i for i in range(19)]  # 10 .. 5120

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..model.architectures import ModelAdapter
 from ..core.deltas import DEFAULT_MAX_RELATIVE_NORM
 from ..core.hparams import HyperParams
 from ..core.requests import EditRequest, encode_prompt, encode_target
+from ..model.architectures import ModelAdapter
 from ..model.scoring import pad_id_of, score_token_continuations
 
 

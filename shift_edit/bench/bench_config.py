@@ -12,7 +12,6 @@ from .wikitext import PerplexityProtocol
 from .wild import DEFAULT_MAX_NEW_TOKENS
 from .wild import protocol as wild_protocol
 
-
 PORTABILITY_FAMILY = ("EasyEdit token accuracy of the record's portability answer ('New Answer') after its "
                       "question ('New Question'), as compute_edit_quality scores portability; only records that have one")
 

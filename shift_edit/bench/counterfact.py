@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files.data_files import DATA_FILES, require_data
 from ..core.errors import ShiftEditError
-from ..files.io import atomic_write_json, file_sha256
-from ..model.loading import cache_dir
-from ..files.json_records import read_json_records
 from ..core.requests import EditRequest, make_request, with_leading_space
+from ..files.data_files import DATA_FILES, require_data
+from ..files.io import atomic_write_json, file_sha256
+from ..files.json_records import read_json_records
+from ..model.loading import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,13 @@ from tqdm.auto import tqdm
 
 from ..algorithms.common import adapter_for
 from ..core.editing import edit
-from ..core.errors import ShiftEditError
-from ..core.errors import EditRefusedError
+from ..core.errors import EditRefusedError, ShiftEditError
 from ..core.hparams import HyperParams
 from ..files.io import atomic_write_json, provenance
+from .bench_config import NO_EDIT
 from .claims import claimed
 from .fact_metrics import easyedit_post, easyedit_pre, families_for, zsre_pairs, zsre_scores
 from .facts import FactCase
-from .bench_config import NO_EDIT
 from .run_dirs import case_path, choose_run_dir, finished, shard_env
 
 log = logging.getLogger(__name__)

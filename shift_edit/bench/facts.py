@@ -23,8 +23,8 @@ from typing import Any
 
 from ..compat.easyedit_datasets import KnowEditDataset, ZsreDataset
 from ..core.errors import ShiftEditError
-from ..files.json_records import read_json_records
 from ..core.requests import EditRequest, make_request
+from ..files.json_records import read_json_records
 
 #: ``--data`` names of the data sets read here -> the name in :data:`shift_edit.files.data_files.DATA_FILES`
 FACT_DATASETS = {"zsre": "zsre", "knowedit-zsre": "knowedit-zsre", "knowedit-recent": "knowedit-recent",

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..model.hooks import owned_hooks
 from ..core.requests import encode_prompt
+from ..model.hooks import head_only_at, owned_hooks
 from ..model.scoring import pad_batch, pad_id_of
-from ..model.hooks import head_only_at
 
 
 def word_tokens(text: str) -> list[str]:

@@ -29,24 +29,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compat import easyedit_metrics as ee  # (the facade imports this package: its names are read at call time)
 from ..algorithms.common import adapter_for
-from ..model.architectures import ModelAdapter
+from ..compat import easyedit_metrics as ee  # (the facade imports this package: its names are read at call time)
 from ..core.editing import edit
-from ..core.errors import ShiftEditError
-from ..core.errors import EditRefusedError
+from ..core.errors import EditRefusedError, ShiftEditError
 from ..core.hparams import HyperParams
 from ..files.io import atomic_write_json, provenance
+from ..model.architectures import ModelAdapter
 from ..model.resume import BlockRecorder, Resume
+from .bench_config import NO_EDIT, BenchConfig
 from .claims import claimed
 from .counterfact import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
-from .wild import WildJob, run_wild, wild_prompts
-from .wikitext import perplexity, read_wikitext_lines
-
-from .bench_config import NO_EDIT, BenchConfig
 from .run_dirs import batches_per_group, case_path, choose_run_dir, finished, shard_env
+from .wikitext import perplexity, read_wikitext_lines
+from .wild import WildJob, run_wild, wild_prompts
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from .counterfact import CounterFactCase
 from .metrics import case_prompts, metrics_from_scores, target_pair
 from .summarize import stats
 
-
 #: per-record values kept at each checkpoint: (name, path in metrics_from_scores' output)
 RECORD_METRICS: list[tuple[str, tuple[str, str]]] = [
     ("ES", ("rome", "rewrite_success")),

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ShiftEditError
-from .plots import plot_ppl
 from ..core.registry import run_tag
+from .plots import plot_ppl
 from .summarize import dataset_of
 
 #: curve columns: (column, where in a checkpoint, metric name)

@@ -46,20 +46,19 @@ from tqdm.auto import tqdm
 
 from ..core.deltas import restore_weights
 from ..core.editing import edit
-from ..core.errors import ShiftEditError
-from ..core.errors import EditRefusedError
+from ..core.errors import EditRefusedError, ShiftEditError
 from ..core.hparams import HyperParams
-from ..files.io import atomic_write_json, model_fingerprint, provenance
 from ..core.memory import EditMemory
 from ..core.registry import algorithm_for_hparams, get_algorithm
+from ..files.io import atomic_write_json, model_fingerprint, provenance
 from ..model.covariance import layer_stats
 from ..model.stats_pinning import pinned_statistics
 from .counterfact import CounterFactCase
+from .seq_scoring import CounterFactScoring, record_means, record_values
+from .seq_state import SequentialState, load_state, save_state
 from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, WildPrompts, run_wild, wild_prompts
 from .wild import protocol as wild_protocol
-from .seq_scoring import CounterFactScoring, record_means, record_values
-from .seq_state import SequentialState, load_state, save_state
 
 log = logging.getLogger(__name__)
 

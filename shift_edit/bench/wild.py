@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.scoring import pad_batch, pad_id_of
 from ..model.hooks import head_only_at
+from ..model.scoring import pad_batch, pad_id_of
 from .counterfact import CounterFactCase
 from .generation import GenerationGroup, _row_deltas, cache_keyword, grouped_prompts
 

@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 
 from ..core.errors import ShiftEditError
-from ..files.patch import BASE_CHECKS, apply_patch, read_edit
 from ..core.requests import make_request
+from ..files.patch import BASE_CHECKS, apply_patch, read_edit
 from ..model.scoring import next_token_topk
-from .common import add_model_arguments, add_unchecksummed_argument, check_model_args, check_new_dir, check_top_k, format_topk, load_from_args, save_model_atomically
+from .common import (
+    add_model_arguments,
+    add_unchecksummed_argument,
+    check_model_args,
+    check_new_dir,
+    check_top_k,
+    format_topk,
+    load_from_args,
+    save_model_atomically,
+)
 
 NAME = "apply-patch"
 HELP = "apply an edit patch to its base model (refused if the base weights differ)"

@@ -9,21 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..bench.counterfact import file_sha256, load_counterfact, parse_case_ids, resolve_data
-from .bench_facts import run_facts
-from ..bench.facts import FORMATS, detect_format
-from ..files.json_records import read_json_records
-from ..bench.wikitext import PerplexityProtocol
-from ..bench.runner import run_bench
 from ..bench.bench_config import BenchConfig
+from ..bench.counterfact import file_sha256, load_counterfact, parse_case_ids, resolve_data
+from ..bench.facts import FORMATS, detect_format
 from ..bench.run_dirs import n_shares, shard_env
+from ..bench.runner import run_bench
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
+from ..bench.wikitext import PerplexityProtocol
 from ..bench.wild import DEFAULT_MAX_NEW_TOKENS
 from ..core.errors import ShiftEditError
-from ..model.loading import check_model_name
 from ..core.registry import algorithm_names
 from ..core.shipped_hparams import hparams_model_mismatch
+from ..files.json_records import read_json_records
+from ..model.loading import check_model_name
 from .alg_hparams import find_hparams
+from .bench_facts import run_facts
 from .common import add_model_arguments, check_model_args, check_out_root, default_wikitext, load_from_args
 from .common import parse_eval_at as _parse_eval_at
 

@@ -14,8 +14,8 @@ from ..bench.run_dirs import shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
 from ..bench.wikitext import PerplexityProtocol
 from ..core.errors import ShiftEditError
-from ..model.loading import check_model_name
 from ..core.shipped_hparams import hparams_model_mismatch
+from ..model.loading import check_model_name
 from .alg_hparams import find_hparams
 from .common import default_wikitext, load_from_args, parse_eval_at
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..files.data_files import find_data
 from ..core.errors import ShiftEditError
+from ..files.data_files import find_data
 from ..files.io import atomic_dir
 from ..model.loading import ALIASES, canonical_model_name, check_device, load_model, resolve_dtype
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..files.data_files import DATA_FILES, fetch_data, find_data, require_data, search_dirs
 from ..core.errors import ShiftEditError
+from ..files.data_files import DATA_FILES, fetch_data, find_data, require_data, search_dirs
 
 NAME = "data"
 HELP = "list data sets and where they are found; fetch the public ones (counterfact, wikitext)"

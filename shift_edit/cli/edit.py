@@ -6,18 +6,18 @@ import argparse
 import contextlib
 import sys
 
+from ..algorithms import DEFAULT_ALGORITHM
 from ..core.editing import edit
 from ..core.errors import ShiftEditError
-from ..files.io import atomic_dir, atomic_file
-from ..model.loading import check_model_name
-from ..files.lora import export_lora
-from ..core.result import fmt_prob
-from ..algorithms import DEFAULT_ALGORITHM
 from ..core.registry import algorithm_names, cli_options, get_algorithm, step_fields
 from ..core.requests import make_request
+from ..core.result import fmt_prob
 from ..core.shipped_hparams import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
-from ..model.scoring import next_token_topk
 from ..core.step_search import search_step
+from ..files.io import atomic_dir, atomic_file
+from ..files.lora import export_lora
+from ..model.loading import check_model_name
+from ..model.scoring import next_token_topk
 from .alg_hparams import find_hparams
 from .common import (
     add_model_arguments,

@@ -6,8 +6,8 @@ import argparse
 import csv
 import io
 
-from ..model.architectures import ModelAdapter
 from ..core.errors import ShiftEditError
+from ..core.requests import make_request
 from ..files.io import atomic_write_json, atomic_write_text, provenance
 from ..lens import (
     LogitLens,
@@ -22,7 +22,7 @@ from ..lens import (
 )
 from ..lens.logit_lens import decode_token
 from ..lens.pictures import plot_neurons, plot_ranks, plot_target_ranks
-from ..core.requests import make_request
+from ..model.architectures import ModelAdapter
 from .common import add_model_arguments, check_new_dir, load_from_args
 
 NAME = "lens"
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_from_args(args)
     adapter = ModelAdapter(model)
     neuron_layer = None if args.neuron_layer is None else adapter.check_layer(args.neuron_layer)
-    grad_layers = True if args.check_layers is None else [adapter.check_layer(l) for l in args.check_layers]
+    grad_layers = True if args.check_layers is None else [adapter.check_layer(x) for x in args.check_layers]
     lens = LogitLens(model, adapter)
     cap = capture_gradients(model, tok, request.text, request.target_new, adapter=adapter, weight_grads=grad_layers)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..algorithms.common import adapter_for
-from ..model.architectures import ModelAdapter
 from ..compat.easyedit_editor import load_hparams
 from ..core.errors import ShiftEditError
+from ..model.architectures import ModelAdapter
 from ..model.covariance import layer_stats
 from .common import add_model_arguments, load_from_args
 

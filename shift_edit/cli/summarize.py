@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..compat.result_import import case_ids_any, expand_paths, summarize_any
 from ..bench.seq_summary import curves, curves_csv, is_sequential, plot_curves, summarize_sequential
 from ..bench.summarize import bar_chart, by_dataset, load_reference, to_csv, to_markdown_by_dataset
+from ..compat.result_import import case_ids_any, expand_paths, summarize_any
 from ..core.errors import ShiftEditError
 from ..files.io import atomic_write_json, atomic_write_text
 from .common import check_out_root

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..model.architectures import ModelAdapter
-from ..files.data_files import require_data
 from ..core.errors import ShiftEditError
 from ..core.registry import linear_step_fields
+from ..files.data_files import require_data
+from ..model.architectures import ModelAdapter
 from ..studies import layer_sweep, min_lr
 from ..studies.counterfact_records import load_records
 from ..studies.perplexity import load_wikitext_lines, protocol_text, wikitext_perplexity

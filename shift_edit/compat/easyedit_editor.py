@@ -32,17 +32,17 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from . import easyedit_metrics as ee
-from ..model import loading
 from ..core.editing import edit
 from ..core.errors import ShiftEditError
 from ..core.guard import check_context
 from ..core.hparams import HyperParams
-from ..files.io import atomic_write_text
 from ..core.memory import EditMemory
 from ..core.registry import algorithm_for_hparams, load_hparams  # noqa: F401 - load_hparams re-exported
 from ..core.requests import make_request
 from ..core.result import EditResult
+from ..files.io import atomic_write_text
+from ..model import loading
+from . import easyedit_metrics as ee
 
 log = logging.getLogger(__name__)
 

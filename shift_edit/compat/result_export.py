@@ -30,10 +30,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ShiftEditError
-from ..files.io import atomic_dir, atomic_write_json, file_sha256
 from ..bench.counterfact import case_file_stem
 from ..bench.summarize import dataset_of, read_cases
+from ..core.errors import ShiftEditError
+from ..files.io import atomic_dir, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 

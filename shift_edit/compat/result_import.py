@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..bench.summarize import harmonic_mean, read_cases, stats, summarize_run
 from ..core.errors import ShiftEditError
 from ..core.registry import run_tag
-from ..bench.summarize import harmonic_mean, read_cases, stats, summarize_run
 
 ROME_FAMILY = "read from ROME/MEMIT case files: ES/PS/NS from post.*_prompts_probs (mean token NLLs), top-1 from *_prompts_correct"
 EASYEDIT_FAMILY = "EasyEdit token accuracy (post.rewrite_acc etc. of an EasyEdit metrics list)"

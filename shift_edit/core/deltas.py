@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..files.io import tensor_hash
 from ..model.architectures import Layout, to_param_layout
 from .errors import EditRefusedError, ShiftEditError
-from ..files.io import tensor_hash
-
 
 #: Default bound on ||ΔW||_F / ||W||_F per matrix; see eval/robustness/README.md for the
 #: relative norms the shipped hparams produce (at most about 0.06, MEMIT batches of 10 included).

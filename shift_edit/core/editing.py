@@ -14,16 +14,15 @@ import torch
 from torch import nn
 
 from ..model.stats_pinning import copy_edit_record, note_edit
-from .deltas import apply_deltas, put_back, restore_weights  # noqa: F401 - restore_weights re-exported
+from .deltas import DEFAULT_MAX_RELATIVE_NORM, apply_deltas, put_back, restore_weights  # noqa: F401 - restore_weights re-exported
 from .errors import ShiftEditError
 from .guard import check_context, check_outputs
-from .deltas import DEFAULT_MAX_RELATIVE_NORM
 from .hparams import HyperParams
 from .memory import EditMemory
 from .registry import algorithm_for_hparams
 from .requests import EditRequest, make_requests
-from .shipped_hparams import hparams_model_mismatch
 from .result import EditResult
+from .shipped_hparams import hparams_model_mismatch
 
 RequestLike = Mapping[str, Any] | EditRequest
 

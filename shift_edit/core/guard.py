@@ -23,10 +23,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..model.scoring import pad_batch, pad_id_of
 from .deltas import put_back
 from .errors import EditRefusedError, ShiftEditError
 from .requests import encode_prompt
-from ..model.scoring import pad_batch, pad_id_of
+
 
 @torch.no_grad()
 def outputs_finite(model: nn.Module, tok, texts: Sequence[str], *, batch_size: int = 16) -> bool:

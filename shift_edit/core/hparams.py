@@ -20,9 +20,9 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_ty
 import yaml
 
 from .._version import __version__
+from ..files.io import atomic_write_text
 from .errors import ShiftEditError
 from .foreign_hparams import is_foreign, translate
-from ..files.io import atomic_write_text
 from .shipped_hparams import hparams_root
 
 H = TypeVar("H", bound="HyperParams")

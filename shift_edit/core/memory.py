@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from .errors import ShiftEditError
 from ..files.io import atomic_write_bytes, content_sha256
+from .errors import ShiftEditError
 
 _CHECKSUM_KEY = "shift_edit_sha256"  # as patches carry theirs
 

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files.patch_format import save_patch
+from ..model.scoring import score_continuations
 from .deltas import WeightDelta, restore_weights, swapped_weights
 from .errors import ShiftEditError
 from .hparams import HyperParams
-from ..files.patch_format import save_patch
 from .requests import EditRequest, encode_target
-from ..model.scoring import score_continuations
 
 
 @dataclass

@@ -16,8 +16,8 @@ from .editing import edit
 from .errors import ShiftEditError
 from .hparams import HyperParams
 from .registry import algorithm_for_hparams
-from .result import measure
 from .requests import make_requests
+from .result import measure
 
 log = logging.getLogger(__name__)
 

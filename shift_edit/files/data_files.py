@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ShiftEditError
-from .io import file_sha256
 from ..model.loading import cache_dir
+from .io import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,17 @@ from safetensors.torch import load_file, save_file
 
 from ..core.deltas import WeightDelta
 from ..core.errors import ShiftEditError
-from .io import atomic_dir, atomic_write_json, content_sha256
-from ..model.loading import ALIASES, alias_gguf_path, cache_dir
-from .patch_format import CHECKSUM_KEY, check_old_format, deltas_from_tensors, patch_metadata, read_patch, verify_checksum
 from ..core.result import EditResult
+from ..model.loading import ALIASES, alias_gguf_path, cache_dir
+from .io import atomic_dir, atomic_write_json, content_sha256
+from .patch_format import (
+    CHECKSUM_KEY,
+    check_old_format,
+    deltas_from_tensors,
+    patch_metadata,
+    read_patch,
+    verify_checksum,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,13 @@ from typing import Any
 
 from torch import nn
 
-from ..core.deltas import WeightDelta, apply_deltas
+from ..core.deltas import DEFAULT_MAX_RELATIVE_NORM, WeightDelta, apply_deltas
 from ..core.editing import all_or_nothing
-from ..core.guard import check_outputs
 from ..core.errors import ShiftEditError
-from ..core.deltas import DEFAULT_MAX_RELATIVE_NORM
+from ..core.guard import check_outputs
+from ..core.registry import get_algorithm
+from ..core.requests import make_request
+from ..core.result import EditResult
 from .lora import read_lora
 from .patch_format import (  # noqa: F401  (the format's names, importable from here as before)
     BASE_CHECKS,
@@ -37,9 +39,6 @@ from .patch_format import (  # noqa: F401  (the format's names, importable from 
     save_patch,
     verify_checksum,
 )
-from ..core.registry import get_algorithm
-from ..core.requests import make_request
-from ..core.result import EditResult
 
 # model -> {patch key: EditResult}, for revert_patch(model, path)
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, dict[str, EditResult]]" = weakref.WeakKeyDictionary()

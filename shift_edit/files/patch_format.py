@@ -28,20 +28,20 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save as st_save
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from .._version import __version__
 from ..core.deltas import WeightDelta
 from ..core.errors import PatchMismatchError, ShiftEditError
 from .io import atomic_write_bytes, content_sha256, model_fingerprint, tensor_hash
-
 
 FORMAT = "shift_edit.patch"
 FORMAT_VERSION = 2  # 2: content checksum and whole-model base fingerprint

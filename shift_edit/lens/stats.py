@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..model.architectures import ModelAdapter
 from ..core.errors import ShiftEditError
-from ..files.io import atomic_write_bytes
 from ..core.requests import EditRequest, encode_target
+from ..files.io import atomic_write_bytes
+from ..model.architectures import ModelAdapter
 from .capture import capture_gradients
 from .logit_lens import LogitLens, rank_in_logits
 from .rank import factored_rank

@@ -42,12 +42,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import ModelAdapter
 from ..core.errors import ShiftEditError
-from .hooks import capture_inputs
 from ..files.io import read_verified, write_verified
-from .loading import cache_dir
+from .architectures import ModelAdapter
 from .corpus import Corpus, open_corpus, token_batches
+from .hooks import capture_inputs
+from .loading import cache_dir
 from .stats_pinning import on_weights, statistics_fingerprint
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from ..core.deltas import swapped_weights
 from ..core.errors import ShiftEditError
 from ..files.io import model_fingerprint
 
-
 #: models whose statistics are pinned to an earlier state of their weights (see :func:`pinned_statistics`)
 _PINNED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 

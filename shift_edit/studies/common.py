@@ -14,9 +14,9 @@ from torch import nn
 
 from ..core.deltas import WeightDelta, apply_deltas
 from ..core.hparams import HyperParams
-from ..files.io import atomic_write_json
 from ..core.registry import get_algorithm, linear_step_fields
 from ..core.requests import EditRequest
+from ..files.io import atomic_write_json
 
 
 def __getattr__(name: str) -> Any:

@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..files.data_files import find_data, require_data
 from ..core.errors import ShiftEditError
+from ..files.data_files import find_data, require_data
 from ..files.json_records import read_json_records
 
 COUNTERFACT = "counterfact-original-format-subset837.json"

@@ -19,13 +19,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.shift.shift import ShiftHyperParams
-from ..model.architectures import ModelAdapter
+from ..bench.plots import plot_ppl
 from ..core.editing import edit
-from ..files.io import atomic_write_json, atomic_write_text, provenance
 from ..core.requests import make_request
+from ..files.io import atomic_write_json, atomic_write_text, provenance
+from ..model.architectures import ModelAdapter
 from ..model.resume import BlockRecorder, Resume
 from ..model.scoring import score_continuations
-from ..bench.plots import plot_ppl
 from .common import ppl_stats, read_done, write_record
 from .min_lr import to_csv
 
@@ -122,7 +122,9 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         if base is not None:
             ax.axhline(base["neighborhood"], color="gray", ls=":", label="neighborhood unedited")
         ax.set_title(f"SHIFT {scaling} eta={eta:g}", fontsize=9)
-        ax.set_xlabel("layer"); ax.set_ylim(-0.02, 1.02); ax.legend(fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
     ax = axes[0][-1]
     for scaling, eta in settings:
         ss = [s for s in summary if (s["eta_scaling"], s["eta"]) == (scaling, eta) and s["ppl_median"] is not None]
@@ -132,7 +134,9 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         ax.axhline(base_ppl, color="gray", ls="--", label="unedited")
     if not any(s["ppl_median"] is not None for s in summary):
         ax.text(0.5, 0.5, "perplexity not measured in this run", ha="center", va="center", transform=ax.transAxes)
-    ax.set_yscale("log"); ax.set_xlabel("layer"); ax.set_ylabel("WikiText ppl, median (▲: off scale)")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("WikiText ppl, median (▲: off scale)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

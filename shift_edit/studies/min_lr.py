@@ -25,13 +25,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.common import adapter_for
-from ..files.io import atomic_write_json, atomic_write_text, provenance
+from ..bench.plots import plot_ppl
 from ..core.requests import encode_prompt, encode_target, make_request
+from ..files.io import atomic_write_json, atomic_write_text, provenance
 from ..model.resume import BlockRecorder, Resume, first_edited_block
 from ..model.scoring import pad_id_of, score_token_continuations
-from ..bench.plots import plot_ppl
 from .common import (
-    ppl_stats, read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record,
+    ppl_stats,
+    read_done,
+    scaled,
+    temporarily_applied,
+    unit_deltas,
+    unit_hparams,
+    write_record,
 )
 from .search import find_min_lr
 
@@ -203,10 +209,12 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
     else:
         a1.text(0.5, 0.5, "no record reached top-1 below the largest step tried", ha="center", va="center",
                 transform=a1.transAxes)
-    a1.set_xlabel("layer"); a1.set_ylabel("minimum lr / eta (median, IQR)")
+    a1.set_xlabel("layer")
+    a1.set_ylabel("minimum lr / eta (median, IQR)")
     if a1.get_legend_handles_labels()[0]:
         a1.legend()
-    a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at min lr, median")
+    a2.set_xlabel("layer")
+    a2.set_ylabel("WikiText ppl at min lr, median")
     if any(s["ppl_median"] is not None for s in summary) or base_ppl is not None:
         a2.set_yscale("log")
     if a2.get_legend_handles_labels()[0]:

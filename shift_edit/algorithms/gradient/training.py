@@ -22,10 +22,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ...model.architectures import Layout, ModelAdapter, from_param_layout
 from ...core.deltas import WeightDelta, put_back
-from ...model.hooks import owned_hooks
 from ...core.requests import EditRequest
+from ...model.architectures import Layout, ModelAdapter, from_param_layout
+from ...model.hooks import owned_hooks
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import EditHyperParams, adapter_for, already_predicted, tokenize_requests
@@ -179,7 +179,6 @@ class FrozenPrefix:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, layer: int, pairs, pad_id: int, target_tokens: str,
                  batch_size: int) -> None:
-        device = next(model.parameters()).device
         self.adapter, self.layer, self.active = adapter, layer, True
         self.hidden: list[torch.Tensor] = []
         self.full_loss = 0.0  # the mean target NLL of the untrained model, from the same (full) passes

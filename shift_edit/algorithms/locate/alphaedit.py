@@ -36,9 +36,9 @@ from ...core.registry import Computed, register
 from ...core.requests import EditRequest
 from ...model.covariance import SecondMoment, layer_stats
 from ..common import adapter_for, already_predicted
+from .contexts import context_templates, prime_context_templates
 from .spread import spread_over_layers
 from .zstar import ZStarHyperParams, request_info, target_zs
-from .contexts import context_templates, prime_context_templates
 
 log = logging.getLogger(__name__)
 

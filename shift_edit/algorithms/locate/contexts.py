@@ -17,7 +17,6 @@ from ...core.errors import ShiftEditError
 from ...core.requests import EditRequest
 from ...model.scoring import pad_id_of
 
-
 GEN_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
 

@@ -33,8 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from typing import Any
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn

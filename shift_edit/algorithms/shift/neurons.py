@@ -10,22 +10,20 @@ a generic sample), which neurons are free, and the hooks that put new FF1 rows i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import dataclasses
 import math
 import weakref
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ...core.errors import ShiftEditError
+from ...core.memory import EditMemory
 from ...model.architectures import ModelAdapter, from_param_layout, weight_layout
 from ...model.covariance import layer_stats
 from ...model.generic_sample import generic_sample
-from ...core.errors import ShiftEditError
-from ...core.memory import EditMemory
 
 
 # --- one layer's MLP -----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import torch
 
 from ...core.requests import EditRequest, encode_prompt
 
-
 #: subjects that fill the request's template for the contrastive keys (authored for this module)
 CONTRAST_SUBJECTS: tuple[str, ...] = (
     "Paris", "Barack Obama", "Toyota", "the Amazon River", "Albert Einstein", "Microsoft", "Brazil",

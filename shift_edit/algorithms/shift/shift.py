@@ -8,20 +8,18 @@ canonical ``[out, in]`` orientation the delta is the rank-one ``D[t] (eta x_n)áµ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import dataclasses
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ...core.deltas import WeightDelta
-from ...model.hooks import forward_capture
 from ...core.registry import Computed, register, tag_layers, tag_value
 from ...core.requests import EditRequest
+from ...model.hooks import forward_capture
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import EditHyperParams, adapter_for, tokenize_requests
 

@@ -52,32 +52,46 @@ refused by the screen before any search), at most ``1 + try_layers · search_pas
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ...model.architectures import ModelAdapter, weight_layout
 from ...core.deltas import WeightDelta
 from ...core.errors import ShiftEditError
-from ...model.hooks import capture_inputs, owned_hooks
 from ...core.memory import EditMemory
 from ...core.registry import Computed, register, tag_layers, tag_statistics, tag_value
 from ...core.requests import EditRequest, encode_target
+from ...model.architectures import ModelAdapter, weight_layout
+from ...model.hooks import capture_inputs, owned_hooks
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import EditHyperParams, adapter_for
-from .neurons import neuron_tags
-from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, earlier_keys, ff1_hooks, fires_on,
-                      free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows, one_hot)
-from .push import margins, build_batch, search_push, validate_batch_and_search
+from .neurons import (
+    Gate,
+    GenericView,
+    Mlp,
+    Neuron,
+    SilentPool,
+    canonical,
+    earlier_keys,
+    ff1_hooks,
+    fires_on,
+    free_neurons,
+    gate_bias,
+    generic_keys,
+    generic_stats,
+    memory_used,
+    mlp_of,
+    neuron_rows,
+    neuron_tags,
+    one_hot,
+)
+from .push import build_batch, margins, search_push, validate_batch_and_search
 
 log = logging.getLogger(__name__)
 

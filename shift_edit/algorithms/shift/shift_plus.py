@@ -39,27 +39,24 @@ already predicted and ``skip_if_predicted`` is on).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import contextlib
 import dataclasses
 import weakref
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ...core.deltas import WeightDelta
-from ...model.hooks import capture_inputs, owned_hooks
 from ...core.memory import EditMemory
 from ...core.registry import Computed, register, tag_layers, tag_statistics, tag_value
 from ...core.requests import EditRequest, encode_target
+from ...model.covariance import layer_stats
+from ...model.hooks import capture_inputs, owned_hooks
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_batch, pad_id_of
-from ...model.covariance import layer_stats
 from ..common import EditHyperParams, adapter_for
-from .push import build_batch, margins, search_push, validate_batch_and_search
 from .push import build_batch, margins, search_push, validate_batch_and_search
 
 

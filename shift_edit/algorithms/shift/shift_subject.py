@@ -40,32 +40,46 @@ forward and ``steps`` backward passes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ...model.architectures import weight_layout
 from ...core.deltas import WeightDelta
 from ...core.errors import ShiftEditError
-from ...model.hooks import capture_inputs, owned_hooks
 from ...core.memory import EditMemory
 from ...core.registry import Computed, register, tag_layers, tag_statistics
 from ...core.requests import EditRequest, encode_target
+from ...model.architectures import weight_layout
+from ...model.hooks import capture_inputs, owned_hooks
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import adapter_for
-from .neurons import neuron_tags
-from .neurons import (Gate, GenericView, Mlp, Neuron, SilentPool, canonical, earlier_keys, ff1_hooks, fires_on,
-                      free_neurons, gate_bias, generic_keys, generic_stats, memory_used, mlp_of, neuron_rows, one_hot)
-from ..locate.zstar import LocateEditHyperParams
 from ..locate.contexts import context_templates, encode_with_fact_index, prompt_template
+from ..locate.zstar import LocateEditHyperParams
+from .neurons import (
+    Gate,
+    GenericView,
+    Mlp,
+    Neuron,
+    SilentPool,
+    canonical,
+    earlier_keys,
+    ff1_hooks,
+    fires_on,
+    free_neurons,
+    gate_bias,
+    generic_keys,
+    generic_stats,
+    memory_used,
+    mlp_of,
+    neuron_rows,
+    neuron_tags,
+    one_hot,
+)
 from .push import CONTRAST_SUBJECTS
 from .subject_value import fit_value, prepare
 

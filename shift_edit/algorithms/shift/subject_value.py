@@ -21,14 +21,13 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ...model.architectures import ModelAdapter
-from ...model.hooks import capture_inputs, owned_hooks
 from ...core.requests import EditRequest
+from ...model.architectures import ModelAdapter
+from ...model.hooks import capture_inputs, head_only_at, owned_hooks
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_id_of
-from ...model.hooks import head_only_at
-from ..locate.zstar import clamped_step, v_loss
 from ..locate.contexts import encode_with_fact_index, prompt_template
+from ..locate.zstar import clamped_step, v_loss
 
 log = logging.getLogger(__name__)
 

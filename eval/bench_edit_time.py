@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10, help="timed records (edits per algorithm), after one warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--case-ids", default=None,
-                    help="comma list of CounterFact case ids to time instead of the first --n (the first is also the warm-up)")
+                    help="comma list of CounterFact case ids to time instead of the first --n (the first is also the "
+                    "warm-up)")
     ap.add_argument("--algs", default=None, help="comma list of ALG or ALG:variant (default: per model)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
     args = ap.parse_args()

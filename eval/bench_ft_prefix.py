@@ -31,7 +31,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5, help="timed records, after one warm-up")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--algs", default="FT,FT_L", help="comma list of FT, FT_L or ALG:variant (hparams/ALG/smollm2-135m[-variant].yaml)")
+    ap.add_argument("--algs", default="FT,FT_L",
+                    help="comma list of FT, FT_L or ALG:variant (hparams/ALG/smollm2-135m[-variant].yaml)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
     args = ap.parse_args()
     try:
@@ -70,7 +71,8 @@ def main() -> None:
         print(f"{spec:10} {str(hps[spec].layers):10} {full:8.2f} {pre:9.2f} {full / pre:8.2f}x")
     if args.out:
         atomic_write_json(args.out, {"protocol": {"model": "smollm2-135m", "records": f"1..{args.n} (0: warm-up)",
-                                                  "threads": args.threads, "hparams": {s: h.to_dict() for s, h in hps.items()},
+                                                  "threads": args.threads, "hparams": {s: h.to_dict() for s,
+                                                                                       h in hps.items()},
                                                   "timed": "finetune() compute, median per edit"},
                                      "results": rows, "provenance": provenance(model)})
 

@@ -61,7 +61,8 @@ def main() -> int:
         print(f"{name:<26} {wall:>10.2f} {edit:>7.2f} {scoring:>8.2f} {wild:>7.2f} {wild / scoring:>13.2f}  "
               + " ".join(f"{k} {v:.1f}" for k, v in gen.items()))
     w = recs[0]["metrics"]["wild"]
-    print(f"e.g. case {recs[0]['case_id']} ({recs[0]['request']['target_true']!r} -> {recs[0]['request']['target_new']!r}): "
+    print(f"e.g. case {recs[0]['case_id']} ({recs[0]['request']['target_true']!r} -> "
+          f"{recs[0]['request']['target_new']!r}): "
           f"{recs[0]['request']['prompt'].format(recs[0]['request']['subject'])!r} + {w['texts']['rewrite'][0]!r}")
     return 0
 

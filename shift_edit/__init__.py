@@ -50,7 +50,8 @@ def __getattr__(name: str):
     return fn
 
 __all__ = [
-    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "AlphaEditHyperParams", "Algorithm", "BaseEditor", "EditHyperParams", "EditMemory", "EditRequest",
+    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "AlphaEditHyperParams", "Algorithm", "BaseEditor",
+    "EditHyperParams", "EditMemory", "EditRequest",
     "EditResult", "FTHyperParams", "FTLHyperParams", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
     "SGDHyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",

@@ -97,7 +97,8 @@ def test_the_alias_gguf_file_is_the_alias(tmp_path):
     assert Args.model == "smollm2-135m"
 
 
-@pytest.mark.parametrize("alg, step, field", [("ADAM", "lr", "eps"), ("FT", "lr", "weight_decay"), ("SHIFT", "eta", "eta")])
+@pytest.mark.parametrize("alg, step, field", [("ADAM", "lr", "eps"), ("FT", "lr", "weight_decay"), ("SHIFT", "eta",
+                                                                                                    "eta")])
 def test_nan_hparams_are_one_line(alg, step, field, tmp_path, tiny_dir, capsys):
     hp = tmp_path / "hp.yaml"
     hp.write_text(f"alg_name: {alg}\nlayers: [1]\n{step}: 0.1\n{field}: .nan\n")
@@ -159,7 +160,8 @@ FACADE_BAD = [
     (dict(locality_inputs=[{"prompt": "a", "ground_truth": "b"}]), "locality_inputs must be a dict"),
     (dict(locality_inputs={"n": {"prompt": ["a", "b"], "ground_truth": [None, "c"]}}),
      r"locality_inputs\['n'\]\['ground_truth'\]\[0\]"),
-    (dict(locality_inputs={"n": {"prompt": [5, "b"], "ground_truth": ["c", "d"]}}), r"locality_inputs\['n'\]\['prompt'\]"),
+    (dict(locality_inputs={"n": {"prompt": [5, "b"], "ground_truth": ["c", "d"]}}),
+     r"locality_inputs\['n'\]\['prompt'\]"),
     (dict(locality_inputs={"n": {"prompt": 5, "ground_truth": "c"}}), r"locality_inputs\['n'\]\['prompt'\]"),
     (dict(portability_inputs="abc"), "portability_inputs must be a dict"),
     (dict(rephrase_prompts=5), "rephrase_prompts must be"),

@@ -36,7 +36,8 @@ def test_sgd_step_equals_hand_computed_gradient_step(model_type, matrices, byte_
     w0 = [m.weight.detach().clone() for m in mods]
     grads = [hand_grad(model, m.weight, byte_tok) for m in mods]
     model.zero_grad(set_to_none=True)
-    res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[1], lr=0.3, matrices=matrices, skip_if_predicted=False, max_relative_norm=None))
+    res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[1], lr=0.3, matrices=matrices, skip_if_predicted=False,
+                                                       max_relative_norm=None))
     for m, w, g in zip(mods, w0, grads):
         torch.testing.assert_close(m.weight.detach(), w - 0.3 * g, rtol=1e-5, atol=1e-6)
     assert len(res.deltas) == len(mods) and all(d.dense is not None for d in res.deltas)
@@ -59,7 +60,8 @@ def test_sgd_ff2_target_position_is_outer_product_x_delta(model_type, byte_tok):
     h2.remove()
     (dy,) = torch.autograd.grad(loss, [store["y"]])
     x_n, delta_n = store["x"][0, -1].detach(), dy[0, -1]
-    res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[0], lr=0.5, grad_positions="target", skip_if_predicted=False, max_relative_norm=None))
+    res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[0], lr=0.5, grad_positions="target",
+                                                       skip_if_predicted=False, max_relative_norm=None))
     canonical = -0.5 * torch.outer(delta_n, x_n)  # [out, in]
     expected = w0 + (canonical.T if model_type == "gpt2" else canonical)
     torch.testing.assert_close(ff2.weight.detach(), expected, rtol=1e-5, atol=1e-6)
@@ -93,7 +95,8 @@ def test_ft_l_never_leaves_its_box_and_ft_does(byte_tok):
     model = tiny_model("gpt2")
     eps = 2e-3
     kw = dict(layers=[0, 2], lr=1e-2, steps=10, early_stop_nll=0.0, skip_if_predicted=False)
-    c = se.get_algorithm("FT_L").compute(model, byte_tok, se.make_requests(REQ), FTLHyperParams(norm_constraint=eps, **kw))
+    c = se.get_algorithm("FT_L").compute(model, byte_tok, se.make_requests(REQ), FTLHyperParams(norm_constraint=eps,
+                                                                                                **kw))
     assert all(d.dense.abs().max() <= eps * (1 + 1e-5) for d in c.deltas)
     assert max(float(d.dense.abs().max()) for d in c.deltas) > 0.5 * eps
     u = se.get_algorithm("FT").compute(model, byte_tok, se.make_requests(REQ), FTHyperParams(**kw))
@@ -104,7 +107,8 @@ def test_ft_lowers_the_target_nll_and_stops_early(byte_tok):
     model = tiny_model("llama")
     before = se.model.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
     stop = before - 0.3  # a random tiny model moves slowly; any threshold below the start works
-    res = se.edit(model, byte_tok, REQ, FTHyperParams(layers=[0, 1, 2], matrices="both", lr=5e-2, steps=30, max_relative_norm=None,
+    res = se.edit(model, byte_tok, REQ, FTHyperParams(layers=[0, 1, 2], matrices="both", lr=5e-2, steps=30,
+                                                      max_relative_norm=None,
                                                       early_stop_nll=stop, skip_if_predicted=False))
     after = se.model.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
     assert after < before

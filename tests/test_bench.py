@@ -90,7 +90,8 @@ def test_ngram_entropy_by_hand():
     assert bg.ngram_entropy(["a b a b", "x x x x x"]) == pytest.approx((2 / 3 * h2 + 4 / 3) / 4)
     assert bg.word_tokens("Paris, France's capital.") == ["Paris", ",", "France", "'s", "capital", "."]
     # word_tokenize's word tokenizer (not Treebank's): curly quotes and ellipses are split off
-    assert bg.word_tokens("\u201chello\u201d\u2026 it\u2019s") == ["\u201c", "hello", "\u201d", "\u2026", "it", "\u2019", "s"]
+    assert bg.word_tokens("\u201chello\u201d\u2026 it\u2019s") == ["\u201c", "hello", "\u201d", "\u2026", "it",
+                                                                   "\u2019", "s"]
     from nltk.tokenize import word_tokenize
 
     text = "The city of Paris is large. It has \u201cmany\u201d museums, e.g. the Louvre..."
@@ -171,7 +172,8 @@ def test_grouped_generation_equals_each_record_on_its_edited_model(byte_tok):
     greedy = bg.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=1)
     for g, texts in zip(groups, greedy):
         with temporarily_applied(model, g.deltas):
-            alone = bg.generate_topk_groups(model, byte_tok, [bg.GenerationGroup(g.prompts, g.seed)], max_length=24, top_k=1)[0]
+            alone = bg.generate_topk_groups(model, byte_tok, [bg.GenerationGroup(g.prompts, g.seed)], max_length=24,
+                                            top_k=1)[0]
         assert texts == alone
     assert greedy[1] != bg.generate_topk(model, byte_tok, ["ab plays"], max_length=24, top_k=1)  # the edit shows
     sampled = bg.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=5)
@@ -295,8 +297,10 @@ def test_batched_scoring_equals_unbatched(byte_tok, tmp_path):
                    "neighborhood": case.neighborhood_prompts}[g]
         true = case.neighborhood_true if g == "neighborhood" else case.request.target_true
         for p, (n1, t1) in zip(prompts, rows):
-            n2, t2 = se.model.scoring.score_continuations(model, byte_tok, [p, p], [case.request.target_new, true], batch_size=1)
-            assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5) and torch.allclose(t1.token_nll, t2.token_nll, atol=1e-5)
+            n2, t2 = se.model.scoring.score_continuations(model, byte_tok, [p, p], [case.request.target_new, true],
+                                                          batch_size=1)
+            assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5) and torch.allclose(t1.token_nll, t2.token_nll,
+                                                                                            atol=1e-5)
     # next-token distributions for KL too
     nb = case.neighborhood_prompts
     assert torch.allclose(bm.next_token_logprobs(model, byte_tok, nb, batch_size=8),
@@ -365,7 +369,8 @@ def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     assert calls == [2, 3]
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("case_*.json") if p.name in first} == first
     # a different configuration (seed) gets its own run dir
-    assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 1}, cfg=_cfg(seed=1), rank=0, world_size=1).name == "run_001"
+    assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 1}, cfg=_cfg(seed=1), rank=0,
+                world_size=1).name == "run_001"
     times = sorted(json.loads(p.read_text())["time_s"]["edit"] for p in run.glob("case_*.json"))
     assert len(times) == 4 and summarize_run(run)["metrics"]["edit_time_median_s"]["mean"] == pytest.approx((times[1] + times[2]) / 2)
     m = _metrics(run)["case_0.json"]
@@ -379,7 +384,8 @@ def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_pa
 
     model = tiny_model(model_type)
     cases = bdata.load_counterfact(write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)]))
-    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(layers=[2], eta=50.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None),
+    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(layers=[2], eta=50.0, eta_scaling="normalized",
+                                                               skip_if_predicted=False, max_relative_norm=None),
                       skip_generation=True)
     fast_state, slow_state = RunState(), RunState(resume_exact=False)
     for i, case in enumerate(cases):
@@ -388,7 +394,8 @@ def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_pa
         assert fast["edit"]["rerun_from_block"] == 2 and slow["edit"]["rerun_from_block"] == 0
         for fam in ("rome", "top1", "top1_first"):
             assert fast["metrics"][fam] == pytest.approx(slow["metrics"][fam], abs=1e-6)
-        assert fast["metrics"]["neighborhood_kl"]["mean"] == pytest.approx(slow["metrics"]["neighborhood_kl"]["mean"], abs=1e-6)
+        assert fast["metrics"]["neighborhood_kl"]["mean"] == pytest.approx(slow["metrics"]["neighborhood_kl"]["mean"],
+                                                                           abs=1e-6)
         assert fast["metrics"]["neighborhood_kl"]["mean"] > 0
     assert fast_state.resume_exact is True
 
@@ -460,7 +467,8 @@ def test_sharded_two_processes_equal_unsharded(byte_tok, tmp_path):
     args = ["bench", "--alg", "SHIFT", "--model", str(folder), "--hparams", str(hp), "--data", str(data),
             "--skip-generation", "--no-progress"]
     procs = [subprocess.Popen([sys.executable, "-m", "shift_edit", *args, "--out", str(tmp_path / "sharded")],
-                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2"},
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(r),
+                                   "WORLD_SIZE": "2"},
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -499,7 +507,8 @@ def test_torchrun_shards_into_one_run_dir(byte_tok, tmp_path):
             "--skip-generation", "--no-progress", "--out", str(tmp_path / "tr")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "shift_edit", "-v", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+                        "-m", "shift_edit", "-v", *args], capture_output=True, text=True, env=env, cwd=REPO,
+                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(rank 0/2)" in r.stderr and "(rank 1/2)" in r.stderr
     model, tok = se.load_model(str(folder))
@@ -507,7 +516,8 @@ def test_torchrun_shards_into_one_run_dir(byte_tok, tmp_path):
     sharded = _metrics(tmp_path / "tr" / "SHIFT" / "run_000")
     assert sorted(sharded) == sorted(plain) == [f"case_{i}.json" for i in range(4)]
     for k in plain:
-        assert sharded[k]["top1"] == plain[k]["top1"] and sharded[k]["rome"] == pytest.approx(plain[k]["rome"], abs=1e-6)
+        assert sharded[k]["top1"] == plain[k]["top1"] and sharded[k]["rome"] == pytest.approx(plain[k]["rome"],
+                                                                                              abs=1e-6)
 
 
 def test_killed_run_resumes_to_the_same_case_files(byte_tok, tmp_path):
@@ -574,7 +584,8 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
         text = req["prompt"].format(req["subject"])
         res = se.edit(model, tok, req, hp)
         try:
-            new, true = se.model.scoring.score_continuations(model, tok, [text, text], [req["target_new"], req["target_true"]])
+            new, true = se.model.scoring.score_continuations(model, tok, [text, text], [req["target_new"],
+                                                                                        req["target_true"]])
         finally:
             res.undo()
         nll = c["metrics"]["nll"]["rewrite"][0]
@@ -608,7 +619,8 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
 def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
     model = tiny_model("gpt2")
     wiki = tmp_path / "wiki.raw"
-    wiki.write_text(" = Title = a heading line that is long enough\n\n short\n a second line long enough to count here\n")
+    wiki.write_text(" = Title = a heading line that is long enough\n\n short\n a second line long enough to count "
+                    "here\n")
     data = write(tmp_path, [easyedit_record(i) for i in range(3)])
     proto = bp.PerplexityProtocol(name="paper", n_lines=5, max_tokens=32)
     cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, ppl_every=2,
@@ -627,7 +639,8 @@ def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
     model = tiny_model("gpt2")
     path = write(tmp_path, [rome_record(i, subject=f"Sub{i}", new=["Paris", "Oslo", "Lima"][i]) for i in range(3)])
     cases = bdata.load_counterfact(path)
-    hp = se.ShiftHyperParams(layers=[1], eta=40.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None)
+    hp = se.ShiftHyperParams(layers=[1], eta=40.0, eta_scaling="normalized", skip_if_predicted=False,
+                             max_relative_norm=None)
     cfg = BenchConfig(alg="SHIFT", hparams=hp, skip_generation=True, num_edits=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run = _run(model, byte_tok, path, tmp_path / "out", cfg=cfg)
@@ -674,8 +687,10 @@ def test_run_labels_tell_locate_and_edit_settings_apart():
     assert run_tag("MEMIT", memit) == " L2,3 λ 1500 C 200k tok"
     rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}
     assert run_tag("ROME", rome) == " L5 through-update"
-    assert run_tag("ROME", {"layers": [5], "mom2_n_tokens": 200000, "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"
-    assert run_tag("SHIFT_PLUS", {"layers": [23], "mom2_n_tokens": 50000, "margin": 0.25}) == " L23 C 50k tok margin 0.25"
+    assert run_tag("ROME", {"layers": [5], "mom2_n_tokens": 200000,
+                            "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"
+    assert run_tag("SHIFT_PLUS", {"layers": [23], "mom2_n_tokens": 50000,
+                                  "margin": 0.25}) == " L23 C 50k tok margin 0.25"
     # a run of an algorithm not registered here (another toolkit's folder): layers, step and statistics
     assert run_tag("?", {"layers": [4], "lr": 0.5, "mom2_n_tokens": 1000}) == " L4 lr 0.5 C 1k tok"
     assert run_tag("SHIFT", None) == ""

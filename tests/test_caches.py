@@ -198,7 +198,8 @@ def test_the_cli_exits_2_on_a_damaged_sequential_state(tmp_path, capsys):
     hp = tmp_path / "ft.yaml"
     hp.write_text("alg_name: FT\nlayers: [1]\nsteps: 2\nlr: 0.01\nskip_if_predicted: false\nmax_relative_norm: null\n")
     argv = ["bench", "--model", str(folder), "--alg", "FT", "--hparams", str(hp), "--data", str(data),
-            "--out", str(tmp_path / "out"), "--sequential", "2", "--eval-at", "1", "--ppl-lines", "0", "--save-every", "1",
+            "--out", str(tmp_path / "out"), "--sequential", "2", "--eval-at", "1", "--ppl-lines", "0", "--save-every",
+            "1",
             "--no-progress"]
     assert main(argv) == 0
     (run_dir,) = list((tmp_path / "out" / "FT").glob("seq_*"))

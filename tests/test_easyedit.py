@@ -68,7 +68,8 @@ def test_edit_metrics_equal_easyedit_structure_for_every_algorithm(alg, byte_tok
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     editor = se.BaseEditor(tiny_hparams(alg, corpus), model=model, tok=byte_tok)
     metrics, edited, weights = editor.edit(
-        PROMPTS, TARGETS, ["France", "Barcelona"], rephrase_prompts=["The capital Paris belongs to", "Messi is a player of"],
+        PROMPTS, TARGETS, ["France", "Barcelona"], rephrase_prompts=["The capital Paris belongs to",
+                                                                     "Messi is a player of"],
         locality_inputs=json.loads(json.dumps(LOCALITY)), portability_inputs=PORTABILITY,
         subject=["Paris", "Messi"], keep_original_weight=True, test_generation=alg == "SHIFT")
     assert len(metrics) == 2 and edited is model
@@ -195,7 +196,8 @@ def shift_metrics(byte_tok, tmp_path_factory):
     model = tiny_model("llama")
     hp = se.ShiftHyperParams(layers=[1], eta=40.0, skip_if_predicted=False)
     metrics, _, _ = se.BaseEditor(hp, model=model, tok=byte_tok).edit(
-        PROMPTS, TARGETS, ["France", "Barcelona"], rephrase_prompts=["The capital Paris belongs to", "Messi is a player of"],
+        PROMPTS, TARGETS, ["France", "Barcelona"], rephrase_prompts=["The capital Paris belongs to",
+                                                                     "Messi is a player of"],
         locality_inputs=json.loads(json.dumps(LOCALITY)), portability_inputs=PORTABILITY, test_generation=True,
         verbose=False)
     return json.loads(json.dumps(metrics))  # as a results JSON file holds them
@@ -281,7 +283,8 @@ def test_dataset_readers_take_easyedit_files(tmp_path, byte_tok, corpus):
            "ground_truth": "Barcelona", "rephrase_prompt": "Messi is a player of",
            "locality_prompt": "Ronaldo plays for", "locality_ground_truth": "Madrid"}]
     zsre = [{"subject": "Messi", "src": "Which team does Messi play for?", "alt": "Boston", "answers": ["Barcelona"],
-             "rephrase": "Messi plays for which team?", "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"},
+             "rephrase": "Messi plays for which team?", "loc": "nq question: who wrote hamlet",
+             "loc_ans": "Shakespeare"},
             {"subject": "X", "src": "What is X?", "alt": "", "answers": ["y"], "rephrase": "X?",
              "loc": "nq question: a", "loc_ans": "b"}]
     know = [{"subject": "Messi", "prompt": "Messi plays for", "target_new": "Boston", "ground_truth": "Barcelona",

@@ -40,8 +40,10 @@ def knowedit_records(n: int = 3) -> list[dict]:
         rec = {"subject": f"Sub{i}", "prompt": f"The city of Sub{i} is", "target_new": objs[i % 3],
                "ground_truth": [objs[(i + 1) % 3]], "rephrase_prompt": f"Sub{i} lies in the city of",
                "locality": {"Relation_Specificity": [{"prompt": f"The owner of Sub{i} is", "ground_truth": ["Bob"]},
-                                                     {"prompt": f"Sub{i} was built by", "ground_truth": [["Al", "Alf"]]}]},
-               "portability": {"Reasoning": [{"prompt": f"The country of the city of Sub{i} is", "ground_truth": "Land"}]}}
+                                                     {"prompt": f"Sub{i} was built by", "ground_truth": [["Al",
+                                                                                                          "Alf"]]}]},
+               "portability": {"Reasoning": [{"prompt": f"The country of the city of Sub{i} is",
+                                              "ground_truth": "Land"}]}}
         if i == 1:
             rec["portability"]["Subject_Aliasing"] = [{"prompt": f"The city of S{i} is", "ground_truth": objs[1]}]
         out.append(rec)
@@ -147,7 +149,8 @@ def test_knowedit_metrics_equal_a_hand_computation_and_the_facade(byte_tok, tmp_
             rephrase = hand_ee(model, byte_tok, rec["rephrase_prompt"], rec["target_new"])[0]
             ports = {k: _mean([hand_ee(model, byte_tok, p, t)[0] for p, t in zip(v["prompt"], v["ground_truth"])])
                      for k, v in ee["portability"].items()}
-            post_loc = [hand_ee(model, byte_tok, p, t)[1] for p, t in zip(ee["locality"]["Relation_Specificity"]["prompt"],
+            post_loc = [hand_ee(model, byte_tok, p, t)[1] for p,
+                        t in zip(ee["locality"]["Relation_Specificity"]["prompt"],
                                                                         ee["locality"]["Relation_Specificity"]["ground_truth"])]
         finally:
             result.undo()
@@ -216,7 +219,8 @@ def test_sequential_facts_refuse_the_wild_family(byte_tok, tmp_path):
 
 def _cli(args):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "shift_edit", *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "shift_edit", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO)
 
 
 @pytest.mark.parametrize("fmt,bad,match", [
@@ -314,7 +318,8 @@ def test_summarize_gives_one_table_per_data_set_and_fact_curves(byte_tok, tmp_pa
                                                  data_info={"sha256": "x"}, model_name="tiny", progress=False)))
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"source": "paper", "model": "GPT-J", "n": 10, "dataset": "my-zsre",
-                               "metric_family": "zsre_token_acc", "rows": [{"alg": "ROME", "metrics": {"zsre_efficacy": 90.0}}]}))
+                               "metric_family": "zsre_token_acc", "rows": [{"alg": "ROME",
+                                                                            "metrics": {"zsre_efficacy": 90.0}}]}))
     rows += load_reference(ref)
     md = to_markdown_by_dataset(rows)
     zsre_part, know_part = md.split("## my-knowedit")
@@ -356,7 +361,8 @@ def test_cli_single_sequential_and_summarize_on_fact_files(byte_tok, tmp_path):
         assert r.returncode == 0, r.stderr
     r = _cli(["bench", "--alg", "NONE", "--data", str(k), "--case-ids", "0"] + common)
     assert r.returncode == 2 and "--case-ids" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = _cli(["summarize", str(out / "NONE" / "run_000"), str(out / "SHIFT" / "run_000"), str(out / "SHIFT" / "seq_000"),
+    r = _cli(["summarize", str(out / "NONE" / "run_000"), str(out / "SHIFT" / "run_000"),
+              str(out / "SHIFT" / "seq_000"),
               "--out", str(tmp_path / "sum"), "--no-plot"])
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "sum" / "summary.md").read_text()

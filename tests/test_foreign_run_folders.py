@@ -186,7 +186,8 @@ def test_export_then_summarize_gives_our_numbers(source_run, tmp_path, fmt):
     assert json.loads((out / "params.json").read_text()) == ours["protocol"]["hparams"]
     names = sorted(p.name for p in out.iterdir() if p.name != "params.json")
     assert names == ([f"case_{i}.json" for i in range(4)] if fmt == "rome" else [f"2_edits-case_{i}.json" for i in range(4)])
-    assert json.loads((out / names[3]).read_text())["post"].keys() >= {"rewrite_prompts_probs", "neighborhood_prompts_probs"}
+    assert json.loads((out / names[3]).read_text())["post"].keys() >= {"rewrite_prompts_probs",
+                                                                       "neighborhood_prompts_probs"}
     assert kind_of(out) == fmt and kind_of(source_run) == "ours"  # both have a params.json: told apart by content
     row = summarize_any(out)
     cols = ["ES", "PS", "NS", "EM", "PM", "NM", "S", "ngram_entropy"] + (
@@ -225,7 +226,8 @@ def _our_cases_their_params(tmp: Path, src: Path) -> tuple[Path, list[str]]:
     shutil.copytree(src, d)
     (d / "params.json").write_text(json.dumps(ROME_HPARAMS))
     return d, ["a shift_edit run folder (case_0.json holds request and metrics)",
-               "a ROME/MEMIT run folder (params.json holds their hparams: layers, fact_token, v_num_grad_steps, v_lr, ...)"]
+               "a ROME/MEMIT run folder (params.json holds their hparams: layers, fact_token, v_num_grad_steps, v_lr, "
+               "...)"]
 
 
 @pytest.mark.parametrize("make", [_ours_params_in_rome_folder, _rome_and_memit_cases, _our_cases_their_params])

@@ -47,7 +47,8 @@ def _state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_a_format_2_patch_relabelled_as_format_1_is_refused_even_when_unchecksummed_files_are_allowed(patch_file, tiny_dir, capsys):
+def test_a_format_2_patch_relabelled_as_format_1_is_refused_even_when_unchecksummed_files_are_allowed(patch_file,
+                                                                                                      tiny_dir, capsys):
     _rewrite(patch_file, scale=1.5)  # the audit's downgrade: version 1, no checksum, weights x1.5
     model = tiny_model("gpt2")
     before = _state(model)
@@ -70,7 +71,8 @@ def test_a_format_1_patch_needs_the_flag(patch_file, tiny_dir, tmp_path, capsys,
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     capsys.readouterr()
     out = tmp_path / "saved"
-    assert main(["apply-patch", str(patch_file), "--model", str(tiny_dir), "--base-check", "matrices", "--save", str(out)]) == 2
+    assert main(["apply-patch", str(patch_file), "--model", str(tiny_dir), "--base-check", "matrices", "--save",
+                 str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--allow-unchecksummed" in err[0] and not out.exists()
     assert main(["export-lora", str(patch_file), str(tmp_path / "lora")]) == 2

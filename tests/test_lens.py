@@ -166,7 +166,8 @@ def test_token_segments(byte_tok):
 
 
 RECORDS = [
-    {"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_new": {"str": n}, "target_true": {"str": t}}}
+    {"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_new": {"str": n},
+                                         "target_true": {"str": t}}}
     for i, (p, s, n, t) in enumerate([("{} lives in", "Ann", "Oslo", "Rome"),
                                       ("The pet of {} is a", "Bo", "cat", "dog"),
                                       ("{} speaks", "Cy Dee", "Tamil", "Greek")])

@@ -300,7 +300,8 @@ def test_cli_refused_lora_export_writes_nothing(tmp_path, capsys):
     assert not any(p.exists() for p in outs.values())
     assert [p.name for p in (tmp_path / "o").iterdir()] == []  # no temporary left behind
     assert cli_main([*argv, "--save-patch", str(outs["--save-patch"]), "--save-lora", str(outs["--save-lora"]),
-                     "--lora-rank", "2", "--save", str(outs["--save"])]) == 3  # written; the tiny model's target is not top-1 (exit 3)
+                     "--lora-rank", "2", "--save",
+                     str(outs["--save"])]) == 3  # written; the tiny model's target is not top-1 (exit 3)
     assert all(p.exists() for p in outs.values())
 
 

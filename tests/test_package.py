@@ -370,7 +370,8 @@ def test_heatmap_marks_the_subject(tmp_path, monkeypatch):
     seen = {}
     real = matplotlib.axes.Axes.set_xticks
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
-                        lambda self, ticks, labels=None, **kw: seen.setdefault("labels", labels) and real(self, ticks, labels, **kw))
+                        lambda self, ticks, labels=None, **kw: seen.setdefault("labels", labels) and real(self, ticks,
+                                                                                                          labels, **kw))
     cell = {"token": "x", "delta_norm": 1.0, "x_norm": 1.0, "outer_norm": 1.0}
     grid = LensGrid(kind="ff2", normalized=False, order="bottom", layers=[0, 1], tokens=["Mess", "i", " plays"],
                     cells=[[cell] * 3, [cell] * 3])
@@ -388,13 +389,15 @@ def test_first_time_statistics_announce_themselves_with_an_estimate(byte_tok, tm
     corpus.write_text("\n".join(f"line {i} of a small corpus for statistics" for i in range(40)))
     model = tiny_model("gpt2")
     with caplog.at_level(logging.WARNING, logger="shift_edit.model.covariance"):
-        layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128, progress=False)
+        layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128,
+                    progress=False)
     text = caplog.text
     assert "computing second-moment statistics of layer(s) [1] over 600 tokens" in text and "once, then cached" in text
     assert "tokens/s on this machine" in text and "about" in text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="shift_edit.model.covariance"):
-        layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128, progress=False)
+        layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128,
+                    progress=False)
     assert "computing" not in caplog.text, "a cached result is not announced"
 
 

@@ -20,7 +20,8 @@ from shift_edit.cli import main
 def rome_record(case_id, i: int = 0) -> dict:
     return {"case_id": case_id,
             "requested_rewrite": {"prompt": "{} plays for", "subject": f"Sub{i}", "relation_id": "P54",
-                                  "target_new": {"str": "Paris", "id": "Q1"}, "target_true": {"str": "Rome", "id": "Q2"}},
+                                  "target_new": {"str": "Paris", "id": "Q1"}, "target_true": {"str": "Rome",
+                                                                                              "id": "Q2"}},
             "paraphrase_prompts": [f"Yes. Sub{i} plays for"], "neighborhood_prompts": ["Totti plays for"],
             "generation_prompts": [f"Sub{i} is"]}
 
@@ -94,7 +95,8 @@ def test_damaged_sequential_state_is_one_line_and_nothing_is_overwritten(damage,
     hp = tmp_path / "ft.yaml"
     hp.write_text("alg_name: FT\nlayers: [1]\nsteps: 2\nlr: 0.01\nskip_if_predicted: false\nmax_relative_norm: null\n")
     args = ["bench", "--alg", "FT", "--model", str(tiny_dir), "--hparams", str(hp), "--data", str(data),
-            "--out", str(tmp_path / "out"), "--sequential", "4", "--eval-at", "2", "--save-every", "1", "--ppl-lines", "0",
+            "--out", str(tmp_path / "out"), "--sequential", "4", "--eval-at", "2", "--save-every", "1", "--ppl-lines",
+            "0",
             "--no-progress"]
     assert main(args) == 0
     (run_dir,) = (tmp_path / "out" / "FT").glob("seq_*")
@@ -151,7 +153,8 @@ def test_skipped_edit_writes_no_patch_and_says_so(byte_tok, tmp_path, capsys):
     hp = tmp_path / "hp.yaml"
     hp.write_text("alg_name: SHIFT\nlayers: [1]\neta: 1.0\n")
     patch, lora = tmp_path / "p.safetensors", tmp_path / "lora"
-    code = main(["edit", "--model", str(folder), "--hparams", str(hp), "--prompt", SKIP_REQ["prompt"].format(SKIP_REQ["subject"]),
+    code = main(["edit", "--model", str(folder), "--hparams", str(hp), "--prompt",
+                 SKIP_REQ["prompt"].format(SKIP_REQ["subject"]),
                  "--target", SKIP_REQ["target_new"], "--save-patch", str(patch), "--save-lora", str(lora)])
     out = capsys.readouterr().out
     assert code == 0 and "no patch written: the edit changed nothing" in out

@@ -222,8 +222,10 @@ def test_missing_device_is_one_line(device, msg, capsys):
 
 def test_top_k_above_the_vocabulary_is_refused_before_the_edit(tiny_dir, tmp_path, capsys):
     patch = tmp_path / "p.safetensors"
-    err = one_line_exit_2(capsys, main(["edit", "--model", str(tiny_dir), "--prompt", "Messi plays for", "--target", "Paris",
-                                        "--layer", "1", "--eta", "0.05", "--top-k", "100000", "--save-patch", str(patch)]))
+    err = one_line_exit_2(capsys, main(["edit", "--model", str(tiny_dir), "--prompt", "Messi plays for", "--target",
+                                        "Paris",
+                                        "--layer", "1", "--eta", "0.05", "--top-k", "100000", "--save-patch",
+                                        str(patch)]))
     assert "vocabulary size 260" in err and not patch.exists()
 
 
@@ -360,7 +362,8 @@ def test_two_identical_bench_commands_split_the_cases(tmp_path, byte_tok):
             str(hp), "--data", str(data), "--skip-generation", "--skip-wild", "--no-progress",
             "--out", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     run = tmp_path / "out" / "SHIFT" / "run_000"
@@ -389,7 +392,8 @@ def test_invalid_yaml_is_one_line(tmp_path, capsys):
     with pytest.raises(se.ShiftEditError) as info:
         se.load_hparams(bad)
     assert "\n" not in str(info.value) and "line" in str(info.value)
-    one_line_exit_2(capsys, main(["edit", "--model", "/nonexistent", "--prompt", "a", "--target", "b", "--hparams", str(bad)]))
+    one_line_exit_2(capsys, main(["edit", "--model", "/nonexistent", "--prompt", "a", "--target", "b", "--hparams",
+                                  str(bad)]))
 
 
 def test_prompt_longer_than_the_context_is_refused(byte_tok):

@@ -230,7 +230,8 @@ def test_rome_lambda_from_prompt_key_gives_the_prompt_exactly_delta(model_type, 
 def test_rome_without_covariance_uses_the_key(byte_tok, corpus, monkeypatch):
     model = tiny_model("llama")
     seen = _capture_optimise(monkeypatch, rome_mod)
-    computed = rome_mod.compute_rome(model, byte_tok, [make_request(REQ)], _rome_hp(mom2_adjustment=False, mom2_corpus=corpus))
+    computed = rome_mod.compute_rome(model, byte_tok, [make_request(REQ)], _rome_hp(mom2_adjustment=False,
+                                                                                    mom2_corpus=corpus))
     k_star = seen[0].keys.mean(0)
     right = computed.deltas[0].right[0]
     assert torch.allclose(right, k_star / k_star.norm(), atol=1e-6)
@@ -338,7 +339,8 @@ def test_memit_zstar_cache_gives_the_same_batch_with_each_zstar_optimised_once(b
     hp = MEMITHyperParams(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 2]],
                           mom2_n_tokens=200, mom2_max_length=40, mom2_corpus=corpus, skip_if_predicted=False,
                           mom2_update_weight=50.0)
-    reqs = [make_request(REQ), make_request({"prompt": "{} lives in", "subject": "Totti", "target_new": {"str": "Oslo"}})]
+    reqs = [make_request(REQ), make_request({"prompt": "{} lives in", "subject": "Totti",
+                                             "target_new": {"str": "Oslo"}})]
     plain = memit_mod.compute_memit(model, byte_tok, reqs, hp)
     seen = _capture_optimise(monkeypatch, zstar_mod)
     cached_hp = hp.replace(zstar_cache=True)

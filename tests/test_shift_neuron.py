@@ -377,7 +377,8 @@ def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_
         sn._GENERIC.pop(model)
         sn._NEGATIVES.pop(model)  # a resumed process: read back from the cache, not from the edited weights
         for layer in (0, 1):
-            torch.testing.assert_close(sn.generic_stats(model, byte_tok, ModelAdapter(model), layer, h)[0], stats[layer])
+            torch.testing.assert_close(sn.generic_stats(model, byte_tok, ModelAdapter(model), layer, h)[0],
+                                       stats[layer])
         again = sn.generic_keys(model, byte_tok, ModelAdapter(model), [1, 0], h)
     assert set(stats) == {0, 1} and all(torch.equal(again[x], sample[x]) for x in (0, 1))
 

@@ -24,7 +24,8 @@ def computations(monkeypatch) -> list[list[str]]:
     """Every corpus pass of the statistics: the modules it computed."""
     seen: list[list[str]] = []
     real = covariance.compute_second_moments
-    monkeypatch.setattr(covariance, "compute_second_moments", lambda m, t, names, *a, **k: seen.append(list(names)) or real(m, t, names, *a, **k))
+    monkeypatch.setattr(covariance, "compute_second_moments", lambda m, t, names, *a,
+                        **k: seen.append(list(names)) or real(m, t, names, *a, **k))
     return seen
 
 
@@ -53,7 +54,8 @@ def test_three_sequential_alphaedit_edits_compute_the_statistics_once(how, byte_
     hp = _hp(corpus)
     _three_edits(how, model, byte_tok, hp)
     assert model_fingerprint(model) != unedited  # the edits were kept
-    assert computations == [["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]]  # one pass, before the first edit
+    assert computations == [["model.layers.0.mlp.down_proj",
+                             "model.layers.1.mlp.down_proj"]]  # one pass, before the first edit
     folders = {p.parent.parent.name for p in (se.model.loading.cache_dir() / "stats").rglob("*.pt")}
     assert folders == {unedited}  # one cache entry per layer, keyed by the unedited model: nothing per edited state
     assert statistics_fingerprint(model) == unedited

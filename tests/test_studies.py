@@ -80,7 +80,8 @@ def test_study_files_resume_and_summaries(byte_tok, tmp_path):
     assert {(s["alg"], s["layer"]) for s in doc["summary"]} == {(a, x) for a in ("SHIFT", "SGD") for x in (0, 2)}
     assert (tmp_path / "min_lr.png").stat().st_size > 0 and (tmp_path / "summary.csv").read_text().startswith("alg,")
     sweep_dir = tmp_path / "sweep"
-    srows = layer_sweep.run_layer_sweep(model, byte_tok, recs, layers=[0, 1], settings=[("raw", 5.0), ("normalized", 50.0)],
+    srows = layer_sweep.run_layer_sweep(model, byte_tok, recs, layers=[0, 1], settings=[("raw", 5.0), ("normalized",
+                                                                                                       50.0)],
                                         out_dir=sweep_dir)
     assert len(srows) == 2 * (4 + 1)
     assert all(0 <= r[m] <= 1 for r in srows for m in ("efficacy", "paraphrase", "neighborhood"))
@@ -162,7 +163,8 @@ def test_min_lr_study_adds_perplexity_to_searched_records_without_searching_agai
     # the stored perplexity is the model edited at that step (checked for one cell), and the model is restored
     cell = next(r for r in rows if "ppl" in r)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert min_lr.ppl_at(model, byte_tok, RECORD, cell["alg"], cell["layer"], cell["min_lr"], ppl) == pytest.approx(cell["ppl"])
+    assert min_lr.ppl_at(model, byte_tok, RECORD, cell["alg"], cell["layer"], cell["min_lr"],
+                         ppl) == pytest.approx(cell["ppl"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert ppl(model) != pytest.approx(cell["ppl"])
     # same ppl protocol again: nothing recomputed; another protocol: perplexity measured again

@@ -33,11 +33,13 @@ def installed(tmp_path_factory):
         pytest.skip("setuptools not installed: cannot build the wheel offline")
     root = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO), "-w", str(root / "dist")],
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO), "-w",
+          str(root / "dist")],
          cwd=root, env=env)
     (wheel,) = (root / "dist").glob("shift_edit-*.whl")
     target = root / "site"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], cwd=root, env=env)
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], cwd=root,
+         env=env)
     empty = root / "empty"
     empty.mkdir()
     env["PYTHONPATH"] = str(target)
@@ -60,7 +62,8 @@ def _records(n: int) -> list[dict]:
              ("Toko Yasuda", "{} plays the", "piano", "guitar"),
              ("Apple A5", "{} is created by", "Google", "Apple")]
     return [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P0",
-                                                 "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": old, "id": "Q2"}},
+                                                 "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": old,
+                                                                                                         "id": "Q2"}},
              "paraphrase_prompts": [f"In short, {p.format(s)}"], "neighborhood_prompts": [p.format("someone else")],
              "attribute_prompts": [], "generation_prompts": [f"{s} is"]}
             for i, (s, p, new, old) in enumerate(facts[:n])]

@@ -65,7 +65,8 @@ def main() -> None:
             emit(f"batch{a.batch}", alg, res)
             res.undo()
     for key, vals in out.items():
-        print(f"# {key}: n={len(vals)} max={max(vals):.4g} median={sorted(vals)[len(vals)//2]:.4g}", file=sys.stderr, flush=True)
+        print(f"# {key}: n={len(vals)} max={max(vals):.4g} median={sorted(vals)[len(vals)//2]:.4g}", file=sys.stderr,
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20, help="records (first n of the 837-record file)")
     ap.add_argument("--layers", default="5,11,17,20,23,26,29")
-    ap.add_argument("--edits", default="SHIFT,SHIFT_PLUS,ROME=eval/reports/sequential/hparams/ROME-smollm2-135m-stats50k.yaml",
+    ap.add_argument("--edits",
+                    default="SHIFT,SHIFT_PLUS,ROME=eval/reports/sequential/hparams/ROME-smollm2-135m-stats50k.yaml",
                     help="real edits whose disturbance is measured (ALG or ALG=hparams file)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter = ModelAdapter(model)
     stats = layer_stats(model, tok, layers, n_tokens=50_000, max_length=128, progress=False)
     c = {L: stats[L].mom2.double() for L in layers}
-    c_inv = {L: torch.linalg.inv(c[L] + 1e-6 * float(torch.diagonal(c[L]).mean()) * torch.eye(c[L].shape[0], dtype=torch.float64))
+    c_inv = {L: torch.linalg.inv(c[L] + 1e-6 * float(torch.diagonal(c[L]).mean()) * torch.eye(c[L].shape[0],
+                                                                                              dtype=torch.float64))
              for L in layers}
     energy = {}
     for L in layers:
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                      "bound_relative_median": statistics.median(bound) if bound else None,
                      "bound_absolute_median": statistics.median(b * energy[L] for b in bound) if bound else None,
                      "per_record": d})
-        print(f"layer {L:2d}: k'C^-1k last {rows[-1]['maha_last_median']:8.0f}  subject {rows[-1]['maha_subject_median']:8.0f}"
+        print(f"layer {L:2d}: k'C^-1k last {rows[-1]['maha_last_median']:8.0f}  subject "
+              f"{rows[-1]['maha_subject_median']:8.0f}"
               f"  push (margin 2) {rows[-1]['push_median']:7.1f} (reached {100 * rows[-1]['push_reached']:.0f}%)"
               f"  tr(WCW') {energy[L]:8.1f}  bound s^2/(k'C^-1k)/tr(WCW') {rows[-1]['bound_relative_median']}",
               flush=True)
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             res.undo()
         edits[alg] = {"hparams": hp.to_dict(), "relative_disturbance": vals, "disturbance": absolute,
                       "relative_disturbance_median": statistics.median(vals)}
-        print(f"{alg}: tr(dW C dW') / tr(W C W') median {statistics.median(vals):.4g} over {len(vals)} edits", flush=True)
+        print(f"{alg}: tr(dW C dW') / tr(W C W') median {statistics.median(vals):.4g} over {len(vals)} edits",
+              flush=True)
     atomic_write_json(Path(args.out), {
         "what": __doc__, "records": f"first {len(records)} of the 837-record CounterFact file",
         "statistics": "50,000 WikiText-2 test tokens, lines cut at 128 tokens", "layers": rows, "edits": edits,

@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         gate = weights[f"{adapter.ff1_names(layer)[0]}.weight"].double()[neurons]
         spread, mean = (gate @ sigma * gate).sum(1).sqrt(), gate @ mu
         q = max(len(neurons) // 4, 1)
-        quarters = [round(float(spread[i * q:(i + 1) * q].median()), 2) for i in range(4) if len(spread[i * q:(i + 1) * q])]
-        print(f"layer {layer}: {len(neurons)} rewritten neurons; line 0: at most {int(firing.max())} fire at one position, "
-              f"{int((firing > 0).sum())} of {len(firing)} positions have one; gate pre-activation on generic text: mean "
+        quarters = [round(float(spread[i * q:(i + 1) * q].median()),
+                          2) for i in range(4) if len(spread[i * q:(i + 1) * q])]
+        print(f"layer {layer}: {len(neurons)} rewritten neurons; line 0: at most {int(firing.max())} fire at one "
+              f"position, "
+              f"{int((firing > 0).sum())} of {len(firing)} positions have one; gate pre-activation on generic text: "
+              f"mean "
               f"{float(mean.median()):.1f}, spread by quarter of the edits {quarters}, threshold "
               f"{float((-mean / spread).median()):.1f} spreads below the mean")
     return 0

@@ -35,7 +35,8 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def hold_rate(model, tok, cases) -> float:
-    pairs = [(encode_prompt(tok, c.request.text), encode_target(tok, c.request.text, c.request.target_new)) for c in cases]
+    pairs = [(encode_prompt(tok, c.request.text), encode_target(tok, c.request.text,
+                                                                c.request.target_new)) for c in cases]
     scores = score_token_continuations(model, pairs, pad_id=pad_id_of(tok), batch_size=64)
     return 100 * sum(s.all_correct for s in scores) / len(scores)
 
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--data", default="counterfact-easyedit-edit.json")
-    ap.add_argument("--hparams", default=str(Path(__file__).resolve().parents[2] / "hparams" / "SHIFT_PLUS" / "smollm2-135m.yaml"))
+    ap.add_argument("--hparams",
+                    default=str(Path(__file__).resolve().parents[2] / "hparams" / "SHIFT_PLUS" / "smollm2-135m.yaml"))
     ap.add_argument("--override", default="{}", help="JSON of hparams fields to override")
     ap.add_argument("--checkpoints", default="10,50,100,250,500,1000")
     ap.add_argument("--eval-records", type=int, default=50)
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             atomic_write_json(Path(args.out), {
-                "protocol": f"SmolLM2-135M-Instruct, first {len(cases)} records of {args.data}, edits applied one after "
+                "protocol": f"SmolLM2-135M-Instruct, first {len(cases)} records of {args.data}, edits applied one "
+                f"after "
                             "another with shift_edit.edit(..., memory=EditMemory()), never undone. hold_top1: strict "
                             "top-1 (MEMIT family) of target_new on the rewrite prompt of every record edited so far. "
                             f"probe: both metric families on the first {len(probe)} records (only those already "

@@ -119,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
                 out["last_decoding_norm_needed"][L].append(norm_needed(model, adapter, ids, L, -1, d_hat, t))
     pct = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
     summary = {"records": n, "in_context_prompt_top1": pct(out["icl_correct"]),
-               "subject_decoding_reached_margin2": {L: pct([math.isfinite(v) for v in vs]) for L, vs in out["subject_decoding"].items()},
-               "subject_icl_top1": {L: {s: pct([m > 0 for m in ms]) for s, ms in by.items()} for L, by in out["subject_icl"].items()},
+               "subject_decoding_reached_margin2": {L: pct([math.isfinite(v) for v in vs]) for L,
+                                                    vs in out["subject_decoding"].items()},
+               "subject_icl_top1": {L: {s: pct([m > 0 for m in ms]) for s, ms in by.items()} for L,
+                                    by in out["subject_icl"].items()},
                "last_icl_top1": {L: pct([m > 0 for m in ms]) for L, ms in out["last_icl_margin"].items()},
-               "last_decoding_same_norm_top1": {L: pct([m > 0 for m in ms]) for L, ms in out["last_decoding_margin"].items()},
+               "last_decoding_same_norm_top1": {L: pct([m > 0 for m in ms]) for L,
+                                                ms in out["last_decoding_margin"].items()},
                "last_icl_norm_needed_median": {L: statistics.median(v) for L, v in out["last_icl_norm_needed"].items()},
-               "last_decoding_norm_needed_median": {L: statistics.median(v) for L, v in out["last_decoding_norm_needed"].items()}}
+               "last_decoding_norm_needed_median": {L: statistics.median(v) for L,
+                                                    v in out["last_decoding_norm_needed"].items()}}
     for k, v in summary.items():
         print(f"{k}: {v}", flush=True)
     atomic_write_json(Path(args.out), {"what": __doc__, "summary": summary, "per_record": out,

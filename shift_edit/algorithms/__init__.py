@@ -11,7 +11,8 @@ DEFAULT_ALGORITHM = "SHIFT"
 
 #: the algorithm modules, imported (each registers its algorithm) in this order, which is the registry's order
 #: (``algorithm_names()``: CLI choices, the test matrix, ``shift-edit models``)
-MODULES = ("shift.shift", "gradient.adam", "gradient.ft", "gradient.ft_l", "gradient.sgd", "locate.rome", "locate.memit",
+MODULES = ("shift.shift", "gradient.adam", "gradient.ft", "gradient.ft_l", "gradient.sgd", "locate.rome",
+           "locate.memit",
            "locate.alphaedit", "shift.shift_plus", "shift.shift_neuron", "shift.shift_subject")
 
 for _module in MODULES:

@@ -13,8 +13,10 @@ from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from .wild import appears_first, greedy_continuations, wild_metrics, wild_prompts
 
 __all__ = [
-    "NO_EDIT", "BenchConfig", "SequentialConfig", "run_sequential", "CounterFactCase", "PerplexityProtocol", "choose_run_dir", "download_counterfact",
+    "NO_EDIT", "BenchConfig", "SequentialConfig", "run_sequential", "CounterFactCase", "PerplexityProtocol",
+    "choose_run_dir", "download_counterfact",
     "file_sha256", "generate_topk", "load_counterfact", "load_reference", "metrics_from_scores", "ngram_entropy",
     "parse_case", "perplexity", "read_wikitext_lines", "run_bench", "score_case", "summarize_run",
-    "text_ngram_entropy", "to_csv", "to_markdown", "appears_first", "greedy_continuations", "wild_metrics", "wild_prompts",
+    "text_ngram_entropy", "to_csv", "to_markdown", "appears_first", "greedy_continuations", "wild_metrics",
+    "wild_prompts",
 ]

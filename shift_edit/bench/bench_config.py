@@ -13,7 +13,8 @@ from .wild import DEFAULT_MAX_NEW_TOKENS
 from .wild import protocol as wild_protocol
 
 PORTABILITY_FAMILY = ("EasyEdit token accuracy of the record's portability answer ('New Answer') after its "
-                      "question ('New Question'), as compute_edit_quality scores portability; only records that have one")
+                      "question ('New Question'), as compute_edit_quality scores portability; only records that have "
+                      "one")
 
 
 #: the algorithm name of the unedited model's row
@@ -67,9 +68,11 @@ class BenchConfig:
                 "magnitudes EM/PM/NM = mean p(new)-p(true) (neighborhood: p(true)-p(new)), p = exp(-mean NLL)",
                 "top1": "strict top-1: every token of the correct object is the argmax (neighborhood: TRUE object)",
                 "top1_first": "first-token-only top-1 (same correct objects)",
-                "neighborhood_kl": None if not self.neighborhood_kl else "KL(unedited || edited) of next-token distributions after neighborhood prompts, nats",
+                "neighborhood_kl": None if not self.neighborhood_kl else "KL(unedited || edited) of next-token "
+                "distributions after neighborhood prompts, nats",
                 "generation": None if self.skip_generation else
-                "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, words from nltk's NLTKWordTokenizer (word_tokenize without punkt)",
+                "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, words from nltk's "
+                "NLTKWordTokenizer (word_tokenize without punkt)",
                 "perplexity": None if not self.ppl_every else self.ppl_protocol.to_dict(),
             },
             "generation": None if self.skip_generation else {

@@ -87,7 +87,8 @@ def evaluate_fact_batch(model: nn.Module, tok, cases: Sequence[FactCase], cfg: F
                 result = edit(model, tok, [c.request for c in cases], cfg.hparams)
             except EditRefusedError as err:
                 refused = str(err)
-                log.warning("cases %s: the edit guard refused the edit (not applied): %s", [c.case_id for c in cases], err)
+                log.warning("cases %s: the edit guard refused the edit (not applied): %s", [c.case_id for c in cases],
+                            err)
             t_edit = time.perf_counter() - te
         tm = time.perf_counter()
         metrics = _measure(model, tok, cases, cfg, pre)
@@ -100,7 +101,8 @@ def evaluate_fact_batch(model: nn.Module, tok, cases: Sequence[FactCase], cfg: F
         info: dict[str, Any] = {"applied": False, **({"refused": refused} if refused is not None else {})}
         if result is not None:
             info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[i]),
-                    "deltas": list(result.summary(outcome=False)), "info": result.info[i] if i < len(result.info) else {}}
+                    "deltas": list(result.summary(outcome=False)),
+                    "info": result.info[i] if i < len(result.info) else {}}
             if len(cases) > 1:
                 info["batch"] = [c.case_id for c in cases]
         out.append({**case.to_dict(), "position": pos, "dataset": cfg.dataset, "edit": info, "metrics": m,
@@ -119,7 +121,8 @@ def run_fact_bench(model: nn.Module, tok, cases: Sequence[FactCase], cfg: FactBe
     torch.manual_seed(cfg.seed)
     prov = provenance(model)
     match = {"alg": cfg.alg, "hparams": cfg.hparams.to_dict() if cfg.hparams is not None else None,
-             "model": {"name": model_name, "fingerprint": prov["model"]["fingerprint"], "dtype": prov["model"]["dtype"]},
+             "model": {"name": model_name, "fingerprint": prov["model"]["fingerprint"],
+                       "dtype": prov["model"]["dtype"]},
              "seed": cfg.seed, "protocol": cfg.protocol(), "data_sha256": data_info.get("sha256")}
     params = {"match": match, "data": data_info, "provenance": prov,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

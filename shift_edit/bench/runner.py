@@ -235,7 +235,8 @@ def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, Genera
     the n-gram entropy and texts (``generation``) and the WILD-style metrics and texts (``wild``)
     in each record's metrics."""
     wild = [(rec, j) for rec, j in pending if isinstance(j, WildJob)]
-    for (rec, _), (m, dt) in zip(wild, run_wild(model, tok, [j for _, j in wild], max_new_tokens=cfg.wild_max_new_tokens,
+    for (rec, _), (m, dt) in zip(wild, run_wild(model, tok, [j for _, j in wild],
+                                                max_new_tokens=cfg.wild_max_new_tokens,
                                                 records_per_batch=cfg.wild_records)):
         rec["metrics"]["wild"] = m
         rec["time_s"]["wild"] = dt
@@ -244,7 +245,8 @@ def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, Genera
     for start in range(0, len(pending), k):  # at most gen_records records per decoding batch (KV-cache memory)
         chunk = pending[start : start + k]
         t0 = time.perf_counter()
-        texts = generate_topk_groups(model, tok, [g for _, g in chunk], max_length=cfg.gen_max_length, top_k=cfg.gen_top_k)
+        texts = generate_topk_groups(model, tok, [g for _, g in chunk], max_length=cfg.gen_max_length,
+                                     top_k=cfg.gen_top_k)
         dt = (time.perf_counter() - t0) / len(chunk)
         for (rec, _), t in zip(chunk, texts):
             rec["metrics"]["generation"] = {"ngram_entropy": ngram_entropy(t), "texts": t}
@@ -297,7 +299,8 @@ def run_bench(
         "protocol": cfg.protocol(),
         "data_sha256": data_info.get("sha256"),
     }
-    params = {"match": match, "data": data_info, "provenance": prov, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    params = {"match": match, "data": data_info, "provenance": prov, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                              time.gmtime())}
     # every input checked before a run folder exists: no empty run dir left by a late error
     if cfg.hparams is not None:
         adapter_for(model, cfg.hparams)  # layers in range, module templates resolve
@@ -331,7 +334,8 @@ def run_bench(
                     continue
                 deferred: list[tuple[dict, GenerationGroup | WildJob]] = []
                 recs = [rec for batch in grp
-                        for rec in evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i, _ in batch],
+                        for rec in evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i,
+                                                                                                     _ in batch],
                                                   ppl_lines=ppl_lines, state=state, deferred=deferred)]
                 fill_generations(model, tok, deferred, cfg)
                 for rec in recs:

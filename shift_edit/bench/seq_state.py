@@ -104,7 +104,8 @@ def load_state(state_dir: Path, model: nn.Module, base_fp: str
         originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
         restore_weights(model, weights)  # checks every name and shape before copying any
     except (CacheCheckError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
-        raise damaged_state(p, f"it {exc}" if isinstance(exc, CacheCheckError) else f"{type(exc).__name__}: {exc}") from None
+        raise damaged_state(p, f"it {exc}" if isinstance(exc,
+                                                         CacheCheckError) else f"{type(exc).__name__}: {exc}") from None
     memory = EditMemory()
     memory.add(keys)
     return st, memory, originals

@@ -62,12 +62,15 @@ def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
     base = dict(last["unedited_metrics"])
     if last.get("unedited_wikitext_ppl") is not None:
         base["wikitext_ppl"] = {"n": 1, "mean": last["unedited_wikitext_ppl"], "std": None, "ci95": None}
-    common = {"model": model, "n": n, "dataset": dataset_of(match), "run_dir": str(run_dir), "protocol": match, "data": params.get("data"),
+    common = {"model": model, "n": n, "dataset": dataset_of(match), "run_dir": str(run_dir), "protocol": match,
+              "data": params.get("data"),
               "provenance": params.get("provenance"), "sequential": {"T": n, "B": b, "T_planned": t_plan}}
     return [
-        {"label": f"measured here ({match['alg']}{run_tag(match['alg'], match.get('hparams'))}, {model}, sequential T={n}{plan}, B={b})",
+        {"label": f"measured here ({match['alg']}{run_tag(match['alg'], match.get('hparams'))}, {model}, sequential "
+         f"T={n}{plan}, B={b})",
          "kind": "measured", "alg": match["alg"], "metrics": metrics, **common},
-        {"label": f"unedited ({model}, the same {n} records)", "kind": "measured", "alg": "NONE", "metrics": base, **common},
+        {"label": f"unedited ({model}, the same {n} records)", "kind": "measured", "alg": "NONE", "metrics": base,
+         **common},
     ]
 
 
@@ -146,7 +149,8 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
     cf = any(r.get("dataset", "counterfact") == "counterfact" for r in rows)  # zsRE/KnowEdit-only: no empty panels
     panels = ([("retention.png", [("efficacy_top1", "strict top-1 efficacy"), ("ES", "ROME ES")],
                 "share of all edits made so far that hold (%)"),
-               ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
+               ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS",
+                                                                                                        "ROME NS")],
                 "neighborhood (%), dashed: unedited on the same records")] if cf else [])
     if cf or any(r.get("wikitext_ppl") is not None for r in rows):
         panels.append(("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited"))

@@ -125,7 +125,8 @@ class SequentialConfig:
             "sequential": {"T": self.total, "B": self.batch_edits, "eval_at": self.checkpoints(),
                            "shuffle_seed": self.shuffle_seed, "seed": self.seed,
                            "how": "batches of B records' requests applied in order, each computed on the model the "
-                                  "earlier batches left, never undone; at each checkpoint every record edited so far is "
+                                  "earlier batches left, never undone; at each checkpoint every record edited so far "
+                                  "is "
                                   "scored on the current model and on the unedited weights"},
             "metric_families": {
                 "rome": "ES/PS/NS from mean token NLLs of target_new vs target_true (teacher forcing); "
@@ -187,8 +188,10 @@ def _norms(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, di
         for name, w0 in originals.items():
             w = model.get_parameter(name).detach().float().cpu()
             d = w - w0.float()
-            out[name] = {"delta_fro": float(d.norm()), "weight_fro": float(w.norm()), "base_fro": float(w0.float().norm()),
-                         "delta_spectral": float(torch.linalg.matrix_norm(d, ord=2)) if d.ndim == 2 else float(d.norm())}
+            out[name] = {"delta_fro": float(d.norm()), "weight_fro": float(w.norm()),
+                         "base_fro": float(w0.float().norm()),
+                         "delta_spectral": float(torch.linalg.matrix_norm(d,
+                                                                          ord=2)) if d.ndim == 2 else float(d.norm())}
     return out
 
 

@@ -125,9 +125,11 @@ def summarize_run(run_dir: str | Path, *, case_ids: set[str] | None = None, limi
         out["S"] = {"n": len(cases), "mean": harmonic_mean([es, ps, ns]), "std": None, "ci95": None}
     match = params["match"]
     refused = sum(1 for c in cases if c.get("edit", {}).get("refused"))
-    label = (f"measured here ({match['alg']}{run_tag(match['alg'], match.get('hparams'))}, {match['model']['name']}, N={len(cases)}"
+    label = (f"measured here ({match['alg']}{run_tag(match['alg'], match.get('hparams'))}, {match['model']['name']}, "
+             f"N={len(cases)}"
              + (f", {refused} refused by the edit guard and scored unedited" if refused else "") + ")")
-    return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"], "dataset": dataset_of(match),
+    return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"],
+            "dataset": dataset_of(match),
             "model": match["model"]["name"], "n": len(cases), "metrics": out,
             "case_ids": [c["case_id"] for c in cases],
             # what the numbers mean: protocol (metric families), model + fingerprint, hparams, seed, data, versions
@@ -210,13 +212,16 @@ def to_markdown(rows: Sequence[dict]) -> str:
     lines.append("")
     lines.append("Families: ES/PS/NS/RS (success) and EM/PM/NM (magnitude) = ROME probability comparisons from mean "
                  "token NLLs; *_top1 = strict top-1 accuracy (all target tokens argmax; neighborhood = TRUE object); "
-                 "*_first_token = first-token-only top-1; RS/rephrase = EasyEdit rephrase_prompt (not ROME paraphrases); "
-                 "S = harmonic mean of ES, PS, NS; ee_* = EasyEdit token accuracy (post-edit, from EasyEdit result files; "
+                 "*_first_token = first-token-only top-1; RS/rephrase = EasyEdit rephrase_prompt (not ROME "
+                 "paraphrases); "
+                 "S = harmonic mean of ES, PS, NS; ee_* = EasyEdit token accuracy (post-edit, from EasyEdit result "
+                 "files; "
                  "fluency = n-gram entropy); edit_time_median_s = median wall time of edit() over edited records; "
                  "cells: mean ± 95% CI (normal approx.), x100 except KL, ppl and time.")
     if any(c.startswith("zsre_") for c in cols):
         lines[-1] += (" zsre_* (family zsre_token_acc) = MEMIT's zsRE token-level top-1 accuracy of the answer under "
-                      "teacher forcing: efficacy (src), generalization (rephrase), specificity (NQ question vs its gold "
+                      "teacher forcing: efficacy (src), generalization (rephrase), specificity (NQ question vs its "
+                      "gold "
                       "answer); zsre_*_top1 (family zsre_top1) = the whole answer top-1.")
     if any(c.startswith("ee_portability_") or c.startswith("ee_locality_") for c in cols):
         lines[-1] += (" ee_portability_<key> / ee_locality_<key> = EasyEdit token accuracy per KnowEdit sub-key "
@@ -246,7 +251,8 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy", "gen_paraphrase",
+    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy",
+               "gen_paraphrase",
                # zsRE / KnowEdit runs (absent from CounterFact rows, so not drawn there)
                "zsre_efficacy", "zsre_generalization", "zsre_specificity", "ee_rewrite_acc", "ee_rephrase_acc",
                "ee_portability", "ee_locality"]
@@ -263,7 +269,8 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
         ax.bar(xs, ys, width, yerr=err, label=r["label"], hatch="//" if r["kind"] == "published" else None)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))], cols, rotation=20)
     ax.set_ylabel("%")
-    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.26), ncol=2, frameon=False)  # below: no bar hidden
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.26), ncol=2,
+              frameon=False)  # below: no bar hidden
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

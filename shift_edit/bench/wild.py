@@ -41,7 +41,8 @@ PROTOCOL = ("WILD-style free generation (The Mirage of Model Editing, adapted): 
             "tokens from each {groups} prompt (KV cache, left padding); success = the wanted object appears in the "
             "continuation before the competing one (rewrite/paraphrase/rephrase: NEW before TRUE; neighborhood: the "
             "TRUE neighborhood object before NEW); text NFKC-normalised, case-folded, whitespace collapsed; whole-word "
-            "occurrences only (not next to a letter or digit); first occurrences compared (at one place: the longer object); per record the mean over "
+            "occurrences only (not next to a letter or digit); first occurrences compared (at one place: the longer "
+            "object); per record the mean over "
             "a group's prompts; columns gen_efficacy/gen_paraphrase/gen_rephrase/gen_neighborhood")
 
 

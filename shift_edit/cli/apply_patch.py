@@ -24,14 +24,18 @@ HELP = "apply an edit patch to its base model (refused if the base weights diffe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("patch", help="patch file (`shift-edit edit --save-patch`) or LoRA adapter folder (`--save-lora`, `export-lora`)")
+    p.add_argument("patch",
+                   help="patch file (`shift-edit edit --save-patch`) or LoRA adapter folder (`--save-lora`, "
+                   "`export-lora`)")
     add_model_arguments(p)
-    p.add_argument("--prompt", default=None, help="show the top-k next tokens for this prompt before and after (default: the patch's prompts)")
+    p.add_argument("--prompt", default=None,
+                   help="show the top-k next tokens for this prompt before and after (default: the patch's prompts)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--save", default=None, metavar="DIR", help="save the patched model (save_pretrained)")
     p.add_argument("--base-check", choices=BASE_CHECKS, default="model",
                    help="model (default): the whole base model must be the one the patch was made for; "
-                        "matrices: only the matrices the patch changes must match (to stack patches of different layers)")
+                        "matrices: only the matrices the patch changes must match (to stack patches of different "
+                        "layers)")
     p.add_argument("--force", action="store_true",
                    help="skip the edit guard (relative-norm bound, finite outputs); the checksum and base checks stay")
     add_unchecksummed_argument(p)

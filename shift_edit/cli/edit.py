@@ -46,9 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", default=None, help="the subject (required if --prompt has {})")
     p.add_argument("--target", required=True, help="the new object, e.g. Rome: surrounding spaces are stripped and one "
                    "leading space is added (no space after a prompt ending in a space or newline)")
-    p.add_argument("--alg", default=DEFAULT_ALGORITHM, choices=algorithm_names(), help=f"algorithm (default {DEFAULT_ALGORITHM})")
+    p.add_argument("--alg", default=DEFAULT_ALGORITHM, choices=algorithm_names(),
+                   help=f"algorithm (default {DEFAULT_ALGORITHM})")
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
-    p.add_argument("--layer", type=int, action="append", default=None, help="layer to edit (repeat for several); overrides hparams")
+    p.add_argument("--layer", type=int, action="append", default=None,
+                   help="layer to edit (repeat for several); overrides hparams")
     by_field: dict[str, list[str]] = {}
     for alg, field in step_fields().items():
         by_field.setdefault(field, []).append(alg)
@@ -105,8 +107,10 @@ def resolve_hparams(args: argparse.Namespace):
     if hp is not None:
         return hp.replace(**overrides) if overrides else hp
     if "layers" not in overrides or get_algorithm(args.alg).step_field not in overrides:
-        raise ShiftEditError(f"no shipped {args.alg} hparams for {args.model!r}: pass --hparams FILE, or --layer and --eta")
-    return get_algorithm(args.alg).hparams_class.from_dict({"model_name": args.model, **overrides}, source="command line")
+        raise ShiftEditError(f"no shipped {args.alg} hparams for {args.model!r}: pass --hparams FILE, or --layer and "
+                             f"--eta")
+    return get_algorithm(args.alg).hparams_class.from_dict({"model_name": args.model, **overrides},
+                                                           source="command line")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         print(search.line())
         if search.found:
             hparams = hparams.replace(**{search.field: search.step})
-    result = edit(model, tok, request, hparams, force=args.force)  # an error it raises names the model the hparams were written for
+    result = edit(model, tok, request, hparams,
+                  force=args.force)  # an error it raises names the model the hparams were written for
     note = hparams_model_mismatch(hparams, model)
     if note:  # after the edit: when the hparams cannot fit at all, the error above is the one line
         print(f"warning: {note}; the edit may not work as tuned (pass --hparams for this model)", file=sys.stderr)

@@ -32,7 +32,8 @@ HELP = "project one prompt's gradients into the vocabulary (heatmaps, ranks, neu
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the prompt, or a template with {} for --subject")
-    p.add_argument("--subject", default=None, help="the subject (marks the subject tokens; required if --prompt has {})")
+    p.add_argument("--subject", default=None,
+                   help="the subject (marks the subject tokens; required if --prompt has {})")
     p.add_argument("--target", required=True, help="the target whose NLL is back-propagated, e.g. ' Paris'")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for figures and tables")
     p.add_argument("--top-k", type=int, default=5, help="tokens kept per cell in the tables (default 5)")
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
           f"model answers {decode_token(tok, cap.original_id)!r}; n={cap.n} tokens")
     print(f"decomposition grad == Σ x_iᵀ δ_i: {'ok' if summary['decomposition_ok'] else 'FAILED'} "
           f"(max relative error {summary['decomposition_max_relative_error']:.2e}, {len(checks)} matrices)")
-    print(f"last layer FF2 gradient rank: {[r['rank'] for r in ranks if r['layer'] == last.layer and r['kind'] == 'ff2'][0]}; "
+    print(f"last layer FF2 gradient rank: "
+          f"{[r['rank'] for r in ranks if r['layer'] == last.layer and r['kind'] == 'ff2'][0]}; "
           f"layers with FF2 rank == n: {sum(r['full'] for r in ranks if r['kind'] == 'ff2')}/{len(cap.layers)}")
     best = min(tr["plain"], key=lambda r: r["target_rank"])
     print(f"best target rank in δ_n (plain lens, from least probable): {best['target_rank']} at layer {best['layer']}")

@@ -20,7 +20,8 @@ from .common import add_model_arguments, check_out_root, load_from_args
 NAME = "sweep"
 #: the default ``--algs`` of the min-lr study (any algorithm registered with ``linear_step`` is accepted)
 DEFAULT_ALGS = ",".join(min_lr.DEFAULT_ALGS)
-HELP = (f"minimum lr per layer for {'/'.join(min_lr.DEFAULT_ALGS)} (and ppl there), or the {layer_sweep.ALG} layer sweep; "
+HELP = (f"minimum lr per layer for {'/'.join(min_lr.DEFAULT_ALGS)} (and ppl there), or the {layer_sweep.ALG} layer "
+        f"sweep; "
         "resumable")
 
 
@@ -39,7 +40,8 @@ def _layers(text: str, n_layers: int) -> list[int]:
         raise ShiftEditError(f"--layers {text!r}: expected 'all', '0,5,10' or 'start:stop[:step]'") from None
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad or not out:
-        raise ShiftEditError(f"--layers {text!r}: " + (f"layer {bad[0]} is out of range: the model has {n_layers} layers "
+        raise ShiftEditError(f"--layers {text!r}: " + (f"layer {bad[0]} is out of range: the model has {n_layers} "
+                                                       f"layers "
                              f"(0..{n_layers - 1})" if bad else "selects no layer"))
     return out
 
@@ -48,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--study", required=True, choices=["min-lr", "layer-sweep"])
     p.add_argument("--out", required=True, help="output folder (re-running with the same options resumes)")
-    p.add_argument("--data", default=None, help="CounterFact JSON (default: <shared data>/" + "counterfact-original-format-subset837.json)")
+    p.add_argument("--data", default=None,
+                   help="CounterFact JSON (default: <shared data>/" + "counterfact-original-format-subset837.json)")
     p.add_argument("--n-records", type=int, default=20)
     p.add_argument("--sample-seed", type=int, default=None, help="seeded random sample instead of the first N records")
     p.add_argument("--case-ids", default=None, help="comma-separated case ids (overrides --n-records)")
@@ -63,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta-normalized", type=float, default=None, help="layer-sweep: normalized eta (omit to skip)")
     p.add_argument("--ppl-records", type=int, default=0, help="measure WikiText ppl for the first K records (slow)")
     p.add_argument("--ppl-lines", type=int, default=100, help="WikiText lines for ppl (paper: 100)")
-    p.add_argument("--ppl-max-tokens", type=int, default=256, help="truncate each ppl line to this many tokens (paper: 256)")
+    p.add_argument("--ppl-max-tokens", type=int, default=256,
+                   help="truncate each ppl line to this many tokens (paper: 256)")
     p.add_argument("--ppl-batch-size", type=int, default=1, help="ppl lines per forward pass (same result, faster)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)

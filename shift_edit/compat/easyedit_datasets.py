@@ -24,7 +24,8 @@ from ..files.json_records import read_json_records
 class _JsonDataset:
     """A list of records read from one JSON file (``size``: only the first ``size``)."""
 
-    def __init__(self, data_dir: str | Path, size: int | None = None, config: Any = None, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, data_dir: str | Path, size: int | None = None, config: Any = None, *args: Any,
+                 **kwargs: Any) -> None:
         path = Path(data_dir)
         try:
             raw = read_json_records(path)

@@ -102,7 +102,8 @@ def easyedit_case(case: dict[str, Any], index: int) -> dict[str, Any]:
         return {"result_key": key, "protocol": "shift_edit_strict_top1_teacher_forcing", "scorer": "all_tokens_argmax",
                 "comparable_group": TOP1_GROUP}
 
-    post: dict[str, Any] = {"rewrite_acc": [top1.get("rewrite_acc", 0.0)], "metric_meta": {"rewrite": meta("rewrite_acc")},
+    post: dict[str, Any] = {"rewrite_acc": [top1.get("rewrite_acc", 0.0)],
+                            "metric_meta": {"rewrite": meta("rewrite_acc")},
                             "locality": {}, "portability": {}}
     reph = "rephrase_acc" if "rephrase_acc" in top1 else "paraphrase_acc" if "paraphrase_acc" in top1 else None
     if reph:

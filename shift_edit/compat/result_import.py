@@ -106,7 +106,8 @@ def _evidence(d: Path) -> list[tuple[frozenset[str], str]]:
         if _is_our_params(params):
             model = params["match"]["model"]
             name = model.get("name", "?") if isinstance(model, dict) else model
-            ev.append((frozenset({"ours"}), f"params.json records our protocol: alg {params['match']['alg']}, model {name}"))
+            ev.append((frozenset({"ours"}),
+                       f"params.json records our protocol: alg {params['match']['alg']}, model {name}"))
         else:
             ev.append((frozenset({"rome", "memit"}), f"params.json holds their hparams: {_keys(params)}"))
     rome_named, memit_named = _named_case_files(d)
@@ -145,7 +146,8 @@ def kind_of(path: str | Path) -> str:
         raise ShiftEditError(f"{p}: no such run folder or result file")
     ev = _evidence(p)
     if not ev:
-        raise ShiftEditError(f"{p}: not a run folder (no params.json, no case_<id>.json or <n>_edits-case_<id>.json files)")
+        raise ShiftEditError(f"{p}: not a run folder (no params.json, no case_<id>.json or <n>_edits-case_<id>.json "
+                             f"files)")
     common = frozenset.intersection(*(f for f, _ in ev))
     if not common:
         # name each reading by its most specific evidence (their hparams fit ROME and MEMIT alike)
@@ -260,7 +262,8 @@ def summarize_rome_dir(d: str | Path, *, case_ids: set[str] | None = None, limit
                          **({"num_edits": batches} if fmt == "memit" else {})}}
 
 
-def summarize_easyedit_file(p: str | Path, *, case_ids: set[str] | None = None, limit: int | None = None) -> dict[str, Any]:
+def summarize_easyedit_file(p: str | Path, *, case_ids: set[str] | None = None, limit: int | None = None) -> dict[str,
+                                                                                                                  Any]:
     """A summary row of an EasyEdit result JSON (post-edit means, EasyEdit token accuracy)."""
     p = Path(p)
     data = _load(p)
@@ -284,7 +287,8 @@ def summarize_easyedit_file(p: str | Path, *, case_ids: set[str] | None = None, 
                 if v is not None and v != []:
                     row[col] = _mean([float(x) for x in v]) if isinstance(v, list) else float(v)
             for section in ("locality", "portability"):
-                accs = [_mean([float(x) for x in v]) for k, v in (post.get(section) or {}).items() if k.endswith("_acc") and v]
+                accs = [_mean([float(x) for x in v]) for k,
+                        v in (post.get(section) or {}).items() if k.endswith("_acc") and v]
                 if accs:
                     row[f"ee_{section}"] = _mean(accs)
             if isinstance(post.get("fluency"), dict) and "ngram_entropy" in post["fluency"]:

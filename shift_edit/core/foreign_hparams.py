@@ -50,7 +50,8 @@ def _layer_selection(v: Any) -> str | None:
 
 
 def _objective(v: Any) -> str | None:
-    return None if v in ("prompt_last", "target_new") else f"objective_optimization={v!r}: use prompt_last or target_new"
+    return None if v in ("prompt_last",
+                         "target_new") else f"objective_optimization={v!r}: use prompt_last or target_new"
 
 
 _NO_MEANING_ARCH = "ignored: the architecture table (shift_edit/architectures.py) knows the module paths"
@@ -71,7 +72,9 @@ FIELD_MAP: dict[str, FieldRule] = {
     "mom2_dtype": FieldRule("mom2_dtype", "same"),
     "context_template_length_params": FieldRule("context_template_length_params", "same"),
     "rewrite_module_tmp": FieldRule("ff2_template", "the edited module's path template ({} = layer)"),
-    "v_loss_layer": FieldRule(None, "ignored: the loss is always read at the model's output (ROME's files give the last layer)"),
+    "v_loss_layer": FieldRule(None,
+                              "ignored: the loss is always read at the model's output (ROME's files give the last "
+                              "layer)"),
     "layer_module_tmp": FieldRule(None, _NO_MEANING_ARCH),
     "mlp_module_tmp": FieldRule(None, _NO_MEANING_ARCH),
     "attn_module_tmp": FieldRule(None, _NO_MEANING_ARCH),
@@ -93,10 +96,12 @@ FIELD_MAP: dict[str, FieldRule] = {
     "num_steps": FieldRule("steps", "FT: optimiser steps"),
     "lr": FieldRule("lr", "same"),
     "weight_decay": FieldRule("weight_decay", "same"),
-    "norm_constraint": FieldRule("norm_constraint", "a number: FT_L's L-infinity box (FT becomes FT_L); false/null: plain FT"),
+    "norm_constraint": FieldRule("norm_constraint",
+                                 "a number: FT_L's L-infinity box (FT becomes FT_L); false/null: plain FT"),
     "batch_size": FieldRule("batch_size", "requests per forward pass (results do not depend on it)"),
     "max_length": FieldRule(None, "ignored: prompts are not truncated"),
-    "objective_optimization": FieldRule("target_tokens", "target_new -> all (teacher-forced NLL of every target token); "
+    "objective_optimization": FieldRule("target_tokens",
+                                        "target_new -> all (teacher-forced NLL of every target token); "
                                         "prompt_last -> first (ROME's FT scores every target token at the last prompt "
                                         "position; identical for one-token targets)", check=_objective,
                                         convert=lambda v: "all" if v == "target_new" else "first"),
@@ -142,7 +147,8 @@ def translate(cls: type, data: dict[str, Any], *, source: str,
     gives the hparams class of an algorithm name (:meth:`HyperParams.class_for`)."""
     data = numeric_strings(data)
     alg = data.get("alg_name") or cls.ALG_NAME
-    if alg == "FT" and isinstance(data.get("norm_constraint"), float) and not isinstance(data.get("norm_constraint"), bool):
+    if alg == "FT" and isinstance(data.get("norm_constraint"), float) and not isinstance(data.get("norm_constraint"),
+                                                                                         bool):
         alg = "FT_L"
     target = class_for(alg)
     if cls.ALG_NAME and not issubclass(target, cls):

@@ -83,7 +83,8 @@ class EditMemory:
         except Exception as exc:  # noqa: BLE001 - OSError and safetensors' own error types
             raise ShiftEditError(f"{path}: not a readable edit memory ({type(exc).__name__}: {exc})") from None
         if stored is None or content_sha256(tensors, []) != stored:
-            raise ShiftEditError(f"{path}: the edit memory {'has no checksum' if stored is None else 'fails its checksum'}"
+            raise ShiftEditError(f"{path}: the edit memory "
+                                 f"{'has no checksum' if stored is None else 'fails its checksum'}"
                                  ": its content cannot be trusted")
         mem = cls()
         mem._keys = {p: k.float() for p, k in tensors.items()}

@@ -178,16 +178,20 @@ def check_old_format(source: str, version: int, meta: dict[str, Any], header: di
                                  f"verified; nothing was applied; pass {UNCHECKSUMMED_FLAG} to read it anyway")
 
 
-def verify_checksum(source: str, stored: str | None, tensors: dict[str, torch.Tensor], texts: list[str], required: bool) -> None:
+def verify_checksum(source: str, stored: str | None, tensors: dict[str, torch.Tensor], texts: list[str],
+                    required: bool) -> None:
     """Compare the content checksum with the stored one; refuse a mismatch (or a missing one when required)."""
     if stored is None:
         if required:
-            raise PatchChecksumError(f"{source}: the checksum is missing, so its content cannot be verified; nothing was applied")
-        log.warning("%s has no checksum (written by shift_edit before checksums); its content cannot be verified", source)
+            raise PatchChecksumError(f"{source}: the checksum is missing, so its content cannot be verified; nothing "
+                                     f"was applied")
+        log.warning("%s has no checksum (written by shift_edit before checksums); its content cannot be verified",
+                    source)
         return
     if content_sha256(tensors, texts) != stored:
         raise PatchChecksumError(
-            f"{source}: checksum mismatch: the file is corrupted or was modified after it was written; nothing was applied"
+            f"{source}: checksum mismatch: the file is corrupted or was modified after it was written; nothing was "
+            f"applied"
         )
 
 
@@ -237,7 +241,8 @@ def check_base(model: nn.Module, meta: dict[str, Any], source: str, base_check: 
         raise ShiftEditError(f"{source}: the metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
     for name, _ in wanted:
         if not isinstance(name, str) or name not in params:
-            raise PatchMismatchError(f"{source} edits {name}, which this model does not have (patch made for {made_for})")
+            raise PatchMismatchError(f"{source} edits {name}, which this model does not have (patch made for "
+                                     f"{made_for})")
     if base_check == "model":
         want = meta.get("base_fingerprint")
         if want is None:

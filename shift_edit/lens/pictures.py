@@ -70,7 +70,8 @@ def plot_ranks(rows: list[dict], path: str | Path, *, title: str = "") -> Path:
     for kind, marker in (("ff1", "o"), ("ff2", "s")):
         pts = sorted((r["layer"], r["rank"]) for r in rows if r["kind"] == kind)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=3, label=f"{kind.upper()} gradient rank")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=3,
+                    label=f"{kind.upper()} gradient rank")
     if rows:
         ax.axhline(rows[0]["n"], color="grey", ls="--", lw=1, label=f"n = {rows[0]['n']} prompt tokens")
     ax.set_xlabel("layer")

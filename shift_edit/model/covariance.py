@@ -179,7 +179,8 @@ def cache_paths(fingerprint: str, corpus: Corpus, layer: int, n_tokens: int, max
     return folder / f"{stem}.pt", folder / f"{stem}.json"
 
 
-def expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_tokens: int, max_length: int, dtype: str) -> dict[str, Any]:
+def expected_meta(fingerprint: str, corpus: Corpus, layer: int, module: str, n_tokens: int, max_length: int,
+                  dtype: str) -> dict[str, Any]:
     return {
         "format_version": _FORMAT_VERSION,
         "model_fingerprint": fingerprint,

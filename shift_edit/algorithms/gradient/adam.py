@@ -59,5 +59,6 @@ def compute_adam(model: nn.Module, tok, requests: list[EditRequest], hparams: Ad
     return Computed(deltas, skipped, info)
 
 
-register("ADAM", AdamHyperParams, compute_adam, "one fresh Adam step (about lr * sign(grad)) on the chosen MLP matrices",
+register("ADAM", AdamHyperParams, compute_adam,
+         "one fresh Adam step (about lr * sign(grad)) on the chosen MLP matrices",
          linear_step=True)

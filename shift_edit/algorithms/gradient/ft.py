@@ -117,4 +117,5 @@ def compute_ft(model: nn.Module, tok, requests: list[EditRequest], hparams: FTHy
     return finetune(model, tok, requests, hparams)
 
 
-register("FT", FTHyperParams, compute_ft, "fine-tuning of the chosen MLP matrices on the edit prompts (Adam, early stop)")
+register("FT", FTHyperParams, compute_ft,
+         "fine-tuning of the chosen MLP matrices on the edit prompts (Adam, early stop)")

@@ -35,4 +35,5 @@ def compute_ft_l(model: nn.Module, tok, requests: list[EditRequest], hparams: FT
     return finetune(model, tok, requests, hparams, epsilon=hparams.norm_constraint)
 
 
-register("FT_L", FTLHyperParams, compute_ft_l, "fine-tuning with ROME's L-inf norm constraint around the original weights")
+register("FT_L", FTLHyperParams, compute_ft_l,
+         "fine-tuning with ROME's L-inf norm constraint around the original weights")

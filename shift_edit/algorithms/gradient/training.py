@@ -247,7 +247,8 @@ def grad_deltas(matrices: Sequence[TrainedMatrix], scale: float) -> list[WeightD
         g = m.param.grad
         g = torch.zeros_like(m.param, dtype=torch.float32) if g is None else g.float()
         out.append(
-            WeightDelta(m.module, m.layout, dense=(scale * from_param_layout(g, m.layout)).contiguous().cpu(), layer=m.layer)
+            WeightDelta(m.module, m.layout, dense=(scale * from_param_layout(g, m.layout)).contiguous().cpu(),
+                        layer=m.layer)
         )
     return out
 

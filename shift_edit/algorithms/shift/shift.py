@@ -134,5 +134,7 @@ def describe_shift(hp: Mapping[str, Any]) -> list[str]:
     return tag_layers(hp) + tag_value(hp, "eta", suffix=normalized)
 
 
-register("SHIFT", ShiftHyperParams, compute_shift, "forward pass shift (Backward Lens): one forward pass, rank one per request",
-         linear_step=True, cli_options={"eta_scaling": "raw (paper) or normalized by ||x_n||^2"}, describe=describe_shift)
+register("SHIFT", ShiftHyperParams, compute_shift,
+         "forward pass shift (Backward Lens): one forward pass, rank one per request",
+         linear_step=True, cli_options={"eta_scaling": "raw (paper) or normalized by ||x_n||^2"},
+         describe=describe_shift)

@@ -34,7 +34,12 @@ def test_closed_form_equals_the_paper_and_spares_preserved_keys():
     left, right = alphaedit_factors(r, k1, proj, lam, kp)
     delta = left @ right
     # the paper's equation: Δ = R K1ᵀ P (Kp Kpᵀ P + K1 K1ᵀ P + λ I)⁻¹
-    paper = r @ k1.T @ proj @ torch.linalg.inv(kp @ kp.T @ proj + k1 @ k1.T @ proj + lam * torch.eye(20, dtype=torch.float64))
+    paper = (
+        r
+        @ k1.T
+        @ proj
+        @ torch.linalg.inv(kp @ kp.T @ proj + k1 @ k1.T @ proj + lam * torch.eye(20, dtype=torch.float64))
+    )
     assert torch.allclose(delta, paper, atol=1e-10)
     assert delta.norm() > 1e-3
     assert (delta @ k0).norm() <= 1e-9 * delta.norm() * k0.norm()  # preserved keys: outputs unchanged

@@ -72,8 +72,15 @@ def test_sgd_ff2_target_position_is_outer_product_x_delta(model_type, byte_tok):
 
 def test_sgd_target_positions_equal_full_gradient_at_last_layer(byte_tok):
     model = tiny_model("llama")
-    full = se.get_algorithm("SGD").compute(model, byte_tok, se.make_requests(REQ), SGDHyperParams(layers=[2], lr=1.0, skip_if_predicted=False))
-    tgt = se.get_algorithm("SGD").compute(model, byte_tok, se.make_requests(REQ), SGDHyperParams(layers=[2], lr=1.0, grad_positions="target", skip_if_predicted=False))
+    full = se.get_algorithm("SGD").compute(
+        model, byte_tok, se.make_requests(REQ), SGDHyperParams(layers=[2], lr=1.0, skip_if_predicted=False)
+    )
+    tgt = se.get_algorithm("SGD").compute(
+        model,
+        byte_tok,
+        se.make_requests(REQ),
+        SGDHyperParams(layers=[2], lr=1.0, grad_positions="target", skip_if_predicted=False),
+    )
     torch.testing.assert_close(full.deltas[0].dense, tgt.deltas[0].dense, rtol=1e-5, atol=1e-7)
 
 

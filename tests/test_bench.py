@@ -129,7 +129,9 @@ def test_perplexity_protocols_by_hand(byte_tok):
     # of the window it is new in (window 16, stride 8: position 0 for j < 16, else 8 * (j // 8 - 1))
     small = bp.PerplexityProtocol(name="standard", window=16, stride=8)
     assert len(ids) > 40  # several windows
-    nlls = [float(_manual_line_nll(model, ids[(0 if j < 16 else 8 * (j // 8 - 1)) : j + 1])[-1]) for j in range(1, len(ids))]
+    nlls = [
+        float(_manual_line_nll(model, ids[(0 if j < 16 else 8 * (j // 8 - 1)) : j + 1])[-1]) for j in range(1, len(ids))
+    ]
     assert bp.perplexity(model, byte_tok, lines[:2], small) == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
 
 
@@ -338,7 +340,9 @@ def test_gen_every_generates_for_every_kth_record_only(byte_tok, tmp_path):
     assert with_gen == ["case_0.json", "case_2.json", "case_4.json"]
     for k in with_gen:  # the same texts as generating for every record (per-record seeds and edits)
         assert some[k]["generation"] == every[k]["generation"]
-    assert json.loads((some_dir / "params.json").read_text())["match"]["protocol"]["generation"]["every_kth_record"] == 2
+    assert (
+        json.loads((some_dir / "params.json").read_text())["match"]["protocol"]["generation"]["every_kth_record"] == 2
+    )
     assert summarize_run(some_dir)["metrics"]["ngram_entropy"]["n"] == 3
     rec = json.loads((some_dir / "case_1.json").read_text())
     assert isinstance(rec["edit"]["info"], dict)  # the algorithm's per-request details travel with the record
@@ -372,7 +376,9 @@ def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 1}, cfg=_cfg(seed=1), rank=0,
                 world_size=1).name == "run_001"
     times = sorted(json.loads(p.read_text())["time_s"]["edit"] for p in run.glob("case_*.json"))
-    assert len(times) == 4 and summarize_run(run)["metrics"]["edit_time_median_s"]["mean"] == pytest.approx((times[1] + times[2]) / 2)
+    assert len(times) == 4 and summarize_run(run)["metrics"]["edit_time_median_s"]["mean"] == pytest.approx(
+        (times[1] + times[2]) / 2
+    )
     m = _metrics(run)["case_0.json"]
     assert set(m) >= {"rome", "top1", "top1_first", "nll", "neighborhood_kl"}
     assert m["neighborhood_kl"]["mean"] >= 0
@@ -629,7 +635,9 @@ def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
     m = _metrics(run)
     assert "rephrase_success" in m["case_0.json"]["rome"] and "paraphrase_success" not in m["case_0.json"]["rome"]
     assert "rephrase_acc" in m["case_0.json"]["top1"] and "neighborhood_kl" not in m["case_0.json"]
-    assert json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]["neighborhood_kl"] is None
+    assert (
+        json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]["neighborhood_kl"] is None
+    )
     assert [("perplexity" in m[f"case_{i}.json"]) for i in range(3)] == [True, False, True]
     s = summarize_run(run)["metrics"]
     assert "RS" in s and "PS" not in s and "S" not in s and s["wikitext_ppl"]["n"] == 2

@@ -295,7 +295,9 @@ def test_dataset_readers_take_easyedit_files(tmp_path, byte_tok, corpus):
     ds = se.CounterFactDataset(str(tmp_path / "cf.json"))
     assert len(ds) == 1 and ds[0]["locality_ground_truth"] == "Madrid"
     z = se.ZsreDataset(tmp_path / "zsre.json", size=5)
-    assert len(z) == 1 and z[0]["target_new"] == "Boston" and z[0]["ground_truth"] == "Barcelona" and z[0]["case_id"] == 0
+    assert (
+        len(z) == 1 and z[0]["target_new"] == "Boston" and z[0]["ground_truth"] == "Barcelona" and z[0]["case_id"] == 0
+    )
     k = se.KnowEditDataset(tmp_path / "know.json")
     assert k[0]["portability_r"][0]["prompt"].startswith("Messi's") and k[0]["locality_f"] is None
     # an EasyEdit CounterFact script, as written for EasyEdit

@@ -288,7 +288,9 @@ def test_counterfact_portability_is_easyedit_token_accuracy_on_records_that_have
                       neighborhood_kl=False, portability=True)
     run = run_bench(model, byte_tok, bdata.load_counterfact(path), cfg, tmp_path / "out", data_info={"sha256": "x"},
                     model_name="tiny", rank=0, world_size=1, progress=False)
-    assert "easyedit_portability" in json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]
+    assert (
+        "easyedit_portability" in json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]
+    )
     assert "easyedit_portability" not in BenchConfig(alg="NONE", hparams=None).protocol()["metric_families"]
     cases = bdata.load_counterfact(path)
     for i in range(3):

@@ -140,9 +140,11 @@ def test_a_folder_of_run_folders(tmp_path):
     assert main(["summarize", str(tmp_path / "ROME"), str(tmp_path / "MEMIT"), "--no-plot",
                  "--out", str(tmp_path / "sum")]) == 0
     rows = json.loads((tmp_path / "sum" / "summary.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["ROME-format folder (ROME/run_000 L5, N=3)",
-                                          "ROME-format folder (ROME/run_001 L7, N=4)",
-                                          "MEMIT-format folder (MEMIT/run_000 L3,4,5,6 λ 15000, 4 edits per batch, N=4)"]
+    assert [r["label"] for r in rows] == [
+        "ROME-format folder (ROME/run_000 L5, N=3)",
+        "ROME-format folder (ROME/run_001 L7, N=4)",
+        "MEMIT-format folder (MEMIT/run_000 L3,4,5,6 λ 15000, 4 edits per batch, N=4)",
+    ]
     for r, pattern in zip(rows, ("case_*.json", "case_*.json", "*case_*.json")):
         theirs = rome_summarize(Path(r["run_dir"]), pattern)
         for col, key in COLUMNS:
@@ -185,7 +187,9 @@ def test_export_then_summarize_gives_our_numbers(source_run, tmp_path, fmt):
     # their run folder's shape: the hparams file as params.json beside the case files
     assert json.loads((out / "params.json").read_text()) == ours["protocol"]["hparams"]
     names = sorted(p.name for p in out.iterdir() if p.name != "params.json")
-    assert names == ([f"case_{i}.json" for i in range(4)] if fmt == "rome" else [f"2_edits-case_{i}.json" for i in range(4)])
+    assert names == (
+        [f"case_{i}.json" for i in range(4)] if fmt == "rome" else [f"2_edits-case_{i}.json" for i in range(4)]
+    )
     assert json.loads((out / names[3]).read_text())["post"].keys() >= {"rewrite_prompts_probs",
                                                                        "neighborhood_prompts_probs"}
     assert kind_of(out) == fmt and kind_of(source_run) == "ours"  # both have a params.json: told apart by content

@@ -278,7 +278,11 @@ def test_summarize_warns_on_different_n_and_clips_ci_bars(byte_tok, tmp_path, ca
 
     bars = []
     real = matplotlib.axes.Axes.bar
-    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *args, **kw: bars.append((h, kw.get("yerr"))) or real(self, x, h, *args, **kw))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "bar",
+        lambda self, x, h, *args, **kw: bars.append((h, kw.get("yerr"))) or real(self, x, h, *args, **kw),
+    )
     capsys.readouterr()
     assert main(["summarize", str(a), str(b), "--out", str(tmp_path / "s")]) == 0
     err = capsys.readouterr().err

@@ -50,7 +50,9 @@ def test_patch_contents(byte_tok, tmp_path):
 
 def test_patch_on_the_wrong_base_is_refused(byte_tok, tmp_path):
     model = tiny_model("gpt2", seed=0)
-    path = se.edit(model, byte_tok, REQS, se.ShiftHyperParams(layers=[1], eta=0.5, skip_if_predicted=False)).save_patch(tmp_path / "p.safetensors")
+    path = se.edit(model, byte_tok, REQS, se.ShiftHyperParams(layers=[1], eta=0.5, skip_if_predicted=False)).save_patch(
+        tmp_path / "p.safetensors"
+    )
     other = tiny_model("gpt2", seed=1)
     snapshot = {n: p.detach().clone() for n, p in other.state_dict().items()}
     with pytest.raises(se.PatchMismatchError, match="other base weights"):

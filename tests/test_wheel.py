@@ -51,7 +51,9 @@ def test_wheel_ships_every_hparams_file(installed):
 
     wheel, target, _empty, _env = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    repo = {f"shift_edit/_hparams/{p.relative_to(REPO / 'hparams').as_posix()}" for p in (REPO / "hparams").rglob("*.yaml")}
+    repo = {
+        f"shift_edit/_hparams/{p.relative_to(REPO / 'hparams').as_posix()}" for p in (REPO / "hparams").rglob("*.yaml")
+    }
     assert repo and repo <= names
     assert (target / "shift_edit" / "_hparams" / "SHIFT" / "smollm2-135m.yaml").is_file()
 

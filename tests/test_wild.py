@@ -143,9 +143,14 @@ def test_single_edit_runs_write_the_family(byte_tok, tmp_path):
             ids = bw.greedy_continuations(model, byte_tok, [GenerationGroup(spec.flat, 0)], max_new_tokens=6)[0]
         finally:
             res.undo()
-        assert [t for g in spec.prompts for t in w["texts"][g]] == [byte_tok.decode(r, skip_special_tokens=True) for r in ids]
-        assert {k: v for k, v in w.items() if k.endswith("_success")} == \
-            {k: v for k, v in bw.wild_metrics(spec, [byte_tok.decode(r, skip_special_tokens=True) for r in ids]).items() if k.endswith("_success")}
+        assert [t for g in spec.prompts for t in w["texts"][g]] == [
+            byte_tok.decode(r, skip_special_tokens=True) for r in ids
+        ]
+        assert {k: v for k, v in w.items() if k.endswith("_success")} == {
+            k: v
+            for k, v in bw.wild_metrics(spec, [byte_tok.decode(r, skip_special_tokens=True) for r in ids]).items()
+            if k.endswith("_success")
+        }
     s = summarize_run(run)
     for col, group in (("gen_efficacy", "rewrite"), ("gen_paraphrase", "paraphrase"), ("gen_neighborhood",
                                                                                        "neighborhood")):

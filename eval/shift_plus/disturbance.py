@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     edits = {}
     for spec in args.edits.split(","):
         alg, eq, file = spec.partition("=")
-        hp = se.load_hparams(REPO / file if eq else REPO / "hparams" / alg / "smollm2-135m.yaml").replace(skip_if_predicted=False)
+        hp = se.load_hparams(REPO / file if eq else REPO / "hparams" / alg / "smollm2-135m.yaml").replace(
+            skip_if_predicted=False
+        )
         vals, absolute = [], []
         for rec in records:
             res = se.edit(model, tok, rec, hp)

@@ -122,20 +122,30 @@ def main(argv: list[str] | None = None) -> int:
             })
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     summary = {
-        "layer": L, "records": len(rows), "generic_tokens": len(hg),
+        "layer": L,
+        "records": len(rows),
+        "generic_tokens": len(hg),
         "generic_cost_median": med([r["generic"] for r in rows]),
         "linear_bound_median": med([r["linear_bound"] for r in rows]),
         "linear_cost_median": med([r["linear_cost"] for r in rows]),
         "ratio_linear_cost_over_neuron_median": med([r["linear_cost"] / r["generic"] for r in rows]),
         "generic_max_median": med([r["generic_max"] for r in rows]),
         "paraphrase_share_median": med([x for r in rows for x in r["paraphrase"]]),
-        "paraphrase_share_over_half": 100 * sum(x > 0.5 for r in rows for x in r["paraphrase"]) / max(1, sum(len(r["paraphrase"]) for r in rows)),
+        "paraphrase_share_over_half": 100
+        * sum(x > 0.5 for r in rows for x in r["paraphrase"])
+        / max(1, sum(len(r["paraphrase"]) for r in rows)),
         "neighborhood_share_median": med([x for r in rows for x in r["neighborhood"]]),
-        "neighborhood_share_over_half": 100 * sum(x > 0.5 for r in rows for x in r["neighborhood"]) / max(1, sum(len(r["neighborhood"]) for r in rows)),
+        "neighborhood_share_over_half": 100
+        * sum(x > 0.5 for r in rows for x in r["neighborhood"])
+        / max(1, sum(len(r["neighborhood"]) for r in rows)),
         "linear_paraphrase_share_median": med([x for r in rows for x in r["linear_paraphrase"]]),
-        "linear_paraphrase_share_over_half": 100 * sum(x > 0.5 for r in rows for x in r["linear_paraphrase"]) / max(1, sum(len(r["linear_paraphrase"]) for r in rows)),
+        "linear_paraphrase_share_over_half": 100
+        * sum(x > 0.5 for r in rows for x in r["linear_paraphrase"])
+        / max(1, sum(len(r["linear_paraphrase"]) for r in rows)),
         "linear_neighborhood_share_median": med([x for r in rows for x in r["linear_neighborhood"]]),
-        "linear_neighborhood_share_over_half": 100 * sum(x > 0.5 for r in rows for x in r["linear_neighborhood"]) / max(1, sum(len(r["linear_neighborhood"]) for r in rows)),
+        "linear_neighborhood_share_over_half": 100
+        * sum(x > 0.5 for r in rows for x in r["linear_neighborhood"])
+        / max(1, sum(len(r["linear_neighborhood"]) for r in rows)),
         "cheapest_neuron_cost": float(neuron_cost.min()),
         "neuron_cost_1000th": float(neuron_cost.sort().values[min(999, len(neuron_cost) - 1)]),
     }

@@ -220,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     c, cost, order = per_layer[L]["c"], per_layer[L]["cost"], per_layer[L]["order"]
     if args.remove_only:  # is giving up the neurons what costs perplexity?
         down = adapter.module(adapter.ff2_name(L))
-        orig, energy = down.weight.detach().clone(), float(torch.trace(down.weight.double() @ c @ down.weight.double().T))
+        orig, energy = (
+            down.weight.detach().clone(),
+            float(torch.trace(down.weight.double() @ c @ down.weight.double().T)),
+        )
         removed = []
         for n in (int(x) for x in args.remove_only.split(",")):
             with torch.no_grad():

@@ -139,16 +139,22 @@ def main(argv: list[str] | None = None) -> int:
                             bucket += (act(last) / hp.activation).tolist()
         med = lambda v: round(statistics.median(v), 3) if v else None  # noqa: E731
         row = {
-            "override": json.loads(js or "{}"), "edits": len(reached), "neurons": n_neurons,
+            "override": json.loads(js or "{}"),
+            "edits": len(reached),
+            "neurons": n_neurons,
             "reached_margin": round(100 * sum(reached) / max(len(reached), 1), 1),
-            "threshold_median": med(betas), "spreads_median": med(spreads), "spreads_min": min(spreads, default=None),
-            "gate_row_norm_over_matrix_median": med(norms), "gate_row_norm_over_matrix_max": round(max(norms,
-                                                                                                       default=0), 3),
+            "threshold_median": med(betas),
+            "spreads_median": med(spreads),
+            "spreads_min": min(spreads, default=None),
+            "gate_row_norm_over_matrix_median": med(norms),
+            "gate_row_norm_over_matrix_max": round(max(norms, default=0), 3),
             "heldout_tokens": len(generic),
             "fires_per_1k_tokens": round(1000 * fires / len(generic), 3),
             "push_energy_per_token_mean": round(float(energy.mean()), 2),
             "push_energy_per_token_max": round(float(energy.max()), 1),
-            "push_energy_share_at_position_0": round(float(energy[position == 0].sum() / energy.sum().clamp_min(1e-30)), 3),
+            "push_energy_share_at_position_0": round(
+                float(energy[position == 0].sum() / energy.sum().clamp_min(1e-30)), 3
+            ),
             "push_energy_per_token_mean_after_position_0": round(float(energy[position > 0].mean()), 2),
             "paraphrase_share_median": med(para),
             "paraphrase_fires": round(100 * sum(x > 0.5 for x in para) / max(len(para), 1), 1),

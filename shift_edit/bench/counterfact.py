@@ -305,7 +305,9 @@ def fetch_hub_counterfact(spec: str, cache: str | Path | None = None) -> Path:
     try:
         rows = [dict(r) for r in datasets.load_dataset(name, split=split)]
     except Exception as exc:  # datasets raises many types (network, missing split, schema)
-        raise ShiftEditError(f"could not load hub dataset {name!r} split {split!r}: {type(exc).__name__}: {exc}") from None
+        raise ShiftEditError(
+            f"could not load hub dataset {name!r} split {split!r}: {type(exc).__name__}: {exc}"
+        ) from None
     if not rows:
         raise ShiftEditError(f"hub dataset {name!r} split {split!r} has no records")
     folder.mkdir(parents=True, exist_ok=True)

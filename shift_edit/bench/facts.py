@@ -118,7 +118,9 @@ def _zsre_cases(path: Path, raw: list[Any]) -> list[FactCase]:
                     raise ShiftEditError(f"field {key!r} must be a non-empty string")
             req = make_request({"prompt": rec["src"], "subject": rec["subject"], "target_new": answer, "case_id": i})
         except (ShiftEditError, KeyError) as exc:
-            raise ShiftEditError(f"{where} (zsre): {exc if isinstance(exc, ShiftEditError) else f'no field {exc}'}") from None
+            raise ShiftEditError(
+                f"{where} (zsre): {exc if isinstance(exc, ShiftEditError) else f'no field {exc}'}"
+            ) from None
         out.append(FactCase(i, req, "zsre", zsre={"answer": answer, "rephrase": rec["rephrase"], "loc": rec["loc"],
                                                   "loc_ans": rec["loc_ans"]}))
     return out

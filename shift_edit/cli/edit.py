@@ -183,7 +183,11 @@ def _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir) -> 
                 lines.append("no LoRA adapter written: the edit changed nothing")
             else:
                 tmp = staged.enter_context(atomic_dir(lora_dir))  # checked absent or empty before the edit
-                lines.append(describe(export_lora(result, tmp, rank=args.lora_rank, overwrite=True)).replace(str(tmp), str(lora_dir)))
+                lines.append(
+                    describe(export_lora(result, tmp, rank=args.lora_rank, overwrite=True)).replace(
+                        str(tmp), str(lora_dir)
+                    )
+                )
         if save_dir is not None:
             tmp = staged.enter_context(atomic_dir(save_dir))
             save_pretrained(model, tok, tmp)  # a full disk: OSError, exit 2, nothing left

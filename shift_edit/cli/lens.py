@@ -94,7 +94,12 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "neuron_groups.csv", _rows_csv(neurons["groups"]))
     atomic_write_text(out / "ranks.csv", _rows_csv(ranks))
     plot_ranks(ranks, out / "ranks.png")
-    plot_target_ranks(tr, out / "target_ranks.png", target=decode_token(tok, cap.target_id), original=decode_token(tok, cap.original_id))
+    plot_target_ranks(
+        tr,
+        out / "target_ranks.png",
+        target=decode_token(tok, cap.target_id),
+        original=decode_token(tok, cap.original_id),
+    )
     plot_neurons(neurons, out / "neurons.png", target=request.target_new)
     atomic_write_text(out / "target_ranks.csv", _rows_csv(
         [{"variant": v, **row} for v, rows in tr.items() for row in rows]))

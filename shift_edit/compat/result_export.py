@@ -89,7 +89,12 @@ def rome_case(case: dict[str, Any], raw: dict | None, *, memit: bool = False) ->
            "time": case.get("time_s", {}).get("edit", 0.0), "post": post}
     if memit:
         batch = case.get("edit", {}).get("batch") or [case["case_id"]]
-        out = {"case_id": case["case_id"], "grouped_case_ids": batch, "num_edits": len(batch), **{k: v for k, v in out.items() if k != "case_id"}}
+        out = {
+            "case_id": case["case_id"],
+            "grouped_case_ids": batch,
+            "num_edits": len(batch),
+            **{k: v for k, v in out.items() if k != "case_id"},
+        }
     return out
 
 

@@ -173,7 +173,11 @@ def _rome_cases(d: Path, fmt: str) -> list[dict[str, Any]]:
         c = _load(f)
         layouts = _case_layouts(c)
         if "theirs" not in layouts:
-            found = "a shift_edit case file (request, metrics)" if layouts else "not a ROME/MEMIT case file (no case_id and post)"
+            found = (
+                "a shift_edit case file (request, metrics)"
+                if layouts
+                else "not a ROME/MEMIT case file (no case_id and post)"
+            )
             raise ShiftEditError(f"{f}: {found} in {_READING[fmt]}: keep each format in a folder of its own")
         cases.append(c)
     return cases
@@ -203,7 +207,9 @@ def _rome_values(post: dict[str, Any], where: str) -> dict[str, float]:
         if isinstance(post.get("ngram_entropy"), (int, float)):
             out["ngram_entropy"] = float(post["ngram_entropy"])
     except (KeyError, TypeError):
-        raise ShiftEditError(f"{where}: malformed post metrics (expected lists of {{target_new, target_true}})") from None
+        raise ShiftEditError(
+            f"{where}: malformed post metrics (expected lists of {{target_new, target_true}})"
+        ) from None
     return out
 
 
@@ -295,7 +301,9 @@ def summarize_easyedit_file(p: str | Path, *, case_ids: set[str] | None = None, 
                 row["ee_fluency"] = float(post["fluency"]["ngram_entropy"])
             per_case.append(row)
     except (TypeError, ValueError):
-        raise ShiftEditError(f"{p}: malformed EasyEdit metrics (accuracies must be numbers or lists of numbers)") from None
+        raise ShiftEditError(
+            f"{p}: malformed EasyEdit metrics (accuracies must be numbers or lists of numbers)"
+        ) from None
     groups = sorted({meta.get("comparable_group", "?") for m in data
                      for meta in (m["post"].get("metric_meta") or {}).values() if isinstance(meta, dict)})
     return {"label": f"EasyEdit result file ({p.name}, N={len(data)})", "kind": "measured", "run_dir": str(p),

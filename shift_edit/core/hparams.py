@@ -122,7 +122,9 @@ class HyperParams:
                 )
             object.__setattr__(self, f.name, conv)
             if _has_nan(conv):  # NaN passes every `x <= 0` range check: refused for every field here
-                raise ShiftEditError(f"{type(self).__name__}.{f.name}: got {value!r}; NaN is not a value, give a number")
+                raise ShiftEditError(
+                    f"{type(self).__name__}.{f.name}: got {value!r}; NaN is not a value, give a number"
+                )
         self.validate()
 
     @property

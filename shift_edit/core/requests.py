@@ -87,7 +87,9 @@ def check_template(prompt: str) -> None:
     try:
         fields = [(name, spec, conv) for _lit, name, spec, conv in string.Formatter().parse(prompt) if name is not None]
     except ValueError as exc:
-        raise ShiftEditError(f"prompt {prompt!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+        raise ShiftEditError(
+            f"prompt {prompt!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}"
+        ) from None
     if len(fields) != 1 or fields[0] != ("", "", None):
         shown = ", ".join("{" + n + (f"!{c}" if c else "") + (f":{sp}" if sp else "") + "}" for n, sp, c in fields)
         raise ShiftEditError(

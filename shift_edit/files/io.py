@@ -265,7 +265,9 @@ def check_manifest(folder: Path, expected: dict[str, Any]) -> dict[str, Any]:
         raise CacheCheckError(f"does not match ({', '.join(mismatched)})")
     present = {f.name for f in folder.iterdir() if f.is_file() and f.name != MANIFEST_NAME}
     if present != set(manifest["files"]):
-        raise CacheCheckError(f"does not hold the files its manifest names ({sorted(present ^ set(manifest['files']))})")
+        raise CacheCheckError(
+            f"does not hold the files its manifest names ({sorted(present ^ set(manifest['files']))})"
+        )
     for name, sha in manifest["files"].items():
         if file_sha256(folder / name) != sha:
             raise CacheCheckError(f"fails its checksum ({name})")

@@ -108,7 +108,11 @@ def _truncate(delta: WeightDelta, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _factors(delta: WeightDelta, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     if delta.dense is None and (rank is None or delta.rank <= rank):
-        return delta.left.float().contiguous().clone(), delta.right.float().contiguous().clone(), 0.0  # no shared storage
+        return (
+            delta.left.float().contiguous().clone(),
+            delta.right.float().contiguous().clone(),
+            0.0,
+        )  # no shared storage
     if rank is None:
         raise ShiftEditError(
             f"the delta of {delta.module} is dense (full rank {min(delta.dense.shape)}), so it is not an "
@@ -344,7 +348,9 @@ def read_lora(path: str | Path, *, allow_unchecksummed: bool = False) -> tuple[d
             left = ab["B"].float() * scale if scale != 1 else ab["B"].float()
             parts[module] = {"left": left, "right": ab["A"].float()}
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, re.error) as exc:
-        raise ShiftEditError(f"{path}: the adapter config is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+        raise ShiftEditError(
+            f"{path}: the adapter config is incomplete or malformed ({type(exc).__name__}: {exc})"
+        ) from None
     return meta, deltas_from_tensors(meta, tensors, str(path), "adapter", factors=parts)
 
 

@@ -87,7 +87,9 @@ def apply_patch(
         requests = [make_request(r) for r in meta["requests"]]
         skipped = [bool(x) for x in meta.get("skipped", [])]
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ShiftEditError(f"{path}: the patch metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+        raise ShiftEditError(
+            f"{path}: the patch metadata is incomplete or malformed ({type(exc).__name__}: {exc})"
+        ) from None
     bound = None if force else getattr(hparams, "max_relative_norm", DEFAULT_MAX_RELATIVE_NORM)
     orig: dict = {}
     with all_or_nothing(model, orig):  # an interrupted or failed guard pass leaves the model as it was

@@ -155,7 +155,12 @@ def read_patch(path: str | Path, *, allow_unchecksummed: bool = False) -> tuple[
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ShiftEditError(f"{path}: the patch metadata is not valid JSON ({exc})") from None
     version = meta.get("format_version", 0) if isinstance(meta, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or not isinstance(version, int)
+        or not 1 <= version <= FORMAT_VERSION
+    ):
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ShiftEditError(f"{path}: unsupported patch format {got} (version {version})")
     check_old_format(str(path), version, meta, header, allow_unchecksummed)
@@ -220,7 +225,9 @@ def deltas_from_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], 
             if m.get("param", deltas[-1].param) != deltas[-1].param:
                 raise ValueError(f"param {m.get('param')!r} is not {module}.weight")
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ShiftEditError(f"{source}: the {what} metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+        raise ShiftEditError(
+            f"{source}: the {what} metadata is incomplete or malformed ({type(exc).__name__}: {exc})"
+        ) from None
     return deltas
 
 
@@ -238,7 +245,9 @@ def check_base(model: nn.Module, meta: dict[str, Any], source: str, base_check: 
     try:
         wanted = [(m["param"], m["base_sha256"]) for m in meta["modules"].values()]
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ShiftEditError(f"{source}: the metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+        raise ShiftEditError(
+            f"{source}: the metadata is incomplete or malformed ({type(exc).__name__}: {exc})"
+        ) from None
     for name, _ in wanted:
         if not isinstance(name, str) or name not in params:
             raise PatchMismatchError(f"{source} edits {name}, which this model does not have (patch made for "

@@ -109,7 +109,9 @@ def plot_neurons(neurons: dict, path: str | Path, *, target: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(rows) + 1.4))
     ys = list(range(len(rows)))[::-1]
     ax.barh(ys, [100 * r["share"] for r in rows], color="#1f77b4")
-    labels = [f"#{r['neuron']}: " + " | ".join(safe_text(t).strip() or repr(t) for t in r["bottom_tokens"][:3]) for r in rows]
+    labels = [
+        f"#{r['neuron']}: " + " | ".join(safe_text(t).strip() or repr(t) for t in r["bottom_tokens"][:3]) for r in rows
+    ]
     ax.set_yticks(ys, labels, fontsize=6.5)
     ax.set_xlabel("share of the squared gradient norm (%)")
     twin = ax.twiny()

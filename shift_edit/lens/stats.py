@@ -119,7 +119,9 @@ def aggregate(records: list[dict], n_layers: int, vocab: int) -> dict:
     agg["rank_equals_n_share"] = full
     agg["rank_over_n_mean"] = mean_rank_ratio
     agg["last_layer_ff2_rank_one_share"] = sum(r["rank"]["ff2"][-1] == 1 for r in records) / len(records)
-    agg["last_layer_ff1_rank_one_share"] = sum(all(rk == 1 for rk in r["rank"]["ff1"][-1]) for r in records) / len(records)
+    agg["last_layer_ff1_rank_one_share"] = sum(all(rk == 1 for rk in r["rank"]["ff1"][-1]) for r in records) / len(
+        records
+    )
     # target ranks
     ranks: dict = {}
     for key in ("target_rank", "original_rank", "true_rank"):

@@ -72,7 +72,11 @@ def open_corpus(spec: str | None = None) -> Corpus:
         parts = spec[3:].split("/")
         if not parts[0]:
             raise ShiftEditError(f"corpus {spec!r}: expected hf:<dataset>[/<config>][/<split>]")
-        name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
+        name, config, split = (
+            parts[0],
+            (parts[1] if len(parts) > 1 else None),
+            (parts[2] if len(parts) > 2 else "train"),
+        )
         try:
             import datasets
         except ImportError:

@@ -203,7 +203,9 @@ class ContinuationPlan:
             reads.append((j, rows))
         return cls(plan.seqs, positions, reads)
 
-    def scores(self, logits: Sequence[torch.Tensor], pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list["ContinuationScore"]:
+    def scores(
+        self, logits: Sequence[torch.Tensor], pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list["ContinuationScore"]:
         """Turn :func:`logits_at_positions` output for this plan into one score per pair."""
         out = []
         for (_, t), (j, rows) in zip(pairs, self.reads):

@@ -133,7 +133,8 @@ def compute_alphaedit(
             raise ShiftEditError(
                 f"AlphaEdit: no eigenvalue of layer {layer}'s key second moment is below nullspace_threshold "
                 f"{hparams.nullspace_threshold:g} (smallest {float(torch.linalg.eigvalsh(stats[layer].mom2.double())[0]):.3g}); "
-                "raise the threshold")
+                "raise the threshold"
+            )
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
     z, z_info = target_zs(model, tok, adapter, z_layer, active, templates, hparams)
 

@@ -319,8 +319,16 @@ def target_zs(model: nn.Module, tok, adapter, z_layer: int, requests: list[EditR
         hit = _zstar_load(*entry) if entry else None
         if hit is None:
             dr = optimise_delta(model, tok, adapter, z_layer, req, templates, hparams, ref="residual")
-            hit = ((dr.ref + dr.delta).cpu(), {"delta_norm": float(dr.delta.norm()), "ref_norm": float(dr.ref.norm()),
-                                               "steps": dr.steps, "loss_first": dr.losses[0], "loss_last": dr.losses[-1]})
+            hit = (
+                (dr.ref + dr.delta).cpu(),
+                {
+                    "delta_norm": float(dr.delta.norm()),
+                    "ref_norm": float(dr.ref.norm()),
+                    "steps": dr.steps,
+                    "loss_first": dr.losses[0],
+                    "loss_last": dr.losses[-1],
+                },
+            )
             if entry:
                 pt, meta_path, expected = entry
                 write_verified(pt, meta_path, {"z": hit[0].contiguous()}, {**expected, "info": hit[1]})
@@ -335,8 +343,20 @@ _ZSTAR_FORMAT = 2  # 2: tensor file plus verified metadata (io.write_verified)
 
 
 #: hparams z* depends on (the layers only through the last one, z_layer)
-_ZSTAR_FIELDS = ("fact_token", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
-                 "loss_stop", "context_template_length_params", "context_seed", "ff1_templates", "ff2_template", "final_norm")
+_ZSTAR_FIELDS = (
+    "fact_token",
+    "v_num_grad_steps",
+    "v_lr",
+    "v_weight_decay",
+    "clamp_norm_factor",
+    "kl_factor",
+    "loss_stop",
+    "context_template_length_params",
+    "context_seed",
+    "ff1_templates",
+    "ff2_template",
+    "final_norm",
+)
 
 
 def _zstar_entry(fingerprint: str, device: str, z_layer: int, req: EditRequest, hparams: ZStarHyperParams

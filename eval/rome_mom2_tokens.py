@@ -115,7 +115,8 @@ def main() -> None:
         "rows": table,
     }
     atomic_write_json(out / "results.json", result)
-    head = "| C from | tokens (texts) | ES | PS | NS | S | efficacy top-1 | paraphrase top-1 | neighborhood top-1 | cos(u, u_largest) |"
+    head = ("| C from | tokens (texts) | ES | PS | NS | S | efficacy top-1 | paraphrase top-1 | neighborhood top-1 "
+            "| cos(u, u_largest) |")
     lines = [head, "|" + "---|" * 10]
     for r, c in table.items():
         lines.append(f"| {r} | {c['tokens_used']} ({c['texts_used']}) | " + " | ".join(

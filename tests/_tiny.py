@@ -81,7 +81,8 @@ def write_corpus(path) -> str:
 #: values for required fields, and settings that keep every algorithm cheap on a 3-layer tiny model
 REQUIRED = {"layers": [1], "eta": 5.0, "lr": 0.05, "norm_constraint": 0.05}
 # max_relative_norm None: tiny random weights are small, so these steps exceed the edit guard's default bound;
-# margin 0: tiny random models' logit margins saturate near 0.4 (SHIFT_PLUS / SHIFT_NEURON aim at a margin; 0 = the target is the argmax)
+# margin 0: tiny random models' logit margins saturate near 0.4 (SHIFT_PLUS / SHIFT_NEURON aim at a margin;
+# 0 = the target is the argmax)
 CHEAP = {"skip_if_predicted": False, "margin": 0.0, "v_num_grad_steps": 3, "context_template_length_params": [[3, 2]],
          "mom2_n_tokens": 100, "mom2_max_length": 40, "steps": 3, "zstar_cache": False, "max_relative_norm": None}
 

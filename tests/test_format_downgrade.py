@@ -33,7 +33,8 @@ def tiny_dir(tmp_path):
 
 
 def _rewrite(path, scale: float = 1.0, drop: tuple[str, ...] = ()) -> None:
-    """Relabel a patch as format 1 without its checksum, its tensors scaled by ``scale``, ``drop`` removed from its metadata."""
+    """Relabel a patch as format 1 without its checksum, its tensors scaled by ``scale``, ``drop`` removed from its
+    metadata."""
     with safe_open(str(path), framework="pt") as fh:
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) * scale for k in fh.keys()}
     doc = json.loads(meta["shift_edit"])

@@ -18,7 +18,8 @@ Measured here, per layer, on the first ``--n`` records of the 837-record Counter
 - ``bound``: ``push² / maha`` relative to ``E‖FF2 output‖² = tr(W C Wᵀ)`` (the "energy" of the layer's output);
 - the real edits: ``tr(Δ C Δᵀ) / tr(W C Wᵀ)`` of SHIFT, SHIFT_PLUS and ROME deltas on the same records.
 
-    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/disturbance.py --n 20 --out eval/reports/shift_plus/disturbance.json
+    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/disturbance.py --n 20 \\
+        --out eval/reports/shift_plus/disturbance.json
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ activation ``SiLU(α z) · z`` is ~0 for ``z < 0`` and grows as ``z²`` above, s
 
 Measured at one layer on the first ``--n`` records of the 837-record file, against ``--tokens`` WikiText-2
 tokens (mean ``μ`` and covariance ``Σ`` of ``h``): least ``wᵀ(Σ + w_c Σ_c h̃_c h̃_cᵀ)w`` with ``wᵀ(h_e - μ) = 1`` and
-``wᵀμ = 0``, the template filled with the 16 contrastive subjects (``h̃_c = h_c - μ``, weight ``w_c`` = ``--contrast-weight``
+``wᵀμ = 0``, the template filled with the 16 contrastive subjects (``h̃_c = h_c - μ``, weight ``w_c`` =
+``--contrast-weight``
 relative to the per-token moment, as SHIFT_PLUS weighs its contrastive keys), ``α`` such that ``α z_e = 10``.
 Beside each number, the same for SHIFT_PLUS's linear key on FF2's input (``u ∝ A⁻¹k``, ``A = C + w_c Σ k_c k_cᵀ``,
-``uᵀk_e = 1``): its generic cost ``uᵀCu`` and the share ``uᵀk`` a paraphrase / neighbour receives. Reported per record (medians):
+``uᵀk_e = 1``): its generic cost ``uᵀCu`` and the share ``uᵀk`` a paraphrase / neighbour receives. Reported per record
+(medians):
 
 - ``generic``: ``E[a(h)²] / a_e²`` over the WikiText tokens (those tokens are also the ones ``μ, Σ`` came
   from: an optimistic estimate), beside the linear bound ``1 / kᵀC⁻¹k`` from the cached FF2 statistics;
@@ -20,7 +22,8 @@ Beside each number, the same for SHIFT_PLUS's linear key on FF2's input (``u ∝
   would receive: paraphrases should get ~1, neighbours ~0);
 - the cheapest neuron to give up: ``min_j E[x_j²] ‖W_down[:, j]‖²`` over ``tr(W C Wᵀ)``.
 
-    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/neuron_probe.py --n 20 --out eval/reports/shift_plus/neuron_probe.json
+    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/neuron_probe.py --n 20 \\
+        --out eval/reports/shift_plus/neuron_probe.json
 """
 
 from __future__ import annotations

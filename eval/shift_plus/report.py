@@ -8,7 +8,8 @@ Rows tagged with a ``curve`` (``sweep.py --curve``) are drawn as one line each; 
 SHIFT's push (eta) sweep at one layer from a ``shift-edit summarize`` file, one line.
 
 Reference points (ROME, SHIFT, unedited) are the 300-record numbers measured in this repository
-(README, "ROME and MEMIT beside the shift"; SHIFT_PLUS from `bench300/`, SHIFT_NEURON from `bench300_shift_neuron/`): a different record count from the sweep rows, drawn
+(README, "ROME and MEMIT beside the shift"; SHIFT_PLUS from `bench300/`, SHIFT_NEURON from `bench300_shift_neuron/`): a
+different record count from the sweep rows, drawn
 hollow and labelled so.
 """
 
@@ -19,7 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-#: measured here, SmolLM2-135M, first 300 records (README table; one SHIFT_PLUS point: 100): strict top-1 efficacy, ROME NS
+#: measured here, SmolLM2-135M, first 300 records (README table; one SHIFT_PLUS point: 100): strict top-1 efficacy,
+# ROME NS
 REFERENCE_300 = {"ROME, layer 5 (N=300)": (99.0, 70.2), "SHIFT, layer 26, push 60 (N=300)": (68.0, 36.1),
                  "MEMIT, layers 2-6 (N=300)": (90.0, 73.3), "unedited (N=300)": (0.7, 74.5),
                  "SHIFT_PLUS, shipped (N=300)": (95.0, 55.1),

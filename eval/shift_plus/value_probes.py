@@ -10,7 +10,8 @@ model then predicts the new target (first token, logit margin over the runner-up
 - ``last_icl`` vs ``last_decoding``: at the last token, the in-context delta (scale 1) against ``D̂[t]`` with
   the same norm (margin > 0), and the norm each direction needs for margin >= 2.
 
-    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/value_probes.py --n 20 --out eval/reports/shift_plus/value_probes.json
+    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/value_probes.py --n 20 \\
+        --out eval/reports/shift_plus/value_probes.json
 """
 
 from __future__ import annotations

@@ -5,10 +5,12 @@ Two formats, told apart by their fields (or named with ``--format``):
 - ``zsre``: MEND/ROME's zsRE (``src``, ``answers``, ``rephrase``, ``loc``, ``loc_ans``, ``subject``; the
   1,037-record file also has ``portability``). The edit is MEMIT's (``dsets/zsre.py``): the prompt ``src``,
   the subject, and the new object ``answers[0]`` (not ``alt``); it is scored in the ``zsre_token_acc`` family
-  (:mod:`.fact_metrics`). Records are read through the facade's :class:`~shift_edit.compat.easyedit_datasets.ZsreDataset`
+  (:mod:`.fact_metrics`). Records are read through the facade's
+  :class:`~shift_edit.compat.easyedit_datasets.ZsreDataset`
   checks (``loc`` starts with ``nq question:``), but records with an empty ``alt`` are kept, as MEMIT keeps them.
 - ``knowedit``: KnowEdit's files (ZsRE, WikiData-recent, WikiData-counterfact), read with the facade's
-  :class:`~shift_edit.compat.easyedit_datasets.KnowEditDataset`: ``subject``, ``prompt``, ``target_new``, ``ground_truth``,
+  :class:`~shift_edit.compat.easyedit_datasets.KnowEditDataset`: ``subject``, ``prompt``, ``target_new``,
+  ``ground_truth``,
   ``rephrase_prompt`` (ZsRE only), ``portability`` / ``locality`` sub-keys, each a list of
   ``{prompt, ground_truth}``; an answer given as a list of aliases (or a list of such lists) is scored on its
   first alias. Scored in the ``easyedit`` family through the facade's own request format.

@@ -30,7 +30,8 @@ from ..bench.summarize import harmonic_mean, read_cases, stats, summarize_run
 from ..core.errors import ShiftEditError
 from ..core.registry import run_tag
 
-ROME_FAMILY = "read from ROME/MEMIT case files: ES/PS/NS from post.*_prompts_probs (mean token NLLs), top-1 from *_prompts_correct"
+ROME_FAMILY = ("read from ROME/MEMIT case files: ES/PS/NS from post.*_prompts_probs (mean token NLLs), "
+               "top-1 from *_prompts_correct")
 EASYEDIT_FAMILY = "EasyEdit token accuracy (post.rewrite_acc etc. of an EasyEdit metrics list)"
 
 #: case-file names: ROME's evaluate.py writes ``case_<id>.json``, MEMIT's ``<num_edits>_edits-case_<id>.json``

@@ -7,7 +7,8 @@ Two checks run on every edit (:func:`shift_edit.edit`) and every applied patch
    ``||ΔW||_F / ||W||_F`` must not exceed ``max_relative_norm`` (a field of every
    algorithm's hparams, :class:`~shift_edit.algorithms.common.EditHyperParams`).
    :data:`~shift_edit.core.deltas.DEFAULT_MAX_RELATIVE_NORM` (checked by :func:`~shift_edit.core.deltas.apply_deltas`
-   as it applies, :func:`~shift_edit.core.deltas.check_relative_norm`) is far above what the shipped hparams of every algorithm
+   as it applies, :func:`~shift_edit.core.deltas.check_relative_norm`) is far above what the shipped hparams of every
+   algorithm
    produce (``eval/robustness/README.md``), and far below what breaks a model.
 2. **Finite outputs** (after applying): one forward pass over the edit prompts; if any logit
    is NaN or infinite the edit is undone bit-exactly and refused.

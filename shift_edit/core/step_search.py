@@ -45,7 +45,8 @@ class StepSearch:
             return (f"--until-top1: no {self.field} up to {self.step:.4g} made the target the strict top-1 "
                     f"({len(self.probes)} tries); keeping {self.field} {self.start:.4g}")
         how = "already enough" if self.step == self.start else f"chosen from {self.start:.4g}"
-        return f"--until-top1: {self.field} {self.step:.4g} ({how}; {len(self.probes)} tries of one edit + one forward pass)"
+        return (f"--until-top1: {self.field} {self.step:.4g} ({how}; {len(self.probes)} tries of one edit + one "
+                "forward pass)")
 
 
 def search_step(

@@ -299,7 +299,8 @@ def read_lora(path: str | Path, *, allow_unchecksummed: bool = False) -> tuple[d
     """Read an adapter folder written by :func:`export_lora`: ``(metadata, deltas)``.
 
     The deltas are ``lora_B * scaling @ lora_A`` per module, in canonical ``[out, in]``.
-    ``allow_unchecksummed``: read a format-1 adapter (no checksum), as :func:`~shift_edit.files.patch_format.read_patch`.
+    ``allow_unchecksummed``: read a format-1 adapter (no checksum), as
+    :func:`~shift_edit.files.patch_format.read_patch`.
 
     Raises:
         ShiftEditError: not a PEFT LoRA folder, or one without our side file (then there

@@ -28,7 +28,8 @@ LOCAL_WIKITEXT = Path("wikitext-2-raw-v1") / "wiki.test.nonblank.raw"
 
 
 def default_corpus() -> str:
-    """The local WikiText-2 test split if found (:mod:`shift_edit.files.data_files`), else WikiText-103 train via ``datasets``."""
+    """The local WikiText-2 test split if found (:mod:`shift_edit.files.data_files`), else WikiText-103 train via
+    ``datasets``."""
     local = find_data("wikitext")
     if local is None:
         log.warning("no local WikiText (run `shift-edit data fetch wikitext` or set SHIFT_EDIT_DATA); "

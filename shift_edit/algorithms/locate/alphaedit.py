@@ -132,7 +132,8 @@ def compute_alphaedit(
         if dim == 0:
             raise ShiftEditError(
                 f"AlphaEdit: no eigenvalue of layer {layer}'s key second moment is below nullspace_threshold "
-                f"{hparams.nullspace_threshold:g} (smallest {float(torch.linalg.eigvalsh(stats[layer].mom2.double())[0]):.3g}); "
+                f"{hparams.nullspace_threshold:g} "
+                f"(smallest {float(torch.linalg.eigvalsh(stats[layer].mom2.double())[0]):.3g}); "
                 "raise the threshold"
             )
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)

@@ -8,7 +8,8 @@ value is a residual-stream vector that attention carries from the subject to the
 
 For a request at layer ``L`` (one neuron per request, whatever the target's length):
 
-1. **Keys** (:func:`~shift_edit.algorithms.shift.subject_value.prepare`): the MLP input ``h`` at the subject's fact token
+1. **Keys** (:func:`~shift_edit.algorithms.shift.subject_value.prepare`): the MLP input ``h`` at the subject's fact
+   token
    (``fact_token``, ROME's ``subject_last``) of the prompt behind ROME's context templates (``"{}"`` and a few short
    texts the model generated, ``context_template_length_params``), at every listed layer, and the unedited logits
    (skip check); then the template filled with other subjects (``n_contrast``; a pass that stops at the highest
@@ -18,7 +19,8 @@ For a request at layer ``L`` (one neuron per request, whatever the target's leng
    earlier edits' subject keys (the :class:`~shift_edit.core.memory.EditMemory`), so the neuron's pre-activation is
    ``α(1 - β)`` at the subject in every context and ``-αβ ± spread`` elsewhere, where the activation function gives
    about 0. ``max_generic_fires`` refuses a neuron that would fire on too many tokens of a generic sample.
-3. **Value** (:func:`~shift_edit.algorithms.shift.subject_value.fit_value`): δ added to FF2's output at the fact token of
+3. **Value** (:func:`~shift_edit.algorithms.shift.subject_value.fit_value`): δ added to FF2's output at the fact token
+   of
    every context, fitted by ``v_num_grad_steps`` Adam steps on ROME's v* loss (target NLL, KL on
    ``"{subject} is a"``, weight decay, norm clamp). Each step re-runs blocks ``L..`` on the columns from the fact
    token on only (a KV cache holds the text before it): one forward and one backward pass over a few tokens.

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 #: measured here, SmolLM2-135M, first 300 records (README table; one SHIFT_PLUS point: 100): strict top-1 efficacy,
-# ROME NS
+#: ROME NS
 REFERENCE_300 = {"ROME, layer 5 (N=300)": (99.0, 70.2), "SHIFT, layer 26, push 60 (N=300)": (68.0, 36.1),
                  "MEMIT, layers 2-6 (N=300)": (90.0, 73.3), "unedited (N=300)": (0.7, 74.5),
                  "SHIFT_PLUS, shipped (N=300)": (95.0, 55.1),

@@ -70,11 +70,20 @@ def main() -> None:
         rows[spec] = {"layers": hps[spec].layers, "full_s": full, "prefix_s": pre, "speedup": full / pre}
         print(f"{spec:10} {str(hps[spec].layers):10} {full:8.2f} {pre:9.2f} {full / pre:8.2f}x")
     if args.out:
-        atomic_write_json(args.out, {"protocol": {"model": "smollm2-135m", "records": f"1..{args.n} (0: warm-up)",
-                                                  "threads": args.threads, "hparams": {s: h.to_dict() for s,
-                                                                                       h in hps.items()},
-                                                  "timed": "finetune() compute, median per edit"},
-                                     "results": rows, "provenance": provenance(model)})
+        atomic_write_json(
+            args.out,
+            {
+                "protocol": {
+                    "model": "smollm2-135m",
+                    "records": f"1..{args.n} (0: warm-up)",
+                    "threads": args.threads,
+                    "hparams": {s: h.to_dict() for s, h in hps.items()},
+                    "timed": "finetune() compute, median per edit",
+                },
+                "results": rows,
+                "provenance": provenance(model),
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -85,8 +85,9 @@ def main() -> None:
             delta = WeightDelta(name, layout, left=left, right=right, layer=layer)
             with temporarily_applied(model, [delta]):
                 m = metrics_from_scores(scorer.scores(scorer.logits(model)))
-            m["u_cosine_to_largest"] = float(F.cosine_similarity(right[0].double(), factors[largest][1][0].double(),
-                                                                 dim=0))
+            m["u_cosine_to_largest"] = float(
+                F.cosine_similarity(right[0].double(), factors[largest][1][0].double(), dim=0)
+            )
             per_row[r].append(m)
 
     table = {}
@@ -119,12 +120,16 @@ def main() -> None:
             "| cos(u, u_largest) |")
     lines = [head, "|" + "---|" * 10]
     for r, c in table.items():
-        lines.append(f"| {r} | {c['tokens_used']} ({c['texts_used']}) | " + " | ".join(
-            f"{c[k]['mean']:.1f} ± {c[k]['ci95']:.1f}" for k in ("ES", "PS",
-                                                                 "NS")) + f" | {c['S']:.1f} | " + " | ".join(
-            f"{c[k]['mean']:.1f} ± {c[k]['ci95']:.1f}" for k in ("efficacy_top1", "paraphrase_top1",
-                                                                 "neighborhood_top1"))
-            + f" | {c['u_cosine_to_largest']:.3f} |")
+        lines.append(
+            f"| {r} | {c['tokens_used']} ({c['texts_used']}) | "
+            + " | ".join(f"{c[k]['mean']:.1f} ± {c[k]['ci95']:.1f}" for k in ("ES", "PS", "NS"))
+            + f" | {c['S']:.1f} | "
+            + " | ".join(
+                f"{c[k]['mean']:.1f} ± {c[k]['ci95']:.1f}"
+                for k in ("efficacy_top1", "paraphrase_top1", "neighborhood_top1")
+            )
+            + f" | {c['u_cosine_to_largest']:.3f} |"
+        )
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     logging.info("\n".join(lines))
 

@@ -97,8 +97,9 @@ def test_the_alias_gguf_file_is_the_alias(tmp_path):
     assert Args.model == "smollm2-135m"
 
 
-@pytest.mark.parametrize("alg, step, field", [("ADAM", "lr", "eps"), ("FT", "lr", "weight_decay"), ("SHIFT", "eta",
-                                                                                                    "eta")])
+@pytest.mark.parametrize(
+    "alg, step, field", [("ADAM", "lr", "eps"), ("FT", "lr", "weight_decay"), ("SHIFT", "eta", "eta")]
+)
 def test_nan_hparams_are_one_line(alg, step, field, tmp_path, tiny_dir, capsys):
     hp = tmp_path / "hp.yaml"
     hp.write_text(f"alg_name: {alg}\nlayers: [1]\n{step}: 0.1\n{field}: .nan\n")
@@ -132,8 +133,9 @@ def test_deeply_nested_data_file_is_one_line(tmp_path, tiny_dir, capsys):
 
 
 @pytest.mark.parametrize("layers, message", [("50:60", "layer 50 is out of range"), ("5:3", "selects no layer")])
-def test_sweep_layers_out_of_range_is_one_line_before_any_work(layers, message, tmp_path, tiny_dir, capsys,
-                                                                shared_data):
+def test_sweep_layers_out_of_range_is_one_line_before_any_work(
+    layers, message, tmp_path, tiny_dir, capsys, shared_data
+):
     data = shared_data / "counterfact-original-format-subset837.json"
     if not data.is_file():
         pytest.skip("no CounterFact subset in the shared data")

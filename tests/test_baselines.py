@@ -102,8 +102,9 @@ def test_ft_l_never_leaves_its_box_and_ft_does(byte_tok):
     model = tiny_model("gpt2")
     eps = 2e-3
     kw = dict(layers=[0, 2], lr=1e-2, steps=10, early_stop_nll=0.0, skip_if_predicted=False)
-    c = se.get_algorithm("FT_L").compute(model, byte_tok, se.make_requests(REQ), FTLHyperParams(norm_constraint=eps,
-                                                                                                **kw))
+    c = se.get_algorithm("FT_L").compute(
+        model, byte_tok, se.make_requests(REQ), FTLHyperParams(norm_constraint=eps, **kw)
+    )
     assert all(d.dense.abs().max() <= eps * (1 + 1e-5) for d in c.deltas)
     assert max(float(d.dense.abs().max()) for d in c.deltas) > 0.5 * eps
     u = se.get_algorithm("FT").compute(model, byte_tok, se.make_requests(REQ), FTHyperParams(**kw))

@@ -90,8 +90,15 @@ def test_ngram_entropy_by_hand():
     assert bg.ngram_entropy(["a b a b", "x x x x x"]) == pytest.approx((2 / 3 * h2 + 4 / 3) / 4)
     assert bg.word_tokens("Paris, France's capital.") == ["Paris", ",", "France", "'s", "capital", "."]
     # word_tokenize's word tokenizer (not Treebank's): curly quotes and ellipses are split off
-    assert bg.word_tokens("\u201chello\u201d\u2026 it\u2019s") == ["\u201c", "hello", "\u201d", "\u2026", "it",
-                                                                   "\u2019", "s"]
+    assert bg.word_tokens("\u201chello\u201d\u2026 it\u2019s") == [
+        "\u201c",
+        "hello",
+        "\u201d",
+        "\u2026",
+        "it",
+        "\u2019",
+        "s",
+    ]
     from nltk.tokenize import word_tokenize
 
     text = "The city of Paris is large. It has \u201cmany\u201d museums, e.g. the Louvre..."
@@ -301,8 +308,9 @@ def test_batched_scoring_equals_unbatched(byte_tok, tmp_path):
         for p, (n1, t1) in zip(prompts, rows):
             n2, t2 = se.model.scoring.score_continuations(model, byte_tok, [p, p], [case.request.target_new, true],
                                                           batch_size=1)
-            assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5) and torch.allclose(t1.token_nll, t2.token_nll,
-                                                                                            atol=1e-5)
+            assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5) and torch.allclose(
+                t1.token_nll, t2.token_nll, atol=1e-5
+            )
     # next-token distributions for KL too
     nb = case.neighborhood_prompts
     assert torch.allclose(bm.next_token_logprobs(model, byte_tok, nb, batch_size=8),
@@ -390,9 +398,13 @@ def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_pa
 
     model = tiny_model(model_type)
     cases = bdata.load_counterfact(write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)]))
-    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(layers=[2], eta=50.0, eta_scaling="normalized",
-                                                               skip_if_predicted=False, max_relative_norm=None),
-                      skip_generation=True)
+    cfg = BenchConfig(
+        alg="SHIFT",
+        hparams=se.ShiftHyperParams(
+            layers=[2], eta=50.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None
+        ),
+        skip_generation=True,
+    )
     fast_state, slow_state = RunState(), RunState(resume_exact=False)
     for i, case in enumerate(cases):
         fast = evaluate_case(model, byte_tok, case, cfg, position=i, ppl_lines=None, state=fast_state)
@@ -400,8 +412,9 @@ def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_pa
         assert fast["edit"]["rerun_from_block"] == 2 and slow["edit"]["rerun_from_block"] == 0
         for fam in ("rome", "top1", "top1_first"):
             assert fast["metrics"][fam] == pytest.approx(slow["metrics"][fam], abs=1e-6)
-        assert fast["metrics"]["neighborhood_kl"]["mean"] == pytest.approx(slow["metrics"]["neighborhood_kl"]["mean"],
-                                                                           abs=1e-6)
+        assert fast["metrics"]["neighborhood_kl"]["mean"] == pytest.approx(
+            slow["metrics"]["neighborhood_kl"]["mean"], abs=1e-6
+        )
         assert fast["metrics"]["neighborhood_kl"]["mean"] > 0
     assert fast_state.resume_exact is True
 
@@ -522,8 +535,9 @@ def test_torchrun_shards_into_one_run_dir(byte_tok, tmp_path):
     sharded = _metrics(tmp_path / "tr" / "SHIFT" / "run_000")
     assert sorted(sharded) == sorted(plain) == [f"case_{i}.json" for i in range(4)]
     for k in plain:
-        assert sharded[k]["top1"] == plain[k]["top1"] and sharded[k]["rome"] == pytest.approx(plain[k]["rome"],
-                                                                                              abs=1e-6)
+        assert sharded[k]["top1"] == plain[k]["top1"] and sharded[k]["rome"] == pytest.approx(
+            plain[k]["rome"], abs=1e-6
+        )
 
 
 def test_killed_run_resumes_to_the_same_case_files(byte_tok, tmp_path):
@@ -590,8 +604,9 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
         text = req["prompt"].format(req["subject"])
         res = se.edit(model, tok, req, hp)
         try:
-            new, true = se.model.scoring.score_continuations(model, tok, [text, text], [req["target_new"],
-                                                                                        req["target_true"]])
+            new, true = se.model.scoring.score_continuations(
+                model, tok, [text, text], [req["target_new"], req["target_true"]]
+            )
         finally:
             res.undo()
         nll = c["metrics"]["nll"]["rewrite"][0]

@@ -68,10 +68,16 @@ def test_edit_metrics_equal_easyedit_structure_for_every_algorithm(alg, byte_tok
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     editor = se.BaseEditor(tiny_hparams(alg, corpus), model=model, tok=byte_tok)
     metrics, edited, weights = editor.edit(
-        PROMPTS, TARGETS, ["France", "Barcelona"], rephrase_prompts=["The capital Paris belongs to",
-                                                                     "Messi is a player of"],
-        locality_inputs=json.loads(json.dumps(LOCALITY)), portability_inputs=PORTABILITY,
-        subject=["Paris", "Messi"], keep_original_weight=True, test_generation=alg == "SHIFT")
+        PROMPTS,
+        TARGETS,
+        ["France", "Barcelona"],
+        rephrase_prompts=["The capital Paris belongs to", "Messi is a player of"],
+        locality_inputs=json.loads(json.dumps(LOCALITY)),
+        portability_inputs=PORTABILITY,
+        subject=["Paris", "Messi"],
+        keep_original_weight=True,
+        test_generation=alg == "SHIFT",
+    )
     assert len(metrics) == 2 and edited is model
     for i, m in enumerate(metrics):
         want = easyedit_structure(m["requested_rewrite"], alg == "SHIFT")
@@ -196,10 +202,15 @@ def shift_metrics(byte_tok, tmp_path_factory):
     model = tiny_model("llama")
     hp = se.ShiftHyperParams(layers=[1], eta=40.0, skip_if_predicted=False)
     metrics, _, _ = se.BaseEditor(hp, model=model, tok=byte_tok).edit(
-        PROMPTS, TARGETS, ["France", "Barcelona"], rephrase_prompts=["The capital Paris belongs to",
-                                                                     "Messi is a player of"],
-        locality_inputs=json.loads(json.dumps(LOCALITY)), portability_inputs=PORTABILITY, test_generation=True,
-        verbose=False)
+        PROMPTS,
+        TARGETS,
+        ["France", "Barcelona"],
+        rephrase_prompts=["The capital Paris belongs to", "Messi is a player of"],
+        locality_inputs=json.loads(json.dumps(LOCALITY)),
+        portability_inputs=PORTABILITY,
+        test_generation=True,
+        verbose=False,
+    )
     return json.loads(json.dumps(metrics))  # as a results JSON file holds them
 
 

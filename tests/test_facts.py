@@ -37,13 +37,20 @@ def knowedit_records(n: int = 3) -> list[dict]:
     objs = ["Paris", "Rome", "Oslo"]
     out = []
     for i in range(n):
-        rec = {"subject": f"Sub{i}", "prompt": f"The city of Sub{i} is", "target_new": objs[i % 3],
-               "ground_truth": [objs[(i + 1) % 3]], "rephrase_prompt": f"Sub{i} lies in the city of",
-               "locality": {"Relation_Specificity": [{"prompt": f"The owner of Sub{i} is", "ground_truth": ["Bob"]},
-                                                     {"prompt": f"Sub{i} was built by", "ground_truth": [["Al",
-                                                                                                          "Alf"]]}]},
-               "portability": {"Reasoning": [{"prompt": f"The country of the city of Sub{i} is",
-                                              "ground_truth": "Land"}]}}
+        rec = {
+            "subject": f"Sub{i}",
+            "prompt": f"The city of Sub{i} is",
+            "target_new": objs[i % 3],
+            "ground_truth": [objs[(i + 1) % 3]],
+            "rephrase_prompt": f"Sub{i} lies in the city of",
+            "locality": {
+                "Relation_Specificity": [
+                    {"prompt": f"The owner of Sub{i} is", "ground_truth": ["Bob"]},
+                    {"prompt": f"Sub{i} was built by", "ground_truth": [["Al", "Alf"]]},
+                ]
+            },
+            "portability": {"Reasoning": [{"prompt": f"The country of the city of Sub{i} is", "ground_truth": "Land"}]},
+        }
         if i == 1:
             rec["portability"]["Subject_Aliasing"] = [{"prompt": f"The city of S{i} is", "ground_truth": objs[1]}]
         out.append(rec)
@@ -141,17 +148,25 @@ def test_knowedit_metrics_equal_a_hand_computation_and_the_facade(byte_tok, tmp_
         # the facade (EasyEdit's BaseEditor.edit_requests) gives the same numbers
         assert flat_values({"easyedit": summarize_easyedit(facade[i]["post"])}) == flat_values({"easyedit": got})
         ee = case.ee_request
-        pre_loc = [hand_ee(model, byte_tok, p, t)[1] for p, t in zip(ee["locality"]["Relation_Specificity"]["prompt"],
-                                                                    ee["locality"]["Relation_Specificity"]["ground_truth"])]
+        pre_loc = [
+            hand_ee(model, byte_tok, p, t)[1]
+            for p, t in zip(
+                ee["locality"]["Relation_Specificity"]["prompt"], ee["locality"]["Relation_Specificity"]["ground_truth"]
+            )
+        ]
         result = _edit(model, byte_tok, case)
         try:
             rewrite = hand_ee(model, byte_tok, rec["prompt"], rec["target_new"])[0]
             rephrase = hand_ee(model, byte_tok, rec["rephrase_prompt"], rec["target_new"])[0]
             ports = {k: _mean([hand_ee(model, byte_tok, p, t)[0] for p, t in zip(v["prompt"], v["ground_truth"])])
                      for k, v in ee["portability"].items()}
-            post_loc = [hand_ee(model, byte_tok, p, t)[1] for p,
-                        t in zip(ee["locality"]["Relation_Specificity"]["prompt"],
-                                                                        ee["locality"]["Relation_Specificity"]["ground_truth"])]
+            post_loc = [
+                hand_ee(model, byte_tok, p, t)[1]
+                for p, t in zip(
+                    ee["locality"]["Relation_Specificity"]["prompt"],
+                    ee["locality"]["Relation_Specificity"]["ground_truth"],
+                )
+            ]
         finally:
             result.undo()
         loc = _mean([_mean([a == b for a, b in zip(u, v)]) for u, v in zip(pre_loc, post_loc)])
@@ -319,9 +334,18 @@ def test_summarize_gives_one_table_per_data_set_and_fact_curves(byte_tok, tmp_pa
         rows.append(summarize_run(run_fact_bench(model, byte_tok, load_facts(path), cfg, tmp_path / fmt,
                                                  data_info={"sha256": "x"}, model_name="tiny", progress=False)))
     ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"source": "paper", "model": "GPT-J", "n": 10, "dataset": "my-zsre",
-                               "metric_family": "zsre_token_acc", "rows": [{"alg": "ROME",
-                                                                            "metrics": {"zsre_efficacy": 90.0}}]}))
+    ref.write_text(
+        json.dumps(
+            {
+                "source": "paper",
+                "model": "GPT-J",
+                "n": 10,
+                "dataset": "my-zsre",
+                "metric_family": "zsre_token_acc",
+                "rows": [{"alg": "ROME", "metrics": {"zsre_efficacy": 90.0}}],
+            }
+        )
+    )
     rows += load_reference(ref)
     md = to_markdown_by_dataset(rows)
     zsre_part, know_part = md.split("## my-knowedit")

@@ -134,8 +134,9 @@ def test_memit_json_and_ft_json(tmp_path):
     assert hp.layers == [13, 14, 15, 16, 17] and hp.mom2_update_weight == 20000.0 and hp.clamp_norm_factor == 0.75
     ft = se.FTHyperParams.from_json(write(tmp_path, "ft.json", json.dumps(FT_UNCONSTR_JSON)))
     assert type(ft) is se.FTHyperParams and ft.steps == 25 and ft.lr == 5e-4
-    constr = se.FTHyperParams.from_json(write(tmp_path, "ftc.json", json.dumps({**FT_UNCONSTR_JSON,
-                                                                                "norm_constraint": 5e-4})))
+    constr = se.FTHyperParams.from_json(
+        write(tmp_path, "ftc.json", json.dumps({**FT_UNCONSTR_JSON, "norm_constraint": 5e-4}))
+    )
     assert type(constr) is se.FTLHyperParams and constr.norm_constraint == 5e-4  # ROME's constrained FT is FT-L
 
 

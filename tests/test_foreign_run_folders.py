@@ -190,8 +190,10 @@ def test_export_then_summarize_gives_our_numbers(source_run, tmp_path, fmt):
     assert names == (
         [f"case_{i}.json" for i in range(4)] if fmt == "rome" else [f"2_edits-case_{i}.json" for i in range(4)]
     )
-    assert json.loads((out / names[3]).read_text())["post"].keys() >= {"rewrite_prompts_probs",
-                                                                       "neighborhood_prompts_probs"}
+    assert json.loads((out / names[3]).read_text())["post"].keys() >= {
+        "rewrite_prompts_probs",
+        "neighborhood_prompts_probs",
+    }
     assert kind_of(out) == fmt and kind_of(source_run) == "ours"  # both have a params.json: told apart by content
     row = summarize_any(out)
     cols = ["ES", "PS", "NS", "EM", "PM", "NM", "S", "ngram_entropy"] + (

@@ -48,8 +48,9 @@ def _state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_a_format_2_patch_relabelled_as_format_1_is_refused_even_when_unchecksummed_files_are_allowed(patch_file,
-                                                                                                      tiny_dir, capsys):
+def test_a_format_2_patch_relabelled_as_format_1_is_refused_even_when_unchecksummed_files_are_allowed(
+    patch_file, tiny_dir, capsys
+):
     _rewrite(patch_file, scale=1.5)  # the audit's downgrade: version 1, no checksum, weights x1.5
     model = tiny_model("gpt2")
     before = _state(model)

@@ -373,9 +373,11 @@ def test_heatmap_marks_the_subject(tmp_path, monkeypatch):
 
     seen = {}
     real = matplotlib.axes.Axes.set_xticks
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
-                        lambda self, ticks, labels=None, **kw: seen.setdefault("labels", labels) and real(self, ticks,
-                                                                                                          labels, **kw))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_xticks",
+        lambda self, ticks, labels=None, **kw: seen.setdefault("labels", labels) and real(self, ticks, labels, **kw),
+    )
     cell = {"token": "x", "delta_norm": 1.0, "x_norm": 1.0, "outer_norm": 1.0}
     grid = LensGrid(kind="ff2", normalized=False, order="bottom", layers=[0, 1], tokens=["Mess", "i", " plays"],
                     cells=[[cell] * 3, [cell] * 3])

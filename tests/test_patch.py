@@ -89,8 +89,9 @@ def test_bad_patch_files(tmp_path):
 
 
 def test_undone_edit_cannot_be_saved(byte_tok, tmp_path):
-    result = se.edit(tiny_model("gpt2"), byte_tok, REQS[0], se.ShiftHyperParams(layers=[1], eta=0.5,
-                                                                                skip_if_predicted=False))
+    result = se.edit(
+        tiny_model("gpt2"), byte_tok, REQS[0], se.ShiftHyperParams(layers=[1], eta=0.5, skip_if_predicted=False)
+    )
     result.undo()
     with pytest.raises(se.ShiftEditError, match="undone"):
         result.save_patch(tmp_path / "p.safetensors")

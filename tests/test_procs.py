@@ -38,9 +38,9 @@ def launched(monkeypatch) -> list[int]:
     (2, 10, 4, 2, "2 core(s)"),
     (8, 3, 4, 3, "3 share(s) of records"),
 ])
-def test_procs_above_the_cores_or_the_records_is_lowered_with_one_warning(cores, records, procs, want, named,
-                                                                          bench_args,
-                                                                         launched, monkeypatch, capsys):
+def test_procs_above_the_cores_or_the_records_is_lowered_with_one_warning(
+    cores, records, procs, want, named, bench_args, launched, monkeypatch, capsys
+):
     monkeypatch.setattr(bench_cli, "available_cores", lambda: cores)
     assert main([*bench_args(records), "--procs", str(procs)]) == 0
     assert launched == [want]

@@ -36,13 +36,19 @@ def test_rome_and_memit_summarize_read_the_export_with_our_numbers(run_dir, tmp_
     ours = summarize_run(run_dir)["metrics"]
     export_run(run_dir, tmp_path / "rome" / "run_000", "rome")
     export_run(run_dir, tmp_path / "memit" / "run_000", "memit")
-    for d, pattern in ((tmp_path / "rome" / "run_000", "case_*.json"), (tmp_path / "memit" / "run_000",
-                                                                        "*case_*.json")):
+    for d, pattern in (
+        (tmp_path / "rome" / "run_000", "case_*.json"),
+        (tmp_path / "memit" / "run_000", "*case_*.json"),
+    ):
         theirs = rome_summarize(d, pattern)
         assert theirs["num_cases"] == 4
-        for col, key in (("ES", "post_rewrite_success"), ("PS", "post_paraphrase_success"),
-                         ("NS", "post_neighborhood_success"), ("EM", "post_rewrite_diff"), ("NM",
-                                                                                            "post_neighborhood_diff")):
+        for col, key in (
+            ("ES", "post_rewrite_success"),
+            ("PS", "post_paraphrase_success"),
+            ("NS", "post_neighborhood_success"),
+            ("EM", "post_rewrite_diff"),
+            ("NM", "post_neighborhood_diff"),
+        ):
             assert ours[col]["mean"] == pytest.approx(100 * theirs[key][0], abs=1e-9), col
         assert ours["S"]["mean"] == pytest.approx(100 * theirs["post_score"], rel=1e-9)
         assert ours["ngram_entropy"]["mean"] == pytest.approx(100 * theirs["post_ngram_entropy"][0])

@@ -18,12 +18,19 @@ from shift_edit.cli import main
 
 
 def rome_record(case_id, i: int = 0) -> dict:
-    return {"case_id": case_id,
-            "requested_rewrite": {"prompt": "{} plays for", "subject": f"Sub{i}", "relation_id": "P54",
-                                  "target_new": {"str": "Paris", "id": "Q1"}, "target_true": {"str": "Rome",
-                                                                                              "id": "Q2"}},
-            "paraphrase_prompts": [f"Yes. Sub{i} plays for"], "neighborhood_prompts": ["Totti plays for"],
-            "generation_prompts": [f"Sub{i} is"]}
+    return {
+        "case_id": case_id,
+        "requested_rewrite": {
+            "prompt": "{} plays for",
+            "subject": f"Sub{i}",
+            "relation_id": "P54",
+            "target_new": {"str": "Paris", "id": "Q1"},
+            "target_true": {"str": "Rome", "id": "Q2"},
+        },
+        "paraphrase_prompts": [f"Yes. Sub{i} plays for"],
+        "neighborhood_prompts": ["Totti plays for"],
+        "generation_prompts": [f"Sub{i} is"],
+    }
 
 
 def write_data(tmp_path: Path, ids, name: str = "data.json") -> Path:

@@ -230,8 +230,9 @@ def test_rome_lambda_from_prompt_key_gives_the_prompt_exactly_delta(model_type, 
 def test_rome_without_covariance_uses_the_key(byte_tok, corpus, monkeypatch):
     model = tiny_model("llama")
     seen = _capture_optimise(monkeypatch, rome_mod)
-    computed = rome_mod.compute_rome(model, byte_tok, [make_request(REQ)], _rome_hp(mom2_adjustment=False,
-                                                                                    mom2_corpus=corpus))
+    computed = rome_mod.compute_rome(
+        model, byte_tok, [make_request(REQ)], _rome_hp(mom2_adjustment=False, mom2_corpus=corpus)
+    )
     k_star = seen[0].keys.mean(0)
     right = computed.deltas[0].right[0]
     assert torch.allclose(right, k_star / k_star.norm(), atol=1e-6)

@@ -87,8 +87,9 @@ def test_checkpoints_score_against_the_unedited_model_and_true_objects(byte_tok,
     assert [b["n"] for b in json.loads((run_dir / "summary.json").read_text())["batches"]] == [3, 1]
 
     def values(m, cs):
-        return [record_values(metrics_from_scores(s.scores(s.logits(m)))) for s in (CaseScorer(byte_tok,
-                                                                                               c) for c in cs)]
+        return [
+            record_values(metrics_from_scores(s.scores(s.logits(m)))) for s in (CaseScorer(byte_tok, c) for c in cs)
+        ]
 
     unedited, final = values(base, cases), values(model, cases)
     for name in ("NS", "neighborhood_top1", "ES", "efficacy_top1"):

@@ -71,8 +71,9 @@ def test_all_target_tokens_uses_teacher_forced_positions(byte_tok):
     xs = reference_x(model, ff2, p + t[:-1])[len(p) - 1 :]
     dec = model.get_output_embeddings().weight.detach()
     expected = w0 + 0.2 * sum(torch.outer(dec[tok_id], x) for tok_id, x in zip(t, xs))
-    res = se.edit(model, byte_tok, REQ, se.ShiftHyperParams(layers=[0], eta=0.2, target_tokens="all",
-                                                            skip_if_predicted=False))
+    res = se.edit(
+        model, byte_tok, REQ, se.ShiftHyperParams(layers=[0], eta=0.2, target_tokens="all", skip_if_predicted=False)
+    )
     torch.testing.assert_close(ff2.weight.detach(), expected, rtol=1e-5, atol=1e-6)
     assert res.deltas[0].rank == len(t)
 

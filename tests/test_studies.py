@@ -80,9 +80,9 @@ def test_study_files_resume_and_summaries(byte_tok, tmp_path):
     assert {(s["alg"], s["layer"]) for s in doc["summary"]} == {(a, x) for a in ("SHIFT", "SGD") for x in (0, 2)}
     assert (tmp_path / "min_lr.png").stat().st_size > 0 and (tmp_path / "summary.csv").read_text().startswith("alg,")
     sweep_dir = tmp_path / "sweep"
-    srows = layer_sweep.run_layer_sweep(model, byte_tok, recs, layers=[0, 1], settings=[("raw", 5.0), ("normalized",
-                                                                                                       50.0)],
-                                        out_dir=sweep_dir)
+    srows = layer_sweep.run_layer_sweep(
+        model, byte_tok, recs, layers=[0, 1], settings=[("raw", 5.0), ("normalized", 50.0)], out_dir=sweep_dir
+    )
     assert len(srows) == 2 * (4 + 1)
     assert all(0 <= r[m] <= 1 for r in srows for m in ("efficacy", "paraphrase", "neighborhood"))
     sdoc = layer_sweep.write_outputs(srows, sweep_dir, model, {}, None)
@@ -135,8 +135,13 @@ def test_layer_sweep_cells_equal_full_passes(byte_tok, tmp_path, arch):
     assert len(cells) == 6
     for r in cells:
         rec = next(x for x in recs if x["case_id"] == r["case_id"])
-        res = se.edit(model, byte_tok, rec, ShiftHyperParams(layers=[r["layer"]], eta=40.0, eta_scaling="normalized",
-                                                             skip_if_predicted=False), force=True)
+        res = se.edit(
+            model,
+            byte_tok,
+            rec,
+            ShiftHyperParams(layers=[r["layer"]], eta=40.0, eta_scaling="normalized", skip_if_predicted=False),
+            force=True,
+        )
         try:
             full = layer_sweep.top1_metrics(model, byte_tok, rec)
         finally:

@@ -63,12 +63,23 @@ def _records(n: int) -> list[dict]:
     facts = [("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
              ("Toko Yasuda", "{} plays the", "piano", "guitar"),
              ("Apple A5", "{} is created by", "Google", "Apple")]
-    return [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P0",
-                                                 "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": old,
-                                                                                                         "id": "Q2"}},
-             "paraphrase_prompts": [f"In short, {p.format(s)}"], "neighborhood_prompts": [p.format("someone else")],
-             "attribute_prompts": [], "generation_prompts": [f"{s} is"]}
-            for i, (s, p, new, old) in enumerate(facts[:n])]
+    return [
+        {
+            "case_id": i,
+            "requested_rewrite": {
+                "prompt": p,
+                "subject": s,
+                "relation_id": "P0",
+                "target_new": {"str": new, "id": "Q1"},
+                "target_true": {"str": old, "id": "Q2"},
+            },
+            "paraphrase_prompts": [f"In short, {p.format(s)}"],
+            "neighborhood_prompts": [p.format("someone else")],
+            "attribute_prompts": [],
+            "generation_prompts": [f"{s} is"],
+        }
+        for i, (s, p, new, old) in enumerate(facts[:n])
+    ]
 
 
 def test_installed_wheel_edits_and_benches_from_an_empty_folder(installed, smollm2, tmp_path):

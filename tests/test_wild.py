@@ -104,9 +104,11 @@ def test_greedy_decoder_with_each_records_edit_on_its_rows(byte_tok):
 
     model = tiny_model("llama")
     hp = se.ShiftHyperParams(layers=[1], eta=40.0, skip_if_predicted=False)
-    delta = se.get_algorithm("SHIFT").compute(model, byte_tok, [se.make_request({"prompt": "ab plays",
-                                                                                 "target_new": "Paris"})],
-                                              hp).deltas
+    delta = (
+        se.get_algorithm("SHIFT")
+        .compute(model, byte_tok, [se.make_request({"prompt": "ab plays", "target_new": "Paris"})], hp)
+        .deltas
+    )
     groups = [GenerationGroup(["ab plays", "xy"], 0, delta), GenerationGroup(["ab plays"], 0)]
     got = bw.greedy_continuations(model, byte_tok, groups, max_new_tokens=10)
     stop = bw._stop_ids(model, byte_tok)
@@ -152,8 +154,11 @@ def test_single_edit_runs_write_the_family(byte_tok, tmp_path):
             if k.endswith("_success")
         }
     s = summarize_run(run)
-    for col, group in (("gen_efficacy", "rewrite"), ("gen_paraphrase", "paraphrase"), ("gen_neighborhood",
-                                                                                       "neighborhood")):
+    for col, group in (
+        ("gen_efficacy", "rewrite"),
+        ("gen_paraphrase", "paraphrase"),
+        ("gen_neighborhood", "neighborhood"),
+    ):
         vals = [100 * m["wild"][f"{group}_success"] for m in metrics.values() if f"{group}_success" in m["wild"]]
         assert s["metrics"][col]["mean"] == pytest.approx(sum(vals) / len(vals)) and s["metrics"][col]["n"] == len(vals)
     assert s["metrics"]["gen_rephrase"]["n"] == 1 and s["metrics"]["gen_paraphrase"]["n"] == 3

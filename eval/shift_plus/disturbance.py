@@ -63,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     adapter = ModelAdapter(model)
     stats = layer_stats(model, tok, layers, n_tokens=50_000, max_length=128, progress=False)
     c = {L: stats[L].mom2.double() for L in layers}
-    c_inv = {L: torch.linalg.inv(c[L] + 1e-6 * float(torch.diagonal(c[L]).mean()) * torch.eye(c[L].shape[0],
-                                                                                              dtype=torch.float64))
-             for L in layers}
+    c_inv = {
+        L: torch.linalg.inv(
+            c[L] + 1e-6 * float(torch.diagonal(c[L]).mean()) * torch.eye(c[L].shape[0], dtype=torch.float64)
+        )
+        for L in layers
+    }
     energy = {}
     for L in layers:
         ff2 = adapter.module(adapter.ff2_name(L))

@@ -48,8 +48,9 @@ def table(rows: list[dict]) -> str:
         cells = []
         for k, _ in COLUMNS:
             v = r.get(k)
-            cells.append("" if v is None else (f"{v:.3f}" if k in ("ppl_ratio_median",
-                                                                   "neighborhood_kl") else f"{v:.1f}"))
+            cells.append(
+                "" if v is None else (f"{v:.3f}" if k in ("ppl_ratio_median", "neighborhood_kl") else f"{v:.1f}")
+            )
         out.append(f"| {r['name']} `{json.dumps(r['override'])}` | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -92,9 +93,11 @@ def plot(rows: list[dict], path: str, sweeps: dict[str, list[dict]] | None = Non
     for name, (eff, ns) in REFERENCE_300.items():
         ax.scatter(ns, eff, facecolors="none", edgecolors="tab:red")
         # the two SHIFT_PLUS points sit close to each other and to ROME's: their labels go left-above / right-below
-        offset, ha = {"lifelong": ((-6, 4), "right"), "shipped": ((0, -14), "center"), "NEURON": ((-2, -30),
-                                                                                                  "right")}.get(
-            next((k for k in ("NEURON", "lifelong", "shipped") if k in name), ""), ((2, 2), "left"))
+        offset, ha = {
+            "lifelong": ((-6, 4), "right"),
+            "shipped": ((0, -14), "center"),
+            "NEURON": ((-2, -30), "right"),
+        }.get(next((k for k in ("NEURON", "lifelong", "shipped") if k in name), ""), ((2, 2), "left"))
         ax.annotate(name, (ns, eff), fontsize=7, color="tab:red", xytext=offset, textcoords="offset points", ha=ha)
     ax.set_xlabel("neighborhood success NS (ROME family), %")
     ax.set_ylabel("efficacy, strict top-1 (MEMIT family), %")

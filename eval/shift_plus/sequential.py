@@ -35,8 +35,9 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def hold_rate(model, tok, cases) -> float:
-    pairs = [(encode_prompt(tok, c.request.text), encode_target(tok, c.request.text,
-                                                                c.request.target_new)) for c in cases]
+    pairs = [
+        (encode_prompt(tok, c.request.text), encode_target(tok, c.request.text, c.request.target_new)) for c in cases
+    ]
     scores = score_token_continuations(model, pairs, pad_id=pad_id_of(tok), batch_size=64)
     return 100 * sum(s.all_correct for s in scores) / len(scores)
 

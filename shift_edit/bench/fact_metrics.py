@@ -106,8 +106,10 @@ def easyedit_pre(model: nn.Module, tok, case: FactCase) -> dict[str, Any]:
 def easyedit_post(model: nn.Module, tok, case: FactCase, pre: Mapping[str, Any], *, fluency: bool = False,
                   seed: int = 0) -> dict[str, Any]:
     """The ``easyedit`` family of a record on the model as it is now, against its unedited ``pre``."""
-    metric = {"pre": dict(pre), "post": ee.compute_edit_quality(model, tok, case.ee_request, test_generation=fluency,
-                                                                 seed=seed)}
+    metric = {
+        "pre": dict(pre),
+        "post": ee.compute_edit_quality(model, tok, case.ee_request, test_generation=fluency, seed=seed),
+    }
     ee.finalize_locality(metric, case.ee_request)
     return summarize_easyedit(metric["post"])
 

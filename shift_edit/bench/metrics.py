@@ -110,8 +110,9 @@ class CaseScorer:
                                             resume=None if resume is None else resume[name])
         return out
 
-    def scores(self, logits: dict[str, list[torch.Tensor]]) -> dict[str, list[tuple[ContinuationScore,
-                                                                                    ContinuationScore]]]:
+    def scores(
+        self, logits: dict[str, list[torch.Tensor]]
+    ) -> dict[str, list[tuple[ContinuationScore, ContinuationScore]]]:
         """(new, true) scores per prompt group, as :func:`score_case` returns them."""
         out: dict[str, list] = {}
         for name in ("edit", "near"):

@@ -299,8 +299,12 @@ def run_bench(
         "protocol": cfg.protocol(),
         "data_sha256": data_info.get("sha256"),
     }
-    params = {"match": match, "data": data_info, "provenance": prov, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                              time.gmtime())}
+    params = {
+        "match": match,
+        "data": data_info,
+        "provenance": prov,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     # every input checked before a run folder exists: no empty run dir left by a late error
     if cfg.hparams is not None:
         adapter_for(model, cfg.hparams)  # layers in range, module templates resolve
@@ -333,10 +337,20 @@ def run_bench(
                     bar.update(len(ids))
                     continue
                 deferred: list[tuple[dict, GenerationGroup | WildJob]] = []
-                recs = [rec for batch in grp
-                        for rec in evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i,
-                                                                                                     _ in batch],
-                                                  ppl_lines=ppl_lines, state=state, deferred=deferred)]
+                recs = [
+                    rec
+                    for batch in grp
+                    for rec in evaluate_batch(
+                        model,
+                        tok,
+                        [c for _, c in batch],
+                        cfg,
+                        positions=[i for i, _ in batch],
+                        ppl_lines=ppl_lines,
+                        state=state,
+                        deferred=deferred,
+                    )
+                ]
                 fill_generations(model, tok, deferred, cfg)
                 for rec in recs:
                     if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are

@@ -65,8 +65,9 @@ def _tokenise(tok, case: CounterFactCase) -> PromptPairs:
     return PromptPairs(pairs, groups)
 
 
-def _score(model, tok, items: Sequence[PromptPairs], batch_size: int, records_per_plan: int = 64) -> list[dict[str,
-                                                                                                               float]]:
+def _score(
+    model, tok, items: Sequence[PromptPairs], batch_size: int, records_per_plan: int = 64
+) -> list[dict[str, float]]:
     """Per-record metric values; the prompts of ``records_per_plan`` records share forward batches
     (the same numbers as scoring each record alone, :class:`~shift_edit.bench.metrics.CaseScorer`)."""
     out = []

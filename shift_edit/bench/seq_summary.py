@@ -147,11 +147,22 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
         runs.setdefault(r["run"], []).append(r)
     paths = []
     cf = any(r.get("dataset", "counterfact") == "counterfact" for r in rows)  # zsRE/KnowEdit-only: no empty panels
-    panels = ([("retention.png", [("efficacy_top1", "strict top-1 efficacy"), ("ES", "ROME ES")],
-                "share of all edits made so far that hold (%)"),
-               ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS",
-                                                                                                        "ROME NS")],
-                "neighborhood (%), dashed: unedited on the same records")] if cf else [])
+    panels = (
+        [
+            (
+                "retention.png",
+                [("efficacy_top1", "strict top-1 efficacy"), ("ES", "ROME ES")],
+                "share of all edits made so far that hold (%)",
+            ),
+            (
+                "neighborhood.png",
+                [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
+                "neighborhood (%), dashed: unedited on the same records",
+            ),
+        ]
+        if cf
+        else []
+    )
     if cf or any(r.get("wikitext_ppl") is not None for r in rows):
         panels.append(("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited"))
     if any(r.get("zsre_efficacy") is not None for r in rows):

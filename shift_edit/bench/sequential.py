@@ -188,10 +188,12 @@ def _norms(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, di
         for name, w0 in originals.items():
             w = model.get_parameter(name).detach().float().cpu()
             d = w - w0.float()
-            out[name] = {"delta_fro": float(d.norm()), "weight_fro": float(w.norm()),
-                         "base_fro": float(w0.float().norm()),
-                         "delta_spectral": float(torch.linalg.matrix_norm(d,
-                                                                          ord=2)) if d.ndim == 2 else float(d.norm())}
+            out[name] = {
+                "delta_fro": float(d.norm()),
+                "weight_fro": float(w.norm()),
+                "base_fro": float(w0.float().norm()),
+                "delta_spectral": float(torch.linalg.matrix_norm(d, ord=2)) if d.ndim == 2 else float(d.norm()),
+            }
     return out
 
 

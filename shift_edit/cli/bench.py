@@ -158,12 +158,17 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start",
-                                                                                                   args.start, 0),
-                        ("--procs", args.procs, 1), ("--num-edits", args.num_edits, 1),
-                        ("--gen-records", args.gen_records, 1), ("--gen-every", args.gen_every, 1),
-                        ("--wild-max-new-tokens", args.wild_max_new_tokens, 1), ("--wild-records", args.wild_records,
-                                                                                 1)):
+    for flag, v, lo in (
+        ("--ppl-every", args.ppl_every, 0),
+        ("--batch-size", args.batch_size, 1),
+        ("--start", args.start, 0),
+        ("--procs", args.procs, 1),
+        ("--num-edits", args.num_edits, 1),
+        ("--gen-records", args.gen_records, 1),
+        ("--gen-every", args.gen_every, 1),
+        ("--wild-max-new-tokens", args.wild_max_new_tokens, 1),
+        ("--wild-records", args.wild_records, 1),
+    ):
         if v < lo:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
@@ -234,8 +239,9 @@ def clamp_procs(procs: int, shares: int) -> int:
     cores = available_cores()
     use = max(1, min(procs, cores, shares))
     if use < procs:
-        why = " and ".join(w for w, n in ((f"{cores} core(s)", cores), (f"{shares} share(s) of records",
-                                                                        shares)) if n < procs)
+        why = " and ".join(
+            w for w, n in ((f"{cores} core(s)", cores), (f"{shares} share(s) of records", shares)) if n < procs
+        )
         print(f"warning: --procs {procs}: this run has {why}; running {use} process{'es' if use > 1 else ''}",
               file=sys.stderr)
     return use
@@ -245,9 +251,10 @@ def _launch(argv: list[str], procs: int) -> int:
     """Re-run this command as ``procs`` shard processes (RANK/WORLD_SIZE), cores split evenly."""
     threads = max(1, available_cores() // procs)
     env = {**os.environ, "WORLD_SIZE": str(procs), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    children = [subprocess.Popen([sys.executable, "-m", "shift_edit", *argv], env={**env, "RANK": str(r),
-                                                                                   "LOCAL_RANK": str(r)})
-                for r in range(procs)]
+    children = [
+        subprocess.Popen([sys.executable, "-m", "shift_edit", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(procs)
+    ]
     codes = [c.wait() for c in children]
     bad = [c for c in codes if c != 0]
     return bad[0] if bad else 0

@@ -103,7 +103,15 @@ def run(args: argparse.Namespace) -> int:
     plot_neurons(neurons, out / "neurons.png", target=request.target_new)
     atomic_write_text(out / "target_ranks.csv", _rows_csv(
         [{"variant": v, **row} for v, rows in tr.items() for row in rows]))
-    summary = {
+    summary = _summary(args, model, tok, request, cap, checks, ranks, segments, tr, neuron_layer)
+    atomic_write_json(out / "summary.json", summary)
+    _report(request, tok, cap, checks, ranks, tr, summary, out)
+    return 0 if summary["decomposition_ok"] else 1
+
+
+def _summary(args, model, tok, request, cap, checks, ranks, segments, tr, neuron_layer) -> dict:
+    """``summary.json``: the protocol, the request and its tokens, the decomposition check, ranks and target ranks."""
+    return {
         "protocol": {
             "analysis": "Backward Lens (Katz et al. 2024): one forward + one backward pass of "
                         "-log p(first target token | prompt) at the last prompt position",
@@ -126,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
         "ranks": ranks, "target_ranks": tr, "neuron_layer": neuron_layer,
         "provenance": provenance(model),
     }
-    atomic_write_json(out / "summary.json", summary)
+
+
+def _report(request, tok, cap, checks, ranks, tr, summary, out) -> None:
+    """The lines ``shift-edit lens`` prints."""
     last = cap.layers[-1]
     print(f"prompt {request.text!r} -> target {request.target_new!r} (p={cap.target_prob:.4g}); "
           f"model answers {decode_token(tok, cap.original_id)!r}; n={cap.n} tokens")
@@ -138,4 +149,3 @@ def run(args: argparse.Namespace) -> int:
     best = min(tr["plain"], key=lambda r: r["target_rank"])
     print(f"best target rank in δ_n (plain lens, from least probable): {best['target_rank']} at layer {best['layer']}")
     print(f"written to {out}/")
-    return 0 if summary["decomposition_ok"] else 1

@@ -177,8 +177,9 @@ def compute_edit_quality(model: nn.Module, tok, record: Mapping[str, Any], *, te
     ``rephrase_acc`` (with a ``rephrase_prompt``), ``locality`` (``<key>_output``),
     ``portability`` (``<key>_acc``), ``fluency`` (with ``test_generation``) and ``metric_meta``.
     Every prompt of the record is scored in one batch."""
-    parts: list[tuple[str, str, list[str], list[str]]] = [("rewrite", "", *_as_lists(record["prompt"],
-                                                                                     record["target_new"]))]
+    parts: list[tuple[str, str, list[str], list[str]]] = [
+        ("rewrite", "", *_as_lists(record["prompt"], record["target_new"]))
+    ]
     if record.get("rephrase_prompt") is not None:
         parts.append(("rephrase", "", *_as_lists(record["rephrase_prompt"], record["target_new"])))
     for key, entry in (record.get("locality") or {}).items():
@@ -241,10 +242,16 @@ def summary_metrics(all_metrics: Sequence[Mapping[str, Any]] | Mapping[str, Any]
         for section in ("locality", "portability"):
             keys = sorted({k for m in all_metrics for k in (m.get(phase, {}).get(section) or {}) if k.endswith("acc")})
             if keys:
-                out[phase][section] = {k: _mean([_mean(m[phase][section][k]) for m in all_metrics
-                                                 if k in (m.get(phase,
-                                                                {}).get(section) or {}) and m[phase][section][k]])
-                                       for k in keys}
+                out[phase][section] = {
+                    k: _mean(
+                        [
+                            _mean(m[phase][section][k])
+                            for m in all_metrics
+                            if k in (m.get(phase, {}).get(section) or {}) and m[phase][section][k]
+                        ]
+                    )
+                    for k in keys
+                }
     return out
 
 

@@ -269,8 +269,9 @@ def summarize_rome_dir(d: str | Path, *, case_ids: set[str] | None = None, limit
                          **({"num_edits": batches} if fmt == "memit" else {})}}
 
 
-def summarize_easyedit_file(p: str | Path, *, case_ids: set[str] | None = None, limit: int | None = None) -> dict[str,
-                                                                                                                  Any]:
+def summarize_easyedit_file(
+    p: str | Path, *, case_ids: set[str] | None = None, limit: int | None = None
+) -> dict[str, Any]:
     """A summary row of an EasyEdit result JSON (post-edit means, EasyEdit token accuracy)."""
     p = Path(p)
     data = _load(p)

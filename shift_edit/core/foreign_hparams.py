@@ -147,8 +147,11 @@ def translate(cls: type, data: dict[str, Any], *, source: str,
     gives the hparams class of an algorithm name (:meth:`HyperParams.class_for`)."""
     data = numeric_strings(data)
     alg = data.get("alg_name") or cls.ALG_NAME
-    if alg == "FT" and isinstance(data.get("norm_constraint"), float) and not isinstance(data.get("norm_constraint"),
-                                                                                         bool):
+    if (
+        alg == "FT"
+        and isinstance(data.get("norm_constraint"), float)
+        and not isinstance(data.get("norm_constraint"), bool)
+    ):
         alg = "FT_L"
     target = class_for(alg)
     if cls.ALG_NAME and not issubclass(target, cls):

@@ -60,8 +60,9 @@ def shipped_hparams_index() -> dict[str, list[str]]:
 
 def model_name_of(model) -> str:
     """The name a model was loaded under (:func:`~shift_edit.model.loading.load_model` records it)."""
-    return str(getattr(model, "_shift_edit_name", None) or getattr(getattr(model, "config", None), "_name_or_path",
-                                                                   "") or "")
+    return str(
+        getattr(model, "_shift_edit_name", None) or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    )
 
 
 def hparams_model_mismatch(hparams, model) -> str | None:

@@ -160,8 +160,9 @@ def lora_config_dict(
     return cfg
 
 
-def _source(edit: EditResult | str | Path, allow_unchecksummed: bool = False) -> tuple[dict[str, Any],
-                                                                                       list[WeightDelta]]:
+def _source(
+    edit: EditResult | str | Path, allow_unchecksummed: bool = False
+) -> tuple[dict[str, Any], list[WeightDelta]]:
     if isinstance(edit, EditResult):
         if edit.undone:
             raise ShiftEditError("this edit was undone; there is nothing to export")
@@ -362,5 +363,6 @@ def _alpha_rank(config: dict[str, Any], module: str) -> tuple[float, int]:
                 return value
         return default
 
-    return float(lookup(config.get("alpha_pattern"), config["lora_alpha"])), int(lookup(config.get("rank_pattern"),
-                                                                                        config["r"]))
+    return float(lookup(config.get("alpha_pattern"), config["lora_alpha"])), int(
+        lookup(config.get("rank_pattern"), config["r"])
+    )

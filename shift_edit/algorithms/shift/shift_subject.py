@@ -284,8 +284,9 @@ def _try_layer(ctx: _Context, layer: int, req: EditRequest, target: list[int], p
                     "(max_generic_fires %d); %s", req.text + req.target_new, layer, fires, len(neg),
                     hp.max_generic_fires, then)
         return None
-    for attempt, steps in enumerate([hp.v_num_grad_steps] + ([hp.v_num_grad_steps + hp.v_retry_steps]
-                                                            if hp.v_retry_steps else [])):
+    for attempt, steps in enumerate(
+        [hp.v_num_grad_steps] + ([hp.v_num_grad_steps + hp.v_retry_steps] if hp.v_retry_steps else [])
+    ):
         value = fit_value(ctx.model, ctx.adapter, layer, prep, target, hp, steps)
         entry["forward_passes"] += value.forward_passes
         entry["backward_passes"] += value.steps

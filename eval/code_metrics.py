@@ -10,8 +10,8 @@ the limits (:data:`MAX_FILE_LINES`, :data:`MAX_FUNCTION_LINES`) without one; pri
 the package; and the pairs of duplicated blocks (the project's ``duplicates`` tool, when it is on PATH).
 
 An **exemption** is a reason written where the size is: a comment ``# size: <reason>`` among a file's first
-:data:`HEADER_LINES` lines, or ``# length: <reason>`` on the line above a function (above its decorators) or between
-its ``def`` line and the end of its docstring.
+:data:`HEADER_LINES` lines, or ``# length: <reason>`` in the comment block right above a function (above its
+decorators) or between its ``def`` line and the end of its docstring. A function's length leaves its docstring out.
 """
 
 from __future__ import annotations
@@ -146,9 +146,12 @@ def sizes(modules: dict[str, Path]) -> tuple[list[dict], list[dict]]:
                 doc_end = body.end_lineno if isinstance(body, ast.Expr) and isinstance(body.value, ast.Constant) \
                     else body.lineno - 1
                 doc_lines = body.end_lineno - body.lineno + 1 if doc_end == body.end_lineno else 0
+                above = first - 1  # the comment block right above the def (or its decorators)
+                while above > 0 and lines[above - 1].lstrip().startswith("#"):
+                    above -= 1
                 functions.append({"name": f"{name}.{node.name}:{node.lineno}",
                                   "lines": node.end_lineno - node.lineno + 1 - doc_lines,
-                                  "exemption": _exemption(lines, first - 2, doc_end, _FUNCTION_EXEMPTION)})
+                                  "exemption": _exemption(lines, above, doc_end, _FUNCTION_EXEMPTION)})
     files.sort(key=lambda f: -f["lines"])
     functions.sort(key=lambda f: -f["lines"])
     return files, functions

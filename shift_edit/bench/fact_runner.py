@@ -16,20 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.common import adapter_for
 from ..core.editing import edit
-from ..core.errors import EditRefusedError, ShiftEditError
+from ..core.errors import EditRefusedError
 from ..core.hparams import HyperParams
-from ..files.io import atomic_write_json, provenance
+from ..files.io import atomic_write_json
 from .bench_config import NO_EDIT
 from .claims import claimed
 from .fact_metrics import easyedit_post, easyedit_pre, families_for, zsre_pairs, zsre_scores
 from .facts import FactCase
-from .run_dirs import case_path, choose_run_dir, finished, shard_env
+from .run_dirs import case_path, choose_run_dir, finished, start_run
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +113,7 @@ def run_fact_bench(model: nn.Module, tok, cases: Sequence[FactCase], cfg: FactBe
                    data_info: dict[str, Any], model_name: str, rank: int | None = None,
                    world_size: int | None = None, progress: bool = True) -> Path:
     """Run the benchmark over zsRE / KnowEdit ``cases`` into ``<out>/<ALG>/run_<NNN>/``; returns the run dir."""
-    if cfg.alg != NO_EDIT and cfg.hparams is None:
-        raise ShiftEditError(f"--alg {cfg.alg} needs hparams")
-    if rank is None or world_size is None:
-        rank, world_size = shard_env()
-    torch.manual_seed(cfg.seed)
-    prov = provenance(model)
+    rank, world_size, prov = start_run(cfg, model, rank, world_size)
     match = {"alg": cfg.alg, "hparams": cfg.hparams.to_dict() if cfg.hparams is not None else None,
              "model": {"name": model_name, "fingerprint": prov["model"]["fingerprint"],
                        "dtype": prov["model"]["dtype"]},

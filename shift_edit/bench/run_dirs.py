@@ -10,8 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from ..core.errors import ShiftEditError
-from ..files.io import atomic_write_json
+from ..files.io import atomic_write_json, provenance
+from .bench_config import NO_EDIT
 from .counterfact import case_file_stem
 
 
@@ -91,3 +95,14 @@ def shard_env() -> tuple[int, int]:
 def run_selection(run_dir: Path) -> list[Path]:
     """The finished case files of a run dir (temp files of killed runs are ignored)."""
     return sorted(p for p in Path(run_dir).glob("case_*.json") if not p.name.startswith("."))
+
+
+def start_run(cfg, model: nn.Module, rank: int | None, world_size: int | None) -> tuple[int, int, dict[str, Any]]:
+    """What every benchmark run does first: refuse an algorithm without hparams, take the shard from
+    ``RANK``/``WORLD_SIZE`` unless given, seed torch with ``cfg.seed``; returns ``(rank, world_size, provenance)``."""
+    if cfg.alg != NO_EDIT and cfg.hparams is None:
+        raise ShiftEditError(f"--alg {cfg.alg} needs hparams")
+    if rank is None or world_size is None:
+        rank, world_size = shard_env()
+    torch.manual_seed(cfg.seed)
+    return rank, world_size, provenance(model)

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from ..algorithms.common import adapter_for
 from ..compat import easyedit_metrics as ee  # (the facade imports this package: its names are read at call time)
 from ..core.editing import edit
-from ..core.errors import EditRefusedError, ShiftEditError
+from ..core.errors import EditRefusedError
 from ..core.hparams import HyperParams
-from ..files.io import atomic_write_json, provenance
+from ..files.io import atomic_write_json
 from ..model.architectures import ModelAdapter
 from ..model.resume import BlockRecorder, Resume
 from .bench_config import NO_EDIT, BenchConfig
@@ -42,7 +42,7 @@ from .claims import claimed
 from .counterfact import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
-from .run_dirs import batches_per_group, case_path, choose_run_dir, finished, shard_env
+from .run_dirs import batches_per_group, case_path, choose_run_dir, finished, start_run
 from .wikitext import perplexity, read_wikitext_lines
 from .wild import WildJob, run_wild, wild_prompts
 
@@ -143,6 +143,8 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
     return m
 
 
+# length: edit, measure every record of the batch, undo: the order of these steps (and the guard's refusal recorded
+#   per case) is the protocol, kept readable top to bottom
 def evaluate_batch(
     model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
     ppl_lines: Sequence[str] | None, state: RunState | None = None,
@@ -267,6 +269,8 @@ def _stable_int(x: int | str) -> int:
     return zlib.crc32(str(x).encode())
 
 
+# length: the run's one loop over groups of batches (claim a group, evaluate, generate, write each case file) with
+#   the shard and resume bookkeeping it needs in one place
 def run_bench(
     model: nn.Module,
     tok,
@@ -285,12 +289,7 @@ def run_bench(
     Cases already finished in the chosen run dir are skipped (resume). ``rank/world_size``
     default to :func:`shard_env`.
     """
-    if cfg.alg != NO_EDIT and cfg.hparams is None:
-        raise ShiftEditError(f"--alg {cfg.alg} needs hparams")
-    if rank is None or world_size is None:
-        rank, world_size = shard_env()
-    torch.manual_seed(cfg.seed)
-    prov = provenance(model)
+    rank, world_size, prov = start_run(cfg, model, rank, world_size)
     match = {
         "alg": cfg.alg,
         "hparams": cfg.hparams.to_dict() if cfg.hparams is not None else None,

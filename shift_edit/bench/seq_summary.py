@@ -132,6 +132,7 @@ def curves_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
+# length: four matplotlib figures drawn from the same rows, one block per figure
 def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
     """retention.png (edits that still hold vs edits made, log x), neighborhood.png, perplexity.png and, when the
     runs measured the WILD-style family, generation.png (free-generation success, dashed: unedited)."""

@@ -204,6 +204,8 @@ def _swap(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.
     return before
 
 
+# length: the run's one loop: resume the saved state, edit batch after batch, checkpoint, save; the state it carries
+#   between those steps is the run itself (the steps are helpers: _checkpoint, save_state, _wild)
 def run_sequential(
     model: nn.Module,
     tok,

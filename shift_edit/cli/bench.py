@@ -157,6 +157,8 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
 
 
 
+# length: the command's argument checks, in the order the options are documented, then the dispatch to the single,
+#   sequential or zsRE/KnowEdit run
 def run(args: argparse.Namespace) -> int:
     for flag, v, lo in (
         ("--ppl-every", args.ppl_every, 0),

@@ -97,6 +97,8 @@ class GradientCapture:
         return [m for lc in self.layers for m in (*lc.ff1, lc.ff2)]
 
 
+# length: one forward and one backward pass whose hooks fill the capture as they run; the hooks, the requires_grad
+#   flags they need and their restoring in `finally` read best in one place
 def capture_gradients(
     model: nn.Module,
     tok,

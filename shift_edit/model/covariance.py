@@ -243,6 +243,8 @@ def _memo_put(pt: Path, meta_path: Path, entry: SecondMoment) -> None:
         _MEMO.popitem(last=False)
 
 
+# length: cache lookup, the announcement of a first computation, the one streaming pass and the cache write for
+#   several layers share the per-layer paths and metadata
 def layer_stats(
     model: nn.Module,
     tok,

@@ -22,12 +22,11 @@ from ..algorithms.shift.shift import ShiftHyperParams
 from ..bench.plots import plot_ppl
 from ..core.editing import edit
 from ..core.requests import make_request
-from ..files.io import atomic_write_json, atomic_write_text, provenance
+from ..files.io import atomic_write_json, provenance
 from ..model.architectures import ModelAdapter
 from ..model.resume import BlockRecorder, Resume
 from ..model.scoring import score_continuations
-from .common import ppl_stats, read_done, write_record
-from .min_lr import to_csv
+from .common import ppl_stats, read_done, save_figure, write_record, write_tables
 
 #: the algorithm the sweep edits with
 ALG = ShiftHyperParams.ALG_NAME
@@ -140,10 +139,7 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
     ax.set_ylabel("WikiText ppl, median (▲: off scale)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any],
@@ -151,8 +147,7 @@ def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, A
     """rows.csv, summary.csv, summary.json (with provenance) and layer_sweep.png in ``out_dir``."""
     out = Path(out_dir)
     summary = summarize(rows)
-    atomic_write_text(out / "rows.csv", to_csv(rows))
-    atomic_write_text(out / "summary.csv", to_csv(summary))
+    write_tables(out, rows, summary)
     doc = {"study": "layer_sweep", "metric_family": "strict top-1 (MEMIT)", **meta, "unedited_ppl": base_ppl,
            "summary": summary, "provenance": provenance(model)}
     atomic_write_json(out / "summary.json", doc)

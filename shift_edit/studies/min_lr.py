@@ -12,8 +12,6 @@ Each record's results go to their own JSON file (atomic), so a run resumes.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import statistics
 from collections.abc import Callable, Sequence
@@ -27,17 +25,19 @@ from tqdm.auto import tqdm
 from ..algorithms.common import adapter_for
 from ..bench.plots import plot_ppl
 from ..core.requests import encode_prompt, encode_target, make_request
-from ..files.io import atomic_write_json, atomic_write_text, provenance
+from ..files.io import atomic_write_json, provenance
 from ..model.resume import BlockRecorder, Resume, first_edited_block
 from ..model.scoring import pad_id_of, score_token_continuations
 from .common import (
     ppl_stats,
     read_done,
+    save_figure,
     scaled,
     temporarily_applied,
     unit_deltas,
     unit_hparams,
     write_record,
+    write_tables,
 )
 from .search import find_min_lr
 
@@ -168,18 +168,6 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as CSV; the columns are the union of the rows' keys, in first-seen order."""
-    fields: dict[str, None] = {}
-    for r in rows:
-        fields.update(dict.fromkeys(r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), restval="")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_ppl: float | None = None) -> None:
     """Two panels: median minimum step (IQR band, log scale) and perplexity, against the layer."""
     import matplotlib
@@ -219,10 +207,7 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         a2.set_yscale("log")
     if a2.get_legend_handles_labels()[0]:
         a2.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any],
@@ -230,8 +215,7 @@ def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, A
     """rows.csv, summary.csv, summary.json (with provenance) and min_lr.png in ``out_dir``."""
     out = Path(out_dir)
     summary = summarize(rows)
-    atomic_write_text(out / "rows.csv", to_csv(rows))
-    atomic_write_text(out / "summary.csv", to_csv(summary))
+    write_tables(out, rows, summary)
     doc = {"study": "min_lr", **meta, "unedited_ppl": base_ppl, "summary": summary, "provenance": provenance(model)}
     atomic_write_json(out / "summary.json", doc)
     n = len({r["case_id"] for r in rows})

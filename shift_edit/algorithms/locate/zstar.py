@@ -147,6 +147,8 @@ def lambda_key_vector(keys: torch.Tensor, lambda_key: Literal["mean", "prompt"])
     return keys[0] if lambda_key == "prompt" else keys.mean(0)
 
 
+# length: ROME's v* loop as in the paper: the contexts' batch, the recorded block inputs and the Adam loop over δ
+#   share their tensors; split, each piece would take most of them as arguments
 def optimise_delta(
     model: nn.Module,
     tok,

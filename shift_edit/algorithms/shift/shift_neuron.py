@@ -1,3 +1,5 @@
+# size: one algorithm: its hparams (about 100 lines of documented fields) and its compute loop; the machinery it
+# shares with SHIFT_PLUS and SHIFT_SUBJECT is push.py and neurons.py
 """SHIFT_NEURON: the forward pass shift written into one FF neuron per target token.
 
 Any linear edit of FF2 keyed at the last prompt token disturbs generic text by at least
@@ -295,6 +297,9 @@ def _neuron_deltas(mlp: Mlp, layer: int, neurons: list[Neuron], fired: dict[int,
     return deltas, keys
 
 
+# length: the per-request loop (design neurons, screen them, search the push, try the next layer) keeps the pool of
+#   silent keys and the neurons taken across requests; its steps are helpers already (_design_neuron, _search_push,
+#   _neuron_deltas)
 @torch.no_grad()
 def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hparams: ShiftNeuronHyperParams,
                          *, memory: EditMemory | None = None) -> Computed:

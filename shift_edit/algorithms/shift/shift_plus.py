@@ -265,6 +265,9 @@ def _added_outputs(sites: list[_Site], factors: list[tuple[torch.Tensor, torch.T
         yield
 
 
+# length: the per-request loop (one batched pass, closed form per layer, batched push search) carries the layers'
+#   inverses and the memory keys across requests; its steps are helpers already (unit_update, build_batch,
+#   search_push)
 @torch.no_grad()
 def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hparams: ShiftPlusHyperParams,
                        *, memory: EditMemory | None = None) -> Computed:

@@ -126,3 +126,20 @@ def test_find_file_looks_in_the_data_folders(monkeypatch, tmp_path):
     monkeypatch.setenv("SHIFT_EDIT_DATA", str(tmp_path))
     assert find_file("sub/x.json") == tmp_path / "sub" / "x.json"
     assert find_file("sub/missing.json") is None
+
+
+def test_bench_and_cli_name_no_algorithm():
+    """The registry is the only list of algorithms: no string in ``bench/`` or ``cli/`` code is an algorithm's name
+    (protocols and file formats named after a paper, e.g. "ROME's generation protocol", are longer strings)."""
+    import ast
+
+    from shift_edit.core.registry import algorithm_names
+
+    names = set(algorithm_names())
+    found = []
+    for sub in ("bench", "cli"):
+        for path in sorted((PKG / sub).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    found.append(f"{path.relative_to(PKG)}:{node.lineno} {node.value!r}")
+    assert found == [], "read the algorithm facts from the registry"

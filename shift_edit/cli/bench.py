@@ -22,9 +22,15 @@ from ..core.registry import algorithm_names
 from ..core.shipped_hparams import hparams_model_mismatch
 from ..files.json_records import read_json_records
 from ..model.loading import check_model_name
-from .alg_hparams import find_hparams
 from .bench_facts import run_facts
-from .common import add_model_arguments, check_model_args, check_out_root, default_wikitext, load_from_args
+from .common import (
+    add_model_arguments,
+    check_model_args,
+    check_out_root,
+    default_wikitext,
+    find_hparams,
+    load_from_args,
+)
 from .common import parse_eval_at as _parse_eval_at
 
 NAME = "bench"

@@ -16,8 +16,7 @@ from ..bench.wikitext import PerplexityProtocol
 from ..core.errors import ShiftEditError
 from ..core.shipped_hparams import hparams_model_mismatch
 from ..model.loading import check_model_name
-from .alg_hparams import find_hparams
-from .common import default_wikitext, load_from_args, parse_eval_at
+from .common import default_wikitext, find_hparams, load_from_args, parse_eval_at
 
 
 def _refuse_counterfact_options(args: argparse.Namespace) -> None:

@@ -18,13 +18,13 @@ from ..files.io import atomic_dir, atomic_file
 from ..files.lora import export_lora
 from ..model.loading import check_model_name
 from ..model.scoring import next_token_topk
-from .alg_hparams import find_hparams
 from .common import (
     add_model_arguments,
     check_model_args,
     check_new_dir,
     check_new_file,
     check_top_k,
+    find_hparams,
     format_topk,
     load_from_args,
     save_pretrained,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 32, item 5: the measured zsRE / KnowEdit report on SmolLM2-135M (NOT run yet; run it on a free machine).
+# Issue 32, item 5: the measured zsRE / KnowEdit report on SmolLM2-135M (NOT run yet; run it on a free machine;
+# about 22 CPU-hours single-edit + 8 sequential, 16.5 more with Fluency: eval/reports/zsre_knowedit/README.md).
 # Single edits: every registered method and the unedited model on 300 zsRE records and each KnowEdit file's first
 # 300; sequential T = 1000 on zsRE for SHIFT_NEURON (lifelong hparams), AlphaEdit and MEMIT (B = 100).
 # Resumable: re-running skips finished cases / continues sequential runs from their saved state.
@@ -23,6 +24,9 @@ for alg in AlphaEdit MEMIT; do
     --eval-at 100,300 --no-progress
 done
 shift-edit summarize "$OUT"/zsre/*/run_* "$OUT"/knowedit-*/*/run_* "$OUT"/seq/*/seq_* --out eval/reports/zsre_knowedit \
+  --reference eval/reference/rome_table1_zsre_gpt2xl.json \
+  --reference eval/reference/alphaedit_table1_zsre_sequential.json \
+  --reference eval/reference/alphaedit_table2_zsre_sequential.json \
   --reference eval/reference/knowedit_zsre_llama2_7b_chat.json \
   --reference eval/reference/knowedit_recent_llama2_7b_chat.json \
   --reference eval/reference/knowedit_counterfact_llama2_7b_chat.json

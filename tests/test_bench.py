@@ -460,10 +460,47 @@ def test_published_references_are_labelled_and_consistent(name):
         assert all(r["dataset"] == raw["dataset"] for r in rows)
         assert all(k in {m[0] for m in METRICS} for r in rows for k in r["metrics"])
     assert rows and all(r["label"].startswith("published (") and r["kind"] == "published" for r in rows)
+    # every row names its source, model and setting (T and B, or single edits / one batch) in its label
+    assert raw["setting"] and raw["verification"] and ("T=" in raw["setting"] or raw.get("sequential"))
+    for r, row in zip(rows, raw["rows"]):
+        setting = f"T={raw['sequential']['T']}, B={raw['sequential']['B']}" if raw.get("sequential") else raw["setting"]
+        assert r["model"] == row.get("model", raw["model"]) and r["model"] in r["label"]
+        assert setting in r["label"] and raw["source"] in r["label"] and r["dataset"] == raw.get("dataset",
+                                                                                                 "counterfact")
+    family = {"zsre": "zsre_token_acc"}.get(raw.get("dataset", ""), "easyedit" if "knowedit" in name else None)
+    assert family is None or raw["metric_family"].startswith(family)
     for r in rows:
         m = {k: v["mean"] for k, v in r["metrics"].items()}
         if {"S", "ES", "PS", "NS"} <= m.keys():
             assert harmonic_mean([m["ES"], m["PS"], m["NS"]]) == pytest.approx(m["S"], abs=0.1), r["alg"]
+
+
+def test_published_zsre_and_knowedit_numbers():
+    """Transcription checks of the zsRE / KnowEdit tables: the rows AlphaEdit's paper prints twice (Tables 1 and
+    2) are equal, the numbers issue 32 quotes are there, and each KnowEdit file is one column of the same table."""
+    ref = REPO / "eval" / "reference"
+    def table(name):
+        return {(r["alg"], r["model"]): {k: v["mean"] for k, v in r["metrics"].items()}
+                for r in load_reference(ref / name)}
+    t1, t2 = table("alphaedit_table1_zsre_sequential.json"), table("alphaedit_table2_zsre_sequential.json")
+    shared = set(t1) & set(t2)
+    assert {a for a, _ in shared} == {"AlphaEdit", "NONE (unedited)"} and len(shared) == 6
+    assert all(t1[k] == t2[k] for k in shared)
+    assert {m for _, m in t1} == {"Llama3-8B", "GPT-J", "GPT2-XL"} and len(t1) == 27
+    cols = ("zsre_efficacy", "zsre_generalization", "zsre_specificity")
+    quoted = {("AlphaEdit", "Llama3-8B"): (94.47, 91.13, 32.55), ("AlphaEdit", "GPT-J"): (99.79, 96.00, 28.29),
+              ("MEMIT", "Llama3-8B"): (34.62, 31.28, 18.49)}
+    assert all(tuple(t1[k][c] for c in cols) == v for k, v in quoted.items())
+    rome = table("rome_table1_zsre_gpt2xl.json")
+    assert tuple(rome[("ROME", "GPT-2 XL")][c] for c in cols) == (99.8, 88.1, 24.2)
+    algs = None
+    for name in ("zsre", "recent", "counterfact", "wikibio"):
+        rows = load_reference(ref / f"knowedit_{name}_llama2_7b_chat.json")
+        assert algs is None or [r["alg"] for r in rows] == algs
+        algs = [r["alg"] for r in rows]
+        assert all(r["model"] == "Llama-2-7b-chat" and r["label"].count("single edits (T=1, B=1") == 1 for r in rows)
+        assert all(0 <= v["mean"] <= 100 for r in rows for k, v in r["metrics"].items() if k != "ee_fluency")
+    assert "GRACE" not in algs and {"ROME", "MEMIT", "FT-L", "AdaLoRA", "SERAC", "ICE"} <= set(algs)
 
 
 def _save_tiny(tmp_path, tok):

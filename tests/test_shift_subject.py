@@ -34,6 +34,7 @@ def test_registered_with_memory_and_prime():
 
 
 @pytest.mark.parametrize("kw", [{"fact_token": "last"}, {"threshold": 1.0}, {"sharpness": 0.0}, {"try_layers": 2},
+                                {"v_contexts_per_step": 0},
                                 {"neurons_per_layer": 0}, {"n_contrast": -1}, {"if_unreached": "retry"},
                                 {"v_num_grad_steps": 0}, {"max_generic_fires": 3}])
 def test_bad_hparams_are_refused(kw):
@@ -90,6 +91,42 @@ def test_cached_value_fit_equals_the_plain_one(arch, byte_tok, corpus):
     d_plain = sv.fit_value(model, adapter, 1, plain, target, h)
     assert d_cached.steps == d_plain.steps == h.v_num_grad_steps
     torch.testing.assert_close(d_cached.delta, d_plain.delta, rtol=1e-3, atol=1e-4)
+
+
+def test_step_rows_rotate_the_generated_contexts_and_keep_the_bare_prompt_and_kl_row():
+    assert sv.step_rows(6, None, 3) is None and sv.step_rows(6, 5, 0) is None  # every row
+    seen = [sv.step_rows(6, 2, step) for step in range(5)]
+    assert seen[:3] == [[0, 1, 2, 6], [0, 3, 4, 6], [0, 1, 5, 6]]
+    assert {r for rows in seen for r in rows} == set(range(7))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_value_fit_on_context_subsets_runs_fewer_rows_and_agrees_cached_and_plain(arch, byte_tok, corpus):
+    """``v_contexts_per_step``: each step's pass has the bare prompt, that many contexts and the KL row; the KV
+    cache's rows are sliced to match (cached and plain fits agree); covering every context equals the full fit."""
+    model = tiny_model(arch)
+    h = hp(corpus, context_template_length_params=[[3, 4]])
+    adapter = ModelAdapter(model)
+    req = make_request(FACT)
+    target = encode_target(byte_tok, req.text, req.target_new)
+    templates = context_templates(model, byte_tok, h.context_template_length_params, h.context_seed)
+    names = ([adapter.ff1_names(1)[0]], [adapter.ff2_name(1)])
+    prep = {c: sv._prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names, cached=c,
+                           device=torch.device("cpu")) for c in (True, False)}
+    assert prep[True].rows.n_contexts == 5
+    batch = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: batch.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        sub = {c: sv.fit_value(model, adapter, 1, prep[c], target, h.replace(v_contexts_per_step=1)) for c in prep}
+    finally:
+        handle.remove()
+    assert batch == [3] * (2 * h.v_num_grad_steps)  # bare prompt + 1 context + KL row, each step
+    torch.testing.assert_close(sub[True].delta, sub[False].delta, rtol=1e-3, atol=1e-4)
+    full = sv.fit_value(model, adapter, 1, prep[True], target, h)
+    assert not torch.equal(full.delta, sub[True].delta)
+    every = sv.fit_value(model, adapter, 1, prep[True], target, h.replace(v_contexts_per_step=4))
+    assert torch.equal(every.delta, full.delta)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

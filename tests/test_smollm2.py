@@ -74,9 +74,32 @@ def test_patch_is_small_and_full_save_reloads_identically(smollm2, tmp_path):
         assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_readme_python_example_runs_as_written(smollm2, tmp_path, monkeypatch):
-    """The README's Python API block, executed verbatim (patch file in a temp folder): every
+def test_api_guide_python_example_runs_as_written(smollm2, tmp_path, monkeypatch):
+    """The Python API block of docs/api.md, executed verbatim (patch file in a temp folder): every
     step works and the model ends bit-exactly unedited."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    page = (repo / "docs" / "api.md").read_text()
+    block = re.search(r"```python\n(import shift_edit as se\n.*?)```", page, re.S).group(1)
+    model, tok = smollm2
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(se, "load_model", lambda name, **kw: (model, tok))  # the session's copy
+    monkeypatch.chdir(repo)
+    block = block.replace('"messi.safetensors"', repr(str(tmp_path / "messi.safetensors")))
+    scope: dict = {}
+    exec(compile(block, "docs/api.md", "exec"), scope)
+    assert scope["applied"].deltas and scope["metrics"][0]["post"]["rewrite_acc"] is not None
+    assert scope["edited_model"] is model
+    for n, p in model.named_parameters():
+        assert torch.equal(p, state[n]), n
+
+
+def test_readme_python_example_runs_as_written(smollm2, tmp_path, monkeypatch):
+    """The README's Python block, executed verbatim from an empty folder (the shipped hparams are found from
+    anywhere): the edit is made, saved as weights (save_pretrained, intercepted: 0.5 GB) and as a patch, then
+    undone bit-exactly."""
     import re
     from pathlib import Path
 
@@ -85,11 +108,17 @@ def test_readme_python_example_runs_as_written(smollm2, tmp_path, monkeypatch):
     model, tok = smollm2
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     monkeypatch.setattr(se, "load_model", lambda name, **kw: (model, tok))  # the session's copy
-    monkeypatch.chdir(repo)
-    block = block.replace('"messi.safetensors"', repr(str(tmp_path / "messi.safetensors")))
+    saved = {}
+
+    def save_pretrained(folder, **kw):  # what the block saves must be the edited weights
+        saved[folder] = any(not torch.equal(p, state[n]) for n, p in model.named_parameters())
+
+    monkeypatch.setattr(model, "save_pretrained", save_pretrained)
+    monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
-    assert scope["applied"].deltas and scope["metrics"][0]["post"]["rewrite_acc"] is not None
-    assert scope["edited_model"] is model
+    assert list(saved.values()) == [True]
+    assert (tmp_path / "messi.safetensors").stat().st_size < 100_000
+    assert scope["result"].undone
     for n, p in model.named_parameters():
         assert torch.equal(p, state[n]), n

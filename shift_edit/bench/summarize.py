@@ -180,6 +180,7 @@ def load_reference(path: str | Path) -> list[dict[str, Any]]:
     for r in ref["rows"]:
         model = r.get("model", ref["model"])
         size = f"T={seq['T']}, B={seq['B']}" if seq else (f"N={ref['n']}" if ref.get("n") else "N not stated")
+        size += f", {ref['setting']}" if ref.get("setting") else ""  # single edits / one batch / never undone
         label = f"published ({r['alg']}, {model}, {size}; {ref['source']})"
         metrics = {k: {"n": ref.get("n"), "mean": v, "std": None, "ci95": None} for k, v in r["metrics"].items()}
         rows.append({"label": label, "kind": "published", "alg": r["alg"], "model": model, "n": ref.get("n"),

@@ -2,7 +2,7 @@
 
 ``ROMEHyperParams.from_json("hparams/ROME/gpt2-xl.json")`` (kmeng01/rome, kmeng01/memit) and
 ``ROMEHyperParams.from_hparams("hparams/ROME/gpt2-xl")`` (an EasyEdit YAML) read those files
-through :data:`FIELD_MAP`, the one table of how each of their fields maps to ours (the README
+through :data:`FIELD_MAP`, the one table of how each of their fields maps to ours (docs/porting.md
 prints it). A field with no meaning here is a one-line warning; a field whose value changes
 results and cannot be honoured is an error naming it. Numbers written as strings (EasyEdit's
 ``v_lr: 5e-1`` is a YAML string) are numbers, as EasyEdit converts them.
@@ -165,8 +165,8 @@ def translate(cls: type, data: dict[str, Any], *, source: str,
             if key in ours:  # our own field name in a foreign file: take it as ours
                 out[key] = value
                 continue
-            raise ShiftEditError(f"{source}: unknown field {key!r} for {alg} (no mapping; see the README's "
-                                 f"hparams mapping table)")
+            raise ShiftEditError(f"{source}: unknown field {key!r} for {alg} (no mapping; see docs/porting.md, "
+                                 f"the hparams mapping table)")
         if rule.check is not None and (msg := rule.check(value)):
             raise ShiftEditError(f"{source}: {msg}")
         if key == "alg_name":
@@ -193,7 +193,7 @@ def translate(cls: type, data: dict[str, Any], *, source: str,
 
 
 def mapping_table_markdown() -> str:
-    """The field mapping as a markdown table (README)."""
+    """The field mapping as a markdown table (docs/porting.md)."""
     lines = ["| their field | ours | what happens |", "|---|---|---|"]
     for key, rule in FIELD_MAP.items():
         lines.append(f"| `{key}` | {f'`{rule.to}`' if rule.to else '—'} | {rule.how} |")

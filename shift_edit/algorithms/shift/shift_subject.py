@@ -107,6 +107,9 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
         v_retry_steps: when the prompt is not strict top-1 with the neuron in place, fit the value once more from
             the start with ``v_num_grad_steps + v_retry_steps`` steps and check again (0: never). Requests that
             pass the first check are computed exactly as without it.
+        v_contexts_per_step: each step of the value's fit runs the bare prompt, this many of the generated contexts
+            (in turn, so that every context is seen every few steps) and the KL row, instead of every row: a step
+            costs about ``(v_contexts_per_step + 2) / (n_contexts + 1)`` of a full one. None: every row each step.
         fact_token / v_* / clamp_norm_factor / kl_factor / loss_stop / context_*: the value's optimisation and its
             contexts (ROME's fields and meaning; ``fact_token`` must be a subject token).
         mom2_*: the MLP-input statistics (SHIFT_NEURON's cache, ``site="ff1"``).
@@ -131,6 +134,7 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
     ridge: float = 0.01
     if_unreached: Literal["apply", "skip"] = "apply"
     v_retry_steps: int = 0
+    v_contexts_per_step: int | None = None
     v_num_grad_steps: int = 8
     v_lr: float = 2.0
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[5, 5]])
@@ -154,6 +158,8 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
             self._fail("n_contrast", self.n_contrast, "it must be >= 0")
         if self.neurons_per_layer < 1:
             self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
+        if self.v_contexts_per_step is not None and self.v_contexts_per_step < 1:
+            self._fail("v_contexts_per_step", self.v_contexts_per_step, "it must be >= 1 (or null: every context)")
         if self.v_retry_steps < 0:
             self._fail("v_retry_steps", self.v_retry_steps, "it must be >= 0")
         if not 1 <= self.try_layers <= len(self.layers):

@@ -125,6 +125,17 @@ class Prepared:
                  if self.cache is not None else {"use_cache": False})
         return {"input_ids": self.rows.suffix, "attention_mask": self.rows.mask, **extra}
 
+    def kwargs_for(self, idx: Sequence[int]) -> dict:
+        """:meth:`kwargs` for the rows ``idx`` only (the cache's rows rebound to theirs until :meth:`reset_cache`)."""
+        ii = torch.tensor(list(idx), device=self.rows.suffix.device)
+        if self.cache is None:
+            return {"input_ids": self.rows.suffix[ii], "attention_mask": self.rows.mask[ii], "use_cache": False}
+        for layer, (keys, values) in zip(self.cache.layers, self.saved):
+            layer.keys, layer.values = keys[ii], values[ii]
+        return {"input_ids": self.rows.suffix[ii], "attention_mask": self.rows.mask[ii],
+                _cache_arg(self.model_forward): self.cache, "use_cache": True,
+                "position_ids": self.rows.pos_suffix[ii]}
+
     def reset_cache(self) -> None:
         """Drop what a pass over the suffix appended to the cache (each layer's keys and values as the prefix
         pass left them; the layers rebind, never modify, their tensors)."""
@@ -207,23 +218,36 @@ class Value:
     forward_passes: int
 
 
+def step_rows(n_contexts: int, per_step: int | None, step: int) -> list[int] | None:
+    """The rows one step of the value's fit runs: every row (None) or, with ``per_step`` contexts a step, the bare
+    prompt (row 0), ``per_step`` of the generated contexts in turn and the KL row (the last)."""
+    generated = n_contexts - 1
+    if per_step is None or per_step >= generated:
+        return None
+    chosen = sorted({1 + (step * per_step + i) % generated for i in range(per_step)})
+    return [0, *chosen, n_contexts]
+
+
 def fit_value(model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepared, target: list[int], hp,
               n_steps: int | None = None) -> Value:
     """Fit δ at FF2 of ``layer`` (``hp``: ROME's ``v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor,
-    kl_factor, loss_stop``; ``n_steps`` instead of ``v_num_grad_steps`` if given)."""
+    kl_factor, loss_stop``; ``n_steps`` instead of ``v_num_grad_steps`` if given; ``v_contexts_per_step`` if set:
+    each step runs the bare prompt, that many of the generated contexts in turn, and the KL row)."""
     rows = prep.rows
     device = rows.suffix.device
     ff2 = adapter.module(adapter.ff2_name(layer))
     ref = prep.ff2_out[adapter.ff2_name(layer)]
     n, width, nc = len(rows.at), rows.suffix.shape[1], rows.n_contexts
-    rr, at = torch.arange(n, device=device), torch.tensor(rows.at, device=device)
+    at_all = torch.tensor(rows.at, device=device)
     tgt = torch.tensor(target, device=device)
     kl_init = torch.log_softmax(prep.logits[nc][0].to(device), -1)
     delta = torch.zeros(ref.shape[0], device=device, requires_grad=True)
+    where = {"rr": torch.arange(n, device=device), "at": at_all, "n": n}
 
     def add(_m, _args, out):
         flat = out.dim() == 2
-        o = out.view(n, width, -1) if flat else out
+        rr, at = where["rr"], where["at"]
+        o = out.view(where["n"], width, -1) if flat else out
         o = o.index_put((rr, at), o[rr, at] + delta.to(o.dtype))
         return o.view(out.shape) if flat else o
 
@@ -232,21 +256,30 @@ def fit_value(model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepare
         p.requires_grad_(False)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * ref.norm()
+    per_step = getattr(hp, "v_contexts_per_step", None)
     losses: list[float] = []
     steps = passes = 0
     try:
         with owned_hooks() as hooks:
             hooks.forward_hook(ff2, add)
-            for _ in range(hp.v_num_grad_steps if n_steps is None else n_steps):
+            for step in range(hp.v_num_grad_steps if n_steps is None else n_steps):
                 opt.zero_grad()
-                with resume_at(adapter, layer, prep.block_in[layer]), \
-                        head_only_at(model, tuple(rows.suffix.shape), rows.target_cols) as gather:
-                    picked = gather(model(**prep.kwargs()).logits)
+                idx = step_rows(nc, per_step, step)
+                if idx is None:
+                    kwargs, hidden, cols, k = prep.kwargs(), prep.block_in[layer], rows.target_cols, nc
+                else:
+                    ii = torch.tensor(idx, device=device)
+                    kwargs, hidden = prep.kwargs_for(idx), prep.block_in[layer][ii]
+                    cols, k = [rows.target_cols[i] for i in idx], len(idx) - 1
+                    where.update(rr=torch.arange(len(idx), device=device), at=at_all[ii], n=len(idx))
+                with resume_at(adapter, layer, hidden), \
+                        head_only_at(model, (len(cols), width), cols) as gather:
+                    picked = gather(model(**kwargs).logits)
                 prep.reset_cache()
                 passes += 1
-                logp = torch.log_softmax(torch.stack(picked[:nc]), -1)
-                nll = -logp.gather(-1, tgt[None, :, None].expand(nc, -1, 1))[..., 0].mean(1).mean()
-                loss = v_loss(nll, kl_init, picked[nc][0], delta, ref, hp)
+                logp = torch.log_softmax(torch.stack(picked[:k]), -1)
+                nll = -logp.gather(-1, tgt[None, :, None].expand(k, -1, 1))[..., 0].mean(1).mean()
+                loss = v_loss(nll, kl_init, picked[k][0], delta, ref, hp)
                 losses.append(float(loss.detach()))
                 if losses[-1] < hp.loss_stop:
                     break

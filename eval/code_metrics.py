@@ -121,11 +121,18 @@ def layer_violations(found: ImportScan, package: str = "shift_edit") -> list[str
 
 
 def _exemption(lines: list[str], start: int, end: int, pattern: re.Pattern) -> str | None:
-    """The reason of the first ``pattern`` comment among ``lines[start:end]`` (0-based, end excluded)."""
-    for line in lines[max(start, 0):end]:
-        m = pattern.search(line)
+    """The reason of the first ``pattern`` comment among ``lines[start:end]`` (0-based, end excluded), with the
+    comment lines that continue it (indented further after the ``#``)."""
+    for i in range(max(start, 0), min(end, len(lines))):
+        m = pattern.search(lines[i])
         if m:
-            return m.group(1).strip()
+            reason = [m.group(1).strip()]
+            for more in lines[i + 1:]:
+                cont = re.match(r"\s*#\s{2,}(\S.*)", more)
+                if not cont:
+                    break
+                reason.append(cont.group(1).strip())
+            return " ".join(reason)
     return None
 
 

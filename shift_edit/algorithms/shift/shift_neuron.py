@@ -1,5 +1,5 @@
 # size: one algorithm: its hparams (about 100 lines of documented fields) and its compute loop; the machinery it
-# shares with SHIFT_PLUS and SHIFT_SUBJECT is push.py and neurons.py
+#   shares with SHIFT_PLUS and SHIFT_SUBJECT is push.py and neurons.py
 """SHIFT_NEURON: the forward pass shift written into one FF neuron per target token.
 
 Any linear edit of FF2 keyed at the last prompt token disturbs generic text by at least

@@ -55,7 +55,7 @@ def _objective(v: Any) -> str | None:
                          "target_new") else f"objective_optimization={v!r}: use prompt_last or target_new"
 
 
-_NO_MEANING_ARCH = "ignored: the architecture table (shift_edit/architectures.py) knows the module paths"
+_NO_MEANING_ARCH = "ignored: the architecture table (shift_edit/model/architectures.py) knows the module paths"
 
 #: foreign field -> rule. Fields of the same name and meaning as ours map to themselves.
 FIELD_MAP: dict[str, FieldRule] = {

@@ -50,7 +50,9 @@ class LocateEditHyperParams(EditHyperParams):
         clamp_norm_factor: ``||δ|| <= clamp_norm_factor * ||ref||``.
         kl_factor: weight of the KL term on ``"{subject} is a"``.
         loss_stop: stop early when the total loss falls below this.
-        context_template_length_params: ``[[new_tokens, count], ...]`` of generated contexts.
+        context_template_length_params: ``[[length, count], ...]`` of generated contexts: ``count`` texts of
+            ``length`` tokens (new tokens here; ROME/MEMIT/AlphaEdit count the prefix too by default, see
+            :class:`ReferenceLocateEditHyperParams`).
         context_seed: seed of the context generation.
         mom2_corpus: text file or ``hf:<dataset>/<config>/<split>``; ``null`` = the default
             (local WikiText-2 test split when found, else WikiText-103 via ``datasets``).
@@ -88,7 +90,7 @@ class LocateEditHyperParams(EditHyperParams):
         for pair in self.context_template_length_params:
             if len(pair) != 2 or pair[0] < 1 or pair[1] < 0:
                 self._fail("context_template_length_params", self.context_template_length_params,
-                           "use [[new_tokens >= 1, count >= 0], ...]")
+                           "use [[length >= 1, count >= 0], ...]")
         if self.mom2_n_tokens < 1 or self.mom2_max_length < 1:
             self._fail("mom2_n_tokens", self.mom2_n_tokens, "mom2_n_tokens and mom2_max_length must be >= 1")
 

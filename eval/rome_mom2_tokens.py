@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import shift_edit
 from shift_edit.algorithms.common import adapter_for
-from shift_edit.algorithms.locate.contexts import context_templates
+from shift_edit.algorithms.locate.contexts import templates_for
 from shift_edit.algorithms.locate.rome import rank_one_factors
 from shift_edit.algorithms.locate.zstar import optimise_delta
 from shift_edit.bench.counterfact import file_sha256, load_counterfact
@@ -74,7 +74,7 @@ def main() -> None:
         per_count[n] = s
     rows = {f"{n} tokens": s for n, s in per_count.items()} | {"no C (u = k*)": None}
     largest = f"{max(per_count)} tokens"
-    templates = context_templates(model, tok, hp.context_template_length_params, hp.context_seed)
+    templates = templates_for(model, tok, hp)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     for case in tqdm(cases, desc="records", unit="rec"):
         dr = optimise_delta(model, tok, adapter, layer, case.request, templates, hp, ref="ff2_output")

@@ -743,6 +743,11 @@ def test_run_labels_tell_locate_and_edit_settings_apart():
     from shift_edit.core.registry import run_tag
 
     assert run_tag("SHIFT", {"layers": [26], "eta": 60.0, "eta_scaling": "normalized"}) == " L26 eta 60 normalized"
+    earlier = {"layers": [2, 3], "mom2_update_weight": 1500.0, "context_length_mode": "new", "v_step_count": "n",
+               "key_average": "flat"}
+    assert run_tag("MEMIT", earlier) == " L2,3 λ 1500 new-token contexts n steps flat keys"
+    reference = {**earlier, "context_length_mode": "total", "v_step_count": "n_minus_1", "key_average": "per_type"}
+    assert run_tag("MEMIT", reference) == " L2,3 λ 1500"
     memit = {"layers": [2, 3], "mom2_update_weight": 1500.0, "mom2_n_tokens": 200000, "mom2_adjustment": True}
     assert run_tag("MEMIT", memit) == " L2,3 λ 1500 C 200k tok"
     rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}

@@ -14,6 +14,7 @@ import pytest
 
 import shift_edit as se
 from shift_edit.core.foreign_hparams import FIELD_MAP, mapping_table_markdown
+from shift_edit.model.corpus import default_corpus
 
 GPT2_MODULES = {
     "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj", "layer_module_tmp": "transformer.h.{}",
@@ -127,6 +128,29 @@ def test_rome_json_loads_with_each_field_mapped(tmp_path, caplog):
     for field in ("v_loss_layer", "layer_module_tmp", "lm_head_module", "mom2_n_samples"):
         assert field in warned
     assert all(len(r.getMessage().splitlines()) == 1 for r in caplog.records)
+
+
+def test_mom2_dataset_is_one_warning_naming_the_corpus_used(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        se.MEMITHyperParams.from_json(write(tmp_path, "m.json", json.dumps(MEMIT_JSON)))
+    said = [r.getMessage() for r in caplog.records if "mom2_dataset=" in r.getMessage()]
+    assert len(said) == 1 and "'wikipedia'" in said[0] and "instead" in said[0]
+    assert default_corpus() in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # mom2_adjustment: false reads no statistics: nothing to say
+        se.ROMEHyperParams.from_hparams(write(tmp_path, "r.yaml", EASYEDIT_ROME_YAML))
+    assert not any("mom2_dataset=" in r.getMessage() for r in caplog.records)
+
+
+def test_memit_repo_ft_wd_file_loads(tmp_path, caplog):
+    """kmeng01/memit ``hparams/FT/EleutherAI_gpt-j-6B_wd.json``: ``weight_decay: false`` and ``wd_power_law`` (a
+    list, which MEMIT's FT ignores: it reads the power law only from a tuple)."""
+    wd = {**FT_UNCONSTR_JSON, "layers": [21], "weight_decay": False, "wd_power_law": [-0.87028798, 0.15589562],
+          "rewrite_module_tmp": "transformer.h.{}"}
+    with caplog.at_level(logging.WARNING):
+        ft = se.FTHyperParams.from_json(write(tmp_path, "ft_wd.json", json.dumps(wd)))
+    assert type(ft) is se.FTHyperParams and ft.weight_decay == 0.0 and ft.steps == 25
+    assert sum("wd_power_law" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_memit_json_and_ft_json(tmp_path):

@@ -264,7 +264,8 @@ def test_memit_one_layer_matches_closed_form(byte_tok, corpus, monkeypatch):
     assert delta.rank == 1
     dr = seen[0]
     C = layer_stats(model, byte_tok, [1], corpus=corpus, n_tokens=200, max_length=40, progress=False)[1].mom2.double()
-    k = dr.keys.mean(0).double().cpu()  # keys averaged over the same contexts
+    keys = dr.keys.double().cpu()  # the same contexts: the bare prompt, then one type of 2 (key_average: per_type)
+    k = (keys[0] + keys[1:].mean(0)) / 2
     r = dr.delta.double().cpu()  # one layer: the whole residual z* - h, with h unchanged
     ck = torch.linalg.solve(C, k)
     closed = torch.outer(r, ck) / (lam + k @ ck)  # r kᵀ (λC + k kᵀ)⁻¹ (Sherman-Morrison)
@@ -275,7 +276,7 @@ def test_memit_batch_factors_and_undo(byte_tok, corpus):
     model = tiny_model("gpt2")
     hp = MEMITHyperParams(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 1]],
                           mom2_n_tokens=200, mom2_max_length=40, mom2_corpus=corpus,
-                          mom2_update_weight=10.0, skip_if_predicted=False)
+                          mom2_update_weight=10.0, skip_if_predicted=False, max_relative_norm=None)
     reqs = [REQ, {"prompt": "{} is located in", "subject": "Paris", "target_new": {"str": "Spain"}}]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = shift_edit.edit(model, byte_tok, reqs, hp)

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..model.corpus import default_corpus
 from .errors import ShiftEditError
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,10 @@ FIELD_MAP: dict[str, FieldRule] = {
     "ln_f_module": FieldRule(None, _NO_MEANING_ARCH),
     "lm_head_module": FieldRule(None, _NO_MEANING_ARCH),
     "layer_selection": FieldRule(None, "'all' is what we do; anything else is an error", check=_layer_selection),
-    "mom2_dataset": FieldRule("mom2_corpus", "ROME samples Wikipedia articles; here the default corpus "
-                              "(local WikiText-2 test split, else WikiText-103) is used", convert=lambda v: None),
+    "mom2_dataset": FieldRule("mom2_corpus", "their statistics' corpus (wikipedia, wikitext) is not read: here the "
+                              "default corpus (local WikiText-2 test split, else WikiText-103 train) is used, with "
+                              "one warning naming it; set mom2_corpus in our format for another text",
+                              convert=lambda v: None),
     "mom2_n_samples": FieldRule(None, "articles there; here mom2_n_tokens key vectors (default 100,000) are used: "
                                 "set mom2_n_tokens in our format for more"),
     "stats_dir": FieldRule(None, "ignored: statistics are cached under shift_edit's cache dir"),
@@ -95,7 +98,9 @@ FIELD_MAP: dict[str, FieldRule] = {
                        "under shift_edit's cache dir; EasyEdit's projector file is not read"),
     "num_steps": FieldRule("steps", "FT: optimiser steps"),
     "lr": FieldRule("lr", "same"),
-    "weight_decay": FieldRule("weight_decay", "same"),
+    "weight_decay": FieldRule("weight_decay", "same (false: 0)", convert=lambda v: 0.0 if v is False else v),
+    "wd_power_law": FieldRule(None, "ignored: MEMIT's FT scales weight_decay by it only when it is a "
+                              "Python tuple, and a JSON file gives a list, so their code uses weight_decay, as here"),
     "norm_constraint": FieldRule("norm_constraint",
                                  "a number: FT_L's L-infinity box (FT becomes FT_L); false/null: plain FT"),
     "batch_size": FieldRule("batch_size", "requests per forward pass (results do not depend on it)"),
@@ -189,6 +194,9 @@ def translate(cls: type, data: dict[str, Any], *, source: str,
         log.warning("%s: %s=%r %s", source, key, data[key], FIELD_MAP[key].how)
     if "mom2_n_samples" in data and "mom2_n_tokens" in ours and data.get("mom2_adjustment", True):
         out.setdefault("mom2_n_tokens", 100_000)
+    if "mom2_dataset" in data and "mom2_corpus" in ours and data.get("mom2_adjustment", True):
+        log.warning("%s: mom2_dataset=%r is not read here; the second-moment statistics come from %s instead "
+                    "(set mom2_corpus in our format for another text)", source, data["mom2_dataset"], default_corpus())
     return target, out
 
 

@@ -26,19 +26,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...core.errors import ShiftEditError
 from ...core.memory import EditMemory
-from ...core.registry import Computed, register
+from ...core.registry import Computed, describe_basics, register
 from ...core.requests import EditRequest
 from ...model.covariance import SecondMoment, layer_stats
 from ..common import adapter_for, already_predicted
-from .contexts import context_templates, prime_context_templates
-from .spread import spread_over_layers
-from .zstar import ZStarHyperParams, request_info, target_zs
+from .contexts import prime_context_templates, templates_for
+from .spread import key_groups, spread_over_layers
+from .zstar import ZStarHyperParams, reference_tags, request_info, target_zs
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class AlphaEditHyperParams(ZStarHyperParams):
             (absolute, as in the paper's code: 2e-2 for GPT2-XL, GPT-J and Llama3-8B).
         L2: ``λ``, the ridge weight of ``||Δ P||²``.
         clamp_norm_factor / context_template_length_params: as MEMIT (``0.75``, ``[[10, 5]]``).
+        context_length_mode / v_step_count / key_average: the reference semantics by default, as MEMIT
+            (:class:`~shift_edit.algorithms.locate.zstar.ZStarHyperParams`; AlphaEdit's code is MEMIT's there).
         zstar_cache: reuse each request's ``z*`` from disk (shared with MEMIT; see its hparams).
     """
 
@@ -136,7 +140,7 @@ def compute_alphaedit(
                 f"(smallest {float(torch.linalg.eigvalsh(stats[layer].mom2.double())[0]):.3g}); "
                 "raise the threshold"
             )
-    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+    templates = templates_for(model, tok, hparams)
     z, z_info = target_zs(model, tok, adapter, z_layer, active, templates, hparams)
 
     def solve(layer: int, k1: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -149,12 +153,18 @@ def compute_alphaedit(
         return f"{adapter.ff2_name(layer)}.weight"
 
     deltas, layer_info, keys = spread_over_layers(model, tok, adapter, layers, z, active, templates,
-                                                  hparams.fact_token, solve)
+                                                  hparams.fact_token, solve, key_groups(hparams))
     return Computed(deltas, skipped, request_info(skipped, z_info, layer_info),
                     memory_keys={param_of(layer): k for layer, k in keys.items()})
+
+
+def describe_alphaedit(hp: Mapping[str, Any]) -> list[str]:
+    """Run tags: the layers, the statistics and the earlier semantics if chosen."""
+    return describe_basics(None)(hp) + reference_tags(hp)
 
 
 register("AlphaEdit", AlphaEditHyperParams, compute_alphaedit,
          "null-space constrained editing (Fang et al. 2025): MEMIT's update projected onto the null space of the "
          "preserved keys, earlier edits' keys kept (lifelong editing)", uses_memory=True,
-         prime=prime_context_templates)
+         prime=prime_context_templates,
+         describe=describe_alphaedit)

@@ -7,7 +7,8 @@ For a batch of N requests and edited layers ``l_1 < ... < l_L``:
    loss as ROME's v* but clamped relative to the residual ``||h^L||``;
    ``z*_i = h^L_i + δ_i`` at the fact token of the bare prompt.
 2. For each edited layer ``l_j`` in order: keys ``K = [k_1 .. k_N]`` (FF2 inputs at the fact
-   token, averaged over the context templates, with the lower layers already edited),
+   token, averaged within each context type and then across types as MEMIT's code does (``key_average``),
+   with the lower layers already edited),
    the remaining residual ``R = (z* - h^L) / (L - j + 1)`` (``h^L`` recomputed with the
    lower layers edited), and, in float64,
    ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (``λ = mom2_update_weight``, ``C = E[k kᵀ]``), stored as the
@@ -32,9 +33,9 @@ from ...core.registry import Computed, register, tag_layers, tag_statistics, tag
 from ...core.requests import EditRequest
 from ...model.covariance import layer_stats
 from ..common import adapter_for, already_predicted
-from .contexts import context_templates, prime_context_templates
-from .spread import spread_over_layers
-from .zstar import ZStarHyperParams, request_info, target_zs
+from .contexts import prime_context_templates, templates_for
+from .spread import key_groups, spread_over_layers
+from .zstar import ZStarHyperParams, reference_tags, request_info, target_zs
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ class MEMITHyperParams(ZStarHyperParams):
 
 
 def describe_memit(hp: Mapping[str, Any]) -> list[str]:
-    """Run tags: the layers, λ (``mom2_update_weight``) and the statistics."""
-    return tag_layers(hp) + tag_value(hp, "mom2_update_weight", "λ") + tag_statistics(hp)
+    """Run tags: the layers, λ (``mom2_update_weight``), the statistics and the earlier semantics if chosen."""
+    return tag_layers(hp) + tag_value(hp, "mom2_update_weight", "λ") + tag_statistics(hp) + reference_tags(hp)
 
 
 def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: MEMITHyperParams) -> Computed:
@@ -89,7 +90,7 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
         stats = layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                             max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype, adapter=adapter)
         covs = {layer: s.mom2.double() for layer, s in stats.items()}
-    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+    templates = templates_for(model, tok, hparams)
     z, z_info = target_zs(model, tok, adapter, z_layer, active, templates, hparams)
 
     def solve(layer: int, K: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -98,7 +99,7 @@ def compute_memit(model: nn.Module, tok, requests: list[EditRequest], hparams: M
         return resid, adj.T, {}
 
     deltas, layer_info, _keys = spread_over_layers(model, tok, adapter, layers, z, active, templates,
-                                                   hparams.fact_token, solve)
+                                                   hparams.fact_token, solve, key_groups(hparams))
     return Computed(deltas, skipped, request_info(skipped, z_info, layer_info))
 
 

@@ -6,8 +6,11 @@ For one request at FF2 of layer ``l`` (the MLP output matrix, canonical ``W: [ou
 1. Context templates: short texts sampled from the model itself (seeded, top-k 5) after
    the prefixes "The", "Therefore", "Because", "I", "You", each followed by ". " and the
    prompt. ``context_template_length_params: [[5, 10], [10, 10]]`` (the published ROME
-   setting) means 10 generations of 5 new tokens and 10 of 10 new tokens, plus the bare
-   prompt ``"{}"``: 21 contexts.
+   setting) means 10 generations of 5 tokens and 10 of 10 tokens, plus the bare prompt
+   ``"{}"``: 21 contexts. A length counts the prefix's tokens too (``context_length_mode:
+   total``, the reference code's ``generate_fast(max_out_len=...)``); see
+   :class:`~shift_edit.algorithms.locate.zstar.ReferenceLocateEditHyperParams` for this and the other reference
+   semantics.
 2. Key ``k*``: the FF2 input at the subject's last token (``fact_token``), averaged over
    the contexts.
 3. ``u = C⁻¹ k*`` with ``C = E[k kᵀ]`` from :mod:`shift_edit.model.covariance` when
@@ -43,14 +46,14 @@ from ...core.registry import Computed, register, tag_layers, tag_statistics
 from ...core.requests import EditRequest
 from ...model.covariance import SecondMoment, layer_stats
 from ..common import adapter_for, already_predicted
-from .contexts import context_templates, prime_context_templates
-from .zstar import LocateEditHyperParams, add_canonical_, lambda_key_vector, optimise_delta
+from .contexts import prime_context_templates, templates_for
+from .zstar import ReferenceLocateEditHyperParams, add_canonical_, lambda_key_vector, optimise_delta, reference_tags
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
-class ROMEHyperParams(LocateEditHyperParams):
+class ROMEHyperParams(ReferenceLocateEditHyperParams):
     """Hparams of ROME (one layer).
 
     Attributes:
@@ -109,7 +112,7 @@ def describe_rome(hp: Mapping[str, Any]) -> list[str]:
     """Run tags: the layer, the statistics, ``through-update`` and the key that scales Λ (runs from before the
     ``lambda_key`` option used the mean)."""
     return (tag_layers(hp) + tag_statistics(hp) + (["through-update"] if hp.get("optimise_through_update") else [])
-            + ([f"Λ-key {hp['lambda_key']}"] if hp.get("lambda_key") else []))
+            + ([f"Λ-key {hp['lambda_key']}"] if hp.get("lambda_key") else []) + reference_tags(hp))
 
 
 def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: ROMEHyperParams) -> Computed:
@@ -126,7 +129,7 @@ def compute_rome(model: nn.Module, tok, requests: list[EditRequest], hparams: RO
     if hparams.mom2_adjustment:
         stats = layer_stats(model, tok, [layer], corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                             max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype, adapter=adapter)[layer]
-    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)
+    templates = templates_for(model, tok, hparams)
     orig = module.weight.detach().clone()
     deltas: list[WeightDelta] = []
     info: list[dict] = []

@@ -10,17 +10,20 @@ import torch
 from torch import nn
 
 from ...core.deltas import WeightDelta, put_back
+from ...core.errors import ShiftEditError
 from ...core.requests import EditRequest
 from ...model.hooks import owned_hooks
 from ...model.scoring import pad_batch, pad_id_of
-from .contexts import encode_with_fact_index, prompt_template
-from .zstar import add_canonical_
+from .contexts import encode_with_fact_index, prompt_template, template_groups
+from .zstar import ZStarHyperParams, add_canonical_
 
 
 @torch.no_grad()
-def _keys_and_residual(model, tok, adapter, layer: int, z_layer: int, reqs, templates, fact_token):
-    """Per request: the FF2 input of ``layer`` at the fact token averaged over contexts,
-    and the residual after ``z_layer`` at the fact token of the bare prompt."""
+def _keys_and_residual(model, tok, adapter, layer: int, z_layer: int, reqs, templates, fact_token,
+                       groups: list[int] | None = None):
+    """Per request: the FF2 input of ``layer`` at the fact token averaged over contexts (``groups``: sizes of
+    consecutive context types, averaged within each, then across; ``None``: one flat mean), and the residual
+    after ``z_layer`` at the fact token of the bare prompt."""
     device = next(model.parameters()).device
     name = adapter.ff2_name(layer)
     seqs, idxs = [], []
@@ -38,7 +41,13 @@ def _keys_and_residual(model, tok, adapter, layer: int, z_layer: int, reqs, temp
     x = cap["x"].view(len(seqs), ids.shape[1], -1)
     rows = torch.arange(len(seqs), device=device)
     pos = torch.tensor(idxs, device=device)
-    k = x[rows, pos].float().view(len(reqs), len(templates), -1).mean(1)
+    per_context = x[rows, pos].float().view(len(reqs), len(templates), -1)
+    if groups is None:
+        k = per_context.mean(1)
+    else:
+        if sum(groups) != len(templates):
+            raise ShiftEditError(f"context groups {groups} do not cover the {len(templates)} context templates")
+        k = torch.stack([g.mean(1) for g in per_context.split(groups, dim=1)], 1).mean(1)
     hid = res.hidden_states[z_layer + 1][rows, pos].float().view(len(reqs), len(templates), -1)[:, 0]
     return k, hid
 
@@ -47,10 +56,12 @@ def spread_over_layers(
     model: nn.Module, tok, adapter, layers: list[int], z: torch.Tensor, requests: list[EditRequest],
     templates: list[str], fact_token: str,
     solve: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]],
+    groups: list[int] | None = None,
 ) -> tuple[list[WeightDelta], dict[int, dict], dict[int, torch.Tensor]]:
     """MEMIT's spreading of ``z*`` (written at the residual after ``layers[-1]``) over ``layers``, in order.
 
-    At each layer: the keys ``K`` ``[in, N]`` and the residual still to write, an equal share of what the
+    At each layer: the keys ``K`` ``[in, N]`` (context means per ``groups``, see :func:`key_groups`) and the
+    residual still to write, an equal share of what the
     remaining layers must add (``[out, N]``, both float64), and the factors ``solve(layer, K, resid) ->
     (left, right, extra info)`` of the update ``left @ right``, applied temporarily so that the next layer's keys
     and residual see it. Every weight is restored at the end, also on an error.
@@ -64,7 +75,7 @@ def spread_over_layers(
     keys: dict[int, torch.Tensor] = {}
     try:
         for j, layer in enumerate(layers):
-            k, h = _keys_and_residual(model, tok, adapter, layer, layers[-1], requests, templates, fact_token)
+            k, h = _keys_and_residual(model, tok, adapter, layer, layers[-1], requests, templates, fact_token, groups)
             resid = (z - h.double().cpu()).T / (len(layers) - j)  # [out, N]
             left, right, extra = solve(layer, k.double().cpu().T, resid)
             update = left @ right
@@ -76,3 +87,8 @@ def spread_over_layers(
     finally:
         put_back((m.weight, originals[layer]) for layer, m in modules.items())
     return deltas, layer_info, keys
+
+
+def key_groups(hparams: ZStarHyperParams) -> list[int] | None:
+    """The context-type sizes the keys are averaged over (``key_average: per_type``), or ``None`` (``flat``)."""
+    return template_groups(hparams.context_template_length_params) if hparams.key_average == "per_type" else None

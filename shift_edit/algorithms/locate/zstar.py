@@ -17,9 +17,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,9 @@ class LocateEditHyperParams(EditHyperParams):
         clamp_norm_factor: ``||δ|| <= clamp_norm_factor * ||ref||``.
         kl_factor: weight of the KL term on ``"{subject} is a"``.
         loss_stop: stop early when the total loss falls below this.
-        context_template_length_params: ``[[new_tokens, count], ...]`` of generated contexts.
+        context_template_length_params: ``[[length, count], ...]`` of generated contexts: ``count`` texts of
+            ``length`` tokens (new tokens here; ROME/MEMIT/AlphaEdit count the prefix too by default, see
+            :class:`ReferenceLocateEditHyperParams`).
         context_seed: seed of the context generation.
         mom2_corpus: text file or ``hf:<dataset>/<config>/<split>``; ``null`` = the default
             (local WikiText-2 test split when found, else WikiText-103 via ``datasets``).
@@ -88,9 +90,44 @@ class LocateEditHyperParams(EditHyperParams):
         for pair in self.context_template_length_params:
             if len(pair) != 2 or pair[0] < 1 or pair[1] < 0:
                 self._fail("context_template_length_params", self.context_template_length_params,
-                           "use [[new_tokens >= 1, count >= 0], ...]")
+                           "use [[length >= 1, count >= 0], ...]")
         if self.mom2_n_tokens < 1 or self.mom2_max_length < 1:
             self._fail("mom2_n_tokens", self.mom2_n_tokens, "mom2_n_tokens and mom2_max_length must be >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReferenceLocateEditHyperParams(LocateEditHyperParams):
+    """The fields of ROME, MEMIT and AlphaEdit: :class:`LocateEditHyperParams` plus the choice between the
+    reference code's semantics (the defaults: kmeng01/rome, kmeng01/memit, zjunlp/EasyEdit, AlphaEdit's code) and
+    this toolkit's earlier variants, kept as options. With the defaults and the same templates and statistics, ROME's
+    and MEMIT's ΔW equal a re-derivation of the reference equations (``tests/test_reference_semantics.py``).
+
+    Attributes:
+        context_length_mode: what a length in ``context_template_length_params`` counts.
+            ``total`` (reference): all tokens of the generated text, the prefix's (and a BOS the tokenizer adds)
+            included, as ``generate_fast(max_out_len=length)`` does: "The" (one token) with length 5 gets 4 new
+            tokens. As there, all prefixes are sampled in one batch (top-k 5 from the softmax, renormalised, one
+            ``torch.multinomial`` draw per step for the whole batch), a prefix generates while it is shorter than
+            the length and nothing is generated once the longest prefix reaches it; the text is NFKD-normalised,
+            blank lines become spaces and braces spaces (MEMIT; EasyEdit's ROME deletes them). ``new``: the
+            length is the number of new tokens, sampled by ``model.generate`` per prefix (this toolkit's earlier
+            behaviour; one more token per template at [[5, 5]] than the reference, and ``strip()``-ed text;
+            other texts: on 5 SmolLM2 records ΔW's cosine to the reference's is 0.89 for ROME, 0.85 for MEMIT).
+            Seeding: the reference codes sample from the global RNG (EasyEdit seeds it with 42 when imported;
+            ROME and MEMIT never), so their templates depend on everything drawn before; here both modes seed a
+            forked RNG with ``context_seed``, so the templates depend only on the model, tokenizer, lengths and
+            seed. In both modes a count is split over the 5 prefixes as evenly as possible (the reference gives
+            each prefix ``count // 5``: the same for multiples of 5, none at all below 5).
+        v_step_count: optimiser steps for ``v_num_grad_steps = n``. ``n_minus_1`` (reference): the loop
+            computes the loss n times and steps after all but the last (its ``if it == n - 1: break`` comes
+            before the step), so n - 1 Adam steps; it stops earlier when the loss falls below ``loss_stop``
+            (checked before each step, the reference's ``loss < 5e-2``). ``n``: n steps, the last loss unused
+            (the earlier behaviour; ROME's ‖ΔW‖ 2% larger on SmolLM2 at n = 20, cosine 0.9998).
+            Measured effects: ``eval/reports/rome_memit/README.md`` section 7.
+    """
+
+    context_length_mode: Literal["total", "new"] = "total"
+    v_step_count: Literal["n_minus_1", "n"] = "n_minus_1"
 
 
 class _AddAt:
@@ -236,7 +273,8 @@ def optimise_delta(
         # Each step re-runs only blocks `layer`.. (the earlier ones do not see δ: their output is
         # the recorded input of block `layer`) and the output head only where the loss reads it.
         at = [row.tolist() for row in tpos] + [[kl_idx]]
-        for _ in range(hp.v_num_grad_steps):
+        last_is_loss_only = getattr(hp, "v_step_count", "n") == "n_minus_1"
+        for it in range(hp.v_num_grad_steps):
             opt.zero_grad()
             hook.delta = delta
             with resume.batch(), head_only_at(model, tuple(ids.shape), at) as gather:
@@ -248,6 +286,8 @@ def optimise_delta(
             losses.append(loss.item())
             if losses[-1] < hp.loss_stop:
                 break
+            if last_is_loss_only and it == hp.v_num_grad_steps - 1:
+                break  # the reference loop: the n-th loss is computed, no n-th step is taken
             clamped_step(opt, delta, loss, max_norm)
             steps += 1
     finally:
@@ -291,14 +331,25 @@ def add_canonical_(module: nn.Module, update: torch.Tensor) -> None:
 
 
 @dataclasses.dataclass(kw_only=True)
-class ZStarHyperParams(LocateEditHyperParams):
-    """The ``z*`` settings MEMIT and AlphaEdit share (MEMIT's defaults); see
-    :class:`MEMITHyperParams` for their meaning."""
+class ZStarHyperParams(ReferenceLocateEditHyperParams):
+    """The ``z*`` and key settings MEMIT and AlphaEdit share (MEMIT's defaults); see
+    :class:`MEMITHyperParams` for their meaning, :class:`ReferenceLocateEditHyperParams`
+    for ``context_length_mode`` and ``v_step_count``.
+
+    Attributes:
+        key_average: how a request's key ``k`` (FF2 input at the fact token) is averaged over the contexts.
+            ``per_type`` (reference, MEMIT's and AlphaEdit's ``compute_ks``): the mean within each context type
+            (the bare prompt; each ``[length, count]`` entry's generations), then the mean of those means, so with
+            one entry the bare prompt weighs 1/2. ``flat``: the mean over all contexts (this toolkit's earlier
+            behaviour; the bare prompt weighs 1/6 at ``[[5, 5]]``; ΔW's cosine to the reference's 0.985 on 5
+            SmolLM2 records). ``z*`` is fitted on all contexts evenly in both (as the reference ``compute_z``).
+    """
 
     clamp_norm_factor: float = 0.75
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
     fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
     zstar_cache: bool = False
+    key_average: Literal["per_type", "flat"] = "per_type"
 
 
 def request_info(skipped: list[bool], z_info: list[dict], layer_info: dict[int, dict]) -> list[dict]:
@@ -344,21 +395,11 @@ def target_zs(model: nn.Module, tok, adapter, z_layer: int, requests: list[EditR
 _ZSTAR_FORMAT = 2  # 2: tensor file plus verified metadata (io.write_verified)
 
 
-#: hparams z* depends on (the layers only through the last one, z_layer)
-_ZSTAR_FIELDS = (
-    "fact_token",
-    "v_num_grad_steps",
-    "v_lr",
-    "v_weight_decay",
-    "clamp_norm_factor",
-    "kl_factor",
-    "loss_stop",
-    "context_template_length_params",
-    "context_seed",
-    "ff1_templates",
-    "ff2_template",
-    "final_norm",
-)
+#: hparams z* depends on (the layers only through the last one, z_layer); key_average does not change z*. An entry
+#: written before context_length_mode / v_step_count existed has neither in its key, so it is never matched.
+_ZSTAR_FIELDS = ("fact_token", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
+                 "loss_stop", "context_template_length_params", "context_seed", "context_length_mode", "v_step_count",
+                 "ff1_templates", "ff2_template", "final_norm")
 
 
 def _zstar_entry(fingerprint: str, device: str, z_layer: int, req: EditRequest, hparams: ZStarHyperParams
@@ -384,3 +425,11 @@ def _zstar_load(pt: Path, meta_path: Path, expected: dict) -> tuple[torch.Tensor
         log.warning("z* cache %s holds a bad entry; recomputing", pt)
         return None
     return z, dict(info)
+
+
+def reference_tags(hp: Mapping[str, Any]) -> list[str]:
+    """Run tags of ROME/MEMIT/AlphaEdit's earlier semantics (issue 36), when chosen; runs made before the options
+    existed have no such field and used them all."""
+    return [tag for key, value, tag in (("context_length_mode", "new", "new-token contexts"),
+                                        ("v_step_count", "n", "n steps"), ("key_average", "flat", "flat keys"))
+            if hp.get(key) == value]

@@ -18,7 +18,7 @@ from shift_edit.core.memory import EditMemory
 from shift_edit.core.registry import get_algorithm
 from shift_edit.core.requests import encode_target, make_request
 from shift_edit.model.architectures import ModelAdapter
-from shift_edit.model.hooks import capture_inputs
+from shift_edit.model.hooks import capture_inputs, owned_hooks
 
 FACT = {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}
 FACT2 = {"prompt": "{} works at", "subject": "Ann Lee", "target_new": " IBM"}
@@ -34,7 +34,7 @@ def test_registered_with_memory_and_prime():
 
 
 @pytest.mark.parametrize("kw", [{"fact_token": "last"}, {"threshold": 1.0}, {"sharpness": 0.0}, {"try_layers": 2},
-                                {"v_contexts_per_step": 0},
+                                {"v_contexts_per_step": 0}, {"v_start_scales": []}, {"v_start_scales": [1.5]},
                                 {"neurons_per_layer": 0}, {"n_contrast": -1}, {"if_unreached": "retry"},
                                 {"v_num_grad_steps": 0}, {"max_generic_fires": 3}])
 def test_bad_hparams_are_refused(kw):
@@ -130,9 +130,43 @@ def test_value_fit_on_context_subsets_runs_fewer_rows_and_agrees_cached_and_plai
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_forward_and_backward_passes_are_counted_and_bounded(arch, byte_tok, corpus):
+def test_the_vjp_start_lowers_the_loss_and_its_passes_are_counted(arch, byte_tok, corpus):
+    """``v_start_scales``: δ starts along -∇NLL at a tried scale of the norm bound (one forward and backward pass,
+    then one batched forward pass over the rows once per scale); its loss is below the loss at δ = 0."""
     model = tiny_model(arch)
-    h = hp(corpus)
+    h = hp(corpus, v_start_scales=[0.25, 0.5, 1.0])
+    adapter = ModelAdapter(model)
+    req = make_request(FACT)
+    target = encode_target(byte_tok, req.text, req.target_new)
+    templates = context_templates(model, byte_tok, h.context_template_length_params, h.context_seed)
+    prep = sv._prepare(model, byte_tok, adapter, req, target, templates, "subject_last", [adapter.ff1_names(1)[0]],
+                       [adapter.ff2_name(1)], cached=True, device=torch.device("cpu"))
+    batch = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: batch.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        started = sv.fit_value(model, adapter, 1, prep, target, h, 0)
+        plain = sv.fit_value(model, adapter, 1, prep, target, h.replace(v_start_scales=None), 1)
+    finally:
+        handle.remove()
+    n = prep.rows.n_contexts + 1
+    assert batch == [n, 3 * n, n]  # gradient pass, the 3 scales in one pass, the plain fit's first loss
+    assert started.steps == 0 and started.forward_passes == 2 and started.backward_passes == 1
+    bound = h.clamp_norm_factor * prep.ff2_out[adapter.ff2_name(1)].norm()
+    assert any(torch.isclose(started.delta.norm(), s * bound, rtol=1e-4) for s in (0.25, 0.5, 1.0))
+    run = sv._Runner(model, adapter, 1, prep)
+    tgt = torch.tensor(target)
+    with torch.no_grad(), owned_hooks() as hooks:
+        hooks.forward_hook(adapter.module(adapter.ff2_name(1)), run.add)
+        nll0 = sv._nll(run(torch.zeros_like(started.delta), None)[:-1], tgt)
+        nll1 = sv._nll(run(started.delta, None)[:-1], tgt)
+    assert nll1 < nll0 and plain.losses[0] > 0
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", {}), ("gpt2", {}), ("llama", {"v_start_scales": [0.5, 1.0]})])
+def test_forward_and_backward_passes_are_counted_and_bounded(arch, kw, byte_tok, corpus):
+    model = tiny_model(arch)
+    h = hp(corpus, **kw)
     prime_shift_subject(model, byte_tok, h)  # statistics and contexts first: their passes are not the edit's
     sv._CACHE_OK[model] = True  # the one-time cache check (a second preparation) is not counted here
     forward, backward = [], []
@@ -144,7 +178,8 @@ def test_forward_and_backward_passes_are_counted_and_bounded(arch, byte_tok, cor
         for handle in handles:
             handle.remove()
     info = res.info[0]
-    assert len(backward) == info["backward_passes"] == h.v_num_grad_steps == h.passes["backward"]
+    start = 1 if h.v_start_scales else 0
+    assert len(backward) == info["backward_passes"] == h.v_num_grad_steps + start == h.passes["backward"]
     assert len(forward) == info["forward_passes"] == h.passes["forward"]
     res.undo()
 
@@ -209,3 +244,17 @@ def test_a_failed_check_refits_the_value_once_with_more_steps(byte_tok, corpus):
     plain = se.edit(model, byte_tok, FACT, h.replace(v_retry_steps=0), force=True)
     assert plain.info[0]["value_fits"] == 1 and plain.info[0]["backward_passes"] == 1
     plain.undo()
+
+
+def test_decoding_units_are_cached_per_model_until_the_matrix_changes():
+    from shift_edit.algorithms.shift.neurons import decoding_units
+
+    model = tiny_model("llama")
+    adapter = ModelAdapter(model)
+    first = decoding_units(adapter)
+    assert decoding_units(adapter) is first
+    torch.testing.assert_close(first.norm(dim=-1), torch.ones(first.shape[0]))
+    with torch.no_grad():
+        adapter.decoding_matrix()[3] *= 2.0  # in place: the version counter moves
+    again = decoding_units(adapter)
+    assert again is not first and torch.allclose(again, first, atol=1e-6)

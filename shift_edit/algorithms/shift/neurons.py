@@ -259,6 +259,24 @@ def memory_used(memory: EditMemory | None, mlp: Mlp) -> set[int]:
     return {int(j) for j in keys.abs().argmax(1)}
 
 
+#: per model: (the decoding matrix's data pointer, its version counter, its rows scaled to unit norm)
+_DEC_UNITS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def decoding_units(adapter: ModelAdapter) -> torch.Tensor:
+    """The decoding matrix's rows scaled to unit norm (float32, CPU), computed once per model and again only when
+    the matrix changes (an in-place update bumps its version counter)."""
+    weight = adapter.decoding_matrix()
+    key = (weight.data_ptr(), weight._version)
+    hit = _DEC_UNITS.get(adapter.model)
+    if hit is not None and hit[:2] == key:
+        return hit[2]
+    dmat = weight.detach().float().cpu()
+    unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    _DEC_UNITS[adapter.model] = (*key, unit)
+    return unit
+
+
 def _written(col: torch.Tensor, dec_unit: torch.Tensor) -> bool:
     """Is this FF2 column a multiple of a decoding row (a neuron this algorithm wrote)?"""
     n = float(col.norm())

@@ -80,6 +80,7 @@ from .neurons import (
     Neuron,
     SilentPool,
     canonical,
+    decoding_units,
     earlier_keys,
     ff1_hooks,
     fires_on,
@@ -310,8 +311,7 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
     mlps = {layer: mlp_of(adapter, layer) for layer in layers}
     device = next(model.parameters()).device
     pad = pad_id_of(tok)
-    dmat = adapter.decoding_matrix().detach().float().cpu()
-    dec_unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dec_unit = decoding_units(adapter)
     taken: dict[int, set[int]] = {layer: memory_used(memory, mlps[layer]) for layer in layers}
     in_names = {x: mlps[x].ff1[0][0] for x in layers}  # each layer's MLP input: this edit's keys for later edits
 

@@ -69,6 +69,7 @@ from .neurons import (
     Neuron,
     SilentPool,
     canonical,
+    decoding_units,
     earlier_keys,
     ff1_hooks,
     fires_on,
@@ -109,7 +110,11 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
             pass the first check are computed exactly as without it.
         v_contexts_per_step: each step of the value's fit runs the bare prompt, this many of the generated contexts
             (in turn, so that every context is seen every few steps) and the KL row, instead of every row: a step
-            costs about ``(v_contexts_per_step + 2) / (n_contexts + 1)`` of a full one. None: every row each step.
+            costs about ``(v_contexts_per_step + 2) / (n_contexts + 1)`` of a full one's tokens. None: every row.
+        v_start_scales: start the fit along the VJP instead of at 0: one forward and backward pass give the
+            gradient of the contexts' NLL at δ = 0, one batched forward pass tries ``s · max_norm`` along it for
+            each listed ``s`` (``max_norm = clamp_norm_factor · ‖FF2 output‖``) and keeps the best (v* loss).
+            None: start at 0.
         fact_token / v_* / clamp_norm_factor / kl_factor / loss_stop / context_*: the value's optimisation and its
             contexts (ROME's fields and meaning; ``fact_token`` must be a subject token).
         mom2_*: the MLP-input statistics (SHIFT_NEURON's cache, ``site="ff1"``).
@@ -135,6 +140,7 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
     if_unreached: Literal["apply", "skip"] = "apply"
     v_retry_steps: int = 0
     v_contexts_per_step: int | None = None
+    v_start_scales: list[float] | None = None
     v_num_grad_steps: int = 8
     v_lr: float = 2.0
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[5, 5]])
@@ -160,6 +166,9 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
             self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
         if self.v_contexts_per_step is not None and self.v_contexts_per_step < 1:
             self._fail("v_contexts_per_step", self.v_contexts_per_step, "it must be >= 1 (or null: every context)")
+        if self.v_start_scales is not None and (not self.v_start_scales or not all(
+                math.isfinite(x) and 0 < x <= 1 for x in self.v_start_scales)):
+            self._fail("v_start_scales", self.v_start_scales, "it must list scales in (0, 1] (or be null)")
         if self.v_retry_steps < 0:
             self._fail("v_retry_steps", self.v_retry_steps, "it must be >= 0")
         if not 1 <= self.try_layers <= len(self.layers):
@@ -169,9 +178,11 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
     def passes(self) -> dict[str, int]:
         """Model calls per edited request at its first layer when the first check passes: forward passes (the
         cache's prefix pass, the keys pass, the contrast pass, the value's steps, the check) and backward passes
-        (the value's steps). A retry (``v_retry_steps``) adds ``v_num_grad_steps + v_retry_steps + 1`` forward and
-        ``v_num_grad_steps + v_retry_steps`` backward passes."""
-        return {"forward": 4 + self.v_num_grad_steps, "backward": self.v_num_grad_steps}
+        (the value's steps), plus 2 forward and 1 backward pass for ``v_start_scales``. A retry (``v_retry_steps``)
+        adds ``v_num_grad_steps + v_retry_steps + 1`` forward and ``v_num_grad_steps + v_retry_steps`` backward
+        passes (and the start's again)."""
+        start = 1 if self.v_start_scales else 0
+        return {"forward": 4 + 2 * start + self.v_num_grad_steps, "backward": start + self.v_num_grad_steps}
 
 
 @torch.no_grad()
@@ -295,7 +306,7 @@ def _try_layer(ctx: _Context, layer: int, req: EditRequest, target: list[int], p
     ):
         value = fit_value(ctx.model, ctx.adapter, layer, prep, target, hp, steps)
         entry["forward_passes"] += value.forward_passes
-        entry["backward_passes"] += value.steps
+        entry["backward_passes"] += value.backward_passes
         entry.update({"value_norm": round(float(value.delta.norm()), 3), "value_loss": round(value.losses[-1], 4),
                       "value_steps": value.steps, "value_fits": attempt + 1})
         neuron = Neuron(j, fact, rows, value.delta, w2[:, j].clone())
@@ -324,10 +335,8 @@ def compute_shift_subject(model: nn.Module, tok, requests: list[EditRequest], hp
     adapter = adapter_for(model, hp)
     layers = list(dict.fromkeys(adapter.check_layer(x) for x in hp.layers))
     mlps = {layer: mlp_of(adapter, layer) for layer in layers}
-    dmat = adapter.decoding_matrix().detach().float().cpu()
     ctx = _Context(model, tok, adapter, hp, memory, layers, mlps, {x: mlps[x].ff1[0][0] for x in layers},
-                   dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12),
-                   {layer: memory_used(memory, mlps[layer]) for layer in layers})
+                   decoding_units(adapter), {layer: memory_used(memory, mlps[layer]) for layer in layers})
     templates = context_templates(model, tok, hp.context_template_length_params, hp.context_seed)
     ff2_names = [mlps[x].ff2_name for x in layers]
     in_names = list(ctx.in_names.values())

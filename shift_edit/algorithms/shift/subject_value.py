@@ -216,6 +216,7 @@ class Value:
     steps: int  # optimiser steps (each a forward and a backward pass over blocks L..)
     losses: list[float]  # total loss before each step (and after the last, when it stopped early)
     forward_passes: int
+    backward_passes: int
 
 
 def step_rows(n_contexts: int, per_step: int | None, step: int) -> list[int] | None:
@@ -228,58 +229,108 @@ def step_rows(n_contexts: int, per_step: int | None, step: int) -> list[int] | N
     return [0, *chosen, n_contexts]
 
 
+class _Runner:
+    """Passes over some of the prepared rows (blocks ``L..``, the KV cache's rows sliced to match) with δ added at
+    each row's fact token (one δ for all rows, or one per row)."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepared):
+        self.model, self.adapter, self.layer, self.prep = model, adapter, layer, prep
+        self.width = prep.rows.suffix.shape[1]
+        self.device = prep.rows.suffix.device
+        self.at_all = torch.tensor(prep.rows.at, device=self.device)
+        self.rows = torch.arange(len(prep.rows.at), device=self.device)
+        self.at, self.delta = self.at_all, None
+
+    def add(self, _m, _args, out):
+        flat = out.dim() == 2
+        o = out.view(len(self.rows), self.width, -1) if flat else out
+        o = o.index_put((self.rows, self.at), o[self.rows, self.at] + self.delta.to(o.dtype))
+        return o.view(out.shape) if flat else o
+
+    def __call__(self, delta: torch.Tensor, idx: Sequence[int] | None) -> list[torch.Tensor]:
+        """Logits at the target columns of rows ``idx`` (None: every row, the plain batch)."""
+        prep, rows = self.prep, self.prep.rows
+        if idx is None:
+            kwargs, hidden, cols = prep.kwargs(), prep.block_in[self.layer], rows.target_cols
+            self.rows, self.at = torch.arange(len(rows.at), device=self.device), self.at_all
+        else:
+            ii = torch.tensor(list(idx), device=self.device)
+            kwargs, hidden = prep.kwargs_for(idx), prep.block_in[self.layer][ii]
+            cols = [rows.target_cols[i] for i in idx]
+            self.rows, self.at = torch.arange(len(idx), device=self.device), self.at_all[ii]
+        self.delta = delta
+        try:
+            with resume_at(self.adapter, self.layer, hidden), \
+                    head_only_at(self.model, (len(cols), self.width), cols) as gather:
+                return gather(self.model(**kwargs).logits)
+        finally:
+            prep.reset_cache()
+
+
+def _nll(picked: Sequence[torch.Tensor], tgt: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the target's mean token NLL (``picked``: per row ``[len(target), vocab]`` logits)."""
+    logp = torch.log_softmax(torch.stack(list(picked)), -1)
+    return -logp.gather(-1, tgt[None, :, None].expand(len(picked), -1, 1))[..., 0].mean(1).mean()
+
+
+def vjp_start(run: _Runner, delta: torch.Tensor, tgt: torch.Tensor, kl_init: torch.Tensor, ref: torch.Tensor, hp,
+              max_norm: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The starting δ along the VJP: one forward and backward pass gives the gradient ``g`` of the contexts' NLL at
+    δ = 0; one batched forward pass scores ``-s · max_norm · g / ‖g‖`` for each ``s`` of ``v_start_scales`` on
+    every row (the rows repeated once per scale) and keeps the one of least v* loss."""
+    nc = run.prep.rows.n_contexts
+    n = nc + 1
+    picked = run(delta, None)
+    grad, = torch.autograd.grad(_nll(picked[:nc], tgt), delta)
+    u = -grad / grad.norm().clamp_min(1e-12)
+    scales = list(hp.v_start_scales)
+    cands = torch.stack([s * max_norm * u for s in scales])  # [k, d]
+    with torch.no_grad():
+        picked = run(cands.repeat_interleave(n, 0), [r for _ in scales for r in range(n)])
+        losses = [float(v_loss(_nll(picked[k * n: k * n + nc], tgt), kl_init, picked[k * n + nc][0], cands[k], ref,
+                               hp)) for k in range(len(scales))]
+    best = min(range(len(scales)), key=losses.__getitem__)
+    return cands[best], losses[best]
+
+
 def fit_value(model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepared, target: list[int], hp,
               n_steps: int | None = None) -> Value:
     """Fit δ at FF2 of ``layer`` (``hp``: ROME's ``v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor,
     kl_factor, loss_stop``; ``n_steps`` instead of ``v_num_grad_steps`` if given; ``v_contexts_per_step`` if set:
-    each step runs the bare prompt, that many of the generated contexts in turn, and the KL row)."""
+    each step runs the bare prompt, that many of the generated contexts in turn, and the KL row;
+    ``v_start_scales`` if set: start from :func:`vjp_start` instead of 0)."""
     rows = prep.rows
     device = rows.suffix.device
     ff2 = adapter.module(adapter.ff2_name(layer))
     ref = prep.ff2_out[adapter.ff2_name(layer)]
-    n, width, nc = len(rows.at), rows.suffix.shape[1], rows.n_contexts
-    at_all = torch.tensor(rows.at, device=device)
+    nc = rows.n_contexts
     tgt = torch.tensor(target, device=device)
     kl_init = torch.log_softmax(prep.logits[nc][0].to(device), -1)
     delta = torch.zeros(ref.shape[0], device=device, requires_grad=True)
-    where = {"rr": torch.arange(n, device=device), "at": at_all, "n": n}
-
-    def add(_m, _args, out):
-        flat = out.dim() == 2
-        rr, at = where["rr"], where["at"]
-        o = out.view(where["n"], width, -1) if flat else out
-        o = o.index_put((rr, at), o[rr, at] + delta.to(o.dtype))
-        return o.view(out.shape) if flat else o
-
+    run = _Runner(model, adapter, layer, prep)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _f in flags:
         p.requires_grad_(False)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * ref.norm()
     per_step = getattr(hp, "v_contexts_per_step", None)
     losses: list[float] = []
-    steps = passes = 0
+    steps = passes = backward = 0
     try:
         with owned_hooks() as hooks:
-            hooks.forward_hook(ff2, add)
+            hooks.forward_hook(ff2, run.add)
+            if getattr(hp, "v_start_scales", None):
+                start, _loss = vjp_start(run, delta, tgt, kl_init, ref, hp, max_norm)
+                with torch.no_grad():
+                    delta.copy_(start)
+                passes, backward = passes + 2, backward + 1
+            opt = torch.optim.Adam([delta], lr=hp.v_lr)
             for step in range(hp.v_num_grad_steps if n_steps is None else n_steps):
                 opt.zero_grad()
                 idx = step_rows(nc, per_step, step)
-                if idx is None:
-                    kwargs, hidden, cols, k = prep.kwargs(), prep.block_in[layer], rows.target_cols, nc
-                else:
-                    ii = torch.tensor(idx, device=device)
-                    kwargs, hidden = prep.kwargs_for(idx), prep.block_in[layer][ii]
-                    cols, k = [rows.target_cols[i] for i in idx], len(idx) - 1
-                    where.update(rr=torch.arange(len(idx), device=device), at=at_all[ii], n=len(idx))
-                with resume_at(adapter, layer, hidden), \
-                        head_only_at(model, (len(cols), width), cols) as gather:
-                    picked = gather(model(**kwargs).logits)
-                prep.reset_cache()
+                picked = run(delta, idx)
                 passes += 1
-                logp = torch.log_softmax(torch.stack(picked[:k]), -1)
-                nll = -logp.gather(-1, tgt[None, :, None].expand(k, -1, 1))[..., 0].mean(1).mean()
-                loss = v_loss(nll, kl_init, picked[k][0], delta, ref, hp)
+                k = len(picked) - 1
+                loss = v_loss(_nll(picked[:k], tgt), kl_init, picked[k][0], delta, ref, hp)
                 losses.append(float(loss.detach()))
                 if losses[-1] < hp.loss_stop:
                     break
@@ -288,4 +339,4 @@ def fit_value(model: nn.Module, adapter: ModelAdapter, layer: int, prep: Prepare
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-    return Value(delta.detach().float(), steps, losses, passes)
+    return Value(delta.detach().float(), steps, losses, passes, backward + steps)

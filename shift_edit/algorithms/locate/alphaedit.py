@@ -39,8 +39,9 @@ from ...core.requests import EditRequest
 from ...model.covariance import SecondMoment, layer_stats
 from ..common import adapter_for, already_predicted
 from .contexts import prime_context_templates, templates_for
+from .locate_hparams import ZStarHyperParams, reference_tags
 from .spread import key_groups, spread_over_layers
-from .zstar import ZStarHyperParams, reference_tags, request_info, target_zs
+from .zstar import request_info, target_zs
 
 log = logging.getLogger(__name__)
 

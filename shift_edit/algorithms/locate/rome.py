@@ -47,7 +47,8 @@ from ...core.requests import EditRequest
 from ...model.covariance import SecondMoment, layer_stats
 from ..common import adapter_for, already_predicted
 from .contexts import prime_context_templates, templates_for
-from .zstar import ReferenceLocateEditHyperParams, add_canonical_, lambda_key_vector, optimise_delta, reference_tags
+from .locate_hparams import ReferenceLocateEditHyperParams, reference_tags
+from .zstar import add_canonical_, lambda_key_vector, optimise_delta
 
 log = logging.getLogger(__name__)
 

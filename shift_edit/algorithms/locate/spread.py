@@ -15,7 +15,8 @@ from ...core.requests import EditRequest
 from ...model.hooks import owned_hooks
 from ...model.scoring import pad_batch, pad_id_of
 from .contexts import encode_with_fact_index, prompt_template, template_groups
-from .zstar import ZStarHyperParams, add_canonical_
+from .locate_hparams import ZStarHyperParams
+from .zstar import add_canonical_
 
 
 @torch.no_grad()

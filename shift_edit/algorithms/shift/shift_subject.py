@@ -61,7 +61,7 @@ from ...model.hooks import capture_inputs, owned_hooks
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import adapter_for
 from ..locate.contexts import context_templates, encode_with_fact_index, prompt_template
-from ..locate.zstar import LocateEditHyperParams
+from ..locate.locate_hparams import LocateEditHyperParams
 from .neurons import (
     Gate,
     GenericView,

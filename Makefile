@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/shift-edit edit --model smollm2-135m --prompt "$(PROMPT)" --target "$(TARGET)" --save-patch results/demo/edit.safetensors
 
 test: install
+	$(BIN)/ruff check shift_edit tests eval
 	$(BIN)/python -m pytest -q tests
 
 bench-cost: install

@@ -16,7 +16,6 @@ import resource
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,8 +35,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import shift_edit as se
     from shift_edit.bench import BenchConfig, file_sha256, load_counterfact, run_bench
-
-    from shift_edit.data import require_data
+    from shift_edit.files.data_files import require_data
 
     data = require_data("counterfact-subset", args.data)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -69,7 +67,7 @@ def main() -> int:
 def _time_cli(args: argparse.Namespace) -> int:
     import subprocess
 
-    from shift_edit.data import require_data
+    from shift_edit.files.data_files import require_data
 
     data = require_data("counterfact-subset", args.data)
     with tempfile.TemporaryDirectory() as out:

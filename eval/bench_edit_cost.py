@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.requests import encode_prompt
+from shift_edit.core.requests import encode_prompt
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -85,7 +85,7 @@ def main() -> None:
     if args.out:
         import os
 
-        from shift_edit.io import atomic_write_json, provenance
+        from shift_edit.files.io import atomic_write_json, provenance
 
         atomic_write_json(Path(args.out), {
             "what": "SHIFT edit wall time / one full forward pass of the same prompt (median), smollm2-135m",

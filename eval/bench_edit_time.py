@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.registry import get_algorithm
-from shift_edit.requests import encode_prompt, make_request
-from shift_edit.studies.data import load_records
+from shift_edit.core.registry import get_algorithm
+from shift_edit.core.requests import encode_prompt, make_request
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.studies.counterfact_records import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 50.0
@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10, help="timed records (edits per algorithm), after one warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--case-ids", default=None,
-                    help="comma list of CounterFact case ids to time instead of the first --n (the first is also the warm-up)")
+                    help="comma list of CounterFact case ids to time instead of the first --n (the first is also the "
+                    "warm-up)")
     ap.add_argument("--algs", default=None, help="comma list of ALG or ALG:variant (default: per model)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
     args = ap.parse_args()

@@ -90,7 +90,8 @@ def main() -> int:
         with torch.no_grad():
             easyedit_post(model, tok, facts[0], easyedit_pre(model, tok, facts[0]))
             t_pre, pres = _timed(lambda c: easyedit_pre(model, tok, c), facts[1:], name + " pre")
-            t_post, _ = _timed(lambda cp: easyedit_post(model, tok, cp[0], cp[1]), list(zip(facts[1:], pres)), name + " post")
+            t_post, _ = _timed(lambda cp: easyedit_post(model, tok, cp[0], cp[1]), list(zip(facts[1:], pres)),
+                               name + " post")
             k = min(args.fluency_records, n)
             if k:
                 t_flu, _ = _timed(lambda cp: easyedit_post(model, tok, cp[0], cp[1], fluency=True),
@@ -99,7 +100,8 @@ def main() -> int:
         rows.append((name, n, t_pre / n, t_post / n, None))
 
     base = rows[0][2] + rows[0][3]
-    print(f"model {args.model}, CPU, {args.threads} thread(s), one run, records 1..{n} of each file (record 0 warm-up), "
+    print(f"model {args.model}, CPU, {args.threads} thread(s), one run, records 1..{n} of each file (record 0 "
+          f"warm-up), "
           f"unedited model; CPU s/record (process time)")
     print(f"{'data set':34s} {'pre':>8s} {'post':>8s} {'total':>8s} {'x CounterFact':>14s} {'seqs/record':>12s}")
     for name, _, pre, post, seqs in rows:

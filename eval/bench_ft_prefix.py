@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.ft import finetune
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.requests import make_request
-from shift_edit.studies.data import load_records
+from shift_edit.algorithms.gradient.ft import finetune
+from shift_edit.core.requests import make_request
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.studies.counterfact_records import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5, help="timed records, after one warm-up")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--algs", default="FT,FT_L", help="comma list of FT, FT_L or ALG:variant (hparams/ALG/smollm2-135m[-variant].yaml)")
+    ap.add_argument("--algs", default="FT,FT_L",
+                    help="comma list of FT, FT_L or ALG:variant (hparams/ALG/smollm2-135m[-variant].yaml)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
     args = ap.parse_args()
     try:
@@ -69,10 +70,20 @@ def main() -> None:
         rows[spec] = {"layers": hps[spec].layers, "full_s": full, "prefix_s": pre, "speedup": full / pre}
         print(f"{spec:10} {str(hps[spec].layers):10} {full:8.2f} {pre:9.2f} {full / pre:8.2f}x")
     if args.out:
-        atomic_write_json(args.out, {"protocol": {"model": "smollm2-135m", "records": f"1..{args.n} (0: warm-up)",
-                                                  "threads": args.threads, "hparams": {s: h.to_dict() for s, h in hps.items()},
-                                                  "timed": "finetune() compute, median per edit"},
-                                     "results": rows, "provenance": provenance(model)})
+        atomic_write_json(
+            args.out,
+            {
+                "protocol": {
+                    "model": "smollm2-135m",
+                    "records": f"1..{args.n} (0: warm-up)",
+                    "threads": args.threads,
+                    "hparams": {s: h.to_dict() for s, h in hps.items()},
+                    "timed": "finetune() compute, median per edit",
+                },
+                "results": rows,
+                "provenance": provenance(model),
+            },
+        )
 
 
 if __name__ == "__main__":

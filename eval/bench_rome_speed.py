@@ -19,10 +19,10 @@ import time
 import torch
 
 import shift_edit
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.requests import make_request
-from shift_edit.data import require_data
-from shift_edit.covariance import layer_stats
+from shift_edit.core.requests import make_request
+from shift_edit.files.data_files import require_data
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.model.covariance import layer_stats
 
 
 def _time_edits(model, tok, reqs, hp) -> list[float]:

@@ -27,8 +27,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import shift_edit as se
     from shift_edit.bench import load_counterfact, metrics_from_scores, score_case
-
-    from shift_edit.data import require_data
+    from shift_edit.files.data_files import require_data
 
     data = require_data("counterfact-subset", args.data)
     model, tok = se.load_model(args.model)

@@ -33,7 +33,7 @@ def main() -> int:
     import shift_edit as se
     from shift_edit.bench import BenchConfig, file_sha256, load_counterfact, run_bench
     from shift_edit.bench.summarize import summarize_run
-    from shift_edit.data import require_data
+    from shift_edit.files.data_files import require_data
 
     data = require_data("counterfact-subset", args.data)
     model, tok = se.load_model("smollm2-135m")
@@ -61,7 +61,8 @@ def main() -> int:
         print(f"{name:<26} {wall:>10.2f} {edit:>7.2f} {scoring:>8.2f} {wild:>7.2f} {wild / scoring:>13.2f}  "
               + " ".join(f"{k} {v:.1f}" for k, v in gen.items()))
     w = recs[0]["metrics"]["wild"]
-    print(f"e.g. case {recs[0]['case_id']} ({recs[0]['request']['target_true']!r} -> {recs[0]['request']['target_new']!r}): "
+    print(f"e.g. case {recs[0]['case_id']} ({recs[0]['request']['target_true']!r} -> "
+          f"{recs[0]['request']['target_new']!r}): "
           f"{recs[0]['request']['prompt'].format(recs[0]['request']['subject'])!r} + {w['texts']['rewrite'][0]!r}")
     return 0
 

@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from shift_edit.io import atomic_write_json
+from shift_edit.files.io import atomic_write_json
 
 #: (name, how to read it from a case file's metrics), x100 unless named in UNSCALED
 METRICS = {

@@ -21,10 +21,10 @@ import time
 import torch
 
 import shift_edit as se
-from shift_edit.bench.data import load_counterfact
-from shift_edit.data import find_data
-from shift_edit.io import atomic_write_json
-from shift_edit.registry import get_algorithm, load_hparams
+from shift_edit.bench.counterfact import load_counterfact
+from shift_edit.core.registry import get_algorithm, load_hparams
+from shift_edit.files.data_files import find_data
+from shift_edit.files.io import atomic_write_json
 
 VARIANTS = {
     "ROME": {"new lengths": {"context_length_mode": "new"}, "n steps": {"v_step_count": "n"},

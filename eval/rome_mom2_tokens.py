@@ -24,14 +24,16 @@ from tqdm.auto import tqdm
 
 import shift_edit
 from shift_edit.algorithms.common import adapter_for
-from shift_edit.algorithms.rome import optimise_delta, rank_one_factors, templates_for
-from shift_edit.bench.data import file_sha256, load_counterfact
+from shift_edit.algorithms.locate.contexts import templates_for
+from shift_edit.algorithms.locate.rome import rank_one_factors
+from shift_edit.algorithms.locate.zstar import optimise_delta
+from shift_edit.bench.counterfact import file_sha256, load_counterfact
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
 from shift_edit.bench.summarize import harmonic_mean, stats
-from shift_edit.deltas import WeightDelta
-from shift_edit.io import atomic_write_json, atomic_write_text, provenance
-from shift_edit.data import require_data
-from shift_edit.covariance import layer_stats
+from shift_edit.core.deltas import WeightDelta
+from shift_edit.files.data_files import require_data
+from shift_edit.files.io import atomic_write_json, atomic_write_text, provenance
+from shift_edit.model.covariance import layer_stats
 from shift_edit.studies.common import temporarily_applied
 
 COLUMNS = [("ES", "rome", "rewrite_success"), ("PS", "rome", "paraphrase_success"),
@@ -83,7 +85,9 @@ def main() -> None:
             delta = WeightDelta(name, layout, left=left, right=right, layer=layer)
             with temporarily_applied(model, [delta]):
                 m = metrics_from_scores(scorer.scores(scorer.logits(model)))
-            m["u_cosine_to_largest"] = float(F.cosine_similarity(right[0].double(), factors[largest][1][0].double(), dim=0))
+            m["u_cosine_to_largest"] = float(
+                F.cosine_similarity(right[0].double(), factors[largest][1][0].double(), dim=0)
+            )
             per_row[r].append(m)
 
     table = {}
@@ -112,13 +116,20 @@ def main() -> None:
         "rows": table,
     }
     atomic_write_json(out / "results.json", result)
-    head = "| C from | tokens (texts) | ES | PS | NS | S | efficacy top-1 | paraphrase top-1 | neighborhood top-1 | cos(u, u_largest) |"
+    head = ("| C from | tokens (texts) | ES | PS | NS | S | efficacy top-1 | paraphrase top-1 | neighborhood top-1 "
+            "| cos(u, u_largest) |")
     lines = [head, "|" + "---|" * 10]
     for r, c in table.items():
-        lines.append(f"| {r} | {c['tokens_used']} ({c['texts_used']}) | " + " | ".join(
-            f"{c[k]['mean']:.1f} ± {c[k]['ci95']:.1f}" for k in ("ES", "PS", "NS")) + f" | {c['S']:.1f} | " + " | ".join(
-            f"{c[k]['mean']:.1f} ± {c[k]['ci95']:.1f}" for k in ("efficacy_top1", "paraphrase_top1", "neighborhood_top1"))
-            + f" | {c['u_cosine_to_largest']:.3f} |")
+        lines.append(
+            f"| {r} | {c['tokens_used']} ({c['texts_used']}) | "
+            + " | ".join(f"{c[k]['mean']:.1f} ± {c[k]['ci95']:.1f}" for k in ("ES", "PS", "NS"))
+            + f" | {c['S']:.1f} | "
+            + " | ".join(
+                f"{c[k]['mean']:.1f} ± {c[k]['ci95']:.1f}"
+                for k in ("efficacy_top1", "paraphrase_top1", "neighborhood_top1")
+            )
+            + f" | {c['u_cosine_to_largest']:.3f} |"
+        )
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     logging.info("\n".join(lines))
 

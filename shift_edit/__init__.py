@@ -10,36 +10,36 @@ Public API::
     result.undo()
 """
 
-from ._version import __version__
-
-from .architectures import ARCHITECTURES, ModelAdapter, supported_model_types
-from .deltas import WeightDelta
-from .result import EditResult
-from .editing import apply_algo_to_model, edit, restore_weights
-from .memory import EditMemory
-from .errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
-from .hparams import HyperParams
-from .registry import Algorithm, algorithm_names, get_algorithm, register
-from .requests import EditRequest, make_request, make_requests
-from . import algorithms  # noqa: F401,E402  (registers the algorithms)
+from . import algorithms  # noqa: F401  (registers the algorithms)
+from ._version import __version__ as __version__
 from .algorithms.common import EditHyperParams
-from .algorithms.adam import AdamHyperParams
-from .algorithms.alphaedit import AlphaEditHyperParams
-from .algorithms.ft import FTHyperParams
-from .algorithms.ft_l import FTLHyperParams
-from .algorithms.memit import MEMITHyperParams
-from .algorithms.rome import ROMEHyperParams
-from .algorithms.sgd import SGDHyperParams
-from .algorithms.shift import ShiftHyperParams, apply_shift_to_model, compute_shift
-from .editor import BaseEditor, load_hparams
-from .loading import ALIASES, load_model
-from .patch import apply_patch, read_patch, revert_patch, save_patch
-from .lora import LoraExport, export_lora, read_lora
-from .apply_names import apply_functions as _apply_functions, lookup as _lookup_apply
+from .algorithms.gradient.adam import AdamHyperParams
+from .algorithms.gradient.ft import FTHyperParams
+from .algorithms.gradient.ft_l import FTLHyperParams
+from .algorithms.gradient.sgd import SGDHyperParams
+from .algorithms.locate.alphaedit import AlphaEditHyperParams
+from .algorithms.locate.memit import MEMITHyperParams
+from .algorithms.locate.rome import ROMEHyperParams
+from .algorithms.shift.shift import ShiftHyperParams, compute_shift
+from .compat.apply_names import apply_functions as _apply_functions
+from .compat.apply_names import lookup as _lookup_apply
+from .compat.easyedit_datasets import CounterFactDataset, KnowEditDataset, ZsreDataset
+from .compat.easyedit_editor import BaseEditor, load_hparams
+from .core.deltas import WeightDelta
+from .core.editing import apply_algo_to_model, edit, restore_weights
+from .core.errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
+from .core.hparams import HyperParams
+from .core.memory import EditMemory
+from .core.registry import Algorithm, algorithm_names, get_algorithm, register
+from .core.requests import EditRequest, make_request, make_requests
+from .core.result import EditResult
+from .files.lora import LoraExport, export_lora, read_lora
+from .files.patch import apply_patch, read_patch, revert_patch, save_patch
+from .model.architectures import ARCHITECTURES, ModelAdapter, supported_model_types
+from .model.loading import ALIASES, load_model
 
 # ROME/MEMIT/EasyEdit names, one per registered algorithm: apply_rome_to_model, apply_memit_to_model, ...
 globals().update(_apply_functions())
-from .datasets import CounterFactDataset, KnowEditDataset, ZsreDataset
 
 
 def __getattr__(name: str):
@@ -50,11 +50,12 @@ def __getattr__(name: str):
     return fn
 
 __all__ = [
-    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "AlphaEditHyperParams", "Algorithm", "BaseEditor", "EditHyperParams", "EditMemory", "EditRequest",
+    "ALIASES", "ARCHITECTURES", "AdamHyperParams", "AlphaEditHyperParams", "Algorithm", "BaseEditor",
+    "EditHyperParams", "EditMemory", "EditRequest",
     "EditResult", "FTHyperParams", "FTLHyperParams", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
     "SGDHyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",
-    "apply_algo_to_model", "apply_patch", "apply_shift_to_model", "compute_shift", "edit", "export_lora",
+    "apply_algo_to_model", "apply_patch", "compute_shift", "edit", "export_lora",
     "get_algorithm", "load_hparams", "load_model", "make_request", "make_requests", "read_lora", "read_patch",
     "register", "restore_weights", "revert_patch", "save_patch", "supported_model_types",
     "CounterFactDataset", "KnowEditDataset", "ZsreDataset",

@@ -12,12 +12,21 @@ import numpy as np
 
 def rome_record(case_id, subject):
     """A CounterFact record in ROME's dataset layout (made-up prompts)."""
-    return {"case_id": case_id, "pararel_idx": 1,
-            "requested_rewrite": {"prompt": "{} plays for", "subject": subject, "relation_id": "P54",
-                                  "target_new": {"str": "Paris", "id": "Q90"}, "target_true": {"str": "Rome", "id": "Q220"}},
-            "paraphrase_prompts": [f"Yes. {subject} plays for", f"Indeed {subject} is a player of"],
-            "neighborhood_prompts": ["Totti plays for", "Baggio played for", "Pirlo is with"],
-            "attribute_prompts": ["Zidane plays for"], "generation_prompts": [f"{subject} is", f"The team of {subject}"]}
+    return {
+        "case_id": case_id,
+        "pararel_idx": 1,
+        "requested_rewrite": {
+            "prompt": "{} plays for",
+            "subject": subject,
+            "relation_id": "P54",
+            "target_new": {"str": "Paris", "id": "Q90"},
+            "target_true": {"str": "Rome", "id": "Q220"},
+        },
+        "paraphrase_prompts": [f"Yes. {subject} plays for", f"Indeed {subject} is a player of"],
+        "neighborhood_prompts": ["Totti plays for", "Baggio played for", "Pirlo is with"],
+        "attribute_prompts": ["Zidane plays for"],
+        "generation_prompts": [f"{subject} is", f"The team of {subject}"],
+    }
 
 
 def hmean(xs):

@@ -35,12 +35,14 @@ TINY_CONFIGS = {
     "gpt_neo": lambda: T.GPTNeoConfig(num_layers=3, hidden_size=32, num_heads=2, max_position_embeddings=128,
                                       attention_types=[[["global", "local"], 1], [["global"], 1]], **_COMMON),
     "gptj": lambda: T.GPTJConfig(n_layer=3, n_embd=32, n_head=2, n_positions=128, rotary_dim=8, **_COMMON),
-    "gpt_neox": lambda: T.GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=48, **_COMMON),
+    "gpt_neox": lambda: T.GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2,
+                                        intermediate_size=48, **_COMMON),
     "bloom": lambda: T.BloomConfig(n_layer=3, hidden_size=32, n_head=2, **_COMMON),
     "falcon": lambda: T.FalconConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, **_COMMON),
     "opt": lambda: T.OPTConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, ffn_dim=48,
                                word_embed_proj_dim=32, max_position_embeddings=128, **_COMMON),
-    "phi": lambda: T.PhiConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=48, **_COMMON),
+    "phi": lambda: T.PhiConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=48,
+                               **_COMMON),
     "phi3": lambda: T.Phi3Config(**_LLAMA, **_COMMON),
     "llama": lambda: T.LlamaConfig(**_LLAMA, **_COMMON),
     "mistral": lambda: T.MistralConfig(**_LLAMA, **_COMMON),
@@ -79,7 +81,8 @@ def write_corpus(path) -> str:
 #: values for required fields, and settings that keep every algorithm cheap on a 3-layer tiny model
 REQUIRED = {"layers": [1], "eta": 5.0, "lr": 0.05, "norm_constraint": 0.05}
 # max_relative_norm None: tiny random weights are small, so these steps exceed the edit guard's default bound;
-# margin 0: tiny random models' logit margins saturate near 0.4 (SHIFT_PLUS / SHIFT_NEURON aim at a margin; 0 = the target is the argmax)
+# margin 0: tiny random models' logit margins saturate near 0.4 (SHIFT_PLUS / SHIFT_NEURON aim at a margin;
+# 0 = the target is the argmax)
 CHEAP = {"skip_if_predicted": False, "margin": 0.0, "v_num_grad_steps": 3, "context_template_length_params": [[3, 2]],
          "mom2_n_tokens": 100, "mom2_max_length": 40, "steps": 3, "zstar_cache": False, "max_relative_norm": None}
 
@@ -87,7 +90,7 @@ CHEAP = {"skip_if_predicted": False, "margin": 0.0, "v_num_grad_steps": 3, "cont
 def tiny_hparams(alg: str, corpus: str, **kw):
     """Hparams of any registered algorithm for a 3-layer tiny model: required fields from
     REQUIRED, else from the algorithm's shipped SmolLM2 hparams; cheap settings where they exist."""
-    from shift_edit.registry import get_algorithm, load_hparams
+    from shift_edit.core.registry import get_algorithm, load_hparams
 
     spec = get_algorithm(alg)
     fields = {f.name: f for f in dataclasses.fields(spec.hparams_class)}

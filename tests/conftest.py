@@ -14,7 +14,7 @@ hf_logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 REPO = Path(__file__).resolve().parents[1]
-# The library finds data only through $SHIFT_EDIT_DATA or the user cache (shift_edit.data); the test
+# The library finds data only through $SHIFT_EDIT_DATA or the user cache (shift_edit.files.data_files); the test
 # suite points it at the shared folder beside the checkout, as the Makefile does.
 SHARED_DATA = Path(os.environ.get("SHIFT_EDIT_DATA") or os.environ.get("SHIFT_EDIT_SHARED_DATA")
                    or REPO.parent / "shared" / "data")

@@ -22,8 +22,8 @@ from _tiny import TINY_CONFIGS, tiny_hparams, tiny_model, write_corpus
 
 import shift_edit as se
 from shift_edit.algorithms.common import already_predicted
-from shift_edit.lora import read_lora
-from shift_edit.registry import algorithm_names, get_algorithm
+from shift_edit.core.registry import algorithm_names, get_algorithm
+from shift_edit.files.lora import read_lora
 
 ARCHS = sorted(TINY_CONFIGS)
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}

@@ -7,10 +7,10 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms.alphaedit import AlphaEditHyperParams, alphaedit_factors, null_space_projector
-from shift_edit.architectures import ModelAdapter
-from shift_edit.hooks import forward_capture
-from shift_edit.covariance import layer_stats
+from shift_edit.algorithms.locate.alphaedit import AlphaEditHyperParams, alphaedit_factors, null_space_projector
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import forward_capture
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France."]
 REQS = [{"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": " Rome"}},
@@ -34,7 +34,12 @@ def test_closed_form_equals_the_paper_and_spares_preserved_keys():
     left, right = alphaedit_factors(r, k1, proj, lam, kp)
     delta = left @ right
     # the paper's equation: Δ = R K1ᵀ P (Kp Kpᵀ P + K1 K1ᵀ P + λ I)⁻¹
-    paper = r @ k1.T @ proj @ torch.linalg.inv(kp @ kp.T @ proj + k1 @ k1.T @ proj + lam * torch.eye(20, dtype=torch.float64))
+    paper = (
+        r
+        @ k1.T
+        @ proj
+        @ torch.linalg.inv(kp @ kp.T @ proj + k1 @ k1.T @ proj + lam * torch.eye(20, dtype=torch.float64))
+    )
     assert torch.allclose(delta, paper, atol=1e-10)
     assert delta.norm() > 1e-3
     assert (delta @ k0).norm() <= 1e-9 * delta.norm() * k0.norm()  # preserved keys: outputs unchanged

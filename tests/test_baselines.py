@@ -6,10 +6,10 @@ import torch
 from _tiny import TINY_CONFIGS, tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms.adam import AdamHyperParams
-from shift_edit.algorithms.ft import FTHyperParams
-from shift_edit.algorithms.ft_l import FTLHyperParams
-from shift_edit.algorithms.sgd import SGDHyperParams
+from shift_edit.algorithms.gradient.adam import AdamHyperParams
+from shift_edit.algorithms.gradient.ft import FTHyperParams
+from shift_edit.algorithms.gradient.ft_l import FTLHyperParams
+from shift_edit.algorithms.gradient.sgd import SGDHyperParams
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": "Paris"}}
 
@@ -36,7 +36,8 @@ def test_sgd_step_equals_hand_computed_gradient_step(model_type, matrices, byte_
     w0 = [m.weight.detach().clone() for m in mods]
     grads = [hand_grad(model, m.weight, byte_tok) for m in mods]
     model.zero_grad(set_to_none=True)
-    res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[1], lr=0.3, matrices=matrices, skip_if_predicted=False, max_relative_norm=None))
+    res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[1], lr=0.3, matrices=matrices, skip_if_predicted=False,
+                                                       max_relative_norm=None))
     for m, w, g in zip(mods, w0, grads):
         torch.testing.assert_close(m.weight.detach(), w - 0.3 * g, rtol=1e-5, atol=1e-6)
     assert len(res.deltas) == len(mods) and all(d.dense is not None for d in res.deltas)
@@ -55,10 +56,12 @@ def test_sgd_ff2_target_position_is_outer_product_x_delta(model_type, byte_tok):
     h1 = ff2.register_forward_pre_hook(lambda _m, a: store.__setitem__("x", a[0]))
     h2 = ff2.register_forward_hook(lambda _m, _a, out: store.__setitem__("y", out))
     loss = first_token_loss(model, byte_tok)
-    h1.remove(); h2.remove()
+    h1.remove()
+    h2.remove()
     (dy,) = torch.autograd.grad(loss, [store["y"]])
     x_n, delta_n = store["x"][0, -1].detach(), dy[0, -1]
-    res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[0], lr=0.5, grad_positions="target", skip_if_predicted=False, max_relative_norm=None))
+    res = se.edit(model, byte_tok, REQ, SGDHyperParams(layers=[0], lr=0.5, grad_positions="target",
+                                                       skip_if_predicted=False, max_relative_norm=None))
     canonical = -0.5 * torch.outer(delta_n, x_n)  # [out, in]
     expected = w0 + (canonical.T if model_type == "gpt2" else canonical)
     torch.testing.assert_close(ff2.weight.detach(), expected, rtol=1e-5, atol=1e-6)
@@ -69,8 +72,15 @@ def test_sgd_ff2_target_position_is_outer_product_x_delta(model_type, byte_tok):
 
 def test_sgd_target_positions_equal_full_gradient_at_last_layer(byte_tok):
     model = tiny_model("llama")
-    full = se.get_algorithm("SGD").compute(model, byte_tok, se.make_requests(REQ), SGDHyperParams(layers=[2], lr=1.0, skip_if_predicted=False))
-    tgt = se.get_algorithm("SGD").compute(model, byte_tok, se.make_requests(REQ), SGDHyperParams(layers=[2], lr=1.0, grad_positions="target", skip_if_predicted=False))
+    full = se.get_algorithm("SGD").compute(
+        model, byte_tok, se.make_requests(REQ), SGDHyperParams(layers=[2], lr=1.0, skip_if_predicted=False)
+    )
+    tgt = se.get_algorithm("SGD").compute(
+        model,
+        byte_tok,
+        se.make_requests(REQ),
+        SGDHyperParams(layers=[2], lr=1.0, grad_positions="target", skip_if_predicted=False),
+    )
     torch.testing.assert_close(full.deltas[0].dense, tgt.deltas[0].dense, rtol=1e-5, atol=1e-7)
 
 
@@ -92,7 +102,9 @@ def test_ft_l_never_leaves_its_box_and_ft_does(byte_tok):
     model = tiny_model("gpt2")
     eps = 2e-3
     kw = dict(layers=[0, 2], lr=1e-2, steps=10, early_stop_nll=0.0, skip_if_predicted=False)
-    c = se.get_algorithm("FT_L").compute(model, byte_tok, se.make_requests(REQ), FTLHyperParams(norm_constraint=eps, **kw))
+    c = se.get_algorithm("FT_L").compute(
+        model, byte_tok, se.make_requests(REQ), FTLHyperParams(norm_constraint=eps, **kw)
+    )
     assert all(d.dense.abs().max() <= eps * (1 + 1e-5) for d in c.deltas)
     assert max(float(d.dense.abs().max()) for d in c.deltas) > 0.5 * eps
     u = se.get_algorithm("FT").compute(model, byte_tok, se.make_requests(REQ), FTHyperParams(**kw))
@@ -101,11 +113,12 @@ def test_ft_l_never_leaves_its_box_and_ft_does(byte_tok):
 
 def test_ft_lowers_the_target_nll_and_stops_early(byte_tok):
     model = tiny_model("llama")
-    before = se.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
+    before = se.model.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
     stop = before - 0.3  # a random tiny model moves slowly; any threshold below the start works
-    res = se.edit(model, byte_tok, REQ, FTHyperParams(layers=[0, 1, 2], matrices="both", lr=5e-2, steps=30, max_relative_norm=None,
+    res = se.edit(model, byte_tok, REQ, FTHyperParams(layers=[0, 1, 2], matrices="both", lr=5e-2, steps=30,
+                                                      max_relative_norm=None,
                                                       early_stop_nll=stop, skip_if_predicted=False))
-    after = se.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
+    after = se.model.scoring.score_continuations(model, byte_tok, ["Messi plays for"], [" Paris"])[0].mean_nll
     assert after < before
     assert res.info[0]["steps"] < 30 and res.info[0]["loss_last"] < stop
     assert after == pytest.approx(res.info[0]["loss_last"], rel=1e-4)
@@ -115,7 +128,7 @@ def test_ft_lowers_the_target_nll_and_stops_early(byte_tok):
 def test_shipped_hparams_of_step_algorithms_have_layers_and_a_positive_step():
     """Every shipped file of an algorithm with a step size (the registry's step field) names
     its layers and a positive step."""
-    from shift_edit.resources import shipped_hparams_index
+    from shift_edit.core.shipped_hparams import shipped_hparams_index
 
     checked = 0
     for alg in se.algorithm_names():
@@ -137,7 +150,7 @@ def test_ft_from_the_frozen_prefix_equals_full_passes(model_type, alg, byte_tok)
     """Training from the recorded input of the lowest trained block gives the same deltas (bit for bit: the same
     operations on the same inputs), losses and steps as full forward passes (two chunks of one request each, all
     target tokens)."""
-    from shift_edit.algorithms.ft import finetune
+    from shift_edit.algorithms.gradient.ft import finetune
 
     model = tiny_model(model_type)
     kw = dict(layers=[1, 2], lr=1e-2, steps=6, early_stop_nll=0.0, skip_if_predicted=False, batch_size=1,
@@ -155,7 +168,7 @@ def test_ft_from_the_frozen_prefix_equals_full_passes(model_type, alg, byte_tok)
 
 def test_ft_falls_back_to_full_passes_when_the_prefix_disagrees(byte_tok, monkeypatch, caplog):
     """A recorded block input that does not reproduce the full pass's loss is dropped at the first step."""
-    import shift_edit.algorithms.ft as ft
+    import shift_edit.algorithms.gradient.ft as ft
 
     class Corrupted(ft.FrozenPrefix):
         def __init__(self, *args, **kw):

@@ -14,13 +14,14 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.bench import generation as bg
 from shift_edit.bench import metrics as bm
 from shift_edit.bench import wikitext as bp
-from shift_edit.bench.runner import BenchConfig, run_bench
+from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.runner import run_bench
 from shift_edit.bench.summarize import METRICS, harmonic_mean, load_reference, summarize_run, to_csv, to_markdown
-from shift_edit.scoring import ContinuationScore
+from shift_edit.model.scoring import ContinuationScore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,15 @@ def test_ngram_entropy_by_hand():
     assert bg.ngram_entropy(["a b a b", "x x x x x"]) == pytest.approx((2 / 3 * h2 + 4 / 3) / 4)
     assert bg.word_tokens("Paris, France's capital.") == ["Paris", ",", "France", "'s", "capital", "."]
     # word_tokenize's word tokenizer (not Treebank's): curly quotes and ellipses are split off
-    assert bg.word_tokens("\u201chello\u201d\u2026 it\u2019s") == ["\u201c", "hello", "\u201d", "\u2026", "it", "\u2019", "s"]
+    assert bg.word_tokens("\u201chello\u201d\u2026 it\u2019s") == [
+        "\u201c",
+        "hello",
+        "\u201d",
+        "\u2026",
+        "it",
+        "\u2019",
+        "s",
+    ]
     from nltk.tokenize import word_tokenize
 
     text = "The city of Paris is large. It has \u201cmany\u201d museums, e.g. the Louvre..."
@@ -127,7 +136,9 @@ def test_perplexity_protocols_by_hand(byte_tok):
     # of the window it is new in (window 16, stride 8: position 0 for j < 16, else 8 * (j // 8 - 1))
     small = bp.PerplexityProtocol(name="standard", window=16, stride=8)
     assert len(ids) > 40  # several windows
-    nlls = [float(_manual_line_nll(model, ids[(0 if j < 16 else 8 * (j // 8 - 1)) : j + 1])[-1]) for j in range(1, len(ids))]
+    nlls = [
+        float(_manual_line_nll(model, ids[(0 if j < 16 else 8 * (j // 8 - 1)) : j + 1])[-1]) for j in range(1, len(ids))
+    ]
     assert bp.perplexity(model, byte_tok, lines[:2], small) == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
 
 
@@ -170,7 +181,8 @@ def test_grouped_generation_equals_each_record_on_its_edited_model(byte_tok):
     greedy = bg.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=1)
     for g, texts in zip(groups, greedy):
         with temporarily_applied(model, g.deltas):
-            alone = bg.generate_topk_groups(model, byte_tok, [bg.GenerationGroup(g.prompts, g.seed)], max_length=24, top_k=1)[0]
+            alone = bg.generate_topk_groups(model, byte_tok, [bg.GenerationGroup(g.prompts, g.seed)], max_length=24,
+                                            top_k=1)[0]
         assert texts == alone
     assert greedy[1] != bg.generate_topk(model, byte_tok, ["ab plays"], max_length=24, top_k=1)  # the edit shows
     sampled = bg.generate_topk_groups(model, byte_tok, groups, max_length=24, top_k=5)
@@ -294,8 +306,11 @@ def test_batched_scoring_equals_unbatched(byte_tok, tmp_path):
                    "neighborhood": case.neighborhood_prompts}[g]
         true = case.neighborhood_true if g == "neighborhood" else case.request.target_true
         for p, (n1, t1) in zip(prompts, rows):
-            n2, t2 = se.scoring.score_continuations(model, byte_tok, [p, p], [case.request.target_new, true], batch_size=1)
-            assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5) and torch.allclose(t1.token_nll, t2.token_nll, atol=1e-5)
+            n2, t2 = se.model.scoring.score_continuations(model, byte_tok, [p, p], [case.request.target_new, true],
+                                                          batch_size=1)
+            assert torch.allclose(n1.token_nll, n2.token_nll, atol=1e-5) and torch.allclose(
+                t1.token_nll, t2.token_nll, atol=1e-5
+            )
     # next-token distributions for KL too
     nb = case.neighborhood_prompts
     assert torch.allclose(bm.next_token_logprobs(model, byte_tok, nb, batch_size=8),
@@ -333,7 +348,9 @@ def test_gen_every_generates_for_every_kth_record_only(byte_tok, tmp_path):
     assert with_gen == ["case_0.json", "case_2.json", "case_4.json"]
     for k in with_gen:  # the same texts as generating for every record (per-record seeds and edits)
         assert some[k]["generation"] == every[k]["generation"]
-    assert json.loads((some_dir / "params.json").read_text())["match"]["protocol"]["generation"]["every_kth_record"] == 2
+    assert (
+        json.loads((some_dir / "params.json").read_text())["match"]["protocol"]["generation"]["every_kth_record"] == 2
+    )
     assert summarize_run(some_dir)["metrics"]["ngram_entropy"]["n"] == 3
     rec = json.loads((some_dir / "case_1.json").read_text())
     assert isinstance(rec["edit"]["info"], dict)  # the algorithm's per-request details travel with the record
@@ -341,11 +358,11 @@ def test_gen_every_generates_for_every_kth_record_only(byte_tok, tmp_path):
 
 def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     model = tiny_model("llama")
-    fp = se.io.model_fingerprint(model)
+    fp = se.files.io.model_fingerprint(model)
     data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(4)])
     run = _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 2}, rank=0, world_size=1)
     assert run == tmp_path / "res" / "SHIFT" / "run_000"
-    assert se.io.model_fingerprint(model) == fp  # every edit undone
+    assert se.files.io.model_fingerprint(model) == fp  # every edit undone
     params = json.loads((run / "params.json").read_text())
     assert params["match"]["protocol"]["metric_families"]["top1"].startswith("strict top-1")
     assert params["match"]["model"]["fingerprint"] == fp and params["provenance"]["versions"]["torch"]
@@ -364,9 +381,12 @@ def test_run_resume_undo_and_leftover_tmp(byte_tok, tmp_path, monkeypatch):
     assert calls == [2, 3]
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("case_*.json") if p.name in first} == first
     # a different configuration (seed) gets its own run dir
-    assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 1}, cfg=_cfg(seed=1), rank=0, world_size=1).name == "run_001"
+    assert _run(model, byte_tok, data, tmp_path / "res", sel={"limit": 1}, cfg=_cfg(seed=1), rank=0,
+                world_size=1).name == "run_001"
     times = sorted(json.loads(p.read_text())["time_s"]["edit"] for p in run.glob("case_*.json"))
-    assert len(times) == 4 and summarize_run(run)["metrics"]["edit_time_median_s"]["mean"] == pytest.approx((times[1] + times[2]) / 2)
+    assert len(times) == 4 and summarize_run(run)["metrics"]["edit_time_median_s"]["mean"] == pytest.approx(
+        (times[1] + times[2]) / 2
+    )
     m = _metrics(run)["case_0.json"]
     assert set(m) >= {"rome", "top1", "top1_first", "nll", "neighborhood_kl"}
     assert m["neighborhood_kl"]["mean"] >= 0
@@ -378,8 +398,13 @@ def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_pa
 
     model = tiny_model(model_type)
     cases = bdata.load_counterfact(write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)]))
-    cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(layers=[2], eta=50.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None),
-                      skip_generation=True)
+    cfg = BenchConfig(
+        alg="SHIFT",
+        hparams=se.ShiftHyperParams(
+            layers=[2], eta=50.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None
+        ),
+        skip_generation=True,
+    )
     fast_state, slow_state = RunState(), RunState(resume_exact=False)
     for i, case in enumerate(cases):
         fast = evaluate_case(model, byte_tok, case, cfg, position=i, ppl_lines=None, state=fast_state)
@@ -387,7 +412,9 @@ def test_rerunning_edited_blocks_equals_full_passes(model_type, byte_tok, tmp_pa
         assert fast["edit"]["rerun_from_block"] == 2 and slow["edit"]["rerun_from_block"] == 0
         for fam in ("rome", "top1", "top1_first"):
             assert fast["metrics"][fam] == pytest.approx(slow["metrics"][fam], abs=1e-6)
-        assert fast["metrics"]["neighborhood_kl"]["mean"] == pytest.approx(slow["metrics"]["neighborhood_kl"]["mean"], abs=1e-6)
+        assert fast["metrics"]["neighborhood_kl"]["mean"] == pytest.approx(
+            slow["metrics"]["neighborhood_kl"]["mean"], abs=1e-6
+        )
         assert fast["metrics"]["neighborhood_kl"]["mean"] > 0
     assert fast_state.resume_exact is True
 
@@ -438,7 +465,8 @@ def test_published_references_are_labelled_and_consistent(name):
     for r, row in zip(rows, raw["rows"]):
         setting = f"T={raw['sequential']['T']}, B={raw['sequential']['B']}" if raw.get("sequential") else raw["setting"]
         assert r["model"] == row.get("model", raw["model"]) and r["model"] in r["label"]
-        assert setting in r["label"] and raw["source"] in r["label"] and r["dataset"] == raw.get("dataset", "counterfact")
+        assert setting in r["label"] and raw["source"] in r["label"] and r["dataset"] == raw.get("dataset",
+                                                                                                 "counterfact")
     family = {"zsre": "zsre_token_acc"}.get(raw.get("dataset", ""), "easyedit" if "knowedit" in name else None)
     assert family is None or raw["metric_family"].startswith(family)
     for r in rows:
@@ -495,7 +523,8 @@ def test_sharded_two_processes_equal_unsharded(byte_tok, tmp_path):
     args = ["bench", "--alg", "SHIFT", "--model", str(folder), "--hparams", str(hp), "--data", str(data),
             "--skip-generation", "--no-progress"]
     procs = [subprocess.Popen([sys.executable, "-m", "shift_edit", *args, "--out", str(tmp_path / "sharded")],
-                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2"},
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(r),
+                                   "WORLD_SIZE": "2"},
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -534,7 +563,8 @@ def test_torchrun_shards_into_one_run_dir(byte_tok, tmp_path):
             "--skip-generation", "--no-progress", "--out", str(tmp_path / "tr")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "shift_edit", "-v", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+                        "-m", "shift_edit", "-v", *args], capture_output=True, text=True, env=env, cwd=REPO,
+                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(rank 0/2)" in r.stderr and "(rank 1/2)" in r.stderr
     model, tok = se.load_model(str(folder))
@@ -542,7 +572,9 @@ def test_torchrun_shards_into_one_run_dir(byte_tok, tmp_path):
     sharded = _metrics(tmp_path / "tr" / "SHIFT" / "run_000")
     assert sorted(sharded) == sorted(plain) == [f"case_{i}.json" for i in range(4)]
     for k in plain:
-        assert sharded[k]["top1"] == plain[k]["top1"] and sharded[k]["rome"] == pytest.approx(plain[k]["rome"], abs=1e-6)
+        assert sharded[k]["top1"] == plain[k]["top1"] and sharded[k]["rome"] == pytest.approx(
+            plain[k]["rome"], abs=1e-6
+        )
 
 
 def test_killed_run_resumes_to_the_same_case_files(byte_tok, tmp_path):
@@ -591,14 +623,14 @@ def test_cli_bad_input_exit_2(tmp_path, extra, msg):
 
 def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
     model, tok = smollm2
-    fp = se.io.model_fingerprint(model)
+    fp = se.files.io.model_fingerprint(model)
     path = shared_data / "counterfact-original-format-subset837.json"
     hp = se.ShiftHyperParams(layers=[24], eta=80.0, eta_scaling="normalized")
     cfg = BenchConfig(alg="SHIFT", hparams=hp, skip_generation=True)
     run = run_bench(model, tok, bdata.load_counterfact(path, limit=3), cfg, tmp_path,
                     data_info={"path": str(path), "sha256": bdata.file_sha256(path)}, model_name="smollm2-135m",
                     rank=0, world_size=1, progress=False)
-    assert se.io.model_fingerprint(model) == fp
+    assert se.files.io.model_fingerprint(model) == fp
     cases = [json.loads(p.read_text()) for p in sorted(run.glob("case_*.json"))]
     assert len(cases) == 3
     for c in cases:
@@ -609,7 +641,9 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
         text = req["prompt"].format(req["subject"])
         res = se.edit(model, tok, req, hp)
         try:
-            new, true = se.scoring.score_continuations(model, tok, [text, text], [req["target_new"], req["target_true"]])
+            new, true = se.model.scoring.score_continuations(
+                model, tok, [text, text], [req["target_new"], req["target_true"]]
+            )
         finally:
             res.undo()
         nll = c["metrics"]["nll"]["rewrite"][0]
@@ -637,13 +671,14 @@ def test_smollm2_end_to_end(smollm2, shared_data, tmp_path):
         assert len(w["texts"]["paraphrase"]) == 2 and w["paraphrase_success"] in (0.0, 0.5, 1.0)
         new, true = c["request"]["target_new"], c["request"]["target_true"]
         assert w["rewrite_success"] == float(appears_first(w["texts"]["rewrite"][0], new, true))
-    assert se.io.model_fingerprint(model) == fp
+    assert se.files.io.model_fingerprint(model) == fp
 
 
 def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
     model = tiny_model("gpt2")
     wiki = tmp_path / "wiki.raw"
-    wiki.write_text(" = Title = a heading line that is long enough\n\n short\n a second line long enough to count here\n")
+    wiki.write_text(" = Title = a heading line that is long enough\n\n short\n a second line long enough to count "
+                    "here\n")
     data = write(tmp_path, [easyedit_record(i) for i in range(3)])
     proto = bp.PerplexityProtocol(name="paper", n_lines=5, max_tokens=32)
     cfg = BenchConfig(alg="SHIFT", hparams=se.ShiftHyperParams(**HP), skip_generation=True, ppl_every=2,
@@ -652,7 +687,9 @@ def test_easyedit_rephrase_and_ppl_every(byte_tok, tmp_path):
     m = _metrics(run)
     assert "rephrase_success" in m["case_0.json"]["rome"] and "paraphrase_success" not in m["case_0.json"]["rome"]
     assert "rephrase_acc" in m["case_0.json"]["top1"] and "neighborhood_kl" not in m["case_0.json"]
-    assert json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]["neighborhood_kl"] is None
+    assert (
+        json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]["neighborhood_kl"] is None
+    )
     assert [("perplexity" in m[f"case_{i}.json"]) for i in range(3)] == [True, False, True]
     s = summarize_run(run)["metrics"]
     assert "RS" in s and "PS" not in s and "S" not in s and s["wikitext_ppl"]["n"] == 2
@@ -662,7 +699,8 @@ def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
     model = tiny_model("gpt2")
     path = write(tmp_path, [rome_record(i, subject=f"Sub{i}", new=["Paris", "Oslo", "Lima"][i]) for i in range(3)])
     cases = bdata.load_counterfact(path)
-    hp = se.ShiftHyperParams(layers=[1], eta=40.0, eta_scaling="normalized", skip_if_predicted=False, max_relative_norm=None)
+    hp = se.ShiftHyperParams(layers=[1], eta=40.0, eta_scaling="normalized", skip_if_predicted=False,
+                             max_relative_norm=None)
     cfg = BenchConfig(alg="SHIFT", hparams=hp, skip_generation=True, num_edits=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run = _run(model, byte_tok, path, tmp_path / "out", cfg=cfg)
@@ -702,20 +740,25 @@ def test_num_edits_applies_a_batch_then_scores_each_record(byte_tok, tmp_path):
 
 
 def test_run_labels_tell_locate_and_edit_settings_apart():
-    from shift_edit.bench.summarize import _hparams_tag
+    from shift_edit.core.registry import run_tag
 
-    assert _hparams_tag({"layers": [26], "eta": 60.0, "eta_scaling": "normalized"}) == " L26 eta 60 normalized"
+    assert run_tag("SHIFT", {"layers": [26], "eta": 60.0, "eta_scaling": "normalized"}) == " L26 eta 60 normalized"
     earlier = {"layers": [2, 3], "mom2_update_weight": 1500.0, "context_length_mode": "new", "v_step_count": "n",
                "key_average": "flat"}
-    assert _hparams_tag(earlier) == " L2,3 λ 1500 new-token contexts n steps flat keys"
+    assert run_tag("MEMIT", earlier) == " L2,3 λ 1500 new-token contexts n steps flat keys"
     reference = {**earlier, "context_length_mode": "total", "v_step_count": "n_minus_1", "key_average": "per_type"}
-    assert _hparams_tag(reference) == " L2,3 λ 1500"
+    assert run_tag("MEMIT", reference) == " L2,3 λ 1500"
     memit = {"layers": [2, 3], "mom2_update_weight": 1500.0, "mom2_n_tokens": 200000, "mom2_adjustment": True}
-    assert _hparams_tag(memit) == " L2,3 λ 1500 C 200k tok"
+    assert run_tag("MEMIT", memit) == " L2,3 λ 1500 C 200k tok"
     rome = {"layers": [5], "mom2_n_tokens": 20000, "mom2_adjustment": False, "optimise_through_update": True}
-    assert _hparams_tag(rome) == " L5 through-update"
-    assert _hparams_tag({"layers": [5], "mom2_n_tokens": 200000, "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"
-    assert _hparams_tag({"layers": [23], "mom2_n_tokens": 50000, "margin": 0.25}) == " L23 C 50k tok margin 0.25"
+    assert run_tag("ROME", rome) == " L5 through-update"
+    assert run_tag("ROME", {"layers": [5], "mom2_n_tokens": 200000,
+                            "lambda_key": "prompt"}) == " L5 C 200k tok Λ-key prompt"
+    assert run_tag("SHIFT_PLUS", {"layers": [23], "mom2_n_tokens": 50000,
+                                  "margin": 0.25}) == " L23 C 50k tok margin 0.25"
+    # a run of an algorithm not registered here (another toolkit's folder): layers, step and statistics
+    assert run_tag("?", {"layers": [4], "lr": 0.5, "mom2_n_tokens": 1000}) == " L4 lr 0.5 C 1k tok"
+    assert run_tag("SHIFT", None) == ""
 
 
 def test_a_refused_edit_is_recorded_and_the_run_goes_on(byte_tok, tmp_path):

@@ -14,17 +14,18 @@ from _tiny import byte_tokenizer, tiny_model
 from test_bench import rome_record, write
 
 import shift_edit
-import shift_edit.loading as loading
-from shift_edit.algorithms import memit as memit_mod
-from shift_edit.algorithms import rome as rome_mod
-from shift_edit.algorithms.memit import MEMITHyperParams
-from shift_edit.bench.sequential import _load_state, _save_state, _State
+import shift_edit.model.loading as loading
+from shift_edit.algorithms.locate import memit as memit_mod
+from shift_edit.algorithms.locate import zstar as zstar_mod
+from shift_edit.algorithms.locate.memit import MEMITHyperParams
+from shift_edit.bench.seq_state import SequentialState, load_state, save_state
 from shift_edit.cli import main
-from shift_edit.covariance import generic_sample, layer_stats
-from shift_edit.errors import ShiftEditError
-from shift_edit.io import MANIFEST_NAME
-from shift_edit.memory import EditMemory
-from shift_edit.requests import make_request
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.core.memory import EditMemory
+from shift_edit.core.requests import make_request
+from shift_edit.files.io import MANIFEST_NAME
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.generic_sample import generic_sample
 
 
 def flip_bit(path: Path, at: float = 0.5) -> None:
@@ -85,8 +86,8 @@ def test_a_zstar_with_a_flipped_bit_is_recomputed_with_one_warning(byte_tok, cor
                           mom2_update_weight=50.0, zstar_cache=True)
     req = make_request({"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": "Rome"}})
     optimised = []
-    real = rome_mod.optimise_delta
-    monkeypatch.setattr(memit_mod, "optimise_delta", lambda *a, **k: optimised.append(1) or real(*a, **k))
+    real = zstar_mod.optimise_delta
+    monkeypatch.setattr(zstar_mod, "optimise_delta", lambda *a, **k: optimised.append(1) or real(*a, **k))
     first = memit_mod.compute_memit(model, byte_tok, [req], hp)
     cached = memit_mod.compute_memit(model, byte_tok, [req], hp)
     assert len(optimised) == 1 and cached.info[0]["zstar_from_cache"]
@@ -152,14 +153,14 @@ def test_a_converted_model_with_a_flipped_bit_is_converted_again_with_one_warnin
 
 
 def _state(tmp_path, model):
-    st = _State()
+    st = SequentialState()
     st.n_batches, st.n_edits, st.touched = 2, 2, ["model.layers.1.mlp.down_proj.weight"]
     st.batches = [{"n": 1}, {"n": 1}]  # one record per batch, as the run keeps them
     memory = EditMemory()
     memory.add({st.touched[0]: torch.randn(2, model.config.intermediate_size)})
     with torch.no_grad():
         model.get_parameter(st.touched[0]).add_(0.01)
-    _save_state(tmp_path / "state", st, model, memory, "fp")
+    save_state(tmp_path / "state", st, model, memory, "fp")
     return st, memory
 
 
@@ -168,7 +169,7 @@ def test_a_sequential_state_with_a_flipped_bit_is_refused_in_one_line(tmp_path):
     st, memory = _state(tmp_path, model)
     edited = model.get_parameter(st.touched[0]).detach().clone()
     fresh = tiny_model("llama")
-    loaded_st, loaded_mem, originals = _load_state(tmp_path / "state", fresh, "fp")
+    loaded_st, loaded_mem, originals = load_state(tmp_path / "state", fresh, "fp")
     assert torch.equal(fresh.get_parameter(st.touched[0]), edited) and loaded_st.n_edits == 2
     assert torch.equal(loaded_mem.keys(st.touched[0]), memory.keys(st.touched[0]))
     assert torch.equal(originals[st.touched[0]], tiny_model("llama").get_parameter(st.touched[0]))
@@ -183,7 +184,7 @@ def test_a_sequential_state_with_a_flipped_bit_is_refused_in_one_line(tmp_path):
             flip_bit(path)
         untouched = tiny_model("llama")
         with pytest.raises(ShiftEditError) as err:
-            _load_state(tmp_path / "state", untouched, "fp")
+            load_state(tmp_path / "state", untouched, "fp")
         msg = str(err.value)
         assert "\n" not in msg and "fails its checksum" in msg and "delete" in msg
         assert torch.equal(untouched.get_parameter(st.touched[0]), tiny_model("llama").get_parameter(st.touched[0]))
@@ -197,7 +198,8 @@ def test_the_cli_exits_2_on_a_damaged_sequential_state(tmp_path, capsys):
     hp = tmp_path / "ft.yaml"
     hp.write_text("alg_name: FT\nlayers: [1]\nsteps: 2\nlr: 0.01\nskip_if_predicted: false\nmax_relative_norm: null\n")
     argv = ["bench", "--model", str(folder), "--alg", "FT", "--hparams", str(hp), "--data", str(data),
-            "--out", str(tmp_path / "out"), "--sequential", "2", "--eval-at", "1", "--ppl-lines", "0", "--save-every", "1",
+            "--out", str(tmp_path / "out"), "--sequential", "2", "--eval-at", "1", "--ppl-lines", "0", "--save-every",
+            "1",
             "--no-progress"]
     assert main(argv) == 0
     (run_dir,) = list((tmp_path / "out" / "FT").glob("seq_*"))

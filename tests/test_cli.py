@@ -36,8 +36,10 @@ def test_models_lists_registry_and_table(capsys):
         (["edit", *EIFFEL, "--layer", "99"], "layer 99 is out of range"),
         (["edit", *EIFFEL, "--eta", "-1"], "eta: got -1.0"),
         (["edit", *EIFFEL, "--hparams", "nope.yaml"], "hparams file not found"),
-        (["edit", "--model", "/no/such/model", "--prompt", "a", "--target", "b", "--layer", "1", "--eta", "1"], "cannot load model"),
-        (["edit", "--model", "/no/such/model.gguf", "--prompt", "a", "--target", "b", "--layer", "1", "--eta", "1"], "GGUF file not found"),
+        (["edit", "--model", "/no/such/model", "--prompt", "a", "--target", "b", "--layer", "1", "--eta", "1"],
+         "cannot load model"),
+        (["edit", "--model", "/no/such/model.gguf", "--prompt", "a", "--target", "b", "--layer", "1", "--eta", "1"],
+         "GGUF file not found"),
         (["edit", "--model", "tiny-unknown", "--prompt", "a", "--target", "b"], "no shipped SHIFT hparams"),
         (["edit", *EIFFEL, "--dtype", "float8"], "unknown dtype"),
         (["apply-patch", "missing.safetensors", "--model", "smollm2-135m"], "patch file not found"),
@@ -65,7 +67,8 @@ def test_existing_save_dir_is_refused_before_editing(tmp_path, capsys):
 
 
 def test_console_script_exit_code():
-    proc = subprocess.run([sys.executable, "-m", "shift_edit", "edit", "--model", "smollm2-135m"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "shift_edit", "edit", "--model", "smollm2-135m"], capture_output=True,
+                          text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
@@ -74,7 +77,7 @@ def test_eta_sets_each_algorithms_step_size():
     import argparse
 
     from shift_edit.cli.edit import resolve_hparams
-    from shift_edit.errors import ShiftEditError
+    from shift_edit.core.errors import ShiftEditError
 
     def ns(alg, **kw):
         base = dict(alg=alg, model="no-such-model", hparams=None, layer=[1], eta=0.5, eta_scaling=None, no_skip=False)

@@ -29,7 +29,8 @@ def in_tiny_filesystem(tmp_path: Path, size: str, argv: list[str]) -> tuple[subp
                            capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}")
-    script = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; m="$2"; out="$3"; shift 3; "$@"; rc=$?; ls -A "$m" > "$out"; exit $rc'
+    script = ('mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; m="$2"; out="$3"; shift 3; "$@"; rc=$?; '
+              'ls -A "$m" > "$out"; exit $rc')
     cmd = [sys.executable, "-m", "shift_edit", *[a.replace("{fs}", str(mnt)) for a in argv]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", size, str(mnt), str(listing), *cmd],

@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
+from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
-from shift_edit import easyedit as ee
-from shift_edit.registry import algorithm_names, get_algorithm
-from _tiny import tiny_hparams, tiny_model
+from shift_edit.compat import easyedit_metrics as ee
+from shift_edit.core.registry import algorithm_names, get_algorithm
 
 PROMPTS = ["Paris is the capital of", "Messi plays for"]
 TARGETS = ["Rome", "Boston"]
@@ -68,9 +68,16 @@ def test_edit_metrics_equal_easyedit_structure_for_every_algorithm(alg, byte_tok
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     editor = se.BaseEditor(tiny_hparams(alg, corpus), model=model, tok=byte_tok)
     metrics, edited, weights = editor.edit(
-        PROMPTS, TARGETS, ["France", "Barcelona"], rephrase_prompts=["The capital Paris belongs to", "Messi is a player of"],
-        locality_inputs=json.loads(json.dumps(LOCALITY)), portability_inputs=PORTABILITY,
-        subject=["Paris", "Messi"], keep_original_weight=True, test_generation=alg == "SHIFT")
+        PROMPTS,
+        TARGETS,
+        ["France", "Barcelona"],
+        rephrase_prompts=["The capital Paris belongs to", "Messi is a player of"],
+        locality_inputs=json.loads(json.dumps(LOCALITY)),
+        portability_inputs=PORTABILITY,
+        subject=["Paris", "Messi"],
+        keep_original_weight=True,
+        test_generation=alg == "SHIFT",
+    )
     assert len(metrics) == 2 and edited is model
     for i, m in enumerate(metrics):
         want = easyedit_structure(m["requested_rewrite"], alg == "SHIFT")
@@ -195,9 +202,15 @@ def shift_metrics(byte_tok, tmp_path_factory):
     model = tiny_model("llama")
     hp = se.ShiftHyperParams(layers=[1], eta=40.0, skip_if_predicted=False)
     metrics, _, _ = se.BaseEditor(hp, model=model, tok=byte_tok).edit(
-        PROMPTS, TARGETS, ["France", "Barcelona"], rephrase_prompts=["The capital Paris belongs to", "Messi is a player of"],
-        locality_inputs=json.loads(json.dumps(LOCALITY)), portability_inputs=PORTABILITY, test_generation=True,
-        verbose=False)
+        PROMPTS,
+        TARGETS,
+        ["France", "Barcelona"],
+        rephrase_prompts=["The capital Paris belongs to", "Messi is a player of"],
+        locality_inputs=json.loads(json.dumps(LOCALITY)),
+        portability_inputs=PORTABILITY,
+        test_generation=True,
+        verbose=False,
+    )
     return json.loads(json.dumps(metrics))  # as a results JSON file holds them
 
 
@@ -281,7 +294,8 @@ def test_dataset_readers_take_easyedit_files(tmp_path, byte_tok, corpus):
            "ground_truth": "Barcelona", "rephrase_prompt": "Messi is a player of",
            "locality_prompt": "Ronaldo plays for", "locality_ground_truth": "Madrid"}]
     zsre = [{"subject": "Messi", "src": "Which team does Messi play for?", "alt": "Boston", "answers": ["Barcelona"],
-             "rephrase": "Messi plays for which team?", "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"},
+             "rephrase": "Messi plays for which team?", "loc": "nq question: who wrote hamlet",
+             "loc_ans": "Shakespeare"},
             {"subject": "X", "src": "What is X?", "alt": "", "answers": ["y"], "rephrase": "X?",
              "loc": "nq question: a", "loc_ans": "b"}]
     know = [{"subject": "Messi", "prompt": "Messi plays for", "target_new": "Boston", "ground_truth": "Barcelona",
@@ -292,7 +306,9 @@ def test_dataset_readers_take_easyedit_files(tmp_path, byte_tok, corpus):
     ds = se.CounterFactDataset(str(tmp_path / "cf.json"))
     assert len(ds) == 1 and ds[0]["locality_ground_truth"] == "Madrid"
     z = se.ZsreDataset(tmp_path / "zsre.json", size=5)
-    assert len(z) == 1 and z[0]["target_new"] == "Boston" and z[0]["ground_truth"] == "Barcelona" and z[0]["case_id"] == 0
+    assert (
+        len(z) == 1 and z[0]["target_new"] == "Boston" and z[0]["ground_truth"] == "Barcelona" and z[0]["case_id"] == 0
+    )
     k = se.KnowEditDataset(tmp_path / "know.json")
     assert k[0]["portability_r"][0]["prompt"].startswith("Messi's") and k[0]["locality_f"] is None
     # an EasyEdit CounterFact script, as written for EasyEdit
@@ -316,7 +332,7 @@ def test_dataset_readers_take_easyedit_files(tmp_path, byte_tok, corpus):
 
 @pytest.mark.parametrize("alg", algorithm_names())
 def test_apply_alg_to_model_exists_for_every_algorithm_and_takes_callers_kwargs(alg, byte_tok, corpus, caplog):
-    from shift_edit.apply_names import apply_fn_name
+    from shift_edit.compat.apply_names import apply_fn_name
 
     fn = getattr(se, apply_fn_name(alg))
     model = tiny_model("gpt2")
@@ -325,7 +341,7 @@ def test_apply_alg_to_model_exists_for_every_algorithm_and_takes_callers_kwargs(
     with caplog.at_level(logging.WARNING):
         out, orig = fn(model, byte_tok, [req], tiny_hparams(alg, corpus), copy=False, return_orig_weights=True,
                        keep_original_weight=False, train_ds=None, cache_template=None)
-    assert not [r for r in caplog.records if r.name == "shift_edit.apply_names"]
+    assert not [r for r in caplog.records if r.name == "shift_edit.compat.apply_names"]
     assert out is model and orig and all(torch.equal(v, base[k]) for k, v in orig.items())
     assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
     se.restore_weights(model, orig)
@@ -335,7 +351,7 @@ def test_apply_alg_to_model_exists_for_every_algorithm_and_takes_callers_kwargs(
 
 
 def test_apply_name_of_an_algorithm_registered_later(monkeypatch):
-    from shift_edit import registry
+    from shift_edit.core import registry
 
     @dataclasses.dataclass(kw_only=True)
     class LaterHP(se.ShiftHyperParams):

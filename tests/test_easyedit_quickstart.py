@@ -138,13 +138,14 @@ def _hparams_path(alg: str, tmp_path: Path) -> str:
 def test_easyedit_quickstart_runs_with_only_the_import_changed(alg, smollm2, tmp_path, monkeypatch):
     from test_easyedit import easyedit_structure, keys_of
 
-    import shift_edit.loading
+    import shift_edit.model.loading
 
     model, tok = smollm2
-    monkeypatch.setattr(shift_edit.loading, "load_model", lambda name, **kw: (model, tok))  # the session's copy
+    monkeypatch.setattr(shift_edit.model.loading, "load_model", lambda name, **kw: (model, tok))  # the session's copy
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     for seq in (False, True):
-        script = QUICKSTART.format(ALG=alg.title() if alg == "SHIFT" else alg, HPARAMS=_hparams_path(alg, tmp_path), SEQ=seq)
+        script = QUICKSTART.format(ALG=alg.title() if alg == "SHIFT" else alg, HPARAMS=_hparams_path(alg, tmp_path),
+                                   SEQ=seq)
         ported = script.replace("from easyeditor import", "from shift_edit import")  # the one line that changes
         assert sum(a != b for a, b in zip(script.splitlines(), ported.splitlines())) == 1
         scope: dict = {}
@@ -173,7 +174,8 @@ def test_rome_notebook_cell_with_only_the_import_changed(smollm2, tmp_path):
     hp_file = tmp_path / "ROME" / "smollm2-135m.json"
     hp_file.parent.mkdir()
     hp_file.write_text(json.dumps({"layers": [5], "fact_token": "subject_last", "v_num_grad_steps": 8, "v_lr": 5e-1,
-                                   "v_loss_layer": 29, "v_weight_decay": 0.5, "clamp_norm_factor": 4, "kl_factor": 0.0625,
+                                   "v_loss_layer": 29, "v_weight_decay": 0.5, "clamp_norm_factor": 4,
+                                   "kl_factor": 0.0625,
                                    "mom2_adjustment": False, "context_template_length_params": [[5, 2]],
                                    "rewrite_module_tmp": "model.layers.{}.mlp.down_proj", "mom2_dataset": "wikipedia",
                                    "mom2_n_samples": 100000, "mom2_dtype": "float32"}))

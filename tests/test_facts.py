@@ -14,13 +14,13 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit import data as sdata
-from shift_edit import easyedit as see
 from shift_edit.bench.fact_metrics import flat_values, summarize_easyedit
 from shift_edit.bench.fact_runner import FactBenchConfig, run_fact_bench
 from shift_edit.bench.fact_sequential import FactScoring
 from shift_edit.bench.facts import detect_format, load_facts
 from shift_edit.bench.sequential import SequentialConfig, run_sequential
+from shift_edit.compat import easyedit_metrics as see
+from shift_edit.files import data_files as sdata
 
 REPO = Path(__file__).resolve().parents[1]
 HP = dict(layers=[1], eta=40.0, skip_if_predicted=False, max_relative_norm=None)
@@ -37,11 +37,20 @@ def knowedit_records(n: int = 3) -> list[dict]:
     objs = ["Paris", "Rome", "Oslo"]
     out = []
     for i in range(n):
-        rec = {"subject": f"Sub{i}", "prompt": f"The city of Sub{i} is", "target_new": objs[i % 3],
-               "ground_truth": [objs[(i + 1) % 3]], "rephrase_prompt": f"Sub{i} lies in the city of",
-               "locality": {"Relation_Specificity": [{"prompt": f"The owner of Sub{i} is", "ground_truth": ["Bob"]},
-                                                     {"prompt": f"Sub{i} was built by", "ground_truth": [["Al", "Alf"]]}]},
-               "portability": {"Reasoning": [{"prompt": f"The country of the city of Sub{i} is", "ground_truth": "Land"}]}}
+        rec = {
+            "subject": f"Sub{i}",
+            "prompt": f"The city of Sub{i} is",
+            "target_new": objs[i % 3],
+            "ground_truth": [objs[(i + 1) % 3]],
+            "rephrase_prompt": f"Sub{i} lies in the city of",
+            "locality": {
+                "Relation_Specificity": [
+                    {"prompt": f"The owner of Sub{i} is", "ground_truth": ["Bob"]},
+                    {"prompt": f"Sub{i} was built by", "ground_truth": [["Al", "Alf"]]},
+                ]
+            },
+            "portability": {"Reasoning": [{"prompt": f"The country of the city of Sub{i} is", "ground_truth": "Land"}]},
+        }
         if i == 1:
             rec["portability"]["Subject_Aliasing"] = [{"prompt": f"The city of S{i} is", "ground_truth": objs[1]}]
         out.append(rec)
@@ -139,16 +148,25 @@ def test_knowedit_metrics_equal_a_hand_computation_and_the_facade(byte_tok, tmp_
         # the facade (EasyEdit's BaseEditor.edit_requests) gives the same numbers
         assert flat_values({"easyedit": summarize_easyedit(facade[i]["post"])}) == flat_values({"easyedit": got})
         ee = case.ee_request
-        pre_loc = [hand_ee(model, byte_tok, p, t)[1] for p, t in zip(ee["locality"]["Relation_Specificity"]["prompt"],
-                                                                    ee["locality"]["Relation_Specificity"]["ground_truth"])]
+        pre_loc = [
+            hand_ee(model, byte_tok, p, t)[1]
+            for p, t in zip(
+                ee["locality"]["Relation_Specificity"]["prompt"], ee["locality"]["Relation_Specificity"]["ground_truth"]
+            )
+        ]
         result = _edit(model, byte_tok, case)
         try:
             rewrite = hand_ee(model, byte_tok, rec["prompt"], rec["target_new"])[0]
             rephrase = hand_ee(model, byte_tok, rec["rephrase_prompt"], rec["target_new"])[0]
             ports = {k: _mean([hand_ee(model, byte_tok, p, t)[0] for p, t in zip(v["prompt"], v["ground_truth"])])
                      for k, v in ee["portability"].items()}
-            post_loc = [hand_ee(model, byte_tok, p, t)[1] for p, t in zip(ee["locality"]["Relation_Specificity"]["prompt"],
-                                                                        ee["locality"]["Relation_Specificity"]["ground_truth"])]
+            post_loc = [
+                hand_ee(model, byte_tok, p, t)[1]
+                for p, t in zip(
+                    ee["locality"]["Relation_Specificity"]["prompt"],
+                    ee["locality"]["Relation_Specificity"]["ground_truth"],
+                )
+            ]
         finally:
             result.undo()
         loc = _mean([_mean([a == b for a, b in zip(u, v)]) for u, v in zip(pre_loc, post_loc)])
@@ -216,7 +234,8 @@ def test_sequential_facts_refuse_the_wild_family(byte_tok, tmp_path):
 
 def _cli(args):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "shift_edit", *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "shift_edit", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO)
 
 
 @pytest.mark.parametrize("fmt,bad,match", [
@@ -270,8 +289,9 @@ def test_fetch_zsre_checks_the_git_blob_id(tmp_path):
 def test_counterfact_portability_is_easyedit_token_accuracy_on_records_that_have_it(byte_tok, tmp_path):
     from test_bench import rome_record
 
-    from shift_edit.bench import data as bdata
-    from shift_edit.bench.runner import BenchConfig, run_bench
+    from shift_edit.bench import counterfact as bdata
+    from shift_edit.bench.bench_config import BenchConfig
+    from shift_edit.bench.runner import run_bench
 
     recs = [rome_record(i, subject=f"Sub{i}") for i in range(3)]
     for r in recs[:2]:
@@ -283,7 +303,9 @@ def test_counterfact_portability_is_easyedit_token_accuracy_on_records_that_have
                       neighborhood_kl=False, portability=True)
     run = run_bench(model, byte_tok, bdata.load_counterfact(path), cfg, tmp_path / "out", data_info={"sha256": "x"},
                     model_name="tiny", rank=0, world_size=1, progress=False)
-    assert "easyedit_portability" in json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]
+    assert (
+        "easyedit_portability" in json.loads((run / "params.json").read_text())["match"]["protocol"]["metric_families"]
+    )
     assert "easyedit_portability" not in BenchConfig(alg="NONE", hparams=None).protocol()["metric_families"]
     cases = bdata.load_counterfact(path)
     for i in range(3):
@@ -312,8 +334,18 @@ def test_summarize_gives_one_table_per_data_set_and_fact_curves(byte_tok, tmp_pa
         rows.append(summarize_run(run_fact_bench(model, byte_tok, load_facts(path), cfg, tmp_path / fmt,
                                                  data_info={"sha256": "x"}, model_name="tiny", progress=False)))
     ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"source": "paper", "model": "GPT-J", "n": 10, "dataset": "my-zsre",
-                               "metric_family": "zsre_token_acc", "rows": [{"alg": "ROME", "metrics": {"zsre_efficacy": 90.0}}]}))
+    ref.write_text(
+        json.dumps(
+            {
+                "source": "paper",
+                "model": "GPT-J",
+                "n": 10,
+                "dataset": "my-zsre",
+                "metric_family": "zsre_token_acc",
+                "rows": [{"alg": "ROME", "metrics": {"zsre_efficacy": 90.0}}],
+            }
+        )
+    )
     rows += load_reference(ref)
     md = to_markdown_by_dataset(rows)
     zsre_part, know_part = md.split("## my-knowedit")
@@ -355,7 +387,8 @@ def test_cli_single_sequential_and_summarize_on_fact_files(byte_tok, tmp_path):
         assert r.returncode == 0, r.stderr
     r = _cli(["bench", "--alg", "NONE", "--data", str(k), "--case-ids", "0"] + common)
     assert r.returncode == 2 and "--case-ids" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = _cli(["summarize", str(out / "NONE" / "run_000"), str(out / "SHIFT" / "run_000"), str(out / "SHIFT" / "seq_000"),
+    r = _cli(["summarize", str(out / "NONE" / "run_000"), str(out / "SHIFT" / "run_000"),
+              str(out / "SHIFT" / "seq_000"),
               "--out", str(tmp_path / "sum"), "--no-plot"])
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "sum" / "summary.md").read_text()
@@ -366,7 +399,7 @@ def test_cli_single_sequential_and_summarize_on_fact_files(byte_tok, tmp_path):
 
 
 def test_export_refuses_a_fact_run_in_one_line(byte_tok, tmp_path):
-    from shift_edit.bench.export import export_run
+    from shift_edit.compat.result_export import export_run
 
     path = write(tmp_path, zsre_records(1), "z.json")
     cfg = FactBenchConfig(alg="NONE", hparams=None, dataset="zsre", fmt="zsre")

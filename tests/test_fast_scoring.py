@@ -7,8 +7,14 @@ import torch
 from _tiny import TINY_CONFIGS, tiny_model
 
 import shift_edit as se
-from shift_edit.resume import BlockRecorder, Resume, first_edited_block, record_block_inputs
-from shift_edit.scoring import ContinuationPlan, length_chunks, logits_at_positions, plan_prefixes, score_token_continuations
+from shift_edit.model.resume import BlockRecorder, Resume, first_edited_block, record_block_inputs
+from shift_edit.model.scoring import (
+    ContinuationPlan,
+    length_chunks,
+    logits_at_positions,
+    plan_prefixes,
+    score_token_continuations,
+)
 
 
 def test_plan_prefixes_by_hand():

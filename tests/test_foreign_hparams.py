@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import shift_edit as se
-from shift_edit.covariance import default_corpus
-from shift_edit.foreign_hparams import FIELD_MAP, mapping_table_markdown
+from shift_edit.core.foreign_hparams import FIELD_MAP, mapping_table_markdown
+from shift_edit.model.corpus import default_corpus
 
 GPT2_MODULES = {
     "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj", "layer_module_tmp": "transformer.h.{}",
@@ -158,7 +158,9 @@ def test_memit_json_and_ft_json(tmp_path):
     assert hp.layers == [13, 14, 15, 16, 17] and hp.mom2_update_weight == 20000.0 and hp.clamp_norm_factor == 0.75
     ft = se.FTHyperParams.from_json(write(tmp_path, "ft.json", json.dumps(FT_UNCONSTR_JSON)))
     assert type(ft) is se.FTHyperParams and ft.steps == 25 and ft.lr == 5e-4
-    constr = se.FTHyperParams.from_json(write(tmp_path, "ftc.json", json.dumps({**FT_UNCONSTR_JSON, "norm_constraint": 5e-4})))
+    constr = se.FTHyperParams.from_json(
+        write(tmp_path, "ftc.json", json.dumps({**FT_UNCONSTR_JSON, "norm_constraint": 5e-4}))
+    )
     assert type(constr) is se.FTLHyperParams and constr.norm_constraint == 5e-4  # ROME's constrained FT is FT-L
 
 

@@ -16,11 +16,12 @@ from _rome_format import rome_record, rome_summarize
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
-from shift_edit.bench.foreign import kind_of, summarize_any
-from shift_edit.bench.runner import BenchConfig, run_bench
+from shift_edit.bench import counterfact as bdata
+from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.runner import run_bench
 from shift_edit.bench.summarize import summarize_run
 from shift_edit.cli import main
+from shift_edit.compat.result_import import kind_of, summarize_any
 
 # the hparams fields ROME's and MEMIT's evaluate.py copy into params.json (values made up for the tests)
 ROME_HPARAMS = {"layers": [5], "fact_token": "subject_last", "v_num_grad_steps": 20, "v_lr": 0.5, "v_loss_layer": 11,
@@ -139,9 +140,11 @@ def test_a_folder_of_run_folders(tmp_path):
     assert main(["summarize", str(tmp_path / "ROME"), str(tmp_path / "MEMIT"), "--no-plot",
                  "--out", str(tmp_path / "sum")]) == 0
     rows = json.loads((tmp_path / "sum" / "summary.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["ROME-format folder (ROME/run_000 L5, N=3)",
-                                          "ROME-format folder (ROME/run_001 L7, N=4)",
-                                          "MEMIT-format folder (MEMIT/run_000 L3,4,5,6 λ 15000, 4 edits per batch, N=4)"]
+    assert [r["label"] for r in rows] == [
+        "ROME-format folder (ROME/run_000 L5, N=3)",
+        "ROME-format folder (ROME/run_001 L7, N=4)",
+        "MEMIT-format folder (MEMIT/run_000 L3,4,5,6 λ 15000, 4 edits per batch, N=4)",
+    ]
     for r, pattern in zip(rows, ("case_*.json", "case_*.json", "*case_*.json")):
         theirs = rome_summarize(Path(r["run_dir"]), pattern)
         for col, key in COLUMNS:
@@ -184,8 +187,13 @@ def test_export_then_summarize_gives_our_numbers(source_run, tmp_path, fmt):
     # their run folder's shape: the hparams file as params.json beside the case files
     assert json.loads((out / "params.json").read_text()) == ours["protocol"]["hparams"]
     names = sorted(p.name for p in out.iterdir() if p.name != "params.json")
-    assert names == ([f"case_{i}.json" for i in range(4)] if fmt == "rome" else [f"2_edits-case_{i}.json" for i in range(4)])
-    assert json.loads((out / names[3]).read_text())["post"].keys() >= {"rewrite_prompts_probs", "neighborhood_prompts_probs"}
+    assert names == (
+        [f"case_{i}.json" for i in range(4)] if fmt == "rome" else [f"2_edits-case_{i}.json" for i in range(4)]
+    )
+    assert json.loads((out / names[3]).read_text())["post"].keys() >= {
+        "rewrite_prompts_probs",
+        "neighborhood_prompts_probs",
+    }
     assert kind_of(out) == fmt and kind_of(source_run) == "ours"  # both have a params.json: told apart by content
     row = summarize_any(out)
     cols = ["ES", "PS", "NS", "EM", "PM", "NM", "S", "ngram_entropy"] + (
@@ -224,7 +232,8 @@ def _our_cases_their_params(tmp: Path, src: Path) -> tuple[Path, list[str]]:
     shutil.copytree(src, d)
     (d / "params.json").write_text(json.dumps(ROME_HPARAMS))
     return d, ["a shift_edit run folder (case_0.json holds request and metrics)",
-               "a ROME/MEMIT run folder (params.json holds their hparams: layers, fact_token, v_num_grad_steps, v_lr, ...)"]
+               "a ROME/MEMIT run folder (params.json holds their hparams: layers, fact_token, v_num_grad_steps, v_lr, "
+               "...)"]
 
 
 @pytest.mark.parametrize("make", [_ours_params_in_rome_folder, _rome_and_memit_cases, _our_cases_their_params])

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import shift_edit as se
 from shift_edit.cli import main
-from shift_edit.patch import CHECKSUM_KEY, PatchChecksumError
+from shift_edit.files.patch import CHECKSUM_KEY, PatchChecksumError
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": " Rome"}}
 
@@ -33,7 +33,8 @@ def tiny_dir(tmp_path):
 
 
 def _rewrite(path, scale: float = 1.0, drop: tuple[str, ...] = ()) -> None:
-    """Relabel a patch as format 1 without its checksum, its tensors scaled by ``scale``, ``drop`` removed from its metadata."""
+    """Relabel a patch as format 1 without its checksum, its tensors scaled by ``scale``, ``drop`` removed from its
+    metadata."""
     with safe_open(str(path), framework="pt") as fh:
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) * scale for k in fh.keys()}
     doc = json.loads(meta["shift_edit"])
@@ -47,7 +48,9 @@ def _state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_a_format_2_patch_relabelled_as_format_1_is_refused_even_when_unchecksummed_files_are_allowed(patch_file, tiny_dir, capsys):
+def test_a_format_2_patch_relabelled_as_format_1_is_refused_even_when_unchecksummed_files_are_allowed(
+    patch_file, tiny_dir, capsys
+):
     _rewrite(patch_file, scale=1.5)  # the audit's downgrade: version 1, no checksum, weights x1.5
     model = tiny_model("gpt2")
     before = _state(model)
@@ -70,7 +73,8 @@ def test_a_format_1_patch_needs_the_flag(patch_file, tiny_dir, tmp_path, capsys,
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     capsys.readouterr()
     out = tmp_path / "saved"
-    assert main(["apply-patch", str(patch_file), "--model", str(tiny_dir), "--base-check", "matrices", "--save", str(out)]) == 2
+    assert main(["apply-patch", str(patch_file), "--model", str(tiny_dir), "--base-check", "matrices", "--save",
+                 str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--allow-unchecksummed" in err[0] and not out.exists()
     assert main(["export-lora", str(patch_file), str(tmp_path / "lora")]) == 2

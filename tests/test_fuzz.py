@@ -15,7 +15,7 @@ import yaml
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": "Paris"}
 PROBE = "Messi plays for the team of"
@@ -187,7 +187,8 @@ def test_fuzz_hparams_files(alg, byte_tok, tmp_path):
 
 
 def test_fuzz_counterfact_records(byte_tok, tmp_path):
-    from shift_edit.bench.runner import BenchConfig, evaluate_case
+    from shift_edit.bench.bench_config import BenchConfig
+    from shift_edit.bench.runner import evaluate_case
 
     rng = random.Random(1717)
     model = tiny_model("llama")
@@ -220,7 +221,7 @@ def test_fuzz_data_file_case_ids(tmp_path):
     """Data files whose records carry ids of every type, with separators, very long, with NUL,
     colliding as file names; ``--case-ids`` specs with odd ranges. Each load gives cases whose
     result files are distinct, short and printable, or one ShiftEditError; never another exception."""
-    from shift_edit.bench.runner import case_path
+    from shift_edit.bench.run_dirs import case_path
 
     rng = random.Random(3030)
     outcomes = {"ok": 0, "error": 0}

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from shift_edit.deltas import restore_weights, swapped_weights
-from shift_edit.errors import ShiftEditError
-from shift_edit.hooks import owned_hooks
-from shift_edit.io import atomic_dir, atomic_file
-from shift_edit.records import read_json_records
+from shift_edit.core.deltas import restore_weights, swapped_weights
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.files.io import atomic_dir, atomic_file
+from shift_edit.files.json_records import read_json_records
+from shift_edit.model.hooks import owned_hooks
 
 
 def _siblings(path):

@@ -1,5 +1,7 @@
-"""The package's import structure: no circles among module-level imports, and no import inside a
-function except of an optional (or heavy, rarely needed) dependency.
+"""The package's import structure: no circles (counting function-level and type-only imports too), the layer
+rule (the ground floor, ``core``/``model``/``files``, imports nothing from ``algorithms``, ``compat``, ``bench``,
+``cli``, ``studies`` or ``lens``), no import inside a function except of an optional (or heavy, rarely needed)
+dependency, and ``eval/`` scripts importing public names only.
 
 Read from the source with ``ast`` (nothing is imported): an edge A -> B for each module-level
 ``import``/``from ... import`` in A naming package module B (``from .x import name`` counts as
@@ -51,10 +53,36 @@ def test_no_import_circles():
     assert _cycles(edges) == []
 
 
+def test_no_import_circles_counting_function_level_and_type_only_imports():
+    found = CM.scan(PKG)
+    assert _cycles(found.every) == []
+    assert _cycles(found.typed) == [], "a circle through imports under `if TYPE_CHECKING:`"
+
+
+def test_the_ground_floor_imports_no_upper_floor():
+    assert CM.layer_violations(CM.scan(PKG)) == []
+
+
+def test_the_layer_check_sees_a_violation(tmp_path):
+    pkg = tmp_path / "shift_edit"
+    for sub in ("core", "bench"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "bench" / "runner.py").write_text("X = 1\n")
+    (pkg / "core" / "editing.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                             "    from ..bench.runner import X\n")
+    assert CM.layer_violations(CM.scan(pkg)) == ["shift_edit.core.editing -> shift_edit.bench.runner"]
+
+
+def test_eval_scripts_import_public_names_only():
+    assert CM.private_imports(EVAL) == [], "make the name public in the library, or change the script"
+
+
 def test_the_scan_sees_the_package():
     edges, local = _scan()
-    assert "shift_edit.patch" in edges and "shift_edit.result" in edges["shift_edit.patch"]
-    assert any(m == "shift_edit.lora" and t == "peft" for m, _, t in local)  # an optional import is found
+    assert "shift_edit.files.patch" in edges and "shift_edit.core.result" in edges["shift_edit.files.patch"]
+    assert any(m == "shift_edit.files.lora" and t == "peft" for m, _, t in local)  # an optional import is found
 
 
 def test_function_level_imports_are_of_optional_modules_only():
@@ -91,10 +119,27 @@ def test_a_missing_optional_dependency_is_one_line_naming_its_extra(monkeypatch,
 
 
 def test_find_file_looks_in_the_data_folders(monkeypatch, tmp_path):
-    from shift_edit.data import find_file
+    from shift_edit.files.data_files import find_file
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.json").write_text("[]")
     monkeypatch.setenv("SHIFT_EDIT_DATA", str(tmp_path))
     assert find_file("sub/x.json") == tmp_path / "sub" / "x.json"
     assert find_file("sub/missing.json") is None
+
+
+def test_bench_and_cli_name_no_algorithm():
+    """The registry is the only list of algorithms: no string in ``bench/`` or ``cli/`` code is an algorithm's name
+    (protocols and file formats named after a paper, e.g. "ROME's generation protocol", are longer strings)."""
+    import ast
+
+    from shift_edit.core.registry import algorithm_names
+
+    names = set(algorithm_names())
+    found = []
+    for sub in ("bench", "cli"):
+        for path in sorted((PKG / sub).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    found.append(f"{path.relative_to(PKG)}:{node.lineno} {node.value!r}")
+    assert found == [], "read the algorithm facts from the registry"

@@ -8,16 +8,24 @@ import json
 
 import pytest
 import torch
-
 from _tiny import tiny_model
-from shift_edit.architectures import ModelAdapter
+
 from shift_edit.cli import main
+from shift_edit.core.requests import make_requests
 from shift_edit.lens import (
-    LogitLens, capture_gradients, check_decomposition, factored_rank, gradient_neurons, lens_grid,
-    numerical_rank, rank_table, target_ranks, token_segments,
+    LogitLens,
+    capture_gradients,
+    check_decomposition,
+    factored_rank,
+    gradient_neurons,
+    lens_grid,
+    numerical_rank,
+    rank_table,
+    target_ranks,
+    token_segments,
 )
 from shift_edit.lens.stats import aggregate_csv, lens_stats
-from shift_edit.requests import make_requests
+from shift_edit.model.architectures import ModelAdapter
 
 ARCHS = ["gpt2", "llama", "opt", "gpt_neox", "phi3"]
 GENERIC = "abcdefghij"  # ten distinct byte tokens: generic inputs, n = 10 < d_model = 32
@@ -158,7 +166,8 @@ def test_token_segments(byte_tok):
 
 
 RECORDS = [
-    {"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_new": {"str": n}, "target_true": {"str": t}}}
+    {"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_new": {"str": n},
+                                         "target_true": {"str": t}}}
     for i, (p, s, n, t) in enumerate([("{} lives in", "Ann", "Oslo", "Rome"),
                                       ("The pet of {} is a", "Bo", "cat", "dog"),
                                       ("{} speaks", "Cy Dee", "Tamil", "Greek")])

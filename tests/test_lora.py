@@ -13,9 +13,9 @@ from _tiny import byte_tokenizer, tiny_model
 
 import shift_edit as se
 from shift_edit.cli import main as cli_main
-from shift_edit.deltas import WeightDelta, apply_deltas
-from shift_edit.result import EditResult
-from shift_edit.lora import CONFIG_NAME, META_NAME, WEIGHTS_NAME, read_lora
+from shift_edit.core.deltas import WeightDelta, apply_deltas
+from shift_edit.core.result import EditResult
+from shift_edit.files.lora import CONFIG_NAME, META_NAME, WEIGHTS_NAME, read_lora
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
@@ -300,7 +300,8 @@ def test_cli_refused_lora_export_writes_nothing(tmp_path, capsys):
     assert not any(p.exists() for p in outs.values())
     assert [p.name for p in (tmp_path / "o").iterdir()] == []  # no temporary left behind
     assert cli_main([*argv, "--save-patch", str(outs["--save-patch"]), "--save-lora", str(outs["--save-lora"]),
-                     "--lora-rank", "2", "--save", str(outs["--save"])]) == 3  # written; the tiny model's target is not top-1 (exit 3)
+                     "--lora-rank", "2", "--save",
+                     str(outs["--save"])]) == 3  # written; the tiny model's target is not top-1 (exit 3)
     assert all(p.exists() for p in outs.values())
 
 

@@ -6,10 +6,9 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.deltas import WeightDelta
-from shift_edit.hparams import HyperParams
-from shift_edit.registry import _REGISTRY, Computed, register
 from shift_edit.algorithms.common import EditHyperParams, adapter_for
+from shift_edit.core.deltas import WeightDelta
+from shift_edit.core.registry import _REGISTRY, Computed, register
 
 
 class _MemProbeHParams(EditHyperParams):

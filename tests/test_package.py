@@ -12,13 +12,12 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit import data as sdata
 from shift_edit.cli import main
-from shift_edit.errors import ShiftEditError
-from shift_edit.outcome import step_field
-from shift_edit.step_search import search_step
-from shift_edit.requests import make_request, with_leading_space
-from shift_edit.resources import hparams_model_mismatch, model_stem, shipped_hparams, shipped_hparams_index
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.core.requests import make_request, with_leading_space
+from shift_edit.core.shipped_hparams import hparams_model_mismatch, model_stem, shipped_hparams, shipped_hparams_index
+from shift_edit.core.step_search import search_step
+from shift_edit.files import data_files as sdata
 
 REPO = Path(__file__).resolve().parents[1]
 PICASSO = ["--model", "smollm2-135m", "--prompt", "{} is a famous painter from", "--subject", "Pablo Picasso",
@@ -52,6 +51,9 @@ def test_hparams_lookup_by_hub_id_and_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_step_field_is_declared_by_the_hparams_class():
+    def step_field(cls):
+        return se.get_algorithm(cls.ALG_NAME).step_field
+
     assert step_field(se.ShiftHyperParams) == "eta"
     assert step_field(se.SGDHyperParams) == step_field(se.AdamHyperParams) == step_field(se.FTHyperParams) == "lr"
     assert step_field(se.ROMEHyperParams) is None and step_field(se.MEMITHyperParams) is None
@@ -148,7 +150,7 @@ def test_outcome_before_after_and_weights_untouched(byte_tok):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in edited.items()), "measuring 'before' restores exactly"
     assert "strict top-1" in str(summary)
     res.undo()
-    from shift_edit.outcome import measure
+    from shift_edit.core.result import measure
 
     assert math.isclose(measure(model, byte_tok, res.requests)[0][1], o["prob_before"], rel_tol=1e-5)
 
@@ -201,7 +203,7 @@ def test_misspelt_alias_is_one_line_at_once(capsys):
 
 
 def test_unknown_hub_id_offline_or_unreachable_is_one_error_without_retries(monkeypatch, tmp_path):
-    from shift_edit import loading
+    from shift_edit.model import loading
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -243,8 +245,9 @@ def test_cli_warns_on_hparams_for_another_model(smollm2, tmp_path, capsys):
 def _bench_two_runs(tmp_path, byte_tok):
     from test_bench import rome_record, write
 
-    from shift_edit.bench import data as bdata
-    from shift_edit.bench.runner import BenchConfig, run_bench
+    from shift_edit.bench import counterfact as bdata
+    from shift_edit.bench.bench_config import BenchConfig
+    from shift_edit.bench.runner import run_bench
 
     model = tiny_model("llama")
     data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(3)])
@@ -275,7 +278,11 @@ def test_summarize_warns_on_different_n_and_clips_ci_bars(byte_tok, tmp_path, ca
 
     bars = []
     real = matplotlib.axes.Axes.bar
-    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *args, **kw: bars.append((h, kw.get("yerr"))) or real(self, x, h, *args, **kw))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "bar",
+        lambda self, x, h, *args, **kw: bars.append((h, kw.get("yerr"))) or real(self, x, h, *args, **kw),
+    )
     capsys.readouterr()
     assert main(["summarize", str(a), str(b), "--out", str(tmp_path / "s")]) == 0
     err = capsys.readouterr().err
@@ -315,7 +322,7 @@ def test_alias_adapter_names_a_loadable_base_and_says_what_it_is(smollm2, tmp_pa
 
 
 def test_hub_adapter_keeps_the_hub_id():
-    from shift_edit.lora import resolvable_base
+    from shift_edit.files.lora import resolvable_base
 
     assert resolvable_base("gpt2-xl") == {"kind": "hub", "base_model_name_or_path": "gpt2-xl"}
 
@@ -366,8 +373,11 @@ def test_heatmap_marks_the_subject(tmp_path, monkeypatch):
 
     seen = {}
     real = matplotlib.axes.Axes.set_xticks
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
-                        lambda self, ticks, labels=None, **kw: seen.setdefault("labels", labels) and real(self, ticks, labels, **kw))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_xticks",
+        lambda self, ticks, labels=None, **kw: seen.setdefault("labels", labels) and real(self, ticks, labels, **kw),
+    )
     cell = {"token": "x", "delta_norm": 1.0, "x_norm": 1.0, "outer_norm": 1.0}
     grid = LensGrid(kind="ff2", normalized=False, order="bottom", layers=[0, 1], tokens=["Mess", "i", " plays"],
                     cells=[[cell] * 3, [cell] * 3])
@@ -378,20 +388,22 @@ def test_heatmap_marks_the_subject(tmp_path, monkeypatch):
 def test_first_time_statistics_announce_themselves_with_an_estimate(byte_tok, tmp_path, monkeypatch, caplog):
     import logging
 
-    from shift_edit.covariance import layer_stats
+    from shift_edit.model.covariance import layer_stats
 
     monkeypatch.setenv("SHIFT_EDIT_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"line {i} of a small corpus for statistics" for i in range(40)))
     model = tiny_model("gpt2")
-    with caplog.at_level(logging.WARNING, logger="shift_edit.covariance"):
-        layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128, progress=False)
+    with caplog.at_level(logging.WARNING, logger="shift_edit.model.covariance"):
+        layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128,
+                    progress=False)
     text = caplog.text
     assert "computing second-moment statistics of layer(s) [1] over 600 tokens" in text and "once, then cached" in text
     assert "tokens/s on this machine" in text and "about" in text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="shift_edit.covariance"):
-        layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128, progress=False)
+    with caplog.at_level(logging.WARNING, logger="shift_edit.model.covariance"):
+        layer_stats(model, byte_tok, [1], corpus=str(corpus), n_tokens=600, max_length=40, batch_tokens=128,
+                    progress=False)
     assert "computing" not in caplog.text, "a cached result is not announced"
 
 

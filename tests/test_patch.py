@@ -50,7 +50,9 @@ def test_patch_contents(byte_tok, tmp_path):
 
 def test_patch_on_the_wrong_base_is_refused(byte_tok, tmp_path):
     model = tiny_model("gpt2", seed=0)
-    path = se.edit(model, byte_tok, REQS, se.ShiftHyperParams(layers=[1], eta=0.5, skip_if_predicted=False)).save_patch(tmp_path / "p.safetensors")
+    path = se.edit(model, byte_tok, REQS, se.ShiftHyperParams(layers=[1], eta=0.5, skip_if_predicted=False)).save_patch(
+        tmp_path / "p.safetensors"
+    )
     other = tiny_model("gpt2", seed=1)
     snapshot = {n: p.detach().clone() for n, p in other.state_dict().items()}
     with pytest.raises(se.PatchMismatchError, match="other base weights"):
@@ -87,7 +89,9 @@ def test_bad_patch_files(tmp_path):
 
 
 def test_undone_edit_cannot_be_saved(byte_tok, tmp_path):
-    result = se.edit(tiny_model("gpt2"), byte_tok, REQS[0], se.ShiftHyperParams(layers=[1], eta=0.5, skip_if_predicted=False))
+    result = se.edit(
+        tiny_model("gpt2"), byte_tok, REQS[0], se.ShiftHyperParams(layers=[1], eta=0.5, skip_if_predicted=False)
+    )
     result.undo()
     with pytest.raises(se.ShiftEditError, match="undone"):
         result.save_patch(tmp_path / "p.safetensors")
@@ -95,8 +99,8 @@ def test_undone_edit_cannot_be_saved(byte_tok, tmp_path):
 
 
 def test_base_hashes_are_computed_on_first_read_and_match_the_original_weight(byte_tok, monkeypatch):
-    from shift_edit import deltas as deltas_mod
-    from shift_edit.io import tensor_hash
+    from shift_edit.core import deltas as deltas_mod
+    from shift_edit.files.io import tensor_hash
 
     model = tiny_model("llama")
     name = "model.layers.1.mlp.down_proj.weight"
@@ -113,7 +117,7 @@ def test_base_hashes_are_computed_on_first_read_and_match_the_original_weight(by
 
 
 def test_a_delta_for_a_missing_weight_is_refused_and_nothing_changes():
-    from shift_edit.deltas import WeightDelta, apply_deltas
+    from shift_edit.core.deltas import WeightDelta, apply_deltas
 
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

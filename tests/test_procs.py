@@ -19,7 +19,8 @@ def bench_args(tmp_path, byte_tok):
     hp.write_text("alg_name: SHIFT\nlayers: [1]\neta: 2.0\nskip_if_predicted: false\n")
 
     def args(n_records: int) -> list[str]:
-        data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(n_records)], name=f"cf{n_records}.json")
+        data = write(tmp_path, [rome_record(i, subject=f"Sub{i}") for i in range(n_records)],
+                     name=f"cf{n_records}.json")
         return ["bench", "--alg", "SHIFT", "--model", str(folder), "--hparams", str(hp), "--data", str(data),
                 "--skip-generation", "--skip-wild", "--no-progress", "--out", str(tmp_path / "out")]
     return args
@@ -37,8 +38,9 @@ def launched(monkeypatch) -> list[int]:
     (2, 10, 4, 2, "2 core(s)"),
     (8, 3, 4, 3, "3 share(s) of records"),
 ])
-def test_procs_above_the_cores_or_the_records_is_lowered_with_one_warning(cores, records, procs, want, named, bench_args,
-                                                                         launched, monkeypatch, capsys):
+def test_procs_above_the_cores_or_the_records_is_lowered_with_one_warning(
+    cores, records, procs, want, named, bench_args, launched, monkeypatch, capsys
+):
     monkeypatch.setattr(bench_cli, "available_cores", lambda: cores)
     assert main([*bench_args(records), "--procs", str(procs)]) == 0
     assert launched == [want]

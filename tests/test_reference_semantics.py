@@ -10,15 +10,17 @@ import pytest
 import torch
 from _tiny import tiny_model
 
-from shift_edit.algorithms import memit as memit_mod
-from shift_edit.algorithms import rome as rome_mod
-from shift_edit.algorithms.alphaedit import AlphaEditHyperParams
-from shift_edit.algorithms.memit import MEMITHyperParams
-from shift_edit.algorithms.rome import ROMEHyperParams
-from shift_edit.architectures import ModelAdapter
-from shift_edit.covariance import SecondMoment
-from shift_edit.errors import ShiftEditError
-from shift_edit.requests import make_request
+from shift_edit.algorithms.locate import contexts as ctx_mod
+from shift_edit.algorithms.locate import memit as memit_mod
+from shift_edit.algorithms.locate import rome as rome_mod
+from shift_edit.algorithms.locate import spread as spread_mod
+from shift_edit.algorithms.locate.alphaedit import AlphaEditHyperParams
+from shift_edit.algorithms.locate.memit import MEMITHyperParams
+from shift_edit.algorithms.locate.rome import ROMEHyperParams
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.core.requests import make_request
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.covariance import SecondMoment
 
 FACTS = [{"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"},
          {"prompt": "The home of {} is", "subject": "Ann Lee", "target_new": " Oslo"}]
@@ -49,22 +51,22 @@ def test_total_length_counts_the_prefix_and_stops_at_the_longest(byte_tok):
     model = tiny_model("llama")
     rec = _RecordingTok(byte_tok)
     # byte tokens: The 3, Therefore 9, Because 7, I 1, You 3: with 12 tokens in all each gets 12 - its own
-    out = rome_mod.context_templates(model, rec, [[12, 5]], 0, "total")
+    out = ctx_mod.context_templates(model, rec, [[12, 5]], 0, "total")
     assert len(out) == 6 and out[0] == "{}" and all(t.endswith(". {}") for t in out[1:])
     assert [len(ids) for ids in rec.decoded] == [12] * 5
-    for prefix, ids in zip(rome_mod.GEN_PREFIXES, rec.decoded):
+    for prefix, ids in zip(ctx_mod.GEN_PREFIXES, rec.decoded):
         assert ids[:len(prefix)] == byte_tok(prefix).input_ids
     # as generate_fast: nothing is generated once the longest prefix (Therefore, 9) reaches the length
     rec.decoded.clear()
-    short = rome_mod.context_templates(model, rec, [[9, 5]], 0, "total")
-    assert short[1:] == [p + ". {}" for p in rome_mod.GEN_PREFIXES]
+    short = ctx_mod.context_templates(model, rec, [[9, 5]], 0, "total")
+    assert short[1:] == [p + ". {}" for p in ctx_mod.GEN_PREFIXES]
     # "new": the length is new tokens (the earlier behaviour, kept for SHIFT_SUBJECT); deterministic per seed
     rec.decoded.clear()
-    rome_mod.context_templates(model, rec, [[4, 5]], 0, "new")
-    assert [len(ids) for ids in rec.decoded] == [len(byte_tok(p).input_ids) + 4 for p in rome_mod.GEN_PREFIXES]
-    again = rome_mod.context_templates(tiny_model("llama"), byte_tok, [[12, 5]], 0, "total")
+    ctx_mod.context_templates(model, rec, [[4, 5]], 0, "new")
+    assert [len(ids) for ids in rec.decoded] == [len(byte_tok(p).input_ids) + 4 for p in ctx_mod.GEN_PREFIXES]
+    again = ctx_mod.context_templates(tiny_model("llama"), byte_tok, [[12, 5]], 0, "total")
     assert again == out
-    assert rome_mod.context_templates(tiny_model("llama"), byte_tok, [[12, 5]], 1, "total") != out
+    assert ctx_mod.context_templates(tiny_model("llama"), byte_tok, [[12, 5]], 1, "total") != out
 
 
 def test_defaults_are_the_reference_and_bad_modes_are_refused():
@@ -75,8 +77,8 @@ def test_defaults_are_the_reference_and_bad_modes_are_refused():
     for field, bad in (("context_length_mode", "prompt"), ("v_step_count", "all"), ("key_average", "mean")):
         with pytest.raises(ShiftEditError, match=field):
             MEMITHyperParams.from_dict({"layers": [1], field: bad})
-    assert rome_mod.template_groups([[5, 10], [10, 10]]) == [1, 10, 10]
-    assert rome_mod.template_groups([[5, 0], [10, 5]]) == [1, 5]
+    assert ctx_mod.template_groups([[5, 10], [10, 10]]) == [1, 10, 10]
+    assert ctx_mod.template_groups([[5, 0], [10, 5]]) == [1, 5]
 
 
 @pytest.fixture
@@ -113,7 +115,8 @@ def test_v_step_count(mode, steps, byte_tok, fixed, monkeypatch):
     rome_mod.compute_rome(model, byte_tok, [make_request(FACTS[0])], hp)
     assert seen[0].steps == steps and len(seen[0].losses) == 4
     if mode == "n_minus_1":  # the same δ as 3 steps with nothing after the last
-        rome_mod.compute_rome(model, byte_tok, [make_request(FACTS[0])], hp.replace(v_num_grad_steps=3, v_step_count="n"))
+        rome_mod.compute_rome(model, byte_tok, [make_request(FACTS[0])], hp.replace(v_num_grad_steps=3,
+                                                                                    v_step_count="n"))
         assert torch.equal(seen[0].delta, seen[1].delta)
 
 
@@ -121,15 +124,16 @@ def test_memit_keys_per_type_then_across(byte_tok):
     model = tiny_model("llama")
     adapter = ModelAdapter(model)
     reqs = [make_request(f) for f in FACTS]
-    groups = rome_mod.template_groups(LENGTHS)
-    k_types, _ = memit_mod._keys_and_residual(model, byte_tok, adapter, 1, 1, reqs, TEMPLATES, "subject_last", groups)
-    k_flat, _ = memit_mod._keys_and_residual(model, byte_tok, adapter, 1, 1, reqs, TEMPLATES, "subject_last")
-    each = [memit_mod._keys_and_residual(model, byte_tok, adapter, 1, 1, reqs, [t], "subject_last")[0] for t in TEMPLATES]
+    groups = ctx_mod.template_groups(LENGTHS)
+    k_types, _ = spread_mod._keys_and_residual(model, byte_tok, adapter, 1, 1, reqs, TEMPLATES, "subject_last", groups)
+    k_flat, _ = spread_mod._keys_and_residual(model, byte_tok, adapter, 1, 1, reqs, TEMPLATES, "subject_last")
+    each = [spread_mod._keys_and_residual(model, byte_tok, adapter, 1, 1, reqs, [t],
+                                          "subject_last")[0] for t in TEMPLATES]
     want = (each[0] + (each[1] + each[2]) / 2 + each[3]) / 3
     assert torch.allclose(k_types, want, atol=1e-6) and torch.allclose(k_flat, sum(each) / 4, atol=1e-6)
     assert not torch.allclose(k_types, k_flat, atol=1e-3)
     with pytest.raises(ShiftEditError, match="context groups"):
-        memit_mod._keys_and_residual(model, byte_tok, adapter, 1, 1, reqs, TEMPLATES, "subject_last", [1, 2])
+        spread_mod._keys_and_residual(model, byte_tok, adapter, 1, 1, reqs, TEMPLATES, "subject_last", [1, 2])
 
 
 # --- the oracle: the reference equations, written from the papers ------------------------------------------
@@ -265,7 +269,8 @@ def test_memit_equals_the_reference_equations(arch, byte_tok, fixed):
     ΔW = R Kᵀ (λC + K Kᵀ)⁻¹."""
     model = tiny_model(arch).double()
     layers, lam = [0, 1], 50.0
-    hp = MEMITHyperParams(layers=layers, v_num_grad_steps=4, v_weight_decay=1e-4, context_template_length_params=LENGTHS,
+    hp = MEMITHyperParams(layers=layers, v_num_grad_steps=4, v_weight_decay=1e-4,
+                          context_template_length_params=LENGTHS,
                           mom2_update_weight=lam, skip_if_predicted=False, max_relative_norm=None)
     ours = memit_mod.compute_memit(model, byte_tok, [make_request(f) for f in FACTS], hp).deltas
     ours = {d.layer: d.canonical() for d in ours}

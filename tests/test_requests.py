@@ -3,13 +3,15 @@
 import pytest
 
 import shift_edit as se
-from shift_edit.requests import encode_target
+from shift_edit.core.requests import encode_target
 
 
 def test_rome_counterfact_and_easyedit_formats_agree():
-    rome = {"prompt": "{} plays for", "subject": "Lionel Messi", "target_new": {"str": "Paris"}, "target_true": {"str": "Barcelona"}}
+    rome = {"prompt": "{} plays for", "subject": "Lionel Messi", "target_new": {"str": "Paris"},
+            "target_true": {"str": "Barcelona"}}
     cf = {"case_id": 7, "requested_rewrite": rome}
-    flat = {"prompt": "Lionel Messi plays for", "subject": "Lionel Messi", "target_new": "Paris", "ground_truth": "Barcelona"}
+    flat = {"prompt": "Lionel Messi plays for", "subject": "Lionel Messi", "target_new": "Paris",
+            "ground_truth": "Barcelona"}
     a, b, c = se.make_request(rome), se.make_request(cf), se.make_request(flat)
     assert a.text == b.text == c.text == "Lionel Messi plays for"
     assert a.target_new == b.target_new == c.target_new == " Paris"

@@ -11,12 +11,13 @@ from _rome_format import rome_record, rome_summarize
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
-from shift_edit.bench.export import export_run
-from shift_edit.bench.foreign import summarize_any
-from shift_edit.bench.runner import BenchConfig, run_bench
+from shift_edit.bench import counterfact as bdata
+from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.runner import run_bench
 from shift_edit.bench.summarize import summarize_run
 from shift_edit.cli import main
+from shift_edit.compat.result_export import export_run
+from shift_edit.compat.result_import import summarize_any
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,19 @@ def test_rome_and_memit_summarize_read_the_export_with_our_numbers(run_dir, tmp_
     ours = summarize_run(run_dir)["metrics"]
     export_run(run_dir, tmp_path / "rome" / "run_000", "rome")
     export_run(run_dir, tmp_path / "memit" / "run_000", "memit")
-    for d, pattern in ((tmp_path / "rome" / "run_000", "case_*.json"), (tmp_path / "memit" / "run_000", "*case_*.json")):
+    for d, pattern in (
+        (tmp_path / "rome" / "run_000", "case_*.json"),
+        (tmp_path / "memit" / "run_000", "*case_*.json"),
+    ):
         theirs = rome_summarize(d, pattern)
         assert theirs["num_cases"] == 4
-        for col, key in (("ES", "post_rewrite_success"), ("PS", "post_paraphrase_success"),
-                         ("NS", "post_neighborhood_success"), ("EM", "post_rewrite_diff"), ("NM", "post_neighborhood_diff")):
+        for col, key in (
+            ("ES", "post_rewrite_success"),
+            ("PS", "post_paraphrase_success"),
+            ("NS", "post_neighborhood_success"),
+            ("EM", "post_rewrite_diff"),
+            ("NM", "post_neighborhood_diff"),
+        ):
             assert ours[col]["mean"] == pytest.approx(100 * theirs[key][0], abs=1e-9), col
         assert ours["S"]["mean"] == pytest.approx(100 * theirs["post_score"], rel=1e-9)
         assert ours["ngram_entropy"]["mean"] == pytest.approx(100 * theirs["post_ngram_entropy"][0])
@@ -79,7 +88,7 @@ def test_easyedit_export_and_result_files(run_dir, tmp_path, byte_tok):
     f = tmp_path / "ROME_results.json"
     f.write_text(json.dumps(metrics))
     row = summarize_any(f)
-    want = se.easyedit.summary_metrics(json.loads(f.read_text()))["post"]
+    want = se.compat.easyedit_metrics.summary_metrics(json.loads(f.read_text()))["post"]
     assert row["metrics"]["ee_rewrite_acc"]["mean"] == pytest.approx(100 * want["rewrite_acc"])
     assert row["metrics"]["ee_locality"]["mean"] == pytest.approx(100 * want["locality"]["nb_acc"])
     assert row["protocol"]["comparable_groups"] == ["lm.decoder_only_teacher_forcing.token_accuracy",

@@ -10,20 +10,27 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.cli import main
 
 
 def rome_record(case_id, i: int = 0) -> dict:
-    return {"case_id": case_id,
-            "requested_rewrite": {"prompt": "{} plays for", "subject": f"Sub{i}", "relation_id": "P54",
-                                  "target_new": {"str": "Paris", "id": "Q1"}, "target_true": {"str": "Rome", "id": "Q2"}},
-            "paraphrase_prompts": [f"Yes. Sub{i} plays for"], "neighborhood_prompts": ["Totti plays for"],
-            "generation_prompts": [f"Sub{i} is"]}
+    return {
+        "case_id": case_id,
+        "requested_rewrite": {
+            "prompt": "{} plays for",
+            "subject": f"Sub{i}",
+            "relation_id": "P54",
+            "target_new": {"str": "Paris", "id": "Q1"},
+            "target_true": {"str": "Rome", "id": "Q2"},
+        },
+        "paraphrase_prompts": [f"Yes. Sub{i} plays for"],
+        "neighborhood_prompts": ["Totti plays for"],
+        "generation_prompts": [f"Sub{i} is"],
+    }
 
 
 def write_data(tmp_path: Path, ids, name: str = "data.json") -> Path:
@@ -95,7 +102,8 @@ def test_damaged_sequential_state_is_one_line_and_nothing_is_overwritten(damage,
     hp = tmp_path / "ft.yaml"
     hp.write_text("alg_name: FT\nlayers: [1]\nsteps: 2\nlr: 0.01\nskip_if_predicted: false\nmax_relative_norm: null\n")
     args = ["bench", "--alg", "FT", "--model", str(tiny_dir), "--hparams", str(hp), "--data", str(data),
-            "--out", str(tmp_path / "out"), "--sequential", "4", "--eval-at", "2", "--save-every", "1", "--ppl-lines", "0",
+            "--out", str(tmp_path / "out"), "--sequential", "4", "--eval-at", "2", "--save-every", "1", "--ppl-lines",
+            "0",
             "--no-progress"]
     assert main(args) == 0
     (run_dir,) = (tmp_path / "out" / "FT").glob("seq_*")
@@ -116,7 +124,7 @@ def test_damaged_sequential_state_is_one_line_and_nothing_is_overwritten(damage,
 def test_killed_save_leaves_no_hidden_folder_after_a_rerun(tmp_path):
     """``edit --save DIR`` killed (SIGKILL) while writing leaves ``.DIR.<pid>.*.tmp``; the next
     write of DIR removes the folders of processes that are gone (never a live one's)."""
-    from shift_edit.io import atomic_dir, atomic_file
+    from shift_edit.files.io import atomic_dir, atomic_file
 
     dest = tmp_path / "saved"
     dead = tmp_path / f".saved.{2**22 + 12345}.abcd.tmp"  # above pid_max: no such process
@@ -152,7 +160,8 @@ def test_skipped_edit_writes_no_patch_and_says_so(byte_tok, tmp_path, capsys):
     hp = tmp_path / "hp.yaml"
     hp.write_text("alg_name: SHIFT\nlayers: [1]\neta: 1.0\n")
     patch, lora = tmp_path / "p.safetensors", tmp_path / "lora"
-    code = main(["edit", "--model", str(folder), "--hparams", str(hp), "--prompt", SKIP_REQ["prompt"].format(SKIP_REQ["subject"]),
+    code = main(["edit", "--model", str(folder), "--hparams", str(hp), "--prompt",
+                 SKIP_REQ["prompt"].format(SKIP_REQ["subject"]),
                  "--target", SKIP_REQ["target_new"], "--save-patch", str(patch), "--save-lora", str(lora)])
     out = capsys.readouterr().out
     assert code == 0 and "no patch written: the edit changed nothing" in out

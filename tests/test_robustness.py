@@ -22,12 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
+from shift_edit.bench.bench_config import BenchConfig
 from shift_edit.bench.claims import claim_path, claimed, try_claim
-from shift_edit.bench.runner import BenchConfig, run_bench
+from shift_edit.bench.runner import run_bench
 from shift_edit.cli import main
-from shift_edit.guard import DEFAULT_MAX_RELATIVE_NORM, EditRefusedError
-from shift_edit.patch import CHECKSUM_KEY, PatchChecksumError
+from shift_edit.core.deltas import DEFAULT_MAX_RELATIVE_NORM
+from shift_edit.core.errors import EditRefusedError
+from shift_edit.files.patch import PatchChecksumError
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": "Paris"}
 OK = dict(layers=[1], eta=0.05, skip_if_predicted=False)  # well under the bound on the tiny models
@@ -111,7 +113,7 @@ def test_checksum_missing_from_a_v2_patch_is_refused_v1_patch_warns(patch_file, 
     del doc["base_fingerprint"]
     save_file(tensors, str(patch_file), metadata={"shift_edit": json.dumps(doc)})
     model = tiny_model("gpt2")
-    with caplog.at_level(logging.WARNING, logger="shift_edit.patch"):
+    with caplog.at_level(logging.WARNING, logger="shift_edit.files.patch"):
         se.apply_patch(model, patch_file, allow_unchecksummed=True, base_check="matrices")
     assert "has no checksum" in caplog.text
 
@@ -220,8 +222,10 @@ def test_missing_device_is_one_line(device, msg, capsys):
 
 def test_top_k_above_the_vocabulary_is_refused_before_the_edit(tiny_dir, tmp_path, capsys):
     patch = tmp_path / "p.safetensors"
-    err = one_line_exit_2(capsys, main(["edit", "--model", str(tiny_dir), "--prompt", "Messi plays for", "--target", "Paris",
-                                        "--layer", "1", "--eta", "0.05", "--top-k", "100000", "--save-patch", str(patch)]))
+    err = one_line_exit_2(capsys, main(["edit", "--model", str(tiny_dir), "--prompt", "Messi plays for", "--target",
+                                        "Paris",
+                                        "--layer", "1", "--eta", "0.05", "--top-k", "100000", "--save-patch",
+                                        str(patch)]))
     assert "vocabulary size 260" in err and not patch.exists()
 
 
@@ -292,10 +296,10 @@ def test_strict_base_fingerprint_and_matrices_option(byte_tok, tmp_path):
 
 def test_patch_saved_after_an_edit_records_the_base_fingerprint(byte_tok, tmp_path):
     model = tiny_model("gpt2")
-    fp = se.io.model_fingerprint(model)
+    fp = se.files.io.model_fingerprint(model)
     result = se.edit(model, byte_tok, REQ, se.ShiftHyperParams(**OK))
     meta, _ = se.read_patch(result.save_patch(tmp_path / "p.safetensors"))
-    assert meta["base_fingerprint"] == fp != se.io.model_fingerprint(model)
+    assert meta["base_fingerprint"] == fp != se.files.io.model_fingerprint(model)
 
 
 # ----------------------------------------------------------------------------- 5./6. bench
@@ -358,7 +362,8 @@ def test_two_identical_bench_commands_split_the_cases(tmp_path, byte_tok):
             str(hp), "--data", str(data), "--skip-generation", "--skip-wild", "--no-progress",
             "--out", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     run = tmp_path / "out" / "SHIFT" / "run_000"
@@ -387,7 +392,8 @@ def test_invalid_yaml_is_one_line(tmp_path, capsys):
     with pytest.raises(se.ShiftEditError) as info:
         se.load_hparams(bad)
     assert "\n" not in str(info.value) and "line" in str(info.value)
-    one_line_exit_2(capsys, main(["edit", "--model", "/nonexistent", "--prompt", "a", "--target", "b", "--hparams", str(bad)]))
+    one_line_exit_2(capsys, main(["edit", "--model", "/nonexistent", "--prompt", "a", "--target", "b", "--hparams",
+                                  str(bad)]))
 
 
 def test_prompt_longer_than_the_context_is_refused(byte_tok):

@@ -6,17 +6,20 @@ import json
 
 import pytest
 import torch
-from _tiny import CORPUS_TEXTS as TEXTS, tiny_model  # conftest's corpus fixture writes these
+from _tiny import CORPUS_TEXTS as TEXTS  # conftest's corpus fixture writes these
+from _tiny import tiny_model
 
 import shift_edit
-from shift_edit.algorithms import memit as memit_mod
-from shift_edit.algorithms import rome as rome_mod
-from shift_edit.algorithms.memit import MEMITHyperParams
-from shift_edit.algorithms.rome import ROMEHyperParams, canonical_weight
-from shift_edit.architectures import ModelAdapter
-from shift_edit.hooks import forward_capture
-from shift_edit.requests import make_request
-from shift_edit.covariance import layer_stats
+from shift_edit.algorithms.locate import memit as memit_mod
+from shift_edit.algorithms.locate import rome as rome_mod
+from shift_edit.algorithms.locate import zstar as zstar_mod
+from shift_edit.algorithms.locate.memit import MEMITHyperParams
+from shift_edit.algorithms.locate.rome import ROMEHyperParams
+from shift_edit.algorithms.locate.zstar import canonical_weight
+from shift_edit.core.requests import make_request
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import forward_capture
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": "Rome"}}
 
@@ -63,7 +66,7 @@ def test_stats_cache_reused_and_rebuilt(byte_tok, corpus):
     again = layer_stats(model, byte_tok, [1], **kw)[1]
     assert count.n == built  # no forward pass: read from the cache
     assert torch.equal(again.mom2, first.mom2)
-    pt = next(p for p in (shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))
+    pt = next(p for p in (shift_edit.model.loading.cache_dir() / "stats").rglob("*.pt"))
     meta_path = pt.with_suffix(".json")
 
     # corrupt tensor file -> checksum mismatch -> rebuilt, never used
@@ -93,7 +96,7 @@ def test_stats_cache_reused_and_rebuilt(byte_tok, corpus):
 
 
 def test_stats_read_once_per_process_and_solve(byte_tok, corpus, monkeypatch):
-    from shift_edit import covariance
+    from shift_edit.model import covariance
 
     model = tiny_model("llama")
     kw = dict(corpus=corpus, n_tokens=100, max_length=32, progress=False)
@@ -103,7 +106,7 @@ def test_stats_read_once_per_process_and_solve(byte_tok, corpus, monkeypatch):
     monkeypatch.setattr(covariance, "_try_load", lambda *a, **k: reads.append(a) or real(*a, **k))
     again = layer_stats(model, byte_tok, [1], **kw)[1]
     assert again is built and not reads  # validated entry reused without reading the file again
-    pt = next(p for p in (shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))
+    pt = next(p for p in (shift_edit.model.loading.cache_dir() / "stats").rglob("*.pt"))
     pt.write_bytes(pt.read_bytes())  # touched file (new mtime): read and checked again
     layer_stats(model, byte_tok, [1], **kw)
     assert len(reads) == 1
@@ -115,7 +118,7 @@ def test_stats_read_once_per_process_and_solve(byte_tok, corpus, monkeypatch):
 
 def _capture_optimise(monkeypatch, module):
     seen = []
-    real = rome_mod.optimise_delta
+    real = zstar_mod.optimise_delta
 
     def wrapper(*a, **k):
         out = real(*a, **k)
@@ -181,7 +184,7 @@ def test_rome_through_update_hook_is_the_rank_one_edit(model_type, byte_tok, cor
     u = delta.right[0]
     ff2 = ModelAdapter(model).ff2(1)
     ids = torch.tensor([byte_tok("Messi plays for a club").input_ids])
-    hook = rome_mod._AddThrough(u, 1.0 / float(u @ k_star))
+    hook = zstar_mod._AddThrough(u, 1.0 / float(u @ k_star))
     hook.delta = dr.delta
     handle = ff2.register_forward_hook(hook)
     try:
@@ -227,11 +230,13 @@ def test_rome_lambda_from_prompt_key_gives_the_prompt_exactly_delta(model_type, 
 def test_rome_without_covariance_uses_the_key(byte_tok, corpus, monkeypatch):
     model = tiny_model("llama")
     seen = _capture_optimise(monkeypatch, rome_mod)
-    computed = rome_mod.compute_rome(model, byte_tok, [make_request(REQ)], _rome_hp(mom2_adjustment=False, mom2_corpus=corpus))
+    computed = rome_mod.compute_rome(
+        model, byte_tok, [make_request(REQ)], _rome_hp(mom2_adjustment=False, mom2_corpus=corpus)
+    )
     k_star = seen[0].keys.mean(0)
     right = computed.deltas[0].right[0]
     assert torch.allclose(right, k_star / k_star.norm(), atol=1e-6)
-    assert not (shift_edit.loading.cache_dir() / "stats").exists()  # no statistics were needed
+    assert not (shift_edit.model.loading.cache_dir() / "stats").exists()  # no statistics were needed
 
 
 def test_rome_hparams_validation():
@@ -249,7 +254,7 @@ def test_memit_one_layer_matches_closed_form(byte_tok, corpus, monkeypatch):
     hp = MEMITHyperParams(layers=[1], v_num_grad_steps=4, context_template_length_params=[[3, 2]],
                           mom2_n_tokens=200, mom2_max_length=40, mom2_corpus=corpus,
                           mom2_update_weight=lam, skip_if_predicted=False)
-    seen = _capture_optimise(monkeypatch, memit_mod)
+    seen = _capture_optimise(monkeypatch, zstar_mod)
     req = make_request(REQ)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     computed = memit_mod.compute_memit(model, byte_tok, [req], hp)
@@ -296,7 +301,7 @@ def test_stats_cli(byte_tok, corpus, capsys, tmp_path, monkeypatch):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "layer 0:" in out and "layer 2:" in out and "tokens=80" in out
-    assert len(list((shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))) == 2
+    assert len(list((shift_edit.model.loading.cache_dir() / "stats").rglob("*.pt"))) == 2
     # --hparams: the statistics an hparams file reads, then reused by the edit (no second pass)
     hp_file = tmp_path / "memit.yaml"
     hp_file.write_text(f"alg_name: MEMIT\nlayers: [0, 1]\nmom2_corpus: {corpus}\nmom2_n_tokens: 90\n"
@@ -304,15 +309,15 @@ def test_stats_cli(byte_tok, corpus, capsys, tmp_path, monkeypatch):
     assert main(["stats", "--model", str(folder), "--hparams", str(hp_file)]) == 0
     out = capsys.readouterr().out
     assert "layer 0:" in out and "layer 1:" in out and "tokens=90" in out and "layer 2:" not in out
-    assert len(list((shift_edit.loading.cache_dir() / "stats").rglob("*.pt"))) == 4
+    assert len(list((shift_edit.model.loading.cache_dir() / "stats").rglob("*.pt"))) == 4
     assert main(["stats", "--model", str(folder)]) == 2  # nothing to compute: one clear message
     assert "--layer" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~1 min alone on 2 CPU cores (10 min when the machine is shared)
 def test_rome_makes_fact_top1_on_smollm2(smollm2, tmp_path, monkeypatch):
-    from shift_edit.scoring import score_continuations
-    from shift_edit.covariance import default_corpus
+    from shift_edit.model.corpus import default_corpus
+    from shift_edit.model.scoring import score_continuations
 
     if not default_corpus().endswith(".raw"):
         pytest.skip("local WikiText copy not found (set SHIFT_EDIT_DATA)")
@@ -336,9 +341,10 @@ def test_memit_zstar_cache_gives_the_same_batch_with_each_zstar_optimised_once(b
     hp = MEMITHyperParams(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 2]],
                           mom2_n_tokens=200, mom2_max_length=40, mom2_corpus=corpus, skip_if_predicted=False,
                           mom2_update_weight=50.0)
-    reqs = [make_request(REQ), make_request({"prompt": "{} lives in", "subject": "Totti", "target_new": {"str": "Oslo"}})]
+    reqs = [make_request(REQ), make_request({"prompt": "{} lives in", "subject": "Totti",
+                                             "target_new": {"str": "Oslo"}})]
     plain = memit_mod.compute_memit(model, byte_tok, reqs, hp)
-    seen = _capture_optimise(monkeypatch, memit_mod)
+    seen = _capture_optimise(monkeypatch, zstar_mod)
     cached_hp = hp.replace(zstar_cache=True)
     memit_mod.compute_memit(model, byte_tok, reqs[:1], cached_hp)  # fills the cache for the first request
     assert len(seen) == 1
@@ -350,7 +356,7 @@ def test_memit_zstar_cache_gives_the_same_batch_with_each_zstar_optimised_once(b
     # another z* hparam is another entry; a corrupt entry is recomputed
     memit_mod.compute_memit(model, byte_tok, reqs[:1], cached_hp.replace(v_lr=0.1))
     assert len(seen) == 3
-    for p in (shift_edit.loading.cache_dir() / "zstar").rglob("*.pt"):
+    for p in (shift_edit.model.loading.cache_dir() / "zstar").rglob("*.pt"):
         p.write_bytes(b"broken")
     memit_mod.compute_memit(model, byte_tok, reqs[:1], cached_hp)
     assert len(seen) == 4

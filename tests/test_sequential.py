@@ -16,9 +16,10 @@ from _tiny import byte_tokenizer, tiny_model
 from test_bench import easyedit_record, rome_record, write
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
-from shift_edit.bench.sequential import SequentialConfig, _record_values, run_sequential
+from shift_edit.bench.seq_scoring import record_values
+from shift_edit.bench.sequential import SequentialConfig, run_sequential
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny random weights are small: a few FT steps change them by more than the guard's default bound
@@ -78,14 +79,17 @@ def test_checkpoints_score_against_the_unedited_model_and_true_objects(byte_tok,
     cases = bdata.load_counterfact(path)
     model = tiny_model("llama")
     base = tiny_model("llama")
-    run_dir = _run(model, byte_tok, path, tmp_path / "out", total=4, batch_edits=3, eval_at=[2], wikitext=_wiki(tmp_path))
+    run_dir = _run(model, byte_tok, path, tmp_path / "out", total=4, batch_edits=3, eval_at=[2],
+                   wikitext=_wiki(tmp_path))
     ck2 = json.loads((run_dir / "checkpoints" / "ckpt_2.json").read_text())
     ck4 = json.loads((run_dir / "checkpoints" / "ckpt_4.json").read_text())
     assert ck2["n_edits"] == 3 and ck4["n_edits"] == 4  # B = 3 does not divide T = 4: batches of 3 and 1
     assert [b["n"] for b in json.loads((run_dir / "summary.json").read_text())["batches"]] == [3, 1]
 
     def values(m, cs):
-        return [_record_values(metrics_from_scores(s.scores(s.logits(m)))) for s in (CaseScorer(byte_tok, c) for c in cs)]
+        return [
+            record_values(metrics_from_scores(s.scores(s.logits(m)))) for s in (CaseScorer(byte_tok, c) for c in cs)
+        ]
 
     unedited, final = values(base, cases), values(model, cases)
     for name in ("NS", "neighborhood_top1", "ES", "efficacy_top1"):
@@ -118,7 +122,8 @@ def test_bad_sequential_input_is_one_line_exit_2(tmp_path, capsys):
 
     path = write(tmp_path, _records(3))
     base = ["bench", "--model", "no-such-model", "--alg", "SHIFT",
-            "--hparams", str(REPO / "hparams/SHIFT/smollm2-135m.yaml"), "--data", str(path), "--out", str(tmp_path / "o")]
+            "--hparams", str(REPO / "hparams/SHIFT/smollm2-135m.yaml"), "--data", str(path), "--out",
+            str(tmp_path / "o")]
     for extra, msg in ((["--sequential", "0"], "--sequential must be >= 1"),
                        (["--sequential", "5"], "needs 5 records, the selection has 3"),
                        (["--sequential", "3", "--eval-at", "4"], "between 1 and T=3"),
@@ -153,7 +158,8 @@ def test_resume_after_sigkill_gives_the_same_numbers(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def cmd(out):
-        return [sys.executable, "-m", "shift_edit", "bench", "--model", str(model_dir), "--alg", "FT", "--hparams", str(hp),
+        return [sys.executable, "-m", "shift_edit", "bench", "--model", str(model_dir), "--alg", "FT", "--hparams",
+                str(hp),
                 "--data", str(path), "--out", str(out), "--sequential", "12", "--batch-edits", "1", "--eval-at", "3,6",
                 "--wikitext", _wiki(tmp_path), "--ppl-lines", "2", "--save-every", "1", "--no-progress"]
 
@@ -216,8 +222,9 @@ def test_runs_sharing_algorithm_and_batch_size_get_their_own_curve():
 
 
 def test_hparams_tag_tells_shift_neuron_variants_apart():
-    from shift_edit.bench.summarize import _hparams_tag
+    from shift_edit.core.registry import run_tag
 
     base = {"layers": [22, 23], "margin": 1.0, "neurons_per_layer": 225, "max_generic_fires": 30, "try_layers": 1}
-    assert _hparams_tag(base) == " L22,23 margin 1 x225 screen 30"
-    assert _hparams_tag({**base, "try_layers": 5, "neurons_per_layer": 300}) == " L22,23 margin 1 x300 screen 30 try 5"
+    assert run_tag("SHIFT_NEURON", base) == " L22,23 margin 1 x225 screen 30"
+    assert run_tag("SHIFT_NEURON", {**base, "try_layers": 5,
+                                    "neurons_per_layer": 300}) == " L22,23 margin 1 x300 screen 30 try 5"

@@ -57,7 +57,8 @@ def test_d_source_and_eta_scaling(source, scaling, byte_tok):
     d = {"decoding": dec[t], "input_embedding": model.get_input_embeddings().weight.detach()[t],
          "centered": dec[t] - dec.mean(0)}[source]
     eta = 0.3 / (x @ x) if scaling == "normalized" else 0.3
-    se.edit(model, byte_tok, REQ, se.ShiftHyperParams(layers=[2], eta=0.3, d_source=source, eta_scaling=scaling, skip_if_predicted=False))
+    se.edit(model, byte_tok, REQ, se.ShiftHyperParams(layers=[2], eta=0.3, d_source=source, eta_scaling=scaling,
+                                                      skip_if_predicted=False))
     torch.testing.assert_close(ff2.weight.detach(), expected_weight(w0, x, d, eta, False), rtol=1e-5, atol=1e-6)
 
 
@@ -70,7 +71,9 @@ def test_all_target_tokens_uses_teacher_forced_positions(byte_tok):
     xs = reference_x(model, ff2, p + t[:-1])[len(p) - 1 :]
     dec = model.get_output_embeddings().weight.detach()
     expected = w0 + 0.2 * sum(torch.outer(dec[tok_id], x) for tok_id, x in zip(t, xs))
-    res = se.edit(model, byte_tok, REQ, se.ShiftHyperParams(layers=[0], eta=0.2, target_tokens="all", skip_if_predicted=False))
+    res = se.edit(
+        model, byte_tok, REQ, se.ShiftHyperParams(layers=[0], eta=0.2, target_tokens="all", skip_if_predicted=False)
+    )
     torch.testing.assert_close(ff2.weight.detach(), expected, rtol=1e-5, atol=1e-6)
     assert res.deltas[0].rank == len(t)
 

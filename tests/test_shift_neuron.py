@@ -7,15 +7,15 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms.neurons import canonical, gate_key, mlp_of, neuron_key
-from shift_edit.algorithms.shift_neuron import ShiftNeuronHyperParams
-from shift_edit.architectures import ModelAdapter, from_param_layout, weight_layout
-from shift_edit.covariance import layer_stats
-from shift_edit.errors import ShiftEditError
-from shift_edit.hooks import capture_inputs
-from shift_edit.lora import read_lora
-from shift_edit.memory import EditMemory
-from shift_edit.registry import get_algorithm
+from shift_edit.algorithms.shift.neurons import canonical, gate_key, mlp_of, neuron_key
+from shift_edit.algorithms.shift.shift_neuron import ShiftNeuronHyperParams
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.core.memory import EditMemory
+from shift_edit.core.registry import get_algorithm
+from shift_edit.files.lora import read_lora
+from shift_edit.model.architectures import ModelAdapter, from_param_layout, weight_layout
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import capture_inputs
 
 FACT = {"prompt": "{} lives in", "subject": "Bob", "target_new": " Rome"}
 FACT2 = {"prompt": "{} works at", "subject": "Ann", "target_new": " IBM"}
@@ -277,7 +277,7 @@ def test_statistics_are_cached_per_model_object(byte_tok, corpus):
     freed and replaced by another (which may get the same id) cannot read the first one's statistics."""
     import gc
 
-    from shift_edit.algorithms import neurons, shift_plus
+    from shift_edit.algorithms.shift import neurons, shift_plus
 
     model = tiny_model("llama")
     se.edit(model, byte_tok, FACT, hp(corpus), force=True).undo()
@@ -304,7 +304,8 @@ def _generic_corpus(tmp_path) -> str:
 def test_generic_sample_skips_the_statistics_tokens_and_is_pinned(byte_tok, corpus, tmp_path):
     """The sample is the MLP inputs of the texts after the skipped tokens, in order; under pinned statistics
     the cached sample of the unedited weights is read back after the weights change."""
-    from shift_edit.covariance import generic_sample, pinned_statistics
+    from shift_edit.model.generic_sample import generic_sample
+    from shift_edit.model.stats_pinning import pinned_statistics
 
     model = tiny_model("llama")
     path = _generic_corpus(tmp_path)
@@ -335,7 +336,7 @@ def test_generic_sample_skips_the_statistics_tokens_and_is_pinned(byte_tok, corp
 def test_negatives_keep_the_key_below_half_the_threshold_on_generic_tokens(model_type, byte_tok, corpus, tmp_path):
     """With ``negatives``, the generic tokens the key would come within half the threshold of firing on become
     silent keys: fewer of the sample's tokens are near firing than without (and the edit still fires)."""
-    from shift_edit.algorithms.neurons import generic_keys
+    from shift_edit.algorithms.shift.neurons import generic_keys
 
     path = _generic_corpus(tmp_path)
     near = {}
@@ -357,11 +358,10 @@ def test_negatives_keep_the_key_below_half_the_threshold_on_generic_tokens(model
 def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_tok, corpus, tmp_path):
     """The bench's priming reads SHIFT_NEURON's statistics for every listed layer and its generic sample from the
     unedited model, so a layer first used after many edits (or after a resume) sees the unedited model's."""
-    from shift_edit.algorithms import neurons as sn
+    from shift_edit.algorithms.shift import neurons as sn
+    from shift_edit.algorithms.shift.shift_neuron import prime_shift_neuron
     from shift_edit.bench.sequential import _prime
-    from shift_edit.covariance import pinned_statistics
-
-    from shift_edit.algorithms.shift_neuron import prime_shift_neuron
+    from shift_edit.model.stats_pinning import pinned_statistics
 
     assert get_algorithm("SHIFT_NEURON").prime is prime_shift_neuron
     model = tiny_model("llama")
@@ -377,7 +377,8 @@ def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_
         sn._GENERIC.pop(model)
         sn._NEGATIVES.pop(model)  # a resumed process: read back from the cache, not from the edited weights
         for layer in (0, 1):
-            torch.testing.assert_close(sn.generic_stats(model, byte_tok, ModelAdapter(model), layer, h)[0], stats[layer])
+            torch.testing.assert_close(sn.generic_stats(model, byte_tok, ModelAdapter(model), layer, h)[0],
+                                       stats[layer])
         again = sn.generic_keys(model, byte_tok, ModelAdapter(model), [1, 0], h)
     assert set(stats) == {0, 1} and all(torch.equal(again[x], sample[x]) for x in (0, 1))
 
@@ -406,7 +407,7 @@ def test_a_request_refused_at_one_layer_tries_the_next(tries, byte_tok, corpus, 
     ``search_passes`` more model calls (counted with a hook; the first pass serves both layers); with 1 it is not
     applied. The generic sample is replaced: at layer 1 copies of the edit's own key (its neuron fires on all), at
     layer 2 the zero vector (it fires on none)."""
-    import shift_edit.algorithms.shift_neuron as sn
+    import shift_edit.algorithms.shift.shift_neuron as sn
 
     model = tiny_model("llama")
     adapter = ModelAdapter(model)
@@ -433,7 +434,7 @@ def test_a_request_refused_at_one_layer_tries_the_next(tries, byte_tok, corpus, 
 def test_silent_pool_measures_reach_from_the_firing_point_with_a_bias():
     """A key joins the silent set when its gate pre-activation comes within ``reach · β`` (on the key's scale) of
     the firing point ``-bias / α``: earlier edits' keys within half, generic tokens within ``negative_reach``."""
-    from shift_edit.algorithms.neurons import Gate, SilentPool
+    from shift_edit.algorithms.shift.neurons import Gate, SilentPool
 
     h = ShiftNeuronHyperParams(layers=[1], negatives=10, negative_reach=0.1)
     e1 = torch.zeros(4, dtype=torch.float64)

@@ -6,10 +6,10 @@ import torch
 from _tiny import tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms.shift_plus import ShiftPlusHyperParams, unit_update
-from shift_edit.errors import ShiftEditError
-from shift_edit.memory import EditMemory
-from shift_edit.registry import get_algorithm
+from shift_edit.algorithms.shift.shift_plus import ShiftPlusHyperParams, unit_update
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.core.memory import EditMemory
+from shift_edit.core.registry import get_algorithm
 
 FACT = {"prompt": "{} lives in", "subject": "Bob", "target_new": " Rome"}
 FACT2 = {"prompt": "{} works at", "subject": "Ann", "target_new": " IBM"}
@@ -163,7 +163,7 @@ def test_edit_reaches_the_margin_it_aims_at(byte_tok):
     res = se.edit(model, byte_tok, FACT, h)
     assert res.info[0]["reached_margin"]
     from shift_edit.algorithms.common import already_predicted
-    from shift_edit.requests import make_requests
+    from shift_edit.core.requests import make_requests
 
     assert already_predicted(model, byte_tok, make_requests([FACT])) == [True]
     res.undo()
@@ -173,9 +173,9 @@ def test_edit_reaches_the_margin_it_aims_at(byte_tok):
 def test_spread_over_layers_each_layer_writes_its_share(model_type, byte_tok, tmp_path):
     """layers [0, 1]: one rank-m change per FF2, each writing half the push at its own edit key
     (keys of the unedited model), the margin reached, memory keys per layer, exact undo and LoRA."""
-    from shift_edit.architectures import ModelAdapter
-    from shift_edit.hooks import capture_inputs
-    from shift_edit.requests import encode_prompt, make_request
+    from shift_edit.core.requests import encode_prompt, make_request
+    from shift_edit.model.architectures import ModelAdapter
+    from shift_edit.model.hooks import capture_inputs
 
     model = tiny_model(model_type)
     base = weights(model)

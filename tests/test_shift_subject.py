@@ -10,15 +10,15 @@ import torch
 from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
-from shift_edit.algorithms import subject_value as sv
-from shift_edit.algorithms.rome import context_templates, encode_with_fact_index
-from shift_edit.algorithms.shift_subject import ShiftSubjectHyperParams, prime_shift_subject
-from shift_edit.architectures import ModelAdapter
-from shift_edit.errors import ShiftEditError
-from shift_edit.hooks import capture_inputs, owned_hooks
-from shift_edit.memory import EditMemory
-from shift_edit.registry import get_algorithm
-from shift_edit.requests import encode_target, make_request
+from shift_edit.algorithms.locate.contexts import context_templates, encode_with_fact_index
+from shift_edit.algorithms.shift import subject_value as sv
+from shift_edit.algorithms.shift.shift_subject import ShiftSubjectHyperParams, prime_shift_subject
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.core.memory import EditMemory
+from shift_edit.core.registry import get_algorithm
+from shift_edit.core.requests import encode_target, make_request
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.hooks import capture_inputs, owned_hooks
 
 FACT = {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}
 FACT2 = {"prompt": "{} works at", "subject": "Ann Lee", "target_new": " IBM"}
@@ -247,7 +247,7 @@ def test_a_failed_check_refits_the_value_once_with_more_steps(byte_tok, corpus):
 
 
 def test_decoding_units_are_cached_per_model_until_the_matrix_changes():
-    from shift_edit.algorithms.neurons import decoding_units
+    from shift_edit.algorithms.shift.neurons import decoding_units
 
     model = tiny_model("llama")
     adapter = ModelAdapter(model)

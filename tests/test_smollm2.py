@@ -3,7 +3,7 @@
 import torch
 
 import shift_edit as se
-from shift_edit.scoring import next_token_topk, score_continuations
+from shift_edit.model.scoring import score_continuations
 
 # Facts written for these tests (not from CounterFact): prompt, subject, new object.
 FACTS = [

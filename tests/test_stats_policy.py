@@ -8,9 +8,11 @@ import torch
 from _tiny import tiny_hparams, tiny_model
 
 import shift_edit as se
-from shift_edit import covariance
-from shift_edit.covariance import layer_stats, pinned_statistics, statistics_fingerprint
-from shift_edit.io import model_fingerprint
+from shift_edit.files.io import model_fingerprint
+from shift_edit.model import corpus as corpus_mod
+from shift_edit.model import covariance, stats_pinning
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.stats_pinning import pinned_statistics, statistics_fingerprint
 
 REQS = [{"prompt": "{} plays for", "subject": "Messi", "target_new": {"str": " Rome"}},
         {"prompt": "{} is located in", "subject": "Oslo", "target_new": {"str": " Spain"}},
@@ -22,7 +24,8 @@ def computations(monkeypatch) -> list[list[str]]:
     """Every corpus pass of the statistics: the modules it computed."""
     seen: list[list[str]] = []
     real = covariance.compute_second_moments
-    monkeypatch.setattr(covariance, "compute_second_moments", lambda m, t, names, *a, **k: seen.append(list(names)) or real(m, t, names, *a, **k))
+    monkeypatch.setattr(covariance, "compute_second_moments", lambda m, t, names, *a,
+                        **k: seen.append(list(names)) or real(m, t, names, *a, **k))
     return seen
 
 
@@ -51,8 +54,9 @@ def test_three_sequential_alphaedit_edits_compute_the_statistics_once(how, byte_
     hp = _hp(corpus)
     _three_edits(how, model, byte_tok, hp)
     assert model_fingerprint(model) != unedited  # the edits were kept
-    assert computations == [["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]]  # one pass, before the first edit
-    folders = {p.parent.parent.name for p in (se.loading.cache_dir() / "stats").rglob("*.pt")}
+    assert computations == [["model.layers.0.mlp.down_proj",
+                             "model.layers.1.mlp.down_proj"]]  # one pass, before the first edit
+    folders = {p.parent.parent.name for p in (se.model.loading.cache_dir() / "stats").rglob("*.pt")}
     assert folders == {unedited}  # one cache entry per layer, keyed by the unedited model: nothing per edited state
     assert statistics_fingerprint(model) == unedited
 
@@ -69,12 +73,12 @@ def test_statistics_asked_for_after_edits_are_the_unedited_models(byte_tok, corp
     fresh = tiny_model("llama")
     with pinned_statistics(fresh):
         want = covariance.compute_second_moments(fresh, byte_tok, ["model.layers.2.mlp.down_proj"],
-                                                 covariance.open_corpus(corpus), n_tokens=30, max_length=32,
+                                                 corpus_mod.open_corpus(corpus), n_tokens=30, max_length=32,
                                                  progress=False)[0]["model.layers.2.mlp.down_proj"]
     assert torch.equal(late.mom2, want)
     for r in reversed(results):
         r.undo()
-    assert not covariance._unedited_values(model)  # all undone: nothing held
+    assert not stats_pinning.unedited_values(model)  # all undone: nothing held
     assert statistics_fingerprint(model) == model_fingerprint(model)
 
 

@@ -56,8 +56,8 @@ def test_min_lr_cell_is_the_threshold_and_model_is_restored(byte_tok, arch, alg)
         assert torch.equal(base[n], p), n
     assert cell["min_lr"] is not None
     req = se.make_request(RECORD)
-    p_ids = se.requests.encode_prompt(byte_tok, req.text)
-    t_ids = se.requests.encode_target(byte_tok, req.text, req.target_new)
+    p_ids = se.core.requests.encode_prompt(byte_tok, req.text)
+    t_ids = se.core.requests.encode_target(byte_tok, req.text, req.target_new)
     unit = unit_deltas(model, byte_tok, req, unit_hparams(alg, 2))
     with temporarily_applied(model, scaled(unit, cell["min_lr"])):
         assert min_lr.is_top1(model, byte_tok, p_ids, t_ids, "first")
@@ -77,11 +77,12 @@ def test_study_files_resume_and_summaries(byte_tok, tmp_path):
                                     ppl_fn=ppl, ppl_records=1)
     assert again == rows and json.loads((tmp_path / "records" / "7.json").read_text()) == first
     doc = min_lr.write_outputs(rows, tmp_path, model, {"criterion": "first"}, None)
-    assert {(s["alg"], s["layer"]) for s in doc["summary"]} == {(a, l) for a in ("SHIFT", "SGD") for l in (0, 2)}
+    assert {(s["alg"], s["layer"]) for s in doc["summary"]} == {(a, x) for a in ("SHIFT", "SGD") for x in (0, 2)}
     assert (tmp_path / "min_lr.png").stat().st_size > 0 and (tmp_path / "summary.csv").read_text().startswith("alg,")
     sweep_dir = tmp_path / "sweep"
-    srows = layer_sweep.run_layer_sweep(model, byte_tok, recs, layers=[0, 1], settings=[("raw", 5.0), ("normalized", 50.0)],
-                                        out_dir=sweep_dir)
+    srows = layer_sweep.run_layer_sweep(
+        model, byte_tok, recs, layers=[0, 1], settings=[("raw", 5.0), ("normalized", 50.0)], out_dir=sweep_dir
+    )
     assert len(srows) == 2 * (4 + 1)
     assert all(0 <= r[m] <= 1 for r in srows for m in ("efficacy", "paraphrase", "neighborhood"))
     sdoc = layer_sweep.write_outputs(srows, sweep_dir, model, {}, None)
@@ -124,7 +125,7 @@ def test_sweep_cli_rejects_bad_options_in_one_line(capsys):
 def test_layer_sweep_cells_equal_full_passes(byte_tok, tmp_path, arch):
     """The sweep re-runs only the blocks from the edited layer; every cell must equal the
     metrics of a plain full forward pass of the edited model."""
-    from shift_edit.algorithms.shift import ShiftHyperParams
+    from shift_edit.algorithms.shift.shift import ShiftHyperParams
 
     model = tiny_model(arch)
     recs = [RECORD, {**RECORD, "case_id": 8, "requested_rewrite": {**RECORD["requested_rewrite"], "subject": "Xavi"}}]
@@ -134,8 +135,13 @@ def test_layer_sweep_cells_equal_full_passes(byte_tok, tmp_path, arch):
     assert len(cells) == 6
     for r in cells:
         rec = next(x for x in recs if x["case_id"] == r["case_id"])
-        res = se.edit(model, byte_tok, rec, ShiftHyperParams(layers=[r["layer"]], eta=40.0, eta_scaling="normalized",
-                                                             skip_if_predicted=False), force=True)
+        res = se.edit(
+            model,
+            byte_tok,
+            rec,
+            ShiftHyperParams(layers=[r["layer"]], eta=40.0, eta_scaling="normalized", skip_if_predicted=False),
+            force=True,
+        )
         try:
             full = layer_sweep.top1_metrics(model, byte_tok, rec)
         finally:
@@ -162,7 +168,8 @@ def test_min_lr_study_adds_perplexity_to_searched_records_without_searching_agai
     # the stored perplexity is the model edited at that step (checked for one cell), and the model is restored
     cell = next(r for r in rows if "ppl" in r)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert min_lr.ppl_at(model, byte_tok, RECORD, cell["alg"], cell["layer"], cell["min_lr"], ppl) == pytest.approx(cell["ppl"])
+    assert min_lr.ppl_at(model, byte_tok, RECORD, cell["alg"], cell["layer"], cell["min_lr"],
+                         ppl) == pytest.approx(cell["ppl"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert ppl(model) != pytest.approx(cell["ppl"])
     # same ppl protocol again: nothing recomputed; another protocol: perplexity measured again
@@ -181,7 +188,7 @@ def test_ppl_summary_and_off_scale_points_drawn_at_the_cap():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from shift_edit.plots import plot_ppl
+    from shift_edit.bench.plots import plot_ppl
     from shift_edit.studies.common import ppl_stats
 
     assert ppl_stats([]) == {"ppl_n": 0, "ppl_mean": None, "ppl_median": None}

@@ -20,12 +20,12 @@ import torch
 from _tiny import tiny_hparams, tiny_model, write_corpus
 
 import shift_edit as se
-import shift_edit.editing as editing
-import shift_edit.patch as patch_mod
-import shift_edit.result as result_mod
-from shift_edit.editor import BaseEditor
-from shift_edit.memory import EditMemory
-from shift_edit.registry import algorithm_names, get_algorithm
+import shift_edit.core.editing as editing
+import shift_edit.core.result as result_mod
+import shift_edit.files.patch as patch_mod
+from shift_edit.compat.easyedit_editor import BaseEditor
+from shift_edit.core.memory import EditMemory
+from shift_edit.core.registry import algorithm_names, get_algorithm
 
 REQ = {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}
 REQ2 = {"prompt": "{} lives in", "subject": "Anna", "target_new": " Oslo"}
@@ -236,7 +236,7 @@ def test_easyedit_sequential_call_validates_every_request_first(byte_tok, stats_
 
 
 def test_easyedit_sequential_call_restores_when_an_edit_fails_midway(byte_tok, stats_corpus, monkeypatch):
-    import shift_edit.editor as editor_mod
+    import shift_edit.compat.easyedit_editor as editor_mod
 
     model = tiny_model("llama")
     editor = BaseEditor(tiny_hparams("SHIFT", stats_corpus), model, byte_tok)

@@ -60,8 +60,8 @@ def test_non_finite_delta_is_refused_and_nothing_changes(byte_tok):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_non_finite_entry_anywhere_is_refused(bad, dtype):
     """The finiteness check sees a single NaN or ±inf entry, in any dtype, and changes nothing."""
-    from shift_edit.architectures import ModelAdapter
-    from shift_edit.deltas import WeightDelta, apply_deltas
+    from shift_edit.core.deltas import WeightDelta, apply_deltas
+    from shift_edit.model.architectures import ModelAdapter
 
     model = tiny_model("llama").to(dtype)
     adapter = ModelAdapter(model)

@@ -33,11 +33,13 @@ def installed(tmp_path_factory):
         pytest.skip("setuptools not installed: cannot build the wheel offline")
     root = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO), "-w", str(root / "dist")],
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO), "-w",
+          str(root / "dist")],
          cwd=root, env=env)
     (wheel,) = (root / "dist").glob("shift_edit-*.whl")
     target = root / "site"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], cwd=root, env=env)
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], cwd=root,
+         env=env)
     empty = root / "empty"
     empty.mkdir()
     env["PYTHONPATH"] = str(target)
@@ -49,7 +51,9 @@ def test_wheel_ships_every_hparams_file(installed):
 
     wheel, target, _empty, _env = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    repo = {f"shift_edit/_hparams/{p.relative_to(REPO / 'hparams').as_posix()}" for p in (REPO / "hparams").rglob("*.yaml")}
+    repo = {
+        f"shift_edit/_hparams/{p.relative_to(REPO / 'hparams').as_posix()}" for p in (REPO / "hparams").rglob("*.yaml")
+    }
     assert repo and repo <= names
     assert (target / "shift_edit" / "_hparams" / "SHIFT" / "smollm2-135m.yaml").is_file()
 
@@ -59,11 +63,23 @@ def _records(n: int) -> list[dict]:
     facts = [("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
              ("Toko Yasuda", "{} plays the", "piano", "guitar"),
              ("Apple A5", "{} is created by", "Google", "Apple")]
-    return [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P0",
-                                                 "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": old, "id": "Q2"}},
-             "paraphrase_prompts": [f"In short, {p.format(s)}"], "neighborhood_prompts": [p.format("someone else")],
-             "attribute_prompts": [], "generation_prompts": [f"{s} is"]}
-            for i, (s, p, new, old) in enumerate(facts[:n])]
+    return [
+        {
+            "case_id": i,
+            "requested_rewrite": {
+                "prompt": p,
+                "subject": s,
+                "relation_id": "P0",
+                "target_new": {"str": new, "id": "Q1"},
+                "target_true": {"str": old, "id": "Q2"},
+            },
+            "paraphrase_prompts": [f"In short, {p.format(s)}"],
+            "neighborhood_prompts": [p.format("someone else")],
+            "attribute_prompts": [],
+            "generation_prompts": [f"{s} is"],
+        }
+        for i, (s, p, new, old) in enumerate(facts[:n])
+    ]
 
 
 def test_installed_wheel_edits_and_benches_from_an_empty_folder(installed, smollm2, tmp_path):
@@ -71,7 +87,7 @@ def test_installed_wheel_edits_and_benches_from_an_empty_folder(installed, smoll
     data_dir = tmp_path / "data"  # found through $SHIFT_EDIT_DATA by its data set name, as a user's folder would be
     data_dir.mkdir()
     (data_dir / "counterfact-original-format-subset837.json").write_text(json.dumps(_records(3)))
-    probe = _run([sys.executable, "-c", "import shift_edit, shift_edit.resources as r; "
+    probe = _run([sys.executable, "-c", "import shift_edit, shift_edit.core.shipped_hparams as r; "
                   "print(shift_edit.__file__); print(r.shipped_hparams('SHIFT', 'smollm2-135m'))"], cwd=empty, env=env)
     module, hparams = probe.stdout.split()
     assert Path(module).is_relative_to(target) and Path(hparams).is_relative_to(target), probe.stdout

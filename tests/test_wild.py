@@ -11,13 +11,12 @@ from _tiny import tiny_model
 from test_bench import _metrics, _run, easyedit_record, rome_record, write
 
 import shift_edit as se
-from shift_edit.bench import data as bdata
+from shift_edit.bench import counterfact as bdata
 from shift_edit.bench import wild as bw
+from shift_edit.bench.bench_config import BenchConfig
 from shift_edit.bench.generation import GenerationGroup
-from shift_edit.bench.runner import BenchConfig
 from shift_edit.bench.summarize import summarize_run, to_csv, to_markdown
-from shift_edit.requests import encode_prompt
-
+from shift_edit.core.requests import encode_prompt
 
 # ----------------------------------------------------------------------------- the success rule by hand
 
@@ -105,8 +104,11 @@ def test_greedy_decoder_with_each_records_edit_on_its_rows(byte_tok):
 
     model = tiny_model("llama")
     hp = se.ShiftHyperParams(layers=[1], eta=40.0, skip_if_predicted=False)
-    delta = se.get_algorithm("SHIFT").compute(model, byte_tok, [se.make_request({"prompt": "ab plays", "target_new": "Paris"})],
-                                              hp).deltas
+    delta = (
+        se.get_algorithm("SHIFT")
+        .compute(model, byte_tok, [se.make_request({"prompt": "ab plays", "target_new": "Paris"})], hp)
+        .deltas
+    )
     groups = [GenerationGroup(["ab plays", "xy"], 0, delta), GenerationGroup(["ab plays"], 0)]
     got = bw.greedy_continuations(model, byte_tok, groups, max_new_tokens=10)
     stop = bw._stop_ids(model, byte_tok)
@@ -143,11 +145,20 @@ def test_single_edit_runs_write_the_family(byte_tok, tmp_path):
             ids = bw.greedy_continuations(model, byte_tok, [GenerationGroup(spec.flat, 0)], max_new_tokens=6)[0]
         finally:
             res.undo()
-        assert [t for g in spec.prompts for t in w["texts"][g]] == [byte_tok.decode(r, skip_special_tokens=True) for r in ids]
-        assert {k: v for k, v in w.items() if k.endswith("_success")} == \
-            {k: v for k, v in bw.wild_metrics(spec, [byte_tok.decode(r, skip_special_tokens=True) for r in ids]).items() if k.endswith("_success")}
+        assert [t for g in spec.prompts for t in w["texts"][g]] == [
+            byte_tok.decode(r, skip_special_tokens=True) for r in ids
+        ]
+        assert {k: v for k, v in w.items() if k.endswith("_success")} == {
+            k: v
+            for k, v in bw.wild_metrics(spec, [byte_tok.decode(r, skip_special_tokens=True) for r in ids]).items()
+            if k.endswith("_success")
+        }
     s = summarize_run(run)
-    for col, group in (("gen_efficacy", "rewrite"), ("gen_paraphrase", "paraphrase"), ("gen_neighborhood", "neighborhood")):
+    for col, group in (
+        ("gen_efficacy", "rewrite"),
+        ("gen_paraphrase", "paraphrase"),
+        ("gen_neighborhood", "neighborhood"),
+    ):
         vals = [100 * m["wild"][f"{group}_success"] for m in metrics.values() if f"{group}_success" in m["wild"]]
         assert s["metrics"][col]["mean"] == pytest.approx(sum(vals) / len(vals)) and s["metrics"][col]["n"] == len(vals)
     assert s["metrics"]["gen_rephrase"]["n"] == 1 and s["metrics"]["gen_paraphrase"]["n"] == 3

@@ -3,7 +3,8 @@
 ``v_retry_steps`` only acts on a request whose prompt is not strict top-1 with the neuron in place (``info.top1``
 false): every other request is computed exactly as without it (the fit loop stops after the first fit when the
 check passes). So the 300-record numbers of the hparams with the option are those of the first run, with the failed
-records' case files replaced by the second run's. Both runs score every record alike (one edit at a time, undone before the next); the second run has no
+records' case files replaced by the second run's. Both runs score every record alike (one edit at a time, undone before
+the next); the second run has no
 n-gram generation and no perplexity (none of the replaced records is at a perplexity position), so those two
 columns keep the first run's values. Prints the per-family means (x100) of both and the records replaced.
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.bench.data import load_counterfact
+from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.metrics import metrics_from_scores, score_case
-from shift_edit.registry import load_hparams
+from shift_edit.core.registry import load_hparams
 
 
 def tuning_case_ids(data: Path) -> list[int]:

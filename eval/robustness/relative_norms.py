@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.editor import load_hparams
+from shift_edit.compat.easyedit_editor import load_hparams
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "counterfact-original-format-subset837.json"
@@ -65,7 +65,8 @@ def main() -> None:
             emit(f"batch{a.batch}", alg, res)
             res.undo()
     for key, vals in out.items():
-        print(f"# {key}: n={len(vals)} max={max(vals):.4g} median={sorted(vals)[len(vals)//2]:.4g}", file=sys.stderr, flush=True)
+        print(f"# {key}: n={len(vals)} max={max(vals):.4g} median={sorted(vals)[len(vals)//2]:.4g}", file=sys.stderr,
+              flush=True)
 
 
 if __name__ == "__main__":

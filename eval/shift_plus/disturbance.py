@@ -18,7 +18,8 @@ Measured here, per layer, on the first ``--n`` records of the 837-record Counter
 - ``bound``: ``push² / maha`` relative to ``E‖FF2 output‖² = tr(W C Wᵀ)`` (the "energy" of the layer's output);
 - the real edits: ``tr(Δ C Δᵀ) / tr(W C Wᵀ)`` of SHIFT, SHIFT_PLUS and ROME deltas on the same records.
 
-    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/disturbance.py --n 20 --out eval/reports/shift_plus/disturbance.json
+    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/disturbance.py --n 20 \\
+        --out eval/reports/shift_plus/disturbance.json
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.architectures import ModelAdapter
-from shift_edit.covariance import layer_stats
-from shift_edit.hooks import capture_inputs
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.requests import encode_prompt, encode_target, make_request
-from shift_edit.studies.data import load_records
+from shift_edit.core.requests import encode_prompt, encode_target, make_request
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import capture_inputs
+from shift_edit.studies.counterfact_records import load_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from value_probes import norm_needed  # noqa: E402
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20, help="records (first n of the 837-record file)")
     ap.add_argument("--layers", default="5,11,17,20,23,26,29")
-    ap.add_argument("--edits", default="SHIFT,SHIFT_PLUS,ROME=eval/reports/sequential/hparams/ROME-smollm2-135m-stats50k.yaml",
+    ap.add_argument("--edits",
+                    default="SHIFT,SHIFT_PLUS,ROME=eval/reports/sequential/hparams/ROME-smollm2-135m-stats50k.yaml",
                     help="real edits whose disturbance is measured (ALG or ALG=hparams file)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
@@ -61,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     adapter = ModelAdapter(model)
     stats = layer_stats(model, tok, layers, n_tokens=50_000, max_length=128, progress=False)
     c = {L: stats[L].mom2.double() for L in layers}
-    c_inv = {L: torch.linalg.inv(c[L] + 1e-6 * float(torch.diagonal(c[L]).mean()) * torch.eye(c[L].shape[0], dtype=torch.float64))
-             for L in layers}
+    c_inv = {
+        L: torch.linalg.inv(
+            c[L] + 1e-6 * float(torch.diagonal(c[L]).mean()) * torch.eye(c[L].shape[0], dtype=torch.float64)
+        )
+        for L in layers
+    }
     energy = {}
     for L in layers:
         ff2 = adapter.module(adapter.ff2_name(L))
@@ -100,14 +106,17 @@ def main(argv: list[str] | None = None) -> int:
                      "bound_relative_median": statistics.median(bound) if bound else None,
                      "bound_absolute_median": statistics.median(b * energy[L] for b in bound) if bound else None,
                      "per_record": d})
-        print(f"layer {L:2d}: k'C^-1k last {rows[-1]['maha_last_median']:8.0f}  subject {rows[-1]['maha_subject_median']:8.0f}"
+        print(f"layer {L:2d}: k'C^-1k last {rows[-1]['maha_last_median']:8.0f}  subject "
+              f"{rows[-1]['maha_subject_median']:8.0f}"
               f"  push (margin 2) {rows[-1]['push_median']:7.1f} (reached {100 * rows[-1]['push_reached']:.0f}%)"
               f"  tr(WCW') {energy[L]:8.1f}  bound s^2/(k'C^-1k)/tr(WCW') {rows[-1]['bound_relative_median']}",
               flush=True)
     edits = {}
     for spec in args.edits.split(","):
         alg, eq, file = spec.partition("=")
-        hp = se.load_hparams(REPO / file if eq else REPO / "hparams" / alg / "smollm2-135m.yaml").replace(skip_if_predicted=False)
+        hp = se.load_hparams(REPO / file if eq else REPO / "hparams" / alg / "smollm2-135m.yaml").replace(
+            skip_if_predicted=False
+        )
         vals, absolute = [], []
         for rec in records:
             res = se.edit(model, tok, rec, hp)
@@ -121,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             res.undo()
         edits[alg] = {"hparams": hp.to_dict(), "relative_disturbance": vals, "disturbance": absolute,
                       "relative_disturbance_median": statistics.median(vals)}
-        print(f"{alg}: tr(dW C dW') / tr(W C W') median {statistics.median(vals):.4g} over {len(vals)} edits", flush=True)
+        print(f"{alg}: tr(dW C dW') / tr(W C W') median {statistics.median(vals):.4g} over {len(vals)} edits",
+              flush=True)
     atomic_write_json(Path(args.out), {
         "what": __doc__, "records": f"first {len(records)} of the 837-record CounterFact file",
         "statistics": "50,000 WikiText-2 test tokens, lines cut at 128 tokens", "layers": rows, "edits": edits,

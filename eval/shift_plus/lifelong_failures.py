@@ -27,15 +27,15 @@ from pathlib import Path
 
 import torch
 
-from shift_edit.algorithms.shift_neuron import memory_used, mlp_of
-from shift_edit.architectures import ModelAdapter
-from shift_edit.bench.data import load_counterfact
-from shift_edit.bench.sequential import _load_state
-from shift_edit.errors import ShiftEditError
-from shift_edit.hooks import capture_inputs
-from shift_edit.io import model_fingerprint
-from shift_edit.loading import load_model
-from shift_edit.requests import encode_prompt, encode_target
+from shift_edit.algorithms.shift.shift_neuron import memory_used, mlp_of
+from shift_edit.bench.counterfact import load_counterfact
+from shift_edit.bench.seq_state import load_state
+from shift_edit.core.errors import ShiftEditError
+from shift_edit.core.requests import encode_prompt, encode_target
+from shift_edit.files.io import model_fingerprint
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.hooks import capture_inputs
+from shift_edit.model.loading import load_model
 
 #: an activation above this is a neuron firing (the designed activation at an edit is 8)
 FIRES = 0.5
@@ -58,7 +58,7 @@ def failures(run: Path, t: int) -> dict:
     params = json.loads((run / "params.json").read_text())
     hp = params["match"]["hparams"]
     model, tok = load_model(params["match"]["model"]["name"])
-    loaded = _load_state(run / "state", model, model_fingerprint(model))
+    loaded = load_state(run / "state", model, model_fingerprint(model))
     if loaded is None or loaded[0].n_edits != t:
         raise ShiftEditError(f"{run}/state does not hold the state after {t} edits")
     memory = loaded[1]

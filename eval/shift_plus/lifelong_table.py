@@ -28,7 +28,8 @@ def rows(name: str, run: Path) -> list[str]:
         def f(key: str, src: dict) -> str:
             return f"{src[key]['mean']:.1f}" if key in src else "-"
 
-        out.append(f"| {name} | {c['checkpoint']} | {f('efficacy_top1', m)} | {f('ES', m)} / {f('RS', m)} / {f('NS', m)} "
+        out.append(f"| {name} | {c['checkpoint']} | {f('efficacy_top1', m)} | {f('ES', m)} / {f('RS', m)} / "
+                   f"{f('NS', m)} "
                    f"({f('NS', u)}) | {c['wikitext_ppl']:.2f} ({c['unedited_wikitext_ppl']:.2f}) | "
                    f"{refused(c.get('refused_edits'))} |")
     return out

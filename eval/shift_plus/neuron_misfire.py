@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.architectures import ModelAdapter
-from shift_edit.bench.sequential import _load_state
+from shift_edit.bench.seq_state import load_state
 from shift_edit.bench.wikitext import read_wikitext_lines
-from shift_edit.covariance import layer_stats
-from shift_edit.data import find_data
-from shift_edit.deltas import restore_weights
-from shift_edit.hooks import capture_inputs
-from shift_edit.io import model_fingerprint
-from shift_edit.requests import encode_prompt
+from shift_edit.core.deltas import restore_weights
+from shift_edit.core.requests import encode_prompt
+from shift_edit.files.data_files import find_data
+from shift_edit.files.io import model_fingerprint
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import capture_inputs
 
 
 def line_nll(model, tok, lines: list[str]) -> list[torch.Tensor]:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     state = Path(args.state)
     model, tok = se.load_model("smollm2-135m")
-    loaded = _load_state(state, model, model_fingerprint(model))  # verified; loads the edited weights into model
+    loaded = load_state(state, model, model_fingerprint(model))  # verified; loads the edited weights into model
     if loaded is None:
         raise SystemExit(f"{state} holds no saved state")
     _, mem, originals = loaded
@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         gate = weights[f"{adapter.ff1_names(layer)[0]}.weight"].double()[neurons]
         spread, mean = (gate @ sigma * gate).sum(1).sqrt(), gate @ mu
         q = max(len(neurons) // 4, 1)
-        quarters = [round(float(spread[i * q:(i + 1) * q].median()), 2) for i in range(4) if len(spread[i * q:(i + 1) * q])]
-        print(f"layer {layer}: {len(neurons)} rewritten neurons; line 0: at most {int(firing.max())} fire at one position, "
-              f"{int((firing > 0).sum())} of {len(firing)} positions have one; gate pre-activation on generic text: mean "
+        quarters = [round(float(spread[i * q:(i + 1) * q].median()),
+                          2) for i in range(4) if len(spread[i * q:(i + 1) * q])]
+        print(f"layer {layer}: {len(neurons)} rewritten neurons; line 0: at most {int(firing.max())} fire at one "
+              f"position, "
+              f"{int((firing > 0).sum())} of {len(firing)} positions have one; gate pre-activation on generic text: "
+              f"mean "
               f"{float(mean.median()):.1f}, spread by quarter of the edits {quarters}, threshold "
               f"{float((-mean / spread).median()):.1f} spreads below the mean")
     return 0

@@ -9,10 +9,12 @@ activation ``SiLU(α z) · z`` is ~0 for ``z < 0`` and grows as ``z²`` above, s
 
 Measured at one layer on the first ``--n`` records of the 837-record file, against ``--tokens`` WikiText-2
 tokens (mean ``μ`` and covariance ``Σ`` of ``h``): least ``wᵀ(Σ + w_c Σ_c h̃_c h̃_cᵀ)w`` with ``wᵀ(h_e - μ) = 1`` and
-``wᵀμ = 0``, the template filled with the 16 contrastive subjects (``h̃_c = h_c - μ``, weight ``w_c`` = ``--contrast-weight``
+``wᵀμ = 0``, the template filled with the 16 contrastive subjects (``h̃_c = h_c - μ``, weight ``w_c`` =
+``--contrast-weight``
 relative to the per-token moment, as SHIFT_PLUS weighs its contrastive keys), ``α`` such that ``α z_e = 10``.
 Beside each number, the same for SHIFT_PLUS's linear key on FF2's input (``u ∝ A⁻¹k``, ``A = C + w_c Σ k_c k_cᵀ``,
-``uᵀk_e = 1``): its generic cost ``uᵀCu`` and the share ``uᵀk`` a paraphrase / neighbour receives. Reported per record (medians):
+``uᵀk_e = 1``): its generic cost ``uᵀCu`` and the share ``uᵀk`` a paraphrase / neighbour receives. Reported per record
+(medians):
 
 - ``generic``: ``E[a(h)²] / a_e²`` over the WikiText tokens (those tokens are also the ones ``μ, Σ`` came
   from: an optimistic estimate), beside the linear bound ``1 / kᵀC⁻¹k`` from the cached FF2 statistics;
@@ -20,7 +22,8 @@ Beside each number, the same for SHIFT_PLUS's linear key on FF2's input (``u ∝
   would receive: paraphrases should get ~1, neighbours ~0);
 - the cheapest neuron to give up: ``min_j E[x_j²] ‖W_down[:, j]‖²`` over ``tr(W C Wᵀ)``.
 
-    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/neuron_probe.py --n 20 --out eval/reports/shift_plus/neuron_probe.json
+    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/neuron_probe.py --n 20 \\
+        --out eval/reports/shift_plus/neuron_probe.json
 """
 
 from __future__ import annotations
@@ -33,18 +36,17 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.shift_plus import CONTRAST_SUBJECTS
-from shift_edit.architectures import ModelAdapter
-from shift_edit.bench.data import load_counterfact
+from shift_edit.algorithms.shift.push import CONTRAST_SUBJECTS
+from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import read_wikitext_lines
-from shift_edit.covariance import layer_stats
-from shift_edit.hooks import capture_inputs
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.requests import encode_prompt
+from shift_edit.core.requests import encode_prompt
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import capture_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from neuron_prototype import generic_inputs, neuron_key  # noqa: E402
-
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -123,20 +125,30 @@ def main(argv: list[str] | None = None) -> int:
             })
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     summary = {
-        "layer": L, "records": len(rows), "generic_tokens": len(hg),
+        "layer": L,
+        "records": len(rows),
+        "generic_tokens": len(hg),
         "generic_cost_median": med([r["generic"] for r in rows]),
         "linear_bound_median": med([r["linear_bound"] for r in rows]),
         "linear_cost_median": med([r["linear_cost"] for r in rows]),
         "ratio_linear_cost_over_neuron_median": med([r["linear_cost"] / r["generic"] for r in rows]),
         "generic_max_median": med([r["generic_max"] for r in rows]),
         "paraphrase_share_median": med([x for r in rows for x in r["paraphrase"]]),
-        "paraphrase_share_over_half": 100 * sum(x > 0.5 for r in rows for x in r["paraphrase"]) / max(1, sum(len(r["paraphrase"]) for r in rows)),
+        "paraphrase_share_over_half": 100
+        * sum(x > 0.5 for r in rows for x in r["paraphrase"])
+        / max(1, sum(len(r["paraphrase"]) for r in rows)),
         "neighborhood_share_median": med([x for r in rows for x in r["neighborhood"]]),
-        "neighborhood_share_over_half": 100 * sum(x > 0.5 for r in rows for x in r["neighborhood"]) / max(1, sum(len(r["neighborhood"]) for r in rows)),
+        "neighborhood_share_over_half": 100
+        * sum(x > 0.5 for r in rows for x in r["neighborhood"])
+        / max(1, sum(len(r["neighborhood"]) for r in rows)),
         "linear_paraphrase_share_median": med([x for r in rows for x in r["linear_paraphrase"]]),
-        "linear_paraphrase_share_over_half": 100 * sum(x > 0.5 for r in rows for x in r["linear_paraphrase"]) / max(1, sum(len(r["linear_paraphrase"]) for r in rows)),
+        "linear_paraphrase_share_over_half": 100
+        * sum(x > 0.5 for r in rows for x in r["linear_paraphrase"])
+        / max(1, sum(len(r["linear_paraphrase"]) for r in rows)),
         "linear_neighborhood_share_median": med([x for r in rows for x in r["linear_neighborhood"]]),
-        "linear_neighborhood_share_over_half": 100 * sum(x > 0.5 for r in rows for x in r["linear_neighborhood"]) / max(1, sum(len(r["linear_neighborhood"]) for r in rows)),
+        "linear_neighborhood_share_over_half": 100
+        * sum(x > 0.5 for r in rows for x in r["linear_neighborhood"])
+        / max(1, sum(len(r["linear_neighborhood"]) for r in rows)),
         "cheapest_neuron_cost": float(neuron_cost.min()),
         "neuron_cost_1000th": float(neuron_cost.sort().values[min(999, len(neuron_cost) - 1)]),
     }

@@ -41,16 +41,16 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.shift_plus import _margins, build_batch, search_push
-from shift_edit.architectures import ModelAdapter
-from shift_edit.bench.data import load_counterfact
+from shift_edit.algorithms.shift.push import build_batch, margins, search_push
+from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
-from shift_edit.covariance import layer_stats
-from shift_edit.hooks import capture_inputs, owned_hooks
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.requests import encode_prompt, encode_target
-from shift_edit.resume import record_block_inputs, resume_at
-from shift_edit.scoring import pad_batch, pad_id_of
+from shift_edit.core.requests import encode_prompt, encode_target
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.covariance import layer_stats
+from shift_edit.model.hooks import capture_inputs, owned_hooks
+from shift_edit.model.resume import record_block_inputs, resume_at
+from shift_edit.model.scoring import pad_batch, pad_id_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sequential import group_metrics, hold_rate  # noqa: E402
@@ -152,7 +152,7 @@ def edit_one(model, tok, adapter, req, layer: int, mu, sigma, order: list[int], 
             hooks.forward_hook(down, hook)
             lg = model(input_ids=ids[:1].repeat(len(scales), 1), attention_mask=mask[:1].repeat(len(scales), 1),
                        use_cache=False).logits
-        return _margins(lg, positions[:1], target, list(range(len(scales))))
+        return margins(lg, positions[:1], target, list(range(len(scales))))
 
     hi, search = search_push(lambda grid: margin_rows(grid.float()) >= hp["margin"], hp["max_push"], 12, 2)
     passes = 1 + search
@@ -220,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     c, cost, order = per_layer[L]["c"], per_layer[L]["cost"], per_layer[L]["order"]
     if args.remove_only:  # is giving up the neurons what costs perplexity?
         down = adapter.module(adapter.ff2_name(L))
-        orig, energy = down.weight.detach().clone(), float(torch.trace(down.weight.double() @ c @ down.weight.double().T))
+        orig, energy = (
+            down.weight.detach().clone(),
+            float(torch.trace(down.weight.double() @ c @ down.weight.double().T)),
+        )
         removed = []
         for n in (int(x) for x in args.remove_only.split(",")):
             with torch.no_grad():

@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.architectures import ModelAdapter
-from shift_edit.bench.data import load_counterfact
+from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.wikitext import read_wikitext_lines
-from shift_edit.data import find_data
-from shift_edit.hooks import capture_inputs
-from shift_edit.io import atomic_write_json
-from shift_edit.registry import get_algorithm, load_hparams
-from shift_edit.requests import encode_prompt
+from shift_edit.core.registry import get_algorithm, load_hparams
+from shift_edit.core.requests import encode_prompt
+from shift_edit.files.data_files import find_data
+from shift_edit.files.io import atomic_write_json
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.hooks import capture_inputs
 
 HPARAMS = Path(__file__).resolve().parents[2] / "hparams" / "SHIFT_NEURON" / "smollm2-135m.yaml"
 
@@ -139,18 +139,27 @@ def main(argv: list[str] | None = None) -> int:
                             bucket += (act(last) / hp.activation).tolist()
         med = lambda v: round(statistics.median(v), 3) if v else None  # noqa: E731
         row = {
-            "override": json.loads(js or "{}"), "edits": len(reached), "neurons": n_neurons,
+            "override": json.loads(js or "{}"),
+            "edits": len(reached),
+            "neurons": n_neurons,
             "reached_margin": round(100 * sum(reached) / max(len(reached), 1), 1),
-            "threshold_median": med(betas), "spreads_median": med(spreads), "spreads_min": min(spreads, default=None),
-            "gate_row_norm_over_matrix_median": med(norms), "gate_row_norm_over_matrix_max": round(max(norms, default=0), 3),
+            "threshold_median": med(betas),
+            "spreads_median": med(spreads),
+            "spreads_min": min(spreads, default=None),
+            "gate_row_norm_over_matrix_median": med(norms),
+            "gate_row_norm_over_matrix_max": round(max(norms, default=0), 3),
             "heldout_tokens": len(generic),
             "fires_per_1k_tokens": round(1000 * fires / len(generic), 3),
             "push_energy_per_token_mean": round(float(energy.mean()), 2),
             "push_energy_per_token_max": round(float(energy.max()), 1),
-            "push_energy_share_at_position_0": round(float(energy[position == 0].sum() / energy.sum().clamp_min(1e-30)), 3),
+            "push_energy_share_at_position_0": round(
+                float(energy[position == 0].sum() / energy.sum().clamp_min(1e-30)), 3
+            ),
             "push_energy_per_token_mean_after_position_0": round(float(energy[position > 0].mean()), 2),
-            "paraphrase_share_median": med(para), "paraphrase_fires": round(100 * sum(x > 0.5 for x in para) / max(len(para), 1), 1),
-            "neighbour_share_median": med(nbr), "neighbour_fires": round(100 * sum(x > 0.5 for x in nbr) / max(len(nbr), 1), 1),
+            "paraphrase_share_median": med(para),
+            "paraphrase_fires": round(100 * sum(x > 0.5 for x in para) / max(len(para), 1), 1),
+            "neighbour_share_median": med(nbr),
+            "neighbour_fires": round(100 * sum(x > 0.5 for x in nbr) / max(len(nbr), 1), 1),
         }
         results[name] = row
         print(name, json.dumps(row), flush=True)

@@ -8,7 +8,8 @@ Rows tagged with a ``curve`` (``sweep.py --curve``) are drawn as one line each; 
 SHIFT's push (eta) sweep at one layer from a ``shift-edit summarize`` file, one line.
 
 Reference points (ROME, SHIFT, unedited) are the 300-record numbers measured in this repository
-(README, "ROME and MEMIT beside the shift"; SHIFT_PLUS from `bench300/`, SHIFT_NEURON from `bench300_shift_neuron/`): a different record count from the sweep rows, drawn
+(README, "ROME and MEMIT beside the shift"; SHIFT_PLUS from `bench300/`, SHIFT_NEURON from `bench300_shift_neuron/`): a
+different record count from the sweep rows, drawn
 hollow and labelled so.
 """
 
@@ -19,11 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-#: measured here, SmolLM2-135M, first 300 records (README table; one SHIFT_PLUS point: 100): strict top-1 efficacy, ROME NS
+#: measured here, SmolLM2-135M, first 300 records (README table; one SHIFT_PLUS point: 100): strict top-1 efficacy,
+#: ROME NS
 REFERENCE_300 = {"ROME, layer 5 (N=300)": (99.0, 70.2), "SHIFT, layer 26, push 60 (N=300)": (68.0, 36.1),
                  "MEMIT, layers 2-6 (N=300)": (90.0, 73.3), "unedited (N=300)": (0.7, 74.5),
                  "SHIFT_PLUS, shipped (N=300)": (95.0, 55.1),
-                 "SHIFT_PLUS, lifelong hparams (N=100)": (98.0, 60.2),  # eval/reports/shift_plus/lifelong_single100.jsonl
+                 "SHIFT_PLUS, lifelong hparams (N=100)": (98.0,
+                                                          60.2),  # eval/reports/shift_plus/lifelong_single100.jsonl
                  "SHIFT_NEURON, shipped (N=300)": (98.3, 71.7)}  # eval/reports/shift_plus/bench300_shift_neuron/
 
 COLUMNS = [("efficacy_top1", "eff"), ("paraphrase_top1", "para"), ("neighborhood_top1", "nbr"),
@@ -45,7 +48,9 @@ def table(rows: list[dict]) -> str:
         cells = []
         for k, _ in COLUMNS:
             v = r.get(k)
-            cells.append("" if v is None else (f"{v:.3f}" if k in ("ppl_ratio_median", "neighborhood_kl") else f"{v:.1f}"))
+            cells.append(
+                "" if v is None else (f"{v:.3f}" if k in ("ppl_ratio_median", "neighborhood_kl") else f"{v:.1f}")
+            )
         out.append(f"| {r['name']} `{json.dumps(r['override'])}` | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -83,12 +88,16 @@ def plot(rows: list[dict], path: str, sweeps: dict[str, list[dict]] | None = Non
         for p in pts:
             tag = p.get("eta") or (p.get("override") or {}).get("margin")
             if tag is not None:
-                ax.annotate(str(tag), (p["NS"], p["efficacy_top1"]), xytext=(3, 3), textcoords="offset points", fontsize=6)
+                ax.annotate(str(tag), (p["NS"], p["efficacy_top1"]), xytext=(3, 3), textcoords="offset points",
+                            fontsize=6)
     for name, (eff, ns) in REFERENCE_300.items():
         ax.scatter(ns, eff, facecolors="none", edgecolors="tab:red")
         # the two SHIFT_PLUS points sit close to each other and to ROME's: their labels go left-above / right-below
-        offset, ha = {"lifelong": ((-6, 4), "right"), "shipped": ((0, -14), "center"), "NEURON": ((-2, -30), "right")}.get(
-            next((k for k in ("NEURON", "lifelong", "shipped") if k in name), ""), ((2, 2), "left"))
+        offset, ha = {
+            "lifelong": ((-6, 4), "right"),
+            "shipped": ((0, -14), "center"),
+            "NEURON": ((-2, -30), "right"),
+        }.get(next((k for k in ("NEURON", "lifelong", "shipped") if k in name), ""), ((2, 2), "left"))
         ax.annotate(name, (ns, eff), fontsize=7, color="tab:red", xytext=offset, textcoords="offset points", ha=ha)
     ax.set_xlabel("neighborhood success NS (ROME family), %")
     ax.set_ylabel("efficacy, strict top-1 (MEMIT family), %")

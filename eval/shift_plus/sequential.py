@@ -22,20 +22,22 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.architectures import ModelAdapter
-from shift_edit.bench.data import load_counterfact
+from shift_edit.bench.counterfact import load_counterfact
 from shift_edit.bench.metrics import CaseScorer, metrics_from_scores
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
-from shift_edit.io import atomic_write_json
-from shift_edit.memory import EditMemory
-from shift_edit.scoring import pad_id_of, score_token_continuations
-from shift_edit.requests import encode_prompt, encode_target
+from shift_edit.core.memory import EditMemory
+from shift_edit.core.requests import encode_prompt, encode_target
+from shift_edit.files.io import atomic_write_json
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.scoring import pad_id_of, score_token_continuations
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def hold_rate(model, tok, cases) -> float:
-    pairs = [(encode_prompt(tok, c.request.text), encode_target(tok, c.request.text, c.request.target_new)) for c in cases]
+    pairs = [
+        (encode_prompt(tok, c.request.text), encode_target(tok, c.request.text, c.request.target_new)) for c in cases
+    ]
     scores = score_token_continuations(model, pairs, pad_id=pad_id_of(tok), batch_size=64)
     return 100 * sum(s.all_correct for s in scores) / len(scores)
 
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--data", default="counterfact-easyedit-edit.json")
-    ap.add_argument("--hparams", default=str(Path(__file__).resolve().parents[2] / "hparams" / "SHIFT_PLUS" / "smollm2-135m.yaml"))
+    ap.add_argument("--hparams",
+                    default=str(Path(__file__).resolve().parents[2] / "hparams" / "SHIFT_PLUS" / "smollm2-135m.yaml"))
     ap.add_argument("--override", default="{}", help="JSON of hparams fields to override")
     ap.add_argument("--checkpoints", default="10,50,100,250,500,1000")
     ap.add_argument("--eval-records", type=int, default=50)
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             atomic_write_json(Path(args.out), {
-                "protocol": f"SmolLM2-135M-Instruct, first {len(cases)} records of {args.data}, edits applied one after "
+                "protocol": f"SmolLM2-135M-Instruct, first {len(cases)} records of {args.data}, edits applied one "
+                f"after "
                             "another with shift_edit.edit(..., memory=EditMemory()), never undone. hold_top1: strict "
                             "top-1 (MEMIT family) of target_new on the rewrite prompt of every record edited so far. "
                             f"probe: both metric families on the first {len(probe)} records (only those already "

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.algorithms.shift_plus import ShiftPlusHyperParams
-from shift_edit.bench.data import load_counterfact
+from shift_edit.algorithms.shift.shift_plus import ShiftPlusHyperParams
+from shift_edit.bench.bench_config import BenchConfig
+from shift_edit.bench.counterfact import load_counterfact
+from shift_edit.bench.runner import RunState, evaluate_batch
 from shift_edit.bench.wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
-from shift_edit.bench.runner import BenchConfig, RunState, evaluate_batch
-from shift_edit.requests import encode_prompt
-from shift_edit.scoring import pad_batch, pad_id_of
+from shift_edit.core.requests import encode_prompt
+from shift_edit.model.scoring import pad_batch, pad_id_of
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 HPARAMS = Path(__file__).resolve().parents[2] / "hparams" / "SHIFT_PLUS" / "smollm2-135m.yaml"

@@ -10,7 +10,8 @@ model then predicts the new target (first token, logit margin over the runner-up
 - ``last_icl`` vs ``last_decoding``: at the last token, the in-context delta (scale 1) against ``D̂[t]`` with
   the same norm (margin > 0), and the norm each direction needs for margin >= 2.
 
-    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/value_probes.py --n 20 --out eval/reports/shift_plus/value_probes.json
+    SHIFT_EDIT_DATA=../shared/data python eval/shift_plus/value_probes.py --n 20 \\
+        --out eval/reports/shift_plus/value_probes.json
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
-from shift_edit.architectures import ModelAdapter
-from shift_edit.hooks import owned_hooks
-from shift_edit.io import atomic_write_json, provenance
-from shift_edit.requests import encode_prompt, encode_target, make_request
-from shift_edit.studies.data import load_records
+from shift_edit.core.requests import encode_prompt, encode_target, make_request
+from shift_edit.files.io import atomic_write_json, provenance
+from shift_edit.model.architectures import ModelAdapter
+from shift_edit.model.hooks import owned_hooks
+from shift_edit.studies.counterfact_records import load_records
 
 GRID = [10 * math.sqrt(2) ** i for i in range(19)]  # 10 .. 5120
 
@@ -119,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
                 out["last_decoding_norm_needed"][L].append(norm_needed(model, adapter, ids, L, -1, d_hat, t))
     pct = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
     summary = {"records": n, "in_context_prompt_top1": pct(out["icl_correct"]),
-               "subject_decoding_reached_margin2": {L: pct([math.isfinite(v) for v in vs]) for L, vs in out["subject_decoding"].items()},
-               "subject_icl_top1": {L: {s: pct([m > 0 for m in ms]) for s, ms in by.items()} for L, by in out["subject_icl"].items()},
+               "subject_decoding_reached_margin2": {L: pct([math.isfinite(v) for v in vs]) for L,
+                                                    vs in out["subject_decoding"].items()},
+               "subject_icl_top1": {L: {s: pct([m > 0 for m in ms]) for s, ms in by.items()} for L,
+                                    by in out["subject_icl"].items()},
                "last_icl_top1": {L: pct([m > 0 for m in ms]) for L, ms in out["last_icl_margin"].items()},
-               "last_decoding_same_norm_top1": {L: pct([m > 0 for m in ms]) for L, ms in out["last_decoding_margin"].items()},
+               "last_decoding_same_norm_top1": {L: pct([m > 0 for m in ms]) for L,
+                                                ms in out["last_decoding_margin"].items()},
                "last_icl_norm_needed_median": {L: statistics.median(v) for L, v in out["last_icl_norm_needed"].items()},
-               "last_decoding_norm_needed_median": {L: statistics.median(v) for L, v in out["last_decoding_norm_needed"].items()}}
+               "last_decoding_norm_needed_median": {L: statistics.median(v) for L,
+                                                    v in out["last_decoding_norm_needed"].items()}}
     for k, v in summary.items():
         print(f"{k}: {v}", flush=True)
     atomic_write_json(Path(args.out), {"what": __doc__, "summary": summary, "per_record": out,

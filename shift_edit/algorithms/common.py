@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..architectures import ModelAdapter
-from ..guard import DEFAULT_MAX_RELATIVE_NORM
-from ..hparams import HyperParams
-from ..requests import EditRequest, encode_prompt, encode_target
-from ..scoring import pad_id_of, score_token_continuations
+from ..core.deltas import DEFAULT_MAX_RELATIVE_NORM
+from ..core.hparams import HyperParams
+from ..core.requests import EditRequest, encode_prompt, encode_target
+from ..model.architectures import ModelAdapter
+from ..model.scoring import pad_id_of, score_token_continuations
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -27,7 +27,7 @@ class EditHyperParams(HyperParams):
         ff2_template / ff1_templates / final_norm: explicit module paths, for models
             whose type is not in the architecture table (``{}`` is the layer index).
         max_relative_norm: the edit guard's bound on ``||ΔW||_F / ||W||_F`` of each changed
-            matrix (:mod:`shift_edit.guard`); ``null`` for no bound. The default is far above
+            matrix (:mod:`shift_edit.core.guard`); ``null`` for no bound. The default is far above
             what the shipped hparams produce (eval/robustness/README.md).
     """
 

@@ -11,7 +11,7 @@
   averages each record's ``*_correct`` list. (Re-tokenising matters: on SmolLM2's tokenizer and the 1,037-record
   file, 32 of 14,387 prefixes and 51 target ids differ from plain teacher forcing on the answer's ids.)
 - ``zsre_top1``: strict whole-answer top-1 on the same pairs (every answer token the argmax).
-- ``easyedit`` (EasyEdit's ``compute_edit_quality`` via the facade's :mod:`shift_edit.easyedit`):
+- ``easyedit`` (EasyEdit's ``compute_edit_quality`` via the facade's :mod:`shift_edit.compat.easyedit_metrics`):
   ``rewrite_acc`` (KnowEdit's Edit Succ.), ``rephrase_acc``, per ``portability`` sub-key the token accuracy
   of its answer, per ``locality`` sub-key the fraction of argmax tokens equal to the unedited model's, and
   Fluency = n-gram entropy of a top-k sample after the prompt (the project's :func:`ngram_entropy`).
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import easyedit as ee
-from ..requests import encode_prompt
-from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
+from ..compat import easyedit_metrics as ee
+from ..core.requests import encode_prompt
+from ..model.scoring import ContinuationPlan, logits_at_positions, pad_id_of
 from .fact_columns import COLUMNS, EE_COLUMNS, flat_values  # noqa: F401  (re-exported)
 from .facts import FactCase
 
@@ -106,8 +106,10 @@ def easyedit_pre(model: nn.Module, tok, case: FactCase) -> dict[str, Any]:
 def easyedit_post(model: nn.Module, tok, case: FactCase, pre: Mapping[str, Any], *, fluency: bool = False,
                   seed: int = 0) -> dict[str, Any]:
     """The ``easyedit`` family of a record on the model as it is now, against its unedited ``pre``."""
-    metric = {"pre": dict(pre), "post": ee.compute_edit_quality(model, tok, case.ee_request, test_generation=fluency,
-                                                                 seed=seed)}
+    metric = {
+        "pre": dict(pre),
+        "post": ee.compute_edit_quality(model, tok, case.ee_request, test_generation=fluency, seed=seed),
+    }
     ee.finalize_locality(metric, case.ee_request)
     return summarize_easyedit(metric["post"])
 

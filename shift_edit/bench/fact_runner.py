@@ -16,20 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.common import adapter_for
-from ..editing import edit
-from ..errors import ShiftEditError
-from ..guard import EditRefusedError
-from ..hparams import HyperParams
-from ..io import atomic_write_json, provenance
+from ..core.editing import edit
+from ..core.errors import EditRefusedError
+from ..core.hparams import HyperParams
+from ..files.io import atomic_write_json
+from .bench_config import NO_EDIT
 from .claims import claimed
 from .fact_metrics import easyedit_post, easyedit_pre, families_for, zsre_pairs, zsre_scores
 from .facts import FactCase
-from .runner import NO_EDIT, case_path, choose_run_dir, finished, shard_env
+from .run_dirs import case_path, choose_run_dir, finished, start_run
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,8 @@ def evaluate_fact_batch(model: nn.Module, tok, cases: Sequence[FactCase], cfg: F
                 result = edit(model, tok, [c.request for c in cases], cfg.hparams)
             except EditRefusedError as err:
                 refused = str(err)
-                log.warning("cases %s: the edit guard refused the edit (not applied): %s", [c.case_id for c in cases], err)
+                log.warning("cases %s: the edit guard refused the edit (not applied): %s", [c.case_id for c in cases],
+                            err)
             t_edit = time.perf_counter() - te
         tm = time.perf_counter()
         metrics = _measure(model, tok, cases, cfg, pre)
@@ -100,7 +100,8 @@ def evaluate_fact_batch(model: nn.Module, tok, cases: Sequence[FactCase], cfg: F
         info: dict[str, Any] = {"applied": False, **({"refused": refused} if refused is not None else {})}
         if result is not None:
             info = {"applied": bool(result.deltas), "skipped": bool(result.skipped[i]),
-                    "deltas": list(result.summary(outcome=False)), "info": result.info[i] if i < len(result.info) else {}}
+                    "deltas": list(result.summary(outcome=False)),
+                    "info": result.info[i] if i < len(result.info) else {}}
             if len(cases) > 1:
                 info["batch"] = [c.case_id for c in cases]
         out.append({**case.to_dict(), "position": pos, "dataset": cfg.dataset, "edit": info, "metrics": m,
@@ -112,14 +113,10 @@ def run_fact_bench(model: nn.Module, tok, cases: Sequence[FactCase], cfg: FactBe
                    data_info: dict[str, Any], model_name: str, rank: int | None = None,
                    world_size: int | None = None, progress: bool = True) -> Path:
     """Run the benchmark over zsRE / KnowEdit ``cases`` into ``<out>/<ALG>/run_<NNN>/``; returns the run dir."""
-    if cfg.alg != NO_EDIT and cfg.hparams is None:
-        raise ShiftEditError(f"--alg {cfg.alg} needs hparams")
-    if rank is None or world_size is None:
-        rank, world_size = shard_env()
-    torch.manual_seed(cfg.seed)
-    prov = provenance(model)
+    rank, world_size, prov = start_run(cfg, model, rank, world_size)
     match = {"alg": cfg.alg, "hparams": cfg.hparams.to_dict() if cfg.hparams is not None else None,
-             "model": {"name": model_name, "fingerprint": prov["model"]["fingerprint"], "dtype": prov["model"]["dtype"]},
+             "model": {"name": model_name, "fingerprint": prov["model"]["fingerprint"],
+                       "dtype": prov["model"]["dtype"]},
              "seed": cfg.seed, "protocol": cfg.protocol(), "data_sha256": data_info.get("sha256")}
     params = {"match": match, "data": data_info, "provenance": prov,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

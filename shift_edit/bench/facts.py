@@ -5,10 +5,12 @@ Two formats, told apart by their fields (or named with ``--format``):
 - ``zsre``: MEND/ROME's zsRE (``src``, ``answers``, ``rephrase``, ``loc``, ``loc_ans``, ``subject``; the
   1,037-record file also has ``portability``). The edit is MEMIT's (``dsets/zsre.py``): the prompt ``src``,
   the subject, and the new object ``answers[0]`` (not ``alt``); it is scored in the ``zsre_token_acc`` family
-  (:mod:`.fact_metrics`). Records are read through the facade's :class:`~shift_edit.datasets.ZsreDataset`
+  (:mod:`.fact_metrics`). Records are read through the facade's
+  :class:`~shift_edit.compat.easyedit_datasets.ZsreDataset`
   checks (``loc`` starts with ``nq question:``), but records with an empty ``alt`` are kept, as MEMIT keeps them.
 - ``knowedit``: KnowEdit's files (ZsRE, WikiData-recent, WikiData-counterfact), read with the facade's
-  :class:`~shift_edit.datasets.KnowEditDataset`: ``subject``, ``prompt``, ``target_new``, ``ground_truth``,
+  :class:`~shift_edit.compat.easyedit_datasets.KnowEditDataset`: ``subject``, ``prompt``, ``target_new``,
+  ``ground_truth``,
   ``rephrase_prompt`` (ZsRE only), ``portability`` / ``locality`` sub-keys, each a list of
   ``{prompt, ground_truth}``; an answer given as a list of aliases (or a list of such lists) is scored on its
   first alias. Scored in the ``easyedit`` family through the facade's own request format.
@@ -21,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..datasets import KnowEditDataset, ZsreDataset
-from ..errors import ShiftEditError
-from ..records import read_json_records
-from ..requests import EditRequest, make_request
+from ..compat.easyedit_datasets import KnowEditDataset, ZsreDataset
+from ..core.errors import ShiftEditError
+from ..core.requests import EditRequest, make_request
+from ..files.json_records import read_json_records
 
-#: ``--data`` names of the data sets read here -> the name in :data:`shift_edit.data.DATA_FILES`
+#: ``--data`` names of the data sets read here -> the name in :data:`shift_edit.files.data_files.DATA_FILES`
 FACT_DATASETS = {"zsre": "zsre", "knowedit-zsre": "knowedit-zsre", "knowedit-recent": "knowedit-recent",
                  "knowedit-counterfact": "knowedit-counterfact"}
 FORMATS = ("counterfact", "zsre", "knowedit")
@@ -118,7 +120,9 @@ def _zsre_cases(path: Path, raw: list[Any]) -> list[FactCase]:
                     raise ShiftEditError(f"field {key!r} must be a non-empty string")
             req = make_request({"prompt": rec["src"], "subject": rec["subject"], "target_new": answer, "case_id": i})
         except (ShiftEditError, KeyError) as exc:
-            raise ShiftEditError(f"{where} (zsre): {exc if isinstance(exc, ShiftEditError) else f'no field {exc}'}") from None
+            raise ShiftEditError(
+                f"{where} (zsre): {exc if isinstance(exc, ShiftEditError) else f'no field {exc}'}"
+            ) from None
         out.append(FactCase(i, req, "zsre", zsre={"answer": answer, "rephrase": rec["rephrase"], "loc": rec["loc"],
                                                   "loc_ans": rec["loc_ans"]}))
     return out

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..hooks import owned_hooks
-from ..requests import encode_prompt
-from ..scoring import head_only_at, pad_batch, pad_id_of
+from ..core.requests import encode_prompt
+from ..model.hooks import head_only_at, owned_hooks
+from ..model.scoring import pad_batch, pad_id_of
 
 
 def word_tokens(text: str) -> list[str]:
@@ -85,7 +85,7 @@ def cache_keyword(model: nn.Module) -> str:
 @dataclass
 class GenerationGroup:
     """One record's generation: its prompts, its sampling seed, and the edit to apply to its
-    rows only (``deltas``: :class:`~shift_edit.deltas.WeightDelta` s; empty = the model as is)."""
+    rows only (``deltas``: :class:`~shift_edit.core.deltas.WeightDelta` s; empty = the model as is)."""
 
     prompts: list[str]
     seed: int

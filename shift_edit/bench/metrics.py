@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..requests import encode_prompt, encode_target
-from ..scoring import ContinuationPlan, ContinuationScore, logits_at_positions, pad_batch, pad_id_of
-from .data import CounterFactCase
+from ..core.requests import encode_prompt, encode_target
+from ..model.scoring import ContinuationPlan, ContinuationScore, logits_at_positions, pad_batch, pad_id_of
+from .counterfact import CounterFactCase
 
 if TYPE_CHECKING:
-    from ..resume import BlockRecorder, Resume
+    from ..model.resume import BlockRecorder, Resume
 
 #: prompt groups scored per record, with the object that counts as correct in top-1
 GROUPS = ("rewrite", "paraphrase", "rephrase", "neighborhood")
@@ -49,7 +49,7 @@ def case_prompts(case: CounterFactCase) -> dict[str, tuple[str, ...]]:
     return {k: v for k, v in groups.items() if v}
 
 
-def _targets(case: CounterFactCase, group: str) -> tuple[str, str]:
+def target_pair(case: CounterFactCase, group: str) -> tuple[str, str]:
     """(new, true) objects for a prompt group."""
     if group == "neighborhood":
         return case.request.target_new, case.neighborhood_true
@@ -67,7 +67,7 @@ class _Part:
 
 class CaseScorer:
     """A record's forward passes, planned once: every (prompt, new) and (prompt, true) pair,
-    with shared prefixes read off one pass (:class:`~shift_edit.scoring.ContinuationPlan`).
+    with shared prefixes read off one pass (:class:`~shift_edit.model.scoring.ContinuationPlan`).
 
     Two parts are planned separately: ``near`` (neighborhood prompts, whose unedited
     next-token distribution the KL needs in full) and ``edit`` (rewrite, paraphrase and
@@ -82,7 +82,7 @@ class CaseScorer:
         self.parts = {name: _Part([], []) for name in self.PARTS}
         for group, prompts in case_prompts(case).items():
             part = self.parts["near" if group == "neighborhood" else "edit"]
-            new, true = _targets(case, group)
+            new, true = target_pair(case, group)
             for p in prompts:
                 ids = encode_prompt(tok, p)
                 part.pairs += [(ids, encode_target(tok, p, new)), (ids, encode_target(tok, p, true))]
@@ -100,8 +100,8 @@ class CaseScorer:
         record: Mapping[str, BlockRecorder] | None = None, resume: Mapping[str, Resume] | None = None,
     ) -> dict[str, list[torch.Tensor | None]]:
         """Logits at every planned position of ``parts`` (see
-        :func:`~shift_edit.scoring.logits_at_positions`); ``record[part]`` keeps that part's
-        block inputs, ``resume[part]`` re-runs only the blocks it names (:mod:`shift_edit.resume`)."""
+        :func:`~shift_edit.model.scoring.logits_at_positions`); ``record[part]`` keeps that part's
+        block inputs, ``resume[part]`` re-runs only the blocks it names (:mod:`shift_edit.model.resume`)."""
         out = {}
         for name in parts:
             plan = self.parts[name].plan
@@ -110,7 +110,9 @@ class CaseScorer:
                                             resume=None if resume is None else resume[name])
         return out
 
-    def scores(self, logits: dict[str, list[torch.Tensor]]) -> dict[str, list[tuple[ContinuationScore, ContinuationScore]]]:
+    def scores(
+        self, logits: dict[str, list[torch.Tensor]]
+    ) -> dict[str, list[tuple[ContinuationScore, ContinuationScore]]]:
         """(new, true) scores per prompt group, as :func:`score_case` returns them."""
         out: dict[str, list] = {}
         for name in ("edit", "near"):

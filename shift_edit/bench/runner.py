@@ -16,15 +16,12 @@ merged result is simply the directory's case files.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
 import sys
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,178 +29,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import easyedit as ee  # (the facade imports this package: its names are read at call time)
 from ..algorithms.common import adapter_for
-from ..architectures import ModelAdapter
-from ..editing import edit
-from ..errors import ShiftEditError
-from ..guard import EditRefusedError
-from ..hparams import HyperParams
-from ..io import atomic_write_json, provenance
-from ..resume import BlockRecorder, Resume
+from ..compat import easyedit_metrics as ee  # (the facade imports this package: its names are read at call time)
+from ..core.editing import edit
+from ..core.errors import EditRefusedError
+from ..core.hparams import HyperParams
+from ..files.io import atomic_write_json
+from ..model.architectures import ModelAdapter
+from ..model.resume import BlockRecorder, Resume
+from .bench_config import NO_EDIT, BenchConfig
 from .claims import claimed
-from .data import CounterFactCase, case_file_stem
+from .counterfact import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
-from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, run_wild, wild_prompts
-from .wild import protocol as wild_protocol
-from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
+from .run_dirs import batches_per_group, case_path, choose_run_dir, finished, start_run
+from .wikitext import perplexity, read_wikitext_lines
+from .wild import WildJob, run_wild, wild_prompts
 
 log = logging.getLogger(__name__)
-
-PORTABILITY_FAMILY = ("EasyEdit token accuracy of the record's portability answer ('New Answer') after its "
-                      "question ('New Question'), as compute_edit_quality scores portability; only records that have one")
-
-#: the algorithm name of the unedited model's row
-NO_EDIT = "NONE"
-PROTOCOL_VERSION = 1
-
-
-@dataclass
-class BenchConfig:
-    """What a benchmark run computes (all of it goes into ``params.json``).
-
-    ``skip_wild`` / ``wild_max_new_tokens`` / ``wild_neighborhood`` / ``wild_records``: the WILD-style
-    free-generation family (:mod:`.wild`): off, greedy new tokens per prompt, neighborhood prompts too,
-    records per decoding batch. ``portability``: the ``easyedit_portability`` family on the records that
-    carry EasyEdit's ``portability`` question (``New Question`` / ``New Answer``).
-    """
-
-    alg: str
-    hparams: HyperParams | None
-    seed: int = 0
-    skip_generation: bool = False
-    gen_max_length: int = 100
-    gen_top_k: int = 5
-    gen_records: int = 4
-    gen_every: int = 1
-    ppl_every: int = 0
-    ppl_protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
-    wikitext: str | None = None
-    batch_size: int = 64
-    neighborhood_kl: bool = True
-    num_edits: int = 1
-    skip_wild: bool = False
-    wild_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    wild_neighborhood: bool = False
-    wild_records: int = 8
-    portability: bool = False
-
-    def __post_init__(self) -> None:
-        if self.wild_max_new_tokens < 1:
-            raise ShiftEditError(f"--wild-max-new-tokens must be >= 1, got {self.wild_max_new_tokens}")
-        if self.wild_records < 1:
-            raise ShiftEditError(f"--wild-records must be >= 1, got {self.wild_records}")
-
-    def protocol(self) -> dict[str, Any]:
-        out = {
-            "version": PROTOCOL_VERSION,
-            "metric_families": {
-                "rome": "ES/PS/NS from mean token NLLs of target_new vs target_true (teacher forcing); "
-                "magnitudes EM/PM/NM = mean p(new)-p(true) (neighborhood: p(true)-p(new)), p = exp(-mean NLL)",
-                "top1": "strict top-1: every token of the correct object is the argmax (neighborhood: TRUE object)",
-                "top1_first": "first-token-only top-1 (same correct objects)",
-                "neighborhood_kl": None if not self.neighborhood_kl else "KL(unedited || edited) of next-token distributions after neighborhood prompts, nats",
-                "generation": None if self.skip_generation else
-                "ROME n-gram entropy: top-k sampling, total length, mean(2/3 H2, 4/3 H3) bits, words from nltk's NLTKWordTokenizer (word_tokenize without punkt)",
-                "perplexity": None if not self.ppl_every else self.ppl_protocol.to_dict(),
-            },
-            "generation": None if self.skip_generation else {
-                "top_k": self.gen_top_k, "max_length": self.gen_max_length,
-                "records_per_decoding_batch": self.gen_records,
-                "every_kth_record": self.gen_every,
-                "how": "each record's edit is added to its own rows' module outputs (y += x ΔWᵀ) by hooks, "
-                       "so several records share one decoding batch; each record samples from its own seed",
-            },
-            "ppl_every": self.ppl_every,
-            "wikitext": self.wikitext if self.ppl_every else None,
-            "edit_mode": "one edit at a time, undone bit-exactly before the next" if self.num_edits == 1 else
-            f"{self.num_edits} consecutive records' requests applied at once (MEMIT protocol), every record of "
-            "the batch evaluated on that model, then undone bit-exactly",
-            "num_edits": self.num_edits,
-        }
-        if self.portability:  # absent when off, as the WILD family: earlier runs still match
-            out["metric_families"]["easyedit_portability"] = PORTABILITY_FAMILY
-        if not self.skip_wild:  # absent (not None) when off: runs made before the family existed still match
-            out["metric_families"]["wild"] = wild_protocol(self.wild_max_new_tokens, self.wild_neighborhood)
-            out["wild"] = {"max_new_tokens": self.wild_max_new_tokens, "neighborhood": self.wild_neighborhood,
-                           "records_per_decoding_batch": self.wild_records,
-                           "how": "after the undo, each record's edit is added to its own rows' module outputs by "
-                                  "hooks (as for the n-gram entropy), so several records share one decoding batch"}
-        return out
-
-
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
-    fcntl.flock(fh, fcntl.LOCK_EX)
-    return fh
-
-
-def choose_run_dir(out: Path, alg: str, match: dict[str, Any], params: dict[str, Any]) -> Path:
-    """The run directory whose params match ``match``, or a new ``run_<NNN>`` (under a lock)."""
-    root = Path(out) / alg
-    fh = _lock(root / ".lock")
-    try:
-        runs = sorted(p for p in root.glob("run_*") if p.is_dir() and p.name[4:].isdigit())
-        for run in runs:
-            try:
-                existing = json.loads((run / "params.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if existing.get("match") == match:
-                return run
-        nxt = max((int(p.name[4:]) for p in runs), default=-1) + 1
-        run = root / f"run_{nxt:03d}"
-        run.mkdir()
-        atomic_write_json(run / "params.json", params)
-        return run
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
-
-
-def case_path(run_dir: Path, case_id: int | str) -> Path:
-    return Path(run_dir) / f"case_{case_file_stem(case_id)}.json"
-
-
-def finished(run_dir: Path, case_id: int | str) -> bool:
-    p = case_path(run_dir, case_id)
-    if not p.is_file():
-        return False
-    try:
-        json.loads(p.read_text())
-        return True
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def _batches_per_group(cfg: BenchConfig) -> int:
-    """Batches per group: groups of batches whose generations share one decoding batch; a group is always
-    the same records (fixed by position), so resumed and sharded runs generate exactly what a whole run
-    does (with --gen-every K, a group spans K times as many records, about gen_records of them generating; the
-    WILD-style generations likewise batch wild_records records, and a group spans the larger of the two)."""
-    spans = ([] if cfg.skip_generation else [cfg.gen_records * max(1, cfg.gen_every)]) + \
-        ([] if cfg.skip_wild else [cfg.wild_records])  # the WILD-style generations batch wild_records records
-    return max(1, max(spans, default=1) // cfg.num_edits)
-
-
-def n_shares(n_cases: int, cfg: BenchConfig) -> int:
-    """Into how many shards ``n_cases`` records can be split: the number of groups (the unit a shard takes)."""
-    batches = -(-n_cases // cfg.num_edits)
-    return -(-batches // _batches_per_group(cfg))
-
-
-def shard_env() -> tuple[int, int]:
-    """(rank, world_size) from ``RANK``/``WORLD_SIZE`` (set by accelerate launch / torchrun)."""
-    try:
-        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ShiftEditError("RANK / WORLD_SIZE must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ShiftEditError(f"bad RANK={rank} / WORLD_SIZE={world}")
-    return rank, world
 
 
 @dataclass
@@ -264,7 +107,7 @@ def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tupl
     """Logits of the edited model at the record's planned positions, and the first block re-run.
 
     Blocks before the planned (first edited) block are skipped: their recorded output feeds it
-    (:mod:`shift_edit.resume`). The first time in a run this is checked against a full pass and
+    (:mod:`shift_edit.model.resume`). The first time in a run this is checked against a full pass and
     switched off, with a warning, if they differ; an edit that changed an earlier block (or
     anything outside the blocks) gets full passes.
     """
@@ -300,6 +143,8 @@ def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -
     return m
 
 
+# length: edit, measure every record of the batch, undo: the order of these steps (and the guard's refusal recorded
+#   per case) is the protocol, kept readable top to bottom
 def evaluate_batch(
     model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
     ppl_lines: Sequence[str] | None, state: RunState | None = None,
@@ -392,7 +237,8 @@ def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, Genera
     the n-gram entropy and texts (``generation``) and the WILD-style metrics and texts (``wild``)
     in each record's metrics."""
     wild = [(rec, j) for rec, j in pending if isinstance(j, WildJob)]
-    for (rec, _), (m, dt) in zip(wild, run_wild(model, tok, [j for _, j in wild], max_new_tokens=cfg.wild_max_new_tokens,
+    for (rec, _), (m, dt) in zip(wild, run_wild(model, tok, [j for _, j in wild],
+                                                max_new_tokens=cfg.wild_max_new_tokens,
                                                 records_per_batch=cfg.wild_records)):
         rec["metrics"]["wild"] = m
         rec["time_s"]["wild"] = dt
@@ -401,7 +247,8 @@ def fill_generations(model: nn.Module, tok, pending: Sequence[tuple[dict, Genera
     for start in range(0, len(pending), k):  # at most gen_records records per decoding batch (KV-cache memory)
         chunk = pending[start : start + k]
         t0 = time.perf_counter()
-        texts = generate_topk_groups(model, tok, [g for _, g in chunk], max_length=cfg.gen_max_length, top_k=cfg.gen_top_k)
+        texts = generate_topk_groups(model, tok, [g for _, g in chunk], max_length=cfg.gen_max_length,
+                                     top_k=cfg.gen_top_k)
         dt = (time.perf_counter() - t0) / len(chunk)
         for (rec, _), t in zip(chunk, texts):
             rec["metrics"]["generation"] = {"ngram_entropy": ngram_entropy(t), "texts": t}
@@ -422,6 +269,8 @@ def _stable_int(x: int | str) -> int:
     return zlib.crc32(str(x).encode())
 
 
+# length: the run's one loop over groups of batches (claim a group, evaluate, generate, write each case file) with
+#   the shard and resume bookkeeping it needs in one place
 def run_bench(
     model: nn.Module,
     tok,
@@ -440,12 +289,7 @@ def run_bench(
     Cases already finished in the chosen run dir are skipped (resume). ``rank/world_size``
     default to :func:`shard_env`.
     """
-    if cfg.alg != NO_EDIT and cfg.hparams is None:
-        raise ShiftEditError(f"--alg {cfg.alg} needs hparams")
-    if rank is None or world_size is None:
-        rank, world_size = shard_env()
-    torch.manual_seed(cfg.seed)
-    prov = provenance(model)
+    rank, world_size, prov = start_run(cfg, model, rank, world_size)
     match = {
         "alg": cfg.alg,
         "hparams": cfg.hparams.to_dict() if cfg.hparams is not None else None,
@@ -454,7 +298,12 @@ def run_bench(
         "protocol": cfg.protocol(),
         "data_sha256": data_info.get("sha256"),
     }
-    params = {"match": match, "data": data_info, "provenance": prov, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    params = {
+        "match": match,
+        "data": data_info,
+        "provenance": prov,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     # every input checked before a run folder exists: no empty run dir left by a late error
     if cfg.hparams is not None:
         adapter_for(model, cfg.hparams)  # layers in range, module templates resolve
@@ -464,7 +313,7 @@ def run_bench(
     run_dir = choose_run_dir(Path(out), cfg.alg, match, params)
     n = cfg.num_edits
     batches = [list(enumerate(cases))[b : b + n] for b in range(0, len(cases), n)]
-    per_group = _batches_per_group(cfg)
+    per_group = batches_per_group(cfg)
     groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
     # contiguous shares: records every K-th position (perplexity) spread over the shards too
     mine = groups[rank * len(groups) // world_size : (rank + 1) * len(groups) // world_size]
@@ -487,19 +336,25 @@ def run_bench(
                     bar.update(len(ids))
                     continue
                 deferred: list[tuple[dict, GenerationGroup | WildJob]] = []
-                recs = [rec for batch in grp
-                        for rec in evaluate_batch(model, tok, [c for _, c in batch], cfg, positions=[i for i, _ in batch],
-                                                  ppl_lines=ppl_lines, state=state, deferred=deferred)]
+                recs = [
+                    rec
+                    for batch in grp
+                    for rec in evaluate_batch(
+                        model,
+                        tok,
+                        [c for _, c in batch],
+                        cfg,
+                        positions=[i for i, _ in batch],
+                        ppl_lines=ppl_lines,
+                        state=state,
+                        deferred=deferred,
+                    )
+                ]
                 fill_generations(model, tok, deferred, cfg)
                 for rec in recs:
                     if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are
                         atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
                 bar.update(len(recs))
     return run_dir
-
-
-def run_selection(run_dir: Path) -> list[Path]:
-    """The finished case files of a run dir (temp files of killed runs are ignored)."""
-    return sorted(p for p in Path(run_dir).glob("case_*.json") if not p.name.startswith("."))
 
 

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ShiftEditError
-from ..plots import plot_ppl
-from .summarize import _hparams_tag, dataset_of
+from ..core.errors import ShiftEditError
+from ..core.registry import run_tag
+from .plots import plot_ppl
+from .summarize import dataset_of
 
 #: curve columns: (column, where in a checkpoint, metric name)
 CURVE_METRICS = ("efficacy_top1", "ES", "paraphrase_top1", "PS", "rephrase_top1", "RS", "neighborhood_top1", "NS",
@@ -61,12 +62,15 @@ def summarize_sequential(run_dir: str | Path) -> list[dict[str, Any]]:
     base = dict(last["unedited_metrics"])
     if last.get("unedited_wikitext_ppl") is not None:
         base["wikitext_ppl"] = {"n": 1, "mean": last["unedited_wikitext_ppl"], "std": None, "ci95": None}
-    common = {"model": model, "n": n, "dataset": dataset_of(match), "run_dir": str(run_dir), "protocol": match, "data": params.get("data"),
+    common = {"model": model, "n": n, "dataset": dataset_of(match), "run_dir": str(run_dir), "protocol": match,
+              "data": params.get("data"),
               "provenance": params.get("provenance"), "sequential": {"T": n, "B": b, "T_planned": t_plan}}
     return [
-        {"label": f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {model}, sequential T={n}{plan}, B={b})",
+        {"label": f"measured here ({match['alg']}{run_tag(match['alg'], match.get('hparams'))}, {model}, sequential "
+         f"T={n}{plan}, B={b})",
          "kind": "measured", "alg": match["alg"], "metrics": metrics, **common},
-        {"label": f"unedited ({model}, the same {n} records)", "kind": "measured", "alg": "NONE", "metrics": base, **common},
+        {"label": f"unedited ({model}, the same {n} records)", "kind": "measured", "alg": "NONE", "metrics": base,
+         **common},
     ]
 
 
@@ -89,7 +93,7 @@ def curves(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """One row per (run, checkpoint): n_edits, the metrics' means (edited and unedited), perplexity,
     speed, memory and the largest relative change of an edited matrix."""
     loaded = [_load(Path(d)) for d in run_dirs]
-    names = run_names([(p["match"]["alg"], s["B"], _t_label(s), _hparams_tag(p["match"].get("hparams")))
+    names = run_names([(p["match"]["alg"], s["B"], _t_label(s), run_tag(p["match"]["alg"], p["match"].get("hparams")))
                        for p, s in loaded])
     rows = []
     for (params, summary), run in zip(loaded, names):
@@ -128,6 +132,7 @@ def curves_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
+# length: four matplotlib figures drawn from the same rows, one block per figure
 def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
     """retention.png (edits that still hold vs edits made, log x), neighborhood.png, perplexity.png and, when the
     runs measured the WILD-style family, generation.png (free-generation success, dashed: unedited)."""
@@ -143,10 +148,22 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
         runs.setdefault(r["run"], []).append(r)
     paths = []
     cf = any(r.get("dataset", "counterfact") == "counterfact" for r in rows)  # zsRE/KnowEdit-only: no empty panels
-    panels = ([("retention.png", [("efficacy_top1", "strict top-1 efficacy"), ("ES", "ROME ES")],
-                "share of all edits made so far that hold (%)"),
-               ("neighborhood.png", [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
-                "neighborhood (%), dashed: unedited on the same records")] if cf else [])
+    panels = (
+        [
+            (
+                "retention.png",
+                [("efficacy_top1", "strict top-1 efficacy"), ("ES", "ROME ES")],
+                "share of all edits made so far that hold (%)",
+            ),
+            (
+                "neighborhood.png",
+                [("neighborhood_top1", "strict top-1 neighborhood (TRUE object)"), ("NS", "ROME NS")],
+                "neighborhood (%), dashed: unedited on the same records",
+            ),
+        ]
+        if cf
+        else []
+    )
     if cf or any(r.get("wikitext_ppl") is not None for r in rows):
         panels.append(("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited"))
     if any(r.get("zsre_efficacy") is not None for r in rows):

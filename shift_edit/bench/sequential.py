@@ -1,7 +1,7 @@
 """Sequential (lifelong) editing: T records' edits applied in order, B at a time, never undone.
 
 Each batch of B requests is computed on the model as the earlier batches left it (any registered
-algorithm; those registered with ``uses_memory`` get the run's :class:`~shift_edit.memory.EditMemory`).
+algorithm; those registered with ``uses_memory`` get the run's :class:`~shift_edit.core.memory.EditMemory`).
 At every checkpoint (``eval_at``, and T) all records edited so far are scored on the current model in
 the metric families (ROME probability comparisons, strict top-1, and unless ``skip_wild`` the WILD-style
 free generation of :mod:`.wild`); the neighborhood is always scored
@@ -44,49 +44,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms.rome import templates_for
-from ..deltas import restore_weights
-from ..editing import edit
-from ..errors import ShiftEditError
-from ..guard import EditRefusedError
-from ..hparams import HyperParams
-from ..io import CacheCheckError, atomic_write_json, check_verified, model_fingerprint, provenance, write_verified
-from ..memory import EditMemory
-from ..registry import algorithm_for_hparams, get_algorithm
-from ..covariance import layer_stats, pinned_statistics
-from .data import CounterFactCase
-from ..requests import encode_prompt, encode_target
-from ..scoring import ContinuationPlan, logits_at_positions, pad_id_of
-from .metrics import _targets, case_prompts, metrics_from_scores
+from ..core.deltas import restore_weights
+from ..core.editing import edit
+from ..core.errors import EditRefusedError, ShiftEditError
+from ..core.hparams import HyperParams
+from ..core.memory import EditMemory
+from ..core.registry import algorithm_for_hparams, get_algorithm
+from ..files.io import atomic_write_json, model_fingerprint, provenance
+from ..model.covariance import layer_stats
+from ..model.stats_pinning import pinned_statistics
+from .counterfact import CounterFactCase
+from .seq_scoring import CounterFactScoring, record_means, record_values
+from .seq_state import SequentialState, load_state, save_state
 from .wikitext import PerplexityProtocol, perplexity, read_wikitext_lines
 from .wild import DEFAULT_MAX_NEW_TOKENS, WildJob, WildPrompts, run_wild, wild_prompts
 from .wild import protocol as wild_protocol
-from .summarize import stats
 
 log = logging.getLogger(__name__)
 
 SEQ_PROTOCOL_VERSION = 1
-
-#: per-record values kept at each checkpoint: (name, path in metrics_from_scores' output)
-RECORD_METRICS: list[tuple[str, tuple[str, str]]] = [
-    ("ES", ("rome", "rewrite_success")),
-    ("PS", ("rome", "paraphrase_success")),
-    ("NS", ("rome", "neighborhood_success")),
-    ("RS", ("rome", "rephrase_success")),
-    ("EM", ("rome", "rewrite_magnitude")),
-    ("PM", ("rome", "paraphrase_magnitude")),
-    ("NM", ("rome", "neighborhood_magnitude")),
-    ("efficacy_top1", ("top1", "rewrite_acc")),
-    ("paraphrase_top1", ("top1", "paraphrase_acc")),
-    ("rephrase_top1", ("top1", "rephrase_acc")),
-    ("neighborhood_top1", ("top1", "neighborhood_acc")),
-    ("efficacy_top1_first_token", ("top1_first", "rewrite_acc")),
-    ("neighborhood_top1_first_token", ("top1_first", "neighborhood_acc")),
-    ("gen_efficacy", ("wild", "rewrite_success")),
-    ("gen_paraphrase", ("wild", "paraphrase_success")),
-    ("gen_rephrase", ("wild", "rephrase_success")),
-    ("gen_neighborhood", ("wild", "neighborhood_success")),
-]
 
 
 @dataclass
@@ -149,7 +125,8 @@ class SequentialConfig:
             "sequential": {"T": self.total, "B": self.batch_edits, "eval_at": self.checkpoints(),
                            "shuffle_seed": self.shuffle_seed, "seed": self.seed,
                            "how": "batches of B records' requests applied in order, each computed on the model the "
-                                  "earlier batches left, never undone; at each checkpoint every record edited so far is "
+                                  "earlier batches left, never undone; at each checkpoint every record edited so far "
+                                  "is "
                                   "scored on the current model and on the unedited weights"},
             "metric_families": {
                 "rome": "ES/PS/NS from mean token NLLs of target_new vs target_true (teacher forcing); "
@@ -182,37 +159,14 @@ def order_cases(cases: Sequence[CounterFactCase], total: int, shuffle_seed: int 
     return pool[:total]
 
 
-def _record_values(m: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for name, (fam, key) in RECORD_METRICS:
-        v = m.get(fam, {}).get(key)
-        if v is not None:
-            out[name] = float(v)
-    return out
-
-
-def _means(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per metric (RECORD_METRICS' order, then any other column the rows have, e.g. zsRE/KnowEdit's), stats x100."""
-    out = {}
-    names = [n for n, _ in RECORD_METRICS]
-    names += sorted({k for r in rows for k in r} - set(names))
-    for name in names:
-        vals = [r[name] * 100.0 for r in rows if name in r]
-        if vals:
-            out[name] = stats(vals)
-    return out
-
-
 def _prime(model: nn.Module, tok, hparams: HyperParams) -> None:
     """Everything an algorithm derives from the unedited model once: the second-moment statistics
-    (pinned for the run), ROME/MEMIT's context texts and what the algorithm's own ``prime`` reads
-    (SHIFT_NEURON: its MLP-input statistics and generic sample), before any edit or saved state."""
+    (pinned for the run) and what the algorithm's own ``prime`` reads (ROME/MEMIT/AlphaEdit: their context texts;
+    SHIFT_NEURON: its MLP-input statistics and generic sample), before any edit or saved state."""
     layers = getattr(hparams, "layers", None)
     if layers and getattr(hparams, "mom2_n_tokens", None) and getattr(hparams, "mom2_adjustment", True):
         layer_stats(model, tok, layers, corpus=hparams.mom2_corpus, n_tokens=hparams.mom2_n_tokens,
                     max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype)
-    if hasattr(hparams, "context_template_length_params"):
-        templates_for(model, tok, hparams)
     prime = algorithm_for_hparams(hparams).prime
     if prime is not None:
         prime(model, tok, hparams)
@@ -228,167 +182,19 @@ def _rss_mb() -> dict[str, float]:
     return {"rss_mb": cur, "peak_rss_mb": peak}
 
 
-class _State:
-    """What a run remembers between edits: edits done, the edited parameters' current values,
-    the memory, the records' unedited values, per-batch timings."""
-
-    def __init__(self) -> None:
-        self.n_batches = 0
-        self.n_edits = 0
-        self.touched: list[str] = []
-        self.batches: list[dict[str, Any]] = []
-        self.unedited: list[dict[str, float]] = []
-        self.unedited_ppl: float | None = None
-        self.checkpoints: list[dict[str, Any]] = []
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    @classmethod
-    def from_json(cls, d: Any) -> _State:
-        """Read :meth:`to_json`'s dict back; ``ValueError`` if it is not one (a damaged state file)."""
-        s = cls()
-        if not isinstance(d, dict) or not {"n_batches", "n_edits"} <= set(d) or set(d) - set(vars(s)):
-            raise ValueError("the state is not the dict this version writes")  # (older states may lack later fields)
-        for k, v in d.items():
-            want = type(getattr(s, k))
-            if not (isinstance(v, want) and not isinstance(v, bool) or (k == "unedited_ppl" and v is None)
-                    or (k == "unedited_ppl" and isinstance(v, (int, float)))):
-                raise ValueError(f"state field {k!r} is {v!r:.40}")
-            setattr(s, k, v)
-        if s.n_batches < 0 or s.n_edits < 0 or len(s.batches) != s.n_batches:
-            raise ValueError(f"{s.n_edits} edits in {s.n_batches} batches, {len(s.batches)} batch records")
-        return s
-
-
-STATE_FORMAT = 2  # 2: one checksummed tensor file per save (io.write_verified); 1: unchecksummed safetensors
-
-
-def _save_state(state_dir: Path, st: _State, model: nn.Module, memory: EditMemory, base_fp: str) -> None:
-    """The edited parameters' values and the memory in one file named by the batch count, then
-    ``state.json`` (the commit point) naming it with both files' checksums
-    (:func:`~shift_edit.io.write_verified`), then the older files are removed."""
-    tag = f"{st.n_batches:06d}"
-    tensors = {f"weights/{name}": model.get_parameter(name).detach().cpu().contiguous() for name in st.touched}
-    tensors.update({f"memory/{param}": memory.keys(param) for param in memory.params()})
-    write_verified(state_dir / f"state_{tag}.pt", state_dir / "state.json", tensors,
-                   {"format_version": STATE_FORMAT, "base_fingerprint": base_fp, "tag": tag, "state": st.to_json()})
-    for old in [*state_dir.glob("*.pt"), *state_dir.glob("*.safetensors")]:
-        if not old.stem.endswith(tag):
-            old.unlink(missing_ok=True)
-
-
-def _load_state(state_dir: Path, model: nn.Module, base_fp: str
-                ) -> tuple[_State, EditMemory, dict[str, torch.Tensor]] | None:
-    """The saved state, verified and loaded into ``model`` in place; also returns the touched parameters'
-    unedited values.
-
-    Raises:
-        ShiftEditError: a state of other weights, or one that fails its checksums (it cannot be rebuilt:
-            one line naming the folder to delete to start the run again).
-    """
-    p = state_dir / "state.json"
-    if not p.is_file():
-        return None
-    try:
-        saved = json.loads(p.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-        fingerprint, tag = saved["base_fingerprint"], saved["tag"]
-        if not isinstance(fingerprint, str) or not isinstance(tag, str) or not tag.isalnum():
-            raise ValueError(f"bad base_fingerprint or tag {tag!r}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _damaged(p, f"unreadable ({type(exc).__name__}: {exc})") from None
-    if fingerprint != base_fp:
-        raise ShiftEditError(f"{state_dir}: saved state belongs to other weights ({fingerprint}, this model {base_fp})")
-    if saved.get("format_version") != STATE_FORMAT:
-        raise _damaged(p, f"it has no checksums (format {saved.get('format_version', 1)}, written by an older "
-                          "shift_edit), so it cannot be verified")
-    try:
-        meta, tensors = check_verified(state_dir / f"state_{tag}.pt", p,
-                                       {"format_version": STATE_FORMAT, "base_fingerprint": base_fp, "tag": tag})
-        st = _State.from_json(meta["state"])
-        weights = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("weights/")}
-        keys = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("memory/")}
-        if set(weights) != set(st.touched):
-            raise CacheCheckError(f"holds the weights of {sorted(weights)}, its state names {sorted(st.touched)}")
-        originals = {name: model.get_parameter(name).detach().cpu().clone() for name in weights}
-        restore_weights(model, weights)  # checks every name and shape before copying any
-    except (CacheCheckError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
-        raise _damaged(p, f"it {exc}" if isinstance(exc, CacheCheckError) else f"{type(exc).__name__}: {exc}") from None
-    memory = EditMemory()
-    memory.add(keys)
-    return st, memory, originals
-
-
-def _damaged(path: Path, why: str) -> ShiftEditError:
-    """The one line for a sequential run whose saved state cannot be read or verified (it cannot be rebuilt)."""
-    run_dir = path.parent.parent
-    why = why.splitlines()[0][:300] if why else "unreadable"
-    return ShiftEditError(f"{path}: the saved state of this sequential run is damaged: {why}; nothing was changed. "
-                          f"It cannot be rebuilt: to start over, delete {run_dir} (or pass another --out)")
-
-
 def _norms(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     out = {}
     with torch.no_grad():
         for name, w0 in originals.items():
             w = model.get_parameter(name).detach().float().cpu()
             d = w - w0.float()
-            out[name] = {"delta_fro": float(d.norm()), "weight_fro": float(w.norm()), "base_fro": float(w0.float().norm()),
-                         "delta_spectral": float(torch.linalg.matrix_norm(d, ord=2)) if d.ndim == 2 else float(d.norm())}
+            out[name] = {
+                "delta_fro": float(d.norm()),
+                "weight_fro": float(w.norm()),
+                "base_fro": float(w0.float().norm()),
+                "delta_spectral": float(torch.linalg.matrix_norm(d, ord=2)) if d.ndim == 2 else float(d.norm()),
+            }
     return out
-
-
-@dataclass
-class _Pairs:
-    """A record's (prompt, object) token pairs — (new, true) per prompt — and each prompt's group."""
-
-    pairs: list[tuple[list[int], list[int]]]
-    groups: list[str]
-
-
-def _tokenise(tok, case: CounterFactCase) -> _Pairs:
-    pairs, groups = [], []
-    for group, prompts in case_prompts(case).items():
-        new, true = _targets(case, group)
-        for p in prompts:
-            ids = encode_prompt(tok, p)
-            pairs += [(ids, encode_target(tok, p, new)), (ids, encode_target(tok, p, true))]
-            groups.append(group)
-    return _Pairs(pairs, groups)
-
-
-def _score(model, tok, items: Sequence[_Pairs], batch_size: int, records_per_plan: int = 64) -> list[dict[str, float]]:
-    """Per-record metric values; the prompts of ``records_per_plan`` records share forward batches
-    (the same numbers as scoring each record alone, :class:`~shift_edit.bench.metrics.CaseScorer`)."""
-    out = []
-    for start in range(0, len(items), records_per_plan):
-        chunk = items[start : start + records_per_plan]
-        pairs = [p for it in chunk for p in it.pairs]
-        plan = ContinuationPlan.build(pairs)
-        logits = logits_at_positions(model, plan.seqs, plan.positions, pad_id=pad_id_of(tok), batch_size=batch_size)
-        flat = iter(plan.scores(logits, pairs))
-        for it in chunk:
-            scores: dict[str, list] = {}
-            for group in it.groups:
-                scores.setdefault(group, []).append((next(flat), next(flat)))
-            out.append(_record_values(metrics_from_scores(scores)))
-    return out
-
-
-class CounterFactScoring:
-    """The scoring of CounterFact records (the default of :func:`run_sequential`); zsRE and KnowEdit have
-    :class:`.fact_sequential.FactScoring` with the same methods."""
-
-    def protocol(self, base: dict[str, Any]) -> dict[str, Any]:
-        return base
-
-    def prepare(self, model: nn.Module, tok, cases: Sequence[CounterFactCase]) -> list[_Pairs]:
-        return [_tokenise(tok, c) for c in cases]
-
-    def score(self, model: nn.Module, tok, items: Sequence[_Pairs], batch_size: int) -> list[dict[str, float]]:
-        return _score(model, tok, items, batch_size)
 
 
 def _swap(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -398,6 +204,8 @@ def _swap(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.
     return before
 
 
+# length: the run's one loop: resume the saved state, edit batch after batch, checkpoint, save; the state it carries
+#   between those steps is the run itself (the steps are helpers: _checkpoint, save_state, _wild)
 def run_sequential(
     model: nn.Module,
     tok,
@@ -446,8 +254,8 @@ def run_sequential(
     with pinned_statistics(model, base_fp):
         _prime(model, tok, cfg.hparams)
         scorers = scoring.prepare(model, tok, order)  # once, on the unedited model (KnowEdit: its locality reference)
-        loaded = _load_state(state_dir, model, base_fp)
-        st, memory, originals = loaded if loaded is not None else (_State(), EditMemory(), {})
+        loaded = load_state(state_dir, model, base_fp)
+        st, memory, originals = loaded if loaded is not None else (SequentialState(), EditMemory(), {})
         if loaded is not None:
             log.info("%s: resuming after %d edits", run_dir, st.n_edits)
         if cfg.ppl and st.unedited_ppl is None:
@@ -484,7 +292,7 @@ def run_sequential(
                     bar.update(len(batch))
                     due = bool(pending and pending[0] <= st.n_edits)
                     if not due and (since_save >= cfg.save_every or st.n_batches == len(batches)):
-                        _save_state(state_dir, st, model, memory, base_fp)
+                        save_state(state_dir, st, model, memory, base_fp)
                         since_save = 0
                     continue
                 n = pending.pop(0)
@@ -493,7 +301,7 @@ def run_sequential(
                 atomic_write_json(ckpt_dir / f"ckpt_{n}.json", ck)
                 st.checkpoints = [c for c in st.checkpoints if c["checkpoint"] != n] + [
                     {k: v for k, v in ck.items() if k != "records"}]
-                _save_state(state_dir, st, model, memory, base_fp)
+                save_state(state_dir, st, model, memory, base_fp)
                 since_save = 0
                 _write_summary(run_dir, st, cfg, finished=not pending and st.n_batches == len(batches))
     return run_dir
@@ -528,11 +336,11 @@ def _wild(model, tok, specs: Sequence[WildPrompts], values: list[dict[str, float
     out = run_wild(model, tok, [WildJob(s) for s in specs], max_new_tokens=cfg.wild_max_new_tokens,
                    records_per_batch=cfg.wild_records)
     for v, (m, _) in zip(values, out):
-        v.update(_record_values({"wild": m}))
+        v.update(record_values({"wild": m}))
     return [m["texts"] for m, _ in out]
 
 
-def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: SequentialConfig, ppl_lines, memory,
+def _checkpoint(model, tok, order, scorers, st: SequentialState, originals, cfg: SequentialConfig, ppl_lines, memory,
                 wild: Sequence[WildPrompts] | None = None, scoring: Any = None) -> dict:
     """Score every record edited so far on the current model, and the new ones on the unedited weights
     (with ``wild``, each record's WILD-style prompts: free generation too)."""
@@ -562,8 +370,8 @@ def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: Sequenti
     return {
         "n_edits": n,
         "n_batches": st.n_batches,
-        "metrics": _means(edited),
-        "unedited_metrics": _means(st.unedited[:n]),
+        "metrics": record_means(edited),
+        "unedited_metrics": record_means(st.unedited[:n]),
         "wikitext_ppl": ppl,
         "unedited_wikitext_ppl": st.unedited_ppl,
         "norms": _norms(model, originals),
@@ -584,7 +392,7 @@ def _checkpoint(model, tok, order, scorers, st: _State, originals, cfg: Sequenti
     }
 
 
-def _write_summary(run_dir: Path, st: _State, cfg: SequentialConfig, *, finished: bool) -> None:
+def _write_summary(run_dir: Path, st: SequentialState, cfg: SequentialConfig, *, finished: bool) -> None:
     atomic_write_json(run_dir / "summary.json", {
         "alg": cfg.alg, "T": cfg.total, "B": cfg.batch_edits, "finished": finished,
         "n_edits": st.n_edits, "checkpoints": sorted(st.checkpoints, key=lambda c: c["n_edits"]),

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ShiftEditError
+from ..core.errors import ShiftEditError
+from ..core.registry import run_tag
 from .fact_columns import COLUMNS as FACT_COLUMNS
 from .fact_columns import EE_COLUMNS
-from .runner import run_selection
+from .run_dirs import run_selection
 
 #: (column name, path in a case's "metrics", scale)
 METRICS: list[tuple[str, tuple[str, ...], float]] = [
@@ -124,9 +125,11 @@ def summarize_run(run_dir: str | Path, *, case_ids: set[str] | None = None, limi
         out["S"] = {"n": len(cases), "mean": harmonic_mean([es, ps, ns]), "std": None, "ci95": None}
     match = params["match"]
     refused = sum(1 for c in cases if c.get("edit", {}).get("refused"))
-    label = (f"measured here ({match['alg']}{_hparams_tag(match.get('hparams'))}, {match['model']['name']}, N={len(cases)}"
+    label = (f"measured here ({match['alg']}{run_tag(match['alg'], match.get('hparams'))}, {match['model']['name']}, "
+             f"N={len(cases)}"
              + (f", {refused} refused by the edit guard and scored unedited" if refused else "") + ")")
-    return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"], "dataset": dataset_of(match),
+    return {"label": label, "kind": "measured", "run_dir": str(run_dir), "alg": match["alg"],
+            "dataset": dataset_of(match),
             "model": match["model"]["name"], "n": len(cases), "metrics": out,
             "case_ids": [c["case_id"] for c in cases],
             # what the numbers mean: protocol (metric families), model + fingerprint, hparams, seed, data, versions
@@ -153,43 +156,6 @@ def to_markdown_by_dataset(rows: Sequence[dict]) -> str:
     if len(groups) <= 1:
         return to_markdown(rows)
     return "\n".join(f"## {name}\n\n{to_markdown(rs)}" for name, rs in groups.items())
-
-
-def _hparams_tag(hp: dict | None) -> str:
-    """A short tag telling runs of one algorithm apart: the layers, the step size (or SHIFT_PLUS's margin)
-    and the statistics."""
-    if not hp:
-        return ""
-    bits = []
-    if hp.get("layers") is not None:
-        bits.append("L" + ",".join(str(x) for x in hp["layers"]))
-    for key in ("eta", "lr"):
-        if hp.get(key) is not None:
-            scaling = " normalized" if hp.get("eta_scaling") == "normalized" and key == "eta" else ""
-            bits.append(f"{key} {hp[key]:g}{scaling}")
-    if hp.get("mom2_update_weight") is not None:  # MEMIT's λ
-        bits.append(f"λ {hp['mom2_update_weight']:g}")
-    if hp.get("mom2_n_tokens") is not None and hp.get("mom2_adjustment", True):
-        bits.append(f"C {hp['mom2_n_tokens'] / 1000:g}k tok")
-    if hp.get("margin") is not None:  # SHIFT_PLUS: the logit margin its push aims at
-        bits.append(f"margin {hp['margin']:g}")
-    if hp.get("optimise_through_update"):
-        bits.append("through-update")
-    if hp.get("lambda_key"):  # ROME: which key scales Λ (runs before the option existed used the mean)
-        bits.append(f"Λ-key {hp['lambda_key']}")
-    # ROME/MEMIT/AlphaEdit's earlier semantics (issue 36), tagged when chosen; runs made before the options existed
-    # have no such field and used them all
-    for key, value, tag in (("context_length_mode", "new", "new-token contexts"), ("v_step_count", "n", "n steps"),
-                            ("key_average", "flat", "flat keys")):
-        if hp.get(key) == value:
-            bits.append(tag)
-    if hp.get("neurons_per_layer") is not None:  # SHIFT_NEURON: capacity, screen, retries
-        bits.append(f"x{hp['neurons_per_layer']}")
-    if hp.get("max_generic_fires") is not None:
-        bits.append(f"screen {hp['max_generic_fires']}")
-    if (hp.get("try_layers") or 1) > 1:
-        bits.append(f"try {hp['try_layers']}")
-    return (" " + " ".join(bits)) if bits else ""
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -247,13 +213,16 @@ def to_markdown(rows: Sequence[dict]) -> str:
     lines.append("")
     lines.append("Families: ES/PS/NS/RS (success) and EM/PM/NM (magnitude) = ROME probability comparisons from mean "
                  "token NLLs; *_top1 = strict top-1 accuracy (all target tokens argmax; neighborhood = TRUE object); "
-                 "*_first_token = first-token-only top-1; RS/rephrase = EasyEdit rephrase_prompt (not ROME paraphrases); "
-                 "S = harmonic mean of ES, PS, NS; ee_* = EasyEdit token accuracy (post-edit, from EasyEdit result files; "
+                 "*_first_token = first-token-only top-1; RS/rephrase = EasyEdit rephrase_prompt (not ROME "
+                 "paraphrases); "
+                 "S = harmonic mean of ES, PS, NS; ee_* = EasyEdit token accuracy (post-edit, from EasyEdit result "
+                 "files; "
                  "fluency = n-gram entropy); edit_time_median_s = median wall time of edit() over edited records; "
                  "cells: mean ± 95% CI (normal approx.), x100 except KL, ppl and time.")
     if any(c.startswith("zsre_") for c in cols):
         lines[-1] += (" zsre_* (family zsre_token_acc) = MEMIT's zsRE token-level top-1 accuracy of the answer under "
-                      "teacher forcing: efficacy (src), generalization (rephrase), specificity (NQ question vs its gold "
+                      "teacher forcing: efficacy (src), generalization (rephrase), specificity (NQ question vs its "
+                      "gold "
                       "answer); zsre_*_top1 (family zsre_top1) = the whole answer top-1.")
     if any(c.startswith("ee_portability_") or c.startswith("ee_locality_") for c in cols):
         lines[-1] += (" ee_portability_<key> / ee_locality_<key> = EasyEdit token accuracy per KnowEdit sub-key "
@@ -283,7 +252,8 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy", "gen_paraphrase",
+    default = ["ES", "PS", "NS", "efficacy_top1", "paraphrase_top1", "neighborhood_top1", "gen_efficacy",
+               "gen_paraphrase",
                # zsRE / KnowEdit runs (absent from CounterFact rows, so not drawn there)
                "zsre_efficacy", "zsre_generalization", "zsre_specificity", "ee_rewrite_acc", "ee_rephrase_acc",
                "ee_portability", "ee_locality"]
@@ -300,7 +270,8 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
         ax.bar(xs, ys, width, yerr=err, label=r["label"], hatch="//" if r["kind"] == "published" else None)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))], cols, rotation=20)
     ax.set_ylabel("%")
-    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.26), ncol=2, frameon=False)  # below: no bar hidden
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.26), ncol=2,
+              frameon=False)  # below: no bar hidden
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

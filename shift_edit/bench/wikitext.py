@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ShiftEditError
-from ..requests import encode_prompt
-from ..scoring import pad_batch, pad_id_of
+from ..core.errors import ShiftEditError
+from ..core.requests import encode_prompt
+from ..model.scoring import pad_batch, pad_id_of
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class PerplexityProtocol:
 
     def to_dict(self) -> dict:
         if self.name == "paper":
-            return {"name": "paper", "n_lines": self.n_lines, "min_chars": self.min_chars, "max_tokens": self.max_tokens}
+            return {"name": "paper", "n_lines": self.n_lines, "min_chars": self.min_chars,
+                    "max_tokens": self.max_tokens}
         return {"name": "standard", "window": self.window, "stride": self.stride}
 
 
@@ -67,7 +68,8 @@ def long_lines(lines: Sequence[str], n: int, min_chars: int, *, strip: bool = Fa
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tok, lines: Sequence[str], protocol: PerplexityProtocol, *, batch_size: int = 1) -> float:
+def perplexity(model: nn.Module, tok, lines: Sequence[str], protocol: PerplexityProtocol, *,
+               batch_size: int = 1) -> float:
     """WikiText perplexity under ``protocol`` (see :class:`PerplexityProtocol`).
 
     ``batch_size`` lines per forward pass (paper protocol): the logits of a batch are

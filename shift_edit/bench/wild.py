@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..scoring import head_only_at, pad_batch, pad_id_of
-from .data import CounterFactCase
+from ..model.hooks import head_only_at
+from ..model.scoring import pad_batch, pad_id_of
+from .counterfact import CounterFactCase
 from .generation import GenerationGroup, _row_deltas, cache_keyword, grouped_prompts
 
 #: prompt group -> summary column
@@ -40,7 +41,8 @@ PROTOCOL = ("WILD-style free generation (The Mirage of Model Editing, adapted): 
             "tokens from each {groups} prompt (KV cache, left padding); success = the wanted object appears in the "
             "continuation before the competing one (rewrite/paraphrase/rephrase: NEW before TRUE; neighborhood: the "
             "TRUE neighborhood object before NEW); text NFKC-normalised, case-folded, whitespace collapsed; whole-word "
-            "occurrences only (not next to a letter or digit); first occurrences compared (at one place: the longer object); per record the mean over "
+            "occurrences only (not next to a letter or digit); first occurrences compared (at one place: the longer "
+            "object); per record the mean over "
             "a group's prompts; columns gen_efficacy/gen_paraphrase/gen_rephrase/gen_neighborhood")
 
 
@@ -128,7 +130,7 @@ def greedy_continuations(
 ) -> list[list[list[int]]]:
     """Greedy new token ids after every prompt of every group, in one decoding batch.
 
-    Prompts are encoded as the harness encodes them (:func:`~shift_edit.requests.encode_prompt`),
+    Prompts are encoded as the harness encodes them (:func:`~shift_edit.core.requests.encode_prompt`),
     left-padded, with position ids counted from each row's first real token and a KV cache; each
     group's deltas are added to its own rows (as for ROME's generation). A row's ids stop before its
     first EOS; decoding stops after ``max_new_tokens`` steps or once every row has produced EOS.

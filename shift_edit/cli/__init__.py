@@ -2,7 +2,7 @@
 
 Each subcommand is a module with ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; :data:`COMMANDS` is the only list of them. Bad input
-(:class:`~shift_edit.errors.ShiftEditError` or an argument error) prints one line on
+(:class:`~shift_edit.core.errors.ShiftEditError` or an argument error) prints one line on
 stderr and exits with code 2; so do OS errors (a disk full, a permission denied). Any other
 exception is a bug: one line and exit code 1. ``--debug`` shows the traceback instead. ``edit``
 exits with 3 when the edit was made but the target is not the strict top-1 (its ``EPILOG`` says so
@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import ShiftEditError
+from ..core.errors import ShiftEditError
 from . import apply_patch, bench, data, edit, export, export_lora, lens, lens_stats, models, stats, summarize, sweep
 
 #: optional dependency -> the extra (pyproject.toml) that installs it
@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # commands that re-launch themselves (bench --procs) need the exact command line
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 

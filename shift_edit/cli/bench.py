@@ -9,20 +9,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..bench.data import file_sha256, load_counterfact, parse_case_ids, resolve_data
-from .bench_facts import run_facts
+from ..bench.bench_config import BenchConfig
+from ..bench.counterfact import file_sha256, load_counterfact, parse_case_ids, resolve_data
 from ..bench.facts import FORMATS, detect_format
-from ..records import read_json_records
-from ..bench.wikitext import PerplexityProtocol
-from ..bench.runner import BenchConfig, n_shares, run_bench, shard_env
+from ..bench.run_dirs import n_shares, shard_env
+from ..bench.runner import run_bench
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
+from ..bench.wikitext import PerplexityProtocol
 from ..bench.wild import DEFAULT_MAX_NEW_TOKENS
-from ..errors import ShiftEditError
-from ..loading import check_model_name
-from ..registry import algorithm_names
-from ..resources import hparams_model_mismatch
-from .alg_hparams import find_hparams
-from .common import add_model_arguments, check_model_args, check_out_root, default_wikitext, load_from_args
+from ..core.errors import ShiftEditError
+from ..core.registry import algorithm_names
+from ..core.shipped_hparams import hparams_model_mismatch
+from ..files.json_records import read_json_records
+from ..model.loading import check_model_name
+from .bench_facts import run_facts
+from .common import (
+    add_model_arguments,
+    check_model_args,
+    check_out_root,
+    default_wikitext,
+    find_hparams,
+    load_from_args,
+)
 from .common import parse_eval_at as _parse_eval_at
 
 NAME = "bench"
@@ -31,10 +39,14 @@ HELP = "run the CounterFact, zsRE or KnowEdit benchmark (resumable; shards under
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--alg", required=True, choices=[*algorithm_names(), "NONE"], help="algorithm, or NONE for the unedited model")
+    p.add_argument("--alg", required=True, choices=[*algorithm_names(), "NONE"],
+                   help="algorithm, or NONE for the unedited model")
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
-    p.add_argument("--data", default=None, help="CounterFact JSON (ROME or EasyEdit format), or a data set name (counterfact, counterfact-subset: "
-                   "found in $SHIFT_EDIT_DATA or the user cache, see `shift-edit data`); 'download' fetches the official file (sha256-checked); "
+    p.add_argument("--data", default=None,
+                   help="CounterFact JSON (ROME or EasyEdit format), or a data set name (counterfact, "
+                   "counterfact-subset: "
+                   "found in $SHIFT_EDIT_DATA or the user cache, see `shift-edit data`); 'download' fetches the "
+                   "official file (sha256-checked); "
                    "'hf:NAME[:SPLIT]' a hub dataset via datasets ('hf:' = azhx/counterfact); zsRE and KnowEdit: zsre, "
                    "knowedit-zsre, knowedit-recent, knowedit-counterfact, or their files (scored in their papers' "
                    "families: zsre_token_acc + zsre_top1, easyedit)")
@@ -57,11 +69,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generate (n-gram entropy) for every K-th record only (default 1: all; the summary's "
                         "ngram_entropy n says how many)")
     add_wild_arguments(p)
-    p.add_argument("--ppl-every", type=int, default=0, metavar="K", help="WikiText perplexity after every K-th edit (0: never)")
-    p.add_argument("--ppl-protocol", choices=["paper", "standard"], default="paper", help="perplexity protocol (default paper)")
-    p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file (default: wikitext from $SHIFT_EDIT_DATA or the user cache, see `shift-edit data`, else datasets)")
+    p.add_argument("--ppl-every", type=int, default=0, metavar="K",
+                   help="WikiText perplexity after every K-th edit (0: never)")
+    p.add_argument("--ppl-protocol", choices=["paper", "standard"], default="paper",
+                   help="perplexity protocol (default paper)")
+    p.add_argument("--wikitext", default=None,
+                   help="WikiText-2 raw test file (default: wikitext from $SHIFT_EDIT_DATA or the user cache, see "
+                   "`shift-edit data`, else datasets)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
-    p.add_argument("--no-kl", action="store_true", help="skip the neighborhood KL (saves two forward passes per record)")
+    p.add_argument("--no-kl", action="store_true",
+                   help="skip the neighborhood KL (saves two forward passes per record)")
     p.add_argument("--num-edits", type=int, default=1, metavar="N",
                    help="apply N consecutive records' requests at once, then evaluate each (MEMIT protocol; default 1)")
     p.add_argument("--procs", type=int, default=1, metavar="N",
@@ -107,7 +124,8 @@ def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle-seed", type=int, default=None, metavar="S",
                    help="shuffle the selected records with seed S before taking the first T (default: data order)")
     g.add_argument("--ppl-lines", type=int, default=20, metavar="N",
-                   help="WikiText lines of the perplexity at each checkpoint (paper protocol; 0: no perplexity; default 20)")
+                   help="WikiText lines of the perplexity at each checkpoint (paper protocol; 0: no perplexity; "
+                   "default 20)")
     g.add_argument("--save-every", type=int, default=50, metavar="N",
                    help="save the resumable state at least every N edits (and at every checkpoint; default 50)")
 
@@ -145,11 +163,20 @@ def run_sequential_args(args: argparse.Namespace, cases, data, hparams, wikitext
 
 
 
+# length: the command's argument checks, in the order the options are documented, then the dispatch to the single,
+#   sequential or zsRE/KnowEdit run
 def run(args: argparse.Namespace) -> int:
-    for flag, v, lo in (("--ppl-every", args.ppl_every, 0), ("--batch-size", args.batch_size, 1), ("--start", args.start, 0),
-                        ("--procs", args.procs, 1), ("--num-edits", args.num_edits, 1),
-                        ("--gen-records", args.gen_records, 1), ("--gen-every", args.gen_every, 1),
-                        ("--wild-max-new-tokens", args.wild_max_new_tokens, 1), ("--wild-records", args.wild_records, 1)):
+    for flag, v, lo in (
+        ("--ppl-every", args.ppl_every, 0),
+        ("--batch-size", args.batch_size, 1),
+        ("--start", args.start, 0),
+        ("--procs", args.procs, 1),
+        ("--num-edits", args.num_edits, 1),
+        ("--gen-records", args.gen_records, 1),
+        ("--gen-every", args.gen_every, 1),
+        ("--wild-max-new-tokens", args.wild_max_new_tokens, 1),
+        ("--wild-records", args.wild_records, 1),
+    ):
         if v < lo:
             raise ShiftEditError(f"{flag} must be >= {lo}, got {v}")
     if args.data is None:
@@ -220,7 +247,9 @@ def clamp_procs(procs: int, shares: int) -> int:
     cores = available_cores()
     use = max(1, min(procs, cores, shares))
     if use < procs:
-        why = " and ".join(w for w, n in ((f"{cores} core(s)", cores), (f"{shares} share(s) of records", shares)) if n < procs)
+        why = " and ".join(
+            w for w, n in ((f"{cores} core(s)", cores), (f"{shares} share(s) of records", shares)) if n < procs
+        )
         print(f"warning: --procs {procs}: this run has {why}; running {use} process{'es' if use > 1 else ''}",
               file=sys.stderr)
     return use
@@ -230,8 +259,10 @@ def _launch(argv: list[str], procs: int) -> int:
     """Re-run this command as ``procs`` shard processes (RANK/WORLD_SIZE), cores split evenly."""
     threads = max(1, available_cores() // procs)
     env = {**os.environ, "WORLD_SIZE": str(procs), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    children = [subprocess.Popen([sys.executable, "-m", "shift_edit", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-                for r in range(procs)]
+    children = [
+        subprocess.Popen([sys.executable, "-m", "shift_edit", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(procs)
+    ]
     codes = [c.wait() for c in children]
     bad = [c for c in codes if c != 0]
     return bad[0] if bad else 0

@@ -6,18 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..bench.data import file_sha256
+from ..bench.counterfact import file_sha256
 from ..bench.fact_runner import FactBenchConfig, run_fact_bench
 from ..bench.fact_sequential import FactScoring
 from ..bench.facts import FACT_DATASETS, load_facts
-from ..bench.runner import shard_env
+from ..bench.run_dirs import shard_env
 from ..bench.sequential import SequentialConfig, order_cases, run_sequential
 from ..bench.wikitext import PerplexityProtocol
-from ..errors import ShiftEditError
-from ..loading import check_model_name
-from ..resources import hparams_model_mismatch
-from .alg_hparams import find_hparams
-from .common import default_wikitext, load_from_args, parse_eval_at
+from ..core.errors import ShiftEditError
+from ..core.shipped_hparams import hparams_model_mismatch
+from ..model.loading import check_model_name
+from .common import default_wikitext, find_hparams, load_from_args, parse_eval_at
 
 
 def _refuse_counterfact_options(args: argparse.Namespace) -> None:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..data import find_data
-from ..errors import ShiftEditError
-from ..io import atomic_dir
-from ..loading import ALIASES, canonical_model_name, check_device, load_model, resolve_dtype
+from ..core.errors import ShiftEditError
+from ..core.hparams import HyperParams
+from ..core.registry import get_algorithm, load_hparams
+from ..files.data_files import find_data
+from ..files.io import atomic_dir
+from ..model.loading import ALIASES, canonical_model_name, check_device, load_model, resolve_dtype
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,6 +153,22 @@ def parse_eval_at(text: str | None) -> list[int]:
 
 
 def default_wikitext() -> str | None:
-    """The local WikiText-2 test file by :mod:`shift_edit.data`'s order, or None."""
+    """The local WikiText-2 test file by :mod:`shift_edit.files.data_files`'s order, or None."""
     p = find_data("wikitext")
     return str(p) if p is not None else None
+
+
+def find_hparams(alg: str, model: str, given: str | None) -> HyperParams | None:
+    """``given`` (the ``--hparams`` file) if set, else ``alg``'s shipped hparams for ``model``,
+    loaded; None when there is neither.
+
+    Raises:
+        ShiftEditError: the file cannot be read or is not valid, or it is for another algorithm.
+    """
+    path = given or get_algorithm(alg).shipped_hparams(model)
+    if path is None:
+        return None
+    hp = load_hparams(path)
+    if type(hp).ALG_NAME != alg:
+        raise ShiftEditError(f"--hparams {path} is for {type(hp).ALG_NAME}, not --alg {alg}")
+    return hp

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import DATA_FILES, fetch_data, find_data, require_data, search_dirs
-from ..errors import ShiftEditError
+from ..core.errors import ShiftEditError
+from ..files.data_files import DATA_FILES, fetch_data, find_data, require_data, search_dirs
 
 NAME = "data"
 HELP = "list data sets and where they are found; fetch the public ones (counterfact, wikitext)"
@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "fetch", "where"], help="list: every data set and where it was found; "
                    "fetch NAME: download it; where NAME: print its path (exit 2 if missing)")
     p.add_argument("name", nargs="?", choices=list(DATA_FILES), help="the data set (for fetch / where)")
-    p.add_argument("--dest", default=None, metavar="DIR", help="fetch: the data folder to store into (default: the user cache)")
+    p.add_argument("--dest", default=None, metavar="DIR",
+                   help="fetch: the data folder to store into (default: the user cache)")
     p.add_argument("--url", default=None, help="fetch: another source of the same bytes (a mirror or file:// copy)")
     p.add_argument("--force", action="store_true", help="fetch: download even if a good copy is stored")
 
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
         print("searched: " + ", ".join(str(d) for d in search_dirs()))
         for name, spec in DATA_FILES.items():
             p = find_data(name)
-            where = str(p) if p else ("missing: shift-edit data fetch " + name if spec.url else "missing (no public download)")
+            where = str(p) if p else ("missing: shift-edit data fetch " + name if spec.url else "missing (no public "
+                                      "download)")
             print(f"{name:20s} {where}\n{'':20s} {spec.description}")
         return 0
     if args.name is None:

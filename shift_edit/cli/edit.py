@@ -6,24 +6,25 @@ import argparse
 import contextlib
 import sys
 
-from ..editing import edit
-from ..errors import ShiftEditError
-from ..io import atomic_dir, atomic_file
-from ..loading import check_model_name
-from ..lora import export_lora
-from ..outcome import fmt_prob
-from ..registry import algorithm_names, get_algorithm, option_owners
-from ..requests import make_request
-from ..resources import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
-from ..scoring import next_token_topk
-from ..step_search import search_step
-from .alg_hparams import find_hparams
+from ..algorithms import DEFAULT_ALGORITHM
+from ..core.editing import edit
+from ..core.errors import ShiftEditError
+from ..core.registry import algorithm_names, cli_options, get_algorithm, step_fields
+from ..core.requests import make_request
+from ..core.result import fmt_prob
+from ..core.shipped_hparams import hparams_model_mismatch, shipped_hparams  # noqa: F401 - shipped_hparams re-exported
+from ..core.step_search import search_step
+from ..files.io import atomic_dir, atomic_file
+from ..files.lora import export_lora
+from ..model.loading import check_model_name
+from ..model.scoring import next_token_topk
 from .common import (
     add_model_arguments,
     check_model_args,
     check_new_dir,
     check_new_file,
     check_top_k,
+    find_hparams,
     format_topk,
     load_from_args,
     save_pretrained,
@@ -34,9 +35,6 @@ NAME = "edit"
 HELP = "edit one fact and print the top-k next tokens before and after"
 #: exit code of an edit that ran but did not make the target the strict top-1 (outputs are still written)
 EXIT_NOT_TOP1 = 3
-#: this command's algorithm-specific options: hparams field -> flag. Which algorithms take each is
-#: registered with the algorithm (``register(..., cli_options=(field, ...))``).
-ALG_OPTIONS = {"eta_scaling": "--eta-scaling"}
 EPILOG = (f"exit codes: 0 the target is now the strict top-1 (every target token the argmax); "
           f"{EXIT_NOT_TOP1} the edit was made and saved but the target is not the top-1 (try --until-top1 "
           f"or a larger --eta); 2 bad input, nothing written.")
@@ -48,11 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", default=None, help="the subject (required if --prompt has {})")
     p.add_argument("--target", required=True, help="the new object, e.g. Rome: surrounding spaces are stripped and one "
                    "leading space is added (no space after a prompt ending in a space or newline)")
-    p.add_argument("--alg", default="SHIFT", choices=algorithm_names(), help="algorithm (default SHIFT)")
+    p.add_argument("--alg", default=DEFAULT_ALGORITHM, choices=algorithm_names(),
+                   help=f"algorithm (default {DEFAULT_ALGORITHM})")
     p.add_argument("--hparams", default=None, help="hparams YAML (default: hparams/<ALG>/<model>.yaml if shipped)")
-    p.add_argument("--layer", type=int, action="append", default=None, help="layer to edit (repeat for several); overrides hparams")
-    p.add_argument("--eta", type=float, default=None, help="step size (SHIFT eta, SGD/ADAM/FT lr); overrides hparams")
-    p.add_argument("--eta-scaling", choices=["raw", "normalized"], default=None, help="SHIFT: raw (paper) or normalized by ||x_n||^2")
+    p.add_argument("--layer", type=int, action="append", default=None,
+                   help="layer to edit (repeat for several); overrides hparams")
+    by_field: dict[str, list[str]] = {}
+    for alg, field in step_fields().items():
+        by_field.setdefault(field, []).append(alg)
+    steps = ", ".join(f"{'/'.join(algs)} {field}" for field, algs in by_field.items())
+    p.add_argument("--eta", type=float, default=None, help=f"step size ({steps}); overrides hparams")
+    for opt in cli_options().values():  # the algorithm-specific ones, from the registry
+        p.add_argument(_flag(opt.field), choices=opt.choices, default=None, help=f"{'/'.join(opt.owners)}: {opt.help}")
     p.add_argument("--no-skip", action="store_true", help="edit even if the target is already the top-1 prediction")
     p.add_argument("--until-top1", action="store_true",
                    help="search the step size (eta, lr: the algorithm's step field) by doubling then bisecting, one "
@@ -68,10 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "edit prompt's outputs stay finite)")
 
 
-def _step_field(alg: str) -> str | None:
-    """The hparams field ``--eta`` sets (the registry's step field: SHIFT's eta, the gradient
-    baselines' lr), else None."""
-    return get_algorithm(alg).step_field
+def _flag(field: str) -> str:
+    """``eta_scaling`` -> ``--eta-scaling``."""
+    return "--" + field.replace("_", "-")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -79,16 +83,17 @@ def _overrides(args: argparse.Namespace) -> dict:
     overrides = {}
     if args.layer:
         overrides["layers"] = args.layer
+    alg = get_algorithm(args.alg)
     if args.eta is not None:
-        field = _step_field(args.alg)
+        field = alg.step_field
         if field is None:
             raise ShiftEditError(f"--eta does not apply to {args.alg} (it has no single step size); use --hparams FILE")
         overrides[field] = args.eta
-    for field, flag in ALG_OPTIONS.items():
+    for field, opt in cli_options().items():
         if getattr(args, field) is None:
             continue
-        if field not in get_algorithm(args.alg).cli_options:
-            raise ShiftEditError(f"{flag} is a {'/'.join(option_owners(field))} option, not {args.alg}'s")
+        if field not in alg.cli_options:
+            raise ShiftEditError(f"{_flag(field)} is a {'/'.join(opt.owners)} option, not {args.alg}'s")
         overrides[field] = getattr(args, field)
     if args.no_skip:
         overrides["skip_if_predicted"] = False
@@ -101,9 +106,11 @@ def resolve_hparams(args: argparse.Namespace):
     hp = find_hparams(args.alg, args.model, args.hparams)
     if hp is not None:
         return hp.replace(**overrides) if overrides else hp
-    if "layers" not in overrides or _step_field(args.alg) not in overrides:
-        raise ShiftEditError(f"no shipped {args.alg} hparams for {args.model!r}: pass --hparams FILE, or --layer and --eta")
-    return get_algorithm(args.alg).hparams_class.from_dict({"model_name": args.model, **overrides}, source="command line")
+    if "layers" not in overrides or get_algorithm(args.alg).step_field not in overrides:
+        raise ShiftEditError(f"no shipped {args.alg} hparams for {args.model!r}: pass --hparams FILE, or --layer and "
+                             f"--eta")
+    return get_algorithm(args.alg).hparams_class.from_dict({"model_name": args.model, **overrides},
+                                                           source="command line")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     request = make_request({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     check_model_args(args)
     hparams = resolve_hparams(args)
-    if args.until_top1 and _step_field(args.alg) is None:
+    if args.until_top1 and get_algorithm(args.alg).step_field is None:
         raise ShiftEditError(f"--until-top1 needs an algorithm with a step size; {args.alg} has none")
     model, tok = load_from_args(args)
     check_top_k(args.top_k, model)
@@ -129,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         print(search.line())
         if search.found:
             hparams = hparams.replace(**{search.field: search.step})
-    result = edit(model, tok, request, hparams, force=args.force)  # an error it raises names the model the hparams were written for
+    result = edit(model, tok, request, hparams,
+                  force=args.force)  # an error it raises names the model the hparams were written for
     note = hparams_model_mismatch(hparams, model)
     if note:  # after the edit: when the hparams cannot fit at all, the error above is the one line
         print(f"warning: {note}; the edit may not work as tuned (pass --hparams for this model)", file=sys.stderr)
@@ -148,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     print(outcome.line())
     _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir)
     if not outcome.top1_after:
-        field = _step_field(args.alg)
+        field = get_algorithm(args.alg).step_field
         fix = (f"--until-top1 or a larger --eta (now {getattr(hparams, field):.4g})" if field
                else "other hparams (--hparams FILE, e.g. another --layer)")
         print(f"warning: the edit did not make {request.target_new!r} the top-1 (P {fmt_prob(outcome.prob_after)}); "
@@ -175,7 +183,11 @@ def _write_outputs(args, model, tok, result, patch_path, lora_dir, save_dir) -> 
                 lines.append("no LoRA adapter written: the edit changed nothing")
             else:
                 tmp = staged.enter_context(atomic_dir(lora_dir))  # checked absent or empty before the edit
-                lines.append(describe(export_lora(result, tmp, rank=args.lora_rank, overwrite=True)).replace(str(tmp), str(lora_dir)))
+                lines.append(
+                    describe(export_lora(result, tmp, rank=args.lora_rank, overwrite=True)).replace(
+                        str(tmp), str(lora_dir)
+                    )
+                )
         if save_dir is not None:
             tmp = staged.enter_context(atomic_dir(save_dir))
             save_pretrained(model, tok, tmp)  # a full disk: OSError, exit 2, nothing left

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench.export import FORMATS, export_run
+from ..compat.result_export import FORMATS, export_run
 
 NAME = "export"
 HELP = "write a bench run dir as ROME/MEMIT case files or an EasyEdit result JSON (their summarize scripts read it)"
@@ -13,7 +13,8 @@ HELP = "write a bench run dir as ROME/MEMIT case files or an EasyEdit result JSO
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a results/<ALG>/run_<NNN> folder")
     p.add_argument("--format", required=True, choices=FORMATS, help="rome: case_<id>.json; memit: "
-                   "<n>_edits-case_<id>.json with *_prompts_correct (both with the run's hparams as params.json, as their "
+                   "<n>_edits-case_<id>.json with *_prompts_correct (both with the run's hparams as params.json, as "
+                   "their "
                    "evaluate.py writes); easyedit: results.json (values strict top-1, labelled)")
     p.add_argument("--out", required=True, help="a new (or empty) folder")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ShiftEditError
-from ..lora import LoraExport, export_lora
+from ..core.errors import ShiftEditError
+from ..files.lora import LoraExport, export_lora
 from .common import add_unchecksummed_argument, check_new_dir
 
 NAME = "export-lora"
@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def describe(export: LoraExport) -> str:
     """One line per module plus the file size, for the CLI."""
     lines = [
-        f"  {m}: rank {r}" + ("" if export.relative_errors[m] == 0 else f", relative error {export.relative_errors[m]:.4g}")
+        f"  {m}: rank {r}" + ("" if export.relative_errors[m] == 0 else f", relative error "
+                              f"{export.relative_errors[m]:.4g}")
         for m, r in export.ranks.items()
     ]
     kind = "exact" if export.exact else "truncated"

@@ -6,9 +6,9 @@ import argparse
 import csv
 import io
 
-from ..architectures import ModelAdapter
-from ..errors import ShiftEditError
-from ..io import atomic_write_json, atomic_write_text, provenance
+from ..core.errors import ShiftEditError
+from ..core.requests import make_request
+from ..files.io import atomic_write_json, atomic_write_text, provenance
 from ..lens import (
     LogitLens,
     capture_gradients,
@@ -22,7 +22,7 @@ from ..lens import (
 )
 from ..lens.logit_lens import decode_token
 from ..lens.pictures import plot_neurons, plot_ranks, plot_target_ranks
-from ..requests import make_request
+from ..model.architectures import ModelAdapter
 from .common import add_model_arguments, check_new_dir, load_from_args
 
 NAME = "lens"
@@ -32,7 +32,8 @@ HELP = "project one prompt's gradients into the vocabulary (heatmaps, ranks, neu
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the prompt, or a template with {} for --subject")
-    p.add_argument("--subject", default=None, help="the subject (marks the subject tokens; required if --prompt has {})")
+    p.add_argument("--subject", default=None,
+                   help="the subject (marks the subject tokens; required if --prompt has {})")
     p.add_argument("--target", required=True, help="the target whose NLL is back-propagated, e.g. ' Paris'")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for figures and tables")
     p.add_argument("--top-k", type=int, default=5, help="tokens kept per cell in the tables (default 5)")
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_from_args(args)
     adapter = ModelAdapter(model)
     neuron_layer = None if args.neuron_layer is None else adapter.check_layer(args.neuron_layer)
-    grad_layers = True if args.check_layers is None else [adapter.check_layer(l) for l in args.check_layers]
+    grad_layers = True if args.check_layers is None else [adapter.check_layer(x) for x in args.check_layers]
     lens = LogitLens(model, adapter)
     cap = capture_gradients(model, tok, request.text, request.target_new, adapter=adapter, weight_grads=grad_layers)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,11 +94,24 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "neuron_groups.csv", _rows_csv(neurons["groups"]))
     atomic_write_text(out / "ranks.csv", _rows_csv(ranks))
     plot_ranks(ranks, out / "ranks.png")
-    plot_target_ranks(tr, out / "target_ranks.png", target=decode_token(tok, cap.target_id), original=decode_token(tok, cap.original_id))
+    plot_target_ranks(
+        tr,
+        out / "target_ranks.png",
+        target=decode_token(tok, cap.target_id),
+        original=decode_token(tok, cap.original_id),
+    )
     plot_neurons(neurons, out / "neurons.png", target=request.target_new)
     atomic_write_text(out / "target_ranks.csv", _rows_csv(
         [{"variant": v, **row} for v, rows in tr.items() for row in rows]))
-    summary = {
+    summary = _summary(args, model, tok, request, cap, checks, ranks, segments, tr, neuron_layer)
+    atomic_write_json(out / "summary.json", summary)
+    _report(request, tok, cap, checks, ranks, tr, summary, out)
+    return 0 if summary["decomposition_ok"] else 1
+
+
+def _summary(args, model, tok, request, cap, checks, ranks, segments, tr, neuron_layer) -> dict:
+    """``summary.json``: the protocol, the request and its tokens, the decomposition check, ranks and target ranks."""
+    return {
         "protocol": {
             "analysis": "Backward Lens (Katz et al. 2024): one forward + one backward pass of "
                         "-log p(first target token | prompt) at the last prompt position",
@@ -120,15 +134,18 @@ def run(args: argparse.Namespace) -> int:
         "ranks": ranks, "target_ranks": tr, "neuron_layer": neuron_layer,
         "provenance": provenance(model),
     }
-    atomic_write_json(out / "summary.json", summary)
+
+
+def _report(request, tok, cap, checks, ranks, tr, summary, out) -> None:
+    """The lines ``shift-edit lens`` prints."""
     last = cap.layers[-1]
     print(f"prompt {request.text!r} -> target {request.target_new!r} (p={cap.target_prob:.4g}); "
           f"model answers {decode_token(tok, cap.original_id)!r}; n={cap.n} tokens")
     print(f"decomposition grad == Σ x_iᵀ δ_i: {'ok' if summary['decomposition_ok'] else 'FAILED'} "
           f"(max relative error {summary['decomposition_max_relative_error']:.2e}, {len(checks)} matrices)")
-    print(f"last layer FF2 gradient rank: {[r['rank'] for r in ranks if r['layer'] == last.layer and r['kind'] == 'ff2'][0]}; "
+    print(f"last layer FF2 gradient rank: "
+          f"{[r['rank'] for r in ranks if r['layer'] == last.layer and r['kind'] == 'ff2'][0]}; "
           f"layers with FF2 rank == n: {sum(r['full'] for r in ranks if r['kind'] == 'ff2')}/{len(cap.layers)}")
     best = min(tr["plain"], key=lambda r: r["target_rank"])
     print(f"best target rank in δ_n (plain lens, from least probable): {best['target_rank']} at layer {best['layer']}")
     print(f"written to {out}/")
-    return 0 if summary["decomposition_ok"] else 1

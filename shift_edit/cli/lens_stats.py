@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import ShiftEditError
-from ..io import atomic_write_json, atomic_write_text, provenance
+from ..core.errors import ShiftEditError
+from ..core.requests import make_request
+from ..files.io import atomic_write_json, atomic_write_text, provenance
 from ..lens.stats import aggregate_csv, lens_stats, plot_stats
-from ..requests import make_request
 from .common import add_model_arguments, check_new_dir, load_from_args
 
 NAME = "lens-stats"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..architectures import ARCHITECTURES
-from ..loading import ALIASES
-from ..registry import algorithm_names, get_algorithm
-from ..resources import shipped_hparams_index
+from ..core.registry import algorithm_names, get_algorithm
+from ..core.shipped_hparams import shipped_hparams_index
+from ..model.architectures import ARCHITECTURES
+from ..model.loading import ALIASES
 
 NAME = "models"
 HELP = "list model aliases, supported architectures and registered algorithms"

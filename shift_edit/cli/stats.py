@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from ..algorithms.common import adapter_for
-from ..architectures import ModelAdapter
-from ..editor import load_hparams
-from ..errors import ShiftEditError
-from ..covariance import layer_stats
+from ..compat.easyedit_editor import load_hparams
+from ..core.errors import ShiftEditError
+from ..model.architectures import ModelAdapter
+from ..model.covariance import layer_stats
 from .common import add_model_arguments, load_from_args
 
 NAME = "stats"
@@ -23,10 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, action="append", default=None, help="layer (repeat for several; one pass)")
     p.add_argument("--corpus", default=None,
                    help="text file (one text per line) or hf:<dataset>/<config>/<split> "
-                        "(default: the wikitext data set if found, see `shift-edit data`, else hf:wikitext/wikitext-103-raw-v1/train)")
+                        "(default: the wikitext data set if found, see `shift-edit data`, else "
+                        "hf:wikitext/wikitext-103-raw-v1/train)")
     p.add_argument("--n-tokens", type=int, default=None, help="token vectors to average over (default 100000)")
     p.add_argument("--max-length", type=int, default=None, help="truncation length per text, in tokens (default 256)")
-    p.add_argument("--stats-dtype", choices=["float32", "float64"], default=None, help="accumulation dtype (default float32)")
+    p.add_argument("--stats-dtype", choices=["float32", "float64"], default=None,
+                   help="accumulation dtype (default float32)")
     p.add_argument("--rebuild", action="store_true", help="ignore an existing cache entry and recompute")
 
 

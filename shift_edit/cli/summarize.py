@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..bench.foreign import case_ids_any, expand_paths, summarize_any
 from ..bench.seq_summary import curves, curves_csv, is_sequential, plot_curves, summarize_sequential
 from ..bench.summarize import bar_chart, by_dataset, load_reference, to_csv, to_markdown_by_dataset
-from ..errors import ShiftEditError
-from ..io import atomic_write_json, atomic_write_text
+from ..compat.result_import import case_ids_any, expand_paths, summarize_any
+from ..core.errors import ShiftEditError
+from ..files.io import atomic_write_json, atomic_write_text
 from .common import check_out_root
 
 NAME = "summarize"
@@ -18,9 +18,11 @@ HELP = "summarize benchmark run dirs (markdown, CSV, JSON, PNG), optionally besi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="+", help="results/<ALG>/run_<NNN> folders (a folder of run_* folders stands for them); "
+    p.add_argument("run_dirs", nargs="+",
+                   help="results/<ALG>/run_<NNN> folders (a folder of run_* folders stands for them); "
                    "seq_<NNN> sequential runs (their last checkpoint, labelled with T and B, plus retention / "
-                   "neighborhood / perplexity curves); ROME/MEMIT run folders (case_<id>.json / <n>_edits-case_<id>.json, with or "
+                   "neighborhood / perplexity curves); ROME/MEMIT run folders (case_<id>.json / "
+                   "<n>_edits-case_<id>.json, with or "
                    "without their hparams as params.json; told from ours by content) and EasyEdit result JSON files")
     p.add_argument("--reference", action="append", default=[], help="eval/reference/*.json to show beside (repeatable)")
     p.add_argument("--out", default=None, help="folder for summary.md/.csv/.json/.png (default: the first run dir)")

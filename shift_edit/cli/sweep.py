@@ -1,4 +1,4 @@
-"""``shift-edit sweep``: the minimum learning-rate study and the SHIFT layer sweep."""
+"""``shift-edit sweep``: the minimum learning-rate study and the layer sweep (:mod:`shift_edit.studies`)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import ModelAdapter
-from ..data import require_data
-from ..errors import ShiftEditError
-from ..registry import linear_step_fields
+from ..core.errors import ShiftEditError
+from ..core.registry import linear_step_fields
+from ..files.data_files import require_data
+from ..model.architectures import ModelAdapter
 from ..studies import layer_sweep, min_lr
-from ..studies.data import load_records
+from ..studies.counterfact_records import load_records
 from ..studies.perplexity import load_wikitext_lines, protocol_text, wikitext_perplexity
 from .common import add_model_arguments, check_out_root, load_from_args
 
 NAME = "sweep"
 #: the default ``--algs`` of the min-lr study (any algorithm registered with ``linear_step`` is accepted)
-DEFAULT_ALGS = "SHIFT,SGD,ADAM"
-HELP = "minimum lr per layer for SHIFT/SGD/ADAM (and ppl there), or the SHIFT layer sweep; resumable"
+DEFAULT_ALGS = ",".join(min_lr.DEFAULT_ALGS)
+HELP = (f"minimum lr per layer for {'/'.join(min_lr.DEFAULT_ALGS)} (and ppl there), or the {layer_sweep.ALG} layer "
+        f"sweep; "
+        "resumable")
 
 
 def _layers(text: str, n_layers: int) -> list[int]:
@@ -38,7 +40,8 @@ def _layers(text: str, n_layers: int) -> list[int]:
         raise ShiftEditError(f"--layers {text!r}: expected 'all', '0,5,10' or 'start:stop[:step]'") from None
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad or not out:
-        raise ShiftEditError(f"--layers {text!r}: " + (f"layer {bad[0]} is out of range: the model has {n_layers} layers "
+        raise ShiftEditError(f"--layers {text!r}: " + (f"layer {bad[0]} is out of range: the model has {n_layers} "
+                                                       f"layers "
                              f"(0..{n_layers - 1})" if bad else "selects no layer"))
     return out
 
@@ -47,12 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--study", required=True, choices=["min-lr", "layer-sweep"])
     p.add_argument("--out", required=True, help="output folder (re-running with the same options resumes)")
-    p.add_argument("--data", default=None, help="CounterFact JSON (default: <shared data>/" + "counterfact-original-format-subset837.json)")
+    p.add_argument("--data", default=None,
+                   help="CounterFact JSON (default: <shared data>/" + "counterfact-original-format-subset837.json)")
     p.add_argument("--n-records", type=int, default=20)
     p.add_argument("--sample-seed", type=int, default=None, help="seeded random sample instead of the first N records")
     p.add_argument("--case-ids", default=None, help="comma-separated case ids (overrides --n-records)")
     p.add_argument("--layers", default="all", help="'all', '0,5,10' or 'start:stop[:step]'")
-    p.add_argument("--algs", default=DEFAULT_ALGS, help="min-lr: algorithms (SHIFT, SGD, ADAM)")
+    p.add_argument("--algs", default=DEFAULT_ALGS, help=f"min-lr: algorithms (default {DEFAULT_ALGS})")
     p.add_argument("--criterion", choices=["first", "strict"], default="first",
                    help="min-lr: target's first token top-1 (default) or every token (strict)")
     p.add_argument("--start", type=float, default=1e-5, help="min-lr: first step tried; the scan goes up by 10x")
@@ -62,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta-normalized", type=float, default=None, help="layer-sweep: normalized eta (omit to skip)")
     p.add_argument("--ppl-records", type=int, default=0, help="measure WikiText ppl for the first K records (slow)")
     p.add_argument("--ppl-lines", type=int, default=100, help="WikiText lines for ppl (paper: 100)")
-    p.add_argument("--ppl-max-tokens", type=int, default=256, help="truncate each ppl line to this many tokens (paper: 256)")
+    p.add_argument("--ppl-max-tokens", type=int, default=256,
+                   help="truncate each ppl line to this many tokens (paper: 256)")
     p.add_argument("--ppl-batch-size", type=int, default=1, help="ppl lines per forward pass (same result, faster)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.study == "min-lr":
         meta.update(algs=algs, criterion=args.criterion, rel_tol=args.rel_tol, start=args.start, max_lr=args.max_lr,
                     step_fields={a: step_fields[a] for a in algs},
-                    note="SHIFT raw eta; SGD/ADAM lr, single step on FF2, first target token, full gradient")
+                    note=min_lr.PROTOCOL_NOTE)
         rows = min_lr.run_min_lr_study(model, tok, records, algs=algs, layers=layers, out_dir=out,
                                        criterion=args.criterion, start=args.start, max_lr=args.max_lr,
                                        rel_tol=args.rel_tol, ppl_fn=ppl_fn,

@@ -15,7 +15,12 @@ from .capture import GradientCapture, LayerCapture, MatrixCapture, capture_gradi
 from .logit_lens import LogitLens, rank_in_logits
 from .neurons import gradient_neurons
 from .rank import (
-    DecompositionCheck, check_decomposition, factored_rank, numerical_rank, outer_sum, rank_table,
+    DecompositionCheck,
+    check_decomposition,
+    factored_rank,
+    numerical_rank,
+    outer_sum,
+    rank_table,
 )
 from .segments import SEGMENTS, token_segments
 from .stats import aggregate, lens_stats, plot_stats, record_stats

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import Layout, ModelAdapter, from_param_layout
-from ..errors import ShiftEditError
-from ..hooks import OwnedHooks
-from ..requests import encode_prompt, encode_target, with_leading_space
+from ..core.errors import ShiftEditError
+from ..core.requests import encode_prompt, encode_target, with_leading_space
+from ..model.architectures import Layout, ModelAdapter, from_param_layout
+from ..model.hooks import OwnedHooks
 
 
 @dataclass
@@ -97,6 +97,8 @@ class GradientCapture:
         return [m for lc in self.layers for m in (*lc.ff1, lc.ff2)]
 
 
+# length: one forward and one backward pass whose hooks fill the capture as they run; the hooks, the requires_grad
+#   flags they need and their restoring in `finally` read best in one place
 def capture_gradients(
     model: nn.Module,
     tok,
@@ -136,7 +138,7 @@ def capture_gradients(
     if not ids:
         raise ShiftEditError(f"prompt {prompt!r} tokenises to no tokens")
     target_id = encode_target(tok, prompt, target)[0]
-    layer_ids = list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(l) for l in layers]
+    layer_ids = list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(x) for x in layers]
 
     specs: list[tuple[str, str, int, nn.Module]] = []  # (name, kind, layer, module)
     for layer in layer_ids:
@@ -163,7 +165,7 @@ def capture_gradients(
     if isinstance(weight_grads, bool):
         grad_layers = set(layer_ids) if weight_grads else set()
     else:
-        grad_layers = {adapter.check_layer(l) for l in weight_grads}
+        grad_layers = {adapter.check_layer(x) for x in weight_grads}
     all_weights = [mod.weight for _, _, _, mod in specs]  # need requires_grad for a graph to exist
     grad_specs = [k for k, spec in enumerate(specs) if spec[2] in grad_layers]
     weights = [all_weights[k] for k in grad_specs]
@@ -198,7 +200,7 @@ def capture_gradients(
         target_prob=float(logp.detach()[target_id].exp()),
     )
     shared_x: dict[tuple[int, int], torch.Tensor] = {}  # (layer, data_ptr) -> one shared tensor
-    by_layer: dict[int, dict[str, list[MatrixCapture]]] = {l: {"ff1": [], "ff2": []} for l in layer_ids}
+    by_layer: dict[int, dict[str, list[MatrixCapture]]] = {x: {"ff1": [], "ff2": []} for x in layer_ids}
     for k, (name, kind, layer, mod) in enumerate(specs):
         raw_x = inputs[name]
         key = (layer, raw_x.data_ptr())
@@ -214,5 +216,5 @@ def capture_gradients(
             grad = (torch.zeros(mod.weight.shape) if grad is None else grad.detach().float().cpu())
         by_layer[layer][kind].append(
             MatrixCapture(name, kind, layer, layouts[name], shared_x[key], delta, grad, mod.weight.dtype))
-    capture.layers = [LayerCapture(l, by_layer[l]["ff1"], by_layer[l]["ff2"][0]) for l in layer_ids]
+    capture.layers = [LayerCapture(x, by_layer[x]["ff1"], by_layer[x]["ff2"][0]) for x in layer_ids]
     return capture

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..architectures import ModelAdapter
+from ..model.architectures import ModelAdapter
 
 Order = Literal["top", "bottom"]
 
@@ -72,7 +72,8 @@ class LogitLens:
         values, ids = p.topk(min(k, p.numel()), largest=(order == "top"))
         return [(int(i), float(v)) for v, i in zip(values, ids)]
 
-    def rank(self, vectors: torch.Tensor, token_id: int, *, order: Order = "top", normalized: bool = False) -> torch.Tensor:
+    def rank(self, vectors: torch.Tensor, token_id: int, *, order: Order = "top",
+             normalized: bool = False) -> torch.Tensor:
         """1-based rank of ``token_id`` per vector: 1 = most probable (``top``) or least probable (``bottom``)."""
         return rank_in_logits(self.logits(vectors, normalized=normalized), token_id, order=order)
 

@@ -13,7 +13,7 @@ import functools
 import io
 from pathlib import Path
 
-from ..io import atomic_write_bytes
+from ..files.io import atomic_write_bytes
 
 SUBJECT_COLOR = "#d95f02"
 
@@ -70,7 +70,8 @@ def plot_ranks(rows: list[dict], path: str | Path, *, title: str = "") -> Path:
     for kind, marker in (("ff1", "o"), ("ff2", "s")):
         pts = sorted((r["layer"], r["rank"]) for r in rows if r["kind"] == kind)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=3, label=f"{kind.upper()} gradient rank")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=3,
+                    label=f"{kind.upper()} gradient rank")
     if rows:
         ax.axhline(rows[0]["n"], color="grey", ls="--", lw=1, label=f"n = {rows[0]['n']} prompt tokens")
     ax.set_xlabel("layer")
@@ -108,7 +109,9 @@ def plot_neurons(neurons: dict, path: str | Path, *, target: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(rows) + 1.4))
     ys = list(range(len(rows)))[::-1]
     ax.barh(ys, [100 * r["share"] for r in rows], color="#1f77b4")
-    labels = [f"#{r['neuron']}: " + " | ".join(safe_text(t).strip() or repr(t) for t in r["bottom_tokens"][:3]) for r in rows]
+    labels = [
+        f"#{r['neuron']}: " + " | ".join(safe_text(t).strip() or repr(t) for t in r["bottom_tokens"][:3]) for r in rows
+    ]
     ax.set_yticks(ys, labels, fontsize=6.5)
     ax.set_xlabel("share of the squared gradient norm (%)")
     twin = ax.twiny()

@@ -128,7 +128,9 @@ def factored_rank(m: MatrixCapture, *, eps_dtype: torch.dtype | None = None) -> 
 
 
 def _coarser(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps else torch.float32
+    return (
+        dtype if dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps else torch.float32
+    )
 
 
 def rank_table(capture: GradientCapture, *, factored: bool = False) -> list[dict]:

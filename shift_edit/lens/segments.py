@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import ShiftEditError
-from ..requests import encode_prompt
+from ..core.errors import ShiftEditError
+from ..core.requests import encode_prompt
 
 SEGMENTS = ("subject", "last_subject", "other", "last")
 

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architectures import ModelAdapter
-from ..errors import ShiftEditError
-from ..io import atomic_write_bytes
-from ..requests import EditRequest, encode_target
+from ..core.errors import ShiftEditError
+from ..core.requests import EditRequest, encode_target
+from ..files.io import atomic_write_bytes
+from ..model.architectures import ModelAdapter
 from .capture import capture_gradients
 from .logit_lens import LogitLens, rank_in_logits
 from .rank import factored_rank
@@ -119,7 +119,9 @@ def aggregate(records: list[dict], n_layers: int, vocab: int) -> dict:
     agg["rank_equals_n_share"] = full
     agg["rank_over_n_mean"] = mean_rank_ratio
     agg["last_layer_ff2_rank_one_share"] = sum(r["rank"]["ff2"][-1] == 1 for r in records) / len(records)
-    agg["last_layer_ff1_rank_one_share"] = sum(all(rk == 1 for rk in r["rank"]["ff1"][-1]) for r in records) / len(records)
+    agg["last_layer_ff1_rank_one_share"] = sum(all(rk == 1 for rk in r["rank"]["ff1"][-1]) for r in records) / len(
+        records
+    )
     # target ranks
     ranks: dict = {}
     for key in ("target_rank", "original_rank", "true_rank"):

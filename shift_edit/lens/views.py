@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from ..io import atomic_write_bytes
+from ..files.io import atomic_write_bytes
 from .capture import GradientCapture
 from .logit_lens import LogitLens, decode_token, rank_in_logits
 from .pictures import SUBJECT_COLOR, safe_text
@@ -141,7 +141,8 @@ def plot_grid(grid: LensGrid, path, *, color_by: ColorBy = "delta", title: str |
     ax.set_ylabel("layer")
     what = "x_i (top-1)" if grid.kind == "ff1" else "δ_i (least probable)"
     tgt = f" (target {_short(target, 16)}, subject in [ ])" if target is not None else ""
-    ax.set_title(title or f"{grid.kind.upper()}: Logit Lens of {what}{', normalised' if grid.normalized else ''}{tgt}", fontsize=9)
+    ax.set_title(title or f"{grid.kind.upper()}: Logit Lens of {what}{', normalised' if grid.normalized else ''}{tgt}",
+                 fontsize=9)
     cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     cbar.set_label({"delta": "||δ_i||", "x": "||x_i||", "outer": "||x_i||·||δ_i||"}[color_by], fontsize=8)
     fig.tight_layout()

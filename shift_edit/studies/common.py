@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import statistics
 from collections.abc import Iterator, Sequence
@@ -12,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deltas import WeightDelta, apply_deltas
-from ..hparams import HyperParams
-from ..io import atomic_write_json
-from ..registry import get_algorithm, linear_step_fields
-from ..requests import EditRequest
+from ..core.deltas import WeightDelta, apply_deltas
+from ..core.hparams import HyperParams
+from ..core.registry import get_algorithm, linear_step_fields
+from ..core.requests import EditRequest
+from ..files.io import atomic_write_json, atomic_write_text
 
 
 def __getattr__(name: str) -> Any:
@@ -85,3 +87,29 @@ def ppl_stats(ppls: Sequence[float]) -> dict[str, Any]:
             "ppl_median": statistics.median(ppls) if ppls else None}
 
 
+def save_figure(fig, title: str, path: str | Path) -> None:
+    """Title ``fig``, write it to ``path`` (80 dpi) and close it (the studies' figures)."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows as CSV; the columns are the union of the rows' keys, in first-seen order."""
+    fields: dict[str, None] = {}
+    for r in rows:
+        fields.update(dict.fromkeys(r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), restval="")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_tables(out: Path, rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]]) -> None:
+    """A study's ``rows.csv`` and ``summary.csv`` in ``out``."""
+    atomic_write_text(out / "rows.csv", to_csv(rows))
+    atomic_write_text(out / "summary.csv", to_csv(summary))

@@ -18,25 +18,28 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms.shift import ShiftHyperParams
-from ..architectures import ModelAdapter
-from ..editing import edit
-from ..io import atomic_write_json, atomic_write_text, provenance
-from ..requests import make_request
-from ..resume import BlockRecorder, Resume
-from ..scoring import score_continuations
-from ..plots import plot_ppl
-from .common import ppl_stats, read_done, write_record
-from .min_lr import to_csv
+from ..algorithms.shift.shift import ShiftHyperParams
+from ..bench.plots import plot_ppl
+from ..core.editing import edit
+from ..core.requests import make_request
+from ..files.io import atomic_write_json, provenance
+from ..model.architectures import ModelAdapter
+from ..model.resume import BlockRecorder, Resume
+from ..model.scoring import score_continuations
+from .common import ppl_stats, read_done, save_figure, write_record, write_tables
+
+#: the algorithm the sweep edits with
+ALG = ShiftHyperParams.ALG_NAME
 
 log = logging.getLogger(__name__)
 
 
 def top1_metrics(
-    model: nn.Module, tok, record: dict[str, Any], *, recorder: BlockRecorder | None = None, resume: Resume | None = None,
+    model: nn.Module, tok, record: dict[str, Any], *, recorder: BlockRecorder | None = None,
+    resume: Resume | None = None,
 ) -> dict[str, float]:
     """Strict top-1 efficacy, paraphrase and neighborhood of one CounterFact record
-    (``recorder`` / ``resume``: see :func:`~shift_edit.scoring.score_token_continuations`)."""
+    (``recorder`` / ``resume``: see :func:`~shift_edit.model.scoring.score_token_continuations`)."""
     req = make_request(record)
     para = list(record.get("paraphrase_prompts", []))
     neigh = list(record.get("neighborhood_prompts", []))
@@ -119,7 +122,9 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         if base is not None:
             ax.axhline(base["neighborhood"], color="gray", ls=":", label="neighborhood unedited")
         ax.set_title(f"SHIFT {scaling} eta={eta:g}", fontsize=9)
-        ax.set_xlabel("layer"); ax.set_ylim(-0.02, 1.02); ax.legend(fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
     ax = axes[0][-1]
     for scaling, eta in settings:
         ss = [s for s in summary if (s["eta_scaling"], s["eta"]) == (scaling, eta) and s["ppl_median"] is not None]
@@ -129,21 +134,20 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
         ax.axhline(base_ppl, color="gray", ls="--", label="unedited")
     if not any(s["ppl_median"] is not None for s in summary):
         ax.text(0.5, 0.5, "perplexity not measured in this run", ha="center", va="center", transform=ax.transAxes)
-    ax.set_yscale("log"); ax.set_xlabel("layer"); ax.set_ylabel("WikiText ppl, median (▲: off scale)")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("WikiText ppl, median (▲: off scale)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
-def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any], base_ppl: float | None) -> dict[str, Any]:
+def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any],
+                  base_ppl: float | None) -> dict[str, Any]:
     """rows.csv, summary.csv, summary.json (with provenance) and layer_sweep.png in ``out_dir``."""
     out = Path(out_dir)
     summary = summarize(rows)
-    atomic_write_text(out / "rows.csv", to_csv(rows))
-    atomic_write_text(out / "summary.csv", to_csv(summary))
+    write_tables(out, rows, summary)
     doc = {"study": "layer_sweep", "metric_family": "strict top-1 (MEMIT)", **meta, "unedited_ppl": base_ppl,
            "summary": summary, "provenance": provenance(model)}
     atomic_write_json(out / "summary.json", doc)

@@ -12,8 +12,6 @@ Each record's results go to their own JSON file (atomic), so a run resumes.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import statistics
 from collections.abc import Callable, Sequence
@@ -25,15 +23,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.common import adapter_for
-from ..io import atomic_write_json, atomic_write_text, provenance
-from ..requests import encode_prompt, encode_target, make_request
-from ..resume import BlockRecorder, Resume, first_edited_block
-from ..scoring import pad_id_of, score_token_continuations
-from ..plots import plot_ppl
+from ..bench.plots import plot_ppl
+from ..core.requests import encode_prompt, encode_target, make_request
+from ..files.io import atomic_write_json, provenance
+from ..model.resume import BlockRecorder, Resume, first_edited_block
+from ..model.scoring import pad_id_of, score_token_continuations
 from .common import (
-    ppl_stats, read_done, scaled, temporarily_applied, unit_deltas, unit_hparams, write_record,
+    ppl_stats,
+    read_done,
+    save_figure,
+    scaled,
+    temporarily_applied,
+    unit_deltas,
+    unit_hparams,
+    write_record,
+    write_tables,
 )
 from .search import find_min_lr
+
+#: the algorithms the study compares unless told otherwise (any registered with ``linear_step`` is accepted)
+DEFAULT_ALGS = ("SHIFT", "SGD", "ADAM")
+#: the protocol of the default comparison, recorded with the results
+PROTOCOL_NOTE = "SHIFT raw eta; SGD/ADAM lr, single step on FF2, first target token, full gradient"
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +56,7 @@ def is_top1(
     resume: Resume | None = None,
 ) -> bool:
     """Is the target the top-1 prediction: its first token (``"first"``) or every token (``"strict"``)
-    (``resume``: re-run only some blocks, :mod:`shift_edit.resume`)."""
+    (``resume``: re-run only some blocks, :mod:`shift_edit.model.resume`)."""
     (score,) = score_token_continuations(model, [(prompt_ids, target_ids)], pad_id=pad_id_of(tok), resume=resume)
     return score.first_correct if criterion == "first" else score.all_correct
 
@@ -61,7 +72,7 @@ def min_lr_for(
     hp = unit_hparams(alg, layer)
     unit = unit_deltas(model, tok, req, hp)
     # The edit changes block `first` and later only: record the unedited input of that block
-    # once, and let each trial re-run only the blocks from there (shift_edit.resume).
+    # once, and let each trial re-run only the blocks from there (shift_edit.model.resume).
     adapter = adapter_for(model, hp)
     first = first_edited_block(adapter, unit)
     resume = None
@@ -157,18 +168,6 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as CSV; the columns are the union of the rows' keys, in first-seen order."""
-    fields: dict[str, None] = {}
-    for r in rows:
-        fields.update(dict.fromkeys(r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), restval="")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_ppl: float | None = None) -> None:
     """Two panels: median minimum step (IQR band, log scale) and perplexity, against the layer."""
     import matplotlib
@@ -198,28 +197,28 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str, base_p
     else:
         a1.text(0.5, 0.5, "no record reached top-1 below the largest step tried", ha="center", va="center",
                 transform=a1.transAxes)
-    a1.set_xlabel("layer"); a1.set_ylabel("minimum lr / eta (median, IQR)")
+    a1.set_xlabel("layer")
+    a1.set_ylabel("minimum lr / eta (median, IQR)")
     if a1.get_legend_handles_labels()[0]:
         a1.legend()
-    a2.set_xlabel("layer"); a2.set_ylabel("WikiText ppl at min lr, median")
+    a2.set_xlabel("layer")
+    a2.set_ylabel("WikiText ppl at min lr, median")
     if any(s["ppl_median"] is not None for s in summary) or base_ppl is not None:
         a2.set_yscale("log")
     if a2.get_legend_handles_labels()[0]:
         a2.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
-def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any], base_ppl: float | None) -> dict[str, Any]:
+def write_outputs(rows, out_dir: str | Path, model: nn.Module, meta: dict[str, Any],
+                  base_ppl: float | None) -> dict[str, Any]:
     """rows.csv, summary.csv, summary.json (with provenance) and min_lr.png in ``out_dir``."""
     out = Path(out_dir)
     summary = summarize(rows)
-    atomic_write_text(out / "rows.csv", to_csv(rows))
-    atomic_write_text(out / "summary.csv", to_csv(summary))
+    write_tables(out, rows, summary)
     doc = {"study": "min_lr", **meta, "unedited_ppl": base_ppl, "summary": summary, "provenance": provenance(model)}
     atomic_write_json(out / "summary.json", doc)
     n = len({r["case_id"] for r in rows})
-    plot(summary, out / "min_lr.png", f"min lr to make the target top-1 ({meta.get('criterion')}), N={n} records", base_ppl)
+    plot(summary, out / "min_lr.png", f"min lr to make the target top-1 ({meta.get('criterion')}), N={n} records",
+         base_ppl)
     return doc

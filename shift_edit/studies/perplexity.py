@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from ..bench.wikitext import PerplexityProtocol, long_lines, perplexity, read_wikitext_lines
-from ..errors import ShiftEditError
+from ..core.errors import ShiftEditError
 
 
 def protocol_text(n_lines: int, max_tokens: int) -> str:

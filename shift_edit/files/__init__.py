@@ -1,0 +1,1 @@
+"""Files: atomic writes and verified caches, the patch format, LoRA export, data-file locations and JSON records."""

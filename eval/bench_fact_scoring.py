@@ -53,7 +53,7 @@ def main() -> int:
     )
     from shift_edit.bench.facts import load_facts
     from shift_edit.bench.metrics import CaseScorer
-    from shift_edit.data import require_data
+    from shift_edit.files.data_files import require_data
 
     model, tok = se.load_model(args.model)
     model.eval()

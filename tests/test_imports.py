@@ -143,3 +143,25 @@ def test_bench_and_cli_name_no_algorithm():
                 if isinstance(node, ast.Constant) and node.value in names:
                     found.append(f"{path.relative_to(PKG)}:{node.lineno} {node.value!r}")
     assert found == [], "read the algorithm facts from the registry"
+
+
+def test_every_package_name_eval_imports_exists():
+    """Every ``from shift_edit... import name`` in ``eval/`` (function-level ones included) names a module or an
+    attribute that exists: a module move must update the scripts too."""
+    import ast
+    import importlib
+
+    missing = []
+    for path in sorted(EVAL.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("shift_edit")):
+                continue
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError:
+                missing.append(f"{path.name}: {node.module}")
+                continue
+            for alias in node.names:
+                if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                    missing.append(f"{path.name}: {node.module}.{alias.name}")
+    assert missing == []

@@ -111,7 +111,8 @@ def test_checkpoints_score_against_the_unedited_model_and_true_objects(byte_tok,
     assert any(lb.startswith("published (AlphaEdit, GPT2-XL, T=2000, B=100") for lb in labels)
     curves = (tmp_path / "sum" / "curves.csv").read_text().splitlines()
     assert len(curves) == 3 and curves[0].startswith("run,alg,B,n_edits")
-    assert all((tmp_path / "sum" / f).is_file() for f in ("retention.png", "neighborhood.png", "perplexity.png"))
+    assert all((tmp_path / "sum" / f).is_file() for f in ("retention.png", "neighborhood.png", "paraphrase.png",
+                                                          "perplexity.png"))
     name = "model.layers.1.mlp.down_proj.weight"
     assert ck4["norms"][name]["delta_fro"] == pytest.approx(
         float((model.get_parameter(name) - base.get_parameter(name)).detach().norm()), rel=1e-5)

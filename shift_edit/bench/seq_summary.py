@@ -134,8 +134,9 @@ def curves_csv(rows: Sequence[dict]) -> str:
 
 # length: four matplotlib figures drawn from the same rows, one block per figure
 def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
-    """retention.png (edits that still hold vs edits made, log x), neighborhood.png, perplexity.png and, when the
-    runs measured the WILD-style family, generation.png (free-generation success, dashed: unedited)."""
+    """retention.png (edits that still hold vs edits made, log x), neighborhood.png, paraphrase.png (when the runs
+    scored paraphrase prompts), perplexity.png and, when the runs measured the WILD-style family, generation.png
+    (free-generation success, dashed: unedited)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,6 +165,9 @@ def plot_curves(rows: Sequence[dict], out: str | Path) -> list[Path]:
         if cf
         else []
     )
+    if any(r.get("paraphrase_top1") is not None for r in rows):
+        panels.append(("paraphrase.png", [("paraphrase_top1", "strict top-1 paraphrase"), ("PS", "ROME PS")],
+                       "paraphrases (%), dashed: unedited on the same records"))
     if cf or any(r.get("wikitext_ppl") is not None for r in rows):
         panels.append(("perplexity.png", [("wikitext_ppl", "WikiText perplexity")], "perplexity, dashed: unedited"))
     if any(r.get("zsre_efficacy") is not None for r in rows):

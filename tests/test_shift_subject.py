@@ -19,6 +19,7 @@ from shift_edit.core.registry import get_algorithm
 from shift_edit.core.requests import encode_target, make_request
 from shift_edit.model.architectures import ModelAdapter
 from shift_edit.model.hooks import capture_inputs, owned_hooks
+from shift_edit.model.low_precision import low_precision_copy
 
 FACT = {"prompt": "{} plays for", "subject": "Messi", "target_new": " Rome"}
 FACT2 = {"prompt": "{} works at", "subject": "Ann Lee", "target_new": " IBM"}
@@ -93,6 +94,35 @@ def test_cached_value_fit_equals_the_plain_one(arch, byte_tok, corpus):
     torch.testing.assert_close(d_cached.delta, d_plain.delta, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_bfloat16_fit_keeps_exact_keys_and_finds_the_full_precision_value(arch, byte_tok, corpus):
+    """``v_dtype``: the keys and FF2's output come from the model itself (one pass that stops after the layer), the
+    rows and steps from its bfloat16 copy; the δ found points where the float32 fit's does; undo stays exact."""
+    model = tiny_model(arch)
+    h = hp(corpus)
+    adapter = ModelAdapter(model)
+    req = make_request(FACT)
+    target = encode_target(byte_tok, req.text, req.target_new)
+    templates = context_templates(model, byte_tok, h.context_template_length_params, h.context_seed)
+    names = ([adapter.ff1_names(1)[0]], [adapter.ff2_name(1)])
+    full = sv.prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names)
+    low = low_precision_copy(model, "bfloat16")
+    low_adapter = ModelAdapter(low)
+    half = sv.prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names, fit=(low, low_adapter))
+    assert half.passes == full.passes + 1 and half.block_in[1].dtype == torch.bfloat16
+    for name in full.keys:
+        torch.testing.assert_close(half.keys[name], full.keys[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(half.ff2_out[names[1][0]], full.ff2_out[names[1][0]], rtol=1e-5, atol=1e-6)
+    a = sv.fit_value(model, adapter, 1, full, target, h)
+    b = sv.fit_value(low, low_adapter, 1, half, target, h)
+    assert b.delta.dtype == torch.float32 and torch.cosine_similarity(a.delta, b.delta, 0) > 0.95
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    res = se.edit(model, byte_tok, FACT, h.replace(v_dtype="bfloat16"), force=True)
+    assert res.info[0]["value_steps"] == h.v_num_grad_steps
+    res.undo()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_step_rows_rotate_the_generated_contexts_and_keep_the_bare_prompt_and_kl_row():
     assert sv.step_rows(6, None, 3) is None and sv.step_rows(6, 5, 0) is None  # every row
     seen = [sv.step_rows(6, 2, step) for step in range(5)]
@@ -163,15 +193,18 @@ def test_the_vjp_start_lowers_the_loss_and_its_passes_are_counted(arch, byte_tok
     assert nll1 < nll0 and plain.losses[0] > 0
 
 
-@pytest.mark.parametrize("arch,kw", [("llama", {}), ("gpt2", {}), ("llama", {"v_start_scales": [0.5, 1.0]})])
+@pytest.mark.parametrize("arch,kw", [("llama", {}), ("gpt2", {}), ("llama", {"v_start_scales": [0.5, 1.0]}),
+                                     ("llama", {"v_dtype": "bfloat16"}), ("gpt2", {"v_dtype": "bfloat16"})])
 def test_forward_and_backward_passes_are_counted_and_bounded(arch, kw, byte_tok, corpus):
     model = tiny_model(arch)
     h = hp(corpus, **kw)
     prime_shift_subject(model, byte_tok, h)  # statistics and contexts first: their passes are not the edit's
     sv._CACHE_OK[model] = True  # the one-time cache check (a second preparation) is not counted here
     forward, backward = [], []
-    handles = [model.register_forward_pre_hook(lambda *_: forward.append(1)),
-               model.get_output_embeddings().register_full_backward_hook(lambda *_: backward.append(1))]
+    # with v_dtype the rows and steps run on the low-precision copy: its passes are counted too
+    models = [model, low_precision_copy(model, h.v_dtype)] if h.v_dtype else [model]
+    handles = [m.register_forward_pre_hook(lambda *_: forward.append(1)) for m in models]
+    handles += [m.get_output_embeddings().register_full_backward_hook(lambda *_: backward.append(1)) for m in models]
     try:
         res = se.edit(model, byte_tok, FACT, h, force=True)
     finally:

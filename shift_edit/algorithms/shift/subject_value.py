@@ -146,9 +146,24 @@ class Prepared:
 
 @torch.no_grad()
 def prepare(model: nn.Module, tok, adapter: ModelAdapter, req: EditRequest, target: list[int],
-            templates: Sequence[str], fact_token: str, ff1_names: Sequence[str], ff2_names: Sequence[str]
-            ) -> Prepared:
-    """Run the no-grad passes for ``req`` (with the cache where this model allows it, checked on its first call)."""
+            templates: Sequence[str], fact_token: str, ff1_names: Sequence[str], ff2_names: Sequence[str], *,
+            fit: tuple[nn.Module, ModelAdapter] | None = None) -> Prepared:
+    """Run the no-grad passes for ``req`` (with the cache where this model allows it, checked on its first call).
+
+    ``fit``: the model the value will be fitted on and its adapter, when not ``model`` (a low-precision copy,
+    :mod:`~shift_edit.model.low_precision`): the rows' passes (cache, block inputs, unedited logits) run there, and
+    the keys and FF2's output come from ``model`` in one more pass that stops after the highest listed layer
+    (:func:`exact_keys`)."""
+    if fit is not None:
+        if _CACHE_OK.get(model) is None:  # settle once, at full precision, whether this model's cache works
+            prepare(model, tok, adapter, req, target, templates, fact_token, ff1_names, ff2_names)
+        low, low_adapter = fit
+        prep = _prepare(low, tok, low_adapter, req, target, templates, fact_token, ff1_names, ff2_names,
+                        cached=_CACHE_OK[model], device=next(low.parameters()).device)
+        prep.keys, prep.ff2_out = exact_keys(model, tok, adapter, req, target, templates, fact_token, ff1_names,
+                                             ff2_names)
+        prep.passes += 1
+        return prep
     device = next(model.parameters()).device
     ok = _CACHE_OK.get(model)
     if ok is None and "position_ids" not in inspect.signature(model.forward).parameters:
@@ -206,6 +221,27 @@ def _prepare(model: nn.Module, tok, adapter: ModelAdapter, req: EditRequest, tar
     for name, x in outs.items():
         prep.ff2_out[name] = x.reshape(n, width, -1)[0, rows.at[0]].float()
     return prep
+
+
+@torch.no_grad()
+def exact_keys(model: nn.Module, tok, adapter: ModelAdapter, req: EditRequest, target: list[int],
+               templates: Sequence[str], fact_token: str, ff1_names: Sequence[str], ff2_names: Sequence[str]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:attr:`Prepared.keys` and :attr:`Prepared.ff2_out` from one pass of ``model`` over the whole rows that
+    stops once the last of ``ff1_names`` and ``ff2_names`` is reached (FF2's output computed from its input)."""
+    device = next(model.parameters()).device
+    rows = build_rows(tok, req, target, templates, fact_token, cached=False, device=device)
+    names = list(dict.fromkeys([*ff1_names, *ff2_names]))
+    order = {name: i for i, (name, _m) in enumerate(model.named_modules())}
+    last = max(names, key=order.__getitem__)
+    with capture_inputs(model, names, stop_after=last) as cap:
+        model(input_ids=rows.suffix, attention_mask=rows.mask, use_cache=False)
+    n, width = len(rows.at), rows.suffix.shape[1]
+    rr, at = torch.arange(n), torch.tensor(rows.at)
+    at_fact = {name: cap.inputs[name].reshape(n, width, -1)[rr, at] for name in names}
+    keys = {name: at_fact[name][: rows.n_contexts].double().cpu() for name in ff1_names}
+    ff2_out = {name: adapter.module(name)(at_fact[name][:1])[0].float() for name in ff2_names}
+    return keys, ff2_out
 
 
 @dataclasses.dataclass

@@ -42,6 +42,7 @@ from .claims import claimed
 from .counterfact import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
+from .packing import unedited_passes
 from .run_dirs import batches_per_group, case_path, choose_run_dir, finished, start_run
 from .wikitext import perplexity, read_wikitext_lines
 from .wild import WildJob, run_wild, wild_prompts
@@ -72,14 +73,16 @@ def _planned_block(adapter: ModelAdapter, hparams: HyperParams | None) -> int | 
 @dataclass
 class _Prepared:
     """One record's state before the edit: its scorer, the recorders of its passes (the input of
-    the planned block in each batch; none when nothing can be skipped), and the unedited
-    neighborhood distributions (KL reference)."""
+    the planned block in each batch; none when nothing can be skipped), the unedited
+    neighborhood distributions (KL reference), and for the unedited row scored with other
+    records (:mod:`.packing`) its scores."""
 
     case: CounterFactCase
     position: int
     scorer: CaseScorer
     recorders: dict[str, BlockRecorder]
     pre_logp: torch.Tensor | None
+    scores: dict | None = None
 
     def resume_after(self, deltas) -> dict[str, Resume] | None:
         """Per part, the blocks the model edited by ``deltas`` must re-run; None: full passes
@@ -101,6 +104,22 @@ def _prepare(model, tok, case, position, cfg, adapter, planned, kl_on: bool) -> 
                      "edit": BlockRecorder(adapter, planned, stop=True)}
         pre = scorer.logits(model, batch_size=cfg.batch_size, record=recorders)
     return _Prepared(case, position, scorer, recorders, scorer.neighborhood_logprobs(pre) if kl_on else None)
+
+
+def prepare_records(model, tok, cases: Sequence[CounterFactCase], positions: Sequence[int],
+                    cfg: BenchConfig) -> list[_Prepared]:
+    """What :func:`evaluate_batch` computes before its edit, for many records at once: their passes on the
+    unedited model share batches (:func:`.packing.unedited_passes`); the unedited row (NONE) is scored whole.
+    Must run on the unedited model."""
+    scorers = [CaseScorer(tok, c) for c in cases]
+    if cfg.alg == NO_EDIT:
+        done = unedited_passes(model, scorers, batch_size=cfg.batch_size, full=True)
+    else:
+        adapter = adapter_for(model, cfg.hparams)
+        done = unedited_passes(model, scorers, batch_size=cfg.batch_size, full=False, adapter=adapter,
+                               block=_planned_block(adapter, cfg.hparams), kl=cfg.neighborhood_kl)
+    return [_Prepared(c, p, s, u.recorders, u.pre_logp, u.scores)
+            for c, p, s, u in zip(cases, positions, scorers, done)]
 
 
 def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tuple[dict[str, list], int]:
@@ -127,7 +146,7 @@ def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tupl
 
 def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -> dict[str, Any]:
     """Every metric of one record on the model as it is now."""
-    m = metrics_from_scores(prep.scorer.scores(logits))
+    m = metrics_from_scores(prep.scores if logits is None else prep.scorer.scores(logits))
     if cfg.neighborhood_kl and prep.scorer.n_neighborhood:
         if prep.pre_logp is None:  # the unedited row: edited == unedited, KL is 0 by definition
             kl = torch.zeros(prep.scorer.n_neighborhood)
@@ -149,6 +168,7 @@ def evaluate_batch(
     model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
     ppl_lines: Sequence[str] | None, state: RunState | None = None,
     deferred: list[tuple[dict, GenerationGroup | WildJob]] | None = None,
+    prepared: Sequence[_Prepared] | None = None, prepare_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """Apply the requests of ``cases`` at once (none for NONE), measure every record, undo.
 
@@ -159,15 +179,20 @@ def evaluate_batch(
     Before the edit, one pass of the unedited model per record records the input of the edited
     block and the neighborhood distributions (the KL reference); after the edit only the blocks
     from the edited one on are re-run. ``state`` carries the run's one-off check of that shortcut.
+    ``prepared`` (with its time per record, ``prepare_s``): that state, computed by :func:`prepare_records`
+    with other records' (the default: each record alone, the reference path).
     """
     state = RunState() if state is None else state
     t0 = time.perf_counter()
     edited = cfg.alg != NO_EDIT
     adapter = adapter_for(model, cfg.hparams) if edited else None
     planned = _planned_block(adapter, cfg.hparams) if edited else None
-    preps = [_prepare(model, tok, c, p, cfg, adapter, planned, cfg.neighborhood_kl and edited) if edited
-             else _Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
-    t_prepare = time.perf_counter() - t0
+    if prepared is not None:
+        preps, t_prepare = list(prepared), (prepare_s or 0.0) * len(cases)
+    else:
+        preps = [_prepare(model, tok, c, p, cfg, adapter, planned, cfg.neighborhood_kl and edited) if edited
+                 else _Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
+        t_prepare = time.perf_counter() - t0
     result, t_edit, refused = None, 0.0, None
     records: list[dict[str, Any]] = []
     gen_requests: list[tuple[int, GenerationGroup | WildJob]] = []
@@ -185,6 +210,8 @@ def evaluate_batch(
             ts = time.perf_counter()
             if result is not None and result.deltas:
                 logits, first = _edited_logits(model, prep, result, cfg, state)
+            elif prep.scores is not None:  # the unedited row, scored with other records'
+                logits, first = None, 0
             else:
                 logits, first = prep.scorer.logits(model, batch_size=cfg.batch_size), 0
             m = _measure(model, tok, prep, logits, cfg, ppl_lines)
@@ -328,33 +355,50 @@ def run_bench(
     bar = tqdm(total=n_todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
                disable=not progress or n_todo == 0, position=rank if world_size > 1 else None)
     state = RunState()
+    per_window = max(1, cfg.score_records // (per_group * n))  # groups whose unedited passes share batches
     with bar:
-        for grp in todo:
-            ids = [c.case_id for batch in grp for _, c in batch]
-            with claimed(run_dir, ids) as mine:  # another worker on the same run dir may have it
-                if not mine or all(finished(run_dir, cid) for cid in ids):
-                    bar.update(len(ids))
-                    continue
-                deferred: list[tuple[dict, GenerationGroup | WildJob]] = []
-                recs = [
-                    rec
-                    for batch in grp
-                    for rec in evaluate_batch(
-                        model,
-                        tok,
-                        [c for _, c in batch],
-                        cfg,
-                        positions=[i for i, _ in batch],
-                        ppl_lines=ppl_lines,
-                        state=state,
-                        deferred=deferred,
-                    )
-                ]
-                fill_generations(model, tok, deferred, cfg)
-                for rec in recs:
-                    if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are
-                        atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
-                bar.update(len(recs))
+        for w in range(0, len(todo), per_window):
+            ready, prepare_s = _prepare_window(model, tok, todo[w : w + per_window], cfg)
+            for grp in todo[w : w + per_window]:
+                ids = [c.case_id for batch in grp for _, c in batch]
+                with claimed(run_dir, ids) as mine:  # another worker on the same run dir may have it
+                    if not mine or all(finished(run_dir, cid) for cid in ids):
+                        bar.update(len(ids))
+                        continue
+                    deferred: list[tuple[dict, GenerationGroup | WildJob]] = []
+                    recs = [
+                        rec
+                        for batch in grp
+                        for rec in evaluate_batch(
+                            model,
+                            tok,
+                            [c for _, c in batch],
+                            cfg,
+                            positions=[i for i, _ in batch],
+                            ppl_lines=ppl_lines,
+                            state=state,
+                            deferred=deferred,
+                            prepared=None if ready is None else [ready[i] for i, _ in batch],
+                            prepare_s=prepare_s,
+                        )
+                    ]
+                    fill_generations(model, tok, deferred, cfg)
+                    for rec in recs:
+                        if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are
+                            atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
+                    bar.update(len(recs))
     return run_dir
+
+
+def _prepare_window(model, tok, groups, cfg: BenchConfig) -> tuple[dict[int, _Prepared] | None, float]:
+    """The unedited passes of every record of ``groups`` in shared batches (:func:`prepare_records`), by run
+    position, and their time per record; None with ``cfg.score_records`` 1 (each record alone, in
+    :func:`evaluate_batch`)."""
+    if cfg.score_records <= 1:
+        return None, 0.0
+    todo = [(i, c) for grp in groups for batch in grp for i, c in batch]
+    t0 = time.perf_counter()
+    preps = prepare_records(model, tok, [c for _, c in todo], [i for i, _ in todo], cfg)
+    return {p.position: p for p in preps}, (time.perf_counter() - t0) / len(todo)
 
 

@@ -163,30 +163,39 @@ def _assert_same_numbers(packed, alone):
                 assert x == pytest.approx(y, abs=1e-5)
         if "neighborhood_kl" in mb:
             assert ma["neighborhood_kl"]["per_prompt"] == pytest.approx(mb["neighborhood_kl"]["per_prompt"], abs=1e-5)
-        assert a["edit"].get("rerun_from_block") == b["edit"].get("rerun_from_block")
+        if not b["edit"].get("refused"):
+            assert a["edit"].get("rerun_from_block") == b["edit"].get("rerun_from_block")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "opt"])
-@pytest.mark.parametrize("alg", ["NONE", "SHIFT", "SHIFT-no-kl", "SHIFT-block0"])
-def test_packed_unedited_passes_give_the_per_record_numbers(model_type, alg, byte_tok, tmp_path):
+@pytest.mark.parametrize("alg", ["NONE", "SHIFT", "SHIFT-no-kl", "SHIFT-block0", "SHIFT-refused"])
+def test_packed_unedited_passes_give_the_per_record_numbers(model_type, alg, byte_tok, tmp_path, monkeypatch):
     from shift_edit.bench import BenchConfig, load_counterfact
+    from shift_edit.bench.runner import _Prepared
+
+    resumed = []  # records measured unedited from the recorded block (the refused edits)
+    real = _Prepared.resume_unedited
+    monkeypatch.setattr(_Prepared, "resume_unedited", lambda self: resumed.append(self.case.case_id) or real(self))
 
     path = tmp_path / "cf.json"
     path.write_text(__import__("json").dumps(_records()))
     cases = load_counterfact(path)
     model = tiny_model(model_type)
     layer = 0 if alg == "SHIFT-block0" else 2
-    hp = None if alg == "NONE" else se.ShiftHyperParams(layers=[layer], eta=50.0, eta_scaling="normalized",
-                                                         skip_if_predicted=False, max_relative_norm=None)
+    hp = None if alg == "NONE" else se.ShiftHyperParams(  # refused: measured unedited, from the recorded block
+        layers=[layer], eta=50.0, eta_scaling="normalized", skip_if_predicted=False,
+        max_relative_norm=1e-12 if alg == "SHIFT-refused" else None)
     out = {}
     for k in (1, 16):
         cfg = BenchConfig(alg=alg.split("-")[0], hparams=hp, skip_generation=True, skip_wild=True, score_records=k,
                           batch_size=4, neighborhood_kl=alg != "SHIFT-no-kl")
         out[k] = _run_cases(model, byte_tok, cases, cfg)
     _assert_same_numbers(out[16], out[1])
-    if alg.startswith("SHIFT"):
+    assert all(bool(r["edit"].get("refused")) == (alg == "SHIFT-refused") for r in out[16] + out[1])
+    assert resumed == ([c.case_id for c in cases] if alg == "SHIFT-refused" and layer else [])
+    if alg.startswith("SHIFT") and alg != "SHIFT-refused":
         assert {r["edit"]["rerun_from_block"] for r in out[16]} == {layer}
-        if alg != "SHIFT-no-kl":
+        if alg not in ("SHIFT-no-kl", "SHIFT-refused"):
             assert any(r["metrics"]["neighborhood_kl"]["mean"] > 0 for r in out[16])  # the edits changed something
 
 

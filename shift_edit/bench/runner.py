@@ -92,6 +92,14 @@ class _Prepared:
         resume = {part: r.resume_after(deltas) for part, r in self.recorders.items()}
         return None if any(r is None for r in resume.values()) else resume
 
+    def resume_unedited(self) -> dict[str, Resume] | None:
+        """For the model left unedited (an edit that was skipped or refused): go on from the recorded block
+        (its later blocks are the ones that ran when it was recorded); None when nothing was recorded."""
+        if not any(len(r) for r in self.recorders.values()):
+            return None
+        resume = {part: r.resume_at(r.blocks[0]) for part, r in self.recorders.items()}
+        return None if any(r is None for r in resume.values()) else resume
+
 
 def _prepare(model, tok, case, position, cfg, adapter, planned, kl_on: bool) -> _Prepared:
     scorer = CaseScorer(tok, case)
@@ -212,6 +220,10 @@ def evaluate_batch(
                 logits, first = _edited_logits(model, prep, result, cfg, state)
             elif prep.scores is not None:  # the unedited row, scored with other records'
                 logits, first = None, 0
+            elif prepared is not None and state.resume_exact and (resume := prep.resume_unedited()) is not None:
+                # left unedited (skipped / refused) after packed passes: they go on from the recorded block
+                logits = prep.scorer.logits(model, batch_size=cfg.batch_size, resume=resume)
+                first = next(iter(resume.values())).block
             else:
                 logits, first = prep.scorer.logits(model, batch_size=cfg.batch_size), 0
             m = _measure(model, tok, prep, logits, cfg, ppl_lines)

@@ -133,7 +133,8 @@ def _records():
 
 
 def _run_cases(model, tok, cases, cfg):
-    from shift_edit.bench.runner import RunState, evaluate_batch, prepare_records
+    from shift_edit.bench.prepare import prepare_records
+    from shift_edit.bench.runner import RunState, evaluate_batch
 
     positions = list(range(len(cases)))
     if cfg.score_records == 1:  # the reference path: each record alone
@@ -171,11 +172,11 @@ def _assert_same_numbers(packed, alone):
 @pytest.mark.parametrize("alg", ["NONE", "SHIFT", "SHIFT-no-kl", "SHIFT-block0", "SHIFT-refused"])
 def test_packed_unedited_passes_give_the_per_record_numbers(model_type, alg, byte_tok, tmp_path, monkeypatch):
     from shift_edit.bench import BenchConfig, load_counterfact
-    from shift_edit.bench.runner import _Prepared
+    from shift_edit.bench.prepare import Prepared
 
     resumed = []  # records measured unedited from the recorded block (the refused edits)
-    real = _Prepared.resume_unedited
-    monkeypatch.setattr(_Prepared, "resume_unedited", lambda self: resumed.append(self.case.case_id) or real(self))
+    real = Prepared.resume_unedited
+    monkeypatch.setattr(Prepared, "resume_unedited", lambda self: resumed.append(self.case.case_id) or real(self))
 
     path = tmp_path / "cf.json"
     path.write_text(__import__("json").dumps(_records()))

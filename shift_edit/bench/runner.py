@@ -33,16 +33,13 @@ from ..algorithms.common import adapter_for
 from ..compat import easyedit_metrics as ee  # (the facade imports this package: its names are read at call time)
 from ..core.editing import edit
 from ..core.errors import EditRefusedError
-from ..core.hparams import HyperParams
 from ..files.io import atomic_write_json
-from ..model.architectures import ModelAdapter
-from ..model.resume import BlockRecorder, Resume
 from .bench_config import NO_EDIT, BenchConfig
 from .claims import claimed
 from .counterfact import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
-from .packing import unedited_passes
+from .prepare import Prepared, planned_block, prepare_record, prepare_records
 from .run_dirs import batches_per_group, case_path, choose_run_dir, finished, start_run
 from .wikitext import perplexity, read_wikitext_lines
 from .wild import WildJob, run_wild, wild_prompts
@@ -62,75 +59,7 @@ def _same(a: dict[str, list], b: dict[str, list]) -> bool:
     return all(torch.allclose(x, y, rtol=1e-4, atol=1e-4) for k in a for x, y in zip(a[k], b[k]))
 
 
-def _planned_block(adapter: ModelAdapter, hparams: HyperParams | None) -> int | None:
-    """The lowest block the hparams say they edit (the unedited pass may stop there), or None."""
-    layers = getattr(hparams, "layers", None)
-    if not layers:
-        return None
-    return min(adapter.check_layer(int(x)) for x in layers)
-
-
-@dataclass
-class _Prepared:
-    """One record's state before the edit: its scorer, the recorders of its passes (the input of
-    the planned block in each batch; none when nothing can be skipped), the unedited
-    neighborhood distributions (KL reference), and for the unedited row scored with other
-    records (:mod:`.packing`) its scores."""
-
-    case: CounterFactCase
-    position: int
-    scorer: CaseScorer
-    recorders: dict[str, BlockRecorder]
-    pre_logp: torch.Tensor | None
-    scores: dict | None = None
-
-    def resume_after(self, deltas) -> dict[str, Resume] | None:
-        """Per part, the blocks the model edited by ``deltas`` must re-run; None: full passes
-        (nothing recorded, or the edit changed a block before the recorded one)."""
-        if not any(len(r) for r in self.recorders.values()):
-            return None
-        resume = {part: r.resume_after(deltas) for part, r in self.recorders.items()}
-        return None if any(r is None for r in resume.values()) else resume
-
-    def resume_unedited(self) -> dict[str, Resume] | None:
-        """For the model left unedited (an edit that was skipped or refused): go on from the recorded block
-        (its later blocks are the ones that ran when it was recorded); None when nothing was recorded."""
-        if not any(len(r) for r in self.recorders.values()):
-            return None
-        resume = {part: r.resume_at(r.blocks[0]) for part, r in self.recorders.items()}
-        return None if any(r is None for r in resume.values()) else resume
-
-
-def _prepare(model, tok, case, position, cfg, adapter, planned, kl_on: bool) -> _Prepared:
-    scorer = CaseScorer(tok, case)
-    kl_on = kl_on and scorer.n_neighborhood > 0
-    recorders: dict[str, BlockRecorder] = {}
-    if planned is None or planned == 0:  # nothing to skip: the unedited pass is only the KL reference
-        pre = scorer.logits(model, batch_size=cfg.batch_size, parts=("near",)) if kl_on else None
-    else:  # the passes stop at the planned block, but the KL reference needs the neighborhood logits
-        recorders = {"near": BlockRecorder(adapter, planned, stop=not kl_on),
-                     "edit": BlockRecorder(adapter, planned, stop=True)}
-        pre = scorer.logits(model, batch_size=cfg.batch_size, record=recorders)
-    return _Prepared(case, position, scorer, recorders, scorer.neighborhood_logprobs(pre) if kl_on else None)
-
-
-def prepare_records(model, tok, cases: Sequence[CounterFactCase], positions: Sequence[int],
-                    cfg: BenchConfig) -> list[_Prepared]:
-    """What :func:`evaluate_batch` computes before its edit, for many records at once: their passes on the
-    unedited model share batches (:func:`.packing.unedited_passes`); the unedited row (NONE) is scored whole.
-    Must run on the unedited model."""
-    scorers = [CaseScorer(tok, c) for c in cases]
-    if cfg.alg == NO_EDIT:
-        done = unedited_passes(model, scorers, batch_size=cfg.batch_size, full=True)
-    else:
-        adapter = adapter_for(model, cfg.hparams)
-        done = unedited_passes(model, scorers, batch_size=cfg.batch_size, full=False, adapter=adapter,
-                               block=_planned_block(adapter, cfg.hparams), kl=cfg.neighborhood_kl)
-    return [_Prepared(c, p, s, u.recorders, u.pre_logp, u.scores)
-            for c, p, s, u in zip(cases, positions, scorers, done)]
-
-
-def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tuple[dict[str, list], int]:
+def _edited_logits(model, prep: Prepared, result, cfg, state: RunState) -> tuple[dict[str, list], int]:
     """Logits of the edited model at the record's planned positions, and the first block re-run.
 
     Blocks before the planned (first edited) block are skipped: their recorded output feeds it
@@ -152,7 +81,7 @@ def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tupl
     return logits, next(iter(resume.values())).block
 
 
-def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -> dict[str, Any]:
+def _measure(model, tok, prep: Prepared, logits, cfg: BenchConfig, ppl_lines) -> dict[str, Any]:
     """Every metric of one record on the model as it is now."""
     m = metrics_from_scores(prep.scores if logits is None else prep.scorer.scores(logits))
     if cfg.neighborhood_kl and prep.scorer.n_neighborhood:
@@ -176,7 +105,7 @@ def evaluate_batch(
     model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
     ppl_lines: Sequence[str] | None, state: RunState | None = None,
     deferred: list[tuple[dict, GenerationGroup | WildJob]] | None = None,
-    prepared: Sequence[_Prepared] | None = None, prepare_s: float | None = None,
+    prepared: Sequence[Prepared] | None = None, prepare_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """Apply the requests of ``cases`` at once (none for NONE), measure every record, undo.
 
@@ -194,12 +123,12 @@ def evaluate_batch(
     t0 = time.perf_counter()
     edited = cfg.alg != NO_EDIT
     adapter = adapter_for(model, cfg.hparams) if edited else None
-    planned = _planned_block(adapter, cfg.hparams) if edited else None
+    planned = planned_block(adapter, cfg.hparams) if edited else None
     if prepared is not None:
         preps, t_prepare = list(prepared), (prepare_s or 0.0) * len(cases)
     else:
-        preps = [_prepare(model, tok, c, p, cfg, adapter, planned, cfg.neighborhood_kl and edited) if edited
-                 else _Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
+        preps = [prepare_record(model, tok, c, p, cfg, adapter, planned, cfg.neighborhood_kl and edited) if edited
+                 else Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
         t_prepare = time.perf_counter() - t0
     result, t_edit, refused = None, 0.0, None
     records: list[dict[str, Any]] = []
@@ -402,7 +331,7 @@ def run_bench(
     return run_dir
 
 
-def _prepare_window(model, tok, groups, cfg: BenchConfig) -> tuple[dict[int, _Prepared] | None, float]:
+def _prepare_window(model, tok, groups, cfg: BenchConfig) -> tuple[dict[int, Prepared] | None, float]:
     """The unedited passes of every record of ``groups`` in shared batches (:func:`prepare_records`), by run
     position, and their time per record; None with ``cfg.score_records`` 1 (each record alone, in
     :func:`evaluate_batch`)."""

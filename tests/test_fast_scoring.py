@@ -241,3 +241,34 @@ def test_run_bench_windows_of_records_equal_each_record_alone(byte_tok, tmp_path
         assert len(runs[k]) == len(cases)
         assert all(r["time_s"]["prepare"] > 0 for r in runs[k])
     _assert_same_numbers(runs[4], runs[1])
+
+
+def test_packed_windows_are_fixed_by_position_so_shards_and_resumes_give_the_same_bits(byte_tok, tmp_path):
+    """A window's records are packed together whoever runs them: two hand-set shards (the window of 4 spans both)
+    and a resumed run (some records already done) write exactly the whole run's metrics."""
+    import json
+    from pathlib import Path
+
+    from shift_edit.bench import BenchConfig, file_sha256, load_counterfact, run_bench
+
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(_records()))
+    cases = load_counterfact(path)
+    model = tiny_model("gpt2")
+    cfg = BenchConfig(alg="SHIFT", skip_generation=True, skip_wild=True, score_records=4, batch_size=3,
+                      hparams=se.ShiftHyperParams(layers=[1], eta=50.0, eta_scaling="normalized",
+                                                  skip_if_predicted=False))
+
+    def run(out, **kw):
+        d = run_bench(model, byte_tok, cases, cfg, out, model_name="tiny", progress=False,
+                      data_info={"path": str(path), "sha256": file_sha256(path)}, **kw)
+        return d, {p.name: json.loads(p.read_text())["metrics"] for p in sorted(Path(d).glob("case_*.json"))}
+
+    whole_dir, whole = run(tmp_path / "whole")
+    assert len(whole) == len(cases)
+    for rank in (0, 1):
+        sharded_dir, sharded = run(tmp_path / "sharded", rank=rank, world_size=2)
+    assert sharded == whole
+    for name in ("case_1.json", "case_2.json", "case_4.json"):
+        (Path(whole_dir) / name).unlink()
+    assert run(tmp_path / "whole")[1] == whole

@@ -285,7 +285,10 @@ def run_bench(
     groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
     # contiguous shares: records every K-th position (perplexity) spread over the shards too
     mine = groups[rank * len(groups) // world_size : (rank + 1) * len(groups) // world_size]
-    todo = [grp for grp in mine if not all(finished(run_dir, c.case_id) for batch in grp for _, c in batch)]
+    first_mine = rank * len(groups) // world_size
+    todo_at = [first_mine + g for g, grp in enumerate(mine)
+               if not all(finished(run_dir, c.case_id) for batch in grp for _, c in batch)]
+    todo = [groups[g] for g in todo_at]
     n_todo = sum(len(b) for grp in todo for b in grp)
     n_mine = sum(len(b) for grp in mine for b in grp)
     log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, n_todo, n_mine, rank, world_size)
@@ -296,11 +299,13 @@ def run_bench(
     bar = tqdm(total=n_todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
                disable=not progress or n_todo == 0, position=rank if world_size > 1 else None)
     state = RunState()
-    per_window = max(1, cfg.score_records // (per_group * n))  # groups whose unedited passes share batches
+    # windows of groups whose unedited passes share batches, fixed by position like the groups: a resumed or
+    # sharded run packs a window's records as a whole run does (the finished or other shards' ones included)
+    per_window = max(1, cfg.score_records // (per_group * n))
     with bar:
-        for w in range(0, len(todo), per_window):
-            ready, prepare_s = _prepare_window(model, tok, todo[w : w + per_window], cfg)
-            for grp in todo[w : w + per_window]:
+        for w in sorted({g - g % per_window for g in todo_at}):
+            ready, prepare_s = _prepare_window(model, tok, groups[w : w + per_window], cfg)
+            for grp in [groups[g] for g in todo_at if w <= g < w + per_window]:
                 ids = [c.case_id for batch in grp for _, c in batch]
                 with claimed(run_dir, ids) as mine:  # another worker on the same run dir may have it
                     if not mine or all(finished(run_dir, cid) for cid in ids):

@@ -73,13 +73,12 @@ class CaseScorer:
     next-token distribution the KL needs in full) and ``edit`` (rewrite, paraphrase and
     rephrase prompts, which the unedited pass only needs up to the edited block). The logits
     at the last position of each neighborhood prompt are among the planned positions, so
-    scoring and the KL share one pass. ``max_padding``: each batch's padding bound
-    (:func:`~shift_edit.model.scoring.length_chunks`; the records packed by :mod:`.packing` use a tighter one).
+    scoring and the KL share one pass.
     """
 
     PARTS = ("near", "edit")
 
-    def __init__(self, tok, case: CounterFactCase, *, share_prefixes: bool = True, max_padding: float = 1.0) -> None:
+    def __init__(self, tok, case: CounterFactCase, *, share_prefixes: bool = True) -> None:
         self.parts = {name: _Part([], []) for name in self.PARTS}
         for group, prompts in case_prompts(case).items():
             part = self.parts["near" if group == "neighborhood" else "edit"]
@@ -91,7 +90,6 @@ class CaseScorer:
         for part in self.parts.values():
             part.plan = ContinuationPlan.build(part.pairs, share_prefixes=share_prefixes)
         self.pad_id = pad_id_of(tok)
-        self.max_padding = max_padding
 
     @property
     def n_neighborhood(self) -> int:
@@ -108,7 +106,6 @@ class CaseScorer:
         for name in parts:
             plan = self.parts[name].plan
             out[name] = logits_at_positions(model, plan.seqs, plan.positions, pad_id=self.pad_id, batch_size=batch_size,
-                                            max_padding=self.max_padding,
                                             record=None if record is None else record[name],
                                             resume=None if resume is None else resume[name])
         return out

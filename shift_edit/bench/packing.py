@@ -30,9 +30,6 @@ from .metrics import CaseScorer
 
 #: padding allowed in a packed batch, as a fraction of its tokens (sorted across records, lengths repeat often)
 PACK_MAX_PADDING = 0.1
-#: the same for one record's passes on its edited model (few sequences: a looser bound, fewer passes);
-#: the per-record reference path pads up to 1.0
-RECORD_MAX_PADDING = 0.25
 
 
 @dataclass
@@ -105,13 +102,14 @@ def packed_logits(
 
 
 def recorder_for(adapter: ModelAdapter, block: int, seqs: Sequence[Sequence[int]], rows: Sequence[torch.Tensor],
-                 batch_size: int, max_padding: float = 1.0) -> BlockRecorder:
+                 batch_size: int) -> BlockRecorder:
     """A recorder holding block ``block``'s input for ``seqs`` (one ``[len, d]`` row each, e.g. from
     :func:`packed_logits`) batched as :func:`~shift_edit.model.scoring.logits_at_positions` batches ``seqs``
-    with ``batch_size`` and ``max_padding``, ready for :meth:`BlockRecorder.resume_after`.
+    with ``batch_size`` (its default padding bound: one record's few sequences run fastest in few batches, a
+    tighter bound measured slower), ready for :meth:`BlockRecorder.resume_after`.
     Padded positions hold zeros: causal attention with the padding mask never reads them at a real position."""
     recorder = BlockRecorder(adapter, block)
-    for start, end in length_chunks([len(s) for s in seqs], batch_size, max_padding=max_padding):
+    for start, end in length_chunks([len(s) for s in seqs], batch_size):
         chunk = rows[start:end]
         h = chunk[0].new_zeros((len(chunk), max(r.shape[0] for r in chunk), chunk[0].shape[-1]))
         for k, r in enumerate(chunk):
@@ -184,7 +182,6 @@ def unedited_passes(
                              block=block, stop=True)
         for k, s in enumerate(scorers):
             out[k].recorders = {
-                part: recorder_for(adapter, block, s.parts[part].plan.seqs, packed.hidden[k], batch_size,
-                                   s.max_padding)
+                part: recorder_for(adapter, block, s.parts[part].plan.seqs, packed.hidden[k], batch_size)
                 for part, packed in (("near", near), ("edit", edit))}
     return out

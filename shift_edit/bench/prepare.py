@@ -16,7 +16,7 @@ from ..model.resume import BlockRecorder, Resume
 from .bench_config import NO_EDIT, BenchConfig
 from .counterfact import CounterFactCase
 from .metrics import CaseScorer
-from .packing import RECORD_MAX_PADDING, unedited_passes
+from .packing import unedited_passes
 
 
 def planned_block(adapter: ModelAdapter, hparams: HyperParams | None) -> int | None:
@@ -77,7 +77,7 @@ def prepare_records(model, tok, cases: Sequence[CounterFactCase], positions: Seq
     """What :func:`~.runner.evaluate_batch` computes before its edit, for many records at once: their passes on the
     unedited model share batches (:func:`.packing.unedited_passes`); the unedited row (NONE) is scored whole.
     Must run on the unedited model."""
-    scorers = [CaseScorer(tok, c, max_padding=RECORD_MAX_PADDING) for c in cases]  # their edited passes
+    scorers = [CaseScorer(tok, c) for c in cases]
     if cfg.alg == NO_EDIT:
         done = unedited_passes(model, scorers, batch_size=cfg.batch_size, full=True)
     else:

@@ -9,6 +9,10 @@ same records, interleaved window by window (K records of one path, then the same
 hits both alike; the timings are the harness's own ``time_s`` fields (wall clock), the edit's time is listed apart
 (the same work in both). Record 0 is the warm-up (and each path's one-off check of the resume shortcut).
 
+For scale it also prints the matmul work of one record's scoring on the unedited model (every planned token through
+the blocks, the head at the scored positions) and this core's best fp32 matmul rate (an MLP-shaped product, 1024 rows):
+their quotient is the least time a full pass of a record can take here.
+
 The values are compared record by record: every ES/PS/NS decision and strict / first-token top-1 decision, the
 max |difference| of the mean NLLs (and the per-prompt neighborhood KL).
 
@@ -52,6 +56,37 @@ def _compare(old: list[dict], new: list[dict]) -> dict:
                                                         mb["neighborhood_kl"]["per_prompt"], strict=True)])
     return {"records_with_a_different_decision": flips, "max_abs_nll_difference": nll,
             "max_abs_kl_difference": kl}
+
+
+def _floor(model, tok, cases) -> dict:
+    """GFLOP of one record's scoring passes on the unedited model, and this core's fp32 matmul GFLOP/s."""
+    from shift_edit.bench.metrics import CaseScorer
+
+    body = sum(p.numel() for m in _blocks(model) for p in m.parameters())
+    tokens = positions = 0
+    for c in cases:
+        for part in CaseScorer(tok, c).parts.values():
+            tokens += sum(len(x) for x in part.plan.seqs)
+            positions += sum(len(x) for x in part.plan.positions)
+    head = model.get_output_embeddings().weight.numel()
+    gflop = 2 * (body * tokens + head * positions) / len(cases) / 1e9
+    d = model.config.hidden_size
+    x, w = torch.randn(1024, d), torch.randn(4 * d, d)
+    best = float("inf")
+    for _ in range(10):  # the best of 10 (the machine may be shared: its peak, not its average)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    rate = 5 * 2 * x.shape[0] * w.numel() / best / 1e9
+    return {"gflop_per_record": gflop, "tokens_per_record": tokens / len(cases), "matmul_gflops": rate,
+            "least_s_per_record": gflop / rate}
+
+
+def _blocks(model):
+    from shift_edit.model.architectures import ModelAdapter
+
+    return list(ModelAdapter(model).blocks())
 
 
 def _time(recs: list[dict]) -> dict:
@@ -116,9 +151,13 @@ def main() -> int:
         results[spec] = {"hparams": hp.to_dict() if hp is not None else None, "alone": t_old, "packed": t_new,
                         "scoring_s_per_record": {"alone": s_old, "packed": s_new}, "ratio": s_old / s_new,
                         "equality": _compare(old, new)}
+    floor = _floor(model, tok, cases[1:])
     print(f"model {args.model}, CPU, {args.threads} thread(s), records 1..{args.records} of {Path(data).name} "
           f"(record 0 warm-up), packed windows of {k} records, load average {os.getloadavg()[0]:.1f}")
     print("scoring = prepare (unedited passes) + measure (edited passes, metrics); wall s/record from time_s")
+    print(f"one record's passes on the unedited model: {floor['tokens_per_record']:.0f} tokens, "
+          f"{floor['gflop_per_record']:.1f} GFLOP; fp32 matmul here {floor['matmul_gflops']:.0f} GFLOP/s -> at least "
+          f"{floor['least_s_per_record']:.2f} s/record for a full pass")
     print(f"{'alg':8s} {'alone':>8s} {'packed':>8s} {'ratio':>7s}   {'(edit)':>7s}   equality (record by record)")
     for alg, r in results.items():
         e = r["equality"]
@@ -133,7 +172,8 @@ def main() -> int:
                     "window by window on the same records; values compared record by record",
             "model": args.model, "threads": args.threads, "records": args.records, "score_records": k,
             "data": str(data), "case_ids": [c.case_id for c in cases[1:]],
-            "load_average_1min": os.getloadavg()[0], "results": results, "provenance": provenance(model),
+            "load_average_1min": os.getloadavg()[0], "results": results, "full_pass_floor": floor,
+            "provenance": provenance(model),
         })
     return 0
 

@@ -19,7 +19,7 @@ max |difference| of the mean NLLs (and the per-prompt neighborhood KL).
 Usage::
 
     SHIFT_EDIT_DATA=../shared/data PYTHONPATH=. python eval/bench_scoring_speed.py --records 100 --threads 1 \\
-        [--algs NONE,SHIFT,SHIFT@5] [--score-records 16] [--out eval/reports/speed/scoring.json]
+        [--algs NONE,SHIFT,SHIFT@5] [--score-records 16] [--profile 15] [--out eval/reports/speed/scoring.json]
 
 ``ALG@L``: ALG's shipped hparams with ``layers: [L]`` (SHIFT@5 edits as early as ROME and SHIFT_SUBJECT do on
 SmolLM2, so the edited pass re-runs 25 of 30 blocks, at a fraction of their edit time).
@@ -28,8 +28,10 @@ SmolLM2, so the edited pass re-runs 25 of 30 blocks, at a fraction of their edit
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -89,6 +91,18 @@ def _blocks(model):
     return list(ModelAdapter(model).blocks())
 
 
+def _profiled(profiles: dict | None, key: tuple[str, str], fn, *args):
+    """``fn(*args)``, under the profile ``profiles[key]`` when profiling."""
+    if profiles is None:
+        return fn(*args)
+    prof = profiles.setdefault(key, cProfile.Profile())
+    prof.enable()
+    try:
+        return fn(*args)
+    finally:
+        prof.disable()
+
+
 def _time(recs: list[dict]) -> dict:
     return {k: sum(r["time_s"][k] for r in recs) / len(recs) for k in ("prepare", "measure", "edit")}
 
@@ -103,6 +117,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=None, help="CounterFact file (default: the 837-record subset)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print each path's N functions of most own time (cProfile; slows both alike)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import shift_edit as se
@@ -119,6 +135,7 @@ def main() -> int:
     cases = load_counterfact(data, limit=args.records + 1)
     k = args.score_records
     results = {}
+    profiles: dict | None = {} if args.profile else None
     for spec in args.algs.split(","):
         alg, _, layer = spec.partition("@")
         hp = None if alg == "NONE" else find_hparams(alg, args.model, None)
@@ -144,8 +161,8 @@ def main() -> int:
             old, new = [], []
             for w in range(1, len(cases), k):
                 batch = cases[w : w + k]
-                old += alone(batch, w)
-                new += packed(batch, w)
+                old += _profiled(profiles, (spec, "alone"), alone, batch, w)
+                new += _profiled(profiles, (spec, "packed"), packed, batch, w)
         t_old, t_new = _time(old), _time(new)
         s_old, s_new = t_old["prepare"] + t_old["measure"], t_new["prepare"] + t_new["measure"]
         results[spec] = {"hparams": hp.to_dict() if hp is not None else None, "alone": t_old, "packed": t_new,
@@ -165,6 +182,9 @@ def main() -> int:
               f"{r['ratio']:6.2f}x   {r['alone']['edit']:7.3f}   decisions differ in "
               f"{e['records_with_a_different_decision']} records; max |NLL diff| {e['max_abs_nll_difference']:.1e}, "
               f"max |KL diff| {e['max_abs_kl_difference']:.1e}")
+    for (spec, path), prof in (profiles or {}).items():
+        print(f"\n== {spec}, {path}: the {args.profile} functions of most own time")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     if args.out:
         atomic_write_json(Path(args.out), {
             "what": "shift-edit bench scoring time per record (time_s prepare + measure, wall; the edit apart), each "

@@ -110,3 +110,165 @@ def test_recorder_resumes_only_from_a_kept_block_not_after_the_edit(byte_tok):
     assert recorder.resume_at(2) is None
     with pytest.raises(ValueError, match="give one of them"):
         logits_at_positions(model, [[1, 2]], [[1]], record=recorder, resume=recorder.resume_at(1))
+
+
+# --- several records' unedited passes in shared batches (issue 33, target 3) --------------------------------
+
+def _records():
+    """ROME-format records of different lengths and objects, and one EasyEdit record without neighborhood."""
+    objs = [("Paris", "Rome"), ("Oslo", "Berlin"), ("Madrid", "Lisbon"), ("Tokyo", "Seoul"), ("Kyiv", "Riga")]
+    recs = []
+    for i, (new, true) in enumerate(objs):
+        subject = ["Messi", "Ann Lee", "Li", "Jean-Paul Sartre", "Bo"][i]
+        recs.append({
+            "case_id": i,
+            "requested_rewrite": {"prompt": "{} plays for", "subject": subject, "relation_id": "P54",
+                                  "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": true, "id": "Q2"}},
+            "paraphrase_prompts": [f"Yes. {subject} plays for", f"Indeed, as everyone knows, {subject} is with"],
+            "neighborhood_prompts": ["Totti plays for", f"{true} is the club of", "Pirlo is with", "Zoff"],
+        })
+    recs.append({"case_id": "ee", "prompt": "Messi plays for", "target_new": "Paris", "subject": "Messi",
+                 "ground_truth": "Rome", "rephrase_prompt": "Messi likes"})
+    return recs
+
+
+def _run_cases(model, tok, cases, cfg):
+    from shift_edit.bench.prepare import prepare_records
+    from shift_edit.bench.runner import RunState, evaluate_batch
+
+    positions = list(range(len(cases)))
+    if cfg.score_records == 1:  # the reference path: each record alone
+        state = RunState()
+        return [evaluate_batch(model, tok, [c], cfg, positions=[p], ppl_lines=None, state=state)[0]
+                for c, p in zip(cases, positions)]
+    preps = prepare_records(model, tok, cases, positions, cfg)
+    state = RunState(resume_exact=True)  # no full-pass check: what is compared is the packed path alone
+    return [evaluate_batch(model, tok, [c], cfg, positions=[p], ppl_lines=None, state=state, prepared=[prep])[0]
+            for c, p, prep in zip(cases, positions, preps)]
+
+
+def _assert_same_numbers(packed, alone):
+    """Record by record: every decision (ES/PS/NS, strict and first-token top-1) equal, NLLs and KL within 1e-5."""
+    assert [r["case_id"] for r in packed] == [r["case_id"] for r in alone]
+    for a, b in zip(packed, alone):
+        ma, mb = a["metrics"], b["metrics"]
+        assert ma["top1_correct"] == mb["top1_correct"]
+        for fam in ("top1", "top1_first"):
+            assert ma[fam] == mb[fam]
+        assert {k: v for k, v in ma["rome"].items() if k.endswith("_success")} == \
+            {k: v for k, v in mb["rome"].items() if k.endswith("_success")}
+        assert ma["rome"] == pytest.approx(mb["rome"], abs=1e-5)
+        assert ma["nll"].keys() == mb["nll"].keys()
+        for g in ma["nll"]:
+            for x, y in zip(ma["nll"][g], mb["nll"][g], strict=True):
+                assert x == pytest.approx(y, abs=1e-5)
+        if "neighborhood_kl" in mb:
+            assert ma["neighborhood_kl"]["per_prompt"] == pytest.approx(mb["neighborhood_kl"]["per_prompt"], abs=1e-5)
+        if not b["edit"].get("refused"):
+            assert a["edit"].get("rerun_from_block") == b["edit"].get("rerun_from_block")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("alg", ["NONE", "SHIFT", "SHIFT-no-kl", "SHIFT-block0", "SHIFT-refused"])
+def test_packed_unedited_passes_give_the_per_record_numbers(model_type, alg, byte_tok, tmp_path, monkeypatch):
+    from shift_edit.bench import BenchConfig, load_counterfact
+    from shift_edit.bench.prepare import Prepared
+
+    resumed = []  # records measured unedited from the recorded block (the refused edits)
+    real = Prepared.resume_unedited
+    monkeypatch.setattr(Prepared, "resume_unedited", lambda self: resumed.append(self.case.case_id) or real(self))
+
+    path = tmp_path / "cf.json"
+    path.write_text(__import__("json").dumps(_records()))
+    cases = load_counterfact(path)
+    model = tiny_model(model_type)
+    layer = 0 if alg == "SHIFT-block0" else 2
+    hp = None if alg == "NONE" else se.ShiftHyperParams(  # refused: measured unedited, from the recorded block
+        layers=[layer], eta=50.0, eta_scaling="normalized", skip_if_predicted=False,
+        max_relative_norm=1e-12 if alg == "SHIFT-refused" else None)
+    out = {}
+    for k in (1, 16):
+        cfg = BenchConfig(alg=alg.split("-")[0], hparams=hp, skip_generation=True, skip_wild=True, score_records=k,
+                          batch_size=4, neighborhood_kl=alg != "SHIFT-no-kl")
+        out[k] = _run_cases(model, byte_tok, cases, cfg)
+    _assert_same_numbers(out[16], out[1])
+    assert all(bool(r["edit"].get("refused")) == (alg == "SHIFT-refused") for r in out[16] + out[1])
+    assert resumed == ([c.case_id for c in cases] if alg == "SHIFT-refused" and layer else [])
+    if alg.startswith("SHIFT") and alg != "SHIFT-refused":
+        assert {r["edit"]["rerun_from_block"] for r in out[16]} == {layer}
+        if alg not in ("SHIFT-no-kl", "SHIFT-refused"):
+            assert any(r["metrics"]["neighborhood_kl"]["mean"] > 0 for r in out[16])  # the edits changed something
+
+
+def test_packed_batches_mix_records_and_return_each_its_own(byte_tok):
+    from shift_edit.bench.packing import PartPasses, packed_logits, recorder_for
+
+    model = tiny_model("llama")
+    adapter = se.ModelAdapter(model)
+    parts = [PartPasses([byte_tok.encode("ab cd"), byte_tok.encode("x")], [[3, 4], [0]]),
+             PartPasses([], []),
+             PartPasses([byte_tok.encode("a longer one here")], [[2, 16]])]
+    got = packed_logits(model, parts, pad_id=0, batch_size=2, adapter=adapter, block=1)
+    for part, logits, hidden in zip(parts, got.logits, got.hidden):
+        assert len(logits) == len(hidden) == len(part.seqs)
+        for seq, pos, lg, h in zip(part.seqs, part.positions, logits, hidden):
+            alone = logits_at_positions(model, [seq], [pos], batch_size=1)[0]
+            assert torch.allclose(lg, alone, atol=1e-5) and h.shape[0] == len(seq)
+    seqs = parts[0].seqs  # rows re-batched as the part's own pass batches them, zeros where padded
+    rec = recorder_for(adapter, 1, seqs, got.hidden[0], batch_size=2)
+    assert len(rec) == 1 and rec.passes[0][1].shape[:2] == (2, 5) and not rec.passes[0][1][1, 1:].any()
+    with pytest.raises(ValueError, match="needs a block"):
+        packed_logits(model, parts, pad_id=0, batch_size=2, stop=True)
+
+
+def test_run_bench_windows_of_records_equal_each_record_alone(byte_tok, tmp_path):
+    import json
+    from pathlib import Path
+
+    from shift_edit.bench import BenchConfig, file_sha256, load_counterfact, run_bench
+
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(_records()))
+    cases = load_counterfact(path)
+    model = tiny_model("llama")
+    hp = se.ShiftHyperParams(layers=[1], eta=50.0, eta_scaling="normalized", skip_if_predicted=False)
+    runs = {}
+    for k in (1, 4):  # 4: two windows of records (4 + 2)
+        cfg = BenchConfig(alg="SHIFT", hparams=hp, skip_generation=True, skip_wild=True, score_records=k)
+        run = run_bench(model, byte_tok, cases, cfg, tmp_path / f"out{k}", model_name="tiny",
+                        data_info={"path": str(path), "sha256": file_sha256(path)}, progress=False)
+        runs[k] = [json.loads(p.read_text()) for p in sorted(Path(run).glob("case_*.json"))]
+        assert len(runs[k]) == len(cases)
+        assert all(r["time_s"]["prepare"] > 0 for r in runs[k])
+    _assert_same_numbers(runs[4], runs[1])
+
+
+def test_packed_windows_are_fixed_by_position_so_shards_and_resumes_give_the_same_bits(byte_tok, tmp_path):
+    """A window's records are packed together whoever runs them: two hand-set shards (the window of 4 spans both)
+    and a resumed run (some records already done) write exactly the whole run's metrics."""
+    import json
+    from pathlib import Path
+
+    from shift_edit.bench import BenchConfig, file_sha256, load_counterfact, run_bench
+
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(_records()))
+    cases = load_counterfact(path)
+    model = tiny_model("gpt2")
+    cfg = BenchConfig(alg="SHIFT", skip_generation=True, skip_wild=True, score_records=4, batch_size=3,
+                      hparams=se.ShiftHyperParams(layers=[1], eta=50.0, eta_scaling="normalized",
+                                                  skip_if_predicted=False))
+
+    def run(out, **kw):
+        d = run_bench(model, byte_tok, cases, cfg, out, model_name="tiny", progress=False,
+                      data_info={"path": str(path), "sha256": file_sha256(path)}, **kw)
+        return d, {p.name: json.loads(p.read_text())["metrics"] for p in sorted(Path(d).glob("case_*.json"))}
+
+    whole_dir, whole = run(tmp_path / "whole")
+    assert len(whole) == len(cases)
+    for rank in (0, 1):
+        sharded_dir, sharded = run(tmp_path / "sharded", rank=rank, world_size=2)
+    assert sharded == whole
+    for name in ("case_1.json", "case_2.json", "case_4.json"):
+        (Path(whole_dir) / name).unlink()
+    assert run(tmp_path / "whole")[1] == whole

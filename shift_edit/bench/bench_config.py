@@ -28,6 +28,8 @@ PROTOCOL_VERSION = 1
 class BenchConfig:
     """What a benchmark run computes (all of it goes into ``params.json``).
 
+    ``score_records``: records whose passes on the unedited model share batches (:mod:`.packing`; 1: each
+    record alone, the reference path); like ``batch_size`` it changes the float round-off only, not the protocol.
     ``skip_wild`` / ``wild_max_new_tokens`` / ``wild_neighborhood`` / ``wild_records``: the WILD-style
     free-generation family (:mod:`.wild`): off, greedy new tokens per prompt, neighborhood prompts too,
     records per decoding batch. ``portability``: the ``easyedit_portability`` family on the records that
@@ -46,6 +48,7 @@ class BenchConfig:
     ppl_protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
     wikitext: str | None = None
     batch_size: int = 64
+    score_records: int = 16
     neighborhood_kl: bool = True
     num_edits: int = 1
     skip_wild: bool = False
@@ -57,6 +60,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.wild_max_new_tokens < 1:
             raise ShiftEditError(f"--wild-max-new-tokens must be >= 1, got {self.wild_max_new_tokens}")
+        if self.score_records < 1:
+            raise ShiftEditError(f"--score-records must be >= 1, got {self.score_records}")
         if self.wild_records < 1:
             raise ShiftEditError(f"--wild-records must be >= 1, got {self.wild_records}")
 

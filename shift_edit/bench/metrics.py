@@ -122,6 +122,12 @@ class CaseScorer:
                 out.setdefault(group, []).append((flat[2 * j], flat[2 * j + 1]))
         return {g: out[g] for g in GROUPS if g in out}
 
+    def neighborhood_ends(self) -> list[tuple[int, int]]:
+        """(sequence, position) of each neighborhood prompt's last token in the ``near`` plan: where the
+        logits of :meth:`neighborhood_logprobs` are read."""
+        plan = self.parts["near"].plan
+        return [(j, plan.positions[j][offsets[0]]) for j, offsets in plan.reads[0::2]]
+
     def neighborhood_logprobs(self, logits: dict[str, list[torch.Tensor]]) -> torch.Tensor:
         """Next-token log-probabilities after each neighborhood prompt, ``[n, vocab]``."""
         plan = self.parts["near"].plan

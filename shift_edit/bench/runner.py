@@ -33,15 +33,13 @@ from ..algorithms.common import adapter_for
 from ..compat import easyedit_metrics as ee  # (the facade imports this package: its names are read at call time)
 from ..core.editing import edit
 from ..core.errors import EditRefusedError
-from ..core.hparams import HyperParams
 from ..files.io import atomic_write_json
-from ..model.architectures import ModelAdapter
-from ..model.resume import BlockRecorder, Resume
 from .bench_config import NO_EDIT, BenchConfig
 from .claims import claimed
 from .counterfact import CounterFactCase
 from .generation import GenerationGroup, generate_topk_groups, ngram_entropy
 from .metrics import CaseScorer, kl_divergence, metrics_from_scores
+from .prepare import Prepared, planned_block, prepare_record, prepare_records
 from .run_dirs import batches_per_group, case_path, choose_run_dir, finished, start_run
 from .wikitext import perplexity, read_wikitext_lines
 from .wild import WildJob, run_wild, wild_prompts
@@ -61,49 +59,7 @@ def _same(a: dict[str, list], b: dict[str, list]) -> bool:
     return all(torch.allclose(x, y, rtol=1e-4, atol=1e-4) for k in a for x, y in zip(a[k], b[k]))
 
 
-def _planned_block(adapter: ModelAdapter, hparams: HyperParams | None) -> int | None:
-    """The lowest block the hparams say they edit (the unedited pass may stop there), or None."""
-    layers = getattr(hparams, "layers", None)
-    if not layers:
-        return None
-    return min(adapter.check_layer(int(x)) for x in layers)
-
-
-@dataclass
-class _Prepared:
-    """One record's state before the edit: its scorer, the recorders of its passes (the input of
-    the planned block in each batch; none when nothing can be skipped), and the unedited
-    neighborhood distributions (KL reference)."""
-
-    case: CounterFactCase
-    position: int
-    scorer: CaseScorer
-    recorders: dict[str, BlockRecorder]
-    pre_logp: torch.Tensor | None
-
-    def resume_after(self, deltas) -> dict[str, Resume] | None:
-        """Per part, the blocks the model edited by ``deltas`` must re-run; None: full passes
-        (nothing recorded, or the edit changed a block before the recorded one)."""
-        if not any(len(r) for r in self.recorders.values()):
-            return None
-        resume = {part: r.resume_after(deltas) for part, r in self.recorders.items()}
-        return None if any(r is None for r in resume.values()) else resume
-
-
-def _prepare(model, tok, case, position, cfg, adapter, planned, kl_on: bool) -> _Prepared:
-    scorer = CaseScorer(tok, case)
-    kl_on = kl_on and scorer.n_neighborhood > 0
-    recorders: dict[str, BlockRecorder] = {}
-    if planned is None or planned == 0:  # nothing to skip: the unedited pass is only the KL reference
-        pre = scorer.logits(model, batch_size=cfg.batch_size, parts=("near",)) if kl_on else None
-    else:  # the passes stop at the planned block, but the KL reference needs the neighborhood logits
-        recorders = {"near": BlockRecorder(adapter, planned, stop=not kl_on),
-                     "edit": BlockRecorder(adapter, planned, stop=True)}
-        pre = scorer.logits(model, batch_size=cfg.batch_size, record=recorders)
-    return _Prepared(case, position, scorer, recorders, scorer.neighborhood_logprobs(pre) if kl_on else None)
-
-
-def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tuple[dict[str, list], int]:
+def _edited_logits(model, prep: Prepared, result, cfg, state: RunState) -> tuple[dict[str, list], int]:
     """Logits of the edited model at the record's planned positions, and the first block re-run.
 
     Blocks before the planned (first edited) block are skipped: their recorded output feeds it
@@ -125,9 +81,9 @@ def _edited_logits(model, prep: _Prepared, result, cfg, state: RunState) -> tupl
     return logits, next(iter(resume.values())).block
 
 
-def _measure(model, tok, prep: _Prepared, logits, cfg: BenchConfig, ppl_lines) -> dict[str, Any]:
+def _measure(model, tok, prep: Prepared, logits, cfg: BenchConfig, ppl_lines) -> dict[str, Any]:
     """Every metric of one record on the model as it is now."""
-    m = metrics_from_scores(prep.scorer.scores(logits))
+    m = metrics_from_scores(prep.scores if logits is None else prep.scorer.scores(logits))
     if cfg.neighborhood_kl and prep.scorer.n_neighborhood:
         if prep.pre_logp is None:  # the unedited row: edited == unedited, KL is 0 by definition
             kl = torch.zeros(prep.scorer.n_neighborhood)
@@ -149,6 +105,7 @@ def evaluate_batch(
     model: nn.Module, tok, cases: Sequence[CounterFactCase], cfg: BenchConfig, *, positions: Sequence[int],
     ppl_lines: Sequence[str] | None, state: RunState | None = None,
     deferred: list[tuple[dict, GenerationGroup | WildJob]] | None = None,
+    prepared: Sequence[Prepared] | None = None, prepare_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """Apply the requests of ``cases`` at once (none for NONE), measure every record, undo.
 
@@ -159,15 +116,20 @@ def evaluate_batch(
     Before the edit, one pass of the unedited model per record records the input of the edited
     block and the neighborhood distributions (the KL reference); after the edit only the blocks
     from the edited one on are re-run. ``state`` carries the run's one-off check of that shortcut.
+    ``prepared`` (with its time per record, ``prepare_s``): that state, computed by :func:`prepare_records`
+    with other records' (the default: each record alone, the reference path).
     """
     state = RunState() if state is None else state
     t0 = time.perf_counter()
     edited = cfg.alg != NO_EDIT
     adapter = adapter_for(model, cfg.hparams) if edited else None
-    planned = _planned_block(adapter, cfg.hparams) if edited else None
-    preps = [_prepare(model, tok, c, p, cfg, adapter, planned, cfg.neighborhood_kl and edited) if edited
-             else _Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
-    t_prepare = time.perf_counter() - t0
+    planned = planned_block(adapter, cfg.hparams) if edited else None
+    if prepared is not None:
+        preps, t_prepare = list(prepared), (prepare_s or 0.0) * len(cases)
+    else:
+        preps = [prepare_record(model, tok, c, p, cfg, adapter, planned, cfg.neighborhood_kl and edited) if edited
+                 else Prepared(c, p, CaseScorer(tok, c), {}, None) for c, p in zip(cases, positions)]
+        t_prepare = time.perf_counter() - t0
     result, t_edit, refused = None, 0.0, None
     records: list[dict[str, Any]] = []
     gen_requests: list[tuple[int, GenerationGroup | WildJob]] = []
@@ -185,6 +147,12 @@ def evaluate_batch(
             ts = time.perf_counter()
             if result is not None and result.deltas:
                 logits, first = _edited_logits(model, prep, result, cfg, state)
+            elif prep.scores is not None:  # the unedited row, scored with other records'
+                logits, first = None, 0
+            elif prepared is not None and state.resume_exact and (resume := prep.resume_unedited()) is not None:
+                # left unedited (skipped / refused) after packed passes: they go on from the recorded block
+                logits = prep.scorer.logits(model, batch_size=cfg.batch_size, resume=resume)
+                first = next(iter(resume.values())).block
             else:
                 logits, first = prep.scorer.logits(model, batch_size=cfg.batch_size), 0
             m = _measure(model, tok, prep, logits, cfg, ppl_lines)
@@ -317,7 +285,10 @@ def run_bench(
     groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
     # contiguous shares: records every K-th position (perplexity) spread over the shards too
     mine = groups[rank * len(groups) // world_size : (rank + 1) * len(groups) // world_size]
-    todo = [grp for grp in mine if not all(finished(run_dir, c.case_id) for batch in grp for _, c in batch)]
+    first_mine = rank * len(groups) // world_size
+    todo_at = [first_mine + g for g, grp in enumerate(mine)
+               if not all(finished(run_dir, c.case_id) for batch in grp for _, c in batch)]
+    todo = [groups[g] for g in todo_at]
     n_todo = sum(len(b) for grp in todo for b in grp)
     n_mine = sum(len(b) for grp in mine for b in grp)
     log.info("run dir %s: %d of %d cases to do (rank %d/%d)", run_dir, n_todo, n_mine, rank, world_size)
@@ -328,33 +299,52 @@ def run_bench(
     bar = tqdm(total=n_todo, desc=f"{cfg.alg} rank {rank}" if world_size > 1 else cfg.alg, unit="case",
                disable=not progress or n_todo == 0, position=rank if world_size > 1 else None)
     state = RunState()
+    # windows of groups whose unedited passes share batches, fixed by position like the groups: a resumed or
+    # sharded run packs a window's records as a whole run does (the finished or other shards' ones included)
+    per_window = max(1, cfg.score_records // (per_group * n))
     with bar:
-        for grp in todo:
-            ids = [c.case_id for batch in grp for _, c in batch]
-            with claimed(run_dir, ids) as mine:  # another worker on the same run dir may have it
-                if not mine or all(finished(run_dir, cid) for cid in ids):
-                    bar.update(len(ids))
-                    continue
-                deferred: list[tuple[dict, GenerationGroup | WildJob]] = []
-                recs = [
-                    rec
-                    for batch in grp
-                    for rec in evaluate_batch(
-                        model,
-                        tok,
-                        [c for _, c in batch],
-                        cfg,
-                        positions=[i for i, _ in batch],
-                        ppl_lines=ppl_lines,
-                        state=state,
-                        deferred=deferred,
-                    )
-                ]
-                fill_generations(model, tok, deferred, cfg)
-                for rec in recs:
-                    if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are
-                        atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
-                bar.update(len(recs))
+        for w in sorted({g - g % per_window for g in todo_at}):
+            ready, prepare_s = _prepare_window(model, tok, groups[w : w + per_window], cfg)
+            for grp in [groups[g] for g in todo_at if w <= g < w + per_window]:
+                ids = [c.case_id for batch in grp for _, c in batch]
+                with claimed(run_dir, ids) as mine:  # another worker on the same run dir may have it
+                    if not mine or all(finished(run_dir, cid) for cid in ids):
+                        bar.update(len(ids))
+                        continue
+                    deferred: list[tuple[dict, GenerationGroup | WildJob]] = []
+                    recs = [
+                        rec
+                        for batch in grp
+                        for rec in evaluate_batch(
+                            model,
+                            tok,
+                            [c for _, c in batch],
+                            cfg,
+                            positions=[i for i, _ in batch],
+                            ppl_lines=ppl_lines,
+                            state=state,
+                            deferred=deferred,
+                            prepared=None if ready is None else [ready[i] for i, _ in batch],
+                            prepare_s=prepare_s,
+                        )
+                    ]
+                    fill_generations(model, tok, deferred, cfg)
+                    for rec in recs:
+                        if not finished(run_dir, rec["case_id"]):  # a re-run group leaves finished files as they are
+                            atomic_write_json(case_path(run_dir, rec["case_id"]), rec)
+                    bar.update(len(recs))
     return run_dir
+
+
+def _prepare_window(model, tok, groups, cfg: BenchConfig) -> tuple[dict[int, Prepared] | None, float]:
+    """The unedited passes of every record of ``groups`` in shared batches (:func:`prepare_records`), by run
+    position, and their time per record; None with ``cfg.score_records`` 1 (each record alone, in
+    :func:`evaluate_batch`)."""
+    if cfg.score_records <= 1:
+        return None, 0.0
+    todo = [(i, c) for grp in groups for batch in grp for i, c in batch]
+    t0 = time.perf_counter()
+    preps = prepare_records(model, tok, [c for _, c in todo], [i for i, _ in todo], cfg)
+    return {p.position: p for p in preps}, (time.perf_counter() - t0) / len(todo)
 
 

@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="WikiText-2 raw test file (default: wikitext from $SHIFT_EDIT_DATA or the user cache, see "
                    "`shift-edit data`, else datasets)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
+    p.add_argument("--score-records", type=int, default=16, metavar="K",
+                   help="records whose passes on the unedited model share forward batches (default 16; 1: each "
+                        "record alone; the values differ only by float round-off)")
     p.add_argument("--no-kl", action="store_true",
                    help="skip the neighborhood KL (saves two forward passes per record)")
     p.add_argument("--num-edits", type=int, default=1, metavar="N",
@@ -169,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, v, lo in (
         ("--ppl-every", args.ppl_every, 0),
         ("--batch-size", args.batch_size, 1),
+        ("--score-records", args.score_records, 1),
         ("--start", args.start, 0),
         ("--procs", args.procs, 1),
         ("--num-edits", args.num_edits, 1),
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         raise ShiftEditError(f"--wikitext {args.wikitext}: file not found")
     cfg = BenchConfig(alg=args.alg, hparams=hparams, seed=args.seed, skip_generation=args.skip_generation,
                       ppl_every=args.ppl_every, ppl_protocol=PerplexityProtocol(name=args.ppl_protocol),
-                      wikitext=wikitext, batch_size=args.batch_size,
+                      wikitext=wikitext, batch_size=args.batch_size, score_records=args.score_records,
                       neighborhood_kl=not args.no_kl, num_edits=args.num_edits, gen_records=args.gen_records,
                       gen_every=args.gen_every, portability=args.portability, **wild_options(args))
     rank, world = shard_env()

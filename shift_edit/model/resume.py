@@ -150,6 +150,13 @@ class BlockRecorder:
             yield
         self.passes.append({b: seen[b] for b in self.blocks})
 
+    def add_pass(self, hidden: dict[int, torch.Tensor | None]) -> None:
+        """Keep the kept blocks' inputs of one pass recorded elsewhere (e.g. rows of a larger batch,
+        :mod:`shift_edit.bench.packing`); the next pass to resume from them must have their shape."""
+        if set(hidden) != set(self.blocks):
+            raise ValueError(f"a pass of blocks {sorted(hidden)} given to a recorder of blocks {list(self.blocks)}")
+        self.passes.append(dict(hidden))
+
     def resume_at(self, block: int) -> Resume | None:
         """Re-run from ``block`` (a kept one), or None if some recorded pass did not reach it."""
         hidden = [p.get(block) for p in self.passes]

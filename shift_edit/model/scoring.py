@@ -119,12 +119,14 @@ def logits_at_positions(
     *,
     pad_id: int = 0,
     batch_size: int = 32,
+    max_padding: float = 1.0,
     record: BlockRecorder | None = None,
     resume: Resume | None = None,
 ) -> list[torch.Tensor | None]:
     """Float32 logits ``[len(positions[i]), vocab]`` at the given positions of each sequence.
 
-    Sequences are right-padded into batches of ``batch_size`` in the given order. Only the
+    Sequences are right-padded into batches of ``batch_size`` in the given order, each batch's
+    padding below ``max_padding`` of its tokens (:func:`length_chunks`). Only the
     requested positions go through the output embedding (a pre-hook on it gathers them),
     which saves the head's cost at every other position. ``record`` keeps decoder blocks'
     inputs of each batch (:class:`~shift_edit.model.resume.BlockRecorder`; if it ends the passes
@@ -135,7 +137,8 @@ def logits_at_positions(
         raise ValueError("record and resume are two different passes: give one of them")
     device = _device(model)
     out: list[torch.Tensor] = []
-    for k, (start, stop) in enumerate(length_chunks([len(x) for x in seqs], batch_size)):
+    for k, (start, stop) in enumerate(length_chunks([len(x) for x in seqs], batch_size,
+                                                                     max_padding=max_padding)):
         chunk, wanted = seqs[start:stop], positions[start:stop]
         ids, mask = pad_batch(chunk, pad_id, device)
         logits = None

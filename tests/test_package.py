@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -125,6 +126,16 @@ def test_library_has_no_path_outside_itself():
         assert "parents[" not in text and '"shared"' not in text, f
     # io.git_info is the one reader of __file__: it records the checkout's git state, if any
     assert [f.name for f in pkg.rglob("*.py") if "__file__" in f.read_text()] == ["io.py"]
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
+def test_result_files_record_the_checkouts_commit():
+    """git_info finds the checkout from the module's place in the package (it recorded nothing after the move into
+    subpackages, when it looked one folder too low)."""
+    from shift_edit.files.io import git_info
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert git_info()["commit"] == head and len(head) == 40
 
 
 # --- requests ------------------------------------------------------------------------------------

@@ -342,7 +342,7 @@ def model_fingerprint(model: nn.Module, overrides: dict[str, torch.Tensor] | Non
 
 def git_info() -> dict[str, Any]:
     """The commit and dirty flag of the source checkout the package runs from, if any."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent.parent  # shift_edit/files/io.py -> the checkout
     if not (root / "pyproject.toml").is_file():  # an installed copy, not a checkout: no git state to record
         return {"commit": None, "dirty": None}
     try:

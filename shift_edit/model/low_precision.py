@@ -18,14 +18,13 @@ import weakref
 import torch
 from torch import nn
 
+from .loading import resolve_dtype
+
 log = logging.getLogger(__name__)
 
 #: per model: {dtype: (the copy, {name: (version, data_ptr) of the model's tensor when last copied})}
 _COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[torch.dtype, tuple[nn.Module, dict]]]" = (
     weakref.WeakKeyDictionary())
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's parameters and floating buffers by name (tied ones once)."""
@@ -57,7 +56,7 @@ def low_precision_copy(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
 
     The copy is in eval mode with ``requires_grad`` off everywhere; use it for passes only, never edit it.
     """
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = resolve_dtype(dtype)
     per_model = _COPIES.setdefault(model, {})
     source = _tensors(model)
     if dtype not in per_model:

@@ -37,7 +37,8 @@ def test_registered_with_memory_and_prime():
 @pytest.mark.parametrize("kw", [{"fact_token": "last"}, {"threshold": 1.0}, {"sharpness": 0.0}, {"try_layers": 2},
                                 {"v_contexts_per_step": 0}, {"v_start_scales": []}, {"v_start_scales": [1.5]},
                                 {"neurons_per_layer": 0}, {"n_contrast": -1}, {"if_unreached": "retry"},
-                                {"v_num_grad_steps": 0}, {"max_generic_fires": 3}])
+                                {"v_num_grad_steps": 0}, {"max_generic_fires": 3}, {"negative_reach": 2.0},
+                                {"min_spreads": 2.0, "max_threshold": 0.2}])
 def test_bad_hparams_are_refused(kw):
     with pytest.raises(ShiftEditError):
         ShiftSubjectHyperParams(layers=[1], **kw)
@@ -68,16 +69,22 @@ def test_neuron_fires_at_the_subject_in_every_context_and_not_on_other_subjects(
     res.undo()
 
 
+def _fit_inputs(model, tok, h: ShiftSubjectHyperParams):
+    """What the value's preparation and fit take for :data:`FACT` at layer 1: the adapter, the request, its target
+    ids, the context templates and the (FF1, FF2) module names."""
+    adapter = ModelAdapter(model)
+    req = make_request(FACT)
+    target = encode_target(tok, req.text, req.target_new)
+    templates = context_templates(model, tok, h.context_template_length_params, h.context_seed)
+    return adapter, req, target, templates, ([adapter.ff1_names(1)[0]], [adapter.ff2_name(1)])
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_cached_value_fit_equals_the_plain_one(arch, byte_tok, corpus):
     """The steps over the columns after the fact token with a KV cache give the δ of steps over whole rows."""
     model = tiny_model(arch)
     h = hp(corpus)
-    adapter = ModelAdapter(model)
-    req = make_request(FACT)
-    target = encode_target(byte_tok, req.text, req.target_new)
-    templates = context_templates(model, byte_tok, h.context_template_length_params, h.context_seed)
-    names = ([adapter.ff1_names(1)[0]], [adapter.ff2_name(1)])
+    adapter, req, target, templates, names = _fit_inputs(model, byte_tok, h)
     dev = torch.device("cpu")
     cached = sv._prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names, cached=True,
                          device=dev)
@@ -100,11 +107,7 @@ def test_a_bfloat16_fit_keeps_exact_keys_and_finds_the_full_precision_value(arch
     rows and steps from its bfloat16 copy; the δ found points where the float32 fit's does; undo stays exact."""
     model = tiny_model(arch)
     h = hp(corpus)
-    adapter = ModelAdapter(model)
-    req = make_request(FACT)
-    target = encode_target(byte_tok, req.text, req.target_new)
-    templates = context_templates(model, byte_tok, h.context_template_length_params, h.context_seed)
-    names = ([adapter.ff1_names(1)[0]], [adapter.ff2_name(1)])
+    adapter, req, target, templates, names = _fit_inputs(model, byte_tok, h)
     full = sv.prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names)
     low = low_precision_copy(model, "bfloat16")
     low_adapter = ModelAdapter(low)
@@ -136,11 +139,7 @@ def test_value_fit_on_context_subsets_runs_fewer_rows_and_agrees_cached_and_plai
     cache's rows are sliced to match (cached and plain fits agree); covering every context equals the full fit."""
     model = tiny_model(arch)
     h = hp(corpus, context_template_length_params=[[3, 4]])
-    adapter = ModelAdapter(model)
-    req = make_request(FACT)
-    target = encode_target(byte_tok, req.text, req.target_new)
-    templates = context_templates(model, byte_tok, h.context_template_length_params, h.context_seed)
-    names = ([adapter.ff1_names(1)[0]], [adapter.ff2_name(1)])
+    adapter, req, target, templates, names = _fit_inputs(model, byte_tok, h)
     prep = {c: sv._prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names, cached=c,
                            device=torch.device("cpu")) for c in (True, False)}
     assert prep[True].rows.n_contexts == 5
@@ -165,12 +164,9 @@ def test_the_vjp_start_lowers_the_loss_and_its_passes_are_counted(arch, byte_tok
     then one batched forward pass over the rows once per scale); its loss is below the loss at δ = 0."""
     model = tiny_model(arch)
     h = hp(corpus, v_start_scales=[0.25, 0.5, 1.0])
-    adapter = ModelAdapter(model)
-    req = make_request(FACT)
-    target = encode_target(byte_tok, req.text, req.target_new)
-    templates = context_templates(model, byte_tok, h.context_template_length_params, h.context_seed)
-    prep = sv._prepare(model, byte_tok, adapter, req, target, templates, "subject_last", [adapter.ff1_names(1)[0]],
-                       [adapter.ff2_name(1)], cached=True, device=torch.device("cpu"))
+    adapter, req, target, templates, names = _fit_inputs(model, byte_tok, h)
+    prep = sv._prepare(model, byte_tok, adapter, req, target, templates, "subject_last", *names, cached=True,
+                       device=torch.device("cpu"))
     batch = []
     handle = model.register_forward_pre_hook(lambda _m, _a, kw: batch.append(kw["input_ids"].shape[0]),
                                              with_kwargs=True)

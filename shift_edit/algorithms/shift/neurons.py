@@ -358,6 +358,29 @@ def one_hot(n: int, j: int) -> torch.Tensor:
     return v
 
 
+def validate_neuron_fields(hp) -> None:
+    """The checks SHIFT_NEURON's and SHIFT_SUBJECT's hparams share (the gate, the generic sample, the capacity and
+    the layers tried); ``hp.validate`` calls it, which raises through ``hp._fail`` on the first bad field."""
+    if not (math.isfinite(hp.threshold) and 0 <= hp.threshold < 1):
+        hp._fail("threshold", hp.threshold, "it must be in [0, 1)")
+    hp._require_finite("sharpness", "activation", positive=True)
+    if hp.min_spreads is not None:
+        hp._require_finite("min_spreads", positive=True)
+        if not (math.isfinite(hp.max_threshold) and hp.threshold <= hp.max_threshold < 1):
+            hp._fail("max_threshold", hp.max_threshold, "it must be in [threshold, 1)")
+    hp._require_finite("contrast_weight", "memory_weight", "negative_weight", "ridge")
+    if hp.negatives < 0:
+        hp._fail("negatives", hp.negatives, "it must be >= 0")
+    if hp.max_generic_fires is not None and (hp.max_generic_fires < 0 or not hp.negatives):
+        hp._fail("max_generic_fires", hp.max_generic_fires, "it must be >= 0, with negatives > 0")
+    if not (math.isfinite(hp.negative_reach) and 0 < hp.negative_reach <= 1):
+        hp._fail("negative_reach", hp.negative_reach, "it must be in (0, 1]")
+    if hp.neurons_per_layer < 1:
+        hp._fail("neurons_per_layer", hp.neurons_per_layer, "it must be >= 1")
+    if not 1 <= hp.try_layers <= len(hp.layers):
+        hp._fail("try_layers", hp.try_layers, f"it must be in [1, {len(hp.layers)}] (the listed layers)")
+
+
 def neuron_tags(hp: Mapping[str, Any]) -> list[str]:
     """Run tags of the neuron algorithms' capacity, screen and retries: ``x225 screen 30 try 5``."""
     bits = [f"x{hp['neurons_per_layer']}"] if hp.get("neurons_per_layer") is not None else []

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -93,6 +92,7 @@ from .neurons import (
     neuron_rows,
     neuron_tags,
     one_hot,
+    validate_neuron_fields,
 )
 from .push import build_batch, margins, search_push, validate_batch_and_search
 
@@ -174,25 +174,9 @@ class ShiftNeuronHyperParams(EditHyperParams):
 
     def validate(self) -> None:
         super().validate()
-        if not (math.isfinite(self.threshold) and 0 <= self.threshold < 1):
-            self._fail("threshold", self.threshold, "it must be in [0, 1)")
-        self._require_finite("sharpness", "activation", "max_push", positive=True)
-        if self.min_spreads is not None:
-            self._require_finite("min_spreads", positive=True)
-            if not (math.isfinite(self.max_threshold) and self.threshold <= self.max_threshold < 1):
-                self._fail("max_threshold", self.max_threshold, "it must be in [threshold, 1)")
-        self._require_finite("contrast_weight", "memory_weight", "negative_weight", "ridge")
-        if self.negatives < 0:
-            self._fail("negatives", self.negatives, "it must be >= 0")
-        if self.max_generic_fires is not None and (self.max_generic_fires < 0 or not self.negatives):
-            self._fail("max_generic_fires", self.max_generic_fires, "it must be >= 0, with negatives > 0")
-        if not (math.isfinite(self.negative_reach) and 0 < self.negative_reach <= 1):
-            self._fail("negative_reach", self.negative_reach, "it must be in (0, 1]")
+        validate_neuron_fields(self)
+        self._require_finite("max_push", positive=True)
         validate_batch_and_search(self)
-        if self.neurons_per_layer < 1:
-            self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
-        if not 1 <= self.try_layers <= len(self.layers):
-            self._fail("try_layers", self.try_layers, f"it must be in [1, {len(self.layers)}] (the listed layers)")
 
     @property
     def forward_passes(self) -> int:

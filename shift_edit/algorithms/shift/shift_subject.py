@@ -83,6 +83,7 @@ from .neurons import (
     neuron_rows,
     neuron_tags,
     one_hot,
+    validate_neuron_fields,
 )
 from .push import CONTRAST_SUBJECTS
 from .subject_value import fit_value, prepare
@@ -158,18 +159,9 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
         if self.fact_token == "last":
             self._fail("fact_token", self.fact_token, "use subject_last or subject_first (SHIFT_NEURON keys on the "
                                                       "last token)")
-        if not (math.isfinite(self.threshold) and 0 <= self.threshold < 1):
-            self._fail("threshold", self.threshold, "it must be in [0, 1)")
-        self._require_finite("sharpness", "activation", positive=True)
-        self._require_finite("contrast_weight", "memory_weight", "negative_weight", "ridge")
-        if self.negatives < 0:
-            self._fail("negatives", self.negatives, "it must be >= 0")
-        if self.max_generic_fires is not None and (self.max_generic_fires < 0 or not self.negatives):
-            self._fail("max_generic_fires", self.max_generic_fires, "it must be >= 0, with negatives > 0")
+        validate_neuron_fields(self)
         if self.n_contrast < 0:
             self._fail("n_contrast", self.n_contrast, "it must be >= 0")
-        if self.neurons_per_layer < 1:
-            self._fail("neurons_per_layer", self.neurons_per_layer, "it must be >= 1")
         if self.v_contexts_per_step is not None and self.v_contexts_per_step < 1:
             self._fail("v_contexts_per_step", self.v_contexts_per_step, "it must be >= 1 (or null: every context)")
         if self.v_start_scales is not None and (not self.v_start_scales or not all(
@@ -177,8 +169,6 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
             self._fail("v_start_scales", self.v_start_scales, "it must list scales in (0, 1] (or be null)")
         if self.v_retry_steps < 0:
             self._fail("v_retry_steps", self.v_retry_steps, "it must be >= 0")
-        if not 1 <= self.try_layers <= len(self.layers):
-            self._fail("try_layers", self.try_layers, f"it must be in [1, {len(self.layers)}] (the listed layers)")
 
     @property
     def passes(self) -> dict[str, int]:

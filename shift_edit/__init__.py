@@ -27,7 +27,7 @@ from .compat.easyedit_datasets import CounterFactDataset, KnowEditDataset, ZsreD
 from .compat.easyedit_editor import BaseEditor, load_hparams
 from .core.deltas import WeightDelta
 from .core.editing import apply_algo_to_model, edit, restore_weights
-from .core.errors import PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
+from .core.errors import EditRefusedError, PatchMismatchError, ShiftEditError, UnsupportedArchitectureError
 from .core.hparams import HyperParams
 from .core.memory import EditMemory
 from .core.registry import Algorithm, algorithm_names, get_algorithm, register
@@ -51,7 +51,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ALIASES", "ARCHITECTURES", "AdamHyperParams", "AlphaEditHyperParams", "Algorithm", "BaseEditor",
-    "EditHyperParams", "EditMemory", "EditRequest",
+    "EditHyperParams", "EditMemory", "EditRefusedError", "EditRequest",
     "EditResult", "FTHyperParams", "FTLHyperParams", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
     "SGDHyperParams", "LoraExport", "ModelAdapter", "PatchMismatchError", "ShiftEditError",
     "ShiftHyperParams", "UnsupportedArchitectureError", "WeightDelta", "algorithm_names",

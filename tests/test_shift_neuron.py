@@ -2,6 +2,8 @@
 the edit and not on the contrastive prompts, sequential edits never reuse a neuron, undo / patch / LoRA
 rank, and the MLP-input statistics it reads."""
 
+from unittest import mock
+
 import pytest
 import torch
 from _tiny import tiny_model
@@ -363,12 +365,22 @@ def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_
     from shift_edit.bench.sequential import _prime
     from shift_edit.model.stats_pinning import pinned_statistics
 
+    from shift_edit.model import covariance
+
     assert get_algorithm("SHIFT_NEURON").prime is prime_shift_neuron
     model = tiny_model("llama")
     h = hp(corpus, layers=[1, 0], mom2_corpus=_generic_corpus(tmp_path), mom2_n_tokens=40, mom2_max_length=64,
            negatives=100)
-    with pinned_statistics(model):
+    passes = []
+    real = covariance.compute_second_moments
+
+    def counted(model, tok, names, *args, **kw):
+        passes.append(list(names))
+        return real(model, tok, names, *args, **kw)
+
+    with pinned_statistics(model), mock.patch.object(covariance, "compute_second_moments", counted):
         _prime(model, byte_tok, h)
+        assert len(passes) == 2 and all(len(names) == 2 for names in passes), passes  # one pass per site, both layers
         stats = {k[0]: v[0].clone() for k, v in sn._GENERIC[model].items()}
         sample = {k: v.clone() for k, v in sn.generic_keys(model, byte_tok, ModelAdapter(model), [1, 0], h).items()}
         with torch.no_grad():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -93,20 +93,30 @@ def generic_stats(model: nn.Module, tok, adapter: ModelAdapter, layer: int, hp
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(μ, Σ⁻¹, E[x_j²], Σ)`` (float64): the MLP input's mean and inverse (ridged) covariance on generic text,
     the second moment of each neuron's activation (FF2's input), and the covariance itself (no ridge)."""
+    return prime_generic_stats(model, tok, adapter, [layer], hp)[layer]
+
+
+def prime_generic_stats(model: nn.Module, tok, adapter: ModelAdapter, layers: Sequence[int], hp
+                        ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`generic_stats` of several layers; the layers missing from the cache are computed together (one pass
+    over the corpus per site instead of two per layer)."""
     cache = _GENERIC.setdefault(model, {})
-    key = (layer, hp.ridge, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length, hp.mom2_dtype)
-    if key not in cache:
+    settings = (hp.ridge, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length, hp.mom2_dtype)
+    todo = [x for x in dict.fromkeys(layers) if (x, *settings) not in cache]
+    if todo:
         common = dict(corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens, max_length=hp.mom2_max_length,
-                      dtype=hp.mom2_dtype, adapter=adapter, progress=False)
-        inputs = layer_stats(model, tok, [layer], site="ff1", **common)[layer]
-        ff2 = layer_stats(model, tok, [layer], **common)[layer]
+                      dtype=hp.mom2_dtype, adapter=adapter, progress=len(todo) > 1)
+        inputs_of = layer_stats(model, tok, todo, site="ff1", **common)
+        ff2_of = layer_stats(model, tok, todo, **common)
+    for layer in todo:
+        inputs, ff2, key = inputs_of[layer], ff2_of[layer], (layer, *settings)
         mu = inputs.mean.double()
         sigma = inputs.mom2.double() - torch.outer(mu, mu)
         sigma = (sigma + sigma.T) / 2
         ridge = hp.ridge * float(torch.diagonal(sigma).mean()) + 1e-12
         ridged = sigma + ridge * torch.eye(len(mu), dtype=torch.float64)
         cache[key] = (mu, torch.linalg.inv(ridged), torch.diagonal(ff2.mom2).double().clone(), sigma)
-    return cache[key]
+    return {layer: cache[(layer, *settings)] for layer in layers}
 
 
 #: MLP inputs of generic tokens per model object and (layers, settings) (see ``negatives``)

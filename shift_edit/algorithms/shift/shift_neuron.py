@@ -11,7 +11,7 @@ backward pass. For a request with target tokens ``t_0..t_{m-1}`` at layer ``L``:
 
 1. **One batched forward pass** over the prompt and the template filled with other subjects
    (``n_contrast``), teacher-forced on the target: the MLP input ``h`` at every target position,
-   block ``L``'s input (for the step search) and the logits (skip check).
+   block ``L``'s input (for the step search) and the logits at the target positions (skip check).
 2. **Gate key** ``g``: least ``gᵀ(Σ + w_c Σ h̃_c h̃_cᵀ)g`` subject to ``gᵀ(h_e - μ) = 1`` and a
    pre-activation of ``-sharpness · threshold`` at the generic mean ``μ`` (``μ, Σ``: mean and covariance
    of the MLP input on generic text, cached statistics ``site="ff1"``; ``h̃_c = h_c - μ`` at the
@@ -68,7 +68,7 @@ from ...core.memory import EditMemory
 from ...core.registry import Computed, register, tag_layers, tag_statistics, tag_value
 from ...core.requests import EditRequest, encode_target
 from ...model.architectures import ModelAdapter, weight_layout
-from ...model.hooks import capture_inputs, owned_hooks
+from ...model.hooks import capture_inputs, head_only_at, owned_hooks
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import EditHyperParams, adapter_for
@@ -92,6 +92,7 @@ from .neurons import (
     neuron_rows,
     neuron_tags,
     one_hot,
+    prime_generic_stats,
     validate_neuron_fields,
 )
 from .push import build_batch, margins, search_push, validate_batch_and_search
@@ -185,13 +186,14 @@ class ShiftNeuronHyperParams(EditHyperParams):
         return 1 + self.search_passes
 
 
-def _needing_neurons(logits: torch.Tensor, pos: list[int], target: list[int], margin: float) -> list[int]:
+def _needing_neurons(logits: torch.Tensor, target: list[int], margin: float) -> list[int]:
     """The target positions that get a neuron: the first, and any later one the model does not already give
-    with ``margin`` (``logits``: the prompt's ``[seq, vocab]``, teacher-forced)."""
+    with ``margin`` (``logits``: the prompt's ``[len(target), vocab]`` at the positions predicting the target,
+    teacher-forced)."""
     wanted = []
     for i, t in enumerate(target):
         if i > 0:
-            lg = logits[pos[i]].float().cpu()
+            lg = logits[i].float().cpu()
             if float(lg[t] - lg.scatter(0, torch.tensor([t]), float("-inf")).max()) >= margin:
                 continue
         wanted.append(i)
@@ -242,17 +244,19 @@ def _search_push(model: nn.Module, adapter: ModelAdapter, layer: int, mlp: Mlp, 
 
     def reaches(grid: torch.Tensor) -> torch.Tensor:
         scales = grid.to(torch.float32)
-        # the later modules are hooked before resume_at hides the blocks below ``layer``
+        # the later modules are hooked before resume_at hides the blocks below ``layer``; the head runs at the
+        # target positions only
         with owned_hooks() as hooks, capture_inputs(model, list(later)) as cap, \
-                resume_at(adapter, layer, block_in.repeat(len(scales), 1, 1)):
+                resume_at(adapter, layer, block_in.repeat(len(scales), 1, 1)), \
+                head_only_at(model, (len(scales), ids.shape[1]), [pos] * len(scales)) as gather:
             ff1_hooks(hooks, mlp, neurons)
             hooks.forward_hook(mlp.ff2, lambda m, a, o: ff2_hook(m, a, o, scales))
-            lg = model(input_ids=ids.repeat(len(scales), 1), attention_mask=mask.repeat(len(scales), 1),
-                       use_cache=False).logits
+            lg = torch.stack(gather(model(input_ids=ids.repeat(len(scales), 1),
+                                          attention_mask=mask.repeat(len(scales), 1), use_cache=False).logits))
         for r, s in enumerate(grid.tolist()):
             seen[s] = {name: x.reshape(len(scales), ids.shape[1], -1)[r, at].float().cpu()
                        for name, x in cap.inputs.items()}
-        ok = margins(lg, [pos], target, list(range(len(scales)))) >= hp.margin
+        ok = margins(lg, [list(range(len(pos)))], target, list(range(len(scales)))) >= hp.margin
         return ok & all(a > 1e-6 for a in fired.values())
 
     push, passes = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)
@@ -311,15 +315,17 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
                                  "already; add layers or raise neurons_per_layer")
         batch = build_batch(tok, req, target, n_prefixes=hp.n_prefixes, n_contrast=hp.n_contrast)
         ids, mask = pad_batch(batch.seqs, pad, device)
-        with record_block_inputs(adapter) as blocks_in, capture_inputs(model, list(in_names.values())) as cap:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         pos = batch.positions[0]
-        if hp.skip_if_predicted and bool((logits[0, pos].argmax(-1).cpu() == torch.tensor(target)).all()):
+        head_at = [pos] + [[]] * (len(batch.seqs) - 1)  # the prompt's target positions only
+        with record_block_inputs(adapter) as blocks_in, capture_inputs(model, list(in_names.values())) as cap, \
+                head_only_at(model, tuple(ids.shape), head_at) as gather:
+            logits = gather(model(input_ids=ids, attention_mask=mask, use_cache=False).logits)[0]  # [len(pos), V]
+        if hp.skip_if_predicted and bool((logits.argmax(-1).cpu() == torch.tensor(target)).all()):
             skipped.append(True)
             info.append({"target_ids": target, "forward_passes": 1})
             continue
         skipped.append(False)
-        wanted = _needing_neurons(logits[0], pos, target, hp.margin)
+        wanted = _needing_neurons(logits, target, hp.margin)
         entry: dict = {"target_ids": target, "forward_passes": 1, "layers_tried": []}
         info.append(entry)
         for layer in room:
@@ -384,8 +390,7 @@ def prime_shift_neuron(model: nn.Module, tok, hparams: ShiftNeuronHyperParams) -
     from the model as it is: a sequential run calls it before its first edit."""
     adapter = adapter_for(model, hparams)
     layers = list(dict.fromkeys(adapter.check_layer(x) for x in hparams.layers))
-    for layer in layers:
-        generic_stats(model, tok, adapter, layer, hparams)
+    prime_generic_stats(model, tok, adapter, layers, hparams)
     if hparams.negatives:
         generic_keys(model, tok, adapter, layers, hparams)
 

@@ -53,7 +53,7 @@ from ...core.memory import EditMemory
 from ...core.registry import Computed, register, tag_layers, tag_statistics, tag_value
 from ...core.requests import EditRequest, encode_target
 from ...model.covariance import layer_stats
-from ...model.hooks import capture_inputs, owned_hooks
+from ...model.hooks import capture_inputs, head_only_at, owned_hooks
 from ...model.resume import record_block_inputs, resume_at
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import EditHyperParams, adapter_for
@@ -296,11 +296,13 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
                             all_tokens=hp.target_tokens == "all")
         ids, mask = pad_batch(batch.seqs, pad, device)
         names = [site.name for site in sites] + ([norm_name] if norm_name else [])
-        with record_block_inputs(adapter) as blocks_in, capture_inputs(model, names) as cap:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        block_in = blocks_in[first]
         pos0 = batch.positions[0][0]
-        pred = logits[0, pos0 : pos0 + len(target)].argmax(-1).cpu()
+        head_at = [list(range(pos0, pos0 + len(target)))] + [[]] * (len(batch.seqs) - 1)  # the prompt's only
+        with record_block_inputs(adapter) as blocks_in, capture_inputs(model, names) as cap, \
+                head_only_at(model, tuple(ids.shape), head_at) as gather:
+            logits = gather(model(input_ids=ids, attention_mask=mask, use_cache=False).logits)[0]
+        block_in = blocks_in[first]
+        pred = logits.argmax(-1).cpu()
         if hp.skip_if_predicted and bool((pred == torch.tensor(target)).all()):
             skipped.append(True)
             info.append({"target_ids": target, "forward_passes": 1})
@@ -336,11 +338,13 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
             n_s = len(scales)
             hidden = block_in[:v].repeat(n_s, 1, 1)
             row_scales = scales.repeat_interleave(v).to(device)
-            with resume_at(adapter, first, hidden), _added_outputs(sites, factors_dev, row_scales):
-                lg = model(input_ids=ids[:v].repeat(n_s, 1), attention_mask=mask[:v].repeat(n_s, 1),
-                           use_cache=False).logits
+            at = [batch.positions[r % v] for r in range(n_s * v)]  # the head runs at the target positions only
+            with resume_at(adapter, first, hidden), _added_outputs(sites, factors_dev, row_scales), \
+                    head_only_at(model, (n_s * v, ids.shape[1]), at) as gather:
+                lg = torch.stack(gather(model(input_ids=ids[:v].repeat(n_s, 1), attention_mask=mask[:v].repeat(n_s, 1),
+                                              use_cache=False).logits))  # [rows, n_tok, vocab]
             rows = [j * v + r for j in range(n_s) for r in check_rows]
-            marg = margins(lg, batch.positions[:v], target[:n_tok], rows)
+            marg = margins(lg, [list(range(n_tok))], target[:n_tok], rows)
             return marg.view(n_s, len(check_rows)).min(-1).values >= hp.margin
 
         hi, search = search_push(reaches, hp.max_push, hp.search_points, hp.search_passes)

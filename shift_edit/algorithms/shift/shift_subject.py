@@ -83,6 +83,7 @@ from .neurons import (
     neuron_rows,
     neuron_tags,
     one_hot,
+    prime_generic_stats,
     validate_neuron_fields,
 )
 from .push import CONTRAST_SUBJECTS
@@ -384,8 +385,7 @@ def prime_shift_subject(model: nn.Module, tok, hparams: ShiftSubjectHyperParams)
     """Read (or compute) the statistics, the generic sample and the context templates from the model as it is."""
     adapter = adapter_for(model, hparams)
     layers = list(dict.fromkeys(adapter.check_layer(x) for x in hparams.layers))
-    for layer in layers:
-        generic_stats(model, tok, adapter, layer, hparams)
+    prime_generic_stats(model, tok, adapter, layers, hparams)
     if hparams.negatives:
         generic_keys(model, tok, adapter, layers, hparams)
     context_templates(model, tok, hparams.context_template_length_params, hparams.context_seed)

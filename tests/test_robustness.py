@@ -152,6 +152,36 @@ def test_non_finite_outputs_are_refused_even_without_a_norm_bound(byte_tok):
     assert same(model, before)  # applied, found NaN outputs, restored bit-exactly
 
 
+def test_the_guard_pass_can_start_at_the_first_edited_block(byte_tok):
+    """With the unedited model's block inputs over the prompts (:class:`PromptInputs`), the guard's pass runs only
+    the blocks from the first edited one, and still finds non-finite outputs those blocks make."""
+    from shift_edit.core.guard import PromptInputs, outputs_finite
+    from shift_edit.core.requests import encode_prompt
+    from shift_edit.model.architectures import ModelAdapter
+    from shift_edit.model.resume import record_block_inputs
+
+    model = tiny_model("llama")
+    adapter = ModelAdapter(model)
+    texts = ["Messi plays for", "A longer prompt, padded beside the short one"]
+    kept = PromptInputs(adapter)
+    for t in texts:
+        with record_block_inputs(adapter) as blocks, torch.no_grad():
+            model(input_ids=torch.tensor([encode_prompt(byte_tok, t)]))
+        kept.add(1, t, blocks[1][0])
+    assert kept.start(0, texts) is None and kept.start(1, [*texts, "not kept"]) is None
+    start = (adapter, *kept.start(1, texts))
+    below = []
+    handle = adapter.blocks()[0].register_forward_pre_hook(lambda *_: below.append(1))
+    try:
+        assert outputs_finite(model, byte_tok, texts, start=start)
+        with torch.no_grad():
+            adapter.module(adapter.ff2_name(2)).weight[0, 0] = float("nan")
+        assert not outputs_finite(model, byte_tok, texts, start=start)
+    finally:
+        handle.remove()
+    assert not below  # block 0 never ran
+
+
 def test_force_bypasses_the_guard(byte_tok):
     model = tiny_model("gpt2")
     hp = se.ShiftHyperParams(layers=[1], eta=50.0, skip_if_predicted=False)

@@ -118,6 +118,28 @@ def test_forward_passes_per_edit_counted_with_a_hook(model_type, byte_tok, corpu
         assert calls == h.forward_passes == 1 + passes == res.info[0]["forward_passes"] <= 16
 
 
+def test_the_guard_starts_at_the_edited_layer(byte_tok, corpus):
+    """SHIFT_NEURON keeps its first pass's block inputs over the prompt: the guard's pass (the only one after the
+    edit is applied) starts at the edited layer, fed the prompt's recorded input there."""
+    from shift_edit.core import editing
+    from shift_edit.core.requests import encode_prompt, make_request
+
+    model = tiny_model("llama")
+    starts = []
+    real = editing.check_outputs
+
+    def spy(model, tok, texts, orig, start=None):
+        starts.append(start)
+        return real(model, tok, texts, orig, start=start)
+
+    with mock.patch.object(editing, "check_outputs", spy):
+        for layer in (2, 1):
+            assert se.edit(model, byte_tok, FACT, hp(corpus, layers=[layer])).deltas
+    text = make_request(FACT).text
+    assert [s[1] for s in starts] == [2, 1]
+    assert starts[1][2][text].shape == (len(encode_prompt(byte_tok, text)), model.config.hidden_size)
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_the_neuron_fires_at_the_edit_and_not_on_the_contrast(model_type, byte_tok, corpus):
     """After the edit, the rewritten neuron's activation (FF2's input) is ``activation`` (gated MLP) at the
@@ -363,9 +385,8 @@ def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_
     from shift_edit.algorithms.shift import neurons as sn
     from shift_edit.algorithms.shift.shift_neuron import prime_shift_neuron
     from shift_edit.bench.sequential import _prime
-    from shift_edit.model.stats_pinning import pinned_statistics
-
     from shift_edit.model import covariance
+    from shift_edit.model.stats_pinning import pinned_statistics
 
     assert get_algorithm("SHIFT_NEURON").prime is prime_shift_neuron
     model = tiny_model("llama")

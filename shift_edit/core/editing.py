@@ -13,13 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.architectures import ModelAdapter
+from ..model.resume import first_edited_block
 from ..model.stats_pinning import copy_edit_record, note_edit
 from .deltas import DEFAULT_MAX_RELATIVE_NORM, apply_deltas, put_back, restore_weights  # noqa: F401 - restore_weights re-exported
 from .errors import ShiftEditError
 from .guard import check_context, check_outputs
 from .hparams import HyperParams
 from .memory import EditMemory
-from .registry import algorithm_for_hparams
+from .registry import Computed, algorithm_for_hparams
 from .requests import EditRequest, make_requests
 from .result import EditResult
 from .shipped_hparams import hparams_model_mismatch
@@ -80,7 +82,7 @@ def edit(
     with all_or_nothing(model, orig, memory):  # weights, guard pass, memory, result: all or none
         hashes = apply_deltas(model, computed.deltas, max_relative_norm=bound, orig=orig)[1] if computed.deltas else {}
         if computed.deltas and not force:
-            check_outputs(model, tok, [r.text for r in reqs], orig)
+            check_outputs(model, tok, [r.text for r in reqs], orig, start=_guard_start(computed, reqs))
         if memory is not None and computed.memory_keys:
             memory.add(computed.memory_keys)
         note_edit(model, orig)  # statistics stay those of the unedited model (stats_pinning.pinned_statistics)
@@ -97,6 +99,16 @@ def edit(
             tok=tok,
         )
     return result
+
+
+def _guard_start(computed: Computed, reqs: list[EditRequest]) -> tuple[ModelAdapter, int, Mapping] | None:
+    """Where the guard's pass may start: the first block the deltas change, if the algorithm kept the unedited
+    model's input of that block over every edit prompt (:class:`~shift_edit.core.guard.PromptInputs`)."""
+    kept = computed.prompt_inputs
+    if kept is None:
+        return None
+    found = kept.start(first_edited_block(kept.adapter, computed.deltas), [r.text for r in reqs])
+    return None if found is None else (kept.adapter, *found)
 
 
 @contextlib.contextmanager

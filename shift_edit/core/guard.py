@@ -11,7 +11,9 @@ Two checks run on every edit (:func:`shift_edit.edit`) and every applied patch
    algorithm
    produce (``eval/robustness/README.md``), and far below what breaks a model.
 2. **Finite outputs** (after applying): one forward pass over the edit prompts; if any logit
-   is NaN or infinite the edit is undone bit-exactly and refused.
+   is NaN or infinite the edit is undone bit-exactly and refused. When the algorithm recorded the unedited
+   model's block inputs over the edit prompts (:class:`PromptInputs`), the pass starts at the first block the
+   edit changed (the blocks below it compute what they computed before).
 
 Both refusals are a one-line :class:`~shift_edit.core.errors.EditRefusedError`; ``force=True`` (CLI ``--force``)
 skips the guard for people who know what they are doing.
@@ -19,25 +21,61 @@ skips the guard for people who know what they are doing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..model.architectures import ModelAdapter
+from ..model.resume import resume_at
 from ..model.scoring import pad_batch, pad_id_of
 from .deltas import put_back
 from .errors import EditRefusedError, ShiftEditError
 from .requests import encode_prompt
 
 
+@dataclass
+class PromptInputs:
+    """Decoder blocks' inputs over the edit prompts on the model as an algorithm got it (recorded by its own pass):
+    ``blocks[block][text]`` is ``[n_tokens, d]`` over ``encode_prompt(tok, text)``. With them, the guard's pass
+    re-runs only the blocks from the first one an edit changed."""
+
+    adapter: ModelAdapter
+    blocks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, block: int, text: str, hidden: torch.Tensor) -> None:
+        """Keep block ``block``'s input over ``text`` (``[n_tokens, d]``, copied)."""
+        self.blocks.setdefault(block, {})[text] = hidden.detach().clone()
+
+    def start(self, block: int | None, texts: Sequence[str]) -> tuple[int, Mapping[str, torch.Tensor]] | None:
+        """``(block, inputs)`` to start a pass over ``texts`` at ``block``, if every text's input there is kept."""
+        kept = self.blocks.get(block) if block is not None else None
+        if not kept or any(t not in kept for t in texts):
+            return None
+        return block, kept
+
+
 @torch.no_grad()
-def outputs_finite(model: nn.Module, tok, texts: Sequence[str], *, batch_size: int = 16) -> bool:
-    """Whether every logit of every (real, unpadded) position of ``texts`` is finite."""
+def outputs_finite(model: nn.Module, tok, texts: Sequence[str], *, batch_size: int = 16,
+                   start: tuple[ModelAdapter, int, Mapping[str, torch.Tensor]] | None = None) -> bool:
+    """Whether every logit of every (real, unpadded) position of ``texts`` is finite. With ``start``
+    ``(adapter, block, inputs)`` the pass begins at ``block``, fed ``inputs[text]`` (``[n_tokens, d]``: its input
+    over the text, from a model whose blocks below ``block`` are those of ``model``)."""
     device = next(model.parameters()).device
-    seqs = [ids for ids in (encode_prompt(tok, t) for t in dict.fromkeys(texts)) if ids]
-    for b in range(0, len(seqs), batch_size):
-        ids, mask = pad_batch(seqs[b : b + batch_size], pad_id_of(tok), device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    unique = [t for t in dict.fromkeys(texts) if encode_prompt(tok, t)]
+    for b in range(0, len(unique), batch_size):
+        chunk = unique[b : b + batch_size]
+        ids, mask = pad_batch([encode_prompt(tok, t) for t in chunk], pad_id_of(tok), device)
+        if start is None:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        else:
+            adapter, block, inputs = start
+            hidden = torch.zeros(*ids.shape, inputs[chunk[0]].shape[-1], dtype=inputs[chunk[0]].dtype, device=device)
+            for r, t in enumerate(chunk):
+                hidden[r, : len(inputs[t])] = inputs[t].to(device)
+            with resume_at(adapter, block, hidden):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         real = logits[mask.bool()]
         if real.numel() and not bool(torch.isfinite(real).all()):
             return False
@@ -93,10 +131,11 @@ def check_context(model: nn.Module, tok, requests: Sequence) -> None:
             )
 
 
-def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch.Tensor]) -> None:
-    """The guard's second check: one forward pass over ``texts``; non-finite logits restore
-    ``orig`` bit-exactly and raise :class:`~shift_edit.core.errors.EditRefusedError`."""
-    if outputs_finite(model, tok, texts):
+def check_outputs(model: nn.Module, tok, texts: list[str], orig: dict[str, torch.Tensor],
+                  start: tuple[ModelAdapter, int, Mapping[str, torch.Tensor]] | None = None) -> None:
+    """The guard's second check: one forward pass over ``texts`` (from ``start``, as in :func:`outputs_finite`);
+    non-finite logits restore ``orig`` bit-exactly and raise :class:`~shift_edit.core.errors.EditRefusedError`."""
+    if outputs_finite(model, tok, texts, start=start):
         return
     put_back((model.get_parameter(name), w) for name, w in orig.items())
     raise refuse_non_finite(texts)

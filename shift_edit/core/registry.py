@@ -26,6 +26,7 @@ import torch
 
 from .deltas import WeightDelta
 from .errors import ShiftEditError
+from .guard import PromptInputs
 from .hparams import HyperParams, read_yaml
 from .shipped_hparams import shipped_hparams as _shipped_hparams
 
@@ -41,12 +42,15 @@ class Computed:
         memory_keys: for algorithms registered with ``uses_memory``: parameter name ->
             ``[n, d_in]`` keys of this edit, appended to the :class:`EditMemory` once the
             deltas are applied.
+        prompt_inputs: the unedited model's block inputs over the edit prompts, if the algorithm's own pass
+            recorded them: the guard's pass then starts at the first edited block.
     """
 
     deltas: list[WeightDelta]
     skipped: list[bool]
     info: list[dict[str, Any]] = field(default_factory=list)
     memory_keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompt_inputs: PromptInputs | None = None
 
 
 ComputeFn = Callable[..., Computed]

@@ -64,6 +64,7 @@ from torch import nn
 
 from ...core.deltas import WeightDelta
 from ...core.errors import ShiftEditError
+from ...core.guard import PromptInputs
 from ...core.memory import EditMemory
 from ...core.registry import Computed, register, tag_layers, tag_statistics, tag_value
 from ...core.requests import EditRequest, encode_target
@@ -307,6 +308,7 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
     skipped: list[bool] = []
     info: list[dict] = []
     new_keys: dict[str, list[torch.Tensor]] = {}
+    kept = PromptInputs(adapter)
     for req in requests:
         target = encode_target(tok, req.text, req.target_new)
         room = [x for x in layers if len(taken[x]) + len(target) <= hp.neurons_per_layer][: hp.try_layers]
@@ -320,6 +322,8 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
         with record_block_inputs(adapter) as blocks_in, capture_inputs(model, list(in_names.values())) as cap, \
                 head_only_at(model, tuple(ids.shape), head_at) as gather:
             logits = gather(model(input_ids=ids, attention_mask=mask, use_cache=False).logits)[0]  # [len(pos), V]
+        for x in layers:  # the guard's pass over the prompt starts at the first edited block
+            kept.add(x, req.text, blocks_in[x][0, : pos[0] + 1])
         if hp.skip_if_predicted and bool((logits.argmax(-1).cpu() == torch.tensor(target)).all()):
             skipped.append(True)
             info.append({"target_ids": target, "forward_passes": 1})
@@ -382,7 +386,7 @@ def compute_shift_neuron(model: nn.Module, tok, requests: list[EditRequest], hpa
             entry["activation"] = hp.activation if mlp.kind != "plain" else None
             break
     mem_out = {param: torch.stack(k) for param, k in new_keys.items()}
-    return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
+    return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out, prompt_inputs=kept)
 
 
 def prime_shift_neuron(model: nn.Module, tok, hparams: ShiftNeuronHyperParams) -> None:

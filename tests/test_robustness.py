@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from _tiny import tiny_model
+from _tiny import TINY_CONFIGS, tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -180,6 +180,31 @@ def test_the_guard_pass_can_start_at_the_first_edited_block(byte_tok):
     finally:
         handle.remove()
     assert not below  # block 0 never ran
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_the_guard_pass_of_a_shift_edit_starts_at_its_layer(model_type, byte_tok, monkeypatch):
+    """SHIFT keeps its pass's input of the edited block over the prompt; on every architecture the guard's pass
+    starts there, and a non-finite edit is still refused with the model restored."""
+    from shift_edit.core import editing
+
+    starts = []
+    real = editing.check_outputs
+
+    def spy(model, tok, texts, orig, start=None):
+        starts.append(start)
+        return real(model, tok, texts, orig, start=start)
+
+    monkeypatch.setattr(editing, "check_outputs", spy)
+    model = tiny_model(model_type)
+    se.edit(model, byte_tok, REQ, se.ShiftHyperParams(**OK)).undo()
+    adapter = se.ModelAdapter(model)
+    with torch.no_grad():
+        adapter.module(adapter.ff2_name(2)).weight[0, 0] = float("inf")  # block 2 makes the outputs inf / NaN
+    before = state(model)
+    with pytest.raises(EditRefusedError, match="non-finite"):
+        se.edit(model, byte_tok, REQ, se.ShiftHyperParams(**OK))
+    assert [s[1] for s in starts] == [1, 1] and same(model, before)
 
 
 def test_force_bypasses_the_guard(byte_tok):

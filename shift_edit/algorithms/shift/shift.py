@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from ...core.deltas import WeightDelta
+from ...core.guard import PromptInputs
 from ...core.registry import Computed, register, tag_layers, tag_value
 from ...core.requests import EditRequest
 from ...model.hooks import forward_capture
+from ...model.resume import record_block_inputs
 from ...model.scoring import pad_batch, pad_id_of
 from ..common import EditHyperParams, adapter_for, tokenize_requests
 
@@ -86,14 +88,18 @@ def compute_shift(model: nn.Module, tok, requests: list[EditRequest], hparams: S
     deltas: list[WeightDelta] = []
     skipped: list[bool] = []
     info: list[dict] = []
+    kept = PromptInputs(adapter)
     for start in range(0, len(pairs), hparams.batch_size):
         chunk = pairs[start : start + hparams.batch_size]
         seqs = [p + t[:-1] if teacher else p for p, t in chunk]
         ids, mask = pad_batch(seqs, pad_id_of(tok), device)
         # the skip check reads the logits at the target positions only: the head runs there alone
         at = [list(range(len(p) - 1, len(p) - 1 + len(t))) for p, t in chunk] if need_logits else None
-        captured, logits = forward_capture(model, ids, mask, names, stop_after=stop_after, head_positions=at)
+        with record_block_inputs(adapter) as blocks_in:
+            captured, logits = forward_capture(model, ids, mask, names, stop_after=stop_after, head_positions=at)
         for row, (p, t) in enumerate(chunk):
+            for layer in layers[:1]:  # the guard's pass over the prompt starts at the first edited block
+                kept.add(layer, requests[start + row].text, blocks_in[layer][row, : len(p)])
             if need_logits and bool((logits[row].argmax(-1).cpu() == torch.tensor(t)).all()):
                 skipped.append(True)
                 info.append({"target_ids": t})
@@ -125,7 +131,7 @@ def compute_shift(model: nn.Module, tok, requests: list[EditRequest], hparams: S
                     "push": [float(v) for v in eta * sq],
                 }
             info.append(row_info)
-    return Computed(WeightDelta.merge(deltas), skipped, info)
+    return Computed(WeightDelta.merge(deltas), skipped, info, prompt_inputs=kept)
 
 
 def describe_shift(hp: Mapping[str, Any]) -> list[str]:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ...core.deltas import WeightDelta
+from ...core.guard import PromptInputs
 from ...core.memory import EditMemory
 from ...core.registry import Computed, register, tag_layers, tag_statistics, tag_value
 from ...core.requests import EditRequest, encode_target
@@ -289,6 +290,7 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
     skipped: list[bool] = []
     info: list[dict] = []
     new_keys: dict[str, list[torch.Tensor]] = {site.param: [] for site in sites}
+    kept = PromptInputs(adapter)  # the guard's pass over the prompt starts at the first edited block
     for req in requests:
         target = encode_target(tok, req.text, req.target_new)
         n_tok = len(target) if hp.target_tokens == "all" else 1
@@ -302,6 +304,7 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
                 head_only_at(model, tuple(ids.shape), head_at) as gather:
             logits = gather(model(input_ids=ids, attention_mask=mask, use_cache=False).logits)[0]
         block_in = blocks_in[first]
+        kept.add(first, req.text, block_in[0, : pos0 + 1])
         pred = logits.argmax(-1).cpu()
         if hp.skip_if_predicted and bool((pred == torch.tensor(target)).all()):
             skipped.append(True)
@@ -358,7 +361,7 @@ def compute_shift_plus(model: nn.Module, tok, requests: list[EditRequest], hpara
                      "forward_passes": passes, "n_edit_keys": int(k_e.shape[0]),
                      "n_contrast_keys": 0 if k_c is None else int(k_c.shape[0]), "layers": [x.layer for x in sites]})
     mem_out = {param: torch.cat(k) for param, k in new_keys.items() if k}
-    return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out)
+    return Computed(WeightDelta.merge(deltas), skipped, info, memory_keys=mem_out, prompt_inputs=kept)
 
 
 def describe_shift_plus(hp: Mapping[str, Any]) -> list[str]:

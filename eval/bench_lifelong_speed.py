@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
+import json
 import os
 import pstats
 import statistics
@@ -56,6 +58,19 @@ def _cumtime(stats: pstats.Stats, where: tuple[str, str]) -> float:
                if file.endswith(where[0]) and name == where[1])
 
 
+#: what each edit decided (``info`` fields), compared by ``--against``
+DECISIONS = ("layer", "layers_tried", "push", "neurons", "reached_margin", "generic_fires")
+
+
+def weights_digest(model: torch.nn.Module, names: list[str]) -> str:
+    """sha256 over the named parameters' bytes, in order."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        h.update(model.get_parameter(name).detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hparams", default=str(REPO / "hparams/SHIFT_NEURON/smollm2-135m-lifelong.yaml"))
@@ -64,6 +79,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", default=None, help="EasyEdit-format CounterFact file (default: the edit split)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
+    ap.add_argument("--against", default=None,
+                    help="an earlier --out file (e.g. of another commit): exit 1 unless every timed edit's decisions "
+                    "and the edited weights after them are the same")
     args = ap.parse_args()
     try:
         hp = se.load_hparams(args.hparams)
@@ -82,7 +100,7 @@ def main() -> None:
     if alg.prime is not None:
         alg.prime(model, tok, hp)
     memory = se.EditMemory()
-    times, calls, refused, skipped = [], [], 0, 0
+    times, calls, refused, skipped, decisions, touched = [], [], 0, 0, [], set()
     profile = cProfile.Profile()
     for k, rec in enumerate(records):
         if k == args.edits:
@@ -91,6 +109,8 @@ def main() -> None:
         try:
             res = se.edit(model, tok, rec, hp, memory=memory if alg.uses_memory else None)
             info, applied = res.info[0], bool(res.deltas)
+            if k < args.edits:
+                touched.update(res.orig_weights)
             del res
         except EditRefusedError:
             info, applied = {}, False
@@ -100,6 +120,9 @@ def main() -> None:
             times.append(dt)
             calls.append(int(info.get("forward_passes", 1)) + int(applied))  # + the guard's pass
             skipped += not applied
+            decisions.append({key: info.get(key) for key in DECISIONS if key in info})
+        if k == args.edits - 1:
+            digest = weights_digest(model, sorted(touched))
     profile.disable()
     stats = pstats.Stats(profile)
     n_prof = args.profile_edits
@@ -126,7 +149,15 @@ def main() -> None:
             "model_calls": calls, "not_applied": skipped, "refused_by_guard": refused,
             "profile_edits": n_prof, "profile_s_per_edit": {k: v / n_prof for k, v in table.items()},
             "load_average_1min": os.getloadavg()[0], "provenance": provenance(model),
+            "decisions": decisions, "edited_weights_sha256": digest, "edited_weights": sorted(touched),
         })
+    if args.against:
+        old = json.loads(Path(args.against).read_text())
+        same = json.loads(json.dumps(decisions)) == old["decisions"]  # through JSON, as written
+        same_w = digest == old["edited_weights_sha256"]
+        print(f"against {args.against}: decisions of the {args.edits} edits {'equal' if same else 'DIFFER'}, "
+              f"edited weights after them {'bit-equal' if same_w else 'DIFFER'}")
+        raise SystemExit(0 if same and same_w else 1)
 
 
 if __name__ == "__main__":

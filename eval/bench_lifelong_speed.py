@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import pstats
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -138,6 +139,10 @@ def main() -> None:
           f"p90 {deciles[-1]:.3f} s; {skipped} not applied ({refused} refused by the guard)")
     print(f"model calls per edit (the algorithm's + the guard's): median {statistics.median(calls):g}, "
           f"mean {statistics.mean(calls):.2f}, max {max(calls)}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"peak RSS of the process {peak / 2**20:.0f} MiB = {peak / size:.2f}x the model's parameters "
+          f"({size / 2**20:.0f} MiB)")
     print(f"profile of edits {args.edits + 1}..{args.edits + n_prof} (cProfile on): {total / n_prof:.3f} s per edit")
     for name, sec in table.items():
         print(f"  {name:75s} {sec / n_prof:7.3f} s  {100 * sec / total:5.1f}%")
@@ -149,6 +154,7 @@ def main() -> None:
             "model_calls": calls, "not_applied": skipped, "refused_by_guard": refused,
             "profile_edits": n_prof, "profile_s_per_edit": {k: v / n_prof for k, v in table.items()},
             "load_average_1min": os.getloadavg()[0], "provenance": provenance(model),
+            "peak_rss_bytes": peak, "model_parameter_bytes": size,
             "decisions": decisions, "edited_weights_sha256": digest, "edited_weights": sorted(touched),
         })
     if args.against:

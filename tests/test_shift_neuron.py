@@ -370,7 +370,7 @@ def test_negatives_keep_the_key_below_half_the_threshold_on_generic_tokens(model
                negatives=n, negative_weight=1e6)
         res = se.edit(model, byte_tok, FACT, h, force=True)
         j = res.info[0]["neurons"][0]
-        sample = generic_keys(model, byte_tok, ModelAdapter(model), [1], h.replace(negatives=400))[1]
+        sample = generic_keys(model, byte_tok, ModelAdapter(model), [1], h.replace(negatives=400))[1].double()
         ff1 = ModelAdapter(model).module(ModelAdapter(model).ff1_names(1)[0])
         gate = canonical(ff1).double()[j]
         bias = float(ff1.bias.detach()[j]) if getattr(ff1, "bias", None) is not None else 0.0

@@ -125,14 +125,17 @@ _NEGATIVES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[int, torch.Te
 
 def generic_keys(model: nn.Module, tok, adapter: ModelAdapter, layers: list[int], hp
                ) -> dict[int, torch.Tensor]:
-    """``hp.negatives`` generic tokens' MLP inputs at each layer (float64 ``[n, d]``): the statistics corpus's
-    texts after those whose tokens the statistics read (:func:`~shift_edit.model.generic_sample.generic_sample`)."""
+    """``hp.negatives`` generic tokens' MLP inputs at each layer (``[n, d]``, repeats dropped): the statistics corpus's
+    texts after those whose tokens the statistics read (:func:`~shift_edit.model.generic_sample.generic_sample`).
+    Held in the sample's own dtype (float32: half the memory of float64, 46 MB per layer for 20,000 tokens of
+    SmolLM2) and widened to float64 where used, which is exact."""
     cache = _NEGATIVES.setdefault(model, {})
     key = (tuple(layers), hp.negatives, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_max_length)
     if key not in cache:
         sample = generic_sample(model, tok, layers, corpus=hp.mom2_corpus, skip_tokens=hp.mom2_n_tokens,
                                 n_tokens=hp.negatives, max_length=hp.mom2_max_length, adapter=adapter)
-        cache[key] = {layer: torch.unique(x, dim=0).double() for layer, x in sample.items()}  # repeats: no new key
+        # repeats: no new key; one layer at a time, each raw sample freed once its rows are kept (peak memory)
+        cache[key] = {layer: torch.unique(sample.pop(layer), dim=0) for layer in list(sample)}
     return cache[key]
 
 
@@ -244,7 +247,7 @@ class SilentPool:
         def per_key(value: float, x: torch.Tensor) -> torch.Tensor:
             return torch.full((len(x),), value, dtype=torch.float64)
 
-        return cls(torch.cat([x for x, _w, _r in parts]), torch.cat([per_key(w, x) for x, w, _r in parts]),
+        return cls(torch.cat([x.double() for x, _w, _r in parts]), torch.cat([per_key(w, x) for x, w, _r in parts]),
                    torch.cat([per_key(r, x) for x, _w, r in parts]))
 
     def risky(self, gate: Gate, active: torch.Tensor) -> torch.Tensor:
@@ -269,12 +272,30 @@ def memory_used(memory: EditMemory | None, mlp: Mlp) -> set[int]:
     return {int(j) for j in keys.abs().argmax(1)}
 
 
-#: per model: (the decoding matrix's data pointer, its version counter, its rows scaled to unit norm)
-_DEC_UNITS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+@dataclasses.dataclass(frozen=True)
+class DecodingUnits:
+    """The decoding matrix's rows scaled to unit norm, without a second copy of the matrix: ``matrix`` is the
+    model's own (float32 on CPU: no copy; another dtype or device: one float32 CPU copy) and ``norms`` its row norms.
+    ``units[t]`` is row ``t`` over its norm (the same bits as dividing the whole matrix by its row norms)."""
+
+    matrix: torch.Tensor  # [vocab, d]
+    norms: torch.Tensor  # [vocab]
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        return self.matrix[t] / self.norms[t]
+
+    def written(self, col: torch.Tensor) -> bool:
+        """Is this FF2 column a multiple of a decoding row (a neuron this algorithm wrote)?"""
+        n = float(col.norm())
+        return n > 0 and float(((self.matrix @ (col / n)) / self.norms).abs().max()) > 0.9999
 
 
-def decoding_units(adapter: ModelAdapter) -> torch.Tensor:
-    """The decoding matrix's rows scaled to unit norm (float32, CPU), computed once per model and again only when
+#: per model: (the decoding matrix's data pointer, its version counter, its unit rows)
+_DEC_UNITS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, DecodingUnits]]" = weakref.WeakKeyDictionary()
+
+
+def decoding_units(adapter: ModelAdapter) -> DecodingUnits:
+    """The decoding matrix's unit rows (float32, CPU), its row norms computed once per model and again only when
     the matrix changes (an in-place update bumps its version counter)."""
     weight = adapter.decoding_matrix()
     key = (weight.data_ptr(), weight._version)
@@ -282,24 +303,18 @@ def decoding_units(adapter: ModelAdapter) -> torch.Tensor:
     if hit is not None and hit[:2] == key:
         return hit[2]
     dmat = weight.detach().float().cpu()
-    unit = dmat / dmat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = DecodingUnits(dmat, dmat.norm(dim=-1).clamp_min(1e-12))
     _DEC_UNITS[adapter.model] = (*key, unit)
     return unit
 
 
-def _written(col: torch.Tensor, dec_unit: torch.Tensor) -> bool:
-    """Is this FF2 column a multiple of a decoding row (a neuron this algorithm wrote)?"""
-    n = float(col.norm())
-    return n > 0 and float((dec_unit @ (col / n)).abs().max()) > 0.9999
-
-
 def free_neurons(w2: torch.Tensor, layer: int, cost: torch.Tensor, n: int, exclude: set[int],
-                  dec_unit: torch.Tensor) -> list[int]:
+                  dec_unit: DecodingUnits) -> list[int]:
     """The ``n`` cheapest neurons not in ``exclude`` whose FF2 column (``w2``: ``[d_model, d_ff]``) this
     algorithm did not write."""
     out: list[int] = []
     for j in (int(x) for x in cost.argsort()):
-        if j in exclude or _written(w2[:, j], dec_unit):
+        if j in exclude or dec_unit.written(w2[:, j]):
             continue
         out.append(j)
         if len(out) == n:
@@ -359,7 +374,7 @@ def gate_bias(mlp: Mlp, j: int) -> float:
 
 def fires_on(gate: Gate, sample: torch.Tensor) -> int:
     """How many rows of ``sample`` (MLP inputs) the gate's pre-activation is above 0 on."""
-    return int((sample @ gate.g > gate.fires_at).sum())
+    return int((sample.double() @ gate.g > gate.fires_at).sum())
 
 
 def one_hot(n: int, j: int) -> torch.Tensor:

@@ -64,6 +64,7 @@ from ..common import adapter_for
 from ..locate.contexts import context_templates, encode_with_fact_index, prompt_template
 from ..locate.locate_hparams import LocateEditHyperParams
 from .neurons import (
+    DecodingUnits,
     Gate,
     GenericView,
     Mlp,
@@ -276,7 +277,7 @@ class _Context:
     layers: list[int]
     mlps: dict[int, Mlp]
     in_names: dict[int, str]
-    dec_unit: torch.Tensor
+    dec_unit: DecodingUnits
     taken: dict[int, set[int]]
     fit: tuple[nn.Module, object] | None = None  # the value's model and adapter when not ``model`` (v_dtype)
     new_keys: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)

@@ -383,6 +383,28 @@ def one_hot(n: int, j: int) -> torch.Tensor:
     return v
 
 
+@dataclasses.dataclass(kw_only=True)
+class NeuronFields:
+    """The gate, capacity and generic-sample fields SHIFT_NEURON's and SHIFT_SUBJECT's hparams share (each class
+    documents them; SHIFT_SUBJECT changes two defaults), checked by :func:`validate_neuron_fields`."""
+
+    neurons_per_layer: int = 256
+    try_layers: int = 1
+    threshold: float = 0.7
+    sharpness: float = 25.0
+    min_spreads: float | None = None
+    max_threshold: float = 0.95
+    activation: float = 8.0
+    n_contrast: int = 16
+    contrast_weight: float = 1000.0
+    memory_weight: float = 1000.0
+    negatives: int = 0
+    negative_weight: float = 1000.0
+    negative_reach: float = 0.5
+    max_generic_fires: int | None = None
+    ridge: float = 0.01
+
+
 def validate_neuron_fields(hp) -> None:
     """The checks SHIFT_NEURON's and SHIFT_SUBJECT's hparams share (the gate, the generic sample, the capacity and
     the layers tried); ``hp.validate`` calls it, which raises through ``hp._fail`` on the first bad field."""

@@ -78,6 +78,7 @@ from .neurons import (
     GenericView,
     Mlp,
     Neuron,
+    NeuronFields,
     SilentPool,
     canonical,
     decoding_units,
@@ -101,7 +102,7 @@ from .push import build_batch, margins, search_push, validate_batch_and_search
 log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(kw_only=True)
-class ShiftNeuronHyperParams(EditHyperParams):
+class ShiftNeuronHyperParams(NeuronFields, EditHyperParams):
     """Hparams of SHIFT_NEURON.
 
     Attributes:
@@ -147,23 +148,8 @@ class ShiftNeuronHyperParams(EditHyperParams):
 
     ALG_NAME = "SHIFT_NEURON"
 
-    neurons_per_layer: int = 256
-    try_layers: int = 1
-    threshold: float = 0.7
-    sharpness: float = 25.0
-    min_spreads: float | None = None
-    max_threshold: float = 0.95
-    activation: float = 8.0
-    n_contrast: int = 16
     n_prefixes: int = 0
-    contrast_weight: float = 1000.0
-    memory_weight: float = 1000.0
-    negatives: int = 0
-    negative_weight: float = 1000.0
-    negative_reach: float = 0.5
-    max_generic_fires: int | None = None
     continuation: Literal["free", "contrast"] = "free"
-    ridge: float = 0.01
     margin: float = 0.25
     max_push: float = 1200.0
     if_unreached: Literal["max_push", "skip"] = "max_push"

@@ -69,6 +69,7 @@ from .neurons import (
     GenericView,
     Mlp,
     Neuron,
+    NeuronFields,
     SilentPool,
     canonical,
     decoding_units,
@@ -94,7 +95,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
-class ShiftSubjectHyperParams(LocateEditHyperParams):
+class ShiftSubjectHyperParams(NeuronFields, LocateEditHyperParams):
     """Hparams of SHIFT_SUBJECT.
 
     Attributes:
@@ -131,20 +132,7 @@ class ShiftSubjectHyperParams(LocateEditHyperParams):
     ALG_NAME = "SHIFT_SUBJECT"
 
     neurons_per_layer: int = 400
-    try_layers: int = 1
     threshold: float = 0.5
-    sharpness: float = 25.0
-    min_spreads: float | None = None
-    max_threshold: float = 0.95
-    activation: float = 8.0
-    n_contrast: int = 16
-    contrast_weight: float = 1000.0
-    memory_weight: float = 1000.0
-    negatives: int = 0
-    negative_weight: float = 1000.0
-    negative_reach: float = 0.5
-    max_generic_fires: int | None = None
-    ridge: float = 0.01
     if_unreached: Literal["apply", "skip"] = "apply"
     v_retry_steps: int = 0
     v_contexts_per_step: int | None = None

@@ -416,6 +416,19 @@ def test_a_sequential_run_primes_every_layer_and_the_sample_before_editing(byte_
     assert set(stats) == {0, 1} and all(torch.equal(again[x], sample[x]) for x in (0, 1))
 
 
+@pytest.mark.parametrize("n", [0, 1, 2047, 2048, 5000])
+def test_fires_on_counts_as_the_float64_products_of_the_whole_sample(n):
+    """The screen widens a float32 sample a block at a time: the same count as widening it all at once."""
+    from shift_edit.algorithms.shift.neurons import Gate, fires_on
+
+    gen = torch.Generator().manual_seed(n)
+    sample = torch.randn(n, 24, generator=gen)
+    gate = Gate(torch.randn(24, dtype=torch.float64, generator=gen), sharpness=25.0, threshold=0.1, spreads=3.0,
+                bias=0.0)
+    expected = int((sample.double() @ gate.g > gate.fires_at).sum())
+    assert fires_on(gate, sample) == expected and (n < 2048 or 0 < expected < n)
+
+
 def test_max_generic_fires_refuses_a_key_that_fires_on_generic_text(byte_tok, corpus, tmp_path):
     """With ``max_generic_fires`` (and the sample only screened, ``negative_weight: 0``), a request whose neuron
     would fire on more sample tokens than allowed is not applied; a looser bound applies the same key."""

@@ -283,8 +283,9 @@ def run_sequential(
                         if name not in originals:
                             originals[name] = orig.clone()
                             st.touched.append(name)
+                    info = result.info if result is not None else []  # per request: what the algorithm decided
                     del result  # its copies of the original weights are not needed (never undone)
-                    st.batches.append({"batch": st.n_batches, "n": len(batch), "edit_s": dt,
+                    st.batches.append({"batch": st.n_batches, "n": len(batch), "edit_s": dt, "info": info,
                                        **({"refused": refused} if refused is not None else {})})
                     st.n_batches += 1
                     st.n_edits += len(batch)

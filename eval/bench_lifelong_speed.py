@@ -6,7 +6,8 @@ sequential edits of one model with one :class:`~shift_edit.core.memory.EditMemor
 ``--profile-edits`` more edits of the same run: where the time goes, by phase. Model calls per edit are the
 algorithm's own (``info["forward_passes"]``) plus the guard's pass over the edit prompt when an edit is applied.
 
-The records are the first ones of the EasyEdit-format CounterFact edit file (the lifelong runs' records,
+The records are the first ones of the EasyEdit-format CounterFact edit file (or of ``--data``: a zsRE or KnowEdit
+file is read as the benchmark reads it) (the lifelong runs' records,
 ``eval/reports/sequential/``); statistics and the generic sample are read (or computed) before the first timed edit.
 
 Usage::
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 import shift_edit as se
+from shift_edit.bench.facts import detect_format, load_facts
 from shift_edit.core.errors import EditRefusedError
 from shift_edit.core.registry import algorithm_for_hparams
 from shift_edit.files.data_files import find_file
@@ -78,7 +80,8 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=200, help="timed sequential edits (the median is over these)")
     ap.add_argument("--profile-edits", type=int, default=40, help="further edits of the same run, profiled")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--data", default=None, help="EasyEdit-format CounterFact file (default: the edit split)")
+    ap.add_argument("--data", default=None, help="a CounterFact file (default: the EasyEdit-format edit split), or a "
+                    "zsRE or KnowEdit file")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
     ap.add_argument("--against", default=None,
                     help="an earlier --out file (e.g. of another commit): exit 1 unless every timed edit's decisions "
@@ -90,7 +93,11 @@ def main() -> None:
         if data is None or not data.is_file():
             raise se.ShiftEditError(f"no CounterFact edit file {args.data or 'counterfact-easyedit-edit.json'} "
                                     "(set SHIFT_EDIT_DATA or pass --data)")
-        records = read_json_records(data)[: args.edits + args.profile_edits]
+        records = read_json_records(data)
+        fmt = detect_format(records, data)
+        if fmt in ("zsre", "knowedit"):  # their requests, as the benchmark reads them
+            records = [c.request for c in load_facts(data, fmt=fmt)]
+        records = records[: args.edits + args.profile_edits]
     except se.ShiftEditError as exc:
         ap.error(str(exc))
     if len(records) < args.edits + args.profile_edits:

@@ -6,9 +6,9 @@ sequential edits of one model with one :class:`~shift_edit.core.memory.EditMemor
 ``--profile-edits`` more edits of the same run: where the time goes, by phase. Model calls per edit are the
 algorithm's own (``info["forward_passes"]``) plus the guard's pass over the edit prompt when an edit is applied.
 
-The records are the first ones of the EasyEdit-format CounterFact edit file (or of ``--data``: a zsRE or KnowEdit
-file is read as the benchmark reads it) (the lifelong runs' records,
-``eval/reports/sequential/``); statistics and the generic sample are read (or computed) before the first timed edit.
+The records are the first ones of the EasyEdit-format CounterFact edit file, the lifelong runs' records
+(``eval/reports/sequential/``), or of ``--data`` (a zsRE or KnowEdit file is read as the benchmark reads it);
+statistics and the generic sample are read (or computed) before the first timed edit.
 
 Usage::
 

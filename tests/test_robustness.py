@@ -169,7 +169,7 @@ def test_the_guard_pass_can_start_at_the_first_edited_block(byte_tok):
             model(input_ids=torch.tensor([encode_prompt(byte_tok, t)]))
         kept.add(1, t, blocks[1][0])
     assert kept.start(0, texts) is None and kept.start(1, [*texts, "not kept"]) is None
-    start = (adapter, *kept.start(1, texts))
+    start = kept.start(1, texts)
     below = []
     handle = adapter.blocks()[0].register_forward_pre_hook(lambda *_: below.append(1))
     try:

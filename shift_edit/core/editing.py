@@ -107,8 +107,7 @@ def _guard_start(computed: Computed, reqs: list[EditRequest]) -> tuple[ModelAdap
     kept = computed.prompt_inputs
     if kept is None:
         return None
-    found = kept.start(first_edited_block(kept.adapter, computed.deltas), [r.text for r in reqs])
-    return None if found is None else (kept.adapter, *found)
+    return kept.start(first_edited_block(kept.adapter, computed.deltas), [r.text for r in reqs])
 
 
 @contextlib.contextmanager

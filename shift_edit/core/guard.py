@@ -48,12 +48,14 @@ class PromptInputs:
         """Keep block ``block``'s input over ``text`` (``[n_tokens, d]``, copied)."""
         self.blocks.setdefault(block, {})[text] = hidden.detach().clone()
 
-    def start(self, block: int | None, texts: Sequence[str]) -> tuple[int, Mapping[str, torch.Tensor]] | None:
-        """``(block, inputs)`` to start a pass over ``texts`` at ``block``, if every text's input there is kept."""
+    def start(self, block: int | None, texts: Sequence[str]
+              ) -> tuple[ModelAdapter, int, Mapping[str, torch.Tensor]] | None:
+        """:func:`outputs_finite`'s ``start`` for a pass over ``texts`` from ``block``, if every text's input there
+        is kept."""
         kept = self.blocks.get(block) if block is not None else None
         if not kept or any(t not in kept for t in texts):
             return None
-        return block, kept
+        return self.adapter, block, kept
 
 
 @torch.no_grad()
@@ -63,10 +65,11 @@ def outputs_finite(model: nn.Module, tok, texts: Sequence[str], *, batch_size: i
     ``(adapter, block, inputs)`` the pass begins at ``block``, fed ``inputs[text]`` (``[n_tokens, d]``: its input
     over the text, from a model whose blocks below ``block`` are those of ``model``)."""
     device = next(model.parameters()).device
-    unique = [t for t in dict.fromkeys(texts) if encode_prompt(tok, t)]
+    encoded = {t: ids for t in dict.fromkeys(texts) if (ids := encode_prompt(tok, t))}  # each text encoded once
+    unique = list(encoded)
     for b in range(0, len(unique), batch_size):
         chunk = unique[b : b + batch_size]
-        ids, mask = pad_batch([encode_prompt(tok, t) for t in chunk], pad_id_of(tok), device)
+        ids, mask = pad_batch([encoded[t] for t in chunk], pad_id_of(tok), device)
         if start is None:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         else:

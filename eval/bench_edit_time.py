@@ -25,6 +25,13 @@ Usage::
     ... --model gpt2-xl-shape --n 4 --algs SHIFT,SGD,FT,FT:early
     ... --case-ids 104,212,715 (records of your choice)
     ... --algs SHIFT,SHIFT_PLUS,ROME=path/to/ROME.yaml,MEMIT,AlphaEdit   (ALG=FILE: that hparams file)
+    ... --batch 100   (also: one edit call with the next 100 records together, per algorithm; throughput
+                       at B = 100 against B = 1, the median single edit above)
+
+With ``--batch B`` each algorithm, after the single edits, makes one ``shift_edit.edit`` call with B requests (records
+n+1 .. n+B, so none was timed alone), timed and undone; requests per second at B divided by requests per second at
+B = 1 is the throughput ratio. ``--batch-algs`` limits that call to some of the algorithms (ROME, MEMIT and AlphaEdit
+optimise one z* per request, so their batch costs about B single edits).
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ def main() -> None:
                     "warm-up)")
     ap.add_argument("--algs", default=None, help="comma list of ALG or ALG:variant (default: per model)")
     ap.add_argument("--out", default=None, help="also write the numbers and the protocol to this JSON file")
+    ap.add_argument("--batch", type=int, default=0, help="also time one edit of this many requests per algorithm")
+    ap.add_argument("--batch-algs", default=None, help="comma list: the algorithms --batch times (default: all)")
     args = ap.parse_args()
     default_algs, stem, random_weights = MODELS[args.model]
     specs = (args.algs or default_algs).split(",")  # "ALG=FILE" is shown and saved as ALG
@@ -119,6 +128,10 @@ def main() -> None:
             records, label = chosen[:1] + chosen, f"case ids {args.case_ids} (the first also as warm-up)"
         else:
             records, label = load_records(n=args.n + 1), f"records 1..{args.n} of the subset, record 0 as warm-up"
+        batch_records = load_records(n=args.n + 1 + args.batch)[args.n + 1:] if args.batch > 0 else []
+        batch_algs = (args.batch_algs.split(",") if args.batch_algs else specs) if args.batch > 0 else []
+        if set(batch_algs) - set(specs):
+            raise ValueError(f"--batch-algs names algorithms not in --algs: {sorted(set(batch_algs) - set(specs))}")
     except (ValueError, se.ShiftEditError) as exc:
         ap.error(str(exc))
     torch.set_num_threads(args.threads)
@@ -144,6 +157,12 @@ def main() -> None:
             times[s].append(dt)
             if s in steps:
                 steps[s].append(res.info[0]["steps"])
+    batch_s = {}
+    for s in batch_algs:
+        t0 = time.perf_counter()
+        res = se.edit(model, tok, batch_records, hps[s][0])
+        batch_s[s] = time.perf_counter() - t0
+        res.undo()
     med = {s: statistics.median(v) for s, v in times.items()}
     fwd_med = statistics.median(fwd)
     print(f"{args.model}, CPU, {args.threads} thread(s), {n_timed} CounterFact edits per algorithm "
@@ -164,8 +183,14 @@ def main() -> None:
             ratio = med[s] / med["SHIFT"]
             verdict = "meets" if ratio >= TARGET else "misses"
             print(f"SHIFT is {ratio:.1f}x faster than {s} ({verdict} the >= {TARGET:g}x target)")
+    throughput = {s: med[s] / (t / args.batch) for s, t in batch_s.items()}
+    for s, t in batch_s.items():
+        print(f"{s:10s} B = {args.batch}: {t:8.1f} s for the batch = {t / args.batch * 1e3:9.1f} ms/request; "
+              f"throughput {throughput[s]:5.2f}x of B = 1")
     if args.out:
         atomic_write_json(Path(args.out), {
+            "batch": args.batch, "batch_case_ids": [r["case_id"] for r in batch_records],
+            "batch_seconds": batch_s, "batch_throughput_ratio": throughput,
             "what": "median wall time of shift_edit.edit per single-record edit (compute + apply; undo untimed), "
                     "algorithms interleaved record by record, skip_if_predicted off",
             "model": args.model, "random_weights": random_weights, "threads": args.threads,

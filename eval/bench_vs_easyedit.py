@@ -184,6 +184,72 @@ def summary_of(rows: list[dict]) -> dict[str, float]:
     return {k: 100.0 * sum(v) / len(v) for k, v in acc.items()}
 
 
+def prepare(method: str, mod: types.ModuleType, model, tok, model_name: str, stats_dir: Path):
+    """Our hparams (skip check and z* cache off) and EasyEdit's, with our statistics, templates and (AlphaEdit) its
+    projector from our statistics in place."""
+    hp = se.load_hparams(f"hparams/{method}/{model_name}.yaml").replace(skip_if_predicted=False)
+    if hasattr(hp, "zstar_cache"):
+        hp = hp.replace(zstar_cache=False)
+    stats = layer_stats(model, tok, hp.layers, corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens,
+                        max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=False)
+    n_samples = write_stats(stats_dir, model, hp, stats, "wikipedia")
+    p_loc = stats_dir / f"P_{method}.pt"
+    ee_hp = easyedit_hparams(method, mod, model, hp, stats_dir, n_samples, p_loc)
+    set_templates(method, mod, templates_for(model, tok, hp), template_groups(hp.context_template_length_params))
+    if method == "AlphaEdit":
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.save(torch.stack([mod.get_project(model, tok, layer, ee_hp) for layer in hp.layers]), p_loc)
+    return hp, ee_hp
+
+
+def compare(method: str, mod: types.ModuleType, model, tok, records: list[dict], hp, ee_hp) -> dict[str, Any]:
+    """Both implementations on every record (the first untimed), interleaved; times, ΔW agreement and metrics."""
+    names = [LLAMA_MODULES["rewrite_module_tmp"].format(layer) + ".weight" for layer in hp.layers]
+    orig = snapshot(model, names)
+    apply_fn = getattr(mod, EASYEDIT[method][2])
+
+    def ours(req: EditRequest) -> None:
+        se.edit(model, tok, req, hp)
+
+    def theirs(req: EditRequest) -> None:
+        kwargs = {"reset_cache": True} if method == "AlphaEdit" else {}
+        with contextlib.redirect_stdout(io.StringIO()):  # EasyEdit prints every step
+            apply_fn(model, tok, [easyedit_request(req)], ee_hp, copy=False, return_orig_weights=False, **kwargs)
+
+    rows: dict[str, list[dict]] = {"shift_edit": [], "easyedit": []}
+    cosines, norm_ratios = [], []
+    for i, rec in enumerate(records):
+        req = make_request(rec)
+        order = [("shift_edit", ours), ("easyedit", theirs)]
+        if i % 2:
+            order.reverse()
+        deltas = {}
+        for label, fn in order:
+            t0 = time.perf_counter()
+            fn(req)
+            dt = time.perf_counter() - t0
+            deltas[label] = torch.cat([(model.get_parameter(n).detach() - orig[n]).flatten() for n in names])
+            row = {"case_id": rec["case_id"], "time_s": dt, **measure(model, tok, rec)}
+            restore(model, orig)
+            if i > 0:
+                rows[label].append(row)
+        if i > 0:
+            a, b = deltas["shift_edit"].double(), deltas["easyedit"].double()
+            cosines.append(float(a @ b / (a.norm() * b.norm())))
+            norm_ratios.append(float(a.norm() / b.norm()))
+    pairs = list(zip(rows["shift_edit"], rows["easyedit"]))
+    t_ours = statistics.median(r["time_s"] for r in rows["shift_edit"])
+    t_theirs = statistics.median(r["time_s"] for r in rows["easyedit"])
+    return {"median_s_shift_edit": t_ours, "median_s_easyedit": t_theirs, "speedup": t_theirs / t_ours,
+            "delta_cosine_min": min(cosines), "delta_cosine": cosines, "delta_norm_ratio": norm_ratios,
+            "decisions_differing": sum(x[1] != y[1] for ro, rt in pairs
+                                       for x, y in zip(ro["decisions"], rt["decisions"])),
+            "decisions": sum(len(r["decisions"]) for r in rows["shift_edit"]),
+            "max_abs_nll_difference": max(abs(x - y) for ro, rt in pairs for x, y in zip(ro["nll"], rt["nll"])),
+            "metrics_shift_edit": summary_of(rows["shift_edit"]), "metrics_easyedit": summary_of(rows["easyedit"]),
+            "rows": rows, "hparams": hp.to_dict()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--easyedit", type=Path, required=True, help="an EasyEdit checkout (the folder with easyeditor/)")
@@ -205,77 +271,22 @@ def main() -> None:
     if model.config.model_type != "llama":
         raise SystemExit("error: this comparison maps module names for Llama-architecture models only")
     records = json.load(open(require_data("counterfact-subset")))[: args.n + 1]
-    reqs = [make_request(r) for r in records]
-    stats_dir = Path(tempfile.mkdtemp(prefix="easyedit_stats_"))
     result: dict[str, Any] = {"protocol": {
         "what": "per-edit time, ΔW and metrics: shift_edit vs EasyEdit's implementation, same inputs",
         "metric_family": "ROME probability comparisons (ES/PS/NS) and strict top-1 accuracy, per prompt",
         "threads": args.threads, "records": "counterfact-original-format-subset837.json, first n+1 (first: warm-up)",
         "easyedit_source_sha256": source_digest(args.easyedit.resolve()), "easyedit_commit": args.easyedit_commit,
         **provenance(model)}, "methods": {}}
-    for method in methods:
-        hp = se.load_hparams(f"hparams/{method}/{args.model}.yaml").replace(skip_if_predicted=False)
-        if hasattr(hp, "zstar_cache"):
-            hp = hp.replace(zstar_cache=False)
-        mod = ee[method]
-        stats = layer_stats(model, tok, hp.layers, corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens,
-                            max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, progress=False)
-        n_samples = write_stats(stats_dir, model, hp, stats, "wikipedia")
-        p_loc = stats_dir / f"P_{method}.pt"
-        ee_hp = easyedit_hparams(method, mod, model, hp, stats_dir, n_samples, p_loc)
-        set_templates(method, mod, templates_for(model, tok, hp), template_groups(hp.context_template_length_params))
-        if method == "AlphaEdit":
-            with contextlib.redirect_stdout(io.StringIO()):
-                torch.save(torch.stack([mod.get_project(model, tok, layer, ee_hp) for layer in hp.layers]), p_loc)
-        names = [LLAMA_MODULES["rewrite_module_tmp"].format(layer) + ".weight" for layer in hp.layers]
-        orig = snapshot(model, names)
-        apply_fn = getattr(mod, EASYEDIT[method][2])
-
-        def ours(req: EditRequest) -> None:
-            se.edit(model, tok, req, hp)
-
-        def theirs(req: EditRequest) -> None:
-            kwargs = {"reset_cache": True} if method == "AlphaEdit" else {}
-            with contextlib.redirect_stdout(io.StringIO()):  # EasyEdit prints every step
-                apply_fn(model, tok, [easyedit_request(req)], ee_hp, copy=False, return_orig_weights=False, **kwargs)
-
-        rows: dict[str, list[dict]] = {"shift_edit": [], "easyedit": []}
-        cosines, norm_ratios = [], []
-        for i, (req, rec) in enumerate(zip(reqs, records)):
-            order = [("shift_edit", ours), ("easyedit", theirs)]
-            if i % 2:
-                order.reverse()
-            deltas = {}
-            for label, fn in order:
-                t0 = time.perf_counter()
-                fn(req)
-                dt = time.perf_counter() - t0
-                deltas[label] = torch.cat([(model.get_parameter(n).detach() - orig[n]).flatten() for n in names])
-                row = {"case_id": rec["case_id"], "time_s": dt, **measure(model, tok, rec)}
-                restore(model, orig)
-                if i > 0:
-                    rows[label].append(row)
-            if i > 0:
-                a, b = deltas["shift_edit"].double(), deltas["easyedit"].double()
-                cosines.append(float(a @ b / (a.norm() * b.norm())))
-                norm_ratios.append(float(a.norm() / b.norm()))
-        t_ours = statistics.median(r["time_s"] for r in rows["shift_edit"])
-        t_theirs = statistics.median(r["time_s"] for r in rows["easyedit"])
-        diff = sum(x[1] != y[1] for ro, rt in zip(rows["shift_edit"], rows["easyedit"])
-                   for x, y in zip(ro["decisions"], rt["decisions"]))
-        n_dec = sum(len(r["decisions"]) for r in rows["shift_edit"])
-        max_nll = max(abs(x - y) for ro, rt in zip(rows["shift_edit"], rows["easyedit"])
-                      for x, y in zip(ro["nll"], rt["nll"]))
-        res = {"median_s_shift_edit": t_ours, "median_s_easyedit": t_theirs, "speedup": t_theirs / t_ours,
-               "delta_cosine_min": min(cosines), "delta_cosine": cosines, "delta_norm_ratio": norm_ratios,
-               "decisions_differing": diff, "decisions": n_dec, "max_abs_nll_difference": max_nll,
-               "metrics_shift_edit": summary_of(rows["shift_edit"]), "metrics_easyedit": summary_of(rows["easyedit"]),
-               "rows": rows, "hparams": hp.to_dict() if hasattr(hp, "to_dict") else dict(vars(hp))}
-        result["methods"][method] = res
-        print(f"{method:10s} shift_edit {t_ours:6.2f} s  EasyEdit {t_theirs:6.2f} s  "
-              f"speedup {t_theirs / t_ours:5.2f}x  "
-              f"ΔW cosine min {min(cosines):.4f}  norm ratio {statistics.median(norm_ratios):.3f}  "
-              f"decisions differing {diff}/{n_dec}  max |ΔNLL| {max_nll:.2e}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="easyedit_stats_") as tmp:
+        for method in methods:
+            hp, ee_hp = prepare(method, ee[method], model, tok, args.model, Path(tmp))
+            res = result["methods"][method] = compare(method, ee[method], model, tok, records, hp, ee_hp)
+            print(f"{method:10s} shift_edit {res['median_s_shift_edit']:6.2f} s  "
+                  f"EasyEdit {res['median_s_easyedit']:6.2f} s  speedup {res['speedup']:5.2f}x  "
+                  f"ΔW cosine min {res['delta_cosine_min']:.4f}  "
+                  f"norm ratio {statistics.median(res['delta_norm_ratio']):.3f}  "
+                  f"decisions differing {res['decisions_differing']}/{res['decisions']}  "
+                  f"max |ΔNLL| {res['max_abs_nll_difference']:.2e}", flush=True)
     if args.out:
         atomic_write_json(args.out, result)
 

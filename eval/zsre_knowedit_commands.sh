@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 32, item 5: the measured zsRE / KnowEdit report on SmolLM2-135M (NOT run yet; run it on a free machine;
-# about 22 CPU-hours single-edit + 8 sequential, 16.5 more with Fluency: eval/reports/zsre_knowedit/README.md).
+# Issue 32, item 5: the measured zsRE / KnowEdit report on SmolLM2-135M (in part run here: the README's first table
+# says which rows are measured; all of it is about 22 CPU-hours single-edit + 8 sequential, 16.5 more with Fluency:
+# eval/reports/zsre_knowedit/README.md).
 # Single edits: every registered method and the unedited model on 300 zsRE records and each KnowEdit file's first
 # 300; sequential T = 1000 on zsRE for SHIFT_NEURON (lifelong hparams), AlphaEdit and MEMIT (B = 100).
 # Resumable: re-running skips finished cases / continues sequential runs from their saved state.

@@ -46,11 +46,13 @@ import torch
 
 import shift_edit as se
 from shift_edit.algorithms.locate.contexts import template_groups, templates_for
-from shift_edit.core.requests import EditRequest, make_request
+from shift_edit.bench.counterfact import CounterFactCase, parse_case
+from shift_edit.bench.metrics import metrics_from_scores, score_case
+from shift_edit.core.deltas import put_back
+from shift_edit.core.requests import EditRequest
 from shift_edit.files.data_files import require_data
 from shift_edit.files.io import atomic_write_json, provenance
 from shift_edit.model.covariance import layer_stats
-from shift_edit.model.scoring import score_continuations
 
 # Each method: EasyEdit's package, main module, apply function and hparams class.
 EASYEDIT = {
@@ -147,31 +149,16 @@ def snapshot(model, names: list[str]) -> dict[str, torch.Tensor]:
     return {n: model.get_parameter(n).detach().clone() for n in names}
 
 
-def restore(model, orig: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, w in orig.items():
-            model.get_parameter(n).copy_(w)
-
-
-def measure(model, tok, record: dict) -> dict[str, Any]:
-    """Mean target NLLs and decisions on the record's prompt, paraphrases and neighbourhood prompts."""
-    rw = record["requested_rewrite"]
-    new, true = " " + rw["target_new"]["str"], " " + rw["target_true"]["str"]
-    parts = {"rewrite": [rw["prompt"].format(rw["subject"])], "paraphrase": list(record["paraphrase_prompts"]),
-             "neighborhood": list(record["neighborhood_prompts"])}
-    prompts = [p for ps in parts.values() for p in ps]
-    scores = score_continuations(model, tok, prompts * 2, [new] * len(prompts) + [true] * len(prompts))
-    n_new, n_true = scores[: len(prompts)], scores[len(prompts):]
+def measure(model, tok, case: CounterFactCase) -> dict[str, Any]:
+    """The benchmark's per-prompt numbers of the case (:func:`score_case`): each prompt's mean target NLLs (new,
+    true) and its decisions, the ROME comparison (neighbourhood: the reverse) and strict top-1."""
+    m = metrics_from_scores(score_case(model, tok, case))
     out: dict[str, Any] = {"nll": [], "decisions": []}
-    i = 0
-    for part, ps in parts.items():
-        for _ in ps:
-            a, b = n_new[i].mean_nll, n_true[i].mean_nll
-            better = a < b if part != "neighborhood" else b < a
-            top1 = bool(n_new[i].token_correct.all()) if part != "neighborhood" else bool(n_true[i].token_correct.all())
+    for group, pairs in m["nll"].items():
+        for pair, top1 in zip(pairs, m["top1_correct"][group]):
+            a, b = pair["target_new"], pair["target_true"]
             out["nll"] += [a, b]
-            out["decisions"] += [(part, better), (part + "_top1", top1)]
-            i += 1
+            out["decisions"] += [(group, b < a if group == "neighborhood" else a < b), (group + "_top1", top1)]
     return out
 
 
@@ -219,7 +206,8 @@ def compare(method: str, mod: types.ModuleType, model, tok, records: list[dict],
     rows: dict[str, list[dict]] = {"shift_edit": [], "easyedit": []}
     cosines, norm_ratios = [], []
     for i, rec in enumerate(records):
-        req = make_request(rec)
+        case = parse_case(rec, i)
+        req = case.request
         order = [("shift_edit", ours), ("easyedit", theirs)]
         if i % 2:
             order.reverse()
@@ -229,8 +217,8 @@ def compare(method: str, mod: types.ModuleType, model, tok, records: list[dict],
             fn(req)
             dt = time.perf_counter() - t0
             deltas[label] = torch.cat([(model.get_parameter(n).detach() - orig[n]).flatten() for n in names])
-            row = {"case_id": rec["case_id"], "time_s": dt, **measure(model, tok, rec)}
-            restore(model, orig)
+            row = {"case_id": case.case_id, "time_s": dt, **measure(model, tok, case)}
+            put_back((model.get_parameter(n), w) for n, w in orig.items())
             if i > 0:
                 rows[label].append(row)
         if i > 0:

@@ -71,8 +71,6 @@ LLAMA_MODULES = dict(
 def load_easyedit(root: Path) -> dict[str, types.ModuleType]:
     """Import the three methods' main modules from an EasyEdit checkout without running the package
     ``__init__`` files that import every other editor."""
-    if not (root / "easyeditor" / "models" / "rome" / "rome_main.py").is_file():
-        raise SystemExit(f"error: {root} is not an EasyEdit checkout (no easyeditor/models/rome/rome_main.py)")
     for name, sub in (("easyeditor", "easyeditor"), ("easyeditor.models", "easyeditor/models"),
                       ("easyeditor.util", "easyeditor/util")):
         pkg = types.ModuleType(name)
@@ -251,13 +249,15 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in EASYEDIT]
     if bad:
-        raise SystemExit(f"error: unknown method(s) {bad}; choose from {sorted(EASYEDIT)}")
+        ap.error(f"unknown method(s) {bad}; choose from {sorted(EASYEDIT)}")
+    if not (args.easyedit / "easyeditor" / "models" / "rome" / "rome_main.py").is_file():
+        ap.error(f"{args.easyedit} is not an EasyEdit checkout (no easyeditor/models/rome/rome_main.py)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ee = load_easyedit(args.easyedit.resolve())
     model, tok = se.load_model(args.model)
     if model.config.model_type != "llama":
-        raise SystemExit("error: this comparison maps module names for Llama-architecture models only")
+        ap.error("this comparison maps module names for Llama-architecture models only")
     records = json.load(open(require_data("counterfact-subset")))[: args.n + 1]
     result: dict[str, Any] = {"protocol": {
         "what": "per-edit time, ΔW and metrics: shift_edit vs EasyEdit's implementation, same inputs",

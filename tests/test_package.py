@@ -118,6 +118,14 @@ def test_data_cli_fetch_and_where(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "cache" / "data" / "counterfact.json"))
 
 
+def test_data_cli_help_names_every_fetchable_set():
+    from shift_edit.cli import data as data_cli
+
+    fetchable = [name for name, spec in sdata.DATA_FILES.items() if spec.url]
+    assert {"counterfact", "wikitext", "zsre"} <= set(fetchable)
+    assert data_cli.HELP.endswith("(" + ", ".join(fetchable) + ")")
+
+
 def test_library_has_no_path_outside_itself():
     """No library module reaches for the checkout or ../shared through its own location."""
     pkg = REPO / "shift_edit"

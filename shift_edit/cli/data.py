@@ -8,7 +8,8 @@ from ..core.errors import ShiftEditError
 from ..files.data_files import DATA_FILES, fetch_data, find_data, require_data, search_dirs
 
 NAME = "data"
-HELP = "list data sets and where they are found; fetch the public ones (counterfact, wikitext)"
+HELP = ("list data sets and where they are found; fetch the public ones ("
+        + ", ".join(name for name, spec in DATA_FILES.items() if spec.url) + ")")
 EPILOG = ("A data set is found, in order: the path given on the command line, $SHIFT_EDIT_DATA (a folder), "
           "the user cache (<cache>/data, $SHIFT_EDIT_CACHE overrides the cache). `fetch` downloads into the "
           "user cache (or --dest) and checks the sha256.")

@@ -18,6 +18,7 @@ from shift_edit.bench.fact_metrics import flat_values, summarize_easyedit
 from shift_edit.bench.fact_runner import FactBenchConfig, run_fact_bench
 from shift_edit.bench.fact_sequential import FactScoring
 from shift_edit.bench.facts import detect_format, load_facts
+from shift_edit.bench.generation import ngram_entropy
 from shift_edit.bench.sequential import SequentialConfig, run_sequential
 from shift_edit.compat import easyedit_metrics as see
 from shift_edit.files import data_files as sdata
@@ -189,6 +190,13 @@ def test_unedited_knowedit_locality_is_one_and_fluency_is_the_ngram_entropy(byte
     assert got["locality"] == 1.0
     want = see.fluency(model, byte_tok, ["The city of Sub0 is"], seed=0)["ngram_entropy"]
     assert got["fluency"] == pytest.approx(want)
+    # the bench keeps the sampled texts beside the number; EasyEdit's own output format does not carry them
+    kept = see.fluency(model, byte_tok, ["The city of Sub0 is"], seed=0, keep_text=True)
+    assert got["fluency_text"] == kept["text"] and len(kept["text"]) == 1
+    assert kept["text"][0].startswith("The city of Sub0 is") and ngram_entropy(kept["text"]) == pytest.approx(want)
+    plain = see.compute_edit_quality(model, byte_tok, {"prompt": "The city of Sub0 is", "target_new": " Sub1"},
+                                     test_generation=True)
+    assert set(plain["fluency"]) == {"ngram_entropy"}
 
 
 @pytest.mark.parametrize("fmt", ["zsre", "knowedit"])

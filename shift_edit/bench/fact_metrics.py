@@ -108,7 +108,8 @@ def easyedit_post(model: nn.Module, tok, case: FactCase, pre: Mapping[str, Any],
     """The ``easyedit`` family of a record on the model as it is now, against its unedited ``pre``."""
     metric = {
         "pre": dict(pre),
-        "post": ee.compute_edit_quality(model, tok, case.ee_request, test_generation=fluency, seed=seed),
+        "post": ee.compute_edit_quality(model, tok, case.ee_request, test_generation=fluency, seed=seed,
+                                        keep_text=True),
     }
     ee.finalize_locality(metric, case.ee_request)
     return summarize_easyedit(metric["post"])
@@ -119,7 +120,8 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 def summarize_easyedit(post: Mapping[str, Any]) -> dict[str, Any]:
-    """One record's EasyEdit numbers (fractions) from ``metric["post"]`` after ``finalize_locality``."""
+    """One record's EasyEdit numbers (fractions) from ``metric["post"]`` after ``finalize_locality``; with
+    Fluency also ``fluency_text``, the sampled texts, where the post measurement kept them."""
     out: dict[str, Any] = {"rewrite_acc": _mean(post.get("rewrite_acc") or [])}
     if post.get("rephrase_acc"):
         out["rephrase_acc"] = _mean(post["rephrase_acc"])
@@ -131,5 +133,7 @@ def summarize_easyedit(post: Mapping[str, Any]) -> dict[str, Any]:
             out[section] = _mean(list(keys.values()))
     if "fluency" in post:
         out["fluency"] = post["fluency"]["ngram_entropy"]
+        if "text" in post["fluency"]:
+            out["fluency_text"] = post["fluency"]["text"]
     return out
 

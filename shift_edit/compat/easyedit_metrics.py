@@ -164,19 +164,24 @@ def locality_meta(key: str) -> dict[str, str]:
             "comparable_group": LOCALITY_GROUP}
 
 
-def fluency(model: nn.Module, tok, prompts: Sequence[str], *, seed: int = 0) -> dict[str, float]:
-    """EasyEdit's ``test_generation_quality``: n-gram entropy of a top-k (5) sample of 100 tokens."""
-    return {"ngram_entropy": ngram_entropy(generate_topk(model, tok, list(prompts), max_length=100, top_k=5,
-                                                         seed=seed))}
+def fluency(model: nn.Module, tok, prompts: Sequence[str], *, seed: int = 0,
+            keep_text: bool = False) -> dict[str, Any]:
+    """EasyEdit's ``test_generation_quality``: n-gram entropy of a top-k (5) sample of 100 tokens; with
+    ``keep_text`` also the sampled texts (``text``, not in EasyEdit's output)."""
+    texts = generate_topk(model, tok, list(prompts), max_length=100, top_k=5, seed=seed)
+    out: dict[str, Any] = {"ngram_entropy": ngram_entropy(texts)}
+    if keep_text:
+        out["text"] = list(texts)
+    return out
 
 
 @torch.no_grad()
 def compute_edit_quality(model: nn.Module, tok, record: Mapping[str, Any], *, test_generation: bool = False,
-                         seed: int = 0) -> dict[str, Any]:
+                         seed: int = 0, keep_text: bool = False) -> dict[str, Any]:
     """EasyEdit's ``compute_edit_quality`` for a decoder-only model: ``rewrite_acc``,
     ``rephrase_acc`` (with a ``rephrase_prompt``), ``locality`` (``<key>_output``),
-    ``portability`` (``<key>_acc``), ``fluency`` (with ``test_generation``) and ``metric_meta``.
-    Every prompt of the record is scored in one batch."""
+    ``portability`` (``<key>_acc``), ``fluency`` (with ``test_generation``; ``keep_text`` adds the sampled
+    texts) and ``metric_meta``. Every prompt of the record is scored in one batch."""
     parts: list[tuple[str, str, list[str], list[str]]] = [
         ("rewrite", "", *_as_lists(record["prompt"], record["target_new"]))
     ]
@@ -202,7 +207,7 @@ def compute_edit_quality(model: nn.Module, tok, record: Mapping[str, Any], *, te
         ret["metric_meta"]["rephrase"] = lm_meta("rephrase")
     if test_generation:
         prompts = record["prompt"] if isinstance(record["prompt"], list) else [record["prompt"]]
-        ret["fluency"] = fluency(model, tok, prompts, seed=seed)
+        ret["fluency"] = fluency(model, tok, prompts, seed=seed, keep_text=keep_text)
     return ret
 
 

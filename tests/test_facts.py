@@ -371,6 +371,7 @@ def test_summarize_gives_one_table_per_data_set_and_fact_curves(byte_tok, tmp_pa
     from shift_edit.bench.summarize import bar_chart
 
     assert bar_chart(rows[:2], tmp_path / "bars.png").stat().st_size > 0
+    assert bar_chart(rows, tmp_path / "bars_ref.png").stat().st_size > 0  # with the published rows
     names = {p.name for p in plot_curves(curves([run]), tmp_path / "plots")}
     assert "retention_zsre.png" in names
     crow = curves([run])[0]
@@ -416,3 +417,15 @@ def test_export_refuses_a_fact_run_in_one_line(byte_tok, tmp_path):
     with pytest.raises(se.ShiftEditError, match="a zsre run"):
         export_run(run, tmp_path / "exp", "rome")
     assert not (tmp_path / "exp").exists()
+
+
+def test_chart_legend_is_short_for_published_rows():
+    from shift_edit.bench.summarize import legend_labels
+
+    source = "published (ROME, GPT-J, N=10000, single edits; ROME Table 1, as its authors publish it in their paper)"
+    pub = {"kind": "published", "alg": "ROME", "model": "GPT-J", "label": source}
+    mine = {"kind": "measured", "alg": "SHIFT", "model": "tiny", "label": "measured here (SHIFT L1, tiny, N=3)"}
+    assert legend_labels([mine, pub]) == [mine["label"], "published (ROME, GPT-J)"]
+    # two published rows of one method and model (two settings): the short form would not tell them apart
+    assert legend_labels([pub, dict(pub, label=source + " x")]) == [source, source + " x"]
+    assert legend_labels([mine], width=10) == ["measured \u2026"]

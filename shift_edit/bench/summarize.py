@@ -245,6 +245,21 @@ def to_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
+def legend_labels(rows: Sequence[dict], width: int = 70) -> list[str]:
+    """Chart legend entries: a published row by its method and model (its full label, which names the source and
+    setting, stays in the tables), or by its full label when two rows share both; a measured row's label longer than
+    `width` is cut with an ellipsis."""
+    short = [f"published ({r['alg']}, {r['model']})" if r.get("kind") == "published" and r.get("model") else None
+             for r in rows]
+    out = []
+    for r, s in zip(rows, short):
+        if r.get("kind") == "published":
+            out.append(s if s is not None and short.count(s) == 1 else r["label"])
+        else:
+            out.append(r["label"] if len(r["label"]) <= width else r["label"][: width - 1] + "\u2026")
+    return out
+
+
 def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | None = None) -> Path:
     """A grouped bar chart of percentage metrics, one group per metric, one bar per run."""
     import matplotlib
@@ -258,22 +273,24 @@ def bar_chart(rows: Sequence[dict], path: str | Path, metrics: Sequence[str] | N
                "zsre_efficacy", "zsre_generalization", "zsre_specificity", "ee_rewrite_acc", "ee_rephrase_acc",
                "ee_portability", "ee_locality"]
     cols = [c for c in (metrics or default) if any(c in r["metrics"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 4 + 0.18 * ((len(rows) + 1) // 2)))
+    fig, ax = plt.subplots(figsize=(max(6, len(cols) * max(1.6, 0.12 * len(rows))), 4 + 0.18 * ((len(rows) + 1) // 2)))
     width = 0.8 / max(1, len(rows))
-    for i, r in enumerate(rows):
+    colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors  # tab20: no colour repeats up to 20 bars
+    for i, (r, label) in enumerate(zip(rows, legend_labels(rows))):
         xs = [j + i * width for j in range(len(cols))]
         ys = [r["metrics"].get(c, {}).get("mean", float("nan")) for c in cols]
         ci = [r["metrics"].get(c, {}).get("ci95") or 0.0 for c in cols]
         # percentages: the bars of the 95% CI stop at 0 and 100
         err = [[min(e, y) if y == y else 0.0 for e, y in zip(ci, ys)],
                [min(e, 100.0 - y) if y == y else 0.0 for e, y in zip(ci, ys)]]
-        ax.bar(xs, ys, width, yerr=err, label=r["label"], hatch="//" if r["kind"] == "published" else None)
+        ax.bar(xs, ys, width, yerr=err, label=label, color=colors[i % len(colors)],
+               hatch="//" if r["kind"] == "published" else None)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))], cols, rotation=20)
     ax.set_ylabel("%")
     ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.26), ncol=2,
               frameon=False)  # below: no bar hidden
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": the legend below the axes is kept whole
     plt.close(fig)
     return path

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -249,12 +250,11 @@ def legend_labels(rows: Sequence[dict], width: int = 70) -> list[str]:
     """Chart legend entries: a published row by its method and model (its full label, which names the source and
     setting, stays in the tables), or by its full label when two rows share both; a measured row's label longer than
     `width` is cut with an ellipsis."""
-    short = [f"published ({r['alg']}, {r['model']})" if r.get("kind") == "published" and r.get("model") else None
-             for r in rows]
+    published = Counter((r["alg"], r["model"]) for r in rows if r["kind"] == "published")
     out = []
-    for r, s in zip(rows, short):
-        if r.get("kind") == "published":
-            out.append(s if s is not None and short.count(s) == 1 else r["label"])
+    for r in rows:
+        if r["kind"] == "published":
+            out.append(f"published ({r['alg']}, {r['model']})" if published[r["alg"], r["model"]] == 1 else r["label"])
         else:
             out.append(r["label"] if len(r["label"]) <= width else r["label"][: width - 1] + "\u2026")
     return out
